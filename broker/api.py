@@ -1,0 +1,81 @@
+"""gRPC servicers: thin handlers that convert, call one domain function, convert back.
+
+The caller's identity comes from :func:`broker.identity.current_identity`
+(bound by the interceptor); errors are raised as :class:`BrokerError` and
+mapped to a status by the interceptor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from datetime import datetime
+
+import grpc
+import structlog
+
+from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc, recognition_pb2, recognition_pb2_grpc
+from broker.access import require_operator
+from broker.errors import InvalidArgument
+from broker.gate import GateService
+from broker.identity import current_identity
+from broker.privacy import Hasher
+from broker.recognition import HomeRecognizer
+from broker.wire import (
+    card_from_wire,
+    decision_to_wire,
+    recognition_to_wire,
+    scene_from_wire,
+)
+
+log = structlog.get_logger(__name__)
+_MAX_ID = 64
+
+
+def _short_id(value: str, field: str, required: bool) -> str:
+    if (required and not value) or len(value) > _MAX_ID or not value.isprintable():
+        raise InvalidArgument(field, f"must be 1-{_MAX_ID} printable characters")
+    return value
+
+
+class RecognitionServicer(recognition_pb2_grpc.RecognitionServicer):
+    """``yikatong.v1.Recognition``: peers ask about this district's cards."""
+
+    def __init__(self, home: HomeRecognizer, hasher: Hasher, clock: Callable[[], datetime]) -> None:
+        self._home = home
+        self._hasher = hasher
+        self._clock = clock
+
+    async def Recognize(
+        self, request: recognition_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
+    ) -> recognition_pb2.RecognizeResponse:
+        caller = current_identity()
+        ref = card_from_wire(request.card, request.HasField("card"))
+        scene_from_wire(request.scene, required=False)
+        request_id = _short_id(request.request_id, "request_id", required=False)
+        rec = await self._home.recognise(ref, self._clock())
+        log.debug(
+            "recognized",
+            caller=caller.spiffe_id,
+            card=self._hasher.card_key(ref),
+            status=rec.status.name,
+            request_id=request_id,
+        )
+        return recognition_to_wire(rec)
+
+
+class GateServicer(gate_pb2_grpc.GateServicer):
+    """``yikatong.v1.Gate``: this district's operators check cards at their gates."""
+
+    def __init__(self, gate: GateService) -> None:
+        self._gate = gate
+
+    async def Check(
+        self, request: gate_pb2.GateCheckRequest, context: grpc.aio.ServicerContext
+    ) -> gate_pb2.GateDecision:
+        require_operator(current_identity(), request.operator_id)
+        ref = card_from_wire(request.card, request.HasField("card"))
+        scene = scene_from_wire(request.scene)
+        _short_id(request.gate_id, "gate_id", required=True)
+        decision = await self._gate.check(ref, scene, os.urandom(8).hex())
+        return decision_to_wire(decision)

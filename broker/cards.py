@@ -1,0 +1,160 @@
+"""Card references, ID-number validation and entitlements: the card domain.
+
+Pure functions over plain values; nothing here touches the network, a
+database or gRPC.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from datetime import date, datetime
+from zoneinfo import ZoneInfo
+
+from broker.errors import InvalidArgument
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+_REGION_RE = re.compile(r"[1-8][0-9]{5}")
+_CARD_RE = re.compile(r"[0-9A-Z]{6,20}")
+_SSN_RE = re.compile(r"[0-9]{17}[0-9X]")
+
+# ISO 7064 MOD 11-2 as GB 11643-1999 applies it.
+_SSN_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_SSN_CHECK = "10X98765432"
+
+
+class CardStatus(enum.IntEnum):
+    """Status of a card; values equal the wire enum ``yikatong.v1.CardStatus``."""
+
+    ACTIVE = 1
+    LOST = 2
+    SUSPENDED = 3
+    EXPIRED = 4
+    UNKNOWN = 5
+
+
+class Entitlement(enum.IntEnum):
+    """Concession entitlement; values equal the wire enum ``yikatong.v1.Entitlement``."""
+
+    SENIOR_60 = 1
+    SENIOR_65 = 2
+    SENIOR_70 = 3
+    DISABLED = 4
+    STUDENT = 5
+
+
+class Scene(enum.IntEnum):
+    """Where a card is presented; values equal the wire enum ``yikatong.v1.Scene``."""
+
+    UNSPECIFIED = 0
+    BUS = 1
+    SCENIC_AREA = 2
+    MUSEUM = 3
+    LIBRARY = 4
+
+
+_SENIOR_AGES = ((60, Entitlement.SENIOR_60), (65, Entitlement.SENIOR_65), (70, Entitlement.SENIOR_70))
+
+
+@dataclass(frozen=True, slots=True)
+class CardRef:
+    """A card as read from its chip: issuing region and card number."""
+
+    issuer_region: str
+    card_number: str
+
+    def __repr__(self) -> str:
+        # Card numbers never reach logs, even through a repr.
+        return f"CardRef(issuer_region={self.issuer_region!r}, card_number=<redacted>)"
+
+
+@dataclass(frozen=True, slots=True)
+class Recognition:
+    """What a home district says about one of its cards.
+
+    Attributes:
+        status: the card's status now.
+        entitlements: every entitlement that applies (empty unless ACTIVE).
+        ttl_seconds: how long other districts may cache this answer.
+    """
+
+    status: CardStatus
+    entitlements: tuple[Entitlement, ...]
+    ttl_seconds: int
+
+
+def validate_region(code: str, field: str = "card.issuer_region") -> str:
+    """Return ``code`` if it is a well-formed 6-digit division code, else raise."""
+    if not _REGION_RE.fullmatch(code):
+        raise InvalidArgument(field, "must be a 6-digit administrative division code")
+    return code
+
+
+def validate_card_number(number: str, field: str = "card.card_number") -> str:
+    """Return ``number`` if it is 6-20 characters of [0-9A-Z], else raise."""
+    if not _CARD_RE.fullmatch(number):
+        raise InvalidArgument(field, "must be 6-20 characters of [0-9A-Z]")
+    return number
+
+
+def card_ref(issuer_region: str, card_number: str, prefix: str = "card") -> CardRef:
+    """Build a validated :class:`CardRef`; errors name ``<prefix>.<field>``."""
+    return CardRef(
+        validate_region(issuer_region, f"{prefix}.issuer_region"),
+        validate_card_number(card_number, f"{prefix}.card_number"),
+    )
+
+
+def ssn_check_character(first17: str) -> str:
+    """The ISO 7064 MOD 11-2 check character for the first 17 digits of an ID number."""
+    total = sum(int(d) * w for d, w in zip(first17, _SSN_WEIGHTS, strict=True))
+    return _SSN_CHECK[total % 11]
+
+
+def parse_ssn(ssn: str, today: date) -> date:
+    """Validate an 18-character citizen ID number (GB 11643) and return the birth date.
+
+    Raises:
+        ValueError: with a reason that never repeats the number itself.
+    """
+    if not _SSN_RE.fullmatch(ssn):
+        raise ValueError("ssn must be 17 digits followed by a digit or X")
+    if ssn_check_character(ssn[:17]) != ssn[17]:
+        raise ValueError("ssn check character is wrong (ISO 7064 MOD 11-2)")
+    try:
+        born = date(int(ssn[6:10]), int(ssn[10:12]), int(ssn[12:14]))
+    except ValueError:
+        raise ValueError("ssn birth date is not a real date") from None
+    if born > today:
+        raise ValueError("ssn birth date is in the future")
+    if born.year < 1880:
+        raise ValueError("ssn birth date is implausibly early")
+    return born
+
+
+def age_on(born: date, day: date) -> int:
+    """Completed years on ``day``. A 29 February birthday counts as 1 March in common years."""
+    years = day.year - born.year
+    if (day.month, day.day) < (born.month, born.day):
+        years -= 1
+    return years
+
+
+def shanghai_day(now: datetime) -> date:
+    """The calendar day in Asia/Shanghai of a timezone-aware instant."""
+    if now.tzinfo is None:
+        raise ValueError("naive datetime: every instant must be timezone-aware")
+    return now.astimezone(SHANGHAI).date()
+
+
+def entitlements_for(born: date, disabled: bool, student: bool, day: date) -> tuple[Entitlement, ...]:
+    """Every entitlement that applies on ``day`` (ages reached that day count)."""
+    age = age_on(born, day)
+    found = [ent for threshold, ent in _SENIOR_AGES if age >= threshold]
+    if disabled:
+        found.append(Entitlement.DISABLED)
+    if student:
+        found.append(Entitlement.STUDENT)
+    return tuple(found)

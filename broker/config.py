@@ -1,0 +1,311 @@
+"""Node configuration: frozen dataclasses per concern, loaded from TOML plus env overrides.
+
+Nothing else in the broker reads the environment or a config file: the CLI
+calls :func:`load_config` once and passes the result down.
+
+A node.toml looks like::
+
+    district = "500111"
+    listen = "127.0.0.1:50111"
+
+    [tls]
+    ca_file = "certs/500111/ca.pem"        # this district's CA
+    cert_file = "certs/500111/node.pem"    # this node's certificate (chain)
+    key_file = "certs/500111/node.key"
+
+    [registry]
+    path = "var/500111/registry.sqlite3"
+
+    [privacy]
+    hash_key_file = "certs/500111/hash.key"
+
+    [recognition]                          # what this node tells its peers
+    cache_ttl_seconds = 120
+    unknown_ttl_seconds = 10
+
+    [cache]                                # how this node caches its peers' answers
+    redis_url = ""                         # empty: in-process tier only
+    local_max_entries = 100000
+
+    [peering]
+    deadline_ms = 300
+
+    [[peers]]
+    district = "512021"
+    address = "10.1.2.3:50111"
+    ca_file = "certs/peers/512021-ca.pem"
+    # server_name = "node.512021.yikatong.cy"   (the default)
+
+Relative paths are relative to the config file's directory. Environment
+overrides (each optional): ``YIKATONG_LISTEN``, ``YIKATONG_REDIS_URL``,
+``YIKATONG_REGISTRY_PATH``, ``YIKATONG_PEER_DEADLINE_MS``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from broker.cards import validate_region
+from broker.errors import ConfigError, InvalidArgument
+
+
+def node_server_name(district: str) -> str:
+    """The DNS name a district node's certificate carries, used for hostname checks."""
+    return f"node.{district}.yikatong.cy"
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """This node's own mutual-TLS material.
+
+    Attributes:
+        ca_file: PEM of this district's CA certificate(s); callers of the Gate
+            (operators) and this node's certificate chain to it.
+        cert_file: PEM of this node's certificate.
+        key_file: PEM of this node's private key (mode 0600).
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """A neighbouring district this node recognises cards with.
+
+    Attributes:
+        district: the peer's 6-digit district code.
+        address: host:port of the peer's node.
+        ca_file: PEM of the peer district's CA; the only anchor trusted for it.
+        server_name: DNS name expected in the peer node's certificate.
+    """
+
+    district: str
+    address: str
+    ca_file: Path
+    server_name: str
+
+
+@dataclass(frozen=True)
+class RecognitionConfig:
+    """What this node tells peers about how long to cache its answers.
+
+    Attributes:
+        cache_ttl_seconds: TTL advertised with answers about known cards.
+        unknown_ttl_seconds: TTL advertised with ``UNKNOWN`` answers (short, so a
+            newly issued card is recognised soon).
+    """
+
+    cache_ttl_seconds: int = 120
+    unknown_ttl_seconds: int = 10
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How this node caches its peers' answers.
+
+    Attributes:
+        redis_url: Redis shared by the district's replicas; ``None`` runs on
+            the in-process tier alone.
+        local_max_entries: bound of the in-process tier (0 disables it).
+        unknown_ttl_seconds: upper bound on caching an ``UNKNOWN`` answer,
+            whatever the peer advertises.
+        max_ttl_seconds: upper bound on any cached answer.
+        redis_timeout_ms: a Redis call slower than this counts as a miss.
+    """
+
+    redis_url: str | None = None
+    local_max_entries: int = 100_000
+    unknown_ttl_seconds: int = 10
+    max_ttl_seconds: int = 3600
+    redis_timeout_ms: int = 50
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything one district node needs; built by :func:`load_config`."""
+
+    district: str
+    listen: str
+    tls: TLSConfig
+    registry_path: Path
+    hash_key_file: Path
+    peers: tuple[PeerConfig, ...] = ()
+    peer_deadline_ms: int = 300
+    recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+
+    def peer(self, district: str) -> PeerConfig | None:
+        """The configured peer for ``district``, if any."""
+        for p in self.peers:
+            if p.district == district:
+                return p
+        return None
+
+
+def _section(doc: Mapping[str, Any], name: str) -> Mapping[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def _req(table: Mapping[str, Any], key: str, where: str) -> Any:
+    if key not in table:
+        raise ConfigError(f"{where}{key} is required")
+    return table[key]
+
+
+def _int(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{where}{key} must be a non-negative integer")
+    return value
+
+
+def _code(value: Any, where: str) -> str:
+    try:
+        return validate_region(str(value), where)
+    except InvalidArgument as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> NodeConfig:
+    """Build a :class:`NodeConfig` from a parsed TOML document.
+
+    Args:
+        doc: the TOML document.
+        base: directory relative paths are resolved against.
+        env: environment whose ``YIKATONG_*`` variables override the document.
+    """
+
+    def path(value: Any) -> Path:
+        p = Path(str(value))
+        return p if p.is_absolute() else (base / p)
+
+    district = _code(_req(doc, "district", ""), "district")
+    tls_t = _section(doc, "tls")
+    tls = TLSConfig(
+        ca_file=path(_req(tls_t, "ca_file", "tls.")),
+        cert_file=path(_req(tls_t, "cert_file", "tls.")),
+        key_file=path(_req(tls_t, "key_file", "tls.")),
+    )
+    rec_t = _section(doc, "recognition")
+    cache_t = _section(doc, "cache")
+    peering_t = _section(doc, "peering")
+    peers: list[PeerConfig] = []
+    raw_peers = doc.get("peers", [])
+    if not isinstance(raw_peers, list):
+        raise ConfigError("[[peers]] must be an array of tables")
+    for i, p in enumerate(raw_peers):
+        where = f"peers[{i}]."
+        code = _code(_req(p, "district", where), f"{where}district")
+        if code == district:
+            raise ConfigError(f"{where}district is this node's own district")
+        if any(q.district == code for q in peers):
+            raise ConfigError(f"{where}district {code} is configured twice")
+        peers.append(
+            PeerConfig(
+                district=code,
+                address=str(_req(p, "address", where)),
+                ca_file=path(_req(p, "ca_file", where)),
+                server_name=str(p.get("server_name", node_server_name(code))),
+            )
+        )
+    redis_url = str(cache_t.get("redis_url", "")) or None
+    cfg = NodeConfig(
+        district=district,
+        listen=str(_req(doc, "listen", "")),
+        tls=tls,
+        registry_path=path(_req(_section(doc, "registry"), "path", "registry.")),
+        hash_key_file=path(_req(_section(doc, "privacy"), "hash_key_file", "privacy.")),
+        peers=tuple(peers),
+        peer_deadline_ms=_int(peering_t, "deadline_ms", 300, "peering."),
+        recognition=RecognitionConfig(
+            cache_ttl_seconds=_int(rec_t, "cache_ttl_seconds", 120, "recognition."),
+            unknown_ttl_seconds=_int(rec_t, "unknown_ttl_seconds", 10, "recognition."),
+        ),
+        cache=CacheConfig(
+            redis_url=redis_url,
+            local_max_entries=_int(cache_t, "local_max_entries", 100_000, "cache."),
+            unknown_ttl_seconds=_int(cache_t, "unknown_ttl_seconds", 10, "cache."),
+            max_ttl_seconds=_int(cache_t, "max_ttl_seconds", 3600, "cache."),
+            redis_timeout_ms=_int(cache_t, "redis_timeout_ms", 50, "cache."),
+        ),
+    )
+    return apply_env(cfg, env)
+
+
+def apply_env(cfg: NodeConfig, env: Mapping[str, str]) -> NodeConfig:
+    """Apply the documented ``YIKATONG_*`` overrides."""
+    if "YIKATONG_LISTEN" in env:
+        cfg = replace(cfg, listen=env["YIKATONG_LISTEN"])
+    if "YIKATONG_REDIS_URL" in env:
+        cfg = replace(cfg, cache=replace(cfg.cache, redis_url=env["YIKATONG_REDIS_URL"] or None))
+    if "YIKATONG_REGISTRY_PATH" in env:
+        cfg = replace(cfg, registry_path=Path(env["YIKATONG_REGISTRY_PATH"]))
+    if "YIKATONG_PEER_DEADLINE_MS" in env:
+        try:
+            cfg = replace(cfg, peer_deadline_ms=int(env["YIKATONG_PEER_DEADLINE_MS"]))
+        except ValueError as exc:
+            raise ConfigError("YIKATONG_PEER_DEADLINE_MS must be an integer") from exc
+    return cfg
+
+
+def load_config(path: Path, env: Mapping[str, str]) -> NodeConfig:
+    """Read and validate a node.toml; see the module docstring for its shape."""
+    try:
+        doc = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+    return parse_config(doc, path.resolve().parent, env)
+
+
+def render_config(cfg: NodeConfig) -> str:
+    """The TOML text that :func:`load_config` reads back as ``cfg`` (paths made absolute)."""
+    lines = [
+        f'district = "{cfg.district}"',
+        f'listen = "{cfg.listen}"',
+        "",
+        "[tls]",
+        f'ca_file = "{cfg.tls.ca_file}"',
+        f'cert_file = "{cfg.tls.cert_file}"',
+        f'key_file = "{cfg.tls.key_file}"',
+        "",
+        "[registry]",
+        f'path = "{cfg.registry_path}"',
+        "",
+        "[privacy]",
+        f'hash_key_file = "{cfg.hash_key_file}"',
+        "",
+        "[recognition]",
+        f"cache_ttl_seconds = {cfg.recognition.cache_ttl_seconds}",
+        f"unknown_ttl_seconds = {cfg.recognition.unknown_ttl_seconds}",
+        "",
+        "[cache]",
+        f'redis_url = "{cfg.cache.redis_url or ""}"',
+        f"local_max_entries = {cfg.cache.local_max_entries}",
+        f"unknown_ttl_seconds = {cfg.cache.unknown_ttl_seconds}",
+        f"max_ttl_seconds = {cfg.cache.max_ttl_seconds}",
+        f"redis_timeout_ms = {cfg.cache.redis_timeout_ms}",
+        "",
+        "[peering]",
+        f"deadline_ms = {cfg.peer_deadline_ms}",
+    ]
+    for p in cfg.peers:
+        lines += [
+            "",
+            "[[peers]]",
+            f'district = "{p.district}"',
+            f'address = "{p.address}"',
+            f'ca_file = "{p.ca_file}"',
+            f'server_name = "{p.server_name}"',
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,42 @@
+"""In-node latency recording: time from request in to response out, per method."""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class LatencyRecorder:
+    """Keeps the most recent durations (nanoseconds) of one kind of call."""
+
+    def __init__(self, keep: int = 500_000) -> None:
+        self._samples: deque[int] = deque(maxlen=keep)
+
+    def record(self, nanos: int) -> None:
+        self._samples.append(nanos)
+
+    def reset(self) -> None:
+        self._samples.clear()
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def percentile_us(self, q: float) -> float:
+        """The ``q``-th percentile (0-100) in microseconds, nearest-rank; 0.0 when empty."""
+        if not self._samples:
+            return 0.0
+        ordered = sorted(self._samples)
+        rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+        return ordered[rank] / 1000
+
+
+class Metrics:
+    """The node's latency recorders, keyed by full method name."""
+
+    def __init__(self) -> None:
+        self.by_method: dict[str, LatencyRecorder] = {}
+
+    def recorder(self, method: str) -> LatencyRecorder:
+        rec = self.by_method.get(method)
+        if rec is None:
+            rec = self.by_method[method] = LatencyRecorder()
+        return rec

@@ -1,0 +1,117 @@
+"""A district node: its parts wired together from a :class:`NodeConfig`, served over mutual TLS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc, recognition_pb2, recognition_pb2_grpc
+from broker.access import AccessPolicy
+from broker.api import GateServicer, RecognitionServicer
+from broker.cache import AnswerCache
+from broker.config import NodeConfig
+from broker.errors import ConfigError
+from broker.gate import GateService
+from broker.interceptors import AuthInterceptor
+from broker.metrics import Metrics
+from broker.peers.channels import PeerChannels
+from broker.peers.client import PeerClient
+from broker.peers.recognizer import PeerRecognizer
+from broker.privacy import load_key_file
+from broker.recognition import HomeRecognizer
+from broker.registry import Registry
+from broker.tls import CallerVerifier, pem_bundle, server_credentials, trust_anchors
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = (
+    gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name,
+    recognition_pb2.DESCRIPTOR.services_by_name["Recognition"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Node:
+    """A running district node. Build it with :meth:`start`; stop it with :meth:`stop`."""
+
+    config: NodeConfig
+    server: grpc.aio.Server
+    port: int
+    registry: Registry
+    cache: AnswerCache
+    channels: PeerChannels
+    peers: PeerRecognizer
+    gate: GateService
+    metrics: Metrics
+    health: health.aio.HealthServicer
+    _executor: ThreadPoolExecutor
+
+    @classmethod
+    async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
+        """Open the node's stores, bind its port and start serving."""
+        hasher = load_key_file(cfg.hash_key_file)
+        anchors = trust_anchors(cfg)
+        registry = Registry(cfg.registry_path)
+        executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"registry-{cfg.district}")
+        home = HomeRecognizer(cfg.district, registry, cfg.recognition, executor)
+        cache = AnswerCache.from_config(cfg.cache, cfg.district)
+        channels = PeerChannels(cfg.tls, cfg.peers)
+        peers = PeerRecognizer(PeerClient(channels, cfg.peer_deadline_ms), cache, hasher)
+        gate = GateService(cfg.district, home, peers, clock)
+        metrics = Metrics()
+        policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers))
+        interceptor = AuthInterceptor(CallerVerifier(anchors), policy, metrics, clock)
+
+        server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
+        gate_pb2_grpc.add_GateServicer_to_server(GateServicer(gate), server)
+        recognition_pb2_grpc.add_RecognitionServicer_to_server(
+            RecognitionServicer(home, hasher, clock), server
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(SERVICE_NAMES, server)
+        creds = server_credentials(cfg.tls, pem_bundle(anchors))
+        try:
+            port = server.add_secure_port(cfg.listen, creds)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
+        await server.start()
+        for name in ("", *SERVICE_NAMES[:2]):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("node_started", district=cfg.district, port=port, peers=len(cfg.peers),
+                 redis=cfg.cache.redis_url is not None)
+        return cls(cfg, server, port, registry, cache, channels, peers, gate, metrics,
+                   health_servicer, executor)
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float = 1.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.channels.close()
+        await self.cache.close()
+        self._executor.shutdown(wait=True)
+        self.registry.close()
+        log.info("node_stopped", district=self.config.district)

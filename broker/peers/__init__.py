@@ -1,0 +1,1 @@
+"""Everything about talking to other districts: channels, the client, cached recognition."""

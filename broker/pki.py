@@ -1,0 +1,226 @@
+"""Creating district CAs and issuing node and operator certificates.
+
+Every district has its own CA. Leaf certificates name their holder in a URI
+SAN (``spiffe://<district>.yikatong.cy/node`` or ``.../operator/<id>``) plus
+a DNS SAN for hostname checks. Keys are ECDSA P-256, written with mode 0600
+and never printed. The layout one district's directory gets::
+
+    <dir>/<district>/ca.pem  ca.key                       the district CA
+    <dir>/<district>/node.pem  node.key                   the district's node
+    <dir>/<district>/operators/<id>.pem  <id>.key         its operators
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from broker.identity import Identity, Role
+
+CA_DAYS = 3650
+LEAF_DAYS = 30
+_SKEW = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A certificate and its private key."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def __repr__(self) -> str:
+        return f"KeyPair(serial={self.cert.serial_number:x}, key=<redacted>)"
+
+
+def _name(common_name: str, district: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "yikatong"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, district),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def create_ca(district: str, now: datetime, days: int = CA_DAYS) -> KeyPair:
+    """A new self-signed CA for ``district``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = _name(f"yikatong {district} CA", district)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return KeyPair(cert, key)
+
+
+def issue(
+    ca: KeyPair,
+    ident: Identity,
+    now: datetime,
+    days: int = LEAF_DAYS,
+    extra_dns: tuple[str, ...] = (),
+) -> KeyPair:
+    """Issue a leaf certificate for ``ident`` signed by ``ca``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    if ident.role is Role.NODE:
+        usages.insert(0, ExtendedKeyUsageOID.SERVER_AUTH)
+    sans: list[x509.GeneralName] = [
+        x509.UniformResourceIdentifier(ident.spiffe_id),
+        x509.DNSName(ident.dns_name),
+        *(x509.DNSName(d) for d in extra_dns),
+    ]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(ident.dns_name, ident.district))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                crl_sign=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    return KeyPair(cert, key)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write secret bytes atomically with mode 0600 (the temp file is 0600 from birth)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save(pair: KeyPair, cert_path: Path, key_path: Path) -> None:
+    """Write the key first, then the certificate, so no reader pairs a new cert with an old key."""
+    write_private(key_path, pair.key_pem())
+    write_public(cert_path, pair.cert_pem())
+
+
+def load(cert_path: Path, key_path: Path) -> KeyPair:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_path} is not an EC private key")
+    return KeyPair(cert, key)
+
+
+@dataclass(frozen=True)
+class DistrictPaths:
+    """Where one district's CA, node and operator material lives under a certs directory."""
+
+    root: Path
+    district: str
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.district
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / "ca.key"
+
+    @property
+    def node_cert(self) -> Path:
+        return self.dir / "node.pem"
+
+    @property
+    def node_key(self) -> Path:
+        return self.dir / "node.key"
+
+    @property
+    def hash_key(self) -> Path:
+        return self.dir / "hash.key"
+
+    def operator_cert(self, operator_id: str) -> Path:
+        return self.dir / "operators" / f"{operator_id}.pem"
+
+    def operator_key(self, operator_id: str) -> Path:
+        return self.dir / "operators" / f"{operator_id}.key"
+
+
+def init_ca(paths: DistrictPaths, now: datetime, days: int = CA_DAYS) -> KeyPair:
+    """Create the district CA; refuses to overwrite an existing one."""
+    if paths.ca_key.exists():
+        raise FileExistsError(f"{paths.ca_key} already exists")
+    ca = create_ca(paths.district, now, days)
+    save(ca, paths.ca_cert, paths.ca_key)
+    return ca
+
+
+def issue_to_files(
+    paths: DistrictPaths, ident: Identity, now: datetime, days: int = LEAF_DAYS
+) -> tuple[Path, Path]:
+    """Issue a node or operator certificate with the district CA and write it; returns (cert, key)."""
+    ca = load(paths.ca_cert, paths.ca_key)
+    pair = issue(ca, ident, now, days)
+    if ident.role is Role.NODE:
+        cert_path, key_path = paths.node_cert, paths.node_key
+    else:
+        cert_path, key_path = paths.operator_cert(ident.operator_id), paths.operator_key(ident.operator_id)
+    save(pair, cert_path, key_path)
+    return cert_path, key_path

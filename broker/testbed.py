@@ -1,0 +1,194 @@
+"""Local multi-district setups on loopback: CAs, certificates, configs and synthetic registries.
+
+Used by ``broker demo``, the benchmark and the end-to-end tests, so all three
+exercise the same code paths a real deployment uses: certificates issued by
+:mod:`broker.pki`, configs read back by :func:`broker.config.load_config`,
+registries filled by the CSV import. Synthetic card-holders have no names;
+their ID numbers are well-formed but random.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+from broker.card_import import COLUMNS, parse_import
+from broker.cards import CardRef, shanghai_day, ssn_check_character
+from broker.config import (
+    CacheConfig,
+    NodeConfig,
+    PeerConfig,
+    RecognitionConfig,
+    TLSConfig,
+    load_config,
+    node_server_name,
+    render_config,
+)
+from broker.identity import node_identity, operator_identity
+from broker.pki import DistrictPaths, init_ca, issue_to_files
+from broker.privacy import create_key_file, load_key_file
+from broker.registry import Registry
+
+OPERATOR_ID = "transit-01"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class SyntheticCard:
+    """A generated card and what the registry was told about it (kept only in memory)."""
+
+    ref: CardRef
+    status: str
+    valid_until: date
+    disabled: bool
+    student: bool
+    birth_date: date
+
+
+def make_ssn(area: str, born: date, rng: random.Random) -> str:
+    first17 = f"{area}{born:%Y%m%d}{rng.randrange(1000):03d}"
+    return first17 + ssn_check_character(first17)
+
+
+def synthetic_cards(
+    district: str, count: int, today: date, rng: random.Random, start: int = 0
+) -> list[tuple[SyntheticCard, dict[str, str]]]:
+    """``count`` card-holders of ``district``: each card and its import-file row."""
+    out = []
+    for i in range(start, start + count):
+        born = date(1935, 1, 1) + timedelta(days=rng.randrange(0, 30_000))
+        if born > today:
+            born = today - timedelta(days=rng.randrange(365, 20_000))
+        roll = rng.random()
+        status = "lost" if roll < 0.04 else "suspended" if roll < 0.07 else "active"
+        valid_until = today + timedelta(days=rng.randrange(-400, 3650) if rng.random() < 0.05
+                                        else rng.randrange(30, 3650))
+        age = today.year - born.year
+        card = SyntheticCard(
+            ref=CardRef(district, f"C{district}{i:07d}"),
+            status=status,
+            valid_until=valid_until,
+            disabled=rng.random() < 0.05,
+            student=6 <= age <= 22 and rng.random() < 0.6,
+            birth_date=born,
+        )
+        row = {
+            "card_number": card.ref.card_number,
+            "ssn": make_ssn(district, born, rng),
+            "status": status,
+            "disabled": str(card.disabled).lower(),
+            "student": str(card.student).lower(),
+            "valid_until": valid_until.isoformat(),
+        }
+        out.append((card, row))
+    return out
+
+
+def write_import_file(path: Path, rows: Sequence[Mapping[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@dataclass
+class DistrictSetup:
+    """One district of a testbed: where its files are and the cards it issued."""
+
+    code: str
+    paths: DistrictPaths
+    config_path: Path
+    config: NodeConfig
+    operator_id: str
+    cards: list[SyntheticCard] = field(default_factory=list)
+
+    @property
+    def operator_cert(self) -> Path:
+        return self.paths.operator_cert(self.operator_id)
+
+    @property
+    def operator_key(self) -> Path:
+        return self.paths.operator_key(self.operator_id)
+
+
+def build(
+    root: Path,
+    districts: Sequence[str],
+    now: datetime,
+    cards_per_district: int = 200,
+    peers_of: Mapping[str, Sequence[str]] | None = None,
+    redis_url: str | None = None,
+    seed: int = 110,
+    cache: CacheConfig | None = None,
+    deadline_ms: int = 300,
+) -> dict[str, DistrictSetup]:
+    """Create every district's CA, node and operator certificates, config and registry.
+
+    Args:
+        root: directory to write everything into (certs/, var/, configs).
+        districts: district codes; each gets a node on a free loopback port.
+        now: the instant certificates start from.
+        cards_per_district: synthetic card-holders imported into each registry.
+        peers_of: which districts each one peers with (default: all the others).
+        redis_url: Redis for every node's cache tier (``None``: in-process only).
+        seed: makes the synthetic data reproducible.
+        cache: cache settings (``redis_url`` above overrides its field).
+        deadline_ms: peer call deadline.
+    """
+    rng = random.Random(seed)
+    today = shanghai_day(now)
+    ports = {d: free_port() for d in districts}
+    certs = root / "certs"
+    setups: dict[str, DistrictSetup] = {}
+    for code in districts:
+        paths = DistrictPaths(certs, code)
+        init_ca(paths, now)
+        issue_to_files(paths, node_identity(code), now)
+        issue_to_files(paths, operator_identity(code, OPERATOR_ID), now)
+        create_key_file(paths.hash_key)
+    for code in districts:
+        paths = DistrictPaths(certs, code)
+        peer_codes = list(peers_of[code]) if peers_of is not None else [d for d in districts if d != code]
+        cfg = NodeConfig(
+            district=code,
+            listen=f"127.0.0.1:{ports[code]}",
+            tls=TLSConfig(paths.ca_cert, paths.node_cert, paths.node_key),
+            registry_path=root / "var" / code / "registry.sqlite3",
+            hash_key_file=paths.hash_key,
+            peers=tuple(
+                PeerConfig(p, f"127.0.0.1:{ports[p]}", DistrictPaths(certs, p).ca_cert,
+                           node_server_name(p))
+                for p in peer_codes
+            ),
+            peer_deadline_ms=deadline_ms,
+            recognition=RecognitionConfig(),
+            cache=CacheConfig(**{**(cache.__dict__ if cache else {}), "redis_url": redis_url}),
+        )
+        config_path = root / f"node-{code}.toml"
+        config_path.write_text(render_config(cfg))
+        loaded = load_config(config_path, env={})
+        pairs = synthetic_cards(code, cards_per_district, today, rng)
+        import_path = root / "var" / code / "cards.csv"
+        write_import_file(import_path, [row for _, row in pairs])
+        with import_path.open() as fh:
+            rows = parse_import(fh, today, load_key_file(paths.hash_key))
+        registry = Registry(loaded.registry_path)
+        try:
+            registry.upsert(rows, now)
+        finally:
+            registry.close()
+        setups[code] = DistrictSetup(code, paths, config_path, loaded, OPERATOR_ID,
+                                     [c for c, _ in pairs])
+    return setups
