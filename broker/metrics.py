@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank ``q``-th percentile (0-100) of already sorted values; 0.0 when empty."""
+    if not ordered:
+        return 0.0
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return float(ordered[rank])
 
 
 class LatencyRecorder:
@@ -21,12 +30,8 @@ class LatencyRecorder:
         return len(self._samples)
 
     def percentile_us(self, q: float) -> float:
-        """The ``q``-th percentile (0-100) in microseconds, nearest-rank; 0.0 when empty."""
-        if not self._samples:
-            return 0.0
-        ordered = sorted(self._samples)
-        rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-        return ordered[rank] / 1000
+        """The ``q``-th percentile in microseconds."""
+        return percentile(sorted(self._samples), q) / 1000
 
 
 class Metrics:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -63,7 +62,6 @@ class Node:
     gate: GateService
     metrics: Metrics
     health: health.aio.HealthServicer
-    _executor: ThreadPoolExecutor
 
     @classmethod
     async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
@@ -71,8 +69,7 @@ class Node:
         hasher = load_key_file(cfg.hash_key_file)
         anchors = trust_anchors(cfg)
         registry = Registry(cfg.registry_path)
-        executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"registry-{cfg.district}")
-        home = HomeRecognizer(cfg.district, registry, cfg.recognition, executor)
+        home = HomeRecognizer(cfg.district, registry, cfg.recognition)
         cache = AnswerCache.from_config(cfg.cache, cfg.district)
         channels = PeerChannels(cfg.tls, cfg.peers)
         peers = PeerRecognizer(PeerClient(channels, cfg.peer_deadline_ms), cache, hasher)
@@ -100,7 +97,7 @@ class Node:
         log.info("node_started", district=cfg.district, port=port, peers=len(cfg.peers),
                  redis=cfg.cache.redis_url is not None)
         return cls(cfg, server, port, registry, cache, channels, peers, gate, metrics,
-                   health_servicer, executor)
+                   health_servicer)
 
     @property
     def address(self) -> str:
@@ -112,6 +109,5 @@ class Node:
         await self.server.stop(grace)
         await self.channels.close()
         await self.cache.close()
-        self._executor.shutdown(wait=True)
         self.registry.close()
         log.info("node_stopped", district=self.config.district)

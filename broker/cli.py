@@ -1,0 +1,230 @@
+"""The ``broker`` command: a thin shell that parses, calls plain functions and prints."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from broker import logs
+from broker.card_import import parse_import
+from broker.cards import shanghai_day
+from broker.config import NodeConfig, load_config
+from broker.errors import BrokerError, ImportRejected
+from broker.identity import node_identity, operator_identity
+from broker.pki import LEAF_DAYS, DistrictPaths, init_ca, issue_to_files
+from broker.privacy import create_key_file, load_key_file
+from broker.registry import Registry
+
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    sys.exit(code)
+
+
+def _config(path: Path) -> NodeConfig:
+    try:
+        return load_config(path, os.environ)
+    except BrokerError as exc:
+        _fail(str(exc))
+        raise  # unreachable; keeps type checkers informed
+
+
+@click.group()
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of console text.")
+@click.version_option(package_name="yikatong-broker")
+def main(log_level: str, log_json: bool) -> None:
+    """yikatong-broker: the Sichuan-Chongqing one-card interoperability broker."""
+    logs.configure(log_level, log_json)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+def serve(config_path: Path) -> None:
+    """Run a district node (gRPC, mutual TLS only) until SIGINT or SIGTERM."""
+    from broker.node import Node
+
+    cfg = _config(config_path)
+
+    async def run() -> None:
+        node = await Node.start(cfg)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        err.print(f"district {cfg.district} serving on {node.address}")
+        await stop.wait()
+        await node.stop(grace=5.0)
+
+    try:
+        asyncio.run(run())
+    except BrokerError as exc:
+        _fail(str(exc))
+
+
+@main.group()
+def registry() -> None:
+    """The district's own card-holder registry."""
+
+
+@registry.command("import")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+def registry_import(csv_file: Path, config_path: Path) -> None:
+    """Import card-holders (upsert, never delete); a file with any bad row is refused whole."""
+    cfg = _config(config_path)
+    now = datetime.now(UTC)
+    try:
+        hasher = load_key_file(cfg.hash_key_file)
+        with csv_file.open(newline="", encoding="utf-8") as fh:
+            rows = parse_import(fh, shanghai_day(now), hasher)
+    except ImportRejected as exc:
+        for row_error in exc.errors:
+            err.print(f"{csv_file}:{row_error}")
+        _fail(f"{csv_file}: {exc}")
+    except BrokerError as exc:
+        _fail(str(exc))
+    store = Registry(cfg.registry_path)
+    try:
+        result = store.upsert(rows, now)
+    finally:
+        store.close()
+    click.echo(
+        f"imported {result.rows} rows: {result.inserted} new, {result.updated} updated, "
+        f"{result.unchanged} unchanged, {result.status_changes} status change(s) recorded"
+    )
+
+
+@main.group()
+def certs() -> None:
+    """District CAs and node/operator certificates (see docs/operations.md)."""
+
+
+@certs.command("init-ca")
+@click.option("--district", required=True)
+@click.option("--dir", "root", default=Path("certs"), show_default=True, type=click.Path(path_type=Path))
+def certs_init_ca(district: str, root: Path) -> None:
+    """Create a district's CA (and its hash key) under DIR/<district>/."""
+    paths = DistrictPaths(root, district)
+    try:
+        node_identity(district)
+        init_ca(paths, datetime.now(UTC))
+        if not paths.hash_key.exists():
+            create_key_file(paths.hash_key)
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    click.echo(f"CA written to {paths.ca_cert} (key {paths.ca_key}, mode 0600)")
+
+
+@certs.command("issue")
+@click.option("--district", required=True)
+@click.option("--node", "is_node", is_flag=True, help="Issue the district node's certificate.")
+@click.option("--operator", "operator_id", default=None, help="Issue an operator's certificate.")
+@click.option("--days", default=LEAF_DAYS, show_default=True, type=click.IntRange(1, 398))
+@click.option("--dir", "root", default=Path("certs"), show_default=True, type=click.Path(path_type=Path))
+def certs_issue(district: str, is_node: bool, operator_id: str | None, days: int, root: Path) -> None:
+    """Issue a node (--node) or operator (--operator ID) certificate with the district CA."""
+    if is_node == (operator_id is not None):
+        _fail("give exactly one of --node or --operator ID")
+    try:
+        ident = node_identity(district) if is_node else operator_identity(district, operator_id or "")
+        cert, _key = issue_to_files(DistrictPaths(root, district), ident, datetime.now(UTC), days)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    click.echo(f"{ident.spiffe_id} → {cert}")
+
+
+@main.group("hash-key")
+def hash_key() -> None:
+    """The secret behind keyed hashes of card numbers (shared by a district's replicas)."""
+
+
+@hash_key.command("init")
+@click.argument("path", type=click.Path(path_type=Path))
+def hash_key_init(path: Path) -> None:
+    """Write a new random hash key to PATH (mode 0600); refuses to overwrite."""
+    try:
+        create_key_file(path)
+    except FileExistsError:
+        _fail(f"{path} already exists")
+    click.echo(f"hash key written to {path}")
+
+
+@main.command()
+@click.option("--checks", default=3000, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--keep", type=click.Path(path_type=Path), default=None,
+              help="Write certificates and registries here instead of a temp dir.")
+def demo(checks: int, concurrency: int, as_json: bool, keep: Path | None) -> None:
+    """Three districts on loopback recognising each other's cards at gates."""
+    from broker.demo import run_demo
+
+    logs.configure("warning")
+
+    def run(root: Path) -> None:
+        with Progress(TextColumn("gate checks"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err, transient=as_json,
+                      disable=as_json) as progress:
+            task = progress.add_task("checks", total=checks)
+            report = asyncio.run(run_demo(root, checks, concurrency,
+                                          on_progress=lambda n: progress.advance(task, n)))
+        summary = report.as_dict()
+        if as_json:
+            click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        else:
+            _print_summary(summary)
+        if summary["mismatches"]:
+            _fail(f"{summary['mismatches']} decision(s) disagree with the registries")
+
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        run(keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="yikatong-demo-") as tmp:
+            run(Path(tmp))
+
+
+SOURCES = ("HOME", "CACHE", "PEER", "OFFLINE_POLICY")
+
+
+def _print_summary(summary: dict[str, object]) -> None:
+    table = Table(title=f"{summary['checks']} gate checks in {summary['seconds']} s")
+    table.add_column("gate")
+    table.add_column("home")
+    for col in ("checks", "allow", "deny", "HOME", "CACHE", "PEER", "OFFLINE", "p50 ms", "p99 ms"):
+        table.add_column(col, justify="right")
+    pairs = summary["pairs"]
+    assert isinstance(pairs, list)
+
+    names: dict[str, str] = {}
+    for p in pairs:
+        names[p["gate_district"]] = p["gate_name"]
+        names[p["home_district"]] = p["home_name"]
+        table.add_row(
+            p["gate_district"],
+            p["home_district"],
+            str(p["checks"]), str(p["allowed"]), str(p["denied"]),
+            *(str(p["sources"].get(s, 0)) for s in SOURCES),
+            f"{p['p50_ms']:.2f}", f"{p['p99_ms']:.2f}",
+        )
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=120)
+    out.print(table)
+    click.echo("districts: " + "; ".join(f"{c} {n}" for c, n in sorted(names.items())))
+    click.echo(f"decisions that disagree with the registries: {summary['mismatches']}")
