@@ -41,6 +41,10 @@ class PeerChannels:
                     ("grpc.default_authority", peer.server_name),
                     ("grpc.keepalive_time_ms", 30_000),
                     ("grpc.keepalive_timeout_ms", 5_000),
+                    # A peer that comes back is used again within about a second.
+                    ("grpc.initial_reconnect_backoff_ms", 200),
+                    ("grpc.min_reconnect_backoff_ms", 200),
+                    ("grpc.max_reconnect_backoff_ms", 2_000),
                 ],
             )
             self._channels[district] = ch

@@ -1,0 +1,131 @@
+"""Shared fixtures: real Redis, real certificates, real nodes on loopback.
+
+Redis: ``YIKATONG_TEST_REDIS_URL`` if set; else a server answering on
+127.0.0.1:6379; else a private ``redis-server`` started on a free port for
+the session. When none can be had, Redis tests skip — except under ``CI``,
+where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+
+from broker import testbed
+from broker.config import node_server_name
+from broker.node import Node
+from broker.operator_client import GateClient, open_channel
+
+DAZU, ANYUE, RONGCHANG = "500111", "512021", "500153"
+THREE = (DAZU, ANYUE, RONGCHANG)
+IN_CI = bool(os.environ.get("CI"))
+
+
+def unavailable(reason: str) -> None:
+    """Skip locally; fail in CI, where every real-service test must run."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI is set: tests of real services must not skip)")
+    pytest.skip(reason)
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=0.5).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("YIKATONG_TEST_REDIS_URL")
+    if url:
+        if not _pings(url):
+            unavailable(f"YIKATONG_TEST_REDIS_URL={url} does not answer")
+        yield url
+        return
+    if _pings("redis://127.0.0.1:6379/0"):
+        yield "redis://127.0.0.1:6379/0"
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        unavailable("no Redis reachable and no redis-server binary to start one")
+    port = testbed.free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not _pings(url):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            unavailable("a private redis-server did not start")
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_db(redis_url: str) -> Iterator[str]:
+    """A Redis URL whose keyspace of this test's keys is cleaned afterwards."""
+    yield redis_url
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter("yk:*"):
+        client.delete(key)
+
+
+@pytest.fixture
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+@pytest.fixture
+def districts(tmp_path: Path, now: datetime) -> dict[str, testbed.DistrictSetup]:
+    """Three districts' certificates, configs and registries (not started)."""
+    return testbed.build(tmp_path, THREE, now, cards_per_district=60)
+
+
+class Cluster:
+    """Started nodes plus an operator client per district."""
+
+    def __init__(self, setups: dict[str, testbed.DistrictSetup], nodes: dict[str, Node]):
+        self.setups = setups
+        self.nodes = nodes
+        self._channels: list[object] = []
+
+    def gate(self, district: str, operator_id: str | None = None) -> GateClient:
+        s = self.setups[district]
+        ch = open_channel(self.nodes[district].address, node_server_name(s.code),
+                          s.paths.ca_cert, s.operator_cert, s.operator_key)
+        self._channels.append(ch)
+        return GateClient(ch, operator_id or s.operator_id)
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close()  # type: ignore[attr-defined]
+        for node in self.nodes.values():
+            await node.stop(grace=0.2)
+
+
+@pytest.fixture
+async def cluster(districts: dict[str, testbed.DistrictSetup]) -> AsyncIterator[Cluster]:
+    nodes = {code: await Node.start(s.config) for code, s in districts.items()}
+    c = Cluster(districts, nodes)
+    try:
+        yield c
+    finally:
+        await c.close()
+
