@@ -41,7 +41,9 @@ class AccessPolicy:
             if ident.role is not Role.OPERATOR:
                 raise PermissionDenied("Gate is for this district's operators only")
             if ident.district != self.district:
-                raise PermissionDenied(f"operators of district {ident.district} may not use this node")
+                raise PermissionDenied(
+                    f"operators of district {ident.district} may not use this node"
+                )
             return
         if method.startswith(OPEN_TO_ANY_CALLER):
             return

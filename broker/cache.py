@@ -67,7 +67,7 @@ def encode(rec: Recognition, expires_at_ms: int) -> bytes:
 
 
 def decode(raw: bytes) -> tuple[Recognition, int]:
-    """Inverse of :func:`encode`; the TTL of the returned answer is left 0 (the entry's time rules)."""
+    """Inverse of :func:`encode`; the answer's TTL is 0: the entry's expiry rules."""
     status, ents, expires = raw.decode().split("|")
     entitlements = tuple(Entitlement(int(e)) for e in ents.split(",") if e)
     return Recognition(CardStatus(int(status)), entitlements, 0), int(expires)
@@ -95,7 +95,7 @@ class RedisTier:
         if raw is None:
             return None
         try:
-            return decode(raw)
+            return decode(raw if isinstance(raw, bytes) else raw.encode())
         except ValueError:
             log.warning("redis_value_malformed")
             return None

@@ -55,7 +55,11 @@ class Scene(enum.IntEnum):
     LIBRARY = 4
 
 
-_SENIOR_AGES = ((60, Entitlement.SENIOR_60), (65, Entitlement.SENIOR_65), (70, Entitlement.SENIOR_70))
+_SENIOR_AGES = (
+    (60, Entitlement.SENIOR_60),
+    (65, Entitlement.SENIOR_65),
+    (70, Entitlement.SENIOR_70),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +153,9 @@ def shanghai_day(now: datetime) -> date:
     return now.astimezone(SHANGHAI).date()
 
 
-def entitlements_for(born: date, disabled: bool, student: bool, day: date) -> tuple[Entitlement, ...]:
+def entitlements_for(
+    born: date, disabled: bool, student: bool, day: date
+) -> tuple[Entitlement, ...]:
     """Every entitlement that applies on ``day`` (ages reached that day count)."""
     age = age_on(born, day)
     found = [ent for threshold, ent in _SENIOR_AGES if age >= threshold]

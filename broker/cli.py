@@ -43,8 +43,12 @@ def _config(path: Path) -> NodeConfig:
 
 
 @click.group()
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 @click.option("--log-json", is_flag=True, help="Log JSON lines instead of console text.")
 @click.version_option(package_name="yikatong-broker")
 def main(log_level: str, log_json: bool) -> None:
@@ -116,7 +120,9 @@ def certs() -> None:
 
 @certs.command("init-ca")
 @click.option("--district", required=True)
-@click.option("--dir", "root", default=Path("certs"), show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "--dir", "root", default=Path("certs"), show_default=True, type=click.Path(path_type=Path)
+)
 def certs_init_ca(district: str, root: Path) -> None:
     """Create a district's CA (and its hash key) under DIR/<district>/."""
     paths = DistrictPaths(root, district)
@@ -135,13 +141,19 @@ def certs_init_ca(district: str, root: Path) -> None:
 @click.option("--node", "is_node", is_flag=True, help="Issue the district node's certificate.")
 @click.option("--operator", "operator_id", default=None, help="Issue an operator's certificate.")
 @click.option("--days", default=LEAF_DAYS, show_default=True, type=click.IntRange(1, 398))
-@click.option("--dir", "root", default=Path("certs"), show_default=True, type=click.Path(path_type=Path))
-def certs_issue(district: str, is_node: bool, operator_id: str | None, days: int, root: Path) -> None:
+@click.option(
+    "--dir", "root", default=Path("certs"), show_default=True, type=click.Path(path_type=Path)
+)
+def certs_issue(
+    district: str, is_node: bool, operator_id: str | None, days: int, root: Path
+) -> None:
     """Issue a node (--node) or operator (--operator ID) certificate with the district CA."""
     if is_node == (operator_id is not None):
         _fail("give exactly one of --node or --operator ID")
     try:
-        ident = node_identity(district) if is_node else operator_identity(district, operator_id or "")
+        ident = (
+            node_identity(district) if is_node else operator_identity(district, operator_id or "")
+        )
         cert, _key = issue_to_files(DistrictPaths(root, district), ident, datetime.now(UTC), days)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
@@ -168,8 +180,12 @@ def hash_key_init(path: Path) -> None:
 @click.option("--checks", default=3000, show_default=True, type=click.IntRange(1, 1_000_000))
 @click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 1024))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--keep", type=click.Path(path_type=Path), default=None,
-              help="Write certificates and registries here instead of a temp dir.")
+@click.option(
+    "--keep",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write certificates and registries here instead of a temp dir.",
+)
 def demo(checks: int, concurrency: int, as_json: bool, keep: Path | None) -> None:
     """Three districts on loopback recognising each other's cards at gates."""
     from broker.demo import run_demo
@@ -177,12 +193,19 @@ def demo(checks: int, concurrency: int, as_json: bool, keep: Path | None) -> Non
     logs.configure("warning")
 
     def run(root: Path) -> None:
-        with Progress(TextColumn("gate checks"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=err, transient=as_json,
-                      disable=as_json) as progress:
+        with Progress(
+            TextColumn("gate checks"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=as_json,
+            disable=as_json,
+        ) as progress:
             task = progress.add_task("checks", total=checks)
-            report = asyncio.run(run_demo(root, checks, concurrency,
-                                          on_progress=lambda n: progress.advance(task, n)))
+            report = asyncio.run(
+                run_demo(root, checks, concurrency, on_progress=lambda n: progress.advance(task, n))
+            )
         summary = report.as_dict()
         if as_json:
             click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -218,9 +241,12 @@ def _print_summary(summary: dict[str, object]) -> None:
         table.add_row(
             p["gate_district"],
             p["home_district"],
-            str(p["checks"]), str(p["allowed"]), str(p["denied"]),
+            str(p["checks"]),
+            str(p["allowed"]),
+            str(p["denied"]),
             *(str(p["sources"].get(s, 0)) for s in SOURCES),
-            f"{p['p50_ms']:.2f}", f"{p['p99_ms']:.2f}",
+            f"{p['p50_ms']:.2f}",
+            f"{p['p99_ms']:.2f}",
         )
     out = Console()
     if not out.is_terminal:

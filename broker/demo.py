@@ -71,8 +71,13 @@ class DemoReport:
             "checks": sum(p.checks for p in self.pairs.values()),
             "mismatches": sum(p.mismatches for p in self.pairs.values()),
             "pairs": [
-                {"gate_district": g, "gate_name": names.get(g, g), "home_district": h,
-                 "home_name": names.get(h, h), **stats.as_dict()}
+                {
+                    "gate_district": g,
+                    "gate_name": names.get(g, g),
+                    "home_district": h,
+                    "home_name": names.get(h, h),
+                    **stats.as_dict(),
+                }
                 for (g, h), stats in sorted(self.pairs.items())
             ],
         }
@@ -124,8 +129,13 @@ async def run_demo(
     try:
         clients = {}
         for code, s in setups.items():
-            ch = open_channel(nodes[code].address, node_server_name(code), s.paths.ca_cert,
-                              s.operator_cert, s.operator_key)
+            ch = open_channel(
+                nodes[code].address,
+                node_server_name(code),
+                s.paths.ca_cert,
+                s.operator_cert,
+                s.operator_key,
+            )
             channels.append(ch)
             clients[code] = GateClient(ch, s.operator_id, gate_id=f"{code}-gate-1")
         plan = plan_checks({c: s.cards for c, s in setups.items()}, checks, random.Random(seed))
@@ -142,7 +152,9 @@ async def run_demo(
             stats.allowed += d.allow
             stats.denied += not d.allow
             stats.mismatches += d.allow != expected_allow(card, now)
-            stats.sources[gate_pb2.DecisionSource.Name(d.source).removeprefix("DECISION_SOURCE_")] += 1
+            stats.sources[
+                gate_pb2.DecisionSource.Name(d.source).removeprefix("DECISION_SOURCE_")
+            ] += 1
             stats.latencies_ms.append(elapsed)
             if on_progress is not None:
                 on_progress(1)

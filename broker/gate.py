@@ -68,7 +68,7 @@ def offline(reason: str) -> Decision:
 
 
 class PeerAnswers(Protocol):
-    """Answers about other districts' cards (see :class:`broker.peers.recognizer.PeerRecognizer`)."""
+    """Answers about other districts' cards (``broker.peers.recognizer.PeerRecognizer``)."""
 
     def cached(self, ref: CardRef) -> Recognition | None: ...
 

@@ -66,6 +66,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._policy = policy
         self._metrics = metrics
         self._clock = clock
+        # Wrapped handlers, built once per method rather than once per call.
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def _identify(self, method: str, context: grpc.aio.ServicerContext) -> Identity:
         auth = context.auth_context()
@@ -89,17 +91,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method: str = details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
         if handler is None:
             return None
-        method: str = details.method
+        wrapped = handler
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap_unary(method, handler.unary_unary))
+            wrapped = handler._replace(unary_unary=self._wrap_unary(method, handler.unary_unary))
         for kind in ("unary_stream", "stream_unary", "stream_stream"):
             inner = getattr(handler, kind)
             if inner is not None:
-                return handler._replace(**{kind: self._wrap_other(method, inner)})
-        return handler
+                wrapped = handler._replace(**{kind: self._wrap_other(method, inner)})
+        self._wrapped[method] = wrapped
+        return wrapped
 
     def _wrap_unary(self, method: str, inner: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         recorder = self._metrics.recorder(method)
@@ -130,7 +137,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap_other(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(inner):
 
-            async def gen_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def gen_behavior(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
                 try:
                     ident = self._identify(method, context)
                 except BrokerError as exc:

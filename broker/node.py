@@ -94,10 +94,16 @@ class Node:
         await server.start()
         for name in ("", *SERVICE_NAMES[:2]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("node_started", district=cfg.district, port=port, peers=len(cfg.peers),
-                 redis=cfg.cache.redis_url is not None)
-        return cls(cfg, server, port, registry, cache, channels, peers, gate, metrics,
-                   health_servicer)
+        log.info(
+            "node_started",
+            district=cfg.district,
+            port=port,
+            peers=len(cfg.peers),
+            redis=cfg.cache.redis_url is not None,
+        )
+        return cls(
+            cfg, server, port, registry, cache, channels, peers, gate, metrics, health_servicer
+        )
 
     @property
     def address(self) -> str:

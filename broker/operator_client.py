@@ -17,7 +17,11 @@ from broker.tls import channel_credentials, read_pem
 
 
 def open_channel(
-    address: str, server_name: str, ca_file: Path, cert_file: Path, key_file: Path,
+    address: str,
+    server_name: str,
+    ca_file: Path,
+    cert_file: Path,
+    key_file: Path,
     options: list[tuple[str, object]] | None = None,
 ) -> grpc.aio.Channel:
     """A mutual-TLS ``grpc.aio`` channel to a district node."""
@@ -33,7 +37,9 @@ def open_channel(
 class GateClient:
     """Calls ``Gate.Check`` as one operator."""
 
-    def __init__(self, channel: grpc.aio.Channel, operator_id: str, gate_id: str = "gate-1") -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, operator_id: str, gate_id: str = "gate-1"
+    ) -> None:
         self._stub = gate_pb2_grpc.GateStub(channel)
         self.operator_id = operator_id
         self.gate_id = gate_id
@@ -46,10 +52,9 @@ class GateClient:
             gate_id=self.gate_id,
         )
 
-    async def check(
-        self, ref: CardRef, scene: Scene, timeout: float = 5.0
-    ) -> gate_pb2.GateDecision:
+    async def check(self, ref: CardRef, scene: Scene) -> gate_pb2.GateDecision:
+        """One check, with a 5 s deadline."""
         result: gate_pb2.GateDecision = await self._stub.Check(
-            self.request(ref, scene), timeout=timeout
+            self.request(ref, scene), timeout=5.0
         )
         return result

@@ -76,9 +76,15 @@ def create_ca(district: str, now: datetime, days: int = CA_DAYS) -> KeyPair:
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -116,9 +122,15 @@ def issue(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -215,12 +227,15 @@ def init_ca(paths: DistrictPaths, now: datetime, days: int = CA_DAYS) -> KeyPair
 def issue_to_files(
     paths: DistrictPaths, ident: Identity, now: datetime, days: int = LEAF_DAYS
 ) -> tuple[Path, Path]:
-    """Issue a node or operator certificate with the district CA and write it; returns (cert, key)."""
+    """Issue a node or operator certificate with the district CA, write it; return (cert, key)."""
     ca = load(paths.ca_cert, paths.ca_key)
     pair = issue(ca, ident, now, days)
     if ident.role is Role.NODE:
         cert_path, key_path = paths.node_cert, paths.node_key
     else:
-        cert_path, key_path = paths.operator_cert(ident.operator_id), paths.operator_key(ident.operator_id)
+        cert_path, key_path = (
+            paths.operator_cert(ident.operator_id),
+            paths.operator_key(ident.operator_id),
+        )
     save(pair, cert_path, key_path)
     return cert_path, key_path

@@ -120,7 +120,8 @@ class Registry:
         self._db.executemany(
             "INSERT INTO districts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (code) DO UPDATE SET "
             "name_zh=excluded.name_zh, name_en=excluded.name_en, province=excluded.province, "
-            "relation_to_dazu=excluded.relation_to_dazu, historical_codes=excluded.historical_codes",
+            "relation_to_dazu=excluded.relation_to_dazu, "
+            "historical_codes=excluded.historical_codes",
             [
                 (d.code, d.name_zh, d.name_en, d.province, d.relation_to_dazu, d.historical_codes)
                 for d in districts

@@ -72,8 +72,9 @@ def synthetic_cards(
             born = today - timedelta(days=rng.randrange(365, 20_000))
         roll = rng.random()
         status = "lost" if roll < 0.04 else "suspended" if roll < 0.07 else "active"
-        valid_until = today + timedelta(days=rng.randrange(-400, 3650) if rng.random() < 0.05
-                                        else rng.randrange(30, 3650))
+        valid_until = today + timedelta(
+            days=rng.randrange(-400, 3650) if rng.random() < 0.05 else rng.randrange(30, 3650)
+        )
         age = today.year - born.year
         card = SyntheticCard(
             ref=CardRef(district, f"C{district}{i:07d}"),
@@ -160,7 +161,9 @@ def build(
         create_key_file(paths.hash_key)
     for code in districts:
         paths = DistrictPaths(certs, code)
-        peer_codes = list(peers_of[code]) if peers_of is not None else [d for d in districts if d != code]
+        peer_codes = (
+            list(peers_of[code]) if peers_of is not None else [d for d in districts if d != code]
+        )
         cfg = NodeConfig(
             district=code,
             listen=f"127.0.0.1:{ports[code]}",
@@ -168,8 +171,9 @@ def build(
             registry_path=root / "var" / code / "registry.sqlite3",
             hash_key_file=paths.hash_key,
             peers=tuple(
-                PeerConfig(p, f"127.0.0.1:{ports[p]}", DistrictPaths(certs, p).ca_cert,
-                           node_server_name(p))
+                PeerConfig(
+                    p, f"127.0.0.1:{ports[p]}", DistrictPaths(certs, p).ca_cert, node_server_name(p)
+                )
                 for p in peer_codes
             ),
             peer_deadline_ms=deadline_ms,
@@ -189,6 +193,7 @@ def build(
             registry.upsert(rows, now)
         finally:
             registry.close()
-        setups[code] = DistrictSetup(code, paths, config_path, loaded, OPERATOR_ID,
-                                     [c for c, _ in pairs])
+        setups[code] = DistrictSetup(
+            code, paths, config_path, loaded, OPERATOR_ID, [c for c, _ in pairs]
+        )
     return setups

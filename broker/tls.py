@@ -19,7 +19,6 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.x509.oid import ExtensionOID
 
 from broker.config import NodeConfig, TLSConfig
 from broker.errors import ConfigError, PermissionDenied, Unauthenticated
@@ -75,11 +74,14 @@ def channel_credentials(roots: bytes, tls: TLSConfig) -> grpc.ChannelCredentials
 
 def spiffe_ids(cert: x509.Certificate) -> list[str]:
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
-    return [u for u in san.value.get_values_for_type(x509.UniformResourceIdentifier)
-            if u.startswith("spiffe://")]
+    return [
+        u
+        for u in san.value.get_values_for_type(x509.UniformResourceIdentifier)
+        if u.startswith("spiffe://")
+    ]
 
 
 @dataclass(frozen=True, slots=True)

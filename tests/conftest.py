@@ -57,12 +57,25 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         unavailable("no Redis reachable and no redis-server binary to start one")
+        return
     port = testbed.free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
@@ -108,8 +121,13 @@ class Cluster:
 
     def gate(self, district: str, operator_id: str | None = None) -> GateClient:
         s = self.setups[district]
-        ch = open_channel(self.nodes[district].address, node_server_name(s.code),
-                          s.paths.ca_cert, s.operator_cert, s.operator_key)
+        ch = open_channel(
+            self.nodes[district].address,
+            node_server_name(s.code),
+            s.paths.ca_cert,
+            s.operator_cert,
+            s.operator_key,
+        )
         self._channels.append(ch)
         return GateClient(ch, operator_id or s.operator_id)
 
@@ -128,4 +146,3 @@ async def cluster(districts: dict[str, testbed.DistrictSetup]) -> AsyncIterator[
         yield c
     finally:
         await c.close()
-

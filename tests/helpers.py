@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
+from typing import Any
 
 import grpc
 
 from broker import pki
-from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc, recognition_pb2, recognition_pb2_grpc, types_pb2
-from broker.cards import CardRef
+from broker._proto.yikatong.v1 import (
+    gate_pb2,
+    gate_pb2_grpc,
+    recognition_pb2,
+    recognition_pb2_grpc,
+    types_pb2,
+)
 from broker.card_import import parse_import
+from broker.cards import CardRef, shanghai_day
 from broker.config import node_server_name
 from broker.identity import Identity
 from broker.privacy import load_key_file
@@ -18,40 +24,68 @@ from broker.registry import Registry
 from broker.testbed import DistrictSetup
 
 
-def channel(address: str, district: str, ca_pem: bytes, cert_pem: bytes | None = None,
-            key_pem: bytes | None = None) -> grpc.aio.Channel:
-    creds = grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem,
-                                         certificate_chain=cert_pem)
-    return grpc.aio.secure_channel(address, creds, options=[
-        ("grpc.ssl_target_name_override", node_server_name(district)),
-    ])
+def channel(
+    address: str,
+    district: str,
+    ca_pem: bytes,
+    cert_pem: bytes | None = None,
+    key_pem: bytes | None = None,
+) -> grpc.aio.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
+    return grpc.aio.secure_channel(
+        address,
+        creds,
+        options=[
+            ("grpc.ssl_target_name_override", node_server_name(district)),
+        ],
+    )
 
 
-def caller_channel(address: str, server: DistrictSetup, ca: pki.KeyPair, ident: Identity,
-                   now: datetime, days: int = 1) -> grpc.aio.Channel:
+def caller_channel(
+    address: str,
+    server: DistrictSetup,
+    ca: pki.KeyPair,
+    ident: Identity,
+    now: datetime,
+    days: int = 1,
+) -> grpc.aio.Channel:
     """A channel presenting a certificate for ``ident`` freshly issued by ``ca``."""
     pair = pki.issue(ca, ident, now, days)
-    return channel(address, server.code, server.paths.ca_cert.read_bytes(), pair.cert_pem(),
-                   pair.key_pem())
+    return channel(
+        address, server.code, server.paths.ca_cert.read_bytes(), pair.cert_pem(), pair.key_pem()
+    )
 
 
 def node_channel(address: str, server: DistrictSetup, me: DistrictSetup) -> grpc.aio.Channel:
     """A channel to ``server`` presenting ``me``'s node certificate."""
-    return channel(address, server.code, server.paths.ca_cert.read_bytes(),
-                   me.paths.node_cert.read_bytes(), me.paths.node_key.read_bytes())
+    return channel(
+        address,
+        server.code,
+        server.paths.ca_cert.read_bytes(),
+        me.paths.node_cert.read_bytes(),
+        me.paths.node_key.read_bytes(),
+    )
 
 
-def check_request(ref: CardRef, operator_id: str, scene: int = 1,
-                  gate_id: str = "g1") -> gate_pb2.GateCheckRequest:
+def check_request(
+    ref: CardRef, operator_id: str, scene: Any = 1, gate_id: str = "g1"
+) -> gate_pb2.GateCheckRequest:
     return gate_pb2.GateCheckRequest(
         card=types_pb2.CardRef(issuer_region=ref.issuer_region, card_number=ref.card_number),
-        scene=scene, operator_id=operator_id, gate_id=gate_id)
+        scene=scene,
+        operator_id=operator_id,
+        gate_id=gate_id,
+    )
 
 
 def recognize_request(ref: CardRef) -> recognition_pb2.RecognizeRequest:
     return recognition_pb2.RecognizeRequest(
         card=types_pb2.CardRef(issuer_region=ref.issuer_region, card_number=ref.card_number),
-        scene=1, request_id="t-1")
+        scene=types_pb2.SCENE_BUS,
+        request_id="t-1",
+    )
 
 
 def gate_stub(ch: grpc.aio.Channel) -> gate_pb2_grpc.GateStub:
@@ -65,15 +99,9 @@ def recognition_stub(ch: grpc.aio.Channel) -> recognition_pb2_grpc.RecognitionSt
 def import_lines(setup: DistrictSetup, lines: list[str], now: datetime) -> None:
     """Upsert card rows (CSV lines after the header) into a district's registry."""
     header = "card_number,ssn,status,disabled,student,valid_until"
-    from broker.cards import shanghai_day
-
     rows = parse_import([header, *lines], shanghai_day(now), load_key_file(setup.paths.hash_key))
     reg = Registry(setup.config.registry_path)
     try:
         reg.upsert(rows, now)
     finally:
         reg.close()
-
-
-def read(path: Path) -> bytes:
-    return path.read_bytes()

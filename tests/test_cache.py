@@ -29,8 +29,11 @@ def test_local_tier_is_bounded_lru_with_expiry():
 
 def test_redis_value_round_trips():
     rec, expires = decode(encode(ACTIVE, 1_700_000_000_123))
-    assert (rec.status, rec.entitlements, expires) == (ACTIVE.status, ACTIVE.entitlements,
-                                                        1_700_000_000_123)
+    assert (rec.status, rec.entitlements, expires) == (
+        ACTIVE.status,
+        ACTIVE.entitlements,
+        1_700_000_000_123,
+    )
 
 
 async def test_unknown_answers_are_cached_only_briefly():
@@ -66,7 +69,7 @@ async def test_replicas_share_answers_through_redis_under_hashed_keys(redis_db: 
         keys = [k.decode() for k in client.scan_iter("yk:v1:500111:*")]
         assert sorted(keys) == sorted([f"yk:v1:500111:rec:{key}", f"yk:v1:500111:rec:{other}"])
         assert all(REF.card_number not in k for k in keys)
-        assert all(REF.card_number.encode() not in client.get(k) for k in keys)
+        assert all(REF.card_number.encode() not in (client.get(k) or b"") for k in keys)
         assert 0 < client.pttl(f"yk:v1:500111:rec:{other}") <= 3000
         assert 3000 < client.pttl(f"yk:v1:500111:rec:{key}") <= 120_000
     finally:

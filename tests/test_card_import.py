@@ -24,8 +24,11 @@ def ssn(area: str = "500111", born: str = "19500101", seq: str = "123") -> str:
 def test_a_good_file_parses_and_replaces_id_numbers_by_keyed_hashes():
     good = ssn()
     rows = parse_import(
-        [HEADER, f"A00000001,{good},active,false,true,2030-01-01",
-         f"A00000002,{ssn(seq='124')},lost,TRUE,false,2027-06-30"],
+        [
+            HEADER,
+            f"A00000001,{good},active,false,true,2030-01-01",
+            f"A00000002,{ssn(seq='124')},lost,TRUE,false,2027-06-30",
+        ],
         TODAY,
         HASHER,
     )
@@ -39,14 +42,14 @@ def test_a_good_file_parses_and_replaces_id_numbers_by_keyed_hashes():
 def test_every_bad_row_is_reported_with_its_line_and_nothing_is_returned():
     lines = [
         HEADER,
-        f"A00000001,{ssn()},active,false,false,2030-01-01",        # line 2 good
-        f"a0001,{ssn()},active,false,false,2030-01-01",            # 3 card number
+        f"A00000001,{ssn()},active,false,false,2030-01-01",  # line 2 good
+        f"a0001,{ssn()},active,false,false,2030-01-01",  # 3 card number
         f"A00000003,{ssn()[:17]}0,active,false,false,2030-01-01",  # 4 check char (if wrong)
-        f"A00000004,{ssn()},stolen,false,false,2030-01-01",        # 5 status
-        f"A00000005,{ssn()},active,maybe,false,2030-01-01",        # 6 flag
-        f"A00000006,{ssn()},active,false,false,2030-13-01",        # 7 date
-        f"A00000001,{ssn()},active,false,false,2030-01-01",        # 8 duplicate
-        "A00000007,only,three",                                    # 9 short row
+        f"A00000004,{ssn()},stolen,false,false,2030-01-01",  # 5 status
+        f"A00000005,{ssn()},active,maybe,false,2030-01-01",  # 6 flag
+        f"A00000006,{ssn()},active,false,false,2030-13-01",  # 7 date
+        f"A00000001,{ssn()},active,false,false,2030-01-01",  # 8 duplicate
+        "A00000007,only,three",  # 9 short row
         f"A00000008,{ssn(born='20990101')},active,false,false,2030-01-01",  # 10 future
     ]
     if ssn()[17] == "0":

@@ -51,8 +51,11 @@ def test_render_then_load_round_trips(tmp_path: Path):
 
 
 def test_env_overrides(tmp_path: Path):
-    env = {"YIKATONG_REDIS_URL": "redis://127.0.0.1:1/0", "YIKATONG_LISTEN": "0.0.0.0:9",
-           "YIKATONG_PEER_DEADLINE_MS": "150"}
+    env = {
+        "YIKATONG_REDIS_URL": "redis://127.0.0.1:1/0",
+        "YIKATONG_LISTEN": "0.0.0.0:9",
+        "YIKATONG_PEER_DEADLINE_MS": "150",
+    }
     cfg = load_config(write(tmp_path, MINIMAL), env=env)
     assert cfg.cache.redis_url == "redis://127.0.0.1:1/0"
     assert cfg.listen == "0.0.0.0:9"
@@ -67,7 +70,7 @@ def test_env_overrides(tmp_path: Path):
         (lambda s: s.replace('key_file = "c/node.key"\n', ""), "tls.key_file is required"),
         (lambda s: s.replace('"512021"', '"500111"'), "own district"),
         (lambda s: s + "[cache]\nlocal_max_entries = -1\n", "cache.local_max_entries"),
-        (lambda s: s + "[[peers]]\ndistrict = \"512021\"\naddress=\"x\"\nca_file=\"y\"\n", "twice"),
+        (lambda s: s + '[[peers]]\ndistrict = "512021"\naddress="x"\nca_file="y"\n', "twice"),
         (lambda s: s.replace("[tls]", "[tls"), "node.toml"),
     ],
 )

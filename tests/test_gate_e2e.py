@@ -12,10 +12,23 @@ import pytest
 
 from broker import testbed
 from broker._proto.yikatong.v1 import gate_pb2, types_pb2
-from broker.cards import CardRef, Entitlement, Scene, entitlements_for, shanghai_day, ssn_check_character
+from broker.cards import (
+    CardRef,
+    Entitlement,
+    Scene,
+    entitlements_for,
+    shanghai_day,
+    ssn_check_character,
+)
 from broker.node import Node
 from tests.conftest import ANYUE, DAZU, RONGCHANG, Cluster
-from tests.helpers import check_request, import_lines, node_channel, recognition_stub, recognize_request
+from tests.helpers import (
+    check_request,
+    import_lines,
+    node_channel,
+    recognition_stub,
+    recognize_request,
+)
 
 RECOGNIZE = "/yikatong.v1.Recognition/Recognize"
 ACTIVE = types_pb2.CARD_STATUS_ACTIVE
@@ -28,8 +41,9 @@ def recognize_calls(cluster: Cluster, district: str) -> int:
 
 def active_card(cluster: Cluster, district: str, now: datetime) -> testbed.SyntheticCard:
     today = shanghai_day(now)
-    return next(c for c in cluster.setups[district].cards
-                if c.status == "active" and c.valid_until >= today)
+    return next(
+        c for c in cluster.setups[district].cards if c.status == "active" and c.valid_until >= today
+    )
 
 
 def ssn(area: str, born: str) -> str:
@@ -68,21 +82,31 @@ async def test_concurrent_checks_of_one_uncached_card_make_one_peer_call(cluster
 async def test_statuses_and_entitlements_of_a_neighbours_cards(cluster: Cluster, now):
     today = shanghai_day(now)
     seventy_two = f"{today.year - 72}0101"
-    import_lines(cluster.setups[ANYUE], [
-        f"SENIOR000001,{ssn(ANYUE, seventy_two)},active,true,false,2035-01-01",
-        f"LOST00000001,{ssn(ANYUE, '19800101')},lost,false,false,2035-01-01",
-        f"SUSP00000001,{ssn(ANYUE, '19800101')},suspended,false,false,2035-01-01",
-        f"EXPD00000001,{ssn(ANYUE, '19800101')},active,false,false,"
-        f"{(today - timedelta(days=1)).isoformat()}",
-    ], now)
+    import_lines(
+        cluster.setups[ANYUE],
+        [
+            f"SENIOR000001,{ssn(ANYUE, seventy_two)},active,true,false,2035-01-01",
+            f"LOST00000001,{ssn(ANYUE, '19800101')},lost,false,false,2035-01-01",
+            f"SUSP00000001,{ssn(ANYUE, '19800101')},suspended,false,false,2035-01-01",
+            f"EXPD00000001,{ssn(ANYUE, '19800101')},active,false,false,"
+            f"{(today - timedelta(days=1)).isoformat()}",
+        ],
+        now,
+    )
     gate = cluster.gate(DAZU)
     senior = await gate.check(CardRef(ANYUE, "SENIOR000001"), Scene.BUS)
     assert senior.allow
-    assert list(senior.entitlements) == [Entitlement.SENIOR_60, Entitlement.SENIOR_65,
-                                         Entitlement.SENIOR_70, Entitlement.DISABLED]
-    for number, status in [("LOST00000001", types_pb2.CARD_STATUS_LOST),
-                           ("SUSP00000001", types_pb2.CARD_STATUS_SUSPENDED),
-                           ("EXPD00000001", types_pb2.CARD_STATUS_EXPIRED)]:
+    assert [Entitlement(e) for e in senior.entitlements] == [
+        Entitlement.SENIOR_60,
+        Entitlement.SENIOR_65,
+        Entitlement.SENIOR_70,
+        Entitlement.DISABLED,
+    ]
+    for number, status in [
+        ("LOST00000001", types_pb2.CARD_STATUS_LOST),
+        ("SUSP00000001", types_pb2.CARD_STATUS_SUSPENDED),
+        ("EXPD00000001", types_pb2.CARD_STATUS_EXPIRED),
+    ]:
         d = await gate.check(CardRef(ANYUE, number), Scene.BUS)
         assert (d.allow, d.status, list(d.entitlements)) == (False, status, [])
         assert d.reason and number not in d.reason
@@ -91,8 +115,11 @@ async def test_statuses_and_entitlements_of_a_neighbours_cards(cluster: Cluster,
 async def test_unknown_cards_are_unknown_not_errors(cluster: Cluster):
     gate = cluster.gate(DAZU)
     own = await gate.check(CardRef(DAZU, "NOSUCHCARD01"), Scene.LIBRARY)
-    assert (own.allow, own.status, own.source) == (False, types_pb2.CARD_STATUS_UNKNOWN,
-                                                   SRC.DECISION_SOURCE_HOME)
+    assert (own.allow, own.status, own.source) == (
+        False,
+        types_pb2.CARD_STATUS_UNKNOWN,
+        SRC.DECISION_SOURCE_HOME,
+    )
     peer = await gate.check(CardRef(ANYUE, "NOSUCHCARD01"), Scene.LIBRARY)
     again = await gate.check(CardRef(ANYUE, "NOSUCHCARD01"), Scene.LIBRARY)
     assert (peer.status, peer.source) == (types_pb2.CARD_STATUS_UNKNOWN, SRC.DECISION_SOURCE_PEER)
@@ -101,12 +128,17 @@ async def test_unknown_cards_are_unknown_not_errors(cluster: Cluster):
 
 async def test_a_region_without_a_peer_gets_the_offline_policy(cluster: Cluster):
     d = await cluster.gate(DAZU).check(CardRef("500118", "C500118000001"), Scene.BUS)
-    assert (d.allow, d.status, d.source) == (False, types_pb2.CARD_STATUS_UNKNOWN,
-                                             SRC.DECISION_SOURCE_OFFLINE_POLICY)
+    assert (d.allow, d.status, d.source) == (
+        False,
+        types_pb2.CARD_STATUS_UNKNOWN,
+        SRC.DECISION_SOURCE_OFFLINE_POLICY,
+    )
     assert "500118" in d.reason
 
 
-async def test_a_silent_peer_gets_the_offline_policy_and_errors_are_not_cached(cluster: Cluster, now):
+async def test_a_silent_peer_gets_the_offline_policy_and_errors_are_not_cached(
+    cluster: Cluster, now
+):
     card = active_card(cluster, ANYUE, now)
     await cluster.nodes[ANYUE].stop(grace=0)
     gate = cluster.gate(DAZU)
@@ -173,7 +205,9 @@ async def test_a_peer_past_the_deadline_gets_the_offline_policy(tmp_path, now):
         (lambda r: r.__setattr__("gate_id", ""), "gate_id"),
     ],
 )
-async def test_malformed_checks_are_invalid_argument_naming_the_field(cluster: Cluster, mutate, field):
+async def test_malformed_checks_are_invalid_argument_naming_the_field(
+    cluster: Cluster, mutate, field
+):
     gate = cluster.gate(DAZU)
     request = check_request(CardRef(ANYUE, "C5120210000001"), gate.operator_id)
     mutate(request)
@@ -192,8 +226,11 @@ async def test_recognize_answers_only_for_own_cards_and_only_status_entitlements
         card = active_card(cluster, ANYUE, now)
         resp = await stub.Recognize(recognize_request(card.ref), timeout=5)
         assert resp.status == ACTIVE and resp.cache_ttl_seconds == 120
-        assert {f.name for f, _ in resp.ListFields()} <= {"status", "entitlements",
-                                                          "cache_ttl_seconds"}
+        assert {f.name for f, _ in resp.ListFields()} <= {
+            "status",
+            "entitlements",
+            "cache_ttl_seconds",
+        }
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Recognize(recognize_request(CardRef(DAZU, "C5001110000001")), timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -207,9 +244,11 @@ async def test_recognize_answers_only_for_own_cards_and_only_status_entitlements
 async def test_replicas_of_a_district_share_peer_answers_through_redis(tmp_path, now, redis_db):
     setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=20, redis_url=redis_db)
     cfg = setups[DAZU].config
-    nodes = {ANYUE: await Node.start(setups[ANYUE].config),
-             "r1": await Node.start(cfg),
-             "r2": await Node.start(replace(cfg, listen="127.0.0.1:0"))}
+    nodes = {
+        ANYUE: await Node.start(setups[ANYUE].config),
+        "r1": await Node.start(cfg),
+        "r2": await Node.start(replace(cfg, listen="127.0.0.1:0")),
+    }
     c = Cluster({**setups, "r1": setups[DAZU], "r2": setups[DAZU]}, nodes)
     try:
         card = next(x for x in setups[ANYUE].cards if x.status == "active")

@@ -44,8 +44,12 @@ def test_status_at_answers_for_any_instant_in_the_past(tmp_path: Path):
     assert reg.status_at("A00000001", T0 + timedelta(days=4)) is CardStatus.LOST
     assert reg.status_at("A00000001", T0 + timedelta(days=6)) is CardStatus.ACTIVE
     # valid_until 2026-01-20 is the last valid day, in Asia/Shanghai.
-    assert reg.status_at("A00000001", datetime(2026, 1, 20, 15, 59, tzinfo=UTC)) is CardStatus.ACTIVE
-    assert reg.status_at("A00000001", datetime(2026, 1, 20, 16, 0, tzinfo=UTC)) is CardStatus.EXPIRED
+    assert (
+        reg.status_at("A00000001", datetime(2026, 1, 20, 15, 59, tzinfo=UTC)) is CardStatus.ACTIVE
+    )
+    assert (
+        reg.status_at("A00000001", datetime(2026, 1, 20, 16, 0, tzinfo=UTC)) is CardStatus.EXPIRED
+    )
     reg.close()
 
 

@@ -40,7 +40,9 @@ async def test_an_error_reaches_every_waiter_and_is_not_kept():
         await asyncio.sleep(0.01)
         raise RuntimeError("peer down")
 
-    results = await asyncio.gather(*(flights.do("k", boom) for _ in range(5)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(flights.do("k", boom) for _ in range(5)), return_exceptions=True
+    )
     assert calls == 1 and all(isinstance(r, RuntimeError) for r in results)
     with pytest.raises(RuntimeError):
         await flights.do("k", boom)

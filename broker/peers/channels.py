@@ -43,7 +43,6 @@ class PeerChannels:
                     ("grpc.keepalive_timeout_ms", 5_000),
                     # A peer that comes back is used again within about a second.
                     ("grpc.initial_reconnect_backoff_ms", 200),
-                    ("grpc.min_reconnect_backoff_ms", 200),
                     ("grpc.max_reconnect_backoff_ms", 2_000),
                 ],
             )
