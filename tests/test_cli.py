@@ -151,3 +151,50 @@ def test_demo_json_runs_three_districts_and_agrees_with_the_registries():
         else:
             assert set(p["sources"]) == {"OFFLINE_POLICY"} and p["allowed"] == 0
     assert any(p["sources"].get("CACHE", 0) > 0 for p in pairs.values())
+
+
+def test_python_m_broker_serve_answers_health_and_stops_on_sigterm(tmp_path: Path, now):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from broker import testbed
+    from broker.config import node_server_name
+
+    setups = testbed.build(tmp_path, ("500111",), now, cards_per_district=5)
+    s = setups["500111"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "serve", "--config", str(s.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    creds = grpc.ssl_channel_credentials(
+        s.paths.ca_cert.read_bytes(), s.operator_key.read_bytes(), s.operator_cert.read_bytes()
+    )
+    target = s.config.listen
+    opts = [("grpc.ssl_target_name_override", node_server_name("500111"))]
+    try:
+        with grpc.secure_channel(target, creds, options=opts) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    break
+                except grpc.RpcError:
+                    assert proc.poll() is None, "node exited before it became healthy"
+                    assert time.monotonic() < deadline, "node never became healthy"
+                    time.sleep(0.1)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0
+        assert b"node_stopped" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
