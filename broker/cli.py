@@ -10,6 +10,7 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from rich.console import Console
@@ -29,7 +30,7 @@ from broker.registry import Registry
 err = Console(stderr=True)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     err.print(f"[red]error:[/red] {message}")
     sys.exit(code)
 
@@ -39,7 +40,6 @@ def _config(path: Path) -> NodeConfig:
         return load_config(path, os.environ)
     except BrokerError as exc:
         _fail(str(exc))
-        raise  # unreachable; keeps type checkers informed
 
 
 @click.group()

@@ -43,6 +43,7 @@ overrides (each optional): ``YIKATONG_LISTEN``, ``YIKATONG_REDIS_URL``,
 
 from __future__ import annotations
 
+import json
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -268,29 +269,34 @@ def load_config(path: Path, env: Mapping[str, str]) -> NodeConfig:
     return parse_config(doc, path.resolve().parent, env)
 
 
+def _q(value: object) -> str:
+    """A TOML basic string (JSON's escapes are valid TOML escapes)."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
 def render_config(cfg: NodeConfig) -> str:
     """The TOML text that :func:`load_config` reads back as ``cfg`` (paths made absolute)."""
     lines = [
-        f'district = "{cfg.district}"',
-        f'listen = "{cfg.listen}"',
+        f"district = {_q(cfg.district)}",
+        f"listen = {_q(cfg.listen)}",
         "",
         "[tls]",
-        f'ca_file = "{cfg.tls.ca_file}"',
-        f'cert_file = "{cfg.tls.cert_file}"',
-        f'key_file = "{cfg.tls.key_file}"',
+        f"ca_file = {_q(cfg.tls.ca_file)}",
+        f"cert_file = {_q(cfg.tls.cert_file)}",
+        f"key_file = {_q(cfg.tls.key_file)}",
         "",
         "[registry]",
-        f'path = "{cfg.registry_path}"',
+        f"path = {_q(cfg.registry_path)}",
         "",
         "[privacy]",
-        f'hash_key_file = "{cfg.hash_key_file}"',
+        f"hash_key_file = {_q(cfg.hash_key_file)}",
         "",
         "[recognition]",
         f"cache_ttl_seconds = {cfg.recognition.cache_ttl_seconds}",
         f"unknown_ttl_seconds = {cfg.recognition.unknown_ttl_seconds}",
         "",
         "[cache]",
-        f'redis_url = "{cfg.cache.redis_url or ""}"',
+        f"redis_url = {_q(cfg.cache.redis_url or '')}",
         f"local_max_entries = {cfg.cache.local_max_entries}",
         f"unknown_ttl_seconds = {cfg.cache.unknown_ttl_seconds}",
         f"max_ttl_seconds = {cfg.cache.max_ttl_seconds}",
@@ -303,9 +309,9 @@ def render_config(cfg: NodeConfig) -> str:
         lines += [
             "",
             "[[peers]]",
-            f'district = "{p.district}"',
-            f'address = "{p.address}"',
-            f'ca_file = "{p.ca_file}"',
-            f'server_name = "{p.server_name}"',
+            f"district = {_q(p.district)}",
+            f"address = {_q(p.address)}",
+            f"ca_file = {_q(p.ca_file)}",
+            f"server_name = {_q(p.server_name)}",
         ]
     return "\n".join(lines) + "\n"

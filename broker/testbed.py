@@ -13,7 +13,7 @@ import csv
 import random
 import socket
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -178,7 +178,7 @@ def build(
             ),
             peer_deadline_ms=deadline_ms,
             recognition=RecognitionConfig(),
-            cache=CacheConfig(**{**(cache.__dict__ if cache else {}), "redis_url": redis_url}),
+            cache=replace(cache or CacheConfig(), redis_url=redis_url),
         )
         config_path = root / f"node-{code}.toml"
         config_path.write_text(render_config(cfg))

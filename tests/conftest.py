@@ -1,7 +1,7 @@
 """Shared fixtures: real Redis, real certificates, real nodes on loopback.
 
-Redis: ``YIKATONG_TEST_REDIS_URL`` if set; else a server answering on
-127.0.0.1:6379; else a private ``redis-server`` started on a free port for
+Redis: ``YIKATONG_TEST_REDIS_URL`` if set; else database 15 of a server
+answering on 127.0.0.1:6379; else a private ``redis-server`` started on a free port for
 the session. When none can be had, Redis tests skip — except under ``CI``,
 where they fail.
 """
@@ -51,8 +51,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             unavailable(f"YIKATONG_TEST_REDIS_URL={url} does not answer")
         yield url
         return
-    if _pings("redis://127.0.0.1:6379/0"):
-        yield "redis://127.0.0.1:6379/0"
+    if _pings("redis://127.0.0.1:6379/15"):
+        yield "redis://127.0.0.1:6379/15"  # a database of its own on a shared server
         return
     binary = shutil.which("redis-server")
     if binary is None:
@@ -93,11 +93,16 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def redis_db(redis_url: str) -> Iterator[str]:
-    """A Redis URL whose keyspace of this test's keys is cleaned afterwards."""
+    """A Redis URL with no broker keys in it, cleaned again afterwards."""
+
+    def clean() -> None:
+        with redis.Redis.from_url(redis_url) as client:
+            for key in client.scan_iter("yk:*"):
+                client.delete(key)
+
+    clean()
     yield redis_url
-    client = redis.Redis.from_url(redis_url)
-    for key in client.scan_iter("yk:*"):
-        client.delete(key)
+    clean()
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import redis
 
 from broker.cache import AnswerCache, LocalTier, decode, encode
@@ -86,3 +88,26 @@ async def test_a_dead_redis_is_a_miss_not_a_failure():
         assert await cache.get(key) is None
     finally:
         await cache.close()
+
+
+async def test_concurrent_redis_reads_share_round_trips(redis_db: str):
+    cfg = CacheConfig(redis_url=redis_db, local_max_entries=0)
+    writer = AnswerCache.from_config(cfg, "500111")
+    reader = AnswerCache.from_config(cfg, "500111")
+    refs = [CardRef("512021", f"C51202100{i:05d}") for i in range(40)]
+    keys = [HASHER.card_key(r) for r in refs]
+    client = redis.Redis.from_url(redis_db)
+    try:
+        for i, key in enumerate(keys[:30]):
+            await writer.put(key, ACTIVE if i % 2 else UNKNOWN)
+        before = client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
+        got = await asyncio.gather(*(reader.get(k) for k in keys))
+        after = client.info("commandstats")["cmdstat_mget"]["calls"]
+        assert [g.status if g else None for g in got] == [
+            (CardStatus.ACTIVE if i % 2 else CardStatus.UNKNOWN) if i < 30 else None
+            for i in range(40)
+        ]
+        assert 1 <= after - before < 40  # coalesced, not one round trip per read
+    finally:
+        await writer.close()
+        await reader.close()
