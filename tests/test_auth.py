@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -27,18 +29,50 @@ CARD = CardRef(DAZU, "C5001110000001")
 GATE = "/yikatong.v1.Gate/Check"
 
 
-def calls_handled(cluster: Cluster, district: str, method: str = GATE) -> int:
-    return len(cluster.nodes[district].metrics.recorder(method))
+def check(ch: grpc.aio.Channel, operator_id: str = "transit-01") -> Any:
+    return gate_stub(ch).Check(check_request(CARD, operator_id), timeout=5)
+
+
+def recognize(ch: grpc.aio.Channel) -> Any:
+    return recognition_stub(ch).Recognize(recognize_request(CARD), timeout=5)
+
+
+async def call_error(
+    ch: grpc.aio.Channel, call: Callable[[grpc.aio.Channel], Awaitable[Any]]
+) -> grpc.aio.AioRpcError:
+    """Make one call that must fail, close the channel, return the error."""
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(ch)
+        return info.value
+    finally:
+        await ch.close()
+
+
+def calls_handled(cluster: Cluster, district: str = DAZU) -> int:
+    return len(cluster.nodes[district].metrics.recorder(GATE))
 
 
 async def expect_refused_handshake(cluster: Cluster, ch: grpc.aio.Channel) -> None:
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await gate_stub(ch).Check(check_request(CARD, "transit-01"), timeout=5)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    finally:
-        await ch.close()
-    assert calls_handled(cluster, DAZU) == 0  # no call reached the node's handlers
+    err = await call_error(ch, check)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert calls_handled(cluster) == 0  # no call reached the node's handlers
+
+
+def dazu_operator_channel(cluster: Cluster) -> grpc.aio.Channel:
+    s = cluster.setups[DAZU]
+    return channel(
+        cluster.nodes[DAZU].address,
+        DAZU,
+        s.paths.ca_cert.read_bytes(),
+        s.operator_cert.read_bytes(),
+        s.operator_key.read_bytes(),
+    )
+
+
+def ca_of(cluster: Cluster, district: str) -> pki.KeyPair:
+    paths = cluster.setups[district].paths
+    return pki.load(paths.ca_cert, paths.ca_key)
 
 
 async def test_no_client_certificate_no_call(cluster: Cluster):
@@ -49,88 +83,50 @@ async def test_no_client_certificate_no_call(cluster: Cluster):
 
 async def test_a_certificate_from_an_unknown_ca_no_call(cluster: Cluster, now):
     rogue = pki.create_ca(DAZU, now)  # names Dazu, but nobody trusts it
-    ch = caller_channel(
-        cluster.nodes[DAZU].address,
-        cluster.setups[DAZU],
-        rogue,
-        operator_identity(DAZU, "transit-01"),
-        now,
-    )
+    ident = operator_identity(DAZU, "transit-01")
+    ch = caller_channel(cluster.nodes[DAZU].address, cluster.setups[DAZU], rogue, ident, now)
     await expect_refused_handshake(cluster, ch)
 
 
 async def test_an_expired_certificate_no_call(cluster: Cluster, now):
-    s = cluster.setups[DAZU]
-    ca = pki.load(s.paths.ca_cert, s.paths.ca_key)
+    ident = operator_identity(DAZU, "transit-01")
+    issued = now - timedelta(days=3)  # valid for one day, two days ago
     ch = caller_channel(
-        cluster.nodes[DAZU].address,
-        s,
-        ca,
-        operator_identity(DAZU, "transit-01"),
-        now - timedelta(days=3),
-        days=1,
+        cluster.nodes[DAZU].address, cluster.setups[DAZU], ca_of(cluster, DAZU), ident, issued, 1
     )
     await expect_refused_handshake(cluster, ch)
 
 
 async def test_a_neighbours_ca_cannot_vouch_for_our_operator(cluster: Cluster, now):
-    anyue_ca = pki.load(cluster.setups[ANYUE].paths.ca_cert, cluster.setups[ANYUE].paths.ca_key)
+    ident = operator_identity(DAZU, "transit-01")
     ch = caller_channel(
-        cluster.nodes[DAZU].address,
-        cluster.setups[DAZU],
-        anyue_ca,
-        operator_identity(DAZU, "transit-01"),
-        now,
+        cluster.nodes[DAZU].address, cluster.setups[DAZU], ca_of(cluster, ANYUE), ident, now
     )
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await gate_stub(ch).Check(check_request(CARD, "transit-01"), timeout=5)
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "not issued by its CA" in info.value.details()
-    finally:
-        await ch.close()
+    err = await call_error(ch, check)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "not issued by its CA" in err.details()
 
 
 async def test_a_neighbours_ca_cannot_vouch_for_a_third_districts_node(cluster: Cluster, now):
-    anyue_ca = pki.load(cluster.setups[ANYUE].paths.ca_cert, cluster.setups[ANYUE].paths.ca_key)
+    ident = node_identity(RONGCHANG)
     ch = caller_channel(
-        cluster.nodes[DAZU].address, cluster.setups[DAZU], anyue_ca, node_identity(RONGCHANG), now
+        cluster.nodes[DAZU].address, cluster.setups[DAZU], ca_of(cluster, ANYUE), ident, now
     )
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await recognition_stub(ch).Recognize(recognize_request(CARD), timeout=5)
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    finally:
-        await ch.close()
+    err = await call_error(ch, recognize)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_an_operator_may_not_call_recognize(cluster: Cluster):
-    s = cluster.setups[DAZU]
-    ch = channel(
-        cluster.nodes[DAZU].address,
-        DAZU,
-        s.paths.ca_cert.read_bytes(),
-        s.operator_cert.read_bytes(),
-        s.operator_key.read_bytes(),
-    )
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await recognition_stub(ch).Recognize(recognize_request(CARD), timeout=5)
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "peer district nodes only" in info.value.details()
-    finally:
-        await ch.close()
+    err = await call_error(dazu_operator_channel(cluster), recognize)
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "peer district nodes only" in err.details()
 
 
 async def test_a_peer_node_may_not_call_the_gate(cluster: Cluster):
     ch = node_channel(cluster.nodes[DAZU].address, cluster.setups[DAZU], cluster.setups[ANYUE])
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await gate_stub(ch).Check(check_request(CARD, ""), timeout=5)
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    finally:
-        await ch.close()
-    assert calls_handled(cluster, DAZU) == 1  # reached the interceptor, refused there
+    err = await call_error(ch, lambda c: check(c, operator_id=""))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert calls_handled(cluster) == 1  # reached the interceptor, refused there
 
 
 async def test_a_neighbours_operator_may_not_use_our_gate(cluster: Cluster):
@@ -142,13 +138,9 @@ async def test_a_neighbours_operator_may_not_use_our_gate(cluster: Cluster):
         a.operator_cert.read_bytes(),
         a.operator_key.read_bytes(),
     )
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await gate_stub(ch).Check(check_request(CARD, a.operator_id), timeout=5)
-        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert ANYUE in info.value.details()
-    finally:
-        await ch.close()
+    err = await call_error(ch, lambda c: check(c, operator_id=a.operator_id))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert ANYUE in err.details()
 
 
 async def test_operator_id_must_equal_the_certificates(cluster: Cluster):
@@ -160,16 +152,9 @@ async def test_operator_id_must_equal_the_certificates(cluster: Cluster):
 
 
 async def test_health_and_reflection_open_to_any_authenticated_caller(cluster: Cluster):
-    s = cluster.setups[DAZU]
     callers = [
-        channel(
-            cluster.nodes[DAZU].address,
-            DAZU,
-            s.paths.ca_cert.read_bytes(),
-            s.operator_cert.read_bytes(),
-            s.operator_key.read_bytes(),
-        ),
-        node_channel(cluster.nodes[DAZU].address, s, cluster.setups[ANYUE]),
+        dazu_operator_channel(cluster),
+        node_channel(cluster.nodes[DAZU].address, cluster.setups[DAZU], cluster.setups[ANYUE]),
     ]
     try:
         for ch in callers:
@@ -178,12 +163,8 @@ async def test_health_and_reflection_open_to_any_authenticated_caller(cluster: C
                 resp = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
                 assert resp.status == health_pb2.HealthCheckResponse.SERVING
             refl = reflection_pb2_grpc.ServerReflectionStub(ch)
-            responses = [
-                r
-                async for r in refl.ServerReflectionInfo(
-                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
-                )
-            ]
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            responses = [r async for r in refl.ServerReflectionInfo(iter([request]), timeout=5)]
             names = {svc.name for svc in responses[0].list_services_response.service}
             assert {"yikatong.v1.Gate", "yikatong.v1.Recognition", "grpc.health.v1.Health"} <= names
     finally:
