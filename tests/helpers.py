@@ -16,7 +16,7 @@ from broker._proto.yikatong.v1 import (
     types_pb2,
 )
 from broker.card_import import parse_import
-from broker.cards import CardRef, shanghai_day
+from broker.cards import CardRef, shanghai_day, ssn_check_character
 from broker.config import node_server_name
 from broker.identity import Identity
 from broker.privacy import load_key_file
@@ -105,3 +105,9 @@ def import_lines(setup: DistrictSetup, lines: list[str], now: datetime) -> None:
         reg.upsert(rows, now)
     finally:
         reg.close()
+
+
+def ssn_for(area: str, born: str, seq: str = "555") -> str:
+    """A well-formed ID number (GB 11643) for a region and birth date ``YYYYMMDD``."""
+    first = f"{area}{born}{seq}"
+    return first + ssn_check_character(first)

@@ -18,7 +18,6 @@ from broker.cards import (
     Scene,
     entitlements_for,
     shanghai_day,
-    ssn_check_character,
 )
 from broker.node import Node
 from tests.conftest import ANYUE, DAZU, RONGCHANG, Cluster
@@ -28,6 +27,7 @@ from tests.helpers import (
     node_channel,
     recognition_stub,
     recognize_request,
+    ssn_for,
 )
 
 RECOGNIZE = "/yikatong.v1.Recognition/Recognize"
@@ -44,11 +44,6 @@ def active_card(cluster: Cluster, district: str, now: datetime) -> testbed.Synth
     return next(
         c for c in cluster.setups[district].cards if c.status == "active" and c.valid_until >= today
     )
-
-
-def ssn(area: str, born: str) -> str:
-    first = f"{area}{born}555"
-    return first + ssn_check_character(first)
 
 
 async def test_own_card_is_answered_from_the_registry_with_entitlements(cluster: Cluster, now):
@@ -85,10 +80,10 @@ async def test_statuses_and_entitlements_of_a_neighbours_cards(cluster: Cluster,
     import_lines(
         cluster.setups[ANYUE],
         [
-            f"SENIOR000001,{ssn(ANYUE, seventy_two)},active,true,false,2035-01-01",
-            f"LOST00000001,{ssn(ANYUE, '19800101')},lost,false,false,2035-01-01",
-            f"SUSP00000001,{ssn(ANYUE, '19800101')},suspended,false,false,2035-01-01",
-            f"EXPD00000001,{ssn(ANYUE, '19800101')},active,false,false,"
+            f"SENIOR000001,{ssn_for(ANYUE, seventy_two)},active,true,false,2035-01-01",
+            f"LOST00000001,{ssn_for(ANYUE, '19800101')},lost,false,false,2035-01-01",
+            f"SUSP00000001,{ssn_for(ANYUE, '19800101')},suspended,false,false,2035-01-01",
+            f"EXPD00000001,{ssn_for(ANYUE, '19800101')},active,false,false,"
             f"{(today - timedelta(days=1)).isoformat()}",
         ],
         now,
