@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc, recognition_pb2, recognition_pb2_grpc
 from broker.access import AccessPolicy
@@ -18,7 +18,7 @@ from broker.cache import AnswerCache
 from broker.config import NodeConfig
 from broker.errors import ConfigError
 from broker.gate import GateService
-from broker.interceptors import AuthInterceptor
+from broker.interceptors import AuthInterceptor, GuardedServer
 from broker.metrics import Metrics
 from broker.peers.channels import PeerChannels
 from broker.peers.client import PeerClient
@@ -76,16 +76,20 @@ class Node:
         gate = GateService(cfg.district, home, peers, clock)
         metrics = Metrics()
         policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers))
-        interceptor = AuthInterceptor(CallerVerifier(anchors), policy, metrics, clock)
+        guard = AuthInterceptor(CallerVerifier(anchors), policy, metrics, clock)
 
-        server = grpc.aio.server(interceptors=[interceptor], options=SERVER_OPTIONS)
-        gate_pb2_grpc.add_GateServicer_to_server(GateServicer(gate), server)
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        guarded = GuardedServer(server, guard)
+        gate_pb2_grpc.add_GateServicer_to_server(GateServicer(gate), guarded)
         recognition_pb2_grpc.add_RecognitionServicer_to_server(
-            RecognitionServicer(home, hasher, clock), server
+            RecognitionServicer(home, hasher, clock), guarded
         )
         health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(SERVICE_NAMES, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(SERVICE_NAMES), guarded
+        )
+        guarded.check_complete()
         creds = server_credentials(cfg.tls, pem_bundle(anchors))
         try:
             port = server.add_secure_port(cfg.listen, creds)

@@ -1,0 +1,68 @@
+"""Access rights (deny by default) and the guard every registered handler gets."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from broker.access import AccessPolicy, require_operator
+from broker.errors import ConfigError, PermissionDenied
+from broker.identity import node_identity, operator_identity
+from broker.interceptors import AuthInterceptor, GuardedServer, status_for
+from broker.metrics import Metrics
+from broker.tls import CallerVerifier
+
+POLICY = AccessPolicy("500111", frozenset({"512021"}))
+RECOGNIZE = "/yikatong.v1.Recognition/Recognize"
+CHECK = "/yikatong.v1.Gate/Check"
+
+
+@pytest.mark.parametrize(
+    ("method", "ident", "allowed"),
+    [
+        (RECOGNIZE, node_identity("512021"), True),
+        (RECOGNIZE, node_identity("500153"), False),  # not a configured peer
+        (RECOGNIZE, operator_identity("500111", "bus-01"), False),
+        (CHECK, operator_identity("500111", "bus-01"), True),
+        (CHECK, operator_identity("512021", "bus-01"), False),
+        (CHECK, node_identity("512021"), False),
+        (CHECK, node_identity("500111"), False),
+        ("/grpc.health.v1.Health/Check", node_identity("512021"), True),
+        (
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            operator_identity("500111", "x"),
+            True,
+        ),
+        ("/yikatong.v1.Admin/Everything", node_identity("500111"), False),
+        ("/yikatong.v1.Gate", operator_identity("500111", "bus-01"), False),
+    ],
+)
+def test_access_is_denied_unless_a_rule_grants_it(method, ident, allowed):
+    if allowed:
+        POLICY.authorize(method, ident)
+    else:
+        with pytest.raises(PermissionDenied):
+            POLICY.authorize(method, ident)
+
+
+def test_an_operator_speaks_only_for_itself():
+    require_operator(operator_identity("500111", "bus-01"), "bus-01")
+    for ident, claimed in [
+        (operator_identity("500111", "bus-01"), "bus-02"),
+        (node_identity("500111"), ""),
+    ]:
+        with pytest.raises(PermissionDenied):
+            require_operator(ident, claimed)
+
+
+def test_errors_map_to_statuses_in_one_place():
+    assert status_for(PermissionDenied("x")) == grpc.StatusCode.PERMISSION_DENIED
+    assert status_for(ConfigError("x")) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_servicer_that_only_registers_opaque_handlers_is_refused():
+    guard = AuthInterceptor(CallerVerifier({}), POLICY, Metrics())
+    guarded = GuardedServer(grpc.aio.server(), guard)
+    guarded.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("x.Y", {}),))
+    with pytest.raises(ConfigError):
+        guarded.check_complete()
