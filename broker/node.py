@@ -94,6 +94,8 @@ class Node:
         try:
             port = server.add_secure_port(cfg.listen, creds)
         except RuntimeError as exc:
+            registry.close()
+            await cache.close()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         await server.start()
         for name in ("", *SERVICE_NAMES[:2]):

@@ -198,3 +198,19 @@ def test_python_m_broker_serve_answers_health_and_stops_on_sigterm(tmp_path: Pat
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def test_serve_refuses_a_port_it_cannot_bind(tmp_path: Path, now):
+    import socket
+
+    from broker import testbed
+
+    setups = testbed.build(tmp_path, ("500111",), now, cards_per_district=1)
+    cfg = setups["500111"].config_path
+    host, port = load_config(cfg, env={}).listen.rsplit(":", 1)
+    with socket.socket() as taken:
+        taken.bind((host, int(port)))
+        taken.listen()
+        result = CliRunner().invoke(main, ["serve", "--config", str(cfg)])
+    assert result.exit_code == 1
+    assert "cannot listen" in result.output
