@@ -20,10 +20,9 @@ from rich.table import Table
 from broker import logs
 from broker.card_import import parse_import
 from broker.cards import shanghai_day
+from broker.cli_certs import certs
 from broker.config import NodeConfig, load_config
 from broker.errors import BrokerError, ImportRejected
-from broker.identity import node_identity, operator_identity
-from broker.pki import LEAF_DAYS, DistrictPaths, init_ca, issue_to_files
 from broker.privacy import create_key_file, load_key_file
 from broker.registry import Registry
 
@@ -54,6 +53,9 @@ def _config(path: Path) -> NodeConfig:
 def main(log_level: str, log_json: bool) -> None:
     """yikatong-broker: the Sichuan-Chongqing one-card interoperability broker."""
     logs.configure(log_level, log_json)
+
+
+main.add_command(certs)
 
 
 @main.command()
@@ -111,53 +113,6 @@ def registry_import(csv_file: Path, config_path: Path) -> None:
         f"imported {result.rows} rows: {result.inserted} new, {result.updated} updated, "
         f"{result.unchanged} unchanged, {result.status_changes} status change(s) recorded"
     )
-
-
-@main.group()
-def certs() -> None:
-    """District CAs and node/operator certificates (see docs/operations.md)."""
-
-
-@certs.command("init-ca")
-@click.option("--district", required=True)
-@click.option(
-    "--dir", "root", default=Path("certs"), show_default=True, type=click.Path(path_type=Path)
-)
-def certs_init_ca(district: str, root: Path) -> None:
-    """Create a district's CA (and its hash key) under DIR/<district>/."""
-    paths = DistrictPaths(root, district)
-    try:
-        node_identity(district)
-        init_ca(paths, datetime.now(UTC))
-        if not paths.hash_key.exists():
-            create_key_file(paths.hash_key)
-    except (FileExistsError, ValueError) as exc:
-        _fail(str(exc))
-    click.echo(f"CA written to {paths.ca_cert} (key {paths.ca_key}, mode 0600)")
-
-
-@certs.command("issue")
-@click.option("--district", required=True)
-@click.option("--node", "is_node", is_flag=True, help="Issue the district node's certificate.")
-@click.option("--operator", "operator_id", default=None, help="Issue an operator's certificate.")
-@click.option("--days", default=LEAF_DAYS, show_default=True, type=click.IntRange(1, 398))
-@click.option(
-    "--dir", "root", default=Path("certs"), show_default=True, type=click.Path(path_type=Path)
-)
-def certs_issue(
-    district: str, is_node: bool, operator_id: str | None, days: int, root: Path
-) -> None:
-    """Issue a node (--node) or operator (--operator ID) certificate with the district CA."""
-    if is_node == (operator_id is not None):
-        _fail("give exactly one of --node or --operator ID")
-    try:
-        ident = (
-            node_identity(district) if is_node else operator_identity(district, operator_id or "")
-        )
-        cert, _key = issue_to_files(DistrictPaths(root, district), ident, datetime.now(UTC), days)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc))
-    click.echo(f"{ident.spiffe_id} → {cert}")
 
 
 @main.group("hash-key")

@@ -9,9 +9,13 @@ A node.toml looks like::
     listen = "127.0.0.1:50111"
 
     [tls]
-    ca_file = "certs/500111/ca.pem"        # this district's CA
+    ca_file = "certs/500111/ca.pem"        # this district's CA(s)
     cert_file = "certs/500111/node.pem"    # this node's certificate (chain)
     key_file = "certs/500111/node.key"
+    crl_file = "certs/500111/crl.pem"      # optional: revocations by this district's CA(s)
+    min_version = "1.3"                    # enforced per call
+    max_connection_age_s = 300             # connections are recycled this often
+    reload_interval_ms = 1000              # files above re-read when they change
 
     [registry]
     path = "var/500111/registry.sqlite3"
@@ -53,6 +57,8 @@ from typing import Any
 from broker.cards import validate_region
 from broker.errors import ConfigError, InvalidArgument
 
+TLS_VERSIONS = ("1.2", "1.3")
+
 
 def node_server_name(district: str) -> str:
     """The DNS name a district node's certificate carries, used for hostname checks."""
@@ -68,11 +74,21 @@ class TLSConfig:
             (operators) and this node's certificate chain to it.
         cert_file: PEM of this node's certificate.
         key_file: PEM of this node's private key (mode 0600).
+        crl_file: PEM revocation list(s) signed by this district's CA(s).
+        min_version: lowest TLS version a call may arrive over ("1.2" or "1.3");
+            gRPC Python cannot set it on the socket, so it is enforced per call.
+        max_connection_age_s: connections are closed (gracefully) after this
+            long, so a rotated-out or revoked caller cannot stay connected.
+        reload_interval_ms: how often the files above are checked for changes.
     """
 
     ca_file: Path
     cert_file: Path
     key_file: Path
+    crl_file: Path | None = None
+    min_version: str = "1.3"
+    max_connection_age_s: int = 300
+    reload_interval_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -84,12 +100,14 @@ class PeerConfig:
         address: host:port of the peer's node.
         ca_file: PEM of the peer district's CA; the only anchor trusted for it.
         server_name: DNS name expected in the peer node's certificate.
+        crl_file: PEM revocation list(s) of the peer district, if exchanged.
     """
 
     district: str
     address: str
     ca_file: Path
     server_name: str
+    crl_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -191,10 +209,17 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
 
     district = _code(_req(doc, "district", ""), "district")
     tls_t = _section(doc, "tls")
+    min_version = str(tls_t.get("min_version", "1.3"))
+    if min_version not in TLS_VERSIONS:
+        raise ConfigError(f"tls.min_version must be one of {', '.join(TLS_VERSIONS)}")
     tls = TLSConfig(
         ca_file=path(_req(tls_t, "ca_file", "tls.")),
         cert_file=path(_req(tls_t, "cert_file", "tls.")),
         key_file=path(_req(tls_t, "key_file", "tls.")),
+        crl_file=path(tls_t["crl_file"]) if tls_t.get("crl_file") else None,
+        min_version=min_version,
+        max_connection_age_s=_int(tls_t, "max_connection_age_s", 300, "tls."),
+        reload_interval_ms=_int(tls_t, "reload_interval_ms", 1000, "tls."),
     )
     rec_t = _section(doc, "recognition")
     cache_t = _section(doc, "cache")
@@ -216,6 +241,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
                 address=str(_req(p, "address", where)),
                 ca_file=path(_req(p, "ca_file", where)),
                 server_name=str(p.get("server_name", node_server_name(code))),
+                crl_file=path(p["crl_file"]) if p.get("crl_file") else None,
             )
         )
     redis_url = str(cache_t.get("redis_url", "")) or None
@@ -284,6 +310,10 @@ def render_config(cfg: NodeConfig) -> str:
         f"ca_file = {_q(cfg.tls.ca_file)}",
         f"cert_file = {_q(cfg.tls.cert_file)}",
         f"key_file = {_q(cfg.tls.key_file)}",
+        *([f"crl_file = {_q(cfg.tls.crl_file)}"] if cfg.tls.crl_file else []),
+        f"min_version = {_q(cfg.tls.min_version)}",
+        f"max_connection_age_s = {cfg.tls.max_connection_age_s}",
+        f"reload_interval_ms = {cfg.tls.reload_interval_ms}",
         "",
         "[registry]",
         f"path = {_q(cfg.registry_path)}",
@@ -313,5 +343,6 @@ def render_config(cfg: NodeConfig) -> str:
             f"address = {_q(p.address)}",
             f"ca_file = {_q(p.ca_file)}",
             f"server_name = {_q(p.server_name)}",
+            *([f"crl_file = {_q(p.crl_file)}"] if p.crl_file else []),
         ]
     return "\n".join(lines) + "\n"

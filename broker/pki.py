@@ -1,13 +1,10 @@
-"""Creating district CAs and issuing node and operator certificates.
+"""Certificate primitives: district CAs, node and operator certificates, revocation lists.
 
 Every district has its own CA. Leaf certificates name their holder in a URI
 SAN (``spiffe://<district>.yikatong.cy/node`` or ``.../operator/<id>``) plus
 a DNS SAN for hostname checks. Keys are ECDSA P-256, written with mode 0600
-and never printed. The layout one district's directory gets::
-
-    <dir>/<district>/ca.pem  ca.key                       the district CA
-    <dir>/<district>/node.pem  node.key                   the district's node
-    <dir>/<district>/operators/<id>.pem  <id>.key         its operators
+and never printed. Where these live on disk, and the operations on them, is
+:mod:`broker.certops`.
 """
 
 from __future__ import annotations
@@ -27,6 +24,7 @@ from broker.identity import Identity, Role
 
 CA_DAYS = 3650
 LEAF_DAYS = 30
+CRL_DAYS = 7
 _SKEW = timedelta(minutes=5)
 
 
@@ -177,65 +175,43 @@ def load(cert_path: Path, key_path: Path) -> KeyPair:
     return KeyPair(cert, key)
 
 
-@dataclass(frozen=True)
-class DistrictPaths:
-    """Where one district's CA, node and operator material lives under a certs directory."""
-
-    root: Path
-    district: str
-
-    @property
-    def dir(self) -> Path:
-        return self.root / self.district
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.dir / "ca.pem"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.dir / "ca.key"
-
-    @property
-    def node_cert(self) -> Path:
-        return self.dir / "node.pem"
-
-    @property
-    def node_key(self) -> Path:
-        return self.dir / "node.key"
-
-    @property
-    def hash_key(self) -> Path:
-        return self.dir / "hash.key"
-
-    def operator_cert(self, operator_id: str) -> Path:
-        return self.dir / "operators" / f"{operator_id}.pem"
-
-    def operator_key(self, operator_id: str) -> Path:
-        return self.dir / "operators" / f"{operator_id}.key"
+def ca_id(cert: x509.Certificate) -> str:
+    """Short stable id of a CA: the first 16 hex digits of its subject key identifier."""
+    ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return ski.digest.hex()[:16]
 
 
-def init_ca(paths: DistrictPaths, now: datetime, days: int = CA_DAYS) -> KeyPair:
-    """Create the district CA; refuses to overwrite an existing one."""
-    if paths.ca_key.exists():
-        raise FileExistsError(f"{paths.ca_key} already exists")
-    ca = create_ca(paths.district, now, days)
-    save(ca, paths.ca_cert, paths.ca_key)
-    return ca
-
-
-def issue_to_files(
-    paths: DistrictPaths, ident: Identity, now: datetime, days: int = LEAF_DAYS
-) -> tuple[Path, Path]:
-    """Issue a node or operator certificate with the district CA, write it; return (cert, key)."""
-    ca = load(paths.ca_cert, paths.ca_key)
-    pair = issue(ca, ident, now, days)
-    if ident.role is Role.NODE:
-        cert_path, key_path = paths.node_cert, paths.node_key
-    else:
-        cert_path, key_path = (
-            paths.operator_cert(ident.operator_id),
-            paths.operator_key(ident.operator_id),
+def build_crl(
+    ca: KeyPair,
+    revoked: list[tuple[int, datetime]],
+    number: int,
+    now: datetime,
+    days: int = CRL_DAYS,
+) -> x509.CertificateRevocationList:
+    """A revocation list signed by ``ca`` listing ``(serial, revoked_at)`` pairs."""
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - _SKEW)
+        .next_update(now + timedelta(days=days))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
         )
-    save(pair, cert_path, key_path)
-    return cert_path, key_path
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def crl_pem(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def load_crls(data: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL in a PEM file (possibly none)."""
+    marker = b"-----BEGIN X509 CRL-----"
+    parts = data.split(marker)[1:]
+    return [x509.load_pem_x509_crl(marker + part) for part in parts]

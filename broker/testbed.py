@@ -19,6 +19,7 @@ from pathlib import Path
 
 from broker.card_import import COLUMNS, parse_import
 from broker.cards import CardRef, shanghai_day, ssn_check_character
+from broker.certops import DistrictPaths, init_ca, issue_to_files
 from broker.config import (
     CacheConfig,
     NodeConfig,
@@ -30,7 +31,6 @@ from broker.config import (
     render_config,
 )
 from broker.identity import node_identity, operator_identity
-from broker.pki import DistrictPaths, init_ca, issue_to_files
 from broker.privacy import create_key_file, load_key_file
 from broker.registry import Registry
 

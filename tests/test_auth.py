@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from broker import pki
+from broker import certops, pki
 from broker.cards import CardRef, Scene
 from broker.identity import node_identity, operator_identity
 from tests.conftest import ANYUE, DAZU, RONGCHANG, Cluster
@@ -72,7 +72,7 @@ def dazu_operator_channel(cluster: Cluster) -> grpc.aio.Channel:
 
 def ca_of(cluster: Cluster, district: str) -> pki.KeyPair:
     paths = cluster.setups[district].paths
-    return pki.load(paths.ca_cert, paths.ca_key)
+    return certops.active_ca(paths)
 
 
 async def test_no_client_certificate_no_call(cluster: Cluster):

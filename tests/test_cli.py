@@ -56,7 +56,8 @@ def setup_district(tmp_path: Path) -> Path:
 def test_certs_commands_write_keys_0600_and_spiffe_identities(tmp_path: Path):
     setup_district(tmp_path)
     d = tmp_path / "certs" / "500111"
-    for key in (d / "ca.key", d / "node.key", d / "operators" / "bus-01.key", d / "hash.key"):
+    (ca_key,) = (d / "cas").glob("*.key")
+    for key in (ca_key, d / "node.key", d / "operators" / "bus-01.key", d / "hash.key"):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     node = x509.load_pem_x509_certificate((d / "node.pem").read_bytes())
     op = x509.load_pem_x509_certificate((d / "operators" / "bus-01.pem").read_bytes())
@@ -71,7 +72,7 @@ def test_init_ca_refuses_to_overwrite_and_issue_needs_one_kind(tmp_path: Path):
     again = runner.invoke(
         main, ["certs", "init-ca", "--district", "500111", "--dir", str(tmp_path / "certs")]
     )
-    assert again.exit_code == 1 and "already exists" in again.output
+    assert again.exit_code == 1 and "already has a CA" in again.output
     both = runner.invoke(
         main,
         [
