@@ -202,6 +202,8 @@ def rotate_ca(paths: DistrictPaths, stage: RotationStage, now: datetime) -> str:
     old = [i for i in trusted if i != active]
     if not old:
         raise CertOpsError("nothing to retire: only the active CA is trusted")
+    if trusted[-1] != active:
+        raise CertOpsError("the published CA does not sign yet: run activate first")
     still = [s for s in leaf_statuses(paths, now) if s.issuer in old and not s.expired]
     if still:
         raise CertOpsError(
