@@ -34,8 +34,10 @@ from broker.pki import (
     build_crl,
     ca_id,
     create_ca,
+    crl_issuer_id,
     crl_pem,
     issue,
+    issuer_id,
     load,
     load_crls,
     save,
@@ -141,7 +143,7 @@ def _publish(paths: DistrictPaths, ids: list[str], now: datetime) -> None:
     bundle = b"".join(paths.ca_files(i)[0].read_bytes() for i in ids)
     old = {}
     if paths.crl.exists():
-        old = {_crl_issuer_id(c): c for c in load_crls(paths.crl.read_bytes())}
+        old = {crl_issuer_id(c): c for c in load_crls(paths.crl.read_bytes())}
     crls = []
     for i in ids:
         crl = old.get(i)
@@ -151,11 +153,6 @@ def _publish(paths: DistrictPaths, ids: list[str], now: datetime) -> None:
     # Revocations first, then the bundle: a reader never trusts a CA without its list.
     write_public(paths.crl, b"".join(crls))
     write_public(paths.ca_cert, bundle)
-
-
-def _crl_issuer_id(crl: x509.CertificateRevocationList) -> str:
-    aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    return (aki.key_identifier or b"").hex()[:16]
 
 
 def init_ca(paths: DistrictPaths, now: datetime, days: int = CA_DAYS) -> KeyPair:
@@ -304,7 +301,7 @@ def revoke(paths: DistrictPaths, serial_hex: str, now: datetime) -> str:
     if issuer not in trusted:
         raise CertOpsError(f"CA {issuer} is retired: its certificates are no longer trusted anyway")
     ca = load_ca(paths, issuer)
-    crls = {_crl_issuer_id(c): c for c in load_crls(paths.crl.read_bytes())}
+    crls = {crl_issuer_id(c): c for c in load_crls(paths.crl.read_bytes())}
     current = crls.get(issuer)
     entries = [(r.serial_number, r.revocation_date_utc) for r in current or []]
     number = 1
@@ -387,7 +384,7 @@ def _revoked_serials(paths: DistrictPaths) -> set[tuple[str, int]]:
     if not paths.crl.exists():
         return set()
     return {
-        (_crl_issuer_id(c), r.serial_number) for c in load_crls(paths.crl.read_bytes()) for r in c
+        (crl_issuer_id(c), r.serial_number) for c in load_crls(paths.crl.read_bytes()) for r in c
     }
 
 
@@ -395,8 +392,7 @@ def leaf_statuses(paths: DistrictPaths, now: datetime) -> list[CertStatus]:
     revoked = _revoked_serials(paths)
     out = []
     for ident, cert in leaf_certificates(paths):
-        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-        issuer = (aki.key_identifier or b"").hex()[:16]
+        issuer = issuer_id(cert)
         out.append(
             _status(
                 ident.role.value,

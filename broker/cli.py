@@ -61,7 +61,11 @@ main.add_command(certs)
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
 def serve(config_path: Path) -> None:
-    """Run a district node (gRPC, mutual TLS only) until SIGINT or SIGTERM."""
+    """Run a district node (gRPC, mutual TLS only) until SIGINT or SIGTERM.
+
+    Certificates, keys, CA bundles and revocation lists are re-read when their
+    files change (and at once on SIGHUP); no restart is ever needed.
+    """
     from broker.node import Node
 
     cfg = _config(config_path)
@@ -72,6 +76,7 @@ def serve(config_path: Path) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, node.request_reload)
         err.print(f"district {cfg.district} serving on {node.address}")
         await stop.wait()
         await node.stop(grace=5.0)

@@ -30,7 +30,7 @@ from broker.errors import (
 )
 from broker.identity import Identity, bind_identity, unbind_identity
 from broker.metrics import Metrics
-from broker.tls import CallerVerifier
+from broker.tls import CallerVerifier, check_tls_version
 
 log = structlog.get_logger(__name__)
 
@@ -67,11 +67,13 @@ class AuthInterceptor:
         verifier: CallerVerifier,
         policy: AccessPolicy,
         metrics: Metrics,
+        min_tls: str = "1.3",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._verifier = verifier
         self._policy = policy
         self._metrics = metrics
+        self._min_tls = min_tls
         self._clock = clock
 
     def _identify(self, method: str, context: grpc.aio.ServicerContext) -> Identity:
@@ -79,6 +81,7 @@ class AuthInterceptor:
         pems = auth.get("x509_pem_cert")
         if not pems:
             raise Unauthenticated("no client certificate")
+        check_tls_version(auth.get("ssl_tls_version"), self._min_tls)
         ident = self._verifier.identify(pems[0], self._clock())
         self._policy.authorize(method, ident)
         return ident

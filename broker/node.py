@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +28,8 @@ from broker.peers.recognizer import PeerRecognizer
 from broker.privacy import load_key_file
 from broker.recognition import HomeRecognizer
 from broker.registry import Registry
-from broker.tls import CallerVerifier, pem_bundle, server_credentials, trust_anchors
+from broker.tls import CallerVerifier, ServerCertificates
+from broker.trust import TrustStore
 
 log = structlog.get_logger(__name__)
 
@@ -37,11 +40,16 @@ SERVICE_NAMES = (
     reflection.SERVICE_NAME,
 )
 
-SERVER_OPTIONS = [
-    ("grpc.so_reuseport", 0),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-]
+
+def server_options(cfg: NodeConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Connections are recycled, so a rotated-out or revoked caller cannot stay on one.
+        ("grpc.max_connection_age_ms", cfg.tls.max_connection_age_s * 1000),
+        ("grpc.max_connection_age_grace_ms", 10_000),
+    ]
 
 
 def utc_now() -> datetime:
@@ -62,23 +70,26 @@ class Node:
     gate: GateService
     metrics: Metrics
     health: health.aio.HealthServicer
+    trust: TrustStore
+    _reload_now: asyncio.Event
+    _watcher: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
         """Open the node's stores, bind its port and start serving."""
         hasher = load_key_file(cfg.hash_key_file)
-        anchors = trust_anchors(cfg)
+        trust = TrustStore(cfg)
         registry = Registry(cfg.registry_path)
         home = HomeRecognizer(cfg.district, registry, cfg.recognition)
         cache = AnswerCache.from_config(cfg.cache, cfg.district)
-        channels = PeerChannels(cfg.tls, cfg.peers)
+        channels = PeerChannels(trust, cfg.peers)
         peers = PeerRecognizer(PeerClient(channels, cfg.peer_deadline_ms), cache, hasher)
         gate = GateService(cfg.district, home, peers, clock)
         metrics = Metrics()
         policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers))
-        guard = AuthInterceptor(CallerVerifier(anchors), policy, metrics, clock)
+        guard = AuthInterceptor(CallerVerifier(trust), policy, metrics, cfg.tls.min_version, clock)
 
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=server_options(cfg))
         guarded = GuardedServer(server, guard)
         gate_pb2_grpc.add_GateServicer_to_server(GateServicer(gate), guarded)
         recognition_pb2_grpc.add_RecognitionServicer_to_server(
@@ -90,7 +101,7 @@ class Node:
             reflection.aio.ReflectionServicer(SERVICE_NAMES), guarded
         )
         guarded.check_complete()
-        creds = server_credentials(cfg.tls, pem_bundle(anchors))
+        creds = ServerCertificates(trust).credentials()
         try:
             port = server.add_secure_port(cfg.listen, creds)
         except RuntimeError as exc:
@@ -107,9 +118,34 @@ class Node:
             peers=len(cfg.peers),
             redis=cfg.cache.redis_url is not None,
         )
-        return cls(
-            cfg, server, port, registry, cache, channels, peers, gate, metrics, health_servicer
+        node = cls(
+            cfg,
+            server,
+            port,
+            registry,
+            cache,
+            channels,
+            peers,
+            gate,
+            metrics,
+            health_servicer,
+            trust,
+            asyncio.Event(),
         )
+        node._watcher = asyncio.create_task(node._watch_trust())
+        return node
+
+    def request_reload(self) -> None:
+        """Re-read certificates, keys, CA bundles and revocation lists now (e.g. on SIGHUP)."""
+        self._reload_now.set()
+
+    async def _watch_trust(self) -> None:
+        interval = self.config.tls.reload_interval_ms / 1000
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload_now.wait(), timeout=interval)
+            self._reload_now.clear()
+            await asyncio.to_thread(self.trust.reload)
 
     @property
     def address(self) -> str:
@@ -117,6 +153,8 @@ class Node:
         return f"{host}:{self.port}"
 
     async def stop(self, grace: float = 1.0) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.channels.close()

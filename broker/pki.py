@@ -215,3 +215,15 @@ def load_crls(data: bytes) -> list[x509.CertificateRevocationList]:
     marker = b"-----BEGIN X509 CRL-----"
     parts = data.split(marker)[1:]
     return [x509.load_pem_x509_crl(marker + part) for part in parts]
+
+
+def crl_issuer_id(crl: x509.CertificateRevocationList) -> str:
+    """The :func:`ca_id` of the CA that signed ``crl`` (from its authority key identifier)."""
+    aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    return (aki.key_identifier or b"").hex()[:16]
+
+
+def issuer_id(cert: x509.Certificate) -> str:
+    """The :func:`ca_id` of the CA that issued ``cert``."""
+    aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    return (aki.key_identifier or b"").hex()[:16]

@@ -134,6 +134,7 @@ def build(
     seed: int = 110,
     cache: CacheConfig | None = None,
     deadline_ms: int = 300,
+    reload_interval_ms: int = 1000,
 ) -> dict[str, DistrictSetup]:
     """Create every district's CA, node and operator certificates, config and registry.
 
@@ -147,6 +148,7 @@ def build(
         seed: makes the synthetic data reproducible.
         cache: cache settings (``redis_url`` above overrides its field).
         deadline_ms: peer call deadline.
+        reload_interval_ms: how often nodes re-read their trust files.
     """
     rng = random.Random(seed)
     today = shanghai_day(now)
@@ -167,12 +169,24 @@ def build(
         cfg = NodeConfig(
             district=code,
             listen=f"127.0.0.1:{ports[code]}",
-            tls=TLSConfig(paths.ca_cert, paths.node_cert, paths.node_key),
+            tls=TLSConfig(
+                paths.ca_cert,
+                paths.node_cert,
+                paths.node_key,
+                crl_file=paths.crl,
+                reload_interval_ms=reload_interval_ms,
+            ),
             registry_path=root / "var" / code / "registry.sqlite3",
             hash_key_file=paths.hash_key,
             peers=tuple(
                 PeerConfig(
-                    p, f"127.0.0.1:{ports[p]}", DistrictPaths(certs, p).ca_cert, node_server_name(p)
+                    p,
+                    f"127.0.0.1:{ports[p]}",
+                    DistrictPaths(certs, p).ca_cert,
+                    node_server_name(p),
+                    # Peers read each other's published files directly: a stand-in,
+                    # on one machine, for exchanging trust bundles.
+                    crl_file=DistrictPaths(certs, p).crl,
                 )
                 for p in peer_codes
             ),

@@ -11,7 +11,6 @@ vouch for a certificate that names district B.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -20,9 +19,10 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from broker.config import NodeConfig, TLSConfig
+from broker.config import TLSConfig
 from broker.errors import ConfigError, PermissionDenied, Unauthenticated
 from broker.identity import Identity, parse_spiffe_id
+from broker.trust import TrustSnapshot, TrustStore
 
 
 def read_pem(path: Path) -> bytes:
@@ -30,37 +30,6 @@ def read_pem(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError as exc:
         raise ConfigError(f"TLS file {path} does not exist") from exc
-
-
-def load_certificates(path: Path) -> list[x509.Certificate]:
-    try:
-        certs = x509.load_pem_x509_certificates(read_pem(path))
-    except ValueError as exc:
-        raise ConfigError(f"{path} holds no PEM certificate") from exc
-    return certs
-
-
-def trust_anchors(cfg: NodeConfig) -> dict[str, list[x509.Certificate]]:
-    """District code → the CA certificates trusted for it (own district and peers)."""
-    anchors = {cfg.district: load_certificates(cfg.tls.ca_file)}
-    for peer in cfg.peers:
-        anchors[peer.district] = load_certificates(peer.ca_file)
-    return anchors
-
-
-def pem_bundle(anchors: Mapping[str, Sequence[x509.Certificate]]) -> bytes:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return b"".join(c.public_bytes(Encoding.PEM) for cas in anchors.values() for c in cas)
-
-
-def server_credentials(tls: TLSConfig, client_roots: bytes) -> grpc.ServerCredentials:
-    """Server credentials that require a client certificate chaining to ``client_roots``."""
-    return grpc.ssl_server_credentials(
-        [(read_pem(tls.key_file), read_pem(tls.cert_file))],
-        root_certificates=client_roots,
-        require_client_auth=True,
-    )
 
 
 def channel_credentials(roots: bytes, tls: TLSConfig) -> grpc.ChannelCredentials:
@@ -92,17 +61,26 @@ class _Verdict:
 
 
 class CallerVerifier:
-    """Turns a caller's leaf certificate (PEM) into an :class:`Identity`, or refuses it."""
+    """Turns a caller's leaf certificate (PEM) into an :class:`Identity`, or refuses it.
 
-    def __init__(self, anchors: Mapping[str, Sequence[x509.Certificate]], max_cached: int = 4096):
-        self._anchors = {k: tuple(v) for k, v in anchors.items()}
+    Verdicts are cached per certificate for one trust generation: a reload
+    (new CAs, a revocation) clears them, so the next call is judged afresh.
+    """
+
+    def __init__(self, store: TrustStore, max_cached: int = 4096) -> None:
+        self._store = store
+        self._generation = store.current.generation
         self._cache: OrderedDict[bytes, _Verdict] = OrderedDict()
         self._max = max_cached
 
     def identify(self, leaf_pem: bytes, now: datetime) -> Identity:
+        snap = self._store.current
+        if snap.generation != self._generation:
+            self._cache.clear()
+            self._generation = snap.generation
         verdict = self._cache.get(leaf_pem)
         if verdict is None:
-            verdict = self._verify(leaf_pem)
+            verdict = self._verify(leaf_pem, snap)
             self._cache[leaf_pem] = verdict
             if len(self._cache) > self._max:
                 self._cache.popitem(last=False)
@@ -110,7 +88,7 @@ class CallerVerifier:
             raise Unauthenticated("certificate is outside its validity period")
         return verdict.identity
 
-    def _verify(self, leaf_pem: bytes) -> _Verdict:
+    def _verify(self, leaf_pem: bytes, snap: TrustSnapshot) -> _Verdict:
         try:
             leaf = x509.load_pem_x509_certificate(leaf_pem)
         except ValueError as exc:
@@ -122,7 +100,7 @@ class CallerVerifier:
             ident = parse_spiffe_id(ids[0])
         except ValueError as exc:
             raise PermissionDenied("certificate's SPIFFE ID is not a yikatong identity") from exc
-        cas = self._anchors.get(ident.district)
+        cas = snap.anchors.get(ident.district)
         if not cas:
             raise PermissionDenied(f"district {ident.district} is not trusted by this node")
         for ca in cas:
@@ -130,7 +108,55 @@ class CallerVerifier:
                 leaf.verify_directly_issued_by(ca)
             except (ValueError, TypeError, InvalidSignature):
                 continue
+            if snap.is_revoked(ca, leaf.serial_number):
+                raise PermissionDenied(f"certificate {leaf.serial_number:x} has been revoked")
             return _Verdict(ident, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
         raise PermissionDenied(
             f"certificate names district {ident.district} but was not issued by its CA"
         )
+
+
+class ServerCertificates:
+    """Gives gRPC this node's current certificate and client roots for each new handshake.
+
+    gRPC calls :meth:`fetch` on its own threads per handshake: it only reads
+    the store's current snapshot (no I/O) and answers ``None`` when nothing
+    changed since it last answered.
+    """
+
+    def __init__(self, store: TrustStore) -> None:
+        self._store = store
+        self._served = store.current.generation
+
+    @staticmethod
+    def _configuration(snap: TrustSnapshot) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(snap.key_pem, snap.cert_chain_pem)], root_certificates=snap.client_roots_pem
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        snap = self._store.current
+        if snap.generation == self._served:
+            return None
+        self._served = snap.generation
+        return self._configuration(snap)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that require a client certificate and follow reloads."""
+        return grpc.dynamic_ssl_server_credentials(
+            self._configuration(self._store.current),
+            self.fetch,
+            require_client_authentication=True,
+        )
+
+
+_TLS_VERSIONS = {b"TLSv1.2": (1, 2), b"TLSv1.3": (1, 3)}
+
+
+def check_tls_version(negotiated: list[bytes] | None, minimum: str) -> None:
+    """Refuse a call that arrived over a TLS version below ``minimum`` ("1.2" or "1.3")."""
+    want = tuple(int(x) for x in minimum.split("."))
+    got = _TLS_VERSIONS.get(negotiated[0]) if negotiated else None
+    if got is None or got < want:
+        shown = negotiated[0].decode() if negotiated else "unknown"
+        raise PermissionDenied(f"TLS version {shown} is below the minimum TLS {minimum}")

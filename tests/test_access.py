@@ -11,6 +11,7 @@ from broker.identity import node_identity, operator_identity
 from broker.interceptors import AuthInterceptor, GuardedServer, status_for
 from broker.metrics import Metrics
 from broker.tls import CallerVerifier
+from broker.trust import TrustStore
 
 POLICY = AccessPolicy("500111", frozenset({"512021"}))
 RECOGNIZE = "/yikatong.v1.Recognition/Recognize"
@@ -60,8 +61,9 @@ def test_errors_map_to_statuses_in_one_place():
     assert status_for(ConfigError("x")) == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_a_servicer_that_only_registers_opaque_handlers_is_refused():
-    guard = AuthInterceptor(CallerVerifier({}), POLICY, Metrics())
+def test_a_servicer_that_only_registers_opaque_handlers_is_refused(districts):
+    store = TrustStore(districts["500111"].config)
+    guard = AuthInterceptor(CallerVerifier(store), POLICY, Metrics())
     guarded = GuardedServer(grpc.aio.server(), guard)
     guarded.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("x.Y", {}),))
     with pytest.raises(ConfigError):

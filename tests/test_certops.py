@@ -63,7 +63,7 @@ def test_revoke_lists_the_serial_in_its_issuers_crl(paths, now):
     assert result.exit_code == 0, result.output
     (crl,) = load_crls(paths.crl.read_bytes())
     ca = certops.active_ca(paths)
-    assert crl.is_signature_valid(ca.cert.public_key())
+    assert crl.is_signature_valid(ca.key.public_key())
     assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
     assert [r.revoked for r in certops.status(paths, now) if r.kind == "operator"] == [True]
     assert cli(paths, "revoke", "--serial", "abc123").exit_code == 1  # never issued here
