@@ -135,6 +135,7 @@ def build(
     cache: CacheConfig | None = None,
     deadline_ms: int = 300,
     reload_interval_ms: int = 1000,
+    max_connection_age_s: int = 300,
 ) -> dict[str, DistrictSetup]:
     """Create every district's CA, node and operator certificates, config and registry.
 
@@ -149,6 +150,7 @@ def build(
         cache: cache settings (``redis_url`` above overrides its field).
         deadline_ms: peer call deadline.
         reload_interval_ms: how often nodes re-read their trust files.
+        max_connection_age_s: how long a connection lives before it is recycled.
     """
     rng = random.Random(seed)
     today = shanghai_day(now)
@@ -175,6 +177,7 @@ def build(
                 paths.node_key,
                 crl_file=paths.crl,
                 reload_interval_ms=reload_interval_ms,
+                max_connection_age_s=max_connection_age_s,
             ),
             registry_path=root / "var" / code / "registry.sqlite3",
             hash_key_file=paths.hash_key,

@@ -13,32 +13,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from broker.config import TLSConfig
-from broker.errors import ConfigError, PermissionDenied, Unauthenticated
+from broker.errors import PermissionDenied, Unauthenticated
 from broker.identity import Identity, parse_spiffe_id
 from broker.trust import TrustSnapshot, TrustStore
-
-
-def read_pem(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ConfigError(f"TLS file {path} does not exist") from exc
-
-
-def channel_credentials(roots: bytes, tls: TLSConfig) -> grpc.ChannelCredentials:
-    """Client credentials presenting this node's (or operator's) certificate."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=roots,
-        private_key=read_pem(tls.key_file),
-        certificate_chain=read_pem(tls.cert_file),
-    )
 
 
 def spiffe_ids(cert: x509.Certificate) -> list[str]:
