@@ -1,7 +1,7 @@
 """A client in another language (Node.js grpc-js), given only proto/ and certificates.
 
-Calls Gate.Check as an operator, Recognize as a peer node, health and
-reflection. Needs node and npm (the test installs the client's two packages
+Calls Gate.Check as an operator (also over TLS 1.2, which the node refuses
+per call), Recognize as a peer node, health and reflection. Needs node and npm (the test installs the client's two packages
 from package-lock.json); skips without them locally and fails in CI.
 """
 
@@ -80,6 +80,8 @@ async def test_a_nodejs_client_calls_check_recognize_health_and_reflection(
         "error": "INVALID_ARGUMENT",
         "details": "card.issuer_region: must be a 6-digit administrative division code",
     }
+    assert got["check_tls12"]["error"] == "PERMISSION_DENIED"
+    assert "TLSv1.2 is below the minimum TLS 1.3" in got["check_tls12"]["details"]
     assert got["recognize"]["status"] == "CARD_STATUS_ACTIVE"
     assert set(got["recognize"]) == {"status", "entitlements", "cache_ttl_seconds"}
     assert got["health"] == {"status": "SERVING"}

@@ -3,6 +3,7 @@
 'use strict';
 const fs = require('fs');
 const path = require('path');
+const tls = require('tls');
 const grpc = require('@grpc/grpc-js');
 const loader = require('@grpc/proto-loader');
 
@@ -47,6 +48,17 @@ async function main() {
     card: { issuer_region: '5001', card_number: 'X' }, scene: 'SCENE_BUS',
     operator_id: cfg.operator_id, gate_id: 'js-gate-1',
   });
+
+  // The same operator over TLS 1.2: the node refuses the call (its minimum is TLS 1.3).
+  const tls12 = grpc.credentials.createFromSecureContext(tls.createSecureContext({
+    ca: fs.readFileSync(cfg.ca), cert: fs.readFileSync(cfg.operator_cert),
+    key: fs.readFileSync(cfg.operator_key), minVersion: 'TLSv1.2', maxVersion: 'TLSv1.2',
+  }));
+  const gate12 = new contract.yikatong.v1.Gate(cfg.address, tls12, channelOpts(cfg.server_name));
+  out.check_tls12 = await unary(gate12, 'Check', {
+    card: cfg.peer_card, scene: 'SCENE_BUS', operator_id: cfg.operator_id, gate_id: 'js-gate-1',
+  });
+  gate12.close();
 
   const nodeCreds = creds(cfg.peer_ca, cfg.node_cert, cfg.node_key);
   const recognition = new contract.yikatong.v1.Recognition(
