@@ -1,25 +1,59 @@
 """Access rights: which identities may call which methods. Deny by default.
 
-- ``yikatong.v1.Recognition/*``: nodes of configured peer districts only;
-- ``yikatong.v1.Gate/*``: operators of this node's own district only;
-- health and reflection: any authenticated caller;
-- anything else: nobody.
+Rules map a method (``yikatong.v1.Gate/Check``) or a whole service
+(``yikatong.v1.Gate/*``) to the principals that may call it; a method no rule
+names is refused to everyone. A principal is one of
+
+- ``peer-nodes``: the nodes of configured peer districts;
+- ``own-operators``: this district's operators;
+- ``own-node``: this district's own node(s);
+- ``any``: any authenticated caller;
+- a SPIFFE ID, where ``*`` matches within the last path segment
+  (``spiffe://500111.yikatong.cy/operator/bus-*``).
+
+The defaults below apply unless the node config's ``[access]`` table names the
+same key (an empty list there shuts a default off).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from broker.errors import PermissionDenied
 from broker.identity import Identity, Role
 
-RECOGNITION = "/yikatong.v1.Recognition/"
-GATE = "/yikatong.v1.Gate/"
-OPEN_TO_ANY_CALLER = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
+KEYWORDS = {
+    "peer-nodes": "nodes of configured peer districts",
+    "own-operators": "this district's operators",
+    "own-node": "this district's own node",
+    "any": "any authenticated caller",
+}
+
+DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
+    "yikatong.v1.Recognition/*": ("peer-nodes",),
+    "yikatong.v1.Gate/*": ("own-operators",),
+    "grpc.health.v1.Health/*": ("any",),
+    "grpc.reflection.v1alpha.ServerReflection/*": ("any",),
+    "grpc.reflection.v1.ServerReflection/*": ("any",),
+}
+
+
+def validate_rules(rules: Mapping[str, object]) -> dict[str, tuple[str, ...]]:
+    """Check an ``[access]`` table; raise ``ValueError`` naming the bad key or principal."""
+    out: dict[str, tuple[str, ...]] = {}
+    for key, principals in rules.items():
+        service, _, method = key.partition("/")
+        if not service or not method or "." not in service:
+            raise ValueError(f"access key {key!r} must look like 'package.Service/Method' or '/*'")
+        if not isinstance(principals, list) or not all(isinstance(p, str) for p in principals):
+            raise ValueError(f"access.{key} must be a list of principals")
+        for p in principals:
+            if p not in KEYWORDS and not p.startswith("spiffe://"):
+                raise ValueError(f"access.{key}: unknown principal {p!r}")
+        out[key] = tuple(principals)
+    return out
 
 
 @dataclass(frozen=True)
@@ -28,26 +62,32 @@ class AccessPolicy:
 
     district: str
     peers: frozenset[str]
+    rules: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    def _matches(self, principal: str, ident: Identity) -> bool:
+        if principal == "any":
+            return True
+        if principal == "peer-nodes":
+            return ident.role is Role.NODE and ident.district in self.peers
+        if principal == "own-operators":
+            return ident.role is Role.OPERATOR and ident.district == self.district
+        if principal == "own-node":
+            return ident.role is Role.NODE and ident.district == self.district
+        return fnmatch.fnmatchcase(ident.spiffe_id, principal)
 
     def authorize(self, method: str, ident: Identity) -> None:
-        """Return if ``ident`` may call ``method``; else raise :class:`PermissionDenied`."""
-        if method.startswith(RECOGNITION):
-            if ident.role is not Role.NODE:
-                raise PermissionDenied("Recognition is for peer district nodes only")
-            if ident.district not in self.peers:
-                raise PermissionDenied(f"district {ident.district} is not a configured peer")
+        """Return if ``ident`` may call ``method`` (``/pkg.Service/Method``); else raise."""
+        name = method.lstrip("/")
+        service, slash, _ = name.rpartition("/")
+        principals = self.rules.get(name) if slash else None
+        if principals is None and slash:
+            principals = self.rules.get(service + "/*")
+        if principals is None:
+            raise PermissionDenied(f"no access rule grants {name}")
+        if any(self._matches(p, ident) for p in principals):
             return
-        if method.startswith(GATE):
-            if ident.role is not Role.OPERATOR:
-                raise PermissionDenied("Gate is for this district's operators only")
-            if ident.district != self.district:
-                raise PermissionDenied(
-                    f"operators of district {ident.district} may not use this node"
-                )
-            return
-        if method.startswith(OPEN_TO_ANY_CALLER):
-            return
-        raise PermissionDenied("no access rule grants this method")
+        allowed = ", ".join(KEYWORDS.get(p, p) for p in principals) or "nobody"
+        raise PermissionDenied(f"{name} is for {allowed}; {ident.spiffe_id} is not")
 
 
 def require_operator(ident: Identity, operator_id: str) -> None:

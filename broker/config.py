@@ -34,6 +34,9 @@ A node.toml looks like::
     [peering]
     deadline_ms = 300
 
+    [access]                               # deny by default; these add to or replace
+    "yikatong.v1.Gate/Check" = ["own-operators"]   # the defaults in broker/access.py
+
     [[peers]]
     district = "512021"
     address = "10.1.2.3:50111"
@@ -54,6 +57,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from broker.access import DEFAULT_RULES, validate_rules
 from broker.cards import validate_region
 from broker.errors import ConfigError, InvalidArgument
 
@@ -158,6 +162,7 @@ class NodeConfig:
     peer_deadline_ms: int = 300
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    access: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
 
     def peer(self, district: str) -> PeerConfig | None:
         """The configured peer for ``district``, if any."""
@@ -244,6 +249,10 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
                 crl_file=path(p["crl_file"]) if p.get("crl_file") else None,
             )
         )
+    try:
+        access = {**DEFAULT_RULES, **validate_rules(_section(doc, "access"))}
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     redis_url = str(cache_t.get("redis_url", "")) or None
     cfg = NodeConfig(
         district=district,
@@ -264,6 +273,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             max_ttl_seconds=_int(cache_t, "max_ttl_seconds", 3600, "cache."),
             redis_timeout_ms=_int(cache_t, "redis_timeout_ms", 50, "cache."),
         ),
+        access=access,
     )
     return apply_env(cfg, env)
 
@@ -335,6 +345,8 @@ def render_config(cfg: NodeConfig) -> str:
         "[peering]",
         f"deadline_ms = {cfg.peer_deadline_ms}",
     ]
+    lines += ["", "[access]"]
+    lines += [f"{_q(key)} = {json.dumps(list(who))}" for key, who in cfg.access.items()]
     for p in cfg.peers:
         lines += [
             "",

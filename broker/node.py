@@ -86,7 +86,7 @@ class Node:
         peers = PeerRecognizer(PeerClient(channels, cfg.peer_deadline_ms), cache, hasher)
         gate = GateService(cfg.district, home, peers, clock)
         metrics = Metrics()
-        policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers))
+        policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers), cfg.access)
         guard = AuthInterceptor(CallerVerifier(trust), policy, metrics, cfg.tls.min_version, clock)
 
         server = grpc.aio.server(options=server_options(cfg))

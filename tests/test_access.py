@@ -68,3 +68,31 @@ def test_a_servicer_that_only_registers_opaque_handlers_is_refused(districts):
     guarded.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("x.Y", {}),))
     with pytest.raises(ConfigError):
         guarded.check_complete()
+
+
+def test_configured_rules_replace_defaults_per_key_and_can_name_identities(tmp_path):
+    from broker.config import load_config
+
+    base = (
+        'district = "500111"\nlisten = "127.0.0.1:0"\n'
+        '[tls]\nca_file = "a"\ncert_file = "b"\nkey_file = "c"\n'
+        '[registry]\npath = "r"\n[privacy]\nhash_key_file = "h"\n'
+    )
+    cfg_file = tmp_path / "node.toml"
+    cfg_file.write_text(
+        base + "[access]\n"
+        '"yikatong.v1.Gate/Check" = ["spiffe://500111.yikatong.cy/operator/bus-*"]\n'
+        '"grpc.reflection.v1alpha.ServerReflection/*" = []\n'
+    )
+    cfg = load_config(cfg_file, env={})
+    policy = AccessPolicy("500111", frozenset(), cfg.access)
+    policy.authorize(CHECK, operator_identity("500111", "bus-07"))
+    with pytest.raises(PermissionDenied, match="is for spiffe://500111"):
+        policy.authorize(CHECK, operator_identity("500111", "museum-01"))
+    reflection = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    with pytest.raises(PermissionDenied, match="is for nobody"):
+        policy.authorize(reflection, node_identity("500111"))
+    policy.authorize("/grpc.health.v1.Health/Check", node_identity("500111"))  # default kept
+    cfg_file.write_text(base + '[access]\n"yikatong.v1.Gate/*" = ["root"]\n')
+    with pytest.raises(ConfigError, match="unknown principal 'root'"):
+        load_config(cfg_file, env={})

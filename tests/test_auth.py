@@ -119,7 +119,7 @@ async def test_a_neighbours_ca_cannot_vouch_for_a_third_districts_node(cluster: 
 async def test_an_operator_may_not_call_recognize(cluster: Cluster):
     err = await call_error(dazu_operator_channel(cluster), recognize)
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "peer district nodes only" in err.details()
+    assert "is for nodes of configured peer districts" in err.details()
 
 
 async def test_a_peer_node_may_not_call_the_gate(cluster: Cluster):

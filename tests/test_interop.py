@@ -1,8 +1,9 @@
 """A client in another language (Node.js grpc-js), given only proto/ and certificates.
 
 Calls Gate.Check as an operator (also over TLS 1.2, which the node refuses
-per call), Recognize as a peer node, health and reflection. Needs node and npm (the test installs the client's two packages
-from package-lock.json); skips without them locally and fails in CI.
+per call), Recognize as a peer node, health and reflection. Needs node and
+npm (the test installs the client's two packages from package-lock.json);
+skips without them locally and fails in CI.
 """
 
 from __future__ import annotations
