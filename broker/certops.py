@@ -9,6 +9,8 @@ Layout under ``<dir>/<district>/``::
     node.pem, node.key     the district node
     operators/<id>.pem, .key
     hash.key               the secret behind keyed hashes of card numbers
+    settlement.key         the district's settlement signing key (Ed25519, 0600)
+    bundle.json            the signed trust bundle peers fetch (see broker.bundle)
     issued.jsonl           every certificate issued: serial, identity, issuing CA, validity
 
 Every write is atomic (temp file, then rename) and keys are written before
@@ -19,13 +21,17 @@ not match its certificate, so no reader pairs a new certificate with an old key.
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from broker.bundle import Bundle, SignedBundle, issued_now, sign
 from broker.identity import Identity, Role, parse_spiffe_id
 from broker.pki import (
     CA_DAYS,
@@ -41,6 +47,7 @@ from broker.pki import (
     load,
     load_crls,
     save,
+    write_private,
     write_public,
 )
 
@@ -88,6 +95,14 @@ class DistrictPaths:
     @property
     def issued_log(self) -> Path:
         return self.dir / "issued.jsonl"
+
+    @property
+    def settlement_key(self) -> Path:
+        return self.dir / "settlement.key"
+
+    @property
+    def bundle(self) -> Path:
+        return self.dir / "bundle.json"
 
     def ca_files(self, ident: str) -> tuple[Path, Path]:
         return self.cas / f"{ident}.pem", self.cas / f"{ident}.key"
@@ -153,6 +168,7 @@ def _publish(paths: DistrictPaths, ids: list[str], now: datetime) -> None:
     # Revocations first, then the bundle: a reader never trusts a CA without its list.
     write_public(paths.crl, b"".join(crls))
     write_public(paths.ca_cert, bundle)
+    publish_bundle(paths, now)
 
 
 def init_ca(paths: DistrictPaths, now: datetime, days: int = CA_DAYS) -> KeyPair:
@@ -163,8 +179,54 @@ def init_ca(paths: DistrictPaths, now: datetime, days: int = CA_DAYS) -> KeyPair
     ident = ca_id(ca.cert)
     save(ca, *paths.ca_files(ident))
     write_public(paths.active_file, ident.encode())
+    if not paths.settlement_key.exists():
+        key = ed25519.Ed25519PrivateKey.generate()
+        write_private(
+            paths.settlement_key,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
     _publish(paths, [ident], now)
     return ca
+
+
+def settlement_public_keys(paths: DistrictPaths) -> tuple[tuple[str, str], ...]:
+    """``(key id, public key PEM)`` of the district's settlement signing key, if it has one."""
+    if not paths.settlement_key.exists():
+        return ()
+    key = serialization.load_pem_private_key(paths.settlement_key.read_bytes(), password=None)
+    pub = key.public_key()
+    raw = pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    pem = pub.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return ((hashlib.sha256(raw).hexdigest()[:16], pem.decode()),)
+
+
+def read_bundle(path: Path) -> SignedBundle | None:
+    return SignedBundle.from_json(path.read_bytes()) if path.exists() else None
+
+
+def publish_bundle(paths: DistrictPaths, now: datetime) -> SignedBundle:
+    """Sign and write the district's trust bundle; the sequence grows when the content changes."""
+    cas = tuple(
+        c.public_bytes(serialization.Encoding.PEM).decode()
+        for c in x509.load_pem_x509_certificates(paths.ca_cert.read_bytes())
+    )
+    crls = tuple(crl_pem(c).decode() for c in load_crls(paths.crl.read_bytes()))
+    held = read_bundle(paths.bundle)
+    previous = Bundle.parse(held.document) if held is not None else None
+    draft = Bundle(paths.district, 1, issued_now(now), cas, crls, settlement_public_keys(paths))
+    if previous is not None and held is not None and previous.same_content(draft):
+        return held
+    if previous is not None:
+        draft = replace(draft, sequence=previous.sequence + 1)
+    signed = sign(draft, active_ca(paths))
+    write_public(paths.bundle, signed.to_json())
+    return signed
 
 
 class RotationStage(enum.StrEnum):
@@ -311,6 +373,7 @@ def revoke(paths: DistrictPaths, serial_hex: str, now: datetime) -> str:
         entries.append((serial, now))
     crls[issuer] = build_crl(ca, entries, number, now)
     write_public(paths.crl, b"".join(crl_pem(crls[i]) for i in trusted if i in crls))
+    publish_bundle(paths, now)
     return issuer
 
 
