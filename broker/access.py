@@ -33,6 +33,7 @@ KEYWORDS = {
 
 DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     "yikatong.v1.Recognition/*": ("peer-nodes",),
+    "yikatong.v1.Trust/*": ("peer-nodes", "own-node"),
     "yikatong.v1.Gate/*": ("own-operators",),
     "grpc.health.v1.Health/*": ("any",),
     "grpc.reflection.v1alpha.ServerReflection/*": ("any",),

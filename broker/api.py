@@ -7,16 +7,26 @@ mapped to a status by the interceptor.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 import grpc
 import structlog
 
-from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc, recognition_pb2, recognition_pb2_grpc
+from broker._proto.yikatong.v1 import (
+    gate_pb2,
+    gate_pb2_grpc,
+    recognition_pb2,
+    recognition_pb2_grpc,
+    trust_pb2,
+    trust_pb2_grpc,
+)
 from broker.access import require_operator
-from broker.errors import InvalidArgument
+from broker.bundle import SignedBundle
+from broker.errors import ConfigError, InvalidArgument
 from broker.gate import GateService
 from broker.identity import current_identity
 from broker.privacy import Hasher
@@ -79,3 +89,24 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         _short_id(request.gate_id, "gate_id", required=True)
         decision = await self._gate.check(ref, scene, os.urandom(8).hex())
         return decision_to_wire(decision)
+
+
+class TrustServicer(trust_pb2_grpc.TrustServicer):
+    """``yikatong.v1.Trust``: peers fetch this district's signed trust bundle."""
+
+    def __init__(self, bundle_file: Path | None) -> None:
+        self._bundle_file = bundle_file
+
+    async def GetBundle(
+        self, request: trust_pb2.GetBundleRequest, context: grpc.aio.ServicerContext
+    ) -> trust_pb2.SignedTrustBundle:
+        if self._bundle_file is None:
+            raise ConfigError("this node publishes no trust bundle ([trust] bundle_file)")
+        try:
+            data = await asyncio.to_thread(self._bundle_file.read_bytes)
+        except OSError as exc:
+            raise ConfigError(f"trust bundle {self._bundle_file} cannot be read") from exc
+        signed = SignedBundle.from_json(data)
+        return trust_pb2.SignedTrustBundle(
+            document=signed.document, signer=signed.signer, signature=signed.signature
+        )

@@ -37,10 +37,16 @@ A node.toml looks like::
     [access]                               # deny by default; these add to or replace
     "yikatong.v1.Gate/Check" = ["own-operators"]   # the defaults in broker/access.py
 
+    [trust]
+    bundle_file = "certs/500111/bundle.json"   # this district's signed bundle, served to peers
+    bundle_refresh_s = 30                      # how often peers' bundles are fetched
+
     [[peers]]
     district = "512021"
     address = "10.1.2.3:50111"
-    ca_file = "certs/peers/512021-ca.pem"
+    bundle_file = "var/peers/512021.bundle.json"  # its trust bundle: first `broker trust
+                                                  # import`, then fetched and kept current
+    # or, without bundles: ca_file = "..." and crl_file = "..." kept current by hand
     # server_name = "node.512021.yikatong.cy"   (the default)
 
 Relative paths are relative to the config file's directory. Environment
@@ -102,16 +108,34 @@ class PeerConfig:
     Attributes:
         district: the peer's 6-digit district code.
         address: host:port of the peer's node.
-        ca_file: PEM of the peer district's CA; the only anchor trusted for it.
+        ca_file: PEM of the peer district's CA(s), when no bundle is used.
         server_name: DNS name expected in the peer node's certificate.
-        crl_file: PEM revocation list(s) of the peer district, if exchanged.
+        crl_file: PEM revocation list(s) of the peer district, when no bundle is used.
+        bundle_file: where this node keeps the peer's signed trust bundle; when
+            set, the peer's CAs and revocation lists come from it, and it is
+            refreshed from the peer over the network.
     """
 
     district: str
     address: str
-    ca_file: Path
+    ca_file: Path | None
     server_name: str
     crl_file: Path | None = None
+    bundle_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    """Trust bundles.
+
+    Attributes:
+        bundle_file: this district's own signed bundle (``certs/<d>/bundle.json``),
+            served to peers by ``Trust.GetBundle``; ``None`` serves none.
+        bundle_refresh_s: how often each peer's bundle is fetched.
+    """
+
+    bundle_file: Path | None = None
+    bundle_refresh_s: int = 30
 
 
 @dataclass(frozen=True)
@@ -163,6 +187,7 @@ class NodeConfig:
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     access: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
+    trust: TrustConfig = field(default_factory=TrustConfig)
 
     def peer(self, district: str) -> PeerConfig | None:
         """The configured peer for ``district``, if any."""
@@ -240,15 +265,19 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             raise ConfigError(f"{where}district is this node's own district")
         if any(q.district == code for q in peers):
             raise ConfigError(f"{where}district {code} is configured twice")
+        if not p.get("ca_file") and not p.get("bundle_file"):
+            raise ConfigError(f"{where}ca_file or {where}bundle_file is required")
         peers.append(
             PeerConfig(
                 district=code,
                 address=str(_req(p, "address", where)),
-                ca_file=path(_req(p, "ca_file", where)),
+                ca_file=path(p["ca_file"]) if p.get("ca_file") else None,
                 server_name=str(p.get("server_name", node_server_name(code))),
                 crl_file=path(p["crl_file"]) if p.get("crl_file") else None,
+                bundle_file=path(p["bundle_file"]) if p.get("bundle_file") else None,
             )
         )
+    trust_t = _section(doc, "trust")
     try:
         access = {**DEFAULT_RULES, **validate_rules(_section(doc, "access"))}
     except ValueError as exc:
@@ -274,6 +303,10 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             redis_timeout_ms=_int(cache_t, "redis_timeout_ms", 50, "cache."),
         ),
         access=access,
+        trust=TrustConfig(
+            bundle_file=path(trust_t["bundle_file"]) if trust_t.get("bundle_file") else None,
+            bundle_refresh_s=_int(trust_t, "bundle_refresh_s", 30, "trust."),
+        ),
     )
     return apply_env(cfg, env)
 
@@ -345,6 +378,9 @@ def render_config(cfg: NodeConfig) -> str:
         "[peering]",
         f"deadline_ms = {cfg.peer_deadline_ms}",
     ]
+    lines += ["", "[trust]", f"bundle_refresh_s = {cfg.trust.bundle_refresh_s}"]
+    if cfg.trust.bundle_file:
+        lines.append(f"bundle_file = {_q(cfg.trust.bundle_file)}")
     lines += ["", "[access]"]
     lines += [f"{_q(key)} = {json.dumps(list(who))}" for key, who in cfg.access.items()]
     for p in cfg.peers:
@@ -353,8 +389,9 @@ def render_config(cfg: NodeConfig) -> str:
             "[[peers]]",
             f"district = {_q(p.district)}",
             f"address = {_q(p.address)}",
-            f"ca_file = {_q(p.ca_file)}",
+            *([f"ca_file = {_q(p.ca_file)}"] if p.ca_file else []),
             f"server_name = {_q(p.server_name)}",
             *([f"crl_file = {_q(p.crl_file)}"] if p.crl_file else []),
+            *([f"bundle_file = {_q(p.bundle_file)}"] if p.bundle_file else []),
         ]
     return "\n".join(lines) + "\n"

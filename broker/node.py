@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import grpc
@@ -13,15 +13,23 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc, recognition_pb2, recognition_pb2_grpc
+from broker._proto.yikatong.v1 import (
+    gate_pb2,
+    gate_pb2_grpc,
+    recognition_pb2,
+    recognition_pb2_grpc,
+    trust_pb2,
+    trust_pb2_grpc,
+)
 from broker.access import AccessPolicy
-from broker.api import GateServicer, RecognitionServicer
+from broker.api import GateServicer, RecognitionServicer, TrustServicer
 from broker.cache import AnswerCache
 from broker.config import NodeConfig
 from broker.errors import ConfigError
 from broker.gate import GateService
 from broker.interceptors import AuthInterceptor, GuardedServer
 from broker.metrics import Metrics
+from broker.peers.bundles import BundleRefresher
 from broker.peers.channels import PeerChannels
 from broker.peers.client import PeerClient
 from broker.peers.recognizer import PeerRecognizer
@@ -36,6 +44,7 @@ log = structlog.get_logger(__name__)
 SERVICE_NAMES = (
     gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name,
     recognition_pb2.DESCRIPTOR.services_by_name["Recognition"].full_name,
+    trust_pb2.DESCRIPTOR.services_by_name["Trust"].full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
@@ -72,7 +81,7 @@ class Node:
     health: health.aio.HealthServicer
     trust: TrustStore
     _reload_now: asyncio.Event
-    _watcher: asyncio.Task[None] | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
     async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
@@ -83,7 +92,11 @@ class Node:
         home = HomeRecognizer(cfg.district, registry, cfg.recognition)
         cache = AnswerCache.from_config(cfg.cache, cfg.district)
         channels = PeerChannels(trust, cfg.peers)
-        peers = PeerRecognizer(PeerClient(channels, cfg.peer_deadline_ms), cache, hasher)
+        reload_now = asyncio.Event()
+        refresher = BundleRefresher(cfg, channels, trust, reload_now.set)
+        peers = PeerRecognizer(
+            PeerClient(channels, cfg.peer_deadline_ms), cache, hasher, on_failure=refresher.poke
+        )
         gate = GateService(cfg.district, home, peers, clock)
         metrics = Metrics()
         policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers), cfg.access)
@@ -95,6 +108,7 @@ class Node:
         recognition_pb2_grpc.add_RecognitionServicer_to_server(
             RecognitionServicer(home, hasher, clock), guarded
         )
+        trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(cfg.trust.bundle_file), guarded)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
@@ -109,7 +123,7 @@ class Node:
             await cache.close()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         await server.start()
-        for name in ("", *SERVICE_NAMES[:2]):
+        for name in ("", *SERVICE_NAMES[:3]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "node_started",
@@ -130,9 +144,12 @@ class Node:
             metrics,
             health_servicer,
             trust,
-            asyncio.Event(),
+            reload_now,
         )
-        node._watcher = asyncio.create_task(node._watch_trust())
+        node._tasks = [
+            asyncio.create_task(node._watch_trust()),
+            asyncio.create_task(refresher.run()),
+        ]
         return node
 
     def request_reload(self) -> None:
@@ -153,8 +170,8 @@ class Node:
         return f"{host}:{self.port}"
 
     async def stop(self, grace: float = 1.0) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in self._tasks:
+            task.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.channels.close()

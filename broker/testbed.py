@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+from broker.bundle import SignedBundle
 from broker.card_import import COLUMNS, parse_import
 from broker.cards import CardRef, shanghai_day, ssn_check_character
 from broker.certops import DistrictPaths, init_ca, issue_to_files
@@ -26,11 +27,13 @@ from broker.config import (
     PeerConfig,
     RecognitionConfig,
     TLSConfig,
+    TrustConfig,
     load_config,
     node_server_name,
     render_config,
 )
 from broker.identity import node_identity, operator_identity
+from broker.peers import bundles as peer_bundles
 from broker.privacy import create_key_file, load_key_file
 from broker.registry import Registry
 
@@ -136,6 +139,7 @@ def build(
     deadline_ms: int = 300,
     reload_interval_ms: int = 1000,
     max_connection_age_s: int = 300,
+    bundle_refresh_s: int = 30,
 ) -> dict[str, DistrictSetup]:
     """Create every district's CA, node and operator certificates, config and registry.
 
@@ -151,6 +155,7 @@ def build(
         deadline_ms: peer call deadline.
         reload_interval_ms: how often nodes re-read their trust files.
         max_connection_age_s: how long a connection lives before it is recycled.
+        bundle_refresh_s: how often nodes fetch their peers' trust bundles.
     """
     rng = random.Random(seed)
     today = shanghai_day(now)
@@ -185,18 +190,23 @@ def build(
                 PeerConfig(
                     p,
                     f"127.0.0.1:{ports[p]}",
-                    DistrictPaths(certs, p).ca_cert,
+                    None,
                     node_server_name(p),
-                    # Peers read each other's published files directly: a stand-in,
-                    # on one machine, for exchanging trust bundles.
-                    crl_file=DistrictPaths(certs, p).crl,
+                    bundle_file=root / "var" / code / "peers" / f"{p}.bundle.json",
                 )
                 for p in peer_codes
             ),
             peer_deadline_ms=deadline_ms,
             recognition=RecognitionConfig(),
             cache=replace(cache or CacheConfig(), redis_url=redis_url),
+            trust=TrustConfig(bundle_file=paths.bundle, bundle_refresh_s=bundle_refresh_s),
         )
+        for peer in cfg.peers:
+            # The first exchange, as `broker trust import` does it; later ones go over the network.
+            published = SignedBundle.from_json(
+                DistrictPaths(certs, peer.district).bundle.read_bytes()
+            )
+            peer_bundles.accept(peer, published, first_use=True)
         config_path = root / f"node-{code}.toml"
         config_path.write_text(render_config(cfg))
         loaded = load_config(config_path, env={})

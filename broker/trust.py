@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from broker.bundle import Bundle, BundleRefused, SignedBundle, verify
 from broker.config import NodeConfig
 from broker.errors import ConfigError
 from broker.pki import ca_id, crl_issuer_id, load_crls
@@ -48,6 +49,7 @@ class TrustSnapshot:
     revoked: frozenset[tuple[str, int]]
     client_roots_pem: bytes
     peer_roots_pem: Mapping[str, bytes]
+    bundles: Mapping[str, Bundle]
 
     def __repr__(self) -> str:
         return f"TrustSnapshot(generation={self.generation}, key=<redacted>)"
@@ -112,10 +114,27 @@ def read_snapshot(cfg: NodeConfig, generation: int) -> TrustSnapshot:
 
     anchors: dict[str, tuple[x509.Certificate, ...]] = {}
     revoked: set[tuple[str, int]] = set()
-    sources = [(cfg.district, cfg.tls.ca_file, cfg.tls.crl_file)]
-    sources += [(p.district, p.ca_file, p.crl_file) for p in cfg.peers]
     roots: dict[str, bytes] = {}
-    for district, ca_file, crl_file in sources:
+    bundles: dict[str, Bundle] = {}
+    sources: list[tuple[str, Path | None, Path | None, Path | None]] = [
+        (cfg.district, cfg.tls.ca_file, cfg.tls.crl_file, None)
+    ]
+    sources += [(p.district, p.ca_file, p.crl_file, p.bundle_file) for p in cfg.peers]
+    for district, ca_file, crl_file, bundle_file in sources:
+        if bundle_file is not None:
+            data = take(bundle_file, "trust bundle")
+            try:
+                bundle = verify(SignedBundle.from_json(data), district, None, 0)
+            except BundleRefused as exc:
+                raise ConfigError(f"{bundle_file}: {exc}") from exc
+            bundles[district] = bundle
+            roots[district] = "".join(bundle.cas_pem).encode()
+            anchors[district] = _certs(roots[district], bundle_file)
+            crls = "".join(bundle.crls_pem).encode()
+            revoked |= _revocations(crls, bundle_file, anchors[district])
+            continue
+        if ca_file is None:
+            raise ConfigError(f"district {district} has neither a CA file nor a bundle")
         data = take(ca_file, "CA bundle")
         anchors[district] = _certs(data, ca_file)
         roots[district] = data
@@ -132,6 +151,7 @@ def read_snapshot(cfg: NodeConfig, generation: int) -> TrustSnapshot:
         revoked=frozenset(revoked),
         client_roots_pem=b"".join(roots.values()),
         peer_roots_pem={d: r for d, r in roots.items() if d != cfg.district},
+        bundles=bundles,
     )
 
 

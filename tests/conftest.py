@@ -113,7 +113,7 @@ def now() -> datetime:
 @pytest.fixture
 def districts(tmp_path: Path, now: datetime) -> dict[str, testbed.DistrictSetup]:
     """Three districts' certificates, configs and registries (not started)."""
-    return testbed.build(tmp_path, THREE, now, cards_per_district=60)
+    return testbed.build(tmp_path, THREE, now, cards_per_district=60, bundle_refresh_s=1)
 
 
 class Cluster:

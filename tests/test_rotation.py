@@ -46,6 +46,7 @@ async def test_rotating_server_client_and_ca_certificates_under_load_fails_no_ca
         cache=CacheConfig(local_max_entries=0),
         reload_interval_ms=200,
         max_connection_age_s=2,
+        bundle_refresh_s=1,
     )
     nodes = {c: await Node.start(s.config) for c, s in setups.items()}
     channels = {

@@ -7,6 +7,8 @@ errors are never cached.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import structlog
 
 from broker.cache import AnswerCache
@@ -23,10 +25,17 @@ log = structlog.get_logger(__name__)
 class PeerRecognizer:
     """Answers about cards of configured peer districts."""
 
-    def __init__(self, client: PeerClient, cache: AnswerCache, hasher: Hasher) -> None:
+    def __init__(
+        self,
+        client: PeerClient,
+        cache: AnswerCache,
+        hasher: Hasher,
+        on_failure: Callable[[], None] = lambda: None,
+    ) -> None:
         self._client = client
         self._cache = cache
         self._hasher = hasher
+        self._on_failure = on_failure
         self._flights: SingleFlight[str, Recognition] = SingleFlight()
         self.peer_calls = 0
 
@@ -47,7 +56,11 @@ class PeerRecognizer:
 
         async def fetch() -> Recognition:
             self.peer_calls += 1
-            rec = await self._client.recognize(ref, scene, request_id)
+            try:
+                rec = await self._client.recognize(ref, scene, request_id)
+            except PeerUnavailable:
+                self._on_failure()  # the peer may have rotated: look at its bundle soon
+                raise
             await self._cache.put(key, rec)
             log.debug("peer_answer", district=ref.issuer_region, card=key, status=rec.status.name)
             return rec
