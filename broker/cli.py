@@ -21,6 +21,7 @@ from broker import logs
 from broker.card_import import parse_import
 from broker.cards import shanghai_day
 from broker.cli_certs import certs
+from broker.cli_trust import trust
 from broker.config import NodeConfig, load_config
 from broker.errors import BrokerError, ImportRejected
 from broker.privacy import create_key_file, load_key_file
@@ -56,6 +57,7 @@ def main(log_level: str, log_json: bool) -> None:
 
 
 main.add_command(certs)
+main.add_command(trust)
 
 
 @main.command()
