@@ -81,6 +81,7 @@ class Node:
     health: health.aio.HealthServicer
     trust: TrustStore
     _reload_now: asyncio.Event
+    _clock: Callable[[], datetime]
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -145,6 +146,7 @@ class Node:
             health_servicer,
             trust,
             reload_now,
+            clock,
         )
         node._tasks = [
             asyncio.create_task(node._watch_trust()),
@@ -158,11 +160,28 @@ class Node:
 
     async def _watch_trust(self) -> None:
         interval = self.config.tls.reload_interval_ms / 1000
+        serving = True
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reload_now.wait(), timeout=interval)
             self._reload_now.clear()
             await asyncio.to_thread(self.trust.reload)
+            # Health fails while this node's own certificate is expired: monitoring sees it.
+            valid = self.trust.current.not_after > self._clock()
+            if valid != serving:
+                serving = valid
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if valid
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in ("", *SERVICE_NAMES[:3]):
+                    await self.health.set(name, status)
+                log.warning(
+                    "node_certificate_state",
+                    valid=valid,
+                    not_after=self.trust.current.not_after.isoformat(),
+                )
 
     @property
     def address(self) -> str:

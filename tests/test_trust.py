@@ -125,3 +125,40 @@ def test_tls_below_the_minimum_is_refused_per_call():
     for negotiated in ([b"TLSv1.2"], None, [b"SSLv3"]):
         with pytest.raises(PermissionDenied, match="below the minimum"):
             check_tls_version(negotiated, "1.3")
+
+
+async def test_health_fails_while_the_nodes_own_certificate_is_expired(tmp_path, now):
+    from datetime import timedelta as td
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from broker import testbed
+    from broker.node import Node
+    from tests.helpers import channel
+
+    setups = testbed.build(tmp_path, (DAZU,), now, cards_per_district=1, reload_interval_ms=100)
+    s = setups[DAZU]
+    certops.issue_to_files(s.paths, node_identity(DAZU), now, days=1)  # operator's: 30 days
+    clock = [now]
+    node = await Node.start(s.config, clock=lambda: clock[0])
+    ch = channel(
+        node.address,
+        DAZU,
+        s.paths.ca_cert.read_bytes(),
+        s.operator_cert.read_bytes(),
+        s.operator_key.read_bytes(),
+    )
+    try:
+        stub = health_pb2_grpc.HealthStub(ch)
+        req = health_pb2.HealthCheckRequest(service="")
+        assert (await stub.Check(req, timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
+        clock[0] = node.trust.current.not_after + td(seconds=1)  # time passes the node's expiry
+        deadline = time.monotonic() + PROPAGATION_S
+        while (
+            await stub.Check(req, timeout=5)
+        ).status != health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "health still SERVING with an expired certificate"
+            await asyncio.sleep(0.1)
+    finally:
+        await ch.close()
+        await node.stop(grace=0)
