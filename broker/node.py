@@ -164,8 +164,11 @@ class Node:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._reload_now.wait(), timeout=interval)
+            forced = self._reload_now.is_set()
             self._reload_now.clear()
-            await asyncio.to_thread(self.trust.reload)
+            # Parsing certificates holds the GIL for milliseconds: only when a file changed.
+            if forced or self.trust.changed():
+                await asyncio.to_thread(self.trust.reload)
             # Health fails while this node's own certificate is expired: monitoring sees it.
             valid = self.trust.current.not_after > self._clock()
             if valid != serving:

@@ -155,15 +155,47 @@ def read_snapshot(cfg: NodeConfig, generation: int) -> TrustSnapshot:
     )
 
 
+def trust_files(cfg: NodeConfig) -> list[Path]:
+    """Every file a snapshot is read from."""
+    files = [cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.ca_file]
+    if cfg.tls.crl_file is not None:
+        files.append(cfg.tls.crl_file)
+    for p in cfg.peers:
+        files += [f for f in (p.ca_file, p.crl_file, p.bundle_file) if f is not None]
+    return files
+
+
+def _stamp(files: list[Path]) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((0, 0, 0))
+    return tuple(out)
+
+
 class TrustStore:
     """Holds the current :class:`TrustSnapshot`; :meth:`reload` swaps in a new one."""
 
     def __init__(self, cfg: NodeConfig) -> None:
         self._cfg = cfg
+        self._files = trust_files(cfg)
+        self._stamp = _stamp(self._files)
         self.current = read_snapshot(cfg, 1)
+
+    def changed(self) -> bool:
+        """Whether any trust file looks different (a stat each: cheap enough for every tick).
+
+        Files are replaced by rename, so a change shows in the inode, the
+        modification time or the size.
+        """
+        return _stamp(self._files) != self._stamp
 
     def reload(self) -> bool:
         """Re-read the files; True when a new snapshot took effect."""
+        self._stamp = _stamp(self._files)
         try:
             new = read_snapshot(self._cfg, self.current.generation + 1)
         except ConfigError as exc:
