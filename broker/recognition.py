@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from broker.card_import import CardRow
 from broker.cards import CardRef, CardStatus, Recognition, entitlements_for, shanghai_day
 from broker.config import RecognitionConfig
 from broker.errors import InvalidArgument
-from broker.registry import CardRecord, Registry, derive_status
+from broker.registry import Registry, derive_status
 
 
-def recognise(record: CardRecord | None, now: datetime, cfg: RecognitionConfig) -> Recognition:
+def recognise(record: CardRow | None, now: datetime, cfg: RecognitionConfig) -> Recognition:
     """The home district's answer about a card at instant ``now``.
 
     Entitlements are derived at request time from the birth date and flags,

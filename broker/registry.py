@@ -53,22 +53,6 @@ CREATE INDEX IF NOT EXISTS history_card_time ON card_status_history (card_number
 """
 
 
-@dataclass(frozen=True, slots=True)
-class CardRecord:
-    """A stored card. Never leaves the node."""
-
-    card_number: str
-    holder_key: str
-    birth_date: date
-    status: str
-    disabled: bool
-    student: bool
-    valid_until: date
-
-    def __repr__(self) -> str:
-        return f"CardRecord(card_number=<redacted>, status={self.status!r})"
-
-
 @dataclass(frozen=True)
 class ImportResult:
     """What an import changed."""
@@ -188,8 +172,8 @@ class Registry:
                 raise
         return ImportResult(len(rows), inserted, updated, changes, unchanged)
 
-    def lookup(self, card_number: str) -> CardRecord | None:
-        """The stored card, or ``None`` when this district never issued it."""
+    def lookup(self, card_number: str) -> CardRow | None:
+        """The stored card (never leaves the node), or ``None`` if this district never issued it."""
         with self._lock:
             row = self._db.execute(
                 "SELECT card_number, holder_key, birth_date, status, disabled, student, "
@@ -198,7 +182,7 @@ class Registry:
             ).fetchone()
         if row is None:
             return None
-        return CardRecord(
+        return CardRow(
             card_number=row[0],
             holder_key=row[1],
             birth_date=date.fromisoformat(row[2]),
