@@ -9,7 +9,9 @@ their ID numbers are well-formed but random.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import random
 import socket
 from collections.abc import Mapping, Sequence
@@ -17,10 +19,9 @@ from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
-from broker.bundle import SignedBundle
 from broker.card_import import COLUMNS, parse_import
 from broker.cards import CardRef, shanghai_day, ssn_check_character
-from broker.certops import DistrictPaths, init_ca, issue_to_files
+from broker.certops import DistrictPaths
 from broker.config import (
     CacheConfig,
     NodeConfig,
@@ -32,12 +33,24 @@ from broker.config import (
     node_server_name,
     render_config,
 )
-from broker.identity import node_identity, operator_identity
-from broker.peers import bundles as peer_bundles
-from broker.privacy import create_key_file, load_key_file
+from broker.privacy import load_key_file
 from broker.registry import Registry
 
 OPERATOR_ID = "transit-01"
+
+
+def run_cli(*args: str) -> str:
+    """Run a ``broker`` command in-process, as operations staff would; return what it printed."""
+    from broker.cli import main  # the CLI imports the demo, which imports this module
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main.main(["--log-level", "warning", *args], standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code:
+            raise RuntimeError(f"broker {' '.join(args)} failed: {err.getvalue()}") from exc
+    return out.getvalue()
 
 
 def free_port() -> int:
@@ -162,12 +175,25 @@ def build(
     ports = {d: free_port() for d in districts}
     certs = root / "certs"
     setups: dict[str, DistrictSetup] = {}
+    exchange = root / "exchange"  # stands for the mail or USB stick of the first exchange
+    exchange.mkdir(parents=True, exist_ok=True)
     for code in districts:
-        paths = DistrictPaths(certs, code)
-        init_ca(paths, now)
-        issue_to_files(paths, node_identity(code), now)
-        issue_to_files(paths, operator_identity(code, OPERATOR_ID), now)
-        create_key_file(paths.hash_key)
+        # Exactly what operations staff run (docs/operations.md), in-process.
+        run_cli("certs", "init-ca", "--district", code, "--dir", str(certs))
+        run_cli("certs", "issue", "--district", code, "--node", "--dir", str(certs))
+        run_cli(
+            "certs", "issue", "--district", code, "--operator", OPERATOR_ID, "--dir", str(certs)
+        )
+        run_cli(
+            "trust",
+            "export",
+            "--district",
+            code,
+            "--dir",
+            str(certs),
+            "--out",
+            str(exchange / f"{code}.bundle.json"),
+        )
     for code in districts:
         paths = DistrictPaths(certs, code)
         peer_codes = (
@@ -201,14 +227,18 @@ def build(
             cache=replace(cache or CacheConfig(), redis_url=redis_url),
             trust=TrustConfig(bundle_file=paths.bundle, bundle_refresh_s=bundle_refresh_s),
         )
-        for peer in cfg.peers:
-            # The first exchange, as `broker trust import` does it; later ones go over the network.
-            published = SignedBundle.from_json(
-                DistrictPaths(certs, peer.district).bundle.read_bytes()
-            )
-            peer_bundles.accept(peer, published, first_use=True)
         config_path = root / f"node-{code}.toml"
         config_path.write_text(render_config(cfg))
+        for peer in cfg.peers:
+            # The first exchange by hand; later bundles are fetched over the network.
+            run_cli(
+                "trust",
+                "import",
+                str(exchange / f"{peer.district}.bundle.json"),
+                "--config",
+                str(config_path),
+                "--first-use",
+            )
         loaded = load_config(config_path, env={})
         pairs = synthetic_cards(code, cards_per_district, today, rng)
         import_path = root / "var" / code / "cards.csv"

@@ -61,13 +61,15 @@ def test_errors_map_to_statuses_in_one_place():
     assert status_for(ConfigError("x")) == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_a_servicer_that_only_registers_opaque_handlers_is_refused(districts):
+async def test_a_servicer_that_only_registers_opaque_handlers_is_refused(districts):
     store = TrustStore(districts["500111"].config)
     guard = AuthInterceptor(CallerVerifier(store), POLICY, Metrics())
-    guarded = GuardedServer(grpc.aio.server(), guard)
+    server = grpc.aio.server()
+    guarded = GuardedServer(server, guard)
     guarded.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("x.Y", {}),))
     with pytest.raises(ConfigError):
         guarded.check_complete()
+    await server.stop(None)
 
 
 def test_configured_rules_replace_defaults_per_key_and_can_name_identities(tmp_path):
