@@ -87,7 +87,10 @@ class GateServicer(gate_pb2_grpc.GateServicer):
         ref = card_from_wire(request.card, request.HasField("card"))
         scene = scene_from_wire(request.scene)
         _short_id(request.gate_id, "gate_id", required=True)
-        decision = await self._gate.check(ref, scene, os.urandom(8).hex())
+        place = _short_id(request.place_id, "place_id", required=False)
+        decision = await self._gate.check(
+            ref, scene, os.urandom(8).hex(), request.operator_id, place
+        )
         return decision_to_wire(decision)
 
 

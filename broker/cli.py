@@ -192,11 +192,28 @@ def demo(checks: int, concurrency: int, as_json: bool, keep: Path | None) -> Non
 SOURCES = ("HOME", "CACHE", "PEER", "OFFLINE_POLICY")
 
 
+def yuan(fen: int) -> str:
+    """Integer fen shown as yuan, without ever passing through a float."""
+    return f"{'-' if fen < 0 else ''}{abs(fen) // 100}.{abs(fen) % 100:02d}"
+
+
 def _print_summary(summary: dict[str, object]) -> None:
     table = Table(title=f"{summary['checks']} gate checks in {summary['seconds']} s")
     table.add_column("gate")
     table.add_column("home")
-    for col in ("checks", "allow", "deny", "HOME", "CACHE", "PEER", "OFFLINE", "p50 ms", "p99 ms"):
+    for col in (
+        "checks",
+        "allow",
+        "deny",
+        "HOME",
+        "CACHE",
+        "PEER",
+        "OFFLINE",
+        "charged ¥",
+        "concession ¥",
+        "p50 ms",
+        "p99 ms",
+    ):
         table.add_column(col, justify="right")
     pairs = summary["pairs"]
     assert isinstance(pairs, list)
@@ -212,6 +229,8 @@ def _print_summary(summary: dict[str, object]) -> None:
             str(p["allowed"]),
             str(p["denied"]),
             *(str(p["sources"].get(s, 0)) for s in SOURCES),
+            yuan(p["charged_fen"]),
+            yuan(p["concession_fen"]),
             f"{p['p50_ms']:.2f}",
             f"{p['p99_ms']:.2f}",
         )

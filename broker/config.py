@@ -34,6 +34,9 @@ A node.toml looks like::
     [peering]
     deadline_ms = 300
 
+    [fares]
+    file = "fares.toml"                    # this district's fare rules (broker/fares.py)
+
     [access]                               # deny by default; these add to or replace
     "yikatong.v1.Gate/Check" = ["own-operators"]   # the defaults in broker/access.py
 
@@ -188,6 +191,7 @@ class NodeConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     access: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
     trust: TrustConfig = field(default_factory=TrustConfig)
+    fares_file: Path | None = None
 
     def peer(self, district: str) -> PeerConfig | None:
         """The configured peer for ``district``, if any."""
@@ -278,6 +282,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             )
         )
     trust_t = _section(doc, "trust")
+    fares_t = _section(doc, "fares")
     try:
         access = {**DEFAULT_RULES, **validate_rules(_section(doc, "access"))}
     except ValueError as exc:
@@ -307,6 +312,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             bundle_file=path(trust_t["bundle_file"]) if trust_t.get("bundle_file") else None,
             bundle_refresh_s=_int(trust_t, "bundle_refresh_s", 30, "trust."),
         ),
+        fares_file=path(fares_t["file"]) if fares_t.get("file") else None,
     )
     return apply_env(cfg, env)
 
@@ -378,6 +384,8 @@ def render_config(cfg: NodeConfig) -> str:
         "[peering]",
         f"deadline_ms = {cfg.peer_deadline_ms}",
     ]
+    if cfg.fares_file:
+        lines += ["", "[fares]", f"file = {_q(cfg.fares_file)}"]
     lines += ["", "[trust]", f"bundle_refresh_s = {cfg.trust.bundle_refresh_s}"]
     if cfg.trust.bundle_file:
         lines.append(f"bundle_file = {_q(cfg.trust.bundle_file)}")

@@ -43,6 +43,8 @@ class PairStats:
     allowed: int = 0
     denied: int = 0
     mismatches: int = 0
+    charged_fen: int = 0
+    concession_fen: int = 0
     sources: Counter[str] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
 
@@ -53,6 +55,8 @@ class PairStats:
             "allowed": self.allowed,
             "denied": self.denied,
             "mismatches": self.mismatches,
+            "charged_fen": self.charged_fen,
+            "concession_fen": self.concession_fen,
             "sources": dict(sorted(self.sources.items())),
             "p50_ms": round(percentile(ordered, 50), 3),
             "p99_ms": round(percentile(ordered, 99), 3),
@@ -152,6 +156,8 @@ async def run_demo(
             stats.allowed += d.allow
             stats.denied += not d.allow
             stats.mismatches += d.allow != expected_allow(card, now)
+            stats.charged_fen += d.charged_fen
+            stats.concession_fen += d.concession_fen
             stats.sources[
                 gate_pb2.DecisionSource.Name(d.source).removeprefix("DECISION_SOURCE_")
             ] += 1

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Protocol
 
-from broker.cards import CardRef, CardStatus, Entitlement, Recognition, Scene
+from broker.cards import CardRef, CardStatus, Entitlement, Recognition, Scene, shanghai_day
 from broker.errors import PeerUnavailable
+from broker.fares import NO_FARE, FareSchedule, Price
 from broker.recognition import HomeRecognizer
 
 
@@ -48,6 +49,7 @@ class Decision:
     entitlements: tuple[Entitlement, ...]
     source: DecisionSource
     reason: str
+    price: Price = NO_FARE
 
 
 def decide(rec: Recognition, source: DecisionSource) -> Decision:
@@ -86,14 +88,31 @@ class GateService:
         home: HomeRecognizer,
         peers: PeerAnswers,
         clock: Callable[[], datetime],
+        fares: FareSchedule | None = None,
     ) -> None:
         self.district = district
         self._home = home
         self._peers = peers
         self._clock = clock
+        self._fares = fares
 
-    async def check(self, ref: CardRef, scene: Scene, request_id: str) -> Decision:
-        """Decide whether ``ref`` may pass at ``scene``."""
+    async def check(
+        self, ref: CardRef, scene: Scene, request_id: str, operator: str = "", place: str = ""
+    ) -> Decision:
+        """Decide whether ``ref`` may pass at ``scene``, and price it by this district's rules.
+
+        Same-city treatment: the fare rules are this district's (the place of
+        travel); the entitlements are what the card's home district recognised.
+        """
+        decision = await self._recognise(ref, scene, request_id)
+        if not decision.allow or self._fares is None:
+            return decision
+        table = self._fares.table_on(shanghai_day(self._clock()))
+        if table is None:
+            return decision
+        return replace(decision, price=table.price(operator, scene, place, decision.entitlements))
+
+    async def _recognise(self, ref: CardRef, scene: Scene, request_id: str) -> Decision:
         if ref.issuer_region == self.district:
             return decide(await self._home.recognise(ref, self._clock()), DecisionSource.HOME)
         hit = self._peers.cached(ref)

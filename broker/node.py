@@ -26,6 +26,7 @@ from broker.api import GateServicer, RecognitionServicer, TrustServicer
 from broker.cache import AnswerCache
 from broker.config import NodeConfig
 from broker.errors import ConfigError
+from broker.fares import load_fares
 from broker.gate import GateService
 from broker.interceptors import AuthInterceptor, GuardedServer
 from broker.metrics import Metrics
@@ -98,7 +99,8 @@ class Node:
         peers = PeerRecognizer(
             PeerClient(channels, cfg.peer_deadline_ms), cache, hasher, on_failure=refresher.poke
         )
-        gate = GateService(cfg.district, home, peers, clock)
+        fares = load_fares(cfg.fares_file) if cfg.fares_file else None
+        gate = GateService(cfg.district, home, peers, clock, fares)
         metrics = Metrics()
         policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers), cfg.access)
         guard = AuthInterceptor(CallerVerifier(trust), policy, metrics, cfg.tls.min_version, clock)

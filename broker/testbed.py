@@ -39,6 +39,39 @@ from broker.registry import Registry
 OPERATOR_ID = "transit-01"
 
 
+# Every testbed district prices by the same sample rules (each district may set its own).
+SAMPLE_FARES = """
+[[table]]
+version = "sample-1"
+effective_from = "2020-01-01"
+
+[[table.scheme]]
+name = "senior-bus-free"
+per_month = 60
+per_year = 1200
+
+[[table.rule]]
+scene = "bus"
+gross_fare_fen = 200
+concessions = [
+  { entitlement = "senior_65", kind = "free", scheme = "senior-bus-free" },
+  { entitlement = "senior_60", kind = "percent", value_bp = 5000, scheme = "senior-bus-half" },
+  { entitlement = "disabled", kind = "free", scheme = "disabled-free" },
+  { entitlement = "student", kind = "fixed", value_fen = 100, scheme = "student-bus" },
+]
+
+[[table.rule]]
+scene = "scenic_area"
+gross_fare_fen = 11500
+concessions = [
+  { entitlement = "senior_60", kind = "percent", value_bp = 5000, scheme = "scenic-senior" },
+  { entitlement = "senior_70", kind = "free", scheme = "scenic-senior" },
+  { entitlement = "disabled", kind = "free", scheme = "scenic-disabled" },
+  { entitlement = "student", kind = "percent", value_bp = 5000, scheme = "scenic-student" },
+]
+"""
+
+
 def run_cli(*args: str) -> str:
     """Run a ``broker`` command in-process, as operations staff would; return what it printed."""
     from broker.cli import main  # the CLI imports the demo, which imports this module
@@ -199,6 +232,8 @@ def build(
         peer_codes = (
             list(peers_of[code]) if peers_of is not None else [d for d in districts if d != code]
         )
+        fares_path = root / f"fares-{code}.toml"
+        fares_path.write_text(f'district = "{code}"\n' + SAMPLE_FARES)
         cfg = NodeConfig(
             district=code,
             listen=f"127.0.0.1:{ports[code]}",
@@ -226,6 +261,7 @@ def build(
             recognition=RecognitionConfig(),
             cache=replace(cache or CacheConfig(), redis_url=redis_url),
             trust=TrustConfig(bundle_file=paths.bundle, bundle_refresh_s=bundle_refresh_s),
+            fares_file=fares_path,
         )
         config_path = root / f"node-{code}.toml"
         config_path.write_text(render_config(cfg))

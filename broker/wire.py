@@ -51,6 +51,11 @@ def recognition_from_wire(msg: recognition_pb2.RecognizeResponse) -> Recognition
     return Recognition(status, ents, int(msg.cache_ttl_seconds))
 
 
+def _applied(d: Decision) -> types_pb2.Entitlement.ValueType:
+    ent = d.price.applied_entitlement
+    return types_pb2.Entitlement.ValueType(ent.value if ent else 0)
+
+
 def decision_to_wire(d: Decision) -> gate_pb2.GateDecision:
     return gate_pb2.GateDecision(
         allow=d.allow,
@@ -58,4 +63,9 @@ def decision_to_wire(d: Decision) -> gate_pb2.GateDecision:
         entitlements=[e.value for e in d.entitlements],  # type: ignore[misc]
         source=d.source.value,  # type: ignore[arg-type]
         reason=d.reason,
+        gross_fare_fen=d.price.gross_fare_fen,
+        charged_fen=d.price.charged_fen,
+        concession_fen=d.price.concession_fen,
+        applied_entitlement=_applied(d),
+        fare_version=d.price.version,
     )

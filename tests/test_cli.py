@@ -152,6 +152,11 @@ def test_demo_json_runs_three_districts_and_agrees_with_the_registries():
         else:
             assert set(p["sources"]) == {"OFFLINE_POLICY"} and p["allowed"] == 0
     assert any(p["sources"].get("CACHE", 0) > 0 for p in pairs.values())
+    for p in pairs.values():  # refused checks are never priced; allowed ones by the sample rules
+        assert p["charged_fen"] >= 0 and p["concession_fen"] >= 0
+        if p["allowed"] == 0:
+            assert p["charged_fen"] == p["concession_fen"] == 0
+    assert sum(p["charged_fen"] + p["concession_fen"] for p in pairs.values()) > 0
 
 
 def test_python_m_broker_serve_answers_health_and_stops_on_sigterm(tmp_path: Path, now):
@@ -215,3 +220,16 @@ def test_serve_refuses_a_port_it_cannot_bind(tmp_path: Path, now):
         result = CliRunner().invoke(main, ["serve", "--config", str(cfg)])
     assert result.exit_code == 1
     assert "cannot listen" in result.output
+
+
+def test_yuan_formats_integer_fen_exactly():
+    from broker.cli import yuan
+
+    assert [yuan(f) for f in (0, 5, 100, 11500, 123456789, -250)] == [
+        "0.00",
+        "0.05",
+        "1.00",
+        "115.00",
+        "1234567.89",
+        "-2.50",
+    ]

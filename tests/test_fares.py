@@ -124,4 +124,3 @@ def test_round_half_up_on_integer_fen():
 def test_bad_rules_are_refused_naming_the_key(bad, message):
     with pytest.raises(ConfigError, match=message):
         parse_fares(tomllib.loads(bad))
-

@@ -256,3 +256,39 @@ async def test_replicas_of_a_district_share_peer_answers_through_redis(tmp_path,
         assert nodes["r2"].peers.peer_calls == 0
     finally:
         await c.close()
+
+
+async def test_same_city_treatment_a_neighbours_senior_pays_what_a_local_senior_pays(
+    cluster: Cluster, now
+):
+    today = shanghai_day(now)
+    born = f"{today.year - 66}0101"
+    import_lines(
+        cluster.setups[ANYUE],
+        [f"SENIOR660001,{ssn_for(ANYUE, born)},active,false,false,2035-01-01"],
+        now,
+    )
+    import_lines(
+        cluster.setups[DAZU],
+        [
+            f"SENIOR660002,{ssn_for(DAZU, born)},active,false,false,2035-01-01",
+            f"ADULT0000001,{ssn_for(DAZU, '19900101')},active,false,false,2035-01-01",
+        ],
+        now,
+    )
+    gate = cluster.gate(DAZU)
+    visitor = await gate.check(CardRef(ANYUE, "SENIOR660001"), Scene.BUS)
+    local = await gate.check(CardRef(DAZU, "SENIOR660002"), Scene.BUS)
+    for d in (visitor, local):
+        assert (d.gross_fare_fen, d.charged_fen, d.concession_fen) == (200, 0, 200)
+        assert (
+            Entitlement(d.applied_entitlement) is Entitlement.SENIOR_65
+            and d.fare_version == "sample-1"
+        )
+    adult = await gate.check(CardRef(DAZU, "ADULT0000001"), Scene.SCENIC_AREA)
+    assert (adult.gross_fare_fen, adult.charged_fen, adult.concession_fen) == (11500, 11500, 0)
+    assert adult.applied_entitlement == 0
+    scenic = await gate.check(CardRef(ANYUE, "SENIOR660001"), Scene.SCENIC_AREA)
+    assert (scenic.charged_fen, scenic.concession_fen) == (5750, 5750)  # senior_60: half
+    refused = await gate.check(CardRef(ANYUE, "NOSUCHCARD02"), Scene.BUS)
+    assert (refused.allow, refused.gross_fare_fen, refused.fare_version) == (False, 0, "")

@@ -64,10 +64,15 @@ class GateCheckRequest(_message.Message):
     SCENE_FIELD_NUMBER: _builtins.int
     OPERATOR_ID_FIELD_NUMBER: _builtins.int
     GATE_ID_FIELD_NUMBER: _builtins.int
+    PLACE_ID_FIELD_NUMBER: _builtins.int
     scene: _types_pb2.Scene.ValueType
     operator_id: _builtins.str
     """Must equal the operator id named in the caller's certificate."""
     gate_id: _builtins.str
+    place_id: _builtins.str
+    """The bus route or the site (e.g. "baodingshan") the fare rules price by;
+    empty when the operator has a single fare for the scene.
+    """
     @_builtins.property
     def card(self) -> _types_pb2.CardRef: ...
     def __init__(
@@ -77,10 +82,11 @@ class GateCheckRequest(_message.Message):
         scene: _types_pb2.Scene.ValueType = ...,
         operator_id: _builtins.str = ...,
         gate_id: _builtins.str = ...,
+        place_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "gate_id", b"gate_id", "operator_id", b"operator_id", "scene", b"scene"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "gate_id", b"gate_id", "operator_id", b"operator_id", "place_id", b"place_id", "scene", b"scene"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -95,12 +101,28 @@ class GateDecision(_message.Message):
     ENTITLEMENTS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    GROSS_FARE_FEN_FIELD_NUMBER: _builtins.int
+    CHARGED_FEN_FIELD_NUMBER: _builtins.int
+    CONCESSION_FEN_FIELD_NUMBER: _builtins.int
+    APPLIED_ENTITLEMENT_FIELD_NUMBER: _builtins.int
+    FARE_VERSION_FIELD_NUMBER: _builtins.int
     allow: _builtins.bool
     """True exactly when status is ACTIVE."""
     status: _types_pb2.CardStatus.ValueType
     source: Global___DecisionSource.ValueType
     reason: _builtins.str
     """Human-readable explanation; never contains the card number."""
+    gross_fare_fen: _builtins.int
+    """The price by the fare rules of this district (the place of travel) for the
+    entitlements the home district recognised; zero when refused. Integer fen:
+    charged_fen + concession_fen == gross_fare_fen.
+    """
+    charged_fen: _builtins.int
+    concession_fen: _builtins.int
+    applied_entitlement: _types_pb2.Entitlement.ValueType
+    """The entitlement whose concession applied (UNSPECIFIED when none did)."""
+    fare_version: _builtins.str
+    """Version of the fare rules used; empty when this node has none configured."""
     @_builtins.property
     def entitlements(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Entitlement.ValueType]: ...
     def __init__(
@@ -111,10 +133,15 @@ class GateDecision(_message.Message):
         entitlements: _abc.Iterable[_types_pb2.Entitlement.ValueType] | None = ...,
         source: Global___DecisionSource.ValueType = ...,
         reason: _builtins.str = ...,
+        gross_fare_fen: _builtins.int = ...,
+        charged_fen: _builtins.int = ...,
+        concession_fen: _builtins.int = ...,
+        applied_entitlement: _types_pb2.Entitlement.ValueType = ...,
+        fare_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "entitlements", b"entitlements", "reason", b"reason", "source", b"source", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "applied_entitlement", b"applied_entitlement", "charged_fen", b"charged_fen", "concession_fen", b"concession_fen", "entitlements", b"entitlements", "fare_version", b"fare_version", "gross_fare_fen", b"gross_fare_fen", "reason", b"reason", "source", b"source", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
