@@ -37,6 +37,11 @@ A node.toml looks like::
     [fares]
     file = "fares.toml"                    # this district's fare rules (broker/fares.py)
 
+    [[agreements]]                         # what a home district owes (broker/agreements.py)
+    district = "512021"
+    collect_through_home = true
+    concession_share_bp = { senior-bus-free = 10000, scenic-senior = 5000 }
+
     [access]                               # deny by default; these add to or replace
     "yikatong.v1.Gate/Check" = ["own-operators"]   # the defaults in broker/access.py
 
@@ -67,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.access import DEFAULT_RULES, validate_rules
+from broker.agreements import Agreement, parse_agreements
 from broker.cards import validate_region
 from broker.errors import ConfigError, InvalidArgument
 
@@ -192,6 +198,11 @@ class NodeConfig:
     access: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
     trust: TrustConfig = field(default_factory=TrustConfig)
     fares_file: Path | None = None
+    agreements: tuple[Agreement, ...] = ()
+
+    def agreement(self, district: str) -> Agreement | None:
+        """This district's agreement with home district ``district``, if any."""
+        return next((a for a in self.agreements if a.district == district), None)
 
     def peer(self, district: str) -> PeerConfig | None:
         """The configured peer for ``district``, if any."""
@@ -313,6 +324,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             bundle_refresh_s=_int(trust_t, "bundle_refresh_s", 30, "trust."),
         ),
         fares_file=path(fares_t["file"]) if fares_t.get("file") else None,
+        agreements=parse_agreements(doc.get("agreements", [])),
     )
     return apply_env(cfg, env)
 
@@ -391,6 +403,15 @@ def render_config(cfg: NodeConfig) -> str:
         lines.append(f"bundle_file = {_q(cfg.trust.bundle_file)}")
     lines += ["", "[access]"]
     lines += [f"{_q(key)} = {json.dumps(list(who))}" for key, who in cfg.access.items()]
+    for a in cfg.agreements:
+        shares = ", ".join(f"{_q(k)} = {v}" for k, v in a.concession_share_bp.items())
+        lines += [
+            "",
+            "[[agreements]]",
+            f"district = {_q(a.district)}",
+            f"collect_through_home = {'true' if a.collect_through_home else 'false'}",
+            f"concession_share_bp = {{ {shares} }}",
+        ]
     for p in cfg.peers:
         lines += [
             "",
