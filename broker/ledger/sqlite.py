@@ -1,0 +1,138 @@
+"""The ledger in embedded SQLite (the default).
+
+Trips are keyed by (operator_id, trip_id). Recording a batch is one
+transaction committed with ``synchronous=FULL`` before the caller may
+acknowledge anything, so an acknowledged trip survives a crash and a
+resubmitted one is found again: the same content gets the stored outcome
+back, other content under the same id is a conflict and changes nothing.
+Times are stored in UTC; the settlement day (Asia/Shanghai) is computed in
+Python and stored beside them.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+
+from broker.cards import shanghai_day
+from broker.trips import Judgement, Outcome, Reason, Trip
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS trips (
+    operator_id TEXT NOT NULL,
+    trip_id TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    issuer_region TEXT NOT NULL,
+    card_number TEXT NOT NULL,
+    scene INTEGER NOT NULL,
+    place_id TEXT NOT NULL,
+    occurred_at TEXT NOT NULL,
+    settlement_day TEXT NOT NULL,
+    gross_fare_fen INTEGER NOT NULL,
+    charged_fen INTEGER NOT NULL,
+    concession_fen INTEGER NOT NULL,
+    applied_entitlement INTEGER NOT NULL,
+    fare_version TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    PRIMARY KEY (operator_id, trip_id)
+);
+CREATE INDEX IF NOT EXISTS trips_day ON trips (settlement_day, issuer_region, outcome);
+"""
+
+
+def _utc(at: datetime) -> str:
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+class SqliteLedger:
+    """Thread-safe; meant to be driven from one writer thread (see broker.ledger.writer)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        with self._lock:
+            self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def record(
+        self, judged: list[tuple[Trip, Judgement]], received_at: datetime
+    ) -> list[Judgement]:
+        """Store each judged trip unless its id is known; return each trip's final outcome."""
+        out: list[Judgement] = []
+        when = _utc(received_at)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for trip, verdict in judged:
+                    cur = self._db.execute(
+                        "INSERT INTO trips VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                        "?, ?) ON CONFLICT (operator_id, trip_id) DO NOTHING",
+                        (
+                            trip.operator_id,
+                            trip.trip_id,
+                            trip.digest(),
+                            trip.card.issuer_region,
+                            trip.card.card_number,
+                            trip.scene.value,
+                            trip.place_id,
+                            _utc(trip.occurred_at),
+                            shanghai_day(trip.occurred_at).isoformat(),
+                            trip.gross_fare_fen,
+                            trip.charged_fen,
+                            trip.concession_fen,
+                            trip.applied_entitlement.value if trip.applied_entitlement else 0,
+                            trip.fare_version,
+                            verdict.outcome.value,
+                            verdict.reason.value,
+                            verdict.detail,
+                            when,
+                        ),
+                    )
+                    if cur.rowcount == 1:
+                        out.append(verdict)
+                        continue
+                    digest, outcome, reason, detail = self._db.execute(
+                        "SELECT digest, outcome, reason, detail FROM trips "
+                        "WHERE operator_id = ? AND trip_id = ?",
+                        (trip.operator_id, trip.trip_id),
+                    ).fetchone()
+                    if digest == trip.digest():
+                        out.append(Judgement(Outcome(outcome), Reason(reason), detail))
+                    else:
+                        out.append(
+                            Judgement(
+                                Outcome.CONFLICT,
+                                Reason.DUPLICATE_CONTENT_DIFFERS,
+                                "this trip_id was submitted with other content",
+                            )
+                        )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return out
+
+    def outcome(self, operator_id: str, trip_id: str) -> Judgement | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT outcome, reason, detail FROM trips WHERE operator_id = ? AND trip_id = ?",
+                (operator_id, trip_id),
+            ).fetchone()
+        return Judgement(Outcome(row[0]), Reason(row[1]), row[2]) if row else None
+
+    def count(self) -> int:
+        with self._lock:
+            (n,) = self._db.execute("SELECT count(*) FROM trips").fetchone()
+        return int(n)
