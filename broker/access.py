@@ -35,6 +35,8 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     "yikatong.v1.Recognition/*": ("peer-nodes",),
     "yikatong.v1.Trust/*": ("peer-nodes", "own-node"),
     "yikatong.v1.Gate/*": ("own-operators",),
+    "yikatong.v1.Settlement/SubmitTrips": ("own-operators",),
+    "yikatong.v1.Settlement/GetTripOutcomes": ("own-operators",),
     "grpc.health.v1.Health/*": ("any",),
     "grpc.reflection.v1alpha.ServerReflection/*": ("any",),
     "grpc.reflection.v1.ServerReflection/*": ("any",),

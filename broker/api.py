@@ -21,6 +21,8 @@ from broker._proto.yikatong.v1 import (
     gate_pb2_grpc,
     recognition_pb2,
     recognition_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
     trust_pb2,
     trust_pb2_grpc,
 )
@@ -29,13 +31,16 @@ from broker.bundle import SignedBundle
 from broker.errors import ConfigError, InvalidArgument
 from broker.gate import GateService
 from broker.identity import current_identity
+from broker.intake import MAX_TRIPS_PER_REQUEST, TripIntake
 from broker.privacy import Hasher
 from broker.recognition import HomeRecognizer
 from broker.wire import (
     card_from_wire,
     decision_to_wire,
     recognition_to_wire,
+    result_to_wire,
     scene_from_wire,
+    trip_from_wire,
 )
 
 log = structlog.get_logger(__name__)
@@ -112,4 +117,36 @@ class TrustServicer(trust_pb2_grpc.TrustServicer):
         signed = SignedBundle.from_json(data)
         return trust_pb2.SignedTrustBundle(
             document=signed.document, signer=signed.signer, signature=signed.signature
+        )
+
+
+class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
+    """``yikatong.v1.Settlement``: this district's operators submit the trips they priced."""
+
+    def __init__(self, intake: TripIntake) -> None:
+        self._intake = intake
+
+    async def SubmitTrips(
+        self, request: settlement_pb2.SubmitTripsRequest, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.SubmitTripsResponse:
+        caller = current_identity()
+        if len(request.trips) > MAX_TRIPS_PER_REQUEST:
+            raise InvalidArgument("trips", f"at most {MAX_TRIPS_PER_REQUEST} per request")
+        items = [trip_from_wire(t, caller.operator_id, i) for i, t in enumerate(request.trips)]
+        verdicts = await self._intake.submit(items)
+        return settlement_pb2.SubmitTripsResponse(
+            results=[
+                result_to_wire(t.trip_id, v) for t, v in zip(request.trips, verdicts, strict=True)
+            ]
+        )
+
+    async def GetTripOutcomes(
+        self, request: settlement_pb2.GetTripOutcomesRequest, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.SubmitTripsResponse:
+        require_operator(current_identity(), request.operator_id)
+        if len(request.trip_ids) > MAX_TRIPS_PER_REQUEST:
+            raise InvalidArgument("trip_ids", f"at most {MAX_TRIPS_PER_REQUEST} per request")
+        found = await self._intake.outcomes(request.operator_id, list(request.trip_ids))
+        return settlement_pb2.SubmitTripsResponse(
+            results=[result_to_wire(t, j) for t, j in zip(request.trip_ids, found, strict=True)]
         )

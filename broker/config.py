@@ -37,6 +37,9 @@ A node.toml looks like::
     [fares]
     file = "fares.toml"                    # this district's fare rules (broker/fares.py)
 
+    [ledger]
+    path = "var/500111/ledger.sqlite3"     # operators' trips (Settlement.SubmitTrips)
+
     [[agreements]]                         # what a home district owes (broker/agreements.py)
     district = "512021"
     collect_through_home = true
@@ -198,6 +201,7 @@ class NodeConfig:
     access: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
     trust: TrustConfig = field(default_factory=TrustConfig)
     fares_file: Path | None = None
+    ledger_path: Path | None = None
     agreements: tuple[Agreement, ...] = ()
 
     def agreement(self, district: str) -> Agreement | None:
@@ -294,6 +298,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
         )
     trust_t = _section(doc, "trust")
     fares_t = _section(doc, "fares")
+    ledger_t = _section(doc, "ledger")
     try:
         access = {**DEFAULT_RULES, **validate_rules(_section(doc, "access"))}
     except ValueError as exc:
@@ -324,6 +329,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             bundle_refresh_s=_int(trust_t, "bundle_refresh_s", 30, "trust."),
         ),
         fares_file=path(fares_t["file"]) if fares_t.get("file") else None,
+        ledger_path=path(ledger_t["path"]) if ledger_t.get("path") else None,
         agreements=parse_agreements(doc.get("agreements", [])),
     )
     return apply_env(cfg, env)
@@ -398,6 +404,8 @@ def render_config(cfg: NodeConfig) -> str:
     ]
     if cfg.fares_file:
         lines += ["", "[fares]", f"file = {_q(cfg.fares_file)}"]
+    if cfg.ledger_path:
+        lines += ["", "[ledger]", f"path = {_q(cfg.ledger_path)}"]
     lines += ["", "[trust]", f"bundle_refresh_s = {cfg.trust.bundle_refresh_s}"]
     if cfg.trust.bundle_file:
         lines.append(f"bundle_file = {_q(cfg.trust.bundle_file)}")

@@ -18,17 +18,21 @@ from broker._proto.yikatong.v1 import (
     gate_pb2_grpc,
     recognition_pb2,
     recognition_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
     trust_pb2,
     trust_pb2_grpc,
 )
 from broker.access import AccessPolicy
-from broker.api import GateServicer, RecognitionServicer, TrustServicer
+from broker.api import GateServicer, RecognitionServicer, SettlementServicer, TrustServicer
 from broker.cache import AnswerCache
 from broker.config import NodeConfig
 from broker.errors import ConfigError
 from broker.fares import load_fares
 from broker.gate import GateService
+from broker.intake import TripIntake
 from broker.interceptors import AuthInterceptor, GuardedServer
+from broker.ledger import SqliteLedger
 from broker.metrics import Metrics
 from broker.peers.bundles import BundleRefresher
 from broker.peers.channels import PeerChannels
@@ -46,6 +50,7 @@ SERVICE_NAMES = (
     gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name,
     recognition_pb2.DESCRIPTOR.services_by_name["Recognition"].full_name,
     trust_pb2.DESCRIPTOR.services_by_name["Trust"].full_name,
+    settlement_pb2.DESCRIPTOR.services_by_name["Settlement"].full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
@@ -83,6 +88,7 @@ class Node:
     trust: TrustStore
     _reload_now: asyncio.Event
     _clock: Callable[[], datetime]
+    intake: TripIntake | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -112,6 +118,19 @@ class Node:
             RecognitionServicer(home, hasher, clock), guarded
         )
         trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(cfg.trust.bundle_file), guarded)
+        intake = None
+        if cfg.ledger_path is not None:
+            known = frozenset(
+                {
+                    cfg.district,
+                    *(p.district for p in cfg.peers),
+                    *(a.district for a in cfg.agreements),
+                }
+            )
+            intake = TripIntake(SqliteLedger(cfg.ledger_path), known, fares, clock)
+            settlement_pb2_grpc.add_SettlementServicer_to_server(
+                SettlementServicer(intake), guarded
+            )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
@@ -126,7 +145,7 @@ class Node:
             await cache.close()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         await server.start()
-        for name in ("", *SERVICE_NAMES[:3]):
+        for name in ("", *SERVICE_NAMES[:4]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "node_started",
@@ -149,6 +168,7 @@ class Node:
             trust,
             reload_now,
             clock,
+            intake,
         )
         node._tasks = [
             asyncio.create_task(node._watch_trust()),
@@ -180,7 +200,7 @@ class Node:
                     if valid
                     else health_pb2.HealthCheckResponse.NOT_SERVING
                 )
-                for name in ("", *SERVICE_NAMES[:3]):
+                for name in ("", *SERVICE_NAMES[:4]):
                     await self.health.set(name, status)
                 log.warning(
                     "node_certificate_state",
@@ -201,4 +221,6 @@ class Node:
         await self.channels.close()
         await self.cache.close()
         self.registry.close()
+        if self.intake is not None:
+            self.intake.close()
         log.info("node_stopped", district=self.config.district)

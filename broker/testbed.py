@@ -262,6 +262,7 @@ def build(
             cache=replace(cache or CacheConfig(), redis_url=redis_url),
             trust=TrustConfig(bundle_file=paths.bundle, bundle_refresh_s=bundle_refresh_s),
             fares_file=fares_path,
+            ledger_path=root / "var" / code / "ledger.sqlite3",
         )
         config_path = root / f"node-{code}.toml"
         config_path.write_text(render_config(cfg))

@@ -27,6 +27,8 @@ class Outcome(enum.StrEnum):
 
 class Reason(enum.StrEnum):
     OK = "ok"
+    MALFORMED = "malformed"
+    OPERATOR_MISMATCH = "operator_mismatch"
     UNKNOWN_DISTRICT = "unknown_district"
     BAD_AMOUNTS = "bad_amounts"
     IN_FUTURE = "in_future"

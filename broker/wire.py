@@ -6,10 +6,13 @@ generated code; domain modules never see a protobuf message.
 
 from __future__ import annotations
 
-from broker._proto.yikatong.v1 import gate_pb2, recognition_pb2, types_pb2
+from datetime import UTC
+
+from broker._proto.yikatong.v1 import gate_pb2, recognition_pb2, settlement_pb2, types_pb2
 from broker.cards import CardRef, CardStatus, Entitlement, Recognition, Scene, card_ref
 from broker.errors import InvalidArgument
 from broker.gate import Decision
+from broker.trips import Judgement, Outcome, Reason, Trip
 
 _STATUSES = {s.value for s in CardStatus}
 _ENTITLEMENTS = {e.value for e in Entitlement}
@@ -68,4 +71,62 @@ def decision_to_wire(d: Decision) -> gate_pb2.GateDecision:
         concession_fen=d.price.concession_fen,
         applied_entitlement=_applied(d),
         fare_version=d.price.version,
+    )
+
+
+_OUTCOMES = {
+    Outcome.ACCEPTED: settlement_pb2.TRIP_OUTCOME_ACCEPTED,
+    Outcome.REJECTED: settlement_pb2.TRIP_OUTCOME_REJECTED,
+    Outcome.CONFLICT: settlement_pb2.TRIP_OUTCOME_CONFLICT,
+}
+
+
+def trip_from_wire(
+    msg: settlement_pb2.TripRecord, operator_id: str, index: int
+) -> Trip | Judgement:
+    """A valid :class:`Trip`, or the REJECTED judgement naming the malformed field."""
+    where = f"trips[{index}]"
+    if msg.operator_id != operator_id:
+        return Judgement(
+            Outcome.REJECTED,
+            Reason.OPERATOR_MISMATCH,
+            f"{where}.operator_id differs from the caller certificate's",
+        )
+    try:
+        if not msg.trip_id or len(msg.trip_id) > 64 or not msg.trip_id.isprintable():
+            raise InvalidArgument(f"{where}.trip_id", "must be 1-64 printable characters")
+        card = card_from_wire(msg.card, msg.HasField("card"), f"{where}.card")
+        scene = scene_from_wire(msg.scene)
+        if not msg.HasField("occurred_at"):
+            raise InvalidArgument(f"{where}.occurred_at", "is required")
+        ent = msg.applied_entitlement
+        if ent and ent not in _ENTITLEMENTS:
+            raise InvalidArgument(f"{where}.applied_entitlement", "is not a known entitlement")
+        if len(msg.place_id) > 64 or len(msg.fare_version) > 64:
+            raise InvalidArgument(f"{where}.place_id", "place_id and fare_version: at most 64")
+        return Trip(
+            operator_id=msg.operator_id,
+            trip_id=msg.trip_id,
+            card=card,
+            scene=scene,
+            place_id=msg.place_id,
+            occurred_at=msg.occurred_at.ToDatetime(tzinfo=UTC),
+            gross_fare_fen=msg.gross_fare_fen,
+            charged_fen=msg.charged_fen,
+            concession_fen=msg.concession_fen,
+            applied_entitlement=Entitlement(ent) if ent else None,
+            fare_version=msg.fare_version,
+        )
+    except InvalidArgument as exc:
+        detail = str(exc) if exc.field.startswith(where) else f"{where}.{exc}"
+        return Judgement(Outcome.REJECTED, Reason.MALFORMED, detail)
+
+
+def result_to_wire(trip_id: str, j: Judgement | None) -> settlement_pb2.TripResult:
+    if j is None:
+        return settlement_pb2.TripResult(
+            trip_id=trip_id, outcome=settlement_pb2.TRIP_OUTCOME_UNKNOWN, reason="unknown"
+        )
+    return settlement_pb2.TripResult(
+        trip_id=trip_id, outcome=_OUTCOMES[j.outcome], reason=j.reason.value, detail=j.detail
     )
