@@ -38,7 +38,8 @@ A node.toml looks like::
     file = "fares.toml"                    # this district's fare rules (broker/fares.py)
 
     [ledger]
-    path = "var/500111/ledger.sqlite3"     # operators' trips (Settlement.SubmitTrips)
+    path = "var/500111/ledger.sqlite3"     # operators' trips (Settlement.SubmitTrips), or
+    # url = "postgresql://yikatong@db.example/ledger"   PostgreSQL instead of SQLite
 
     [[agreements]]                         # what a home district owes (broker/agreements.py)
     district = "512021"
@@ -62,7 +63,7 @@ A node.toml looks like::
 
 Relative paths are relative to the config file's directory. Environment
 overrides (each optional): ``YIKATONG_LISTEN``, ``YIKATONG_REDIS_URL``,
-``YIKATONG_REGISTRY_PATH``, ``YIKATONG_PEER_DEADLINE_MS``.
+``YIKATONG_REGISTRY_PATH``, ``YIKATONG_PEER_DEADLINE_MS``, ``YIKATONG_LEDGER_URL``.
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ class NodeConfig:
     trust: TrustConfig = field(default_factory=TrustConfig)
     fares_file: Path | None = None
     ledger_path: Path | None = None
+    ledger_url: str | None = None
     agreements: tuple[Agreement, ...] = ()
 
     def agreement(self, district: str) -> Agreement | None:
@@ -330,6 +332,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
         ),
         fares_file=path(fares_t["file"]) if fares_t.get("file") else None,
         ledger_path=path(ledger_t["path"]) if ledger_t.get("path") else None,
+        ledger_url=str(ledger_t["url"]) if ledger_t.get("url") else None,
         agreements=parse_agreements(doc.get("agreements", [])),
     )
     return apply_env(cfg, env)
@@ -343,6 +346,8 @@ def apply_env(cfg: NodeConfig, env: Mapping[str, str]) -> NodeConfig:
         cfg = replace(cfg, cache=replace(cfg.cache, redis_url=env["YIKATONG_REDIS_URL"] or None))
     if "YIKATONG_REGISTRY_PATH" in env:
         cfg = replace(cfg, registry_path=Path(env["YIKATONG_REGISTRY_PATH"]))
+    if "YIKATONG_LEDGER_URL" in env:
+        cfg = replace(cfg, ledger_url=env["YIKATONG_LEDGER_URL"] or None)
     if "YIKATONG_PEER_DEADLINE_MS" in env:
         try:
             cfg = replace(cfg, peer_deadline_ms=int(env["YIKATONG_PEER_DEADLINE_MS"]))
@@ -404,8 +409,10 @@ def render_config(cfg: NodeConfig) -> str:
     ]
     if cfg.fares_file:
         lines += ["", "[fares]", f"file = {_q(cfg.fares_file)}"]
-    if cfg.ledger_path:
-        lines += ["", "[ledger]", f"path = {_q(cfg.ledger_path)}"]
+    if cfg.ledger_path or cfg.ledger_url:
+        lines += ["", "[ledger]"]
+        lines += [f"path = {_q(cfg.ledger_path)}"] if cfg.ledger_path else []
+        lines += [f"url = {_q(cfg.ledger_url)}"] if cfg.ledger_url else []
     lines += ["", "[trust]", f"bundle_refresh_s = {cfg.trust.bundle_refresh_s}"]
     if cfg.trust.bundle_file:
         lines.append(f"bundle_file = {_q(cfg.trust.bundle_file)}")

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 from broker.fares import FareSchedule
-from broker.ledger import SqliteLedger
+from broker.ledger import Ledger
 from broker.trips import DEFAULT_LATE_WINDOW, Judgement, Trip, judge
 
 MAX_TRIPS_PER_REQUEST = 10_000
@@ -19,7 +19,7 @@ class TripIntake:
 
     def __init__(
         self,
-        ledger: SqliteLedger,
+        ledger: Ledger,
         known_districts: frozenset[str],
         fares: FareSchedule | None,
         clock: Callable[[], datetime],

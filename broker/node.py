@@ -32,7 +32,7 @@ from broker.fares import load_fares
 from broker.gate import GateService
 from broker.intake import TripIntake
 from broker.interceptors import AuthInterceptor, GuardedServer
-from broker.ledger import SqliteLedger
+from broker.ledger import open_ledger
 from broker.metrics import Metrics
 from broker.peers.bundles import BundleRefresher
 from broker.peers.channels import PeerChannels
@@ -119,7 +119,7 @@ class Node:
         )
         trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(cfg.trust.bundle_file), guarded)
         intake = None
-        if cfg.ledger_path is not None:
+        if cfg.ledger_path is not None or cfg.ledger_url is not None:
             known = frozenset(
                 {
                     cfg.district,
@@ -127,7 +127,8 @@ class Node:
                     *(a.district for a in cfg.agreements),
                 }
             )
-            intake = TripIntake(SqliteLedger(cfg.ledger_path), known, fares, clock)
+            ledger = open_ledger(cfg.ledger_path, cfg.ledger_url)
+            intake = TripIntake(ledger, known, fares, clock)
             settlement_pb2_grpc.add_SettlementServicer_to_server(
                 SettlementServicer(intake), guarded
             )

@@ -151,3 +151,48 @@ async def cluster(districts: dict[str, testbed.DistrictSetup]) -> AsyncIterator[
         yield c
     finally:
         await c.close()
+
+
+def _pg_answers(url: str) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """``YIKATONG_TEST_POSTGRES_URL``, else database ``test`` on 127.0.0.1:5432 (trust auth).
+
+    Without one: skip locally, fail under CI (PostgreSQL runs on the project's machines).
+    """
+    url = os.environ.get("YIKATONG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    if not _pg_answers(url):
+        unavailable(
+            f"no PostgreSQL at {url}: install postgresql (apt-get install postgresql) "
+            "or set YIKATONG_TEST_POSTGRES_URL"
+        )
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
+    """Opens the ledger under test: the same suite runs on SQLite and on PostgreSQL."""
+    from broker.ledger import open_ledger
+
+    if request.param == "sqlite":
+        yield lambda: open_ledger(tmp_path / "ledger.sqlite3", None)
+        return
+    import secrets
+
+    import psycopg
+
+    url = request.getfixturevalue("postgres_url")
+    schema = f"yk_test_{secrets.token_hex(4)}"
+    yield lambda: open_ledger(None, url, schema)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import tomllib
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -67,8 +66,8 @@ def test_late_window_edges():
     assert skew.outcome is Outcome.ACCEPTED  # clocks at gates drift a little
 
 
-def test_recording_is_idempotent_and_a_changed_resubmission_is_a_conflict(tmp_path: Path):
-    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+def test_recording_is_idempotent_and_a_changed_resubmission_is_a_conflict(ledger_factory):
+    ledger = ledger_factory()
     good, bad = trip(1), trip(2, charged_fen=10)
     judged = [(t, judge(t, NOW, KNOWN, FARES)) for t in (good, bad)]
     first = ledger.record(judged, NOW)
@@ -80,7 +79,7 @@ def test_recording_is_idempotent_and_a_changed_resubmission_is_a_conflict(tmp_pa
     assert conflict[0].outcome is Outcome.CONFLICT
     assert ledger.outcome("bus-01", good.trip_id) == first[0]  # the stored trip is untouched
     ledger.close()
-    reopened = SqliteLedger(tmp_path / "ledger.sqlite3")  # committed before acknowledged
+    reopened = ledger_factory()  # committed before acknowledged
     assert reopened.count() == 2 and reopened.outcome("bus-01", bad.trip_id) == first[1]
     reopened.close()
 
@@ -88,7 +87,7 @@ def test_recording_is_idempotent_and_a_changed_resubmission_is_a_conflict(tmp_pa
 def test_a_trip_at_23_59_59_999_and_one_at_midnight_shanghai_land_on_different_days(tmp_path):
     import sqlite3
 
-    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")  # the day column, read back raw
     late = datetime(2026, 11, 27, 15, 59, 59, 999000, tzinfo=UTC)  # 23:59:59.999 in Shanghai
     early = datetime(2026, 11, 27, 16, 0, 0, tzinfo=UTC)  # 00:00:00 on the 28th
     trips = [trip(1, occurred_at=late), trip(2, occurred_at=early)]

@@ -1,0 +1,139 @@
+"""The ledger in PostgreSQL (psycopg 3), for districts that run a database server.
+
+Same behaviour as :mod:`broker.ledger.sqlite`, with PostgreSQL types: instants
+are ``timestamptz`` (stored in UTC), the settlement day a ``date`` computed in
+Python (Asia/Shanghai). One connection, used from the intake's single writer
+thread; each batch is one transaction, committed before it is acknowledged.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from datetime import UTC, datetime
+
+import psycopg
+
+from broker.cards import shanghai_day
+from broker.errors import ConfigError
+from broker.trips import Judgement, Outcome, Reason, Trip
+
+_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+TABLE = """
+CREATE TABLE IF NOT EXISTS {schema}.trips (
+    operator_id text NOT NULL,
+    trip_id text NOT NULL,
+    digest text NOT NULL,
+    issuer_region text NOT NULL,
+    card_number text NOT NULL,
+    scene integer NOT NULL,
+    place_id text NOT NULL,
+    occurred_at timestamptz NOT NULL,
+    settlement_day date NOT NULL,
+    gross_fare_fen bigint NOT NULL,
+    charged_fen bigint NOT NULL,
+    concession_fen bigint NOT NULL,
+    applied_entitlement integer NOT NULL,
+    fare_version text NOT NULL,
+    outcome text NOT NULL,
+    reason text NOT NULL,
+    detail text NOT NULL,
+    received_at timestamptz NOT NULL,
+    PRIMARY KEY (operator_id, trip_id)
+);
+CREATE INDEX IF NOT EXISTS trips_day ON {schema}.trips (settlement_day, issuer_region, outcome);
+"""
+
+
+class PostgresLedger:
+    """Thread-safe; meant to be driven from one writer thread (see broker.intake)."""
+
+    def __init__(self, url: str, schema: str = "yikatong") -> None:
+        if not _SCHEMA_RE.fullmatch(schema):
+            raise ConfigError("ledger schema must be a lower-case SQL identifier")
+        self._schema = schema
+        self._lock = threading.Lock()
+        try:
+            self._db = psycopg.connect(url, autocommit=False)
+        except psycopg.OperationalError as exc:
+            raise ConfigError(f"cannot reach the ledger database: {exc}") from exc
+        with self._lock, self._db.transaction():
+            self._db.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            for stmt in TABLE.format(schema=schema).split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def record(
+        self, judged: list[tuple[Trip, Judgement]], received_at: datetime
+    ) -> list[Judgement]:
+        """Store each judged trip unless its id is known; return each trip's final outcome."""
+        out: list[Judgement] = []
+        insert = (
+            f"INSERT INTO {self._schema}.trips VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+            "%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (operator_id, trip_id) DO NOTHING"
+        )
+        select = (
+            f"SELECT digest, outcome, reason, detail FROM {self._schema}.trips "
+            "WHERE operator_id = %s AND trip_id = %s"
+        )
+        with self._lock, self._db.transaction():
+            for trip, verdict in judged:
+                cur = self._db.execute(
+                    insert,
+                    (
+                        trip.operator_id,
+                        trip.trip_id,
+                        trip.digest(),
+                        trip.card.issuer_region,
+                        trip.card.card_number,
+                        trip.scene.value,
+                        trip.place_id,
+                        trip.occurred_at.astimezone(UTC),
+                        shanghai_day(trip.occurred_at),
+                        trip.gross_fare_fen,
+                        trip.charged_fen,
+                        trip.concession_fen,
+                        trip.applied_entitlement.value if trip.applied_entitlement else 0,
+                        trip.fare_version,
+                        verdict.outcome.value,
+                        verdict.reason.value,
+                        verdict.detail,
+                        received_at.astimezone(UTC),
+                    ),
+                )
+                if cur.rowcount == 1:
+                    out.append(verdict)
+                    continue
+                row = self._db.execute(select, (trip.operator_id, trip.trip_id)).fetchone()
+                assert row is not None
+                digest, outcome, reason, detail = row
+                if digest == trip.digest():
+                    out.append(Judgement(Outcome(outcome), Reason(reason), detail))
+                else:
+                    out.append(
+                        Judgement(
+                            Outcome.CONFLICT,
+                            Reason.DUPLICATE_CONTENT_DIFFERS,
+                            "this trip_id was submitted with other content",
+                        )
+                    )
+        return out
+
+    def outcome(self, operator_id: str, trip_id: str) -> Judgement | None:
+        with self._lock, self._db.transaction():
+            row = self._db.execute(
+                f"SELECT outcome, reason, detail FROM {self._schema}.trips "
+                "WHERE operator_id = %s AND trip_id = %s",
+                (operator_id, trip_id),
+            ).fetchone()
+        return Judgement(Outcome(row[0]), Reason(row[1]), row[2]) if row else None
+
+    def count(self) -> int:
+        with self._lock, self._db.transaction():
+            row = self._db.execute(f"SELECT count(*) FROM {self._schema}.trips").fetchone()
+        return int(row[0]) if row else 0
