@@ -11,16 +11,16 @@ runs them off the event loop.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 
 from broker.card_import import CardRow
 from broker.cards import CardStatus, shanghai_day
 from broker.districts import District, load_districts
+from broker.sqlite_store import open_db, utc_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS districts (
@@ -75,24 +75,13 @@ def derive_status(stored: str, valid_until: date, day: date) -> CardStatus:
     return CardStatus.ACTIVE
 
 
-def _utc_text(at: datetime) -> str:
-    if at.tzinfo is None:
-        raise ValueError("naive datetime: every instant must be timezone-aware")
-    return at.astimezone(UTC).isoformat(timespec="microseconds")
-
-
 class Registry:
     """SQLite-backed card-holder registry of one district."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db = open_db(path, SCHEMA)
         with self._lock:
-            self._db.executescript(SCHEMA)
             self._seed_districts(load_districts())
 
     def close(self) -> None:
@@ -125,7 +114,7 @@ class Registry:
         A change of status or validity is appended to the history with
         ``at`` as the instant it took effect.
         """
-        when = _utc_text(at)
+        when = utc_text(at)
         inserted = updated = changes = unchanged = 0
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -199,7 +188,7 @@ class Registry:
                 "SELECT status, valid_until FROM card_status_history "
                 "WHERE card_number = ? AND effective_at <= ? "
                 "ORDER BY effective_at DESC, id DESC LIMIT 1",
-                (card_number, _utc_text(at)),
+                (card_number, utc_text(at)),
             ).fetchone()
         if row is None:
             return CardStatus.UNKNOWN

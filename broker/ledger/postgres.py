@@ -16,6 +16,7 @@ import psycopg
 
 from broker.cards import shanghai_day
 from broker.errors import ConfigError
+from broker.ledger.common import resubmitted
 from broker.trips import Judgement, Outcome, Reason, Trip
 
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -110,18 +111,8 @@ class PostgresLedger:
                     out.append(verdict)
                     continue
                 row = self._db.execute(select, (trip.operator_id, trip.trip_id)).fetchone()
-                assert row is not None
-                digest, outcome, reason, detail = row
-                if digest == trip.digest():
-                    out.append(Judgement(Outcome(outcome), Reason(reason), detail))
-                else:
-                    out.append(
-                        Judgement(
-                            Outcome.CONFLICT,
-                            Reason.DUPLICATE_CONTENT_DIFFERS,
-                            "this trip_id was submitted with other content",
-                        )
-                    )
+                assert row is not None  # the insert found it
+                out.append(resubmitted(tuple(row), trip))
         return out
 
     def outcome(self, operator_id: str, trip_id: str) -> Judgement | None:

@@ -11,12 +11,13 @@ Python and stored beside them.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from broker.cards import shanghai_day
+from broker.ledger.common import resubmitted
+from broker.sqlite_store import open_db, utc_text
 from broker.trips import Judgement, Outcome, Reason, Trip
 
 SCHEMA = """
@@ -45,22 +46,12 @@ CREATE INDEX IF NOT EXISTS trips_day ON trips (settlement_day, issuer_region, ou
 """
 
 
-def _utc(at: datetime) -> str:
-    return at.astimezone(UTC).isoformat(timespec="microseconds")
-
-
 class SqliteLedger:
-    """Thread-safe; meant to be driven from one writer thread (see broker.ledger.writer)."""
+    """Thread-safe; meant to be driven from one writer thread (see broker.intake)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        with self._lock:
-            self._db.executescript(SCHEMA)
+        self._db = open_db(path, SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -71,7 +62,7 @@ class SqliteLedger:
     ) -> list[Judgement]:
         """Store each judged trip unless its id is known; return each trip's final outcome."""
         out: list[Judgement] = []
-        when = _utc(received_at)
+        when = utc_text(received_at)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -87,7 +78,7 @@ class SqliteLedger:
                             trip.card.card_number,
                             trip.scene.value,
                             trip.place_id,
-                            _utc(trip.occurred_at),
+                            utc_text(trip.occurred_at),
                             shanghai_day(trip.occurred_at).isoformat(),
                             trip.gross_fare_fen,
                             trip.charged_fen,
@@ -103,21 +94,12 @@ class SqliteLedger:
                     if cur.rowcount == 1:
                         out.append(verdict)
                         continue
-                    digest, outcome, reason, detail = self._db.execute(
+                    stored = self._db.execute(
                         "SELECT digest, outcome, reason, detail FROM trips "
                         "WHERE operator_id = ? AND trip_id = ?",
                         (trip.operator_id, trip.trip_id),
                     ).fetchone()
-                    if digest == trip.digest():
-                        out.append(Judgement(Outcome(outcome), Reason(reason), detail))
-                    else:
-                        out.append(
-                            Judgement(
-                                Outcome.CONFLICT,
-                                Reason.DUPLICATE_CONTENT_DIFFERS,
-                                "this trip_id was submitted with other content",
-                            )
-                        )
+                    out.append(resubmitted(stored, trip))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
