@@ -22,6 +22,7 @@ from broker import logs
 from broker.card_import import parse_import
 from broker.cards import shanghai_day
 from broker.cli_certs import certs
+from broker.cli_settle import settle, yuan
 from broker.cli_trust import trust
 from broker.config import NodeConfig, load_config
 from broker.errors import BrokerError, ImportRejected
@@ -59,6 +60,7 @@ def main(log_level: str, log_json: bool) -> None:
 
 main.add_command(certs)
 main.add_command(trust)
+main.add_command(settle)
 
 
 @main.command()
@@ -190,11 +192,6 @@ def demo(checks: int, concurrency: int, as_json: bool, keep: Path | None) -> Non
 
 
 SOURCES = ("HOME", "CACHE", "PEER", "OFFLINE_POLICY")
-
-
-def yuan(fen: int) -> str:
-    """Integer fen shown as yuan, without ever passing through a float."""
-    return f"{'-' if fen < 0 else ''}{abs(fen) // 100}.{abs(fen) % 100:02d}"
 
 
 def _print_summary(summary: dict[str, object]) -> None:

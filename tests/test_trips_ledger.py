@@ -96,3 +96,22 @@ def test_a_trip_at_23_59_59_999_and_one_at_midnight_shanghai_land_on_different_d
     with sqlite3.connect(tmp_path / "ledger.sqlite3") as db:
         days = [d for (d,) in db.execute("SELECT settlement_day FROM trips ORDER BY trip_id")]
     assert days == ["2026-11-27", "2026-11-28"]
+
+
+def test_accepted_trips_of_a_day_come_back_whole(ledger_factory):
+    from datetime import date
+
+    ledger = ledger_factory()
+    late = datetime(2026, 11, 27, 15, 59, 59, 999000, tzinfo=UTC)  # 27th in Shanghai
+    trips = [
+        trip(1, occurred_at=late),
+        trip(2),
+        trip(3, operator_id="museum-01"),
+        trip(4, charged_fen=10),
+    ]  # the last is rejected
+    ledger.record([(t, judge(t, NOW, KNOWN, FARES)) for t in trips], NOW)
+    day = ledger.accepted_trips(date(2026, 11, 28))
+    assert sorted(t.trip_id for t in day) == ["t-000002", "t-000003"]
+    assert ledger.accepted_trips(date(2026, 11, 28), "museum-01") == [trips[2]]
+    assert ledger.accepted_trips(date(2026, 11, 27)) == [trips[0]]  # every field round-trips
+    ledger.close()

@@ -7,7 +7,7 @@ against both.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -22,6 +22,8 @@ class Ledger(Protocol):
     ) -> list[Judgement]: ...
 
     def outcome(self, operator_id: str, trip_id: str) -> Judgement | None: ...
+
+    def accepted_trips(self, day: date, operator_id: str | None = None) -> list[Trip]: ...
 
     def count(self) -> int: ...
 

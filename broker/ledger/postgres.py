@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import re
 import threading
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import psycopg
 
 from broker.cards import shanghai_day
 from broker.errors import ConfigError
-from broker.ledger.common import resubmitted
+from broker.ledger.common import TRIP_COLUMNS, resubmitted, trip_from_row
 from broker.trips import Judgement, Outcome, Reason, Trip
 
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -114,6 +114,22 @@ class PostgresLedger:
                 assert row is not None  # the insert found it
                 out.append(resubmitted(tuple(row), trip))
         return out
+
+    def accepted_trips(self, day: date, operator_id: str | None = None) -> list[Trip]:
+        """The accepted trips of a settlement day (Asia/Shanghai), optionally of one operator."""
+        sql = (
+            f"SELECT {TRIP_COLUMNS} FROM {self._schema}.trips "
+            "WHERE settlement_day = %s AND outcome = 'accepted'"
+        )
+        args: list[object] = [day]
+        if operator_id is not None:
+            sql += " AND operator_id = %s"
+            args.append(operator_id)
+        with self._lock, self._db.transaction():
+            rows = self._db.execute(
+                sql + " ORDER BY occurred_at, operator_id, trip_id", args
+            ).fetchall()
+        return [trip_from_row(tuple(r)) for r in rows]
 
     def outcome(self, operator_id: str, trip_id: str) -> Judgement | None:
         with self._lock, self._db.transaction():

@@ -12,11 +12,11 @@ Python and stored beside them.
 from __future__ import annotations
 
 import threading
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 from broker.cards import shanghai_day
-from broker.ledger.common import resubmitted
+from broker.ledger.common import TRIP_COLUMNS, resubmitted, trip_from_row
 from broker.sqlite_store import open_db, utc_text
 from broker.trips import Judgement, Outcome, Reason, Trip
 
@@ -105,6 +105,19 @@ class SqliteLedger:
                 self._db.execute("ROLLBACK")
                 raise
         return out
+
+    def accepted_trips(self, day: date, operator_id: str | None = None) -> list[Trip]:
+        """The accepted trips of a settlement day (Asia/Shanghai), optionally of one operator."""
+        sql = f"SELECT {TRIP_COLUMNS} FROM trips WHERE settlement_day = ? AND outcome = 'accepted'"
+        args: list[str] = [day.isoformat()]
+        if operator_id is not None:
+            sql += " AND operator_id = ?"
+            args.append(operator_id)
+        with self._lock:
+            rows = self._db.execute(
+                sql + " ORDER BY occurred_at, operator_id, trip_id", args
+            ).fetchall()
+        return [trip_from_row(r) for r in rows]
 
     def outcome(self, operator_id: str, trip_id: str) -> Judgement | None:
         with self._lock:
