@@ -40,8 +40,10 @@ async def s_client(cluster: Cluster, *extra: str, wait_s: float = 10.0) -> tuple
         stderr=subprocess.PIPE,
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    proc.stdin.write(H2_PREFACE)
-    await proc.stdin.drain()
+    # s_client may already have exited (the server hung up): then its stdin is gone.
+    with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+        proc.stdin.write(H2_PREFACE)
+        await proc.stdin.drain()
     out = bytearray()
 
     async def read_all() -> None:
@@ -53,6 +55,7 @@ async def s_client(cluster: Cluster, *extra: str, wait_s: float = 10.0) -> tuple
         await asyncio.wait_for(read_all(), wait_s)  # returns early when the server hangs up
     if proc.returncode is None:
         proc.kill()
+    proc.stdin.close()
     err = await proc.stderr.read()
     await proc.wait()
     return bytes(out), err
