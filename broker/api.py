@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from datetime import date, datetime
 from pathlib import Path
 
 import grpc
@@ -28,6 +29,8 @@ from broker._proto.yikatong.v1 import (
 )
 from broker.access import require_operator
 from broker.bundle import SignedBundle
+from broker.clearing.receiver import Spool
+from broker.clearing.service import ClearingService
 from broker.errors import ConfigError, InvalidArgument
 from broker.gate import GateService
 from broker.identity import current_identity
@@ -40,6 +43,8 @@ from broker.wire import (
     recognition_to_wire,
     result_to_wire,
     scene_from_wire,
+    signed_from_wire,
+    signed_to_wire,
     trip_from_wire,
 )
 
@@ -121,10 +126,16 @@ class TrustServicer(trust_pb2_grpc.TrustServicer):
 
 
 class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
-    """``yikatong.v1.Settlement``: this district's operators submit the trips they priced."""
+    """``yikatong.v1.Settlement``: operators submit trips; peer districts exchange batches."""
 
-    def __init__(self, intake: TripIntake) -> None:
+    def __init__(self, intake: TripIntake, clearing: ClearingService | None) -> None:
         self._intake = intake
+        self._clearing = clearing
+
+    def _service(self) -> ClearingService:
+        if self._clearing is None:
+            raise ConfigError("this node does not clear ([settlement] key_file is not set)")
+        return self._clearing
 
     async def SubmitTrips(
         self, request: settlement_pb2.SubmitTripsRequest, context: grpc.aio.ServicerContext
@@ -150,3 +161,59 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
         return settlement_pb2.SubmitTripsResponse(
             results=[result_to_wire(t, j) for t, j in zip(request.trip_ids, found, strict=True)]
         )
+
+    async def GetStatement(
+        self, request: settlement_pb2.GetStatementRequest, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.OperatorStatement:
+        require_operator(current_identity(), request.operator_id)
+        try:
+            period = date.fromisoformat(request.period)
+        except ValueError:
+            raise InvalidArgument("period", "must be a day, YYYY-MM-DD") from None
+        lines = await self._service().statement(period, request.operator_id)
+        return settlement_pb2.OperatorStatement(
+            operator_id=request.operator_id,
+            period=request.period,
+            lines=[settlement_pb2.StatementLine(**asdict(line)) for line in lines],
+        )
+
+    async def PublishFares(
+        self, request: settlement_pb2.SignedDocument, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.PublishFaresResponse:
+        versions = await self._service().publish_fares(
+            current_identity().district, signed_from_wire(request)
+        )
+        return settlement_pb2.PublishFaresResponse(versions=versions)
+
+    async def ExchangeBatch(
+        self,
+        request_iterator: AsyncIterator[settlement_pb2.BatchPart],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[settlement_pb2.AckPart]:
+        sender = current_identity().district
+        spool = Spool()
+        try:
+            trailer = None
+            async for part in request_iterator:
+                if trailer is not None:
+                    raise InvalidArgument("parts", "nothing may follow the trailer")
+                if part.HasField("trailer"):
+                    trailer = signed_from_wire(part.trailer)
+                else:
+                    spool.add(part.lines)
+            if trailer is None:
+                raise InvalidArgument("trailer", "the batch ended without its signed trailer")
+            ack = await self._service().receive(sender, spool, trailer)
+        finally:
+            spool.close()
+        for chunk in ack.chunks:
+            yield settlement_pb2.AckPart(verdicts=chunk)
+        yield settlement_pb2.AckPart(ack=signed_to_wire(ack.signed))
+
+    async def ConfirmDay(
+        self, request: settlement_pb2.SignedDocument, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.SignedDocument:
+        reply = await self._service().confirm(
+            current_identity().district, signed_from_wire(request)
+        )
+        return signed_to_wire(reply)

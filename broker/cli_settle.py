@@ -46,7 +46,7 @@ def statement_cmd(config_path: Path, period: str, operator_id: str | None, fmt: 
     try:
         cfg = load_config(config_path, os.environ)
         fares = load_fares(cfg.fares_file) if cfg.fares_file else None
-        ledger = open_ledger(cfg.ledger_path, cfg.ledger_url)
+        ledger = open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema)
     except BrokerError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
         sys.exit(1)

@@ -40,6 +40,10 @@ A node.toml looks like::
     [ledger]
     path = "var/500111/ledger.sqlite3"     # operators' trips (Settlement.SubmitTrips), or
     # url = "postgresql://yikatong@db.example/ledger"   PostgreSQL instead of SQLite
+    # schema = "yikatong"                    the PostgreSQL schema (one per district)
+
+    [settlement]
+    key_file = "certs/500111/settlement.key"  # Ed25519; signs batches, acks, fare rules
 
     [[agreements]]                         # what a home district owes (broker/agreements.py)
     district = "512021"
@@ -204,6 +208,8 @@ class NodeConfig:
     fares_file: Path | None = None
     ledger_path: Path | None = None
     ledger_url: str | None = None
+    ledger_schema: str = "yikatong"
+    settlement_key_file: Path | None = None
     agreements: tuple[Agreement, ...] = ()
 
     def agreement(self, district: str) -> Agreement | None:
@@ -301,6 +307,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
     trust_t = _section(doc, "trust")
     fares_t = _section(doc, "fares")
     ledger_t = _section(doc, "ledger")
+    settle_t = _section(doc, "settlement")
     try:
         access = {**DEFAULT_RULES, **validate_rules(_section(doc, "access"))}
     except ValueError as exc:
@@ -333,6 +340,8 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
         fares_file=path(fares_t["file"]) if fares_t.get("file") else None,
         ledger_path=path(ledger_t["path"]) if ledger_t.get("path") else None,
         ledger_url=str(ledger_t["url"]) if ledger_t.get("url") else None,
+        ledger_schema=str(ledger_t.get("schema", "yikatong")),
+        settlement_key_file=path(settle_t["key_file"]) if settle_t.get("key_file") else None,
         agreements=parse_agreements(doc.get("agreements", [])),
     )
     return apply_env(cfg, env)
@@ -413,6 +422,9 @@ def render_config(cfg: NodeConfig) -> str:
         lines += ["", "[ledger]"]
         lines += [f"path = {_q(cfg.ledger_path)}"] if cfg.ledger_path else []
         lines += [f"url = {_q(cfg.ledger_url)}"] if cfg.ledger_url else []
+        lines += [f"schema = {_q(cfg.ledger_schema)}"] if cfg.ledger_url else []
+    if cfg.settlement_key_file:
+        lines += ["", "[settlement]", f"key_file = {_q(cfg.settlement_key_file)}"]
     lines += ["", "[trust]", f"bundle_refresh_s = {cfg.trust.bundle_refresh_s}"]
     if cfg.trust.bundle_file:
         lines.append(f"bundle_file = {_q(cfg.trust.bundle_file)}")

@@ -8,7 +8,10 @@ The tree::
     ├── Unauthenticated        the caller presented no usable identity
     ├── PeerUnavailable        a peer district did not answer in time, or failed
     ├── ConfigError            the node configuration is incomplete or inconsistent
-    └── ImportRejected         a registry import file was refused whole (carries every bad row)
+    ├── ImportRejected         a registry import file was refused whole (carries every bad row)
+    ├── DocumentRefused        a signed settlement document or batch fails its signature or digest
+    ├── Conflict               other content under an identifier already used (a batch sequence)
+    └── SettlementStateError   a settlement step asked for in the wrong state
 
 Errors from foreign libraries (grpc, redis, sqlite3) are converted at the edge
 that calls them, with ``raise ... from exc``. The mapping from these errors to
@@ -89,3 +92,19 @@ class ImportRejected(BrokerError):
     def __init__(self, errors: list[RowError]) -> None:
         super().__init__(f"{len(errors)} bad row(s); nothing imported")
         self.errors = errors
+
+
+class DocumentRefused(BrokerError):
+    """A signed settlement document, batch or acknowledgement that must not be acted on.
+
+    Nothing of it is stored; the reason says which check failed (signature,
+    unknown key, digest, totals) without echoing any card number.
+    """
+
+
+class Conflict(BrokerError):
+    """An identifier already used with other content (e.g. a batch sequence number)."""
+
+
+class SettlementStateError(BrokerError):
+    """A settlement step asked for when its preconditions do not hold."""

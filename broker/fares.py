@@ -279,3 +279,55 @@ def load_fares(path: Path) -> FareSchedule:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"fare rules {path}: {exc}") from exc
     return parse_fares(doc, str(path))
+
+
+def fares_document(schedule: FareSchedule) -> dict[str, Any]:
+    """The schedule as a plain document :func:`parse_fares` reads back (what is published)."""
+    scenes = {v: k for k, v in _SCENES.items()}
+
+    def concession(c: Concession) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "entitlement": c.entitlement.name.lower(),
+            "kind": c.kind.value,
+            "scheme": c.scheme,
+        }
+        if c.kind is ConcessionKind.PERCENT:
+            doc["value_bp"] = c.value
+        elif c.kind is ConcessionKind.FIXED:
+            doc["value_fen"] = c.value
+        return doc
+
+    def scheme(s: CapScheme) -> dict[str, Any]:
+        doc: dict[str, Any] = {"name": s.name}
+        if s.per_month is not None:
+            doc["per_month"] = s.per_month
+        if s.per_year is not None:
+            doc["per_year"] = s.per_year
+        return doc
+
+    return {
+        "district": schedule.district,
+        "table": [
+            {
+                "version": t.version,
+                "effective_from": t.effective_from.isoformat(),
+                "scheme": [scheme(s) for s in t.schemes],
+                "rule": [
+                    {
+                        "operator": r.operator,
+                        "scene": scenes[r.scene],
+                        "place": r.place,
+                        "gross_fare_fen": r.gross_fare_fen,
+                        "concessions": [concession(c) for c in r.concessions],
+                    }
+                    for r in t.rules
+                ],
+            }
+            for t in schedule.tables
+        ],
+    }
+
+
+def cap_of(table: FareTable, scheme: str) -> CapScheme | None:
+    """The cap a fare table sets on a concession scheme, if any."""
+    return next((s for s in table.schemes if s.name == scheme), None)

@@ -22,10 +22,13 @@ from broker.access import AccessPolicy
 from broker.errors import (
     BrokerError,
     ConfigError,
+    Conflict,
+    DocumentRefused,
     ImportRejected,
     InvalidArgument,
     PeerUnavailable,
     PermissionDenied,
+    SettlementStateError,
     Unauthenticated,
 )
 from broker.identity import Identity, bind_identity, unbind_identity
@@ -41,6 +44,9 @@ _STATUS: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PeerUnavailable, grpc.StatusCode.UNAVAILABLE),
     (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+    (DocumentRefused, grpc.StatusCode.INVALID_ARGUMENT),
+    (Conflict, grpc.StatusCode.ALREADY_EXISTS),
+    (SettlementStateError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 
@@ -145,6 +151,13 @@ class AuthInterceptor:
                 try:
                     async for item in inner(request, context):
                         yield item
+                except BrokerError as exc:
+                    await self._fail(context, method, ident.spiffe_id, exc)
+                except grpc.aio.AbortError:
+                    raise
+                except Exception:
+                    log.exception("handler_failed", method=method, caller=ident.spiffe_id)
+                    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
                 finally:
                     unbind_identity(token)
 
@@ -159,6 +172,14 @@ class AuthInterceptor:
             token = bind_identity(ident)
             try:
                 return await inner(request, context)
+            except BrokerError as exc:
+                await self._fail(context, method, ident.spiffe_id, exc)
+                return None
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("handler_failed", method=method, caller=ident.spiffe_id)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             finally:
                 unbind_identity(token)
 

@@ -26,6 +26,7 @@ from broker._proto.yikatong.v1 import (
 from broker.access import AccessPolicy
 from broker.api import GateServicer, RecognitionServicer, SettlementServicer, TrustServicer
 from broker.cache import AnswerCache
+from broker.clearing.service import ClearingService
 from broker.config import NodeConfig
 from broker.errors import ConfigError
 from broker.fares import load_fares
@@ -89,6 +90,7 @@ class Node:
     _reload_now: asyncio.Event
     _clock: Callable[[], datetime]
     intake: TripIntake | None = None
+    clearing: ClearingService | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -119,6 +121,7 @@ class Node:
         )
         trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(cfg.trust.bundle_file), guarded)
         intake = None
+        clearing = None
         if cfg.ledger_path is not None or cfg.ledger_url is not None:
             known = frozenset(
                 {
@@ -127,10 +130,12 @@ class Node:
                     *(a.district for a in cfg.agreements),
                 }
             )
-            ledger = open_ledger(cfg.ledger_path, cfg.ledger_url)
+            ledger = open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema)
             intake = TripIntake(ledger, known, fares, clock)
+            if cfg.settlement_key_file is not None:
+                clearing = ClearingService(cfg, registry, trust, fares, clock)
             settlement_pb2_grpc.add_SettlementServicer_to_server(
-                SettlementServicer(intake), guarded
+                SettlementServicer(intake, clearing), guarded
             )
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
@@ -170,6 +175,7 @@ class Node:
             reload_now,
             clock,
             intake,
+            clearing,
         )
         node._tasks = [
             asyncio.create_task(node._watch_trust()),
@@ -224,4 +230,6 @@ class Node:
         self.registry.close()
         if self.intake is not None:
             self.intake.close()
+        if self.clearing is not None:
+            self.clearing.close()
         log.info("node_stopped", district=self.config.district)

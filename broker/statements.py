@@ -24,6 +24,8 @@ class StatementLine:
     charged_fen: int = 0
     concession_fen: int = 0
     claimed_fen: int = 0
+    accepted_fen: int = 0
+    rejected_trips: int = 0
 
 
 def scheme_of(trip: Trip, fares: FareSchedule | None) -> str | None:

@@ -18,7 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+from broker.agreements import Agreement
 from broker.card_import import COLUMNS, parse_import
 from broker.cards import CardRef, shanghai_day, ssn_check_character
 from broker.certops import DistrictPaths
@@ -70,6 +72,20 @@ concessions = [
   { entitlement = "student", kind = "percent", value_bp = 5000, scheme = "scenic-student" },
 ]
 """
+
+# One pair's terms, configured alike on both sides of every pair of the testbed.
+SAMPLE_AGREEMENT: dict[str, Any] = {
+    "collect_through_home": True,
+    "concession_share_bp": {
+        "senior-bus-free": 10_000,
+        "senior-bus-half": 5_000,
+        "disabled-free": 10_000,
+        "student-bus": 3_333,
+        "scenic-senior": 5_000,
+        "scenic-disabled": 10_000,
+        "scenic-student": 3_333,
+    },
+}
 
 
 def run_cli(*args: str) -> str:
@@ -186,6 +202,8 @@ def build(
     reload_interval_ms: int = 1000,
     max_connection_age_s: int = 300,
     bundle_refresh_s: int = 30,
+    ledger_url: str | None = None,
+    ledger_schema_prefix: str = "yk",
 ) -> dict[str, DistrictSetup]:
     """Create every district's CA, node and operator certificates, config and registry.
 
@@ -202,6 +220,8 @@ def build(
         reload_interval_ms: how often nodes re-read their trust files.
         max_connection_age_s: how long a connection lives before it is recycled.
         bundle_refresh_s: how often nodes fetch their peers' trust bundles.
+        ledger_url: a PostgreSQL URL for every district's ledger (a schema each,
+            ``<ledger_schema_prefix>_<code>``); ``None``: SQLite files.
     """
     rng = random.Random(seed)
     today = shanghai_day(now)
@@ -262,7 +282,11 @@ def build(
             cache=replace(cache or CacheConfig(), redis_url=redis_url),
             trust=TrustConfig(bundle_file=paths.bundle, bundle_refresh_s=bundle_refresh_s),
             fares_file=fares_path,
-            ledger_path=root / "var" / code / "ledger.sqlite3",
+            ledger_path=None if ledger_url else root / "var" / code / "ledger.sqlite3",
+            ledger_url=ledger_url,
+            ledger_schema=f"{ledger_schema_prefix}_{code}",
+            settlement_key_file=paths.settlement_key,
+            agreements=tuple(Agreement(p, **SAMPLE_AGREEMENT) for p in peer_codes),
         )
         config_path = root / f"node-{code}.toml"
         config_path.write_text(render_config(cfg))

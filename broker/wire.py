@@ -10,6 +10,7 @@ from datetime import UTC
 
 from broker._proto.yikatong.v1 import gate_pb2, recognition_pb2, settlement_pb2, types_pb2
 from broker.cards import CardRef, CardStatus, Entitlement, Recognition, Scene, card_ref
+from broker.clearing.signing import Signed
 from broker.errors import InvalidArgument
 from broker.gate import Decision
 from broker.trips import Judgement, Outcome, Reason, Trip
@@ -129,4 +130,16 @@ def result_to_wire(trip_id: str, j: Judgement | None) -> settlement_pb2.TripResu
         )
     return settlement_pb2.TripResult(
         trip_id=trip_id, outcome=_OUTCOMES[j.outcome], reason=j.reason.value, detail=j.detail
+    )
+
+
+def signed_from_wire(msg: settlement_pb2.SignedDocument) -> Signed:
+    if not msg.document or not msg.key_id or not msg.signature:
+        raise InvalidArgument("document", "document, key_id and signature are all required")
+    return Signed(msg.document, msg.key_id, msg.signature)
+
+
+def signed_to_wire(signed: Signed) -> settlement_pb2.SignedDocument:
+    return settlement_pb2.SignedDocument(
+        document=signed.document, key_id=signed.key_id, signature=signed.signature
     )

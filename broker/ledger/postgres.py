@@ -41,10 +41,19 @@ CREATE TABLE IF NOT EXISTS {schema}.trips (
     reason text NOT NULL,
     detail text NOT NULL,
     received_at timestamptz NOT NULL,
+    ingest_seq bigserial NOT NULL UNIQUE,
     PRIMARY KEY (operator_id, trip_id)
 );
 CREATE INDEX IF NOT EXISTS trips_day ON {schema}.trips (settlement_day, issuer_region, outcome);
 """
+
+
+# Every column but ingest_seq, which the sequence fills (see broker.clearing for why it matters).
+INSERT_COLUMNS = (
+    "operator_id, trip_id, digest, issuer_region, card_number, scene, place_id, occurred_at, "
+    "settlement_day, gross_fare_fen, charged_fen, concession_fen, applied_entitlement, "
+    "fare_version, outcome, reason, detail, received_at"
+)
 
 
 class PostgresLedger:
@@ -75,8 +84,9 @@ class PostgresLedger:
         """Store each judged trip unless its id is known; return each trip's final outcome."""
         out: list[Judgement] = []
         insert = (
-            f"INSERT INTO {self._schema}.trips VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-            "%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (operator_id, trip_id) DO NOTHING"
+            f"INSERT INTO {self._schema}.trips ({INSERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, "
+            "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (operator_id, trip_id) DO NOTHING"
         )
         select = (
             f"SELECT digest, outcome, reason, detail FROM {self._schema}.trips "

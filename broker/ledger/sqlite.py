@@ -40,9 +40,11 @@ CREATE TABLE IF NOT EXISTS trips (
     reason TEXT NOT NULL,
     detail TEXT NOT NULL,
     received_at TEXT NOT NULL,
+    ingest_seq INTEGER NOT NULL,
     PRIMARY KEY (operator_id, trip_id)
 );
 CREATE INDEX IF NOT EXISTS trips_day ON trips (settlement_day, issuer_region, outcome);
+CREATE UNIQUE INDEX IF NOT EXISTS trips_ingest ON trips (ingest_seq);
 """
 
 
@@ -66,10 +68,16 @@ class SqliteLedger:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                # Writers are serialised by BEGIN IMMEDIATE: ingest_seq grows in commit order,
+                # which is what lets a period close take "everything up to here" (broker.clearing).
+                (seq,) = self._db.execute(
+                    "SELECT coalesce(max(ingest_seq), 0) FROM trips"
+                ).fetchone()
                 for trip, verdict in judged:
+                    seq += 1
                     cur = self._db.execute(
                         "INSERT INTO trips VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                        "?, ?) ON CONFLICT (operator_id, trip_id) DO NOTHING",
+                        "?, ?, ?) ON CONFLICT (operator_id, trip_id) DO NOTHING",
                         (
                             trip.operator_id,
                             trip.trip_id,
@@ -89,6 +97,7 @@ class SqliteLedger:
                             verdict.reason.value,
                             verdict.detail,
                             when,
+                            seq,
                         ),
                     )
                     if cur.rowcount == 1:

@@ -44,6 +44,26 @@ class SettlementStub:
                 request_serializer=yikatong_dot_v1_dot_settlement__pb2.GetTripOutcomesRequest.SerializeToString,
                 response_deserializer=yikatong_dot_v1_dot_settlement__pb2.SubmitTripsResponse.FromString,
                 _registered_method=True)
+        self.GetStatement = channel.unary_unary(
+                '/yikatong.v1.Settlement/GetStatement',
+                request_serializer=yikatong_dot_v1_dot_settlement__pb2.GetStatementRequest.SerializeToString,
+                response_deserializer=yikatong_dot_v1_dot_settlement__pb2.OperatorStatement.FromString,
+                _registered_method=True)
+        self.PublishFares = channel.unary_unary(
+                '/yikatong.v1.Settlement/PublishFares',
+                request_serializer=yikatong_dot_v1_dot_settlement__pb2.SignedDocument.SerializeToString,
+                response_deserializer=yikatong_dot_v1_dot_settlement__pb2.PublishFaresResponse.FromString,
+                _registered_method=True)
+        self.ExchangeBatch = channel.stream_stream(
+                '/yikatong.v1.Settlement/ExchangeBatch',
+                request_serializer=yikatong_dot_v1_dot_settlement__pb2.BatchPart.SerializeToString,
+                response_deserializer=yikatong_dot_v1_dot_settlement__pb2.AckPart.FromString,
+                _registered_method=True)
+        self.ConfirmDay = channel.unary_unary(
+                '/yikatong.v1.Settlement/ConfirmDay',
+                request_serializer=yikatong_dot_v1_dot_settlement__pb2.SignedDocument.SerializeToString,
+                response_deserializer=yikatong_dot_v1_dot_settlement__pb2.SignedDocument.FromString,
+                _registered_method=True)
 
 
 class SettlementServicer:
@@ -66,6 +86,42 @@ class SettlementServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatement(self, request, context):
+        """What the calling operator is owed for a settlement day, per card-holders'
+        home district: as claimed and, once acknowledged, as accepted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishFares(self, request, context):
+        """Peer nodes: the calling district publishes its fare rules (a signed
+        document of every version). A version once published never changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeBatch(self, request_iterator, context):
+        """Peer nodes: one batch of lines for the receiver's card-holders, as
+        BatchPart messages (chunks of lines, then the signed trailer). The
+        receiver answers with AckPart messages (the lines it did not accept as
+        sent, in chunks, then its signed acknowledgement). Sending the same batch
+        again returns the same acknowledgement; other content under a batch's
+        sequence number is refused (ALREADY_EXISTS).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ConfirmDay(self, request, context):
+        """Peer nodes: the caller's signed view of a day's bilateral position; the
+        receiver answers with its own signed view. Equal views: the day is SETTLED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SettlementServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +134,26 @@ def add_SettlementServicer_to_server(servicer, server):
                     servicer.GetTripOutcomes,
                     request_deserializer=yikatong_dot_v1_dot_settlement__pb2.GetTripOutcomesRequest.FromString,
                     response_serializer=yikatong_dot_v1_dot_settlement__pb2.SubmitTripsResponse.SerializeToString,
+            ),
+            'GetStatement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatement,
+                    request_deserializer=yikatong_dot_v1_dot_settlement__pb2.GetStatementRequest.FromString,
+                    response_serializer=yikatong_dot_v1_dot_settlement__pb2.OperatorStatement.SerializeToString,
+            ),
+            'PublishFares': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishFares,
+                    request_deserializer=yikatong_dot_v1_dot_settlement__pb2.SignedDocument.FromString,
+                    response_serializer=yikatong_dot_v1_dot_settlement__pb2.PublishFaresResponse.SerializeToString,
+            ),
+            'ExchangeBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExchangeBatch,
+                    request_deserializer=yikatong_dot_v1_dot_settlement__pb2.BatchPart.FromString,
+                    response_serializer=yikatong_dot_v1_dot_settlement__pb2.AckPart.SerializeToString,
+            ),
+            'ConfirmDay': grpc.unary_unary_rpc_method_handler(
+                    servicer.ConfirmDay,
+                    request_deserializer=yikatong_dot_v1_dot_settlement__pb2.SignedDocument.FromString,
+                    response_serializer=yikatong_dot_v1_dot_settlement__pb2.SignedDocument.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +210,114 @@ class Settlement:
             '/yikatong.v1.Settlement/GetTripOutcomes',
             yikatong_dot_v1_dot_settlement__pb2.GetTripOutcomesRequest.SerializeToString,
             yikatong_dot_v1_dot_settlement__pb2.SubmitTripsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/yikatong.v1.Settlement/GetStatement',
+            yikatong_dot_v1_dot_settlement__pb2.GetStatementRequest.SerializeToString,
+            yikatong_dot_v1_dot_settlement__pb2.OperatorStatement.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishFares(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/yikatong.v1.Settlement/PublishFares',
+            yikatong_dot_v1_dot_settlement__pb2.SignedDocument.SerializeToString,
+            yikatong_dot_v1_dot_settlement__pb2.PublishFaresResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/yikatong.v1.Settlement/ExchangeBatch',
+            yikatong_dot_v1_dot_settlement__pb2.BatchPart.SerializeToString,
+            yikatong_dot_v1_dot_settlement__pb2.AckPart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ConfirmDay(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/yikatong.v1.Settlement/ConfirmDay',
+            yikatong_dot_v1_dot_settlement__pb2.SignedDocument.SerializeToString,
+            yikatong_dot_v1_dot_settlement__pb2.SignedDocument.FromString,
             options,
             channel_credentials,
             insecure,

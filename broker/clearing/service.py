@@ -1,0 +1,87 @@
+"""Clearing inside a running node: the home side of exchanges, off the event loop.
+
+Every database step runs on one worker thread of its own (the receiver's
+transactions are long for big batches; trip intake keeps its own writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date, datetime
+from typing import TypeVar
+
+from broker.clearing.receiver import Ack, Receiver, Spool
+from broker.clearing.reports import with_acceptance
+from broker.clearing.signing import Signed, Signer, bundle_keys
+from broker.clearing.store import ClearingStore
+from broker.config import NodeConfig
+from broker.fares import FareSchedule
+from broker.ledger.common import TRIP_COLUMNS, trip_from_row
+from broker.registry import Registry
+from broker.statements import StatementLine, statement
+from broker.trust import TrustStore
+
+T = TypeVar("T")
+
+
+class ClearingService:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        registry: Registry,
+        trust: TrustStore,
+        fares: FareSchedule | None,
+        clock: Callable[[], datetime],
+    ) -> None:
+        assert cfg.settlement_key_file is not None
+        self._cfg = cfg
+        self._fares = fares
+        self.store = ClearingStore.open(cfg)
+        self.receiver = Receiver(
+            cfg.district,
+            self.store,
+            Signer.from_file(cfg.settlement_key_file),
+            registry,
+            bundle_keys(lambda: trust.current),
+            cfg.agreement,
+            fares,
+            clock,
+        )
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearing")
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def publish_fares(self, sender: str, signed: Signed) -> list[str]:
+        return await self._run(self.receiver.publish_fares, sender, signed)
+
+    async def receive(self, sender: str, spool: Spool, trailer: Signed) -> Ack:
+        return await self._run(self.receiver.receive, sender, spool, trailer)
+
+    async def confirm(self, sender: str, signed: Signed) -> Signed:
+        return await self._run(self.receiver.confirm, sender, signed)
+
+    async def statement(self, period: date, operator_id: str | None) -> list[StatementLine]:
+        def build() -> list[StatementLine]:
+            sql = (
+                f"SELECT {TRIP_COLUMNS} FROM trips WHERE settlement_day = ? "
+                "AND outcome = 'accepted'"
+            )
+            day: object = period.isoformat() if self.store.trips.dialect == "sqlite" else period
+            args: list[object] = [day]
+            if operator_id:
+                sql += " AND operator_id = ?"
+                args.append(operator_id)
+            trips = (
+                trip_from_row(r) for block in self.store.trips.stream(sql, args) for r in block
+            )
+            lines = statement(trips, self._cfg.district, self._cfg.agreement, self._fares)
+            return with_acceptance(lines, self.store, period, operator_id)
+
+        return await self._run(build)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+        self.store.close()
