@@ -308,7 +308,7 @@ def build(
             rows = parse_import(fh, today, load_key_file(paths.hash_key))
         registry = Registry(loaded.registry_path)
         try:
-            registry.upsert(rows, now)
+            registry.upsert(rows, now - timedelta(days=30))  # cards issued before the trips
         finally:
             registry.close()
         setups[code] = DistrictSetup(

@@ -196,3 +196,35 @@ def ledger_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[o
     yield lambda: open_ledger(None, url, schema)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def day_cluster(
+    request: pytest.FixtureRequest, tmp_path: Path, now: datetime
+) -> AsyncIterator[Cluster]:
+    """Three running districts whose ledgers (and clearing tables) are SQLite or PostgreSQL."""
+    import secrets
+
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    prefix = f"ykt{secrets.token_hex(3)}"
+    setups = testbed.build(
+        tmp_path,
+        THREE,
+        now,
+        cards_per_district=60,
+        bundle_refresh_s=1,
+        ledger_url=url,
+        ledger_schema_prefix=prefix,
+    )
+    nodes = {code: await Node.start(s.config) for code, s in setups.items()}
+    c = Cluster(setups, nodes)
+    try:
+        yield c
+    finally:
+        await c.close()
+        if url:
+            import psycopg
+
+            with psycopg.connect(url, autocommit=True) as conn:
+                for code in THREE:
+                    conn.execute(f"DROP SCHEMA IF EXISTS {prefix}_{code} CASCADE")

@@ -99,8 +99,8 @@ class Sender:
         clock: Callable[[], datetime],
         progress: Callable[[str, int], None] = lambda what, n: None,
     ) -> None:
-        self._cfg = cfg
-        self._store = store
+        self.cfg = cfg
+        self.store = store
         self._db = store.db
         self._signer = signer
         self._fares = fares
@@ -111,7 +111,7 @@ class Sender:
         self._own = cfg.district
 
     def _stub(self, district: str) -> settlement_pb2_grpc.SettlementStub:
-        if self._cfg.peer(district) is None:
+        if self.cfg.peer(district) is None:
             raise SettlementStateError(f"district {district} is not a configured peer")
         return settlement_pb2_grpc.SettlementStub(self._channel(district))
 
@@ -158,15 +158,15 @@ class Sender:
             close_no, low = (int(last[0]), int(last[1])) if last else (0, 0)
             if pending and pending[0]:
                 return close_no
-            if self._store.trips is self._db:
+            if self.store.trips is self._db:
                 self._db.lock_trips()  # PostgreSQL: no trip write in flight below the watermark
-            top = self._store.trips.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
+            top = self.store.trips.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
             high = int(top[0]) if top else 0
-            homes = self._store.trips.all(
+            homes = self.store.trips.all(
                 "SELECT DISTINCT issuer_region FROM trips WHERE settlement_day = ? "
                 "AND outcome = 'accepted' AND ingest_seq > ? AND ingest_seq <= ? "
                 "AND issuer_region <> ?",
-                (day if self._store.trips.dialect == "sqlite" else period, low, high, self._own),
+                (day if self.store.trips.dialect == "sqlite" else period, low, high, self._own),
             )
             if not homes:
                 return None
@@ -176,7 +176,7 @@ class Sender:
                 "INSERT INTO day_closes VALUES (?, ?, ?, ?)", (day, close_no, high, now)
             )
             for (home,) in sorted(homes):
-                if self._cfg.peer(home) is None:
+                if self.cfg.peer(home) is None:
                     log.warning("close_skips_district", district=home, reason="not a peer")
                     continue
                 self._db.execute(
@@ -196,7 +196,7 @@ class Sender:
 
     async def close(self, period: date) -> CloseReport:
         """Close ``period``: publish fare rules, fix the batches, send every unacknowledged one."""
-        for peer in self._cfg.peers:
+        for peer in self.cfg.peers:
             await self.publish_fares(peer.district)
         crash.point("fares_published")
         close_no = await asyncio.to_thread(self.plan_close, period)
@@ -229,15 +229,15 @@ class Sender:
         if kind == "represent":
             yield from decode_lines(unb64(payload))
             return
-        day: object = period.isoformat() if self._store.trips.dialect == "sqlite" else period
-        for block in self._store.trips.stream(
+        day: object = period.isoformat() if self.store.trips.dialect == "sqlite" else period
+        for block in self.store.trips.stream(
             f"SELECT {TRIP_COLUMNS} FROM trips WHERE settlement_day = ? AND issuer_region = ? "
             "AND outcome = 'accepted' AND ingest_seq > ? AND ingest_seq <= ? "
             "ORDER BY occurred_at, operator_id, trip_id",
             (day, counterparty, lo, hi),
         ):
             for r in block:
-                yield line_for(trip_from_row(r), self._cfg, self._fares)
+                yield line_for(trip_from_row(r), self.cfg, self._fares)
 
     async def send(self, counterparty: str, period: date, seq: int) -> BatchResult:
         """Send one batch (again, if it was sent before) and store the acknowledgement."""
@@ -453,7 +453,7 @@ class Sender:
                 raise SettlementStateError(
                     f"dispute {operator_id}/{trip_id} is {dispute[1]}: a line is represented once"
                 )
-            row = self._store.trips.one(
+            row = self.store.trips.one(
                 f"SELECT {TRIP_COLUMNS} FROM trips WHERE operator_id = ? AND trip_id = ?",
                 (operator_id, trip_id),
             )
@@ -462,7 +462,7 @@ class Sender:
             trip = replace(trip_from_row(row), **corrections)
             day = str(dispute[0])
             seq = self._next_seq(counterparty, day)
-            payload = b64(encode_lines([line_for(trip, self._cfg, self._fares)]))
+            payload = b64(encode_lines([line_for(trip, self.cfg, self._fares)]))
             self._db.execute(
                 "INSERT INTO out_batches (counterparty, period, seq, kind, lo, hi, payload, "
                 "state, created_at) VALUES (?, ?, ?, 'represent', 0, 0, ?, 'built', ?)",
@@ -495,7 +495,7 @@ class Sender:
 
     async def confirm(self, counterparty: str, period: date) -> Position:
         """Agree the day's bilateral position with ``counterparty``; equal views are SETTLED."""
-        mine = position(self._store, counterparty, period)
+        mine = position(self.store, counterparty, period)
         if mine.pending_batches or mine.open_disputes:
             raise SettlementStateError(
                 f"{counterparty} {period}: {mine.pending_batches} batch(es) unacknowledged, "
@@ -546,7 +546,7 @@ class Sender:
                     utc_text(self._clock()),
                 ),
             )
-        return position(self._store, counterparty, period)
+        return position(self.store, counterparty, period)
 
 
 def _counting(lines: Iterator[Line], totals: Totals) -> Iterator[Line]:
