@@ -195,6 +195,7 @@ class Receiver:
         counts = {"accepted": 0, "cap_exceeded": 0, "rejected": 0}
         accepted_claim = 0
         attempt = 2 if kind == "represent" else 1
+        pending: dict[tuple[str, str], tuple[str, int]] = {}  # this chunk's lines, not yet written
         with self._db.write():
             self._sync_own_usage()
             checker = LineChecker(
@@ -205,7 +206,8 @@ class Receiver:
                 fare_table=self._fare_table(sender),
                 agreement=self._agreement(sender),
                 caps=CapCounter(self._db),
-                previous=lambda op, trip: self._previous(sender, op, trip),
+                previous=lambda op, trip: pending.get((op, trip))
+                or self._previous(sender, op, trip),
                 representment=kind == "represent",
             )
             line_no = 0
@@ -226,6 +228,7 @@ class Receiver:
                             )
                         )
                     if code not in ("DUPLICATE", "NOT_DISPUTED", "WRONG_DISTRICT"):
+                        pending[(t.operator_id, t.trip_id)] = (code, attempt)
                         rows.append(
                             (
                                 sender,
@@ -249,6 +252,7 @@ class Receiver:
                     "accepted_claim_fen = excluded.accepted_claim_fen",
                     rows,
                 )
+                pending.clear()
             stated = {k: header.get(k) for k in totals.as_doc()}
             if stated != totals.as_doc():
                 raise DocumentRefused("batch totals do not match its lines")
