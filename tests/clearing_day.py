@@ -16,6 +16,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -57,7 +58,7 @@ def expected_claim(t: SentTrip) -> int:
         SCHEME.get((r.scene, r.applied_entitlement), ""), 0
     )
     charged = r.charged_fen if SAMPLE_AGREEMENT["collect_through_home"] else 0
-    return charged + (2 * r.concession_fen * share + 10_000) // 20_000
+    return int(charged + (2 * r.concession_fen * share + 10_000) // 20_000)
 
 
 def expected_positions(trips: list[SentTrip]) -> dict[tuple[str, str], int]:
@@ -175,7 +176,7 @@ async def cli(*args: str) -> str:
     return await asyncio.to_thread(run_cli, *args)
 
 
-async def district_positions(setup: DistrictSetup, period: str) -> dict[str, object]:
+async def district_positions(setup: DistrictSetup, period: str) -> dict[str, Any]:
     out = await cli(
         "settle",
         "statement",
@@ -187,4 +188,4 @@ async def district_positions(setup: DistrictSetup, period: str) -> dict[str, obj
         "--format",
         "json",
     )
-    return json.loads(out)  # type: ignore[no-any-return]
+    return dict(json.loads(out))

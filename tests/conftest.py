@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -164,19 +165,93 @@ def _pg_answers(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> str:
-    """``YIKATONG_TEST_POSTGRES_URL``, else database ``test`` on 127.0.0.1:5432 (trust auth).
+def _pg_binaries() -> Path | None:
+    """The directory of ``initdb``/``pg_ctl`` (Debian keeps them out of PATH)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent  # the real bin directory, with createdb and pg_ctl
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+    return candidates[0].parent if candidates else None
 
-    Without one: skip locally, fail under CI (PostgreSQL runs on the project's machines).
+
+def _start_private_postgres(workdir: Path) -> tuple[str, Callable[[], None]] | None:
+    """A throwaway PostgreSQL cluster on a free port (as user postgres when we are root)."""
+    bindir = _pg_binaries()
+    if bindir is None:
+        return None
+    port = testbed.free_port()
+    data = workdir / "pgdata"
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        run_as = ["runuser", "-u", "postgres", "--"]
+        workdir.chmod(0o777)  # a directory of its own under /tmp, reachable by postgres
+    subprocess.run(
+        [*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    opts = f"-p {port} -k {workdir} -c listen_addresses=127.0.0.1 -c fsync=on"
+    subprocess.run(
+        [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-w", "start"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [
+            *run_as,
+            str(bindir / "createdb"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-U",
+            "postgres",
+            "test",
+        ],
+        check=True,
+    )
+
+    def stop() -> None:
+        subprocess.run(
+            [*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"],
+            check=False,
+            stdout=subprocess.DEVNULL,
+        )
+
+    return f"postgresql://postgres@127.0.0.1:{port}/test", stop
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``YIKATONG_TEST_POSTGRES_URL``, else database ``test`` on 127.0.0.1:5432 (trust auth),
+    else a private cluster started for the session (``initdb`` from the postgresql package).
+
+    Without any: skip locally, fail under CI.
     """
     url = os.environ.get("YIKATONG_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-    if not _pg_answers(url):
+    if _pg_answers(url):
+        yield url
+        return
+    started = None
+    try:
+        workdir = Path(tempfile.mkdtemp(prefix="yikatong-pg-"))
+        started = _start_private_postgres(workdir)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        unavailable(f"a private PostgreSQL did not start: {exc}")
+    if started is None:
         unavailable(
-            f"no PostgreSQL at {url}: install postgresql (apt-get install postgresql) "
+            f"no PostgreSQL at {url} and no initdb to start one: apt-get install postgresql "
             "or set YIKATONG_TEST_POSTGRES_URL"
         )
-    return url
+        return
+    private, stop = started
+    try:
+        yield private
+    finally:
+        stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
-from broker.cards import CardRef, Entitlement, Scene, entitlements_for, shanghai_day
+from broker.cards import Entitlement, Scene, entitlements_for, shanghai_day
 from broker.clearing.batch import Digest, Line, Totals, encode_lines
 from broker.clearing.signing import Signer
 from broker.fares import fares_document, load_fares
@@ -174,7 +174,7 @@ async def test_a_line_priced_with_unpublished_rules_is_rejected(cluster: Cluster
     assert [(v.line_no, v.code) for v in verdicts] == [(1, "UNPUBLISHED_FARES"), (2, "DUPLICATE")]
 
 
-async def submit(cluster: Cluster, serving: str, records: list[object]) -> None:
+async def submit(cluster: Cluster, serving: str, records: list[settlement_pb2.TripRecord]) -> None:
     s = cluster.setups[serving]
     ch, stub = operator_stub(s, cluster.nodes[serving].address)
     try:
@@ -226,9 +226,9 @@ async def test_a_cap_exceeded_across_two_districts_is_caught(tight_caps, cluster
     dz_view = await district_positions(cluster.setups[DAZU], period)
     rc_view = await district_positions(cluster.setups[RONGCHANG], period)
     # Dazu's ride was the second use this month: within the cap, its concession is owed.
-    assert dz_view["positions"][0]["receivable_fen"] == 200  # type: ignore[index]
+    assert dz_view["positions"][0]["receivable_fen"] == 200
     # Rongchang's was the third: it keeps its fare (0 charged) but loses the concession claim.
-    assert rc_view["positions"][0]["receivable_fen"] == 0  # type: ignore[index]
+    assert rc_view["positions"][0]["receivable_fen"] == 0
     assert dz and rg
 
 
@@ -244,7 +244,7 @@ async def test_a_rejected_line_is_represented_once_then_final(cluster: Cluster, 
     await submit(cluster, DAZU, wrong)
     period = shanghai_day(when).isoformat()
     await cli("settle", "close", "--config", cfg, "--period", period)
-    assert (await district_positions(s, period))["positions"][0]["open_disputes"] == 2  # type: ignore[index]
+    assert (await district_positions(s, period))["positions"][0]["open_disputes"] == 2
 
     fixed = await cli(
         "settle",
@@ -314,7 +314,6 @@ async def test_a_rejected_line_is_represented_once_then_final(cluster: Cluster, 
         "agreed by phone: written off",
     )
     view = await district_positions(s, period)
-    pos = view["positions"][0]  # type: ignore[index]
+    pos = view["positions"][0]
     assert pos["open_disputes"] == 0
     assert pos["receivable_fen"] == 200  # the corrected rp-1 (full fare, collected through home)
-    assert CardRef  # imported for type context

@@ -65,10 +65,10 @@ async def test_the_closing_process_killed_at_each_state_change_resumes(
     nets = 0
     for code in THREE:
         view = await district_positions(cluster.setups[code], day)
-        for p in view["positions"]:  # type: ignore[union-attr]
+        for p in view["positions"]:
             assert p["receivable_fen"] == expected[(code, p["counterparty"])]
             assert p["payable_fen"] == expected[(p["counterparty"], code)]
-        nets += view["multilateral_net_fen"]  # type: ignore[operator]
+        nets += view["multilateral_net_fen"]
     assert nets == 0
 
     if point == "position_agreed":
@@ -99,4 +99,4 @@ async def test_the_closing_process_killed_at_each_state_change_resumes(
         )
         assert await broker("settle", "confirm", "--config", cfg[DAZU], "--period", day) == 0
         view = await district_positions(cluster.setups[DAZU], day)
-        assert {p["state"] for p in view["positions"]} == {"settled"}  # type: ignore[union-attr]
+        assert {p["state"] for p in view["positions"]} == {"settled"}

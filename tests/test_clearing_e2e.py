@@ -42,14 +42,14 @@ async def test_a_day_closes_exchanges_and_reconciles(day_cluster: Cluster, now: 
     expected = expected_positions(trips)
     views = {code: await district_positions(cluster.setups[code], period) for code in THREE}
     for code, view in views.items():
-        got = {p["counterparty"]: p for p in view["positions"]}  # type: ignore[index]
+        got = {p["counterparty"]: p for p in view["positions"]}
         for other in THREE:
             if other == code:
                 continue
             assert got[other]["receivable_fen"] == expected[(code, other)], (code, other)
             assert got[other]["payable_fen"] == expected[(other, code)], (code, other)
             assert got[other]["open_disputes"] == 1  # the one line with a lost/expired card
-    assert sum(v["multilateral_net_fen"] for v in views.values()) == 0  # type: ignore[misc]
+    assert sum(v["multilateral_net_fen"] for v in views.values()) == 0
 
     # The operator's statement over gRPC: claimed per home district, and accepted.
     s = cluster.setups[DAZU]
@@ -101,7 +101,7 @@ async def test_a_day_closes_exchanges_and_reconciles(day_cluster: Cluster, now: 
         )
     for code in THREE:
         view = await district_positions(cluster.setups[code], period)
-        assert {p["state"] for p in view["positions"]} == {"settled"}  # type: ignore[index]
+        assert {p["state"] for p in view["positions"]} == {"settled"}
 
 
 async def test_a_trip_after_close_goes_in_a_supplementary_batch(day_cluster: Cluster, now):
@@ -126,8 +126,8 @@ async def test_a_trip_after_close_goes_in_a_supplementary_batch(day_cluster: Clu
     out = await cli("settle", "close", "--config", str(dazu.config_path), "--period", period)
     assert "close #2" in out
     after = await district_positions(dazu, period)
-    anyue_before = next(p for p in before["positions"] if p["counterparty"] == ANYUE)  # type: ignore[union-attr]
-    anyue_after = next(p for p in after["positions"] if p["counterparty"] == ANYUE)  # type: ignore[union-attr]
+    anyue_before = next(p for p in before["positions"] if p["counterparty"] == ANYUE)
+    anyue_after = next(p for p in after["positions"] if p["counterparty"] == ANYUE)
     from tests.clearing_day import SentTrip, expected_claim
 
     assert anyue_after["receivable_fen"] - anyue_before["receivable_fen"] == expected_claim(
