@@ -11,7 +11,7 @@ import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
@@ -182,6 +182,9 @@ def demo(checks: int, concurrency: int, as_json: bool, keep: Path | None) -> Non
             _print_summary(summary)
         if summary["mismatches"]:
             _fail(f"{summary['mismatches']} decision(s) disagree with the registries")
+        day = summary.get("settlement")
+        if isinstance(day, dict) and day.get("nets_sum_fen"):
+            _fail("the day's multilateral net positions do not sum to zero")
 
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)
@@ -237,3 +240,40 @@ def _print_summary(summary: dict[str, object]) -> None:
     out.print(table)
     click.echo("districts: " + "; ".join(f"{c} {n}" for c, n in sorted(names.items())))
     click.echo(f"decisions that disagree with the registries: {summary['mismatches']}")
+    day = summary.get("settlement")
+    if isinstance(day, dict) and day:
+        _print_day(day, out)
+
+
+def _print_day(day: dict[str, Any], out: Console) -> None:
+    table = Table(
+        title=(
+            f"settlement day {day['period']}: {day['trips']} trips "
+            f"(+{day['duplicates_resubmitted']} resubmitted, stored once; "
+            f"{day['late_trips']} after the close, in supplementary batches)"
+        )
+    )
+    for col in (
+        "district",
+        "counterparty",
+        "batches",
+        "receivable ¥",
+        "payable ¥",
+        "net ¥",
+        "disputes",
+    ):
+        table.add_column(col, justify="right")
+    for code, rows in sorted(day["positions"].items()):
+        for r in rows:
+            table.add_row(
+                code,
+                r["counterparty"],
+                str(r["batches"]),
+                yuan(r["receivable_fen"]),
+                yuan(r["payable_fen"]),
+                yuan(r["net_fen"]),
+                str(r["open_disputes"]),
+            )
+    out.print(table)
+    nets = ", ".join(f"{c} {yuan(n)}" for c, n in sorted(day["multilateral_net_fen"].items()))
+    click.echo(f"multilateral nets: {nets}; sum {yuan(day['nets_sum_fen'])}")

@@ -15,10 +15,10 @@ import io
 import json
 import os
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, fields
-from datetime import UTC, date, datetime
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +30,13 @@ from broker.cards import Entitlement
 from broker.clearing.positions import positions
 from broker.clearing.reports import with_acceptance
 from broker.clearing.sender import Sender
-from broker.clearing.signing import Signer, bundle_keys
+from broker.clearing.session import open_sender
 from broker.clearing.store import ClearingStore
 from broker.config import NodeConfig, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.fares import load_fares
 from broker.ledger import open_ledger
-from broker.peers.channels import PeerChannels
 from broker.statements import statement
-from broker.trust import TrustStore
 
 config_option = click.option(
     "--config", "config_path", required=True, type=click.Path(path_type=Path)
@@ -76,13 +74,7 @@ def _config(path: Path) -> NodeConfig:
     return cfg
 
 
-@asynccontextmanager
-async def _sender(cfg: NodeConfig) -> AsyncIterator[Sender]:
-    if cfg.settlement_key_file is None:
-        raise ConfigError("[settlement] key_file is not set: this node cannot sign batches")
-    trust = TrustStore(cfg)
-    channels = PeerChannels(trust, cfg.peers)
-    store = ClearingStore.open(cfg)
+def _progress() -> Callable[[str, int], None]:
     console = Console(stderr=True)
     shown = [0]
 
@@ -91,25 +83,12 @@ async def _sender(cfg: NodeConfig) -> AsyncIterator[Sender]:
             shown[0] = n
             console.print(f"  {n:,} {what}")
 
-    try:
-        yield Sender(
-            cfg,
-            store,
-            Signer.from_file(cfg.settlement_key_file),
-            load_fares(cfg.fares_file) if cfg.fares_file else None,
-            channels.channel,
-            bundle_keys(lambda: trust.current),
-            lambda: datetime.now(UTC),
-            progress,
-        )
-    finally:
-        await channels.close()
-        store.close()
+    return progress
 
 
 def _run(cfg_path: Path, work: Callable[[Sender], Any]) -> Any:
     async def go() -> Any:
-        async with _sender(_config(cfg_path)) as sender:
+        async with open_sender(_config(cfg_path), _progress()) as sender:
             return await work(sender)
 
     with _errors():

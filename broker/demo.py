@@ -23,6 +23,7 @@ from pathlib import Path
 from broker._proto.yikatong.v1 import gate_pb2
 from broker.cards import CardRef, Scene, shanghai_day
 from broker.config import node_server_name
+from broker.demo_day import run_day
 from broker.districts import district_names
 from broker.metrics import percentile
 from broker.node import Node
@@ -67,6 +68,7 @@ class PairStats:
 class DemoReport:
     pairs: dict[tuple[str, str], PairStats]
     seconds: float
+    settlement: dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         names = district_names()
@@ -84,6 +86,7 @@ class DemoReport:
                 }
                 for (g, h), stats in sorted(self.pairs.items())
             ],
+            "settlement": self.settlement,
         }
 
 
@@ -167,7 +170,9 @@ async def run_demo(
 
         started = time.perf_counter()
         await asyncio.gather(*(one(*item) for item in plan))
-        return DemoReport(pairs, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        day = await run_day(setups, nodes, now, seed)
+        return DemoReport(pairs, seconds, day)
     finally:
         for ch in channels:
             await ch.close()

@@ -206,8 +206,9 @@ class Receiver:
                 fare_table=self._fare_table(sender),
                 agreement=self._agreement(sender),
                 caps=CapCounter(self._db),
-                previous=lambda op, trip: pending.get((op, trip))
-                or self._previous(sender, op, trip),
+                previous=lambda op, trip: (
+                    pending.get((op, trip)) or self._previous(sender, op, trip)
+                ),
                 representment=kind == "represent",
             )
             line_no = 0
