@@ -28,7 +28,7 @@ from rich.table import Table
 
 from broker.cards import Entitlement
 from broker.clearing.positions import positions
-from broker.clearing.reports import with_acceptance
+from broker.clearing.reports import operator_statement
 from broker.clearing.sender import Sender
 from broker.clearing.session import open_sender
 from broker.clearing.store import ClearingStore
@@ -36,7 +36,6 @@ from broker.config import NodeConfig, load_config
 from broker.errors import BrokerError, ConfigError
 from broker.fares import load_fares
 from broker.ledger import open_ledger
-from broker.statements import statement
 
 config_option = click.option(
     "--config", "config_path", required=True, type=click.Path(path_type=Path)
@@ -285,12 +284,9 @@ def statement_cmd(
                 return
             ledger = open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema)
             try:
-                trips = ledger.accepted_trips(day, operator_id)
+                lines = operator_statement(cfg, fares, ledger, store, day, operator_id)
             finally:
                 ledger.close()
-            lines = with_acceptance(
-                statement(trips, cfg.district, cfg.agreement, fares), store, day, operator_id
-            )
         finally:
             store.close()
     rows = [asdict(line) for line in lines]

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
+
 from broker._proto.yikatong.v1 import gate_pb2
 from broker.cards import CardRef, Scene, shanghai_day
 from broker.config import node_server_name
@@ -132,19 +134,18 @@ async def run_demo(
     now = datetime.now(UTC)
     setups = build(root, DISTRICTS, now, cards_per_district=cards_per_district, seed=seed)
     nodes = {code: await Node.start(s.config) for code, s in setups.items()}
-    channels = []
+    channels: dict[str, grpc.aio.Channel] = {}
     try:
         clients = {}
         for code, s in setups.items():
-            ch = open_channel(
+            channels[code] = open_channel(
                 nodes[code].address,
                 node_server_name(code),
                 s.paths.ca_cert,
                 s.operator_cert,
                 s.operator_key,
             )
-            channels.append(ch)
-            clients[code] = GateClient(ch, s.operator_id, gate_id=f"{code}-gate-1")
+            clients[code] = GateClient(channels[code], s.operator_id, gate_id=f"{code}-gate-1")
         plan = plan_checks({c: s.cards for c, s in setups.items()}, checks, random.Random(seed))
         pairs: dict[tuple[str, str], PairStats] = {}
         sem = asyncio.Semaphore(concurrency)
@@ -171,10 +172,10 @@ async def run_demo(
         started = time.perf_counter()
         await asyncio.gather(*(one(*item) for item in plan))
         seconds = time.perf_counter() - started
-        day = await run_day(setups, nodes, now, seed)
+        day = await run_day(setups, channels, clients, now, seed)
         return DemoReport(pairs, seconds, day)
     finally:
-        for ch in channels:
+        for ch in channels.values():
             await ch.close()
         for node in nodes.values():
             await node.stop(grace=0.5)

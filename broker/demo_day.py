@@ -11,18 +11,18 @@ holds every district's net positions; they sum to zero.
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc, types_pb2
 from broker.cards import Scene, shanghai_day
 from broker.clearing.positions import positions
 from broker.clearing.session import open_sender
-from broker.config import node_server_name
-from broker.node import Node
-from broker.operator_client import GateClient, open_channel
+from broker.operator_client import GateClient
 from broker.testbed import DistrictSetup
 
 
@@ -67,74 +67,56 @@ async def _trips(
 
 async def run_day(
     setups: dict[str, DistrictSetup],
-    nodes: dict[str, Node],
+    channels: Mapping[str, grpc.aio.Channel],
+    gates: Mapping[str, GateClient],
     now: datetime,
     seed: int,
     per_home: int = 40,
 ) -> dict[str, Any]:
+    """Run the day over the demo's operator channels (one per district) and report it."""
     rng = random.Random(seed)
     when = now - timedelta(minutes=30)
     period = shanghai_day(when)
     submitted = duplicates = late = 0
-    channels = []
-    try:
-        stubs = {}
-        gates = {}
-        for code, s in setups.items():
-            ch = open_channel(
-                nodes[code].address,
-                node_server_name(code),
-                s.paths.ca_cert,
-                s.operator_cert,
-                s.operator_key,
-            )
-            channels.append(ch)
-            stubs[code] = settlement_pb2_grpc.SettlementStub(ch)
-            gates[code] = GateClient(ch, s.operator_id, gate_id=f"{code}-bus-7")
-        for code, s in setups.items():
-            others = [o for c, o in setups.items() if c != code]
-            trips = await _trips(s, gates[code], others, when, rng, per_home, "day")
-            await stubs[code].SubmitTrips(settlement_pb2.SubmitTripsRequest(trips=trips))
-            again = await stubs[
-                code
-            ].SubmitTrips(  # a gate that uploaded twice
-                settlement_pb2.SubmitTripsRequest(trips=trips[:5])
-            )
-            submitted += len(trips)
-            duplicates += len(again.results)
-        for s in setups.values():
-            async with open_sender(s.config) as sender:
-                await sender.close(period)
-        for code, s in setups.items():  # trips uploaded after the close: a supplementary batch
-            others = [o for c, o in setups.items() if c != code]
-            trips = await _trips(s, gates[code], others[:1], when, rng, 2, "late")
-            await stubs[code].SubmitTrips(settlement_pb2.SubmitTripsRequest(trips=trips))
-            late += len(trips)
-            async with open_sender(s.config) as sender:
-                await sender.close(period)
-        views: dict[str, list[dict[str, Any]]] = {}
-        for code, s in setups.items():
-            async with open_sender(s.config) as sender:
-                views[code] = [
-                    {
-                        "counterparty": p.counterparty,
-                        "receivable_fen": p.receivable_fen,
-                        "payable_fen": p.payable_fen,
-                        "net_fen": p.net_fen,
-                        "open_disputes": p.open_disputes,
-                        "batches": len(
-                            [
-                                b
-                                for b in sender.store.out_batches(period)
-                                if b["counterparty"] == p.counterparty
-                            ]
-                        ),
-                    }
-                    for p in positions(sender.store, period, code)
-                ]
-    finally:
-        for ch in channels:
-            await ch.close()
+    stubs = {code: settlement_pb2_grpc.SettlementStub(ch) for code, ch in channels.items()}
+    for code, s in setups.items():
+        others = [o for c, o in setups.items() if c != code]
+        trips = await _trips(s, gates[code], others, when, rng, per_home, "day")
+        await stubs[code].SubmitTrips(settlement_pb2.SubmitTripsRequest(trips=trips))
+        # A gate that uploaded its first five trips twice: they are stored once.
+        again = await stubs[code].SubmitTrips(settlement_pb2.SubmitTripsRequest(trips=trips[:5]))
+        submitted += len(trips)
+        duplicates += len(again.results)
+    for s in setups.values():
+        async with open_sender(s.config) as sender:
+            await sender.close(period)
+    for code, s in setups.items():  # trips uploaded after the close: a supplementary batch
+        others = [o for c, o in setups.items() if c != code]
+        trips = await _trips(s, gates[code], others[:1], when, rng, 2, "late")
+        await stubs[code].SubmitTrips(settlement_pb2.SubmitTripsRequest(trips=trips))
+        late += len(trips)
+        async with open_sender(s.config) as sender:
+            await sender.close(period)
+    views: dict[str, list[dict[str, Any]]] = {}
+    for code, s in setups.items():
+        async with open_sender(s.config) as sender:
+            views[code] = [
+                {
+                    "counterparty": p.counterparty,
+                    "receivable_fen": p.receivable_fen,
+                    "payable_fen": p.payable_fen,
+                    "net_fen": p.net_fen,
+                    "open_disputes": p.open_disputes,
+                    "batches": len(
+                        [
+                            b
+                            for b in sender.store.out_batches(period)
+                            if b["counterparty"] == p.counterparty
+                        ]
+                    ),
+                }
+                for p in positions(sender.store, period, code)
+            ]
     nets = {code: sum(p["net_fen"] for p in v) for code, v in views.items()}
     return {
         "period": period.isoformat(),

@@ -189,3 +189,25 @@ async def district_positions(setup: DistrictSetup, period: str) -> dict[str, Any
         "json",
     )
     return dict(json.loads(out))
+
+
+async def assert_positions_match(
+    setups: dict[str, DistrictSetup], trips: list[SentTrip], period: str
+) -> dict[str, dict[str, Any]]:
+    """Every district's positions equal the recomputation, pair by pair; the nets sum to zero.
+
+    Returns each district's positions by counterparty.
+    """
+    expected = expected_positions(trips)
+    views: dict[str, dict[str, Any]] = {}
+    for code, setup in setups.items():
+        view = await district_positions(setup, period)
+        got = {p["counterparty"]: p for p in view["positions"]}
+        assert set(got) == set(setups) - {code}, code
+        for other, p in got.items():
+            assert p["receivable_fen"] == expected[(code, other)], (code, other)
+            assert p["payable_fen"] == expected[(other, code)], (code, other)
+        views[code] = got
+        assert view["multilateral_net_fen"] == sum(p["net_fen"] for p in got.values())
+    assert sum(p["net_fen"] for v in views.values() for p in v.values()) == 0
+    return views

@@ -18,7 +18,7 @@ from datetime import datetime
 import pytest
 
 from broker.cards import shanghai_day
-from tests.clearing_day import district_positions, expected_positions, simulate_day
+from tests.clearing_day import assert_positions_match, district_positions, simulate_day
 from tests.conftest import DAZU, THREE, Cluster
 
 
@@ -61,15 +61,7 @@ async def test_the_closing_process_killed_at_each_state_change_resumes(
     for code in THREE:  # the restart (for Dazu) and the other districts' closes
         assert await broker("settle", "close", "--config", cfg[code], "--period", day) == 0
 
-    expected = expected_positions(trips)
-    nets = 0
-    for code in THREE:
-        view = await district_positions(cluster.setups[code], day)
-        for p in view["positions"]:
-            assert p["receivable_fen"] == expected[(code, p["counterparty"])]
-            assert p["payable_fen"] == expected[(p["counterparty"], code)]
-        nets += view["multilateral_net_fen"]
-    assert nets == 0
+    await assert_positions_match(cluster.setups, trips, day)
 
     if point == "position_agreed":
         for t in trips:  # settle by hand the lines of lost or expired cards

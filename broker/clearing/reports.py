@@ -11,7 +11,10 @@ from __future__ import annotations
 from datetime import date
 
 from broker.clearing.store import ClearingStore
-from broker.statements import StatementLine
+from broker.config import NodeConfig
+from broker.fares import FareSchedule
+from broker.ledger import Ledger
+from broker.statements import StatementLine, statement
 
 
 def with_acceptance(
@@ -57,3 +60,18 @@ def with_acceptance(
         line.accepted_fen = line.claimed_fen - reduction + regained
         line.rejected_trips = rejected - recovered
     return lines
+
+
+def operator_statement(
+    cfg: NodeConfig,
+    fares: FareSchedule | None,
+    ledger: Ledger,
+    store: ClearingStore,
+    period: date,
+    operator_id: str | None,
+) -> list[StatementLine]:
+    """A day's statement (one operator's or all), claims as the home districts accepted them."""
+    lines = statement(
+        ledger.accepted_trips(period, operator_id), cfg.district, cfg.agreement, fares
+    )
+    return with_acceptance(lines, store, period, operator_id)

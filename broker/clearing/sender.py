@@ -50,6 +50,7 @@ from broker.ledger.common import TRIP_COLUMNS, trip_from_row
 from broker.sqlite_store import utc_text
 from broker.statements import scheme_of
 from broker.trips import Trip
+from broker.wire import signed_to_wire
 
 log = structlog.get_logger(__name__)
 
@@ -125,9 +126,7 @@ class Sender:
         signed = self._signer.sign(doc)
         try:
             reply = await self._stub(district).PublishFares(
-                settlement_pb2.SignedDocument(
-                    document=signed.document, key_id=signed.key_id, signature=signed.signature
-                ),
+                signed_to_wire(signed),
                 timeout=30,
             )
         except grpc.aio.AioRpcError as exc:
@@ -166,7 +165,7 @@ class Sender:
                 "SELECT DISTINCT issuer_region FROM trips WHERE settlement_day = ? "
                 "AND outcome = 'accepted' AND ingest_seq > ? AND ingest_seq <= ? "
                 "AND issuer_region <> ?",
-                (day if self.store.trips.dialect == "sqlite" else period, low, high, self._own),
+                (day, low, high, self._own),
             )
             if not homes:
                 return None
@@ -229,7 +228,7 @@ class Sender:
         if kind == "represent":
             yield from decode_lines(unb64(payload))
             return
-        day: object = period.isoformat() if self.store.trips.dialect == "sqlite" else period
+        day = period.isoformat()
         for block in self.store.trips.stream(
             f"SELECT {TRIP_COLUMNS} FROM trips WHERE settlement_day = ? AND issuer_region = ? "
             "AND outcome = 'accepted' AND ingest_seq > ? AND ingest_seq <= ? "
@@ -271,11 +270,7 @@ class Sender:
                     "chunks": digest.chunks,
                 }
             )
-            yield settlement_pb2.BatchPart(
-                trailer=settlement_pb2.SignedDocument(
-                    document=signed.document, key_id=signed.key_id, signature=signed.signature
-                )
-            )
+            yield settlement_pb2.BatchPart(trailer=signed_to_wire(signed))
 
         verdicts: list[Verdict] = []
         vdigest = Digest()
@@ -513,9 +508,7 @@ class Sender:
         )
         try:
             reply = await self._stub(counterparty).ConfirmDay(
-                settlement_pb2.SignedDocument(
-                    document=signed.document, key_id=signed.key_id, signature=signed.signature
-                ),
+                signed_to_wire(signed),
                 timeout=60,
             )
         except grpc.aio.AioRpcError as exc:

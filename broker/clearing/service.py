@@ -13,14 +13,14 @@ from datetime import date, datetime
 from typing import TypeVar
 
 from broker.clearing.receiver import Ack, Receiver, Spool
-from broker.clearing.reports import with_acceptance
+from broker.clearing.reports import operator_statement
 from broker.clearing.signing import Signed, Signer, bundle_keys
 from broker.clearing.store import ClearingStore
 from broker.config import NodeConfig
 from broker.fares import FareSchedule
-from broker.ledger.common import TRIP_COLUMNS, trip_from_row
+from broker.ledger import open_ledger
 from broker.registry import Registry
-from broker.statements import StatementLine, statement
+from broker.statements import StatementLine
 from broker.trust import TrustStore
 
 T = TypeVar("T")
@@ -39,6 +39,7 @@ class ClearingService:
         self._cfg = cfg
         self._fares = fares
         self.store = ClearingStore.open(cfg)
+        self._ledger = open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema)  # reads
         self.receiver = Receiver(
             cfg.district,
             self.store,
@@ -64,24 +65,17 @@ class ClearingService:
         return await self._run(self.receiver.confirm, sender, signed)
 
     async def statement(self, period: date, operator_id: str | None) -> list[StatementLine]:
-        def build() -> list[StatementLine]:
-            sql = (
-                f"SELECT {TRIP_COLUMNS} FROM trips WHERE settlement_day = ? "
-                "AND outcome = 'accepted'"
-            )
-            day: object = period.isoformat() if self.store.trips.dialect == "sqlite" else period
-            args: list[object] = [day]
-            if operator_id:
-                sql += " AND operator_id = ?"
-                args.append(operator_id)
-            trips = (
-                trip_from_row(r) for block in self.store.trips.stream(sql, args) for r in block
-            )
-            lines = statement(trips, self._cfg.district, self._cfg.agreement, self._fares)
-            return with_acceptance(lines, self.store, period, operator_id)
-
-        return await self._run(build)
+        return await self._run(
+            operator_statement,
+            self._cfg,
+            self._fares,
+            self._ledger,
+            self.store,
+            period,
+            operator_id,
+        )
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+        self._ledger.close()
         self.store.close()
