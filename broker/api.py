@@ -29,7 +29,7 @@ from broker._proto.yikatong.v1 import (
 )
 from broker.access import require_operator
 from broker.bundle import SignedBundle
-from broker.clearing.receiver import Spool
+from broker.clearing.batch import Spool
 from broker.clearing.service import ClearingService
 from broker.errors import ConfigError, InvalidArgument
 from broker.gate import GateService

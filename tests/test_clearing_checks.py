@@ -317,3 +317,40 @@ async def test_a_rejected_line_is_represented_once_then_final(cluster: Cluster, 
     pos = view["positions"][0]
     assert pos["open_disputes"] == 0
     assert pos["receivable_fen"] == 200  # the corrected rp-1 (full fare, collected through home)
+
+
+async def test_thousands_of_rejected_lines_travel_in_chunks_and_all_become_disputes(
+    cluster: Cluster, now: datetime
+):
+    """More rejected lines than fit one chunk, both ways: every one is counted, none lost."""
+    from broker.ledger import open_ledger
+    from broker.trips import ACCEPT
+
+    s = cluster.setups[DAZU]
+    lost = next(c for c in cluster.setups[ANYUE].cards if c.status == "lost")
+    when = now - timedelta(minutes=30)
+    n = 2 * 2000 + 123  # three chunks of lines, three of verdicts
+    ledger = open_ledger(s.config.ledger_path, None)
+    try:
+        ledger.record(
+            [
+                (
+                    full_fare_line(
+                        lost, f"lost-{i}", when + timedelta(microseconds=i), "sample-1"
+                    ).trip,
+                    ACCEPT,
+                )
+                for i in range(n)
+            ],
+            now,
+        )
+    finally:
+        ledger.close()
+    period = shanghai_day(when).isoformat()
+    out = await cli("settle", "close", "--config", str(s.config_path), "--period", period)
+    assert str(n) in out
+    view = await district_positions(s, period)
+    anyue = next(p for p in view["positions"] if p["counterparty"] == ANYUE)
+    assert anyue["receivable_fen"] == 0 and anyue["open_disputes"] == n
+    home = await district_positions(cluster.setups[ANYUE], period)
+    assert next(p for p in home["positions"] if p["counterparty"] == DAZU)["payable_fen"] == 0

@@ -115,3 +115,16 @@ def test_accepted_trips_of_a_day_come_back_whole(ledger_factory):
     assert ledger.accepted_trips(date(2026, 11, 28), "museum-01") == [trips[2]]
     assert ledger.accepted_trips(date(2026, 11, 27)) == [trips[0]]  # every field round-trips
     ledger.close()
+
+
+def test_a_batch_mixing_new_known_and_conflicting_ids_answers_each(ledger_factory):
+    ledger = ledger_factory()
+    a, b = trip(1), trip(2)
+    ledger.record([(t, judge(t, NOW, KNOWN, FARES)) for t in (a, b)], NOW)
+    changed_b, c = replace(b, place_id="route-9"), trip(3, charged_fen=10)
+    mixed = [(t, judge(t, NOW, KNOWN, FARES)) for t in (changed_b, c, a)]
+    got = ledger.record(mixed, NOW + timedelta(seconds=1))
+    assert [j.outcome for j in got] == [Outcome.CONFLICT, Outcome.REJECTED, Outcome.ACCEPTED]
+    assert got[1].reason is Reason.BAD_AMOUNTS
+    assert ledger.count() == 3  # only the new one was added
+    ledger.close()

@@ -11,10 +11,11 @@ way (verdict chunks, then the signed ack).
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any
+from typing import IO, Any
 
 from google.protobuf.message import DecodeError
 
@@ -158,6 +159,27 @@ def decode_verdicts(chunk: bytes) -> list[Verdict]:
         Verdict(v.line_no, v.operator_id, v.trip_id, v.code, v.accepted_claim_fen, v.claimed_fen)
         for v in msg.verdicts
     ]
+
+
+class Spool:
+    """Received chunks kept on disk (not in memory), with their running digest."""
+
+    def __init__(self) -> None:
+        self.file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self.digest = Digest()
+
+    def add(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        self.file.write(len(chunk).to_bytes(8, "big"))
+        self.file.write(chunk)
+
+    def chunks(self) -> Iterator[bytes]:
+        self.file.seek(0)
+        while head := self.file.read(8):
+            yield self.file.read(int.from_bytes(head, "big"))
+
+    def close(self) -> None:
+        self.file.close()
 
 
 @dataclass

@@ -13,11 +13,10 @@ is a :class:`Conflict`.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import IO, Any
+from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -28,6 +27,7 @@ from broker.clearing import crash
 from broker.clearing.batch import (
     CHUNK_LINES,
     Digest,
+    Spool,
     Totals,
     Verdict,
     decode_lines,
@@ -55,27 +55,6 @@ class Ack:
 
     chunks: list[bytes]
     signed: Signed
-
-
-class Spool:
-    """Received chunks on disk (not in memory), with their running digest."""
-
-    def __init__(self) -> None:
-        self.file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
-        self.digest = Digest()
-
-    def add(self, chunk: bytes) -> None:
-        self.digest.update(chunk)
-        self.file.write(len(chunk).to_bytes(8, "big"))
-        self.file.write(chunk)
-
-    def chunks(self) -> Any:
-        self.file.seek(0)
-        while head := self.file.read(8):
-            yield self.file.read(int.from_bytes(head, "big"))
-
-    def close(self) -> None:
-        self.file.close()
 
 
 class Receiver:
@@ -191,7 +170,8 @@ class Receiver:
         self, sender: str, period: date, seq: int, kind: str, header: dict[str, Any], spool: Spool
     ) -> Ack:
         totals = Totals()
-        verdicts: list[Verdict] = []
+        verdicts: list[Verdict] = []  # encoded into chunks as they fill
+        chunks: list[bytes] = []
         counts = {"accepted": 0, "cap_exceeded": 0, "rejected": 0}
         accepted_claim = 0
         attempt = 2 if kind == "represent" else 1
@@ -228,6 +208,9 @@ class Receiver:
                                 line_no, t.operator_id, t.trip_id, code, accepted, line.claimed_fen
                             )
                         )
+                        if len(verdicts) == CHUNK_LINES:
+                            chunks.append(encode_verdicts(verdicts))
+                            verdicts = []
                     if code not in ("DUPLICATE", "NOT_DISPUTED", "WRONG_DISTRICT"):
                         pending[(t.operator_id, t.trip_id)] = (code, attempt)
                         rows.append(
@@ -257,10 +240,8 @@ class Receiver:
             stated = {k: header.get(k) for k in totals.as_doc()}
             if stated != totals.as_doc():
                 raise DocumentRefused("batch totals do not match its lines")
-            chunks = [
-                encode_verdicts(verdicts[i : i + CHUNK_LINES])
-                for i in range(0, len(verdicts), CHUNK_LINES)
-            ]
+            if verdicts:
+                chunks.append(encode_verdicts(verdicts))
             vdigest = Digest()
             for c in chunks:
                 vdigest.update(c)

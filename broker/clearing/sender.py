@@ -32,8 +32,8 @@ from broker.clearing import crash
 from broker.clearing.batch import (
     Digest,
     Line,
+    Spool,
     Totals,
-    Verdict,
     chunked,
     decode_lines,
     decode_verdicts,
@@ -272,54 +272,62 @@ class Sender:
             )
             yield settlement_pb2.BatchPart(trailer=signed_to_wire(signed))
 
-        verdicts: list[Verdict] = []
-        vdigest = Digest()
+        # The home district's verdicts go to disk as they come: a million rejected lines
+        # must not be held in memory. Only their sums are kept.
+        verdicts = Spool()
+        cut = listed = rejected = 0
         ack: Signed | None = None
         try:
             call = self._stub(counterparty).ExchangeBatch(parts(), timeout=EXCHANGE_TIMEOUT_S)
             async for part in call:
                 if part.HasField("ack"):
                     ack = Signed(part.ack.document, part.ack.key_id, part.ack.signature)
-                else:
-                    vdigest.update(part.verdicts)
-                    verdicts.extend(decode_verdicts(part.verdicts))
+                    continue
+                verdicts.add(part.verdicts)
+                for v in decode_verdicts(part.verdicts):
+                    cut += v.claimed_fen - v.accepted_claim_fen
+                    listed += 1
+                    rejected += v.code != CAP_EXCEEDED
+            if ack is None:
+                raise DocumentRefused(f"{counterparty} sent no acknowledgement")
+            doc = verify(ack, self._keys_of(counterparty))
+            expected = {
+                "type": "ack",
+                "from": counterparty,
+                "to": self._own,
+                "period": day,
+                "sequence": seq,
+                "batch_digest": digest.hexdigest(),
+                "lines": totals.lines,
+                "verdicts_digest": verdicts.digest.hexdigest(),
+            }
+            if any(doc.get(k) != v for k, v in expected.items()):
+                raise DocumentRefused(
+                    f"acknowledgement from {counterparty} does not match the batch"
+                )
+            accepted = totals.claimed_fen - cut
+            if doc.get("accepted_claim_fen") != accepted:
+                raise DocumentRefused(f"acknowledgement from {counterparty} does not add up")
+            crash.point("batch_sent")
+            await asyncio.to_thread(
+                self._store_ack,
+                counterparty,
+                day,
+                seq,
+                kind,
+                totals,
+                digest.hexdigest(),
+                ack,
+                accepted,
+                verdicts,
+            )
         except grpc.aio.AioRpcError as exc:
             raise PeerUnavailable(
                 counterparty, f"ExchangeBatch: {exc.code().name} {exc.details()}"
             ) from exc
-        if ack is None:
-            raise DocumentRefused(f"{counterparty} sent no acknowledgement")
-        doc = verify(ack, self._keys_of(counterparty))
-        expected = {
-            "type": "ack",
-            "from": counterparty,
-            "to": self._own,
-            "period": day,
-            "sequence": seq,
-            "batch_digest": digest.hexdigest(),
-            "lines": totals.lines,
-            "verdicts_digest": vdigest.hexdigest(),
-        }
-        if any(doc.get(k) != v for k, v in expected.items()):
-            raise DocumentRefused(f"acknowledgement from {counterparty} does not match the batch")
-        accepted = totals.claimed_fen - sum(v.claimed_fen - v.accepted_claim_fen for v in verdicts)
-        if doc.get("accepted_claim_fen") != accepted:
-            raise DocumentRefused(f"acknowledgement from {counterparty} does not add up")
-        crash.point("batch_sent")
-        await asyncio.to_thread(
-            self._store_ack,
-            counterparty,
-            day,
-            seq,
-            kind,
-            totals,
-            digest.hexdigest(),
-            ack,
-            accepted,
-            verdicts,
-        )
+        finally:
+            verdicts.close()
         crash.point("ack_stored")
-        rejected = sum(1 for v in verdicts if v.code != CAP_EXCEEDED)
         log.info(
             "batch_acknowledged",
             counterparty=counterparty,
@@ -337,7 +345,7 @@ class Sender:
             totals.claimed_fen,
             accepted,
             rejected,
-            len(verdicts) - rejected,
+            listed - rejected,
         )
 
     def _store_ack(
@@ -350,7 +358,7 @@ class Sender:
         digest: str,
         ack: Signed,
         accepted: int,
-        verdicts: list[Verdict],
+        verdicts: Spool,
     ) -> None:
         now = utc_text(self._clock())
         with self._db.write():
@@ -372,34 +380,44 @@ class Sender:
                     seq,
                 ),
             )
-            self._db.executemany(
-                "INSERT INTO out_verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (counterparty, period, seq, line_no) DO NOTHING",
-                [
-                    (
-                        counterparty,
-                        day,
-                        seq,
-                        v.line_no,
-                        v.operator_id,
-                        v.trip_id,
-                        v.code,
-                        v.claimed_fen,
-                        v.accepted_claim_fen,
-                    )
-                    for v in verdicts
-                ],
-            )
-            rejected = [v for v in verdicts if v.code != CAP_EXCEEDED]
-            if kind == "close":
+            for chunk in verdicts.chunks():
+                block = decode_verdicts(chunk)
                 self._db.executemany(
-                    "INSERT INTO disputes (counterparty, period, operator_id, trip_id, code, "
-                    "state, updated_at) VALUES (?, ?, ?, ?, ?, 'open', ?) "
-                    "ON CONFLICT (counterparty, operator_id, trip_id) DO NOTHING",
-                    [(counterparty, day, v.operator_id, v.trip_id, v.code, now) for v in rejected],
+                    "INSERT INTO out_verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (counterparty, period, seq, line_no) DO NOTHING",
+                    [
+                        (
+                            counterparty,
+                            day,
+                            seq,
+                            v.line_no,
+                            v.operator_id,
+                            v.trip_id,
+                            v.code,
+                            v.claimed_fen,
+                            v.accepted_claim_fen,
+                        )
+                        for v in block
+                    ],
                 )
-            else:
-                refused = {(v.operator_id, v.trip_id): v.code for v in rejected}
+                if kind == "close":
+                    self._db.executemany(
+                        "INSERT INTO disputes (counterparty, period, operator_id, trip_id, code, "
+                        "state, updated_at) VALUES (?, ?, ?, ?, ?, 'open', ?) "
+                        "ON CONFLICT (counterparty, operator_id, trip_id) DO NOTHING",
+                        [
+                            (counterparty, day, v.operator_id, v.trip_id, v.code, now)
+                            for v in block
+                            if v.code != CAP_EXCEEDED
+                        ],
+                    )
+            if kind == "represent":
+                refused = {
+                    (v.operator_id, v.trip_id): v.code
+                    for chunk in verdicts.chunks()
+                    for v in decode_verdicts(chunk)
+                    if v.code != CAP_EXCEEDED
+                }
                 for op, trip in self._db.all(
                     "SELECT operator_id, trip_id FROM disputes WHERE counterparty = ? AND "
                     "represent_seq = ?",

@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import date, datetime
 from typing import TypeVar
 
-from broker.clearing.receiver import Ack, Receiver, Spool
+from broker.clearing.batch import Spool
+from broker.clearing.receiver import Ack, Receiver
 from broker.clearing.reports import operator_statement
 from broker.clearing.signing import Signed, Signer, bundle_keys
 from broker.clearing.store import ClearingStore

@@ -81,49 +81,41 @@ class PostgresLedger:
     def record(
         self, judged: list[tuple[Trip, Judgement]], received_at: datetime
     ) -> list[Judgement]:
-        """Store each judged trip unless its id is known; return each trip's final outcome."""
-        out: list[Judgement] = []
+        """Store each judged trip unless its id is known; return each trip's final outcome.
+
+        The common case, no id known yet, is one pipelined ``executemany``; when
+        some id is known the batch is redone row by row to answer each resubmission.
+        """
         insert = (
             f"INSERT INTO {self._schema}.trips ({INSERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, "
             "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (operator_id, trip_id) DO NOTHING"
         )
-        select = (
-            f"SELECT digest, outcome, reason, detail FROM {self._schema}.trips "
-            "WHERE operator_id = %s AND trip_id = %s"
-        )
+        when = received_at.astimezone(UTC)
+        rows = [_row(t, v, when) for t, v in judged]
         with self._lock, self._db.transaction():
-            for trip, verdict in judged:
-                cur = self._db.execute(
-                    insert,
-                    (
-                        trip.operator_id,
-                        trip.trip_id,
-                        trip.digest(),
-                        trip.card.issuer_region,
-                        trip.card.card_number,
-                        trip.scene.value,
-                        trip.place_id,
-                        trip.occurred_at.astimezone(UTC),
-                        shanghai_day(trip.occurred_at),
-                        trip.gross_fare_fen,
-                        trip.charged_fen,
-                        trip.concession_fen,
-                        trip.applied_entitlement.value if trip.applied_entitlement else 0,
-                        trip.fare_version,
-                        verdict.outcome.value,
-                        verdict.reason.value,
-                        verdict.detail,
-                        received_at.astimezone(UTC),
-                    ),
-                )
-                if cur.rowcount == 1:
-                    out.append(verdict)
-                    continue
-                row = self._db.execute(select, (trip.operator_id, trip.trip_id)).fetchone()
-                assert row is not None  # the insert found it
-                out.append(resubmitted(tuple(row), trip))
-        return out
+            with self._db.cursor() as cur:
+                cur.execute("SAVEPOINT fresh")
+                cur.executemany(insert, rows)
+                if cur.rowcount == len(rows):
+                    cur.execute("RELEASE fresh")
+                    return [v for _, v in judged]
+                cur.execute("ROLLBACK TO fresh")
+                cur.execute("RELEASE fresh")
+            return [self._one(insert, row, t, v) for row, (t, v) in zip(rows, judged, strict=True)]
+
+    def _one(
+        self, insert: str, row: tuple[object, ...], trip: Trip, verdict: Judgement
+    ) -> Judgement:
+        if self._db.execute(insert, row).rowcount == 1:
+            return verdict
+        found = self._db.execute(
+            f"SELECT digest, outcome, reason, detail FROM {self._schema}.trips "
+            "WHERE operator_id = %s AND trip_id = %s",
+            (trip.operator_id, trip.trip_id),
+        ).fetchone()
+        assert found is not None  # the insert found it
+        return resubmitted(tuple(found), trip)
 
     def accepted_trips(self, day: date, operator_id: str | None = None) -> list[Trip]:
         """The accepted trips of a settlement day (Asia/Shanghai), optionally of one operator."""
@@ -154,3 +146,26 @@ class PostgresLedger:
         with self._lock, self._db.transaction():
             row = self._db.execute(f"SELECT count(*) FROM {self._schema}.trips").fetchone()
         return int(row[0]) if row else 0
+
+
+def _row(trip: Trip, verdict: Judgement, when: datetime) -> tuple[object, ...]:
+    return (
+        trip.operator_id,
+        trip.trip_id,
+        trip.digest(),
+        trip.card.issuer_region,
+        trip.card.card_number,
+        trip.scene.value,
+        trip.place_id,
+        trip.occurred_at.astimezone(UTC),
+        shanghai_day(trip.occurred_at),
+        trip.gross_fare_fen,
+        trip.charged_fen,
+        trip.concession_fen,
+        trip.applied_entitlement.value if trip.applied_entitlement else 0,
+        trip.fare_version,
+        verdict.outcome.value,
+        verdict.reason.value,
+        verdict.detail,
+        when,
+    )

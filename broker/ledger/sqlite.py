@@ -62,8 +62,11 @@ class SqliteLedger:
     def record(
         self, judged: list[tuple[Trip, Judgement]], received_at: datetime
     ) -> list[Judgement]:
-        """Store each judged trip unless its id is known; return each trip's final outcome."""
-        out: list[Judgement] = []
+        """Store each judged trip unless its id is known; return each trip's final outcome.
+
+        The common case, no id known yet, is one ``executemany``; when some id
+        is known the batch is redone row by row to answer each resubmission.
+        """
         when = utc_text(received_at)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -73,47 +76,30 @@ class SqliteLedger:
                 (seq,) = self._db.execute(
                     "SELECT coalesce(max(ingest_seq), 0) FROM trips"
                 ).fetchone()
-                for trip, verdict in judged:
-                    seq += 1
-                    cur = self._db.execute(
-                        "INSERT INTO trips VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-                        "?, ?, ?) ON CONFLICT (operator_id, trip_id) DO NOTHING",
-                        (
-                            trip.operator_id,
-                            trip.trip_id,
-                            trip.digest(),
-                            trip.card.issuer_region,
-                            trip.card.card_number,
-                            trip.scene.value,
-                            trip.place_id,
-                            utc_text(trip.occurred_at),
-                            shanghai_day(trip.occurred_at).isoformat(),
-                            trip.gross_fare_fen,
-                            trip.charged_fen,
-                            trip.concession_fen,
-                            trip.applied_entitlement.value if trip.applied_entitlement else 0,
-                            trip.fare_version,
-                            verdict.outcome.value,
-                            verdict.reason.value,
-                            verdict.detail,
-                            when,
-                            seq,
-                        ),
-                    )
-                    if cur.rowcount == 1:
-                        out.append(verdict)
-                        continue
-                    stored = self._db.execute(
-                        "SELECT digest, outcome, reason, detail FROM trips "
-                        "WHERE operator_id = ? AND trip_id = ?",
-                        (trip.operator_id, trip.trip_id),
-                    ).fetchone()
-                    out.append(resubmitted(stored, trip))
+                rows = [_row(t, v, when, seq + i + 1) for i, (t, v) in enumerate(judged)]
+                self._db.execute("SAVEPOINT fresh")
+                if self._db.executemany(_INSERT, rows).rowcount == len(rows):
+                    self._db.execute("RELEASE fresh")
+                    out = [v for _, v in judged]
+                else:
+                    self._db.execute("ROLLBACK TO fresh")
+                    self._db.execute("RELEASE fresh")
+                    out = [self._one(row, t, v) for row, (t, v) in zip(rows, judged, strict=True)]
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return out
+
+    def _one(self, row: tuple[object, ...], trip: Trip, verdict: Judgement) -> Judgement:
+        if self._db.execute(_INSERT, row).rowcount == 1:
+            return verdict
+        stored = self._db.execute(
+            "SELECT digest, outcome, reason, detail FROM trips "
+            "WHERE operator_id = ? AND trip_id = ?",
+            (trip.operator_id, trip.trip_id),
+        ).fetchone()
+        return resubmitted(stored, trip)
 
     def accepted_trips(self, day: date, operator_id: str | None = None) -> list[Trip]:
         """The accepted trips of a settlement day (Asia/Shanghai), optionally of one operator."""
@@ -140,3 +126,33 @@ class SqliteLedger:
         with self._lock:
             (n,) = self._db.execute("SELECT count(*) FROM trips").fetchone()
         return int(n)
+
+
+_INSERT = (
+    "INSERT INTO trips VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (operator_id, trip_id) DO NOTHING"
+)
+
+
+def _row(trip: Trip, verdict: Judgement, when: str, seq: int) -> tuple[object, ...]:
+    return (
+        trip.operator_id,
+        trip.trip_id,
+        trip.digest(),
+        trip.card.issuer_region,
+        trip.card.card_number,
+        trip.scene.value,
+        trip.place_id,
+        utc_text(trip.occurred_at),
+        shanghai_day(trip.occurred_at).isoformat(),
+        trip.gross_fare_fen,
+        trip.charged_fen,
+        trip.concession_fen,
+        trip.applied_entitlement.value if trip.applied_entitlement else 0,
+        trip.fare_version,
+        verdict.outcome.value,
+        verdict.reason.value,
+        verdict.detail,
+        when,
+        seq,
+    )
