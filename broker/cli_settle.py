@@ -137,8 +137,12 @@ def close_cmd(config_path: Path, period: str) -> None:
         f"close {report.period} (close #{report.close_no})",
         {"claimed_fen", "accepted_claim_fen"},
     )
-    if not rows:
+    if not rows and not report.failures:
         click.echo("nothing new to send")
+    for failure in report.failures:
+        Console(stderr=True).print(f"[red]not sent:[/red] {failure} (run the close again)")
+    if report.failures:
+        sys.exit(1)
 
 
 @settle.command("represent")

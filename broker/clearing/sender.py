@@ -10,8 +10,8 @@ after its day was closed falls in the next close of that day: a
 supplementary batch (sequence 2, 3, …). A close never waits for the late
 window.
 
-Crash points (``broker.clearing.crash``), in order: ``fares_published``,
-``close_planned``, ``batch_sent`` (acknowledged by the home district, not
+Crash points (``broker.clearing.crash``), in order: ``close_planned``,
+``fares_published``, ``batch_sent`` (acknowledged by the home district, not
 yet stored here), ``ack_stored``, ``represent_built``, ``position_agreed``.
 """
 
@@ -75,6 +75,7 @@ class CloseReport:
     period: str
     close_no: int | None
     batches: list[BatchResult] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # home districts not reached
 
 
 def line_for(trip: Trip, cfg: NodeConfig, fares: FareSchedule | None) -> Line:
@@ -194,22 +195,30 @@ class Sender:
         return (int(row[0]) if row else 0) + 1
 
     async def close(self, period: date) -> CloseReport:
-        """Close ``period``: publish fare rules, fix the batches, send every unacknowledged one."""
-        for peer in self.cfg.peers:
-            await self.publish_fares(peer.district)
-        crash.point("fares_published")
+        """Close ``period``: fix the batches, then publish fare rules to and send every
+        unacknowledged batch to each home district.
+
+        A home district that cannot be reached does not hold up the others: its
+        batches stay ``built`` and its error is in the report; run the close again.
+        """
         close_no = await asyncio.to_thread(self.plan_close, period)
         report = CloseReport(period.isoformat(), close_no)
-        report.batches = await self.send_pending(period)
-        return report
-
-    async def send_pending(self, period: date) -> list[BatchResult]:
         rows = self._db.all(
             "SELECT counterparty, seq FROM out_batches WHERE period = ? AND state = 'built' "
             "ORDER BY counterparty, seq",
             (period.isoformat(),),
         )
-        return [await self.send(str(c), period, int(s)) for c, s in rows]
+        for home in sorted({str(c) for c, _ in rows}):
+            try:
+                await self.publish_fares(home)
+                crash.point("fares_published")
+                for c, seq in rows:
+                    if c == home:
+                        report.batches.append(await self.send(home, period, int(seq)))
+            except PeerUnavailable as exc:
+                log.warning("close_incomplete", district=home, error=str(exc))
+                report.failures.append(str(exc))
+        return report
 
     # ------------------------------------------------------------ one batch
 
