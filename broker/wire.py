@@ -6,7 +6,7 @@ generated code; domain modules never see a protobuf message.
 
 from __future__ import annotations
 
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 
 from broker._proto.yikatong.v1 import gate_pb2, recognition_pb2, settlement_pb2, types_pb2
 from broker.cards import CardRef, CardStatus, Entitlement, Recognition, Scene, card_ref
@@ -18,6 +18,9 @@ from broker.trips import Judgement, Outcome, Reason, Trip
 _STATUSES = {s.value for s in CardStatus}
 _ENTITLEMENTS = {e.value for e in Entitlement}
 _SCENES = {s.value for s in Scene}
+_SCENE_OF = {s.value: s for s in Scene}
+_ENTITLEMENT_OF = {e.value: e for e in Entitlement}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def card_from_wire(msg: types_pb2.CardRef, present: bool, prefix: str = "card") -> CardRef:
@@ -31,7 +34,7 @@ def scene_from_wire(value: int, required: bool = True) -> Scene:
     """Validate a wire ``Scene``; unknown values (and, if ``required``, UNSPECIFIED) are refused."""
     if value not in _SCENES or (required and value == Scene.UNSPECIFIED):
         raise InvalidArgument("scene", "must be one of BUS, SCENIC_AREA, MUSEUM, LIBRARY")
-    return Scene(value)
+    return _SCENE_OF[value]
 
 
 def card_to_wire(ref: CardRef) -> types_pb2.CardRef:
@@ -85,42 +88,47 @@ _OUTCOMES = {
 def trip_from_wire(
     msg: settlement_pb2.TripRecord, operator_id: str, index: int
 ) -> Trip | Judgement:
-    """A valid :class:`Trip`, or the REJECTED judgement naming the malformed field."""
-    where = f"trips[{index}]"
+    """A valid :class:`Trip`, or the REJECTED judgement naming the malformed field.
+
+    On the ingest path for every trip: field names are only built for errors.
+    """
     if msg.operator_id != operator_id:
         return Judgement(
             Outcome.REJECTED,
             Reason.OPERATOR_MISMATCH,
-            f"{where}.operator_id differs from the caller certificate's",
+            f"trips[{index}].operator_id differs from the caller certificate's",
         )
     try:
-        if not msg.trip_id or len(msg.trip_id) > 64 or not msg.trip_id.isprintable():
-            raise InvalidArgument(f"{where}.trip_id", "must be 1-64 printable characters")
-        card = card_from_wire(msg.card, msg.HasField("card"), f"{where}.card")
+        trip_id = msg.trip_id
+        if not trip_id or len(trip_id) > 64 or not trip_id.isprintable():
+            raise InvalidArgument("trip_id", "must be 1-64 printable characters")
+        card = card_from_wire(msg.card, msg.HasField("card"))
         scene = scene_from_wire(msg.scene)
         if not msg.HasField("occurred_at"):
-            raise InvalidArgument(f"{where}.occurred_at", "is required")
+            raise InvalidArgument("occurred_at", "is required")
         ent = msg.applied_entitlement
-        if ent and ent not in _ENTITLEMENTS:
-            raise InvalidArgument(f"{where}.applied_entitlement", "is not a known entitlement")
-        if len(msg.place_id) > 64 or len(msg.fare_version) > 64:
-            raise InvalidArgument(f"{where}.place_id", "place_id and fare_version: at most 64")
+        applied = _ENTITLEMENT_OF.get(ent) if ent else None
+        if ent and applied is None:
+            raise InvalidArgument("applied_entitlement", "is not a known entitlement")
+        place, version = msg.place_id, msg.fare_version
+        if len(place) > 64 or len(version) > 64:
+            raise InvalidArgument("place_id", "place_id and fare_version: at most 64")
+        ts = msg.occurred_at
         return Trip(
-            operator_id=msg.operator_id,
-            trip_id=msg.trip_id,
+            operator_id=operator_id,
+            trip_id=trip_id,
             card=card,
             scene=scene,
-            place_id=msg.place_id,
-            occurred_at=msg.occurred_at.ToDatetime(tzinfo=UTC),
+            place_id=place,
+            occurred_at=_EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000),
             gross_fare_fen=msg.gross_fare_fen,
             charged_fen=msg.charged_fen,
             concession_fen=msg.concession_fen,
-            applied_entitlement=Entitlement(ent) if ent else None,
-            fare_version=msg.fare_version,
+            applied_entitlement=applied,
+            fare_version=version,
         )
     except InvalidArgument as exc:
-        detail = str(exc) if exc.field.startswith(where) else f"{where}.{exc}"
-        return Judgement(Outcome.REJECTED, Reason.MALFORMED, detail)
+        return Judgement(Outcome.REJECTED, Reason.MALFORMED, f"trips[{index}].{exc}")
 
 
 def result_to_wire(trip_id: str, j: Judgement | None) -> settlement_pb2.TripResult:
