@@ -21,9 +21,9 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc, types_pb2
-from broker.cards import Scene, shanghai_day
-from broker.testbed import SAMPLE_AGREEMENT, DistrictSetup, SyntheticCard, run_cli
-from tests.helpers import channel
+from broker.cards.model import Scene, shanghai_day
+from broker.testbed.build import SAMPLE_AGREEMENT, DistrictSetup, SyntheticCard
+from tests.helpers import channel, run_cli
 
 # What each applied entitlement's concession falls under in testbed.SAMPLE_FARES.
 SCHEME = {

@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker import testbed
-from broker.config import node_server_name
-from broker.node import Node
-from broker.operator_client import GateClient, open_channel
+from broker.node.server import Node
+from broker.testbed import build as testbed
+from broker.testbed.operator_client import GateClient, open_channel
+from broker.trust.config import node_server_name
 
 DAZU, ANYUE, RONGCHANG = "500111", "512021", "500153"
 THREE = (DAZU, ANYUE, RONGCHANG)
@@ -257,7 +257,7 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(params=["sqlite", "postgres"])
 def ledger_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[object]:
     """Opens the ledger under test: the same suite runs on SQLite and on PostgreSQL."""
-    from broker.ledger import open_ledger
+    from broker.settlement.ledger import open_ledger
 
     if request.param == "sqlite":
         yield lambda: open_ledger(tmp_path / "ledger.sqlite3", None)

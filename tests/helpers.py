@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from datetime import datetime
 from typing import Any
 
 import grpc
 
-from broker import pki
 from broker._proto.yikatong.v1 import (
     gate_pb2,
     gate_pb2_grpc,
@@ -15,13 +16,15 @@ from broker._proto.yikatong.v1 import (
     recognition_pb2_grpc,
     types_pb2,
 )
-from broker.card_import import parse_import
-from broker.cards import CardRef, shanghai_day, ssn_check_character
-from broker.config import node_server_name
-from broker.identity import Identity
-from broker.privacy import load_key_file
-from broker.registry import Registry
-from broker.testbed import DistrictSetup
+from broker.cards.csv_import import parse_import
+from broker.cards.gb11643 import ssn_check_character
+from broker.cards.model import CardRef, shanghai_day
+from broker.cards.privacy import load_key_file
+from broker.cards.registry import Registry
+from broker.testbed.build import DistrictSetup
+from broker.trust import pki
+from broker.trust.config import node_server_name
+from broker.trust.identity import Identity
 
 
 def channel(
@@ -111,3 +114,17 @@ def ssn_for(area: str, born: str, seq: str = "555") -> str:
     """A well-formed ID number (GB 11643) for a region and birth date ``YYYYMMDD``."""
     first = f"{area}{born}{seq}"
     return first + ssn_check_character(first)
+
+
+def run_cli(*args: str) -> str:
+    """Run a ``broker`` command in-process, as operations staff would; return what it printed."""
+    from broker.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main.main(["--log-level", "warning", *args], standalone_mode=False)
+    except SystemExit as exc:
+        if exc.code:
+            raise RuntimeError(f"broker {' '.join(args)} failed: {err.getvalue()}") from exc
+    return out.getvalue()

@@ -20,11 +20,11 @@ import grpc
 import structlog
 
 from broker._proto.yikatong.v1 import trust_pb2, trust_pb2_grpc
-from broker.bundle import Bundle, BundleRefused, SignedBundle, verify
-from broker.config import NodeConfig, PeerConfig
 from broker.peers.channels import PeerChannels
-from broker.pki import write_public
-from broker.trust import TrustStore
+from broker.trust.bundle import Bundle, BundleRefused, SignedBundle, verify
+from broker.trust.config import PeerConfig, TrustSettings
+from broker.trust.pki import write_public
+from broker.trust.store import TrustStore
 
 log = structlog.get_logger(__name__)
 EARLY_REFRESH_GAP_S = 5.0
@@ -67,7 +67,7 @@ class BundleRefresher:
 
     def __init__(
         self,
-        cfg: NodeConfig,
+        cfg: TrustSettings,
         channels: PeerChannels,
         store: TrustStore,
         on_change: Callable[[], None],

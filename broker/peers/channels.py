@@ -12,8 +12,8 @@ import asyncio
 
 import grpc
 
-from broker.config import PeerConfig
-from broker.trust import TrustStore
+from broker.trust.config import PeerConfig
+from broker.trust.store import TrustStore
 
 DRAIN_GRACE_S = 5.0
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import grpc
 
 from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc
-from broker.cards import CardRef, Recognition, Scene
-from broker.errors import PeerUnavailable
+from broker.cards.model import CardRef, Recognition, Scene
+from broker.cards.wire import card_to_wire, recognition_from_wire
+from broker.core.errors import PeerUnavailable
 from broker.peers.channels import PeerChannels
-from broker.wire import card_to_wire, recognition_from_wire
 
 
 class PeerClient:

@@ -1,0 +1,114 @@
+"""Parsing and validating a card-holder import file.
+
+The file is CSV with the header ``card_number,ssn,status,disabled,student,valid_until``.
+It is accepted whole or refused whole: every bad row is reported with its
+line number and reason, and nothing is written. Reasons never repeat a card
+number or an ID number.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date
+
+from broker.cards.gb11643 import parse_ssn
+from broker.cards.model import validate_card_number
+from broker.cards.privacy import Hasher
+from broker.core.errors import ImportRejected, InvalidArgument, RowError
+
+COLUMNS = ("card_number", "ssn", "status", "disabled", "student", "valid_until")
+STATUSES = ("active", "lost", "suspended")
+_FLAGS = {"true": True, "false": False}
+
+
+@dataclass(frozen=True, slots=True)
+class CardRow:
+    """One validated card-holder row, the ID number already replaced by its keyed hash."""
+
+    card_number: str
+    holder_key: str
+    birth_date: date
+    status: str
+    disabled: bool
+    student: bool
+    valid_until: date
+
+    def __repr__(self) -> str:
+        return f"CardRow(card_number=<redacted>, status={self.status!r})"
+
+
+def _flag(value: str, name: str) -> bool:
+    try:
+        return _FLAGS[value.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{name} must be true or false") from None
+
+
+def parse_row(raw: dict[str, str], today: date, hasher: Hasher) -> CardRow:
+    """Validate one row; raise ``ValueError`` naming the first bad field."""
+    try:
+        number = validate_card_number(raw["card_number"].strip(), "card_number")
+    except InvalidArgument as exc:
+        raise ValueError(str(exc)) from None
+    ssn = raw["ssn"].strip().upper()
+    born = parse_ssn(ssn, today)
+    status = raw["status"].strip().lower()
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {'|'.join(STATUSES)}")
+    try:
+        valid_until = date.fromisoformat(raw["valid_until"].strip())
+    except ValueError:
+        raise ValueError("valid_until must be an ISO date (YYYY-MM-DD)") from None
+    return CardRow(
+        card_number=number,
+        holder_key=hasher.holder_key(ssn),
+        birth_date=born,
+        status=status,
+        disabled=_flag(raw["disabled"], "disabled"),
+        student=_flag(raw["student"], "student"),
+        valid_until=valid_until,
+    )
+
+
+def parse_import(lines: Iterable[str], today: date, hasher: Hasher) -> list[CardRow]:
+    """Parse a whole import file.
+
+    Args:
+        lines: the file's lines (an open text file will do).
+        today: the day birth dates are checked against (Asia/Shanghai).
+        hasher: replaces each ID number by its keyed hash.
+
+    Raises:
+        ImportRejected: with every bad row, when any row is bad.
+    """
+    reader = csv.DictReader(lines)
+    header = tuple(h.strip() for h in (reader.fieldnames or ()))
+    reader.fieldnames = list(header)
+    missing = [c for c in COLUMNS if c not in header]
+    if missing:
+        raise ImportRejected([RowError(1, f"header lacks column(s): {', '.join(missing)}")])
+    rows: list[CardRow] = []
+    errors: list[RowError] = []
+    first_line: dict[str, int] = {}
+    for raw in reader:
+        line = reader.line_num
+        if None in raw or any(raw.get(c) is None for c in COLUMNS):
+            errors.append(RowError(line, f"expected {len(header)} fields"))
+            continue
+        try:
+            row = parse_row(raw, today, hasher)
+        except ValueError as exc:
+            errors.append(RowError(line, str(exc)))
+            continue
+        if row.card_number in first_line:
+            errors.append(
+                RowError(line, f"card_number repeats the one on line {first_line[row.card_number]}")
+            )
+            continue
+        first_line[row.card_number] = line
+        rows.append(row)
+    if errors:
+        raise ImportRejected(errors)
+    return rows

@@ -1,0 +1,106 @@
+"""Card references, ID-number validation and entitlements: the card domain.
+
+Pure functions over plain values; nothing here touches the network, a
+database or gRPC.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from datetime import date, datetime
+from zoneinfo import ZoneInfo
+
+from broker.core.errors import InvalidArgument
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+_REGION_RE = re.compile(r"[1-8][0-9]{5}")
+_CARD_RE = re.compile(r"[0-9A-Z]{6,20}")
+
+
+class CardStatus(enum.IntEnum):
+    """Status of a card; values equal the wire enum ``yikatong.v1.CardStatus``."""
+
+    ACTIVE = 1
+    LOST = 2
+    SUSPENDED = 3
+    EXPIRED = 4
+    UNKNOWN = 5
+
+
+class Entitlement(enum.IntEnum):
+    """Concession entitlement; values equal the wire enum ``yikatong.v1.Entitlement``."""
+
+    SENIOR_60 = 1
+    SENIOR_65 = 2
+    SENIOR_70 = 3
+    DISABLED = 4
+    STUDENT = 5
+
+
+class Scene(enum.IntEnum):
+    """Where a card is presented; values equal the wire enum ``yikatong.v1.Scene``."""
+
+    UNSPECIFIED = 0
+    BUS = 1
+    SCENIC_AREA = 2
+    MUSEUM = 3
+    LIBRARY = 4
+
+
+@dataclass(frozen=True, slots=True)
+class CardRef:
+    """A card as read from its chip: issuing region and card number."""
+
+    issuer_region: str
+    card_number: str
+
+    def __repr__(self) -> str:
+        # Card numbers never reach logs, even through a repr.
+        return f"CardRef(issuer_region={self.issuer_region!r}, card_number=<redacted>)"
+
+
+@dataclass(frozen=True, slots=True)
+class Recognition:
+    """What a home district says about one of its cards.
+
+    Attributes:
+        status: the card's status now.
+        entitlements: every entitlement that applies (empty unless ACTIVE).
+        ttl_seconds: how long other districts may cache this answer.
+    """
+
+    status: CardStatus
+    entitlements: tuple[Entitlement, ...]
+    ttl_seconds: int
+
+
+def validate_region(code: str, field: str = "card.issuer_region") -> str:
+    """Return ``code`` if it is a well-formed 6-digit division code, else raise."""
+    if not _REGION_RE.fullmatch(code):
+        raise InvalidArgument(field, "must be a 6-digit administrative division code")
+    return code
+
+
+def validate_card_number(number: str, field: str = "card.card_number") -> str:
+    """Return ``number`` if it is 6-20 characters of [0-9A-Z], else raise."""
+    if not _CARD_RE.fullmatch(number):
+        raise InvalidArgument(field, "must be 6-20 characters of [0-9A-Z]")
+    return number
+
+
+def card_ref(issuer_region: str, card_number: str, prefix: str = "card") -> CardRef:
+    """Build a validated :class:`CardRef`; errors name ``<prefix>.<field>``."""
+    return CardRef(
+        validate_region(issuer_region, f"{prefix}.issuer_region"),
+        validate_card_number(card_number, f"{prefix}.card_number"),
+    )
+
+
+def shanghai_day(now: datetime) -> date:
+    """The calendar day in Asia/Shanghai of a timezone-aware instant."""
+    if now.tzinfo is None:
+        raise ValueError("naive datetime: every instant must be timezone-aware")
+    return now.astimezone(SHANGHAI).date()

@@ -1,0 +1,53 @@
+"""Card references and recognition answers on the wire (yikatong.v1) and back."""
+
+from __future__ import annotations
+
+from broker._proto.yikatong.v1 import recognition_pb2, types_pb2
+from broker.cards.model import CardRef, CardStatus, Entitlement, Recognition, Scene, card_ref
+from broker.core.errors import InvalidArgument
+
+_STATUSES = {s.value for s in CardStatus}
+
+
+_ENTITLEMENTS = {e.value for e in Entitlement}
+
+
+_SCENES = {s.value for s in Scene}
+
+
+_SCENE_OF = {s.value: s for s in Scene}
+
+
+def card_from_wire(msg: types_pb2.CardRef, present: bool, prefix: str = "card") -> CardRef:
+    """Validate a wire ``CardRef``; errors name the field (``card.card_number`` …)."""
+    if not present:
+        raise InvalidArgument(prefix, "is required")
+    return card_ref(msg.issuer_region, msg.card_number, prefix)
+
+
+def scene_from_wire(value: int, required: bool = True) -> Scene:
+    """Validate a wire ``Scene``; unknown values (and, if ``required``, UNSPECIFIED) are refused."""
+    if value not in _SCENES or (required and value == Scene.UNSPECIFIED):
+        raise InvalidArgument("scene", "must be one of BUS, SCENIC_AREA, MUSEUM, LIBRARY")
+    return _SCENE_OF[value]
+
+
+def card_to_wire(ref: CardRef) -> types_pb2.CardRef:
+    return types_pb2.CardRef(issuer_region=ref.issuer_region, card_number=ref.card_number)
+
+
+def recognition_to_wire(rec: Recognition) -> recognition_pb2.RecognizeResponse:
+    return recognition_pb2.RecognizeResponse(
+        status=rec.status.value,  # type: ignore[arg-type]
+        entitlements=[e.value for e in rec.entitlements],  # type: ignore[misc]
+        cache_ttl_seconds=rec.ttl_seconds,
+    )
+
+
+def recognition_from_wire(msg: recognition_pb2.RecognizeResponse) -> Recognition:
+    """Read a peer's answer defensively: unknown enum values become UNKNOWN / are dropped."""
+    status = CardStatus(msg.status) if msg.status in _STATUSES else CardStatus.UNKNOWN
+    ents = tuple(Entitlement(e) for e in msg.entitlements if e in _ENTITLEMENTS)
+    if status is not CardStatus.ACTIVE:
+        ents = ()
+    return Recognition(status, ents, int(msg.cache_ttl_seconds))

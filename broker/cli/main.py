@@ -1,0 +1,279 @@
+"""The ``broker`` command: a thin shell that parses, calls plain functions and prints."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import signal
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from broker.cards.csv_import import parse_import
+from broker.cards.model import shanghai_day
+from broker.cards.privacy import create_key_file, load_key_file
+from broker.cards.registry import Registry
+from broker.cli.certs import certs
+from broker.cli.settle import settle, yuan
+from broker.cli.trust import trust
+from broker.core.errors import BrokerError, ImportRejected
+from broker.node import logs
+from broker.node.config import NodeConfig, load_config
+
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {message}")
+    sys.exit(code)
+
+
+def _config(path: Path) -> NodeConfig:
+    try:
+        return load_config(path, os.environ)
+    except BrokerError as exc:
+        _fail(str(exc))
+
+
+@click.group()
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option("--log-json", is_flag=True, help="Log JSON lines instead of console text.")
+@click.version_option(package_name="yikatong-broker")
+def main(log_level: str, log_json: bool) -> None:
+    """yikatong-broker: the Sichuan-Chongqing one-card interoperability broker."""
+    logs.configure(log_level, log_json)
+
+
+main.add_command(certs)
+main.add_command(trust)
+main.add_command(settle)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+def serve(config_path: Path) -> None:
+    """Run a district node (gRPC, mutual TLS only) until SIGINT or SIGTERM.
+
+    Certificates, keys, CA bundles and revocation lists are re-read when their
+    files change (and at once on SIGHUP); no restart is ever needed.
+    """
+    from broker.node.server import Node
+
+    cfg = _config(config_path)
+
+    async def run() -> None:
+        node = await Node.start(cfg)
+        # Everything built at start-up lives as long as the process: move it out of the
+        # collector's way, so full collections walk only what serving creates.
+        gc.collect()
+        gc.freeze()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, node.request_reload)
+        err.print(f"district {cfg.district} serving on {node.address}")
+        await stop.wait()
+        await node.stop(grace=5.0)
+
+    try:
+        asyncio.run(run())
+    except BrokerError as exc:
+        _fail(str(exc))
+
+
+@main.group()
+def registry() -> None:
+    """The district's own card-holder registry."""
+
+
+@registry.command("import")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+def registry_import(csv_file: Path, config_path: Path) -> None:
+    """Import card-holders (upsert, never delete); a file with any bad row is refused whole."""
+    cfg = _config(config_path)
+    now = datetime.now(UTC)
+    try:
+        hasher = load_key_file(cfg.hash_key_file)
+        with csv_file.open(newline="", encoding="utf-8") as fh:
+            rows = parse_import(fh, shanghai_day(now), hasher)
+    except ImportRejected as exc:
+        for row_error in exc.errors:
+            err.print(f"{csv_file}:{row_error}")
+        _fail(f"{csv_file}: {exc}")
+    except BrokerError as exc:
+        _fail(str(exc))
+    store = Registry(cfg.registry_path)
+    try:
+        result = store.upsert(rows, now)
+    finally:
+        store.close()
+    click.echo(
+        f"imported {result.rows} rows: {result.inserted} new, {result.updated} updated, "
+        f"{result.unchanged} unchanged, {result.status_changes} status change(s) recorded"
+    )
+
+
+@main.group("hash-key")
+def hash_key() -> None:
+    """The secret behind keyed hashes of card numbers (shared by a district's replicas)."""
+
+
+@hash_key.command("init")
+@click.argument("path", type=click.Path(path_type=Path))
+def hash_key_init(path: Path) -> None:
+    """Write a new random hash key to PATH (mode 0600); refuses to overwrite."""
+    try:
+        create_key_file(path)
+    except FileExistsError:
+        _fail(f"{path} already exists")
+    click.echo(f"hash key written to {path}")
+
+
+@main.command()
+@click.option("--checks", default=3000, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--concurrency", default=4, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option(
+    "--keep",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write certificates and registries here instead of a temp dir.",
+)
+def demo(checks: int, concurrency: int, as_json: bool, keep: Path | None) -> None:
+    """Three districts on loopback recognising each other's cards at gates."""
+    from broker.testbed.demo import run_demo
+
+    logs.configure("warning")
+
+    def run(root: Path) -> None:
+        with Progress(
+            TextColumn("gate checks"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=as_json,
+            disable=as_json,
+        ) as progress:
+            task = progress.add_task("checks", total=checks)
+            report = asyncio.run(
+                run_demo(root, checks, concurrency, on_progress=lambda n: progress.advance(task, n))
+            )
+        summary = report.as_dict()
+        if as_json:
+            click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        else:
+            _print_summary(summary)
+        if summary["mismatches"]:
+            _fail(f"{summary['mismatches']} decision(s) disagree with the registries")
+        day = summary.get("settlement")
+        if isinstance(day, dict) and day.get("nets_sum_fen"):
+            _fail("the day's multilateral net positions do not sum to zero")
+
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        run(keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="yikatong-demo-") as tmp:
+            run(Path(tmp))
+
+
+SOURCES = ("HOME", "CACHE", "PEER", "OFFLINE_POLICY")
+
+
+def _print_summary(summary: dict[str, object]) -> None:
+    table = Table(title=f"{summary['checks']} gate checks in {summary['seconds']} s")
+    table.add_column("gate")
+    table.add_column("home")
+    for col in (
+        "checks",
+        "allow",
+        "deny",
+        "HOME",
+        "CACHE",
+        "PEER",
+        "OFFLINE",
+        "charged ¥",
+        "concession ¥",
+        "p50 ms",
+        "p99 ms",
+    ):
+        table.add_column(col, justify="right")
+    pairs = summary["pairs"]
+    assert isinstance(pairs, list)
+
+    names: dict[str, str] = {}
+    for p in pairs:
+        names[p["gate_district"]] = p["gate_name"]
+        names[p["home_district"]] = p["home_name"]
+        table.add_row(
+            p["gate_district"],
+            p["home_district"],
+            str(p["checks"]),
+            str(p["allowed"]),
+            str(p["denied"]),
+            *(str(p["sources"].get(s, 0)) for s in SOURCES),
+            yuan(p["charged_fen"]),
+            yuan(p["concession_fen"]),
+            f"{p['p50_ms']:.2f}",
+            f"{p['p99_ms']:.2f}",
+        )
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=120)
+    out.print(table)
+    click.echo("districts: " + "; ".join(f"{c} {n}" for c, n in sorted(names.items())))
+    click.echo(f"decisions that disagree with the registries: {summary['mismatches']}")
+    day = summary.get("settlement")
+    if isinstance(day, dict) and day:
+        _print_day(day, out)
+
+
+def _print_day(day: dict[str, Any], out: Console) -> None:
+    table = Table(
+        title=(
+            f"settlement day {day['period']}: {day['trips']} trips "
+            f"(+{day['duplicates_resubmitted']} resubmitted, stored once; "
+            f"{day['late_trips']} after the close, in supplementary batches)"
+        )
+    )
+    for col in (
+        "district",
+        "counterparty",
+        "batches",
+        "receivable ¥",
+        "payable ¥",
+        "net ¥",
+        "disputes",
+    ):
+        table.add_column(col, justify="right")
+    for code, rows in sorted(day["positions"].items()):
+        for r in rows:
+            table.add_row(
+                code,
+                r["counterparty"],
+                str(r["batches"]),
+                yuan(r["receivable_fen"]),
+                yuan(r["payable_fen"]),
+                yuan(r["net_fen"]),
+                str(r["open_disputes"]),
+            )
+    out.print(table)
+    nets = ", ".join(f"{c} {yuan(n)}" for c, n in sorted(day["multilateral_net_fen"].items()))
+    click.echo(f"multilateral nets: {nets}; sum {yuan(day['nets_sum_fen'])}")

@@ -1,0 +1,305 @@
+"""``broker settle``: close a day, exchange batches, handle disputes, confirm, report.
+
+Every command reads the node's config and works on its ledger database;
+the exchanges go to the peers' nodes over mutual TLS with this node's
+certificate, signed with its settlement key. Run them on a running system:
+a close only fixes what it covers (durably) and then sends, so a close
+interrupted at any point is finished by running it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, fields
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from broker.cards.model import Entitlement
+from broker.core.errors import BrokerError, ConfigError
+from broker.fares.rules import load_fares
+from broker.node.config import NodeConfig, load_config
+from broker.settlement.clearing.positions import positions
+from broker.settlement.clearing.reports import operator_statement
+from broker.settlement.clearing.sender import Sender
+from broker.settlement.clearing.session import open_sender
+from broker.settlement.clearing.store import ClearingStore
+from broker.settlement.ledger import open_ledger
+
+config_option = click.option(
+    "--config", "config_path", required=True, type=click.Path(path_type=Path)
+)
+period_option = click.option(
+    "--period", required=True, help="Settlement day, YYYY-MM-DD (Asia/Shanghai)."
+)
+
+
+def yuan(fen: int) -> str:
+    """Integer fen shown as yuan, without ever passing through a float."""
+    return f"{'-' if fen < 0 else ''}{abs(fen) // 100}.{abs(fen) % 100:02d}"
+
+
+def _day(period: str) -> date:
+    try:
+        return date.fromisoformat(period)
+    except ValueError:
+        raise click.BadParameter("must be YYYY-MM-DD", param_hint="--period") from None
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except BrokerError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}")
+        sys.exit(1)
+
+
+def _config(path: Path) -> NodeConfig:
+    cfg = load_config(path, os.environ)
+    if cfg.ledger_path is None and cfg.ledger_url is None:
+        raise ConfigError("[ledger] is not configured: this node keeps no trips")
+    return cfg
+
+
+def _progress() -> Callable[[str, int], None]:
+    console = Console(stderr=True)
+    shown = [0]
+
+    def progress(what: str, n: int) -> None:
+        if n - shown[0] >= 100_000:
+            shown[0] = n
+            console.print(f"  {n:,} {what}")
+
+    return progress
+
+
+def _run(cfg_path: Path, work: Callable[[Sender], Any]) -> Any:
+    async def go() -> Any:
+        async with open_sender(_config(cfg_path), _progress()) as sender:
+            return await work(sender)
+
+    with _errors():
+        return asyncio.run(go())
+
+
+def _emit(rows: list[dict[str, Any]], fmt: str, title: str, money: set[str]) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["none"])
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(out.getvalue(), nl=False)
+        return
+    table = Table(title=title)
+    cols = list(rows[0]) if rows else []
+    for col in cols:
+        table.add_column(col.replace("_fen", "").replace("_", " "), justify="right")
+    for row in rows:
+        table.add_row(*(yuan(row[c]) if c in money else str(row[c]) for c in cols))
+    Console(width=140).print(table)
+
+
+@click.group()
+def settle() -> None:
+    """Settlement between districts (see docs/operations.md)."""
+
+
+@settle.command("close")
+@config_option
+@period_option
+def close_cmd(config_path: Path, period: str) -> None:
+    """Close a day: publish fare rules, send a signed batch to each home district, store acks.
+
+    Run again after trips for a closed day arrived: they go in a supplementary
+    batch. Run again after an interruption: it resumes where it stopped.
+    """
+    day = _day(period)
+    report = _run(config_path, lambda s: s.close(day))
+    rows = [asdict(b) for b in report.batches]
+    _emit(
+        rows,
+        "table",
+        f"close {report.period} (close #{report.close_no})",
+        {"claimed_fen", "accepted_claim_fen"},
+    )
+    if not rows and not report.failures:
+        click.echo("nothing new to send")
+    for failure in report.failures:
+        Console(stderr=True).print(f"[red]not sent:[/red] {failure} (run the close again)")
+    if report.failures:
+        sys.exit(1)
+
+
+@settle.command("represent")
+@config_option
+@click.option("--district", "counterparty", required=True, help="The home district.")
+@click.option("--operator", "operator_id", required=True)
+@click.option("--trip", "trip_id", required=True)
+@click.option(
+    "--entitlement", type=click.Choice(["none", *(e.name.lower() for e in Entitlement if e.value)])
+)
+@click.option("--charged-fen", type=int)
+@click.option("--concession-fen", type=int)
+def represent_cmd(
+    config_path: Path,
+    counterparty: str,
+    operator_id: str,
+    trip_id: str,
+    entitlement: str | None,
+    charged_fen: int | None,
+    concession_fen: int | None,
+) -> None:
+    """Send a corrected line for a rejected one, once; a second rejection is final."""
+    corrections: dict[str, Any] = {}
+    if entitlement is not None:
+        corrections["applied_entitlement"] = (
+            None if entitlement == "none" else Entitlement[entitlement.upper()]
+        )
+    if charged_fen is not None:
+        corrections["charged_fen"] = charged_fen
+    if concession_fen is not None:
+        corrections["concession_fen"] = concession_fen
+    result = _run(
+        config_path, lambda s: s.represent(counterparty, operator_id, trip_id, corrections)
+    )
+    click.echo("accepted" if result.rejected == 0 else "rejected again: the dispute is final")
+
+
+@settle.command("resolve")
+@config_option
+@click.option("--district", "counterparty", required=True)
+@click.option("--operator", "operator_id", required=True)
+@click.option("--trip", "trip_id", required=True)
+@click.option("--note", required=True, help="What was agreed, by whom.")
+def resolve_cmd(
+    config_path: Path, counterparty: str, operator_id: str, trip_id: str, note: str
+) -> None:
+    """Close a dispute by hand, with a note."""
+
+    async def work(s: Sender) -> None:
+        s.resolve(counterparty, operator_id, trip_id, note)
+
+    _run(config_path, work)
+    click.echo("resolved")
+
+
+@settle.command("confirm")
+@config_option
+@period_option
+def confirm_cmd(config_path: Path, period: str) -> None:
+    """Agree the day's position with every counterparty; agreed days become SETTLED."""
+    day = _day(period)
+
+    async def work(s: Sender) -> list[dict[str, Any]]:
+        out = []
+        for p in positions(s.store, day, s.cfg.district):
+            if p.state != "settled":
+                p = await s.confirm(p.counterparty, day)
+            out.append({"counterparty": p.counterparty, "net_fen": p.net_fen, "state": p.state})
+        return out
+
+    _emit(_run(config_path, work), "table", f"confirm {period}", {"net_fen"})
+
+
+@settle.command("disputes")
+@config_option
+@click.option("--period", default=None)
+@click.option("--format", "fmt", default="table", type=click.Choice(["table", "json", "csv"]))
+def disputes_cmd(config_path: Path, period: str | None, fmt: str) -> None:
+    """Lines the home districts rejected, and where each dispute stands."""
+    with _errors():
+        store = ClearingStore.open(_config(config_path))
+        try:
+            rows = store.disputes(_day(period) if period else None)
+        finally:
+            store.close()
+    _emit(rows, fmt, "disputes", set())
+
+
+@settle.command("statement")
+@config_option
+@period_option
+@click.option("--operator", "operator_id", default=None, help="One operator's statement.")
+@click.option(
+    "--district",
+    "by_district",
+    is_flag=True,
+    help="This district's net positions with each counterparty.",
+)
+@click.option("--format", "fmt", default="table", type=click.Choice(["table", "json", "csv"]))
+def statement_cmd(
+    config_path: Path, period: str, operator_id: str | None, by_district: bool, fmt: str
+) -> None:
+    """What operators are owed (default), or the district's net positions (``--district``)."""
+    day = _day(period)
+    with _errors():
+        cfg = _config(config_path)
+        fares = load_fares(cfg.fares_file) if cfg.fares_file else None
+        store = ClearingStore.open(cfg)
+        try:
+            if by_district:
+                rows: list[dict[str, Any]] = [
+                    {
+                        "counterparty": p.counterparty,
+                        "receivable_fen": p.receivable_fen,
+                        "payable_fen": p.payable_fen,
+                        "net_fen": p.net_fen,
+                        "state": p.state,
+                        "open_disputes": p.open_disputes,
+                    }
+                    for p in positions(store, day, cfg.district)
+                ]
+                if fmt == "json":
+                    click.echo(
+                        json.dumps(
+                            {
+                                "district": cfg.district,
+                                "period": period,
+                                "positions": rows,
+                                "multilateral_net_fen": sum(r["net_fen"] for r in rows),
+                            },
+                            indent=2,
+                        )
+                    )
+                    return
+                _emit(
+                    rows,
+                    fmt,
+                    f"{cfg.district} · {period} · net positions (yuan)",
+                    {"receivable_fen", "payable_fen", "net_fen"},
+                )
+                if fmt == "table":
+                    click.echo(f"multilateral net: {yuan(sum(r['net_fen'] for r in rows))}")
+                return
+            ledger = open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema)
+            try:
+                lines = operator_statement(cfg, fares, ledger, store, day, operator_id)
+            finally:
+                ledger.close()
+        finally:
+            store.close()
+    rows = [asdict(line) for line in lines]
+    if fmt == "json":
+        click.echo(json.dumps({"period": period, "operator": operator_id, "lines": rows}, indent=2))
+        return
+    money = (
+        {f.name for f in fields(lines[0])} - {"home_district", "trips", "rejected_trips"}
+        if lines
+        else set()
+    )
+    _emit(rows, fmt, f"{period} · {operator_id or 'all operators'} (yuan)", money)

@@ -1,0 +1,69 @@
+"""Recognising other districts' cards: cache first, then one peer call per card.
+
+Concurrent checks of the same uncached card share a single peer call
+(single-flight). Answers are cached for the TTL the home district gives;
+errors are never cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from broker.cards.model import CardRef, Recognition, Scene
+from broker.cards.privacy import Hasher
+from broker.core.errors import PeerUnavailable
+from broker.gate.cache import AnswerCache
+from broker.gate.decision import DecisionSource
+from broker.gate.singleflight import SingleFlight
+from broker.peers.client import PeerClient
+
+log = structlog.get_logger(__name__)
+
+
+class PeerRecognizer:
+    """Answers about cards of configured peer districts."""
+
+    def __init__(
+        self,
+        client: PeerClient,
+        cache: AnswerCache,
+        hasher: Hasher,
+        on_failure: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._client = client
+        self._cache = cache
+        self._hasher = hasher
+        self._on_failure = on_failure
+        self._flights: SingleFlight[str, Recognition] = SingleFlight()
+        self.peer_calls = 0
+
+    def cached(self, ref: CardRef) -> Recognition | None:
+        """The in-process tier only: answered without leaving the event loop's turn."""
+        return self._cache.get_local(self._hasher.card_key(ref))
+
+    async def recognise(
+        self, ref: CardRef, scene: Scene, request_id: str
+    ) -> tuple[Recognition, DecisionSource]:
+        """The home district's answer, from Redis or a (shared) peer call."""
+        if not self._client.configured(ref.issuer_region):
+            raise PeerUnavailable(ref.issuer_region, "no peer agreement with this district")
+        key = self._hasher.card_key(ref)
+        hit = await self._cache.get(key)
+        if hit is not None:
+            return hit, DecisionSource.CACHE
+
+        async def fetch() -> Recognition:
+            self.peer_calls += 1
+            try:
+                rec = await self._client.recognize(ref, scene, request_id)
+            except PeerUnavailable:
+                self._on_failure()  # the peer may have rotated: look at its bundle soon
+                raise
+            await self._cache.put(key, rec)
+            log.debug("peer_answer", district=ref.issuer_region, card=key, status=rec.status.name)
+            return rec
+
+        rec, _shared = await self._flights.do(key, fetch)
+        return rec, DecisionSource.PEER

@@ -1,0 +1,238 @@
+"""A district node: its parts wired together from a :class:`NodeConfig`, served over mutual TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+from broker._proto.yikatong.v1 import (
+    gate_pb2,
+    gate_pb2_grpc,
+    recognition_pb2,
+    recognition_pb2_grpc,
+    settlement_pb2,
+    settlement_pb2_grpc,
+    trust_pb2,
+    trust_pb2_grpc,
+)
+from broker.cards.privacy import load_key_file
+from broker.cards.registry import Registry
+from broker.core.errors import ConfigError
+from broker.fares.rules import load_fares
+from broker.gate.cache import AnswerCache
+from broker.gate.home import HomeRecognizer
+from broker.gate.recognizer import PeerRecognizer
+from broker.gate.service import GateService
+from broker.node.config import NodeConfig
+from broker.node.gate_api import GateServicer
+from broker.node.guard import AuthInterceptor, GuardedServer
+from broker.node.metrics import Metrics
+from broker.node.recognition_api import RecognitionServicer
+from broker.node.settlement_api import SettlementServicer
+from broker.node.trust_api import TrustServicer
+from broker.peers.bundles import BundleRefresher
+from broker.peers.channels import PeerChannels
+from broker.peers.client import PeerClient
+from broker.settlement.clearing.service import ClearingService
+from broker.settlement.intake import TripIntake
+from broker.settlement.ledger import open_ledger
+from broker.trust.access import AccessPolicy
+from broker.trust.store import TrustStore
+from broker.trust.tls import CallerVerifier, ServerCertificates
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = (
+    gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name,
+    recognition_pb2.DESCRIPTOR.services_by_name["Recognition"].full_name,
+    trust_pb2.DESCRIPTOR.services_by_name["Trust"].full_name,
+    settlement_pb2.DESCRIPTOR.services_by_name["Settlement"].full_name,
+    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+    reflection.SERVICE_NAME,
+)
+
+
+def server_options(cfg: NodeConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Connections are recycled, so a rotated-out or revoked caller cannot stay on one.
+        ("grpc.max_connection_age_ms", cfg.tls.max_connection_age_s * 1000),
+        ("grpc.max_connection_age_grace_ms", 10_000),
+    ]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Node:
+    """A running district node. Build it with :meth:`start`; stop it with :meth:`stop`."""
+
+    config: NodeConfig
+    server: grpc.aio.Server
+    port: int
+    registry: Registry
+    cache: AnswerCache
+    channels: PeerChannels
+    peers: PeerRecognizer
+    gate: GateService
+    metrics: Metrics
+    health: health.aio.HealthServicer
+    trust: TrustStore
+    _reload_now: asyncio.Event
+    _clock: Callable[[], datetime]
+    intake: TripIntake | None = None
+    clearing: ClearingService | None = None
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
+        """Open the node's stores, bind its port and start serving."""
+        hasher = load_key_file(cfg.hash_key_file)
+        trust = TrustStore(cfg)
+        registry = Registry(cfg.registry_path)
+        home = HomeRecognizer(cfg.district, registry, cfg.recognition)
+        cache = AnswerCache.from_config(cfg.cache, cfg.district)
+        channels = PeerChannels(trust, cfg.peers)
+        reload_now = asyncio.Event()
+        refresher = BundleRefresher(cfg, channels, trust, reload_now.set)
+        peers = PeerRecognizer(
+            PeerClient(channels, cfg.peer_deadline_ms), cache, hasher, on_failure=refresher.poke
+        )
+        fares = load_fares(cfg.fares_file) if cfg.fares_file else None
+        gate = GateService(cfg.district, home, peers, clock, fares)
+        metrics = Metrics()
+        policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers), cfg.access)
+        guard = AuthInterceptor(CallerVerifier(trust), policy, metrics, cfg.tls.min_version, clock)
+
+        server = grpc.aio.server(options=server_options(cfg))
+        guarded = GuardedServer(server, guard)
+        gate_pb2_grpc.add_GateServicer_to_server(GateServicer(gate), guarded)
+        recognition_pb2_grpc.add_RecognitionServicer_to_server(
+            RecognitionServicer(home, hasher, clock), guarded
+        )
+        trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(cfg.trust.bundle_file), guarded)
+        intake = None
+        clearing = None
+        if cfg.ledger_path is not None or cfg.ledger_url is not None:
+            known = frozenset(
+                {
+                    cfg.district,
+                    *(p.district for p in cfg.peers),
+                    *(a.district for a in cfg.agreements),
+                }
+            )
+            ledger = open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema)
+            intake = TripIntake(ledger, known, fares, clock)
+            if cfg.settlement_key_file is not None:
+                clearing = ClearingService(cfg, registry, trust, fares, clock)
+            settlement_pb2_grpc.add_SettlementServicer_to_server(
+                SettlementServicer(intake, clearing), guarded
+            )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            reflection.aio.ReflectionServicer(SERVICE_NAMES), guarded
+        )
+        guarded.check_complete()
+        creds = ServerCertificates(trust).credentials()
+        try:
+            port = server.add_secure_port(cfg.listen, creds)
+        except RuntimeError as exc:
+            registry.close()
+            await cache.close()
+            raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
+        await server.start()
+        for name in ("", *SERVICE_NAMES[:4]):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "node_started",
+            district=cfg.district,
+            port=port,
+            peers=len(cfg.peers),
+            redis=cfg.cache.redis_url is not None,
+        )
+        node = cls(
+            cfg,
+            server,
+            port,
+            registry,
+            cache,
+            channels,
+            peers,
+            gate,
+            metrics,
+            health_servicer,
+            trust,
+            reload_now,
+            clock,
+            intake,
+            clearing,
+        )
+        node._tasks = [
+            asyncio.create_task(node._watch_trust()),
+            asyncio.create_task(refresher.run()),
+        ]
+        return node
+
+    def request_reload(self) -> None:
+        """Re-read certificates, keys, CA bundles and revocation lists now (e.g. on SIGHUP)."""
+        self._reload_now.set()
+
+    async def _watch_trust(self) -> None:
+        interval = self.config.tls.reload_interval_ms / 1000
+        serving = True
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reload_now.wait(), timeout=interval)
+            forced = self._reload_now.is_set()
+            self._reload_now.clear()
+            # Parsing certificates holds the GIL for milliseconds: only when a file changed.
+            if forced or self.trust.changed():
+                await asyncio.to_thread(self.trust.reload)
+            # Health fails while this node's own certificate is expired: monitoring sees it.
+            valid = self.trust.current.not_after > self._clock()
+            if valid != serving:
+                serving = valid
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if valid
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for name in ("", *SERVICE_NAMES[:4]):
+                    await self.health.set(name, status)
+                log.warning(
+                    "node_certificate_state",
+                    valid=valid,
+                    not_after=self.trust.current.not_after.isoformat(),
+                )
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float = 1.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.channels.close()
+        await self.cache.close()
+        self.registry.close()
+        if self.intake is not None:
+            self.intake.close()
+        if self.clearing is not None:
+            self.clearing.close()
+        log.info("node_stopped", district=self.config.district)

@@ -1,0 +1,123 @@
+"""gRPC servicers: thin handlers that convert, call one domain function, convert back.
+
+The caller's identity comes from :func:`broker.trust.identity.current_identity`
+(bound by the interceptor); errors are raised as :class:`BrokerError` and
+mapped to a status by the interceptor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from datetime import date
+
+import grpc
+import structlog
+
+from broker._proto.yikatong.v1 import (
+    settlement_pb2,
+    settlement_pb2_grpc,
+)
+from broker.core.errors import ConfigError, InvalidArgument
+from broker.settlement.clearing.batch import Spool
+from broker.settlement.clearing.service import ClearingService
+from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, TripIntake
+from broker.settlement.wire import result_to_wire, signed_from_wire, signed_to_wire, trip_from_wire
+from broker.trust.access import require_operator
+from broker.trust.identity import current_identity
+
+log = structlog.get_logger(__name__)
+
+
+class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
+    """``yikatong.v1.Settlement``: operators submit trips; peer districts exchange batches."""
+
+    def __init__(self, intake: TripIntake, clearing: ClearingService | None) -> None:
+        self._intake = intake
+        self._clearing = clearing
+
+    def _service(self) -> ClearingService:
+        if self._clearing is None:
+            raise ConfigError("this node does not clear ([settlement] key_file is not set)")
+        return self._clearing
+
+    async def SubmitTrips(
+        self, request: settlement_pb2.SubmitTripsRequest, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.SubmitTripsResponse:
+        caller = current_identity()
+        if len(request.trips) > MAX_TRIPS_PER_REQUEST:
+            raise InvalidArgument("trips", f"at most {MAX_TRIPS_PER_REQUEST} per request")
+        items = [trip_from_wire(t, caller.operator_id, i) for i, t in enumerate(request.trips)]
+        verdicts = await self._intake.submit(items)
+        return settlement_pb2.SubmitTripsResponse(
+            results=[
+                result_to_wire(t.trip_id, v) for t, v in zip(request.trips, verdicts, strict=True)
+            ]
+        )
+
+    async def GetTripOutcomes(
+        self, request: settlement_pb2.GetTripOutcomesRequest, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.SubmitTripsResponse:
+        require_operator(current_identity(), request.operator_id)
+        if len(request.trip_ids) > MAX_TRIPS_PER_REQUEST:
+            raise InvalidArgument("trip_ids", f"at most {MAX_TRIPS_PER_REQUEST} per request")
+        found = await self._intake.outcomes(request.operator_id, list(request.trip_ids))
+        return settlement_pb2.SubmitTripsResponse(
+            results=[result_to_wire(t, j) for t, j in zip(request.trip_ids, found, strict=True)]
+        )
+
+    async def GetStatement(
+        self, request: settlement_pb2.GetStatementRequest, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.OperatorStatement:
+        require_operator(current_identity(), request.operator_id)
+        try:
+            period = date.fromisoformat(request.period)
+        except ValueError:
+            raise InvalidArgument("period", "must be a day, YYYY-MM-DD") from None
+        lines = await self._service().statement(period, request.operator_id)
+        return settlement_pb2.OperatorStatement(
+            operator_id=request.operator_id,
+            period=request.period,
+            lines=[settlement_pb2.StatementLine(**asdict(line)) for line in lines],
+        )
+
+    async def PublishFares(
+        self, request: settlement_pb2.SignedDocument, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.PublishFaresResponse:
+        versions = await self._service().publish_fares(
+            current_identity().district, signed_from_wire(request)
+        )
+        return settlement_pb2.PublishFaresResponse(versions=versions)
+
+    async def ExchangeBatch(
+        self,
+        request_iterator: AsyncIterator[settlement_pb2.BatchPart],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[settlement_pb2.AckPart]:
+        sender = current_identity().district
+        spool = Spool()
+        try:
+            trailer = None
+            async for part in request_iterator:
+                if trailer is not None:
+                    raise InvalidArgument("parts", "nothing may follow the trailer")
+                if part.HasField("trailer"):
+                    trailer = signed_from_wire(part.trailer)
+                else:
+                    spool.add(part.lines)
+            if trailer is None:
+                raise InvalidArgument("trailer", "the batch ended without its signed trailer")
+            ack = await self._service().receive(sender, spool, trailer)
+        finally:
+            spool.close()
+        for chunk in ack.chunks:
+            yield settlement_pb2.AckPart(verdicts=chunk)
+        yield settlement_pb2.AckPart(ack=signed_to_wire(ack.signed))
+
+    async def ConfirmDay(
+        self, request: settlement_pb2.SignedDocument, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.SignedDocument:
+        reply = await self._service().confirm(
+            current_identity().district, signed_from_wire(request)
+        )
+        return signed_to_wire(reply)

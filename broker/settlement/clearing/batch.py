@@ -1,0 +1,209 @@
+"""Batch lines and how they travel: chunks of serialized lines, hashed exactly as sent.
+
+A batch is a stream of ``BatchPart.lines`` chunks (each a serialized
+``BatchLines`` of at most :data:`CHUNK_LINES` lines, so a million lines never
+need one big message) followed by a signed trailer. The trailer's ``digest``
+is SHA-256 over the chunks as sent, each prefixed with its length, so the
+signature covers every byte of every line. Acknowledgements travel the same
+way (verdict chunks, then the signed ack).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC
+from typing import IO, Any
+
+from google.protobuf.message import DecodeError
+
+from broker._proto.yikatong.v1 import settlement_pb2, types_pb2
+from broker.cards.model import CardRef, Entitlement, Scene
+from broker.core.errors import DocumentRefused
+from broker.settlement.trips import Trip
+
+CHUNK_LINES = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One trip line of a batch: the trip as priced, its scheme and the amount claimed."""
+
+    trip: Trip
+    scheme: str
+    claimed_fen: int
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The home district's verdict on a line it did not accept exactly as sent."""
+
+    line_no: int
+    operator_id: str
+    trip_id: str
+    code: str
+    accepted_claim_fen: int
+    claimed_fen: int
+
+
+class Digest:
+    """SHA-256 over length-prefixed chunks, in order."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self.chunks = 0
+
+    def update(self, chunk: bytes) -> None:
+        self._h.update(len(chunk).to_bytes(8, "big"))
+        self._h.update(chunk)
+        self.chunks += 1
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def _line_to_wire(line: Line) -> settlement_pb2.BatchLine:
+    t = line.trip
+    msg = settlement_pb2.BatchLine(
+        operator_id=t.operator_id,
+        trip_id=t.trip_id,
+        card=types_pb2.CardRef(issuer_region=t.card.issuer_region, card_number=t.card.card_number),
+        scene=t.scene.value,  # type: ignore[arg-type]
+        place_id=t.place_id,
+        gross_fare_fen=t.gross_fare_fen,
+        charged_fen=t.charged_fen,
+        concession_fen=t.concession_fen,
+        applied_entitlement=(t.applied_entitlement.value if t.applied_entitlement else 0),  # type: ignore[arg-type]
+        fare_version=t.fare_version,
+        scheme=line.scheme,
+        claimed_fen=line.claimed_fen,
+    )
+    msg.occurred_at.FromDatetime(t.occurred_at)
+    return msg
+
+
+def encode_lines(lines: Iterable[Line]) -> bytes:
+    return settlement_pb2.BatchLines(lines=[_line_to_wire(x) for x in lines]).SerializeToString(
+        deterministic=True
+    )
+
+
+def chunked(lines: Iterable[Line], size: int = CHUNK_LINES) -> Iterator[tuple[bytes, int]]:
+    """``(chunk bytes, lines in it)`` for a stream of lines."""
+    block: list[Line] = []
+    for line in lines:
+        block.append(line)
+        if len(block) == size:
+            yield encode_lines(block), len(block)
+            block = []
+    if block:
+        yield encode_lines(block), len(block)
+
+
+def decode_lines(chunk: bytes) -> list[Line]:
+    """The lines of a received chunk; a chunk that does not parse refuses the batch."""
+    try:
+        msg = settlement_pb2.BatchLines.FromString(chunk)
+    except DecodeError as exc:
+        raise DocumentRefused("a chunk of lines does not parse") from exc
+    if len(msg.lines) > CHUNK_LINES:
+        raise DocumentRefused(f"a chunk holds more than {CHUNK_LINES} lines")
+    out = []
+    for m in msg.lines:
+        try:
+            trip = Trip(
+                operator_id=m.operator_id,
+                trip_id=m.trip_id,
+                card=CardRef(m.card.issuer_region, m.card.card_number),
+                scene=Scene(m.scene),
+                place_id=m.place_id,
+                occurred_at=m.occurred_at.ToDatetime(tzinfo=UTC),
+                gross_fare_fen=m.gross_fare_fen,
+                charged_fen=m.charged_fen,
+                concession_fen=m.concession_fen,
+                applied_entitlement=(
+                    Entitlement(m.applied_entitlement) if m.applied_entitlement else None
+                ),
+                fare_version=m.fare_version,
+            )
+        except ValueError as exc:
+            raise DocumentRefused("a line holds an unknown scene or entitlement") from exc
+        out.append(Line(trip, m.scheme, m.claimed_fen))
+    return out
+
+
+def encode_verdicts(verdicts: Iterable[Verdict]) -> bytes:
+    return settlement_pb2.LineVerdicts(
+        verdicts=[
+            settlement_pb2.LineVerdict(
+                line_no=v.line_no,
+                operator_id=v.operator_id,
+                trip_id=v.trip_id,
+                code=v.code,
+                accepted_claim_fen=v.accepted_claim_fen,
+                claimed_fen=v.claimed_fen,
+            )
+            for v in verdicts
+        ]
+    ).SerializeToString(deterministic=True)
+
+
+def decode_verdicts(chunk: bytes) -> list[Verdict]:
+    try:
+        msg = settlement_pb2.LineVerdicts.FromString(chunk)
+    except DecodeError as exc:
+        raise DocumentRefused("a chunk of verdicts does not parse") from exc
+    return [
+        Verdict(v.line_no, v.operator_id, v.trip_id, v.code, v.accepted_claim_fen, v.claimed_fen)
+        for v in msg.verdicts
+    ]
+
+
+class Spool:
+    """Received chunks kept on disk (not in memory), with their running digest."""
+
+    def __init__(self) -> None:
+        self.file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self.digest = Digest()
+
+    def add(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        self.file.write(len(chunk).to_bytes(8, "big"))
+        self.file.write(chunk)
+
+    def chunks(self) -> Iterator[bytes]:
+        self.file.seek(0)
+        while head := self.file.read(8):
+            yield self.file.read(int.from_bytes(head, "big"))
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class Totals:
+    """What a batch header states about its lines. Integer fen."""
+
+    lines: int = 0
+    gross_fen: int = 0
+    charged_fen: int = 0
+    concession_fen: int = 0
+    claimed_fen: int = 0
+
+    def add(self, line: Line) -> None:
+        self.lines += 1
+        self.gross_fen += line.trip.gross_fare_fen
+        self.charged_fen += line.trip.charged_fen
+        self.concession_fen += line.trip.concession_fen
+        self.claimed_fen += line.claimed_fen
+
+    def as_doc(self) -> dict[str, Any]:
+        return {
+            "lines": self.lines,
+            "gross_fen": self.gross_fen,
+            "charged_fen": self.charged_fen,
+            "concession_fen": self.concession_fen,
+            "claimed_fen": self.claimed_fen,
+        }

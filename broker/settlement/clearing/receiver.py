@@ -1,0 +1,388 @@
+"""The home district's side of clearing: published fare rules, batches, day confirmations.
+
+Each call is checked before anything is stored: the sender is the caller's
+district (from its certificate), its signature verifies under a settlement
+key in its trust bundle, the digest over the chunks as received matches the
+signed one, and the totals add up. Then every line is checked
+(:mod:`broker.settlement.clearing.verify`) and the verdicts, the lines, the cap usage
+and the signed acknowledgement are committed in one transaction before the
+acknowledgement is sent. A batch sent again (same sequence, same digest)
+gets the stored acknowledgement again; other content under a used sequence
+is a :class:`Conflict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from broker.cards.model import shanghai_day
+from broker.cards.registry import Registry
+from broker.core.errors import Conflict, DocumentRefused
+from broker.core.signing import Signed, Signer, canonical, verify
+from broker.core.sqlite import utc_text
+from broker.fares.agreements import Agreement
+from broker.fares.rules import FareSchedule, FareTable, parse_fares
+from broker.settlement.clearing import crash
+from broker.settlement.clearing.batch import (
+    CHUNK_LINES,
+    Digest,
+    Spool,
+    Totals,
+    Verdict,
+    decode_lines,
+    encode_verdicts,
+)
+from broker.settlement.clearing.positions import position
+from broker.settlement.clearing.store import ClearingStore, b64, unb64
+from broker.settlement.clearing.verify import CAP_EXCEEDED, OK, CapCounter, LineChecker
+from broker.settlement.ledger.common import TRIP_COLUMNS, trip_from_row
+from broker.settlement.statements import scheme_of
+
+log = structlog.get_logger(__name__)
+
+KeysOf = Callable[[str], Mapping[str, ed25519.Ed25519PublicKey]]
+
+
+@dataclass(frozen=True)
+class Ack:
+    """What goes back to the sender: verdict chunks, then the signed acknowledgement."""
+
+    chunks: list[bytes]
+    signed: Signed
+
+
+class Receiver:
+    """Runs on the home node; every method is synchronous and meant for one worker thread."""
+
+    def __init__(
+        self,
+        district: str,
+        store: ClearingStore,
+        signer: Signer,
+        registry: Registry,
+        keys_of: KeysOf,
+        agreement: Callable[[str], Agreement | None],
+        own_fares: FareSchedule | None,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self._district = district
+        self._store = store
+        self._db = store.db
+        self._signer = signer
+        self._registry = registry
+        self._keys_of = keys_of
+        self._agreement = agreement
+        self._own_fares = own_fares
+        self._clock = clock
+
+    # ------------------------------------------------------------ fare rules
+
+    def publish_fares(self, sender: str, signed: Signed) -> list[str]:
+        """Store the versions of ``sender``'s signed fare rules not held yet; none ever changes."""
+        doc = verify(signed, self._keys_of(sender))
+        if doc.get("type") != "fares" or doc.get("district") != sender:
+            raise DocumentRefused("not a fare-rules document of the calling district")
+        schedule = parse_fares(doc, f"fares of {sender}")
+        now = utc_text(self._clock())
+        with self._db.write():
+            for table in schedule.tables:
+                body = canonical(_table_doc(doc, table.version))
+                digest = Digest()
+                digest.update(body)
+                held = self._db.one(
+                    "SELECT digest FROM published_fares WHERE district = ? AND version = ?",
+                    (sender, table.version),
+                )
+                if held is None:
+                    self._db.execute(
+                        "INSERT INTO published_fares VALUES (?, ?, ?, ?, ?)",
+                        (sender, table.version, digest.hexdigest(), body.decode(), now),
+                    )
+                elif held[0] != digest.hexdigest():
+                    raise Conflict(
+                        f"fare rules {table.version} of {sender} were published before "
+                        "with other content"
+                    )
+        return [t.version for t in schedule.tables]
+
+    def _fare_table(self, sender: str) -> Callable[[str], FareTable | None]:
+        cache: dict[str, FareTable | None] = {}
+
+        def table(version: str) -> FareTable | None:
+            if version not in cache:
+                row = self._db.one(
+                    "SELECT document FROM published_fares WHERE district = ? AND version = ?",
+                    (sender, version),
+                )
+                cache[version] = parse_fares(_json(row[0])).tables[0] if row else None
+            return cache[version]
+
+        return table
+
+    # ------------------------------------------------------------ batches
+
+    def receive(self, sender: str, spool: Spool, trailer: Signed) -> Ack:
+        """Verify a received batch and answer it; the answer is durable before it is returned."""
+        header = verify(trailer, self._keys_of(sender))
+        if header.get("type") != "batch" or header.get("from") != sender:
+            raise DocumentRefused("trailer is not a batch header of the calling district")
+        if header.get("to") != self._district:
+            raise DocumentRefused(f"batch is addressed to {header.get('to')}, not this district")
+        if (
+            header.get("digest") != spool.digest.hexdigest()
+            or header.get("chunks") != spool.digest.chunks
+        ):
+            raise DocumentRefused("batch digest does not match the chunks received")
+        try:
+            period = date.fromisoformat(str(header["period"]))
+            seq = int(header["sequence"])
+            kind = str(header["kind"])
+        except (KeyError, ValueError) as exc:
+            raise DocumentRefused("batch header lacks period, sequence or kind") from exc
+        if kind not in ("close", "represent"):
+            raise DocumentRefused("batch kind must be close or represent")
+        held = self._db.one(
+            "SELECT digest, ack, ack_key_id, ack_signature FROM in_batches "
+            "WHERE sender = ? AND period = ? AND seq = ?",
+            (sender, period.isoformat(), seq),
+        )
+        if held is not None:
+            if held[0] != header["digest"]:
+                raise Conflict(f"batch {sender}/{period}/{seq} was received with other content")
+            return self._stored_ack(sender, period, seq, held)
+        return self._verify_and_ack(sender, period, seq, kind, header, spool)
+
+    def _stored_ack(self, sender: str, period: date, seq: int, held: tuple[Any, ...]) -> Ack:
+        rows = self._db.all(
+            "SELECT data FROM in_ack_chunks WHERE sender = ? AND period = ? AND seq = ? "
+            "ORDER BY chunk_no",
+            (sender, period.isoformat(), seq),
+        )
+        return Ack([unb64(r[0]) for r in rows], Signed(held[1].encode(), held[2], unb64(held[3])))
+
+    def _verify_and_ack(
+        self, sender: str, period: date, seq: int, kind: str, header: dict[str, Any], spool: Spool
+    ) -> Ack:
+        totals = Totals()
+        verdicts: list[Verdict] = []  # encoded into chunks as they fill
+        chunks: list[bytes] = []
+        counts = {"accepted": 0, "cap_exceeded": 0, "rejected": 0}
+        accepted_claim = 0
+        attempt = 2 if kind == "represent" else 1
+        pending: dict[tuple[str, str], tuple[str, int]] = {}  # this chunk's lines, not yet written
+        with self._db.write():
+            self._sync_own_usage()
+            checker = LineChecker(
+                own_district=self._district,
+                sender=sender,
+                period=period,
+                registry=self._registry,
+                fare_table=self._fare_table(sender),
+                agreement=self._agreement(sender),
+                caps=CapCounter(self._db),
+                previous=lambda op, trip: (
+                    pending.get((op, trip)) or self._previous(sender, op, trip)
+                ),
+                representment=kind == "represent",
+            )
+            line_no = 0
+            for chunk in spool.chunks():
+                rows = []
+                for line in decode_lines(chunk):
+                    totals.add(line)
+                    code, accepted = checker.check(line)
+                    accepted_claim += accepted
+                    t = line.trip
+                    if code == OK:
+                        counts["accepted"] += 1
+                    else:
+                        counts["cap_exceeded" if code == CAP_EXCEEDED else "rejected"] += 1
+                        verdicts.append(
+                            Verdict(
+                                line_no, t.operator_id, t.trip_id, code, accepted, line.claimed_fen
+                            )
+                        )
+                        if len(verdicts) == CHUNK_LINES:
+                            chunks.append(encode_verdicts(verdicts))
+                            verdicts = []
+                    if code not in ("DUPLICATE", "NOT_DISPUTED", "WRONG_DISTRICT"):
+                        pending[(t.operator_id, t.trip_id)] = (code, attempt)
+                        rows.append(
+                            (
+                                sender,
+                                t.operator_id,
+                                t.trip_id,
+                                period.isoformat(),
+                                seq,
+                                attempt,
+                                code,
+                                line.claimed_fen,
+                                accepted,
+                            )
+                        )
+                    line_no += 1
+                # Written per chunk, so a duplicate later in the same batch is seen.
+                self._db.executemany(
+                    "INSERT INTO in_lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (sender, operator_id, trip_id) DO UPDATE SET "
+                    "seq = excluded.seq, attempt = excluded.attempt, code = excluded.code, "
+                    "claimed_fen = excluded.claimed_fen, "
+                    "accepted_claim_fen = excluded.accepted_claim_fen",
+                    rows,
+                )
+                pending.clear()
+            stated = {k: header.get(k) for k in totals.as_doc()}
+            if stated != totals.as_doc():
+                raise DocumentRefused("batch totals do not match its lines")
+            if verdicts:
+                chunks.append(encode_verdicts(verdicts))
+            vdigest = Digest()
+            for c in chunks:
+                vdigest.update(c)
+            ack = self._signer.sign(
+                {
+                    "type": "ack",
+                    "from": self._district,
+                    "to": sender,
+                    "period": period.isoformat(),
+                    "sequence": seq,
+                    "kind": kind,
+                    "batch_digest": header["digest"],
+                    "lines": totals.lines,
+                    **counts,
+                    "claimed_fen": totals.claimed_fen,
+                    "accepted_claim_fen": accepted_claim,
+                    "verdicts_digest": vdigest.hexdigest(),
+                    "verdict_chunks": vdigest.chunks,
+                }
+            )
+            self._db.execute(
+                "INSERT INTO in_batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sender,
+                    period.isoformat(),
+                    seq,
+                    kind,
+                    header["digest"],
+                    totals.lines,
+                    totals.claimed_fen,
+                    accepted_claim,
+                    ack.document.decode(),
+                    ack.key_id,
+                    b64(ack.signature),
+                    utc_text(self._clock()),
+                ),
+            )
+            self._db.executemany(
+                "INSERT INTO in_ack_chunks VALUES (?, ?, ?, ?, ?)",
+                [(sender, period.isoformat(), seq, i, b64(c)) for i, c in enumerate(chunks)],
+            )
+            crash.point("home_before_commit")
+        log.info(
+            "batch_received",
+            sender=sender,
+            period=period.isoformat(),
+            sequence=seq,
+            lines=totals.lines,
+            **counts,
+        )
+        return Ack(chunks, ack)
+
+    def _previous(self, sender: str, operator_id: str, trip_id: str) -> tuple[str, int] | None:
+        row = self._db.one(
+            "SELECT code, attempt FROM in_lines WHERE sender = ? AND operator_id = ? "
+            "AND trip_id = ?",
+            (sender, operator_id, trip_id),
+        )
+        return (str(row[0]), int(row[1])) if row else None
+
+    def _sync_own_usage(self) -> None:
+        """Count this district's own operators' concessions to its own card-holders against caps."""
+        mark = int(self._store.meta("own_usage_seq", "0"))
+        top = self._store.trips.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
+        high = int(top[0]) if top else 0
+        if high <= mark:
+            return
+        caps = CapCounter(self._db)
+        for block in self._store.trips.stream(
+            f"SELECT {TRIP_COLUMNS} FROM trips WHERE ingest_seq > ? AND ingest_seq <= ? "
+            "AND issuer_region = ? AND outcome = 'accepted' AND concession_fen > 0",
+            (mark, high, self._district),
+        ):
+            for row in block:
+                trip = trip_from_row(row)
+                scheme = scheme_of(trip, self._own_fares)
+                card = self._registry.lookup(trip.card.card_number)
+                if scheme is None or card is None:
+                    continue
+                caps.count(
+                    f"{self._district}|{trip.operator_id}|{trip.trip_id}",
+                    card.holder_key,
+                    scheme,
+                    shanghai_day(trip.occurred_at),
+                    trip.occurred_at.isoformat(),
+                )
+        self._store.set_meta("own_usage_seq", str(high))
+
+    # ------------------------------------------------------------ day confirmation
+
+    def confirm(self, sender: str, signed: Signed) -> Signed:
+        """Compare the sender's view of a day's bilateral position with ours; equal is SETTLED."""
+        theirs = verify(signed, self._keys_of(sender))
+        if theirs.get("type") != "position" or theirs.get("from") != sender:
+            raise DocumentRefused("not a position document of the calling district")
+        try:
+            period = date.fromisoformat(str(theirs["period"]))
+        except (KeyError, ValueError) as exc:
+            raise DocumentRefused("position document lacks its period") from exc
+        with self._db.write():
+            mine = position(self._store, sender, period)
+            agreed = (
+                theirs.get("receivable_fen") == mine.payable_fen
+                and theirs.get("payable_fen") == mine.receivable_fen
+            )
+            if agreed:
+                self._db.execute(
+                    "INSERT INTO positions VALUES (?, ?, ?, ?, 'settled', ?) "
+                    "ON CONFLICT (counterparty, period) DO UPDATE SET "
+                    "receivable_fen = excluded.receivable_fen, payable_fen = excluded.payable_fen, "
+                    "state = 'settled', confirmed_at = excluded.confirmed_at",
+                    (
+                        sender,
+                        period.isoformat(),
+                        mine.receivable_fen,
+                        mine.payable_fen,
+                        utc_text(self._clock()),
+                    ),
+                )
+        return self._signer.sign(
+            {
+                "type": "position",
+                "from": self._district,
+                "to": sender,
+                "period": period.isoformat(),
+                "receivable_fen": mine.receivable_fen,
+                "payable_fen": mine.payable_fen,
+                "agreed": agreed,
+            }
+        )
+
+
+def _table_doc(doc: Mapping[str, Any], version: str) -> dict[str, Any]:
+    """One version of a published fare-rules document, as stored."""
+    table = next(t for t in doc.get("table", []) if t.get("version") == version)
+    return {"district": doc.get("district"), "table": [table]}
+
+
+def _json(text: str) -> dict[str, Any]:
+    import json
+
+    value = json.loads(text)
+    assert isinstance(value, dict)
+    return value

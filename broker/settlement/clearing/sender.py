@@ -1,0 +1,575 @@
+"""The serving district's side of clearing: close a day, send batches, represent, confirm.
+
+A close first fixes what it covers, durably: the ledger watermark
+(``ingest_seq``) and one ``built`` batch per home district with that day's
+accepted trips in (previous watermark, watermark]. Only then are batches
+sent; each is rebuilt from its range in the same order, so a batch sent
+again after a crash is byte for byte the one sent before and the home
+district answers with the acknowledgement it stored. A trip that arrives
+after its day was closed falls in the next close of that day: a
+supplementary batch (sequence 2, 3, …). A close never waits for the late
+window.
+
+Crash points (``broker.settlement.clearing.crash``), in order: ``close_planned``,
+``fares_published``, ``batch_sent`` (acknowledged by the home district, not
+yet stored here), ``ack_stored``, ``represent_built``, ``position_agreed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
+from typing import Any
+
+import grpc
+import structlog
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
+from broker.core.errors import DocumentRefused, PeerUnavailable, SettlementStateError
+from broker.core.signing import Signed, Signer, verify
+from broker.core.sqlite import utc_text
+from broker.fares.rules import FareSchedule, fares_document
+from broker.settlement.clearing import crash
+from broker.settlement.clearing.batch import (
+    Digest,
+    Line,
+    Spool,
+    Totals,
+    chunked,
+    decode_lines,
+    decode_verdicts,
+    encode_lines,
+)
+from broker.settlement.clearing.positions import Position, position
+from broker.settlement.clearing.store import ClearingStore, b64, unb64
+from broker.settlement.clearing.verify import CAP_EXCEEDED, claim
+from broker.settlement.config import SettlementSettings
+from broker.settlement.ledger.common import TRIP_COLUMNS, trip_from_row
+from broker.settlement.statements import scheme_of
+from broker.settlement.trips import Trip
+from broker.settlement.wire import signed_to_wire
+
+log = structlog.get_logger(__name__)
+
+EXCHANGE_TIMEOUT_S = 900.0
+
+
+@dataclass
+class BatchResult:
+    counterparty: str
+    period: str
+    sequence: int
+    kind: str
+    lines: int
+    claimed_fen: int
+    accepted_claim_fen: int
+    rejected: int
+    cap_exceeded: int
+
+
+@dataclass
+class CloseReport:
+    period: str
+    close_no: int | None
+    batches: list[BatchResult] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # home districts not reached
+
+
+def line_for(trip: Trip, cfg: SettlementSettings, fares: FareSchedule | None) -> Line:
+    """A ledger trip as a batch line, with its scheme and the claim under the agreement."""
+    scheme = scheme_of(trip, fares) or ""
+    amount = claim(
+        cfg.agreement(trip.card.issuer_region), trip.charged_fen, trip.concession_fen, scheme
+    )
+    return Line(trip, scheme, amount)
+
+
+class Sender:
+    """Closes days and exchanges batches for one district (run by ``broker settle``)."""
+
+    def __init__(
+        self,
+        cfg: SettlementSettings,
+        store: ClearingStore,
+        signer: Signer,
+        fares: FareSchedule | None,
+        channel: Callable[[str], grpc.aio.Channel],
+        keys_of: Callable[[str], Mapping[str, ed25519.Ed25519PublicKey]],
+        clock: Callable[[], datetime],
+        progress: Callable[[str, int], None] = lambda what, n: None,
+    ) -> None:
+        self.cfg = cfg
+        self.store = store
+        self._db = store.db
+        self._signer = signer
+        self._fares = fares
+        self._channel = channel
+        self._keys_of = keys_of
+        self._clock = clock
+        self._progress = progress
+        self._own = cfg.district
+
+    def _stub(self, district: str) -> settlement_pb2_grpc.SettlementStub:
+        if self.cfg.peer(district) is None:
+            raise SettlementStateError(f"district {district} is not a configured peer")
+        return settlement_pb2_grpc.SettlementStub(self._channel(district))
+
+    # ------------------------------------------------------------ fare rules
+
+    async def publish_fares(self, district: str) -> list[str]:
+        """Send this district's signed fare rules to a peer (idempotent)."""
+        if self._fares is None:
+            return []
+        doc = {"type": "fares", **fares_document(self._fares), "district": self._own}
+        signed = self._signer.sign(doc)
+        try:
+            reply = await self._stub(district).PublishFares(
+                signed_to_wire(signed),
+                timeout=30,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise PeerUnavailable(
+                district, f"PublishFares: {exc.code().name} {exc.details()}"
+            ) from exc
+        return list(reply.versions)
+
+    # ------------------------------------------------------------ close
+
+    def plan_close(self, period: date) -> int | None:
+        """Fix what the next close of ``period`` covers; ``None`` if nothing is new.
+
+        Resumes (returns the last close) while a batch of it is not acknowledged.
+        """
+        day = period.isoformat()
+        with self._db.write():
+            pending = self._db.one(
+                "SELECT count(*) FROM out_batches WHERE period = ? AND kind = 'close' "
+                "AND state = 'built'",
+                (day,),
+            )
+            last = self._db.one(
+                "SELECT close_no, watermark FROM day_closes WHERE period = ? "
+                "ORDER BY close_no DESC LIMIT 1",
+                (day,),
+            )
+            close_no, low = (int(last[0]), int(last[1])) if last else (0, 0)
+            if pending and pending[0]:
+                return close_no
+            if self.store.trips is self._db:
+                self._db.lock_trips()  # PostgreSQL: no trip write in flight below the watermark
+            top = self.store.trips.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
+            high = int(top[0]) if top else 0
+            homes = self.store.trips.all(
+                "SELECT DISTINCT issuer_region FROM trips WHERE settlement_day = ? "
+                "AND outcome = 'accepted' AND ingest_seq > ? AND ingest_seq <= ? "
+                "AND issuer_region <> ?",
+                (day, low, high, self._own),
+            )
+            if not homes:
+                return None
+            now = utc_text(self._clock())
+            close_no += 1
+            self._db.execute(
+                "INSERT INTO day_closes VALUES (?, ?, ?, ?)", (day, close_no, high, now)
+            )
+            for (home,) in sorted(homes):
+                if self.cfg.peer(home) is None:
+                    log.warning("close_skips_district", district=home, reason="not a peer")
+                    continue
+                self._db.execute(
+                    "INSERT INTO out_batches (counterparty, period, seq, kind, lo, hi, state, "
+                    "created_at) VALUES (?, ?, ?, 'close', ?, ?, 'built', ?)",
+                    (home, day, self._next_seq(home, day), low, high, now),
+                )
+        crash.point("close_planned")
+        return close_no
+
+    def _next_seq(self, counterparty: str, day: str) -> int:
+        row = self._db.one(
+            "SELECT coalesce(max(seq), 0) FROM out_batches WHERE counterparty = ? AND period = ?",
+            (counterparty, day),
+        )
+        return (int(row[0]) if row else 0) + 1
+
+    async def close(self, period: date) -> CloseReport:
+        """Close ``period``: fix the batches, then publish fare rules to and send every
+        unacknowledged batch to each home district.
+
+        A home district that cannot be reached does not hold up the others: its
+        batches stay ``built`` and its error is in the report; run the close again.
+        """
+        close_no = await asyncio.to_thread(self.plan_close, period)
+        report = CloseReport(period.isoformat(), close_no)
+        rows = self._db.all(
+            "SELECT counterparty, seq FROM out_batches WHERE period = ? AND state = 'built' "
+            "ORDER BY counterparty, seq",
+            (period.isoformat(),),
+        )
+        for home in sorted({str(c) for c, _ in rows}):
+            try:
+                await self.publish_fares(home)
+                crash.point("fares_published")
+                for c, seq in rows:
+                    if c == home:
+                        report.batches.append(await self.send(home, period, int(seq)))
+            except PeerUnavailable as exc:
+                log.warning("close_incomplete", district=home, error=str(exc))
+                report.failures.append(str(exc))
+        return report
+
+    # ------------------------------------------------------------ one batch
+
+    def _batch_row(self, counterparty: str, day: str, seq: int) -> tuple[Any, ...]:
+        row = self._db.one(
+            "SELECT kind, lo, hi, payload, created_at, state FROM out_batches "
+            "WHERE counterparty = ? AND period = ? AND seq = ?",
+            (counterparty, day, seq),
+        )
+        if row is None:
+            raise SettlementStateError(f"no batch {counterparty}/{day}/{seq}")
+        return row
+
+    def _lines(self, counterparty: str, period: date, row: tuple[Any, ...]) -> Iterator[Line]:
+        kind, lo, hi, payload = row[0], int(row[1]), int(row[2]), row[3]
+        if kind == "represent":
+            yield from decode_lines(unb64(payload))
+            return
+        day = period.isoformat()
+        for block in self.store.trips.stream(
+            f"SELECT {TRIP_COLUMNS} FROM trips WHERE settlement_day = ? AND issuer_region = ? "
+            "AND outcome = 'accepted' AND ingest_seq > ? AND ingest_seq <= ? "
+            "ORDER BY occurred_at, operator_id, trip_id",
+            (day, counterparty, lo, hi),
+        ):
+            for r in block:
+                yield line_for(trip_from_row(r), self.cfg, self._fares)
+
+    async def send(self, counterparty: str, period: date, seq: int) -> BatchResult:
+        """Send one batch (again, if it was sent before) and store the acknowledgement."""
+        day = period.isoformat()
+        row = self._batch_row(counterparty, day, seq)
+        kind, created_at = str(row[0]), str(row[4])
+        totals = Totals()
+        digest = Digest()
+        source = self._lines(counterparty, period, row)
+        chunks = chunked(_counting(source, totals))
+
+        def next_chunk() -> tuple[bytes, int] | None:
+            return next(chunks, None)
+
+        async def parts() -> AsyncIterator[settlement_pb2.BatchPart]:
+            while (item := await asyncio.to_thread(next_chunk)) is not None:
+                digest.update(item[0])
+                self._progress("lines sent", totals.lines)
+                yield settlement_pb2.BatchPart(lines=item[0])
+            signed = self._signer.sign(
+                {
+                    "type": "batch",
+                    "from": self._own,
+                    "to": counterparty,
+                    "period": day,
+                    "sequence": seq,
+                    "kind": kind,
+                    "created_at": created_at,
+                    **totals.as_doc(),
+                    "digest": digest.hexdigest(),
+                    "chunks": digest.chunks,
+                }
+            )
+            yield settlement_pb2.BatchPart(trailer=signed_to_wire(signed))
+
+        # The home district's verdicts go to disk as they come: a million rejected lines
+        # must not be held in memory. Only their sums are kept.
+        verdicts = Spool()
+        cut = listed = rejected = 0
+        ack: Signed | None = None
+        try:
+            call = self._stub(counterparty).ExchangeBatch(parts(), timeout=EXCHANGE_TIMEOUT_S)
+            async for part in call:
+                if part.HasField("ack"):
+                    ack = Signed(part.ack.document, part.ack.key_id, part.ack.signature)
+                    continue
+                verdicts.add(part.verdicts)
+                for v in decode_verdicts(part.verdicts):
+                    cut += v.claimed_fen - v.accepted_claim_fen
+                    listed += 1
+                    rejected += v.code != CAP_EXCEEDED
+            if ack is None:
+                raise DocumentRefused(f"{counterparty} sent no acknowledgement")
+            doc = verify(ack, self._keys_of(counterparty))
+            expected = {
+                "type": "ack",
+                "from": counterparty,
+                "to": self._own,
+                "period": day,
+                "sequence": seq,
+                "batch_digest": digest.hexdigest(),
+                "lines": totals.lines,
+                "verdicts_digest": verdicts.digest.hexdigest(),
+            }
+            if any(doc.get(k) != v for k, v in expected.items()):
+                raise DocumentRefused(
+                    f"acknowledgement from {counterparty} does not match the batch"
+                )
+            accepted = totals.claimed_fen - cut
+            if doc.get("accepted_claim_fen") != accepted:
+                raise DocumentRefused(f"acknowledgement from {counterparty} does not add up")
+            crash.point("batch_sent")
+            await asyncio.to_thread(
+                self._store_ack,
+                counterparty,
+                day,
+                seq,
+                kind,
+                totals,
+                digest.hexdigest(),
+                ack,
+                accepted,
+                verdicts,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise PeerUnavailable(
+                counterparty, f"ExchangeBatch: {exc.code().name} {exc.details()}"
+            ) from exc
+        finally:
+            verdicts.close()
+        crash.point("ack_stored")
+        log.info(
+            "batch_acknowledged",
+            counterparty=counterparty,
+            period=day,
+            sequence=seq,
+            lines=totals.lines,
+            rejected=rejected,
+        )
+        return BatchResult(
+            counterparty,
+            day,
+            seq,
+            kind,
+            totals.lines,
+            totals.claimed_fen,
+            accepted,
+            rejected,
+            listed - rejected,
+        )
+
+    def _store_ack(
+        self,
+        counterparty: str,
+        day: str,
+        seq: int,
+        kind: str,
+        totals: Totals,
+        digest: str,
+        ack: Signed,
+        accepted: int,
+        verdicts: Spool,
+    ) -> None:
+        now = utc_text(self._clock())
+        with self._db.write():
+            self._db.execute(
+                "UPDATE out_batches SET state = 'acked', digest = ?, lines = ?, claimed_fen = ?, "
+                "ack = ?, ack_key_id = ?, ack_signature = ?, accepted_claim_fen = ?, acked_at = ? "
+                "WHERE counterparty = ? AND period = ? AND seq = ? AND state = 'built'",
+                (
+                    digest,
+                    totals.lines,
+                    totals.claimed_fen,
+                    ack.document.decode(),
+                    ack.key_id,
+                    b64(ack.signature),
+                    accepted,
+                    now,
+                    counterparty,
+                    day,
+                    seq,
+                ),
+            )
+            for chunk in verdicts.chunks():
+                block = decode_verdicts(chunk)
+                self._db.executemany(
+                    "INSERT INTO out_verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (counterparty, period, seq, line_no) DO NOTHING",
+                    [
+                        (
+                            counterparty,
+                            day,
+                            seq,
+                            v.line_no,
+                            v.operator_id,
+                            v.trip_id,
+                            v.code,
+                            v.claimed_fen,
+                            v.accepted_claim_fen,
+                        )
+                        for v in block
+                    ],
+                )
+                if kind == "close":
+                    self._db.executemany(
+                        "INSERT INTO disputes (counterparty, period, operator_id, trip_id, code, "
+                        "state, updated_at) VALUES (?, ?, ?, ?, ?, 'open', ?) "
+                        "ON CONFLICT (counterparty, operator_id, trip_id) DO NOTHING",
+                        [
+                            (counterparty, day, v.operator_id, v.trip_id, v.code, now)
+                            for v in block
+                            if v.code != CAP_EXCEEDED
+                        ],
+                    )
+            if kind == "represent":
+                refused = {
+                    (v.operator_id, v.trip_id): v.code
+                    for chunk in verdicts.chunks()
+                    for v in decode_verdicts(chunk)
+                    if v.code != CAP_EXCEEDED
+                }
+                for op, trip in self._db.all(
+                    "SELECT operator_id, trip_id FROM disputes WHERE counterparty = ? AND "
+                    "represent_seq = ?",
+                    (counterparty, seq),
+                ):
+                    code = refused.get((op, trip))
+                    # A representment carries one line: the batch's accepted claim is the line's.
+                    self._db.execute(
+                        "UPDATE disputes SET state = ?, final_code = ?, accepted_claim_fen = ?, "
+                        "updated_at = ? WHERE counterparty = ? AND operator_id = ? AND trip_id = ?",
+                        (
+                            "final" if code else "accepted",
+                            code,
+                            0 if code else accepted,
+                            now,
+                            counterparty,
+                            op,
+                            trip,
+                        ),
+                    )
+
+    # ------------------------------------------------------------ disputes
+
+    async def represent(
+        self, counterparty: str, operator_id: str, trip_id: str, corrections: Mapping[str, Any]
+    ) -> BatchResult:
+        """Send a corrected line for an open dispute, once."""
+        seq, period = await asyncio.to_thread(
+            self._build_represent, counterparty, operator_id, trip_id, corrections
+        )
+        crash.point("represent_built")
+        return await self.send(counterparty, period, seq)
+
+    def _build_represent(
+        self, counterparty: str, operator_id: str, trip_id: str, corrections: Mapping[str, Any]
+    ) -> tuple[int, date]:
+        with self._db.write():
+            dispute = self._db.one(
+                "SELECT period, state FROM disputes WHERE counterparty = ? AND operator_id = ? "
+                "AND trip_id = ?",
+                (counterparty, operator_id, trip_id),
+            )
+            if dispute is None:
+                raise SettlementStateError(f"no dispute for {operator_id}/{trip_id}")
+            if dispute[1] != "open":
+                raise SettlementStateError(
+                    f"dispute {operator_id}/{trip_id} is {dispute[1]}: a line is represented once"
+                )
+            row = self.store.trips.one(
+                f"SELECT {TRIP_COLUMNS} FROM trips WHERE operator_id = ? AND trip_id = ?",
+                (operator_id, trip_id),
+            )
+            if row is None:
+                raise SettlementStateError(f"trip {operator_id}/{trip_id} is not in the ledger")
+            trip = replace(trip_from_row(row), **corrections)
+            day = str(dispute[0])
+            seq = self._next_seq(counterparty, day)
+            payload = b64(encode_lines([line_for(trip, self.cfg, self._fares)]))
+            self._db.execute(
+                "INSERT INTO out_batches (counterparty, period, seq, kind, lo, hi, payload, "
+                "state, created_at) VALUES (?, ?, ?, 'represent', 0, 0, ?, 'built', ?)",
+                (counterparty, day, seq, payload, utc_text(self._clock())),
+            )
+            self._db.execute(
+                "UPDATE disputes SET state = 'represented', represent_seq = ?, updated_at = ? "
+                "WHERE counterparty = ? AND operator_id = ? AND trip_id = ?",
+                (seq, utc_text(self._clock()), counterparty, operator_id, trip_id),
+            )
+        return seq, date.fromisoformat(day)
+
+    def resolve(self, counterparty: str, operator_id: str, trip_id: str, note: str) -> None:
+        """Close a dispute by hand (after a final rejection, or instead of representing)."""
+        if not note.strip():
+            raise SettlementStateError("a resolution needs a note")
+        with self._db.write():
+            n = self._db.execute(
+                "UPDATE disputes SET state = 'resolved', note = ?, updated_at = ? "
+                "WHERE counterparty = ? AND operator_id = ? AND trip_id = ? "
+                "AND state IN ('open', 'final')",
+                (note, utc_text(self._clock()), counterparty, operator_id, trip_id),
+            )
+        if n != 1:
+            raise SettlementStateError(
+                f"no open or finally rejected dispute for {operator_id}/{trip_id}"
+            )
+
+    # ------------------------------------------------------------ day confirmation
+
+    async def confirm(self, counterparty: str, period: date) -> Position:
+        """Agree the day's bilateral position with ``counterparty``; equal views are SETTLED."""
+        mine = position(self.store, counterparty, period)
+        if mine.pending_batches or mine.open_disputes:
+            raise SettlementStateError(
+                f"{counterparty} {period}: {mine.pending_batches} batch(es) unacknowledged, "
+                f"{mine.open_disputes} dispute(s) not resolved"
+            )
+        signed = self._signer.sign(
+            {
+                "type": "position",
+                "from": self._own,
+                "to": counterparty,
+                "period": period.isoformat(),
+                "receivable_fen": mine.receivable_fen,
+                "payable_fen": mine.payable_fen,
+            }
+        )
+        try:
+            reply = await self._stub(counterparty).ConfirmDay(
+                signed_to_wire(signed),
+                timeout=60,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise PeerUnavailable(counterparty, f"ConfirmDay: {exc.code().name}") from exc
+        theirs = verify(
+            Signed(reply.document, reply.key_id, reply.signature), self._keys_of(counterparty)
+        )
+        agreed = (
+            theirs.get("type") == "position"
+            and theirs.get("agreed") is True
+            and theirs.get("receivable_fen") == mine.payable_fen
+            and theirs.get("payable_fen") == mine.receivable_fen
+        )
+        if not agreed:
+            return mine
+        crash.point("position_agreed")
+        with self._db.write():
+            self._db.execute(
+                "INSERT INTO positions VALUES (?, ?, ?, ?, 'settled', ?) "
+                "ON CONFLICT (counterparty, period) DO UPDATE SET state = 'settled', "
+                "receivable_fen = excluded.receivable_fen, payable_fen = excluded.payable_fen, "
+                "confirmed_at = excluded.confirmed_at",
+                (
+                    counterparty,
+                    period.isoformat(),
+                    mine.receivable_fen,
+                    mine.payable_fen,
+                    utc_text(self._clock()),
+                ),
+            )
+        return position(self.store, counterparty, period)
+
+
+def _counting(lines: Iterator[Line], totals: Totals) -> Iterator[Line]:
+    for line in lines:
+        totals.add(line)
+        yield line

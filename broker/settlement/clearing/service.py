@@ -1,0 +1,82 @@
+"""Clearing inside a running node: the home side of exchanges, off the event loop.
+
+Every database step runs on one worker thread of its own (the receiver's
+transactions are long for big batches; trip intake keeps its own writer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date, datetime
+from typing import TypeVar
+
+from broker.cards.registry import Registry
+from broker.core.signing import Signed, Signer
+from broker.fares.rules import FareSchedule
+from broker.settlement.clearing.batch import Spool
+from broker.settlement.clearing.receiver import Ack, Receiver
+from broker.settlement.clearing.reports import operator_statement
+from broker.settlement.clearing.store import ClearingStore
+from broker.settlement.config import SettlementSettings
+from broker.settlement.ledger import open_ledger
+from broker.settlement.statements import StatementLine
+from broker.trust.store import TrustStore, bundle_keys
+
+T = TypeVar("T")
+
+
+class ClearingService:
+    def __init__(
+        self,
+        cfg: SettlementSettings,
+        registry: Registry,
+        trust: TrustStore,
+        fares: FareSchedule | None,
+        clock: Callable[[], datetime],
+    ) -> None:
+        assert cfg.settlement_key_file is not None
+        self._cfg = cfg
+        self._fares = fares
+        self.store = ClearingStore.open(cfg)
+        self._ledger = open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema)  # reads
+        self.receiver = Receiver(
+            cfg.district,
+            self.store,
+            Signer.from_file(cfg.settlement_key_file),
+            registry,
+            bundle_keys(lambda: trust.current),
+            cfg.agreement,
+            fares,
+            clock,
+        )
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearing")
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def publish_fares(self, sender: str, signed: Signed) -> list[str]:
+        return await self._run(self.receiver.publish_fares, sender, signed)
+
+    async def receive(self, sender: str, spool: Spool, trailer: Signed) -> Ack:
+        return await self._run(self.receiver.receive, sender, spool, trailer)
+
+    async def confirm(self, sender: str, signed: Signed) -> Signed:
+        return await self._run(self.receiver.confirm, sender, signed)
+
+    async def statement(self, period: date, operator_id: str | None) -> list[StatementLine]:
+        return await self._run(
+            operator_statement,
+            self._cfg,
+            self._fares,
+            self._ledger,
+            self.store,
+            period,
+            operator_id,
+        )
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+        self._ledger.close()
+        self.store.close()

@@ -1,0 +1,42 @@
+"""A :class:`Sender` with everything it needs opened from a node config, and closed after."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+from broker.core.errors import ConfigError
+from broker.core.signing import Signer
+from broker.fares.rules import load_fares
+from broker.peers.channels import PeerChannels
+from broker.settlement.clearing.sender import Sender
+from broker.settlement.clearing.store import ClearingStore
+from broker.settlement.config import SettlementSettings
+from broker.trust.store import TrustStore, bundle_keys
+
+
+@asynccontextmanager
+async def open_sender(
+    cfg: SettlementSettings, progress: Callable[[str, int], None] = lambda what, n: None
+) -> AsyncIterator[Sender]:
+    """Trust material, peer channels, the clearing store and the settlement key of ``cfg``."""
+    if cfg.settlement_key_file is None:
+        raise ConfigError("[settlement] key_file is not set: this node cannot sign batches")
+    trust = TrustStore(cfg)
+    channels = PeerChannels(trust, cfg.peers)
+    store = ClearingStore.open(cfg)
+    try:
+        yield Sender(
+            cfg,
+            store,
+            Signer.from_file(cfg.settlement_key_file),
+            load_fares(cfg.fares_file) if cfg.fares_file else None,
+            channels.channel,
+            bundle_keys(lambda: trust.current),
+            lambda: datetime.now(UTC),
+            progress,
+        )
+    finally:
+        await channels.close()
+        store.close()

@@ -1,0 +1,155 @@
+"""The clearing tables, in the ledger's database (PostgreSQL) or beside it (SQLite).
+
+On PostgreSQL the tables live in the district's schema next to ``trips``.
+On SQLite they live in a file of their own beside the ledger
+(``ledger-clearing.sqlite3``), so a long verification never holds the lock
+operators' trip writes wait for; ``trips`` is read through a second
+connection. Every state change is one committed transaction before anything
+is sent that depends on it.
+
+Outbound (this district as the place of travel): ``day_closes`` fixes, per
+close of a day, the ledger watermark (``ingest_seq``) the close covers;
+``out_batches`` one row per batch sent (state ``built`` → ``acked``);
+``out_verdicts`` the lines the home district did not accept as sent;
+``disputes`` rejected lines (``open`` → ``represented`` → ``accepted`` |
+``final`` → ``resolved``). Inbound (this district as home): ``in_batches``
+with the stored acknowledgement (a resent batch gets it again),
+``in_lines`` one row per line received, ``cap_usage`` one row per concession
+counted against a cap, ``published_fares`` the peers' fare rules by version.
+``positions`` holds each day's bilateral position and whether it is SETTLED.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from broker.core.db import Db
+from broker.settlement.config import SettlementSettings
+from broker.settlement.ledger import open_ledger
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS day_closes (
+    period TEXT NOT NULL, close_no INTEGER NOT NULL, watermark BIGINT NOT NULL,
+    created_at TEXT NOT NULL, PRIMARY KEY (period, close_no));
+CREATE TABLE IF NOT EXISTS out_batches (
+    counterparty TEXT NOT NULL, period TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+    lo BIGINT NOT NULL, hi BIGINT NOT NULL, payload TEXT, state TEXT NOT NULL,
+    created_at TEXT NOT NULL, digest TEXT, lines BIGINT, claimed_fen BIGINT,
+    ack TEXT, ack_key_id TEXT, ack_signature TEXT, accepted_claim_fen BIGINT, acked_at TEXT,
+    PRIMARY KEY (counterparty, period, seq));
+CREATE TABLE IF NOT EXISTS out_verdicts (
+    counterparty TEXT NOT NULL, period TEXT NOT NULL, seq INTEGER NOT NULL,
+    line_no BIGINT NOT NULL, operator_id TEXT NOT NULL, trip_id TEXT NOT NULL,
+    code TEXT NOT NULL, claimed_fen BIGINT NOT NULL, accepted_claim_fen BIGINT NOT NULL,
+    PRIMARY KEY (counterparty, period, seq, line_no));
+CREATE INDEX IF NOT EXISTS out_verdicts_trip ON out_verdicts (operator_id, trip_id);
+CREATE TABLE IF NOT EXISTS disputes (
+    counterparty TEXT NOT NULL, period TEXT NOT NULL, operator_id TEXT NOT NULL,
+    trip_id TEXT NOT NULL, code TEXT NOT NULL, state TEXT NOT NULL, represent_seq INTEGER,
+    final_code TEXT, accepted_claim_fen BIGINT, note TEXT, updated_at TEXT NOT NULL,
+    PRIMARY KEY (counterparty, operator_id, trip_id));
+CREATE TABLE IF NOT EXISTS in_batches (
+    sender TEXT NOT NULL, period TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL,
+    digest TEXT NOT NULL, lines BIGINT NOT NULL, claimed_fen BIGINT NOT NULL,
+    accepted_claim_fen BIGINT NOT NULL, ack TEXT NOT NULL, ack_key_id TEXT NOT NULL,
+    ack_signature TEXT NOT NULL, received_at TEXT NOT NULL,
+    PRIMARY KEY (sender, period, seq));
+CREATE TABLE IF NOT EXISTS in_ack_chunks (
+    sender TEXT NOT NULL, period TEXT NOT NULL, seq INTEGER NOT NULL, chunk_no INTEGER NOT NULL,
+    data TEXT NOT NULL, PRIMARY KEY (sender, period, seq, chunk_no));
+CREATE TABLE IF NOT EXISTS in_lines (
+    sender TEXT NOT NULL, operator_id TEXT NOT NULL, trip_id TEXT NOT NULL,
+    period TEXT NOT NULL, seq INTEGER NOT NULL, attempt INTEGER NOT NULL, code TEXT NOT NULL,
+    claimed_fen BIGINT NOT NULL, accepted_claim_fen BIGINT NOT NULL,
+    PRIMARY KEY (sender, operator_id, trip_id));
+CREATE TABLE IF NOT EXISTS cap_usage (
+    source TEXT PRIMARY KEY, holder_key TEXT NOT NULL, scheme TEXT NOT NULL,
+    month TEXT NOT NULL, year TEXT NOT NULL, occurred_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS cap_usage_holder ON cap_usage (holder_key, scheme, year);
+CREATE TABLE IF NOT EXISTS published_fares (
+    district TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL,
+    document TEXT NOT NULL, received_at TEXT NOT NULL, PRIMARY KEY (district, version));
+CREATE TABLE IF NOT EXISTS positions (
+    counterparty TEXT NOT NULL, period TEXT NOT NULL, receivable_fen BIGINT NOT NULL,
+    payable_fen BIGINT NOT NULL, state TEXT NOT NULL, confirmed_at TEXT NOT NULL,
+    PRIMARY KEY (counterparty, period));
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)
+"""
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def clearing_path(ledger_path: Path) -> Path:
+    return ledger_path.with_name(f"{ledger_path.stem}-clearing{ledger_path.suffix}")
+
+
+class ClearingStore:
+    """The clearing tables (``db``) and read access to the ledger's ``trips`` (``trips``)."""
+
+    def __init__(self, db: Db, trips: Db) -> None:
+        self.db = db
+        self.trips = trips
+        db.script(SCHEMA)
+
+    @staticmethod
+    def open(cfg: SettlementSettings) -> ClearingStore:
+        open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema).close()  # trips exists
+        if cfg.ledger_url:
+            db = Db.open(None, cfg.ledger_url, cfg.ledger_schema)
+            return ClearingStore(db, db)
+        assert cfg.ledger_path is not None  # open_ledger refused a config with neither
+        db = Db.open(clearing_path(cfg.ledger_path), None)
+        db.execute("PRAGMA busy_timeout=120000")  # a million-line verification holds it a while
+        return ClearingStore(db, Db.open(cfg.ledger_path, None))
+
+    def close(self) -> None:
+        self.db.close()
+        if self.trips is not self.db:
+            self.trips.close()
+
+    # ------------------------------------------------------------ meta
+
+    def meta(self, name: str, default: str = "") -> str:
+        row = self.db.one("SELECT value FROM meta WHERE name = ?", (name,))
+        return str(row[0]) if row else default
+
+    def set_meta(self, name: str, value: str) -> None:
+        self.db.execute(
+            "INSERT INTO meta VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (name, value),
+        )
+
+    # ------------------------------------------------------------ queries shared by reports
+
+    def out_batches(self, period: date) -> list[dict[str, Any]]:
+        cols = (
+            "counterparty, seq, kind, state, lines, claimed_fen, accepted_claim_fen, digest, "
+            "created_at, acked_at"
+        )
+        rows = self.db.all(
+            f"SELECT {cols} FROM out_batches WHERE period = ? ORDER BY counterparty, seq",
+            (period.isoformat(),),
+        )
+        names = [c.strip() for c in cols.split(",")]
+        return [dict(zip(names, r, strict=True)) for r in rows]
+
+    def disputes(self, period: date | None = None) -> list[dict[str, Any]]:
+        cols = "counterparty, period, operator_id, trip_id, code, state, final_code, note"
+        sql = f"SELECT {cols} FROM disputes"
+        args: tuple[str, ...] = ()
+        if period is not None:
+            sql += " WHERE period = ?"
+            args = (period.isoformat(),)
+        rows = self.db.all(sql + " ORDER BY counterparty, operator_id, trip_id", args)
+        names = [c.strip() for c in cols.split(",")]
+        return [dict(zip(names, r, strict=True)) for r in rows]

@@ -1,0 +1,172 @@
+"""The home district's checks on one line of a batch, and the cap counting across districts.
+
+A line is checked against what the home district knows, in this order (the
+first failure is the code): the card is this district's (``WRONG_DISTRICT``)
+and the trip is of the batch's day (``WRONG_DAY``); the card is known
+(``UNKNOWN_CARD``) and was ACTIVE at the time of travel (``CARD_NOT_ACTIVE``,
+from the registry's status history); the applied entitlement is one the
+holder had that day (``ENTITLEMENT_MISMATCH``); the fare version was
+published by the sender and in force that day (``UNPUBLISHED_FARES``); the
+amounts and scheme are what those rules give (``PRICE_MISMATCH``); the claim
+is what the agreement gives (``CLAIM_MISMATCH``). Before all but the first, the trip must not have
+been received before (``DUPLICATE``; a representment must follow a first
+rejection, ``NOT_DISPUTED``). A concession over a cap of its scheme (per card-holder,
+per month and per year, counted across every district, this district's own
+operators included) keeps its fare but loses its concession claim
+(``CAP_EXCEEDED``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date
+
+from broker.cards.csv_import import CardRow
+from broker.cards.entitlements import entitlements_for
+from broker.cards.model import CardStatus, shanghai_day
+from broker.cards.registry import Registry
+from broker.core.db import Db
+from broker.fares.agreements import Agreement
+from broker.fares.rules import FareTable, cap_of
+from broker.settlement.clearing.batch import Line
+
+OK = "ACCEPTED"
+CAP_EXCEEDED = "CAP_EXCEEDED"
+REJECTIONS = frozenset(
+    {
+        "WRONG_DISTRICT",
+        "WRONG_DAY",
+        "UNKNOWN_CARD",
+        "CARD_NOT_ACTIVE",
+        "ENTITLEMENT_MISMATCH",
+        "UNPUBLISHED_FARES",
+        "PRICE_MISMATCH",
+        "CLAIM_MISMATCH",
+        "DUPLICATE",
+        "NOT_DISPUTED",
+    }
+)
+
+
+def claim(agreement: Agreement | None, charged: int, concession: int, scheme: str) -> int:
+    if agreement is None:
+        return 0
+    return agreement.claim_fen(charged, concession, scheme or None)
+
+
+@dataclass
+class CapCounter:
+    """Uses of each capped scheme per card-holder, loaded from ``cap_usage`` as needed."""
+
+    db: Db
+    counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+    def used(self, holder: str, scheme: str, period_key: str, column: str) -> int:
+        key = (holder, scheme, period_key)
+        if key not in self.counts:
+            row = self.db.one(
+                f"SELECT count(*) FROM cap_usage WHERE holder_key = ? AND scheme = ? "
+                f"AND {column} = ?",
+                (holder, scheme, period_key),
+            )
+            self.counts[key] = int(row[0]) if row else 0
+        return self.counts[key]
+
+    def allows(
+        self, holder: str, scheme: str, day: date, per_month: int | None, per_year: int | None
+    ) -> bool:
+        month, year = day.strftime("%Y-%m"), str(day.year)
+        if per_month is not None and self.used(holder, scheme, month, "month") >= per_month:
+            return False
+        return per_year is None or self.used(holder, scheme, year, "year") < per_year
+
+    def count(self, source: str, holder: str, scheme: str, day: date, occurred: str) -> None:
+        month, year = day.strftime("%Y-%m"), str(day.year)
+        self.used(holder, scheme, month, "month")
+        self.used(holder, scheme, year, "year")
+        if self.db.execute(
+            "INSERT INTO cap_usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO NOTHING",
+            (source, holder, scheme, month, year, occurred),
+        ):
+            self.counts[(holder, scheme, month)] += 1
+            self.counts[(holder, scheme, year)] += 1
+
+
+@dataclass
+class LineChecker:
+    """Checks the lines of one batch from ``sender`` for settlement day ``period``."""
+
+    own_district: str
+    sender: str
+    period: date
+    registry: Registry
+    fare_table: Callable[[str], FareTable | None]  # the sender's published rules by version
+    agreement: Agreement | None
+    caps: CapCounter
+    previous: Callable[[str, str], tuple[str, int] | None]  # (operator, trip) → (code, attempt)
+    representment: bool = False
+    _cards: dict[str, CardRow | None] = field(default_factory=dict)
+
+    def _card(self, number: str) -> CardRow | None:
+        if number not in self._cards:
+            if len(self._cards) > 100_000:
+                self._cards.clear()
+            self._cards[number] = self.registry.lookup(number)
+        return self._cards[number]
+
+    def check(self, line: Line) -> tuple[str, int]:
+        """``(code, accepted claim in fen)`` for one line; records cap usage when accepted."""
+        t = line.trip
+        day = shanghai_day(t.occurred_at)
+        if t.card.issuer_region != self.own_district:
+            return "WRONG_DISTRICT", 0
+        before = self.previous(t.operator_id, t.trip_id)
+        if self.representment:
+            if before is None or before[0] not in REJECTIONS or before[1] != 1:
+                return "NOT_DISPUTED", 0
+        elif before is not None:
+            return "DUPLICATE", 0
+        if day != self.period:
+            return "WRONG_DAY", 0
+        card = self._card(t.card.card_number)
+        if card is None:
+            return "UNKNOWN_CARD", 0
+        if self.registry.status_at(t.card.card_number, t.occurred_at) is not CardStatus.ACTIVE:
+            return "CARD_NOT_ACTIVE", 0
+        held = entitlements_for(card.birth_date, card.disabled, card.student, day)
+        if t.applied_entitlement is not None and t.applied_entitlement not in held:
+            return "ENTITLEMENT_MISMATCH", 0
+        table = self.fare_table(t.fare_version)
+        if table is None or day < table.effective_from:
+            return "UNPUBLISHED_FARES", 0
+        applied = [t.applied_entitlement] if t.applied_entitlement else []
+        price = table.price(t.operator_id, t.scene, t.place_id, applied)
+        if (
+            price.gross_fare_fen,
+            price.charged_fen,
+            price.concession_fen,
+            price.applied_entitlement,
+            price.scheme or "",
+        ) != (
+            t.gross_fare_fen,
+            t.charged_fen,
+            t.concession_fen,
+            t.applied_entitlement,
+            line.scheme,
+        ):
+            return "PRICE_MISMATCH", 0
+        if claim(self.agreement, t.charged_fen, t.concession_fen, line.scheme) != line.claimed_fen:
+            return "CLAIM_MISMATCH", 0
+        if line.scheme and t.concession_fen:
+            cap = cap_of(table, line.scheme)
+            if cap is not None:
+                if not self.caps.allows(
+                    card.holder_key, line.scheme, day, cap.per_month, cap.per_year
+                ):
+                    return CAP_EXCEEDED, claim(self.agreement, t.charged_fen, 0, "")
+                source = f"{self.sender}|{t.operator_id}|{t.trip_id}"
+                self.caps.count(
+                    source, card.holder_key, line.scheme, day, t.occurred_at.isoformat()
+                )
+        return OK, line.claimed_fen

@@ -1,0 +1,133 @@
+"""Trips submitted by operators: validation, and the outcome each one gets.
+
+A trip is one priced use of a card at this district's gates. Operators submit
+them in batches; each trip is judged on its own, so one bad line never costs
+the good ones. The reasons a trip is refused are codes operators can act on.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from broker.cards.model import CardRef, Entitlement, Scene, shanghai_day
+from broker.fares.rules import MAX_FARE_FEN, FareSchedule
+
+DEFAULT_LATE_WINDOW = timedelta(hours=72)
+CLOCK_SKEW = timedelta(minutes=5)
+
+
+class Outcome(enum.StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    CONFLICT = "conflict"  # the same (operator, trip id) was stored with other content
+
+
+class Reason(enum.StrEnum):
+    OK = "ok"
+    MALFORMED = "malformed"
+    OPERATOR_MISMATCH = "operator_mismatch"
+    UNKNOWN_DISTRICT = "unknown_district"
+    BAD_AMOUNTS = "bad_amounts"
+    IN_FUTURE = "in_future"
+    TOO_LATE = "too_late"
+    UNKNOWN_FARE_VERSION = "unknown_fare_version"
+    PRICE_MISMATCH = "price_mismatch"
+    DUPLICATE_CONTENT_DIFFERS = "duplicate_content_differs"
+
+
+@dataclass(frozen=True, slots=True)
+class Trip:
+    """One trip as an operator submits it. Amounts are integer fen."""
+
+    operator_id: str
+    trip_id: str
+    card: CardRef
+    scene: Scene
+    place_id: str
+    occurred_at: datetime
+    gross_fare_fen: int
+    charged_fen: int
+    concession_fen: int
+    applied_entitlement: Entitlement | None
+    fare_version: str
+
+    def digest(self) -> str:
+        """Content hash: the same trip id with other content is a conflict, not a duplicate."""
+        fields = (
+            self.operator_id,
+            self.trip_id,
+            self.card.issuer_region,
+            self.card.card_number,
+            str(self.scene.value),
+            self.place_id,
+            self.occurred_at.isoformat(),
+            str(self.gross_fare_fen),
+            str(self.charged_fen),
+            str(self.concession_fen),
+            str(self.applied_entitlement.value if self.applied_entitlement else 0),
+            self.fare_version,
+        )
+        return hashlib.sha256("\x00".join(fields).encode()).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Trip({self.operator_id}/{self.trip_id}, card=<redacted>)"
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    outcome: Outcome
+    reason: Reason
+    detail: str = ""
+
+
+ACCEPT = Judgement(Outcome.ACCEPTED, Reason.OK)
+
+
+def judge(
+    trip: Trip,
+    now: datetime,
+    known_districts: frozenset[str],
+    fares: FareSchedule | None,
+    late_window: timedelta = DEFAULT_LATE_WINDOW,
+) -> Judgement:
+    """Whether a trip may enter the ledger; the first problem found is the reason."""
+
+    def reject(reason: Reason, detail: str) -> Judgement:
+        return Judgement(Outcome.REJECTED, reason, detail)
+
+    if trip.card.issuer_region not in known_districts:
+        return reject(
+            Reason.UNKNOWN_DISTRICT, f"no agreement with district {trip.card.issuer_region}"
+        )
+    amounts = (trip.gross_fare_fen, trip.charged_fen, trip.concession_fen)
+    if any(a < 0 or a > MAX_FARE_FEN for a in amounts):
+        return reject(Reason.BAD_AMOUNTS, f"amounts must be 0-{MAX_FARE_FEN} fen")
+    if trip.charged_fen + trip.concession_fen != trip.gross_fare_fen:
+        return reject(Reason.BAD_AMOUNTS, "charged + concession must equal gross")
+    if trip.occurred_at > now + CLOCK_SKEW:
+        return reject(Reason.IN_FUTURE, "occurred_at is in the future")
+    if trip.occurred_at < now - late_window:
+        hours = int(late_window.total_seconds() // 3600)
+        return reject(Reason.TOO_LATE, f"occurred more than {hours} h ago")
+    if fares is not None:
+        table = fares.version(trip.fare_version)
+        if table is None:
+            return reject(
+                Reason.UNKNOWN_FARE_VERSION,
+                f"fare rules {trip.fare_version!r} were never published here",
+            )
+        if shanghai_day(trip.occurred_at) < table.effective_from:
+            return reject(
+                Reason.UNKNOWN_FARE_VERSION,
+                f"fare rules {trip.fare_version} were not in force that day",
+            )
+        rule = table.rule_for(trip.operator_id, trip.scene, trip.place_id)
+        gross = rule.gross_fare_fen if rule else 0
+        if gross != trip.gross_fare_fen:
+            return reject(
+                Reason.PRICE_MISMATCH, f"gross fare is {gross} fen under rules {trip.fare_version}"
+            )
+    return ACCEPT

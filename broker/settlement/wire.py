@@ -1,0 +1,94 @@
+"""Conversions between wire messages (yikatong.v1) and domain values.
+
+The only module besides the servicers and the peer client that imports the
+generated code; domain modules never see a protobuf message.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from broker._proto.yikatong.v1 import settlement_pb2
+from broker.cards.model import Entitlement
+from broker.cards.wire import card_from_wire, scene_from_wire
+from broker.core.errors import InvalidArgument
+from broker.core.signing import Signed
+from broker.settlement.trips import Judgement, Outcome, Reason, Trip
+
+_ENTITLEMENT_OF = {e.value: e for e in Entitlement}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+_OUTCOMES = {
+    Outcome.ACCEPTED: settlement_pb2.TRIP_OUTCOME_ACCEPTED,
+    Outcome.REJECTED: settlement_pb2.TRIP_OUTCOME_REJECTED,
+    Outcome.CONFLICT: settlement_pb2.TRIP_OUTCOME_CONFLICT,
+}
+
+
+def trip_from_wire(
+    msg: settlement_pb2.TripRecord, operator_id: str, index: int
+) -> Trip | Judgement:
+    """A valid :class:`Trip`, or the REJECTED judgement naming the malformed field.
+
+    On the ingest path for every trip: field names are only built for errors.
+    """
+    if msg.operator_id != operator_id:
+        return Judgement(
+            Outcome.REJECTED,
+            Reason.OPERATOR_MISMATCH,
+            f"trips[{index}].operator_id differs from the caller certificate's",
+        )
+    try:
+        trip_id = msg.trip_id
+        if not trip_id or len(trip_id) > 64 or not trip_id.isprintable():
+            raise InvalidArgument("trip_id", "must be 1-64 printable characters")
+        card = card_from_wire(msg.card, msg.HasField("card"))
+        scene = scene_from_wire(msg.scene)
+        if not msg.HasField("occurred_at"):
+            raise InvalidArgument("occurred_at", "is required")
+        ent = msg.applied_entitlement
+        applied = _ENTITLEMENT_OF.get(ent) if ent else None
+        if ent and applied is None:
+            raise InvalidArgument("applied_entitlement", "is not a known entitlement")
+        place, version = msg.place_id, msg.fare_version
+        if len(place) > 64 or len(version) > 64:
+            raise InvalidArgument("place_id", "place_id and fare_version: at most 64")
+        ts = msg.occurred_at
+        return Trip(
+            operator_id=operator_id,
+            trip_id=trip_id,
+            card=card,
+            scene=scene,
+            place_id=place,
+            occurred_at=_EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000),
+            gross_fare_fen=msg.gross_fare_fen,
+            charged_fen=msg.charged_fen,
+            concession_fen=msg.concession_fen,
+            applied_entitlement=applied,
+            fare_version=version,
+        )
+    except InvalidArgument as exc:
+        return Judgement(Outcome.REJECTED, Reason.MALFORMED, f"trips[{index}].{exc}")
+
+
+def result_to_wire(trip_id: str, j: Judgement | None) -> settlement_pb2.TripResult:
+    if j is None:
+        return settlement_pb2.TripResult(
+            trip_id=trip_id, outcome=settlement_pb2.TRIP_OUTCOME_UNKNOWN, reason="unknown"
+        )
+    return settlement_pb2.TripResult(
+        trip_id=trip_id, outcome=_OUTCOMES[j.outcome], reason=j.reason.value, detail=j.detail
+    )
+
+
+def signed_from_wire(msg: settlement_pb2.SignedDocument) -> Signed:
+    if not msg.document or not msg.key_id or not msg.signature:
+        raise InvalidArgument("document", "document, key_id and signature are all required")
+    return Signed(msg.document, msg.key_id, msg.signature)
+
+
+def signed_to_wire(signed: Signed) -> settlement_pb2.SignedDocument:
+    return settlement_pb2.SignedDocument(
+        document=signed.document, key_id=signed.key_id, signature=signed.signature
+    )

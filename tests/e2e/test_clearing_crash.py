@@ -1,0 +1,199 @@
+"""kill -9 of the closing process at each state change, then a restart: nothing lost or doubled.
+
+The close runs as its own process (``python -m broker settle close``), as
+operations staff run it; ``YIKATONG_CRASH_AT`` makes it SIGKILL itself right
+after the named state change. A second run must finish the day, and every
+figure must equal the one recomputed from the raw trips — which is what a
+run without crashes gives (tests/test_clearing_e2e.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from datetime import datetime, timedelta
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker._proto.yikatong.v1 import settlement_pb2
+from broker.cards.model import Scene, shanghai_day
+from broker.node.server import Node
+from broker.testbed.build import DistrictSetup
+from tests.clearing_day import (
+    SentTrip,
+    assert_positions_match,
+    district_positions,
+    expected_claim,
+    operator_stub,
+    record_for,
+    simulate_day,
+)
+from tests.conftest import ANYUE, DAZU, THREE, Cluster
+from tests.helpers import node_channel
+
+
+async def broker(*args: str, crash_at: str | None = None, may_fail: bool = False) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "YIKATONG_CRASH_AT"}
+    if crash_at:
+        env["YIKATONG_CRASH_AT"] = crash_at
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        "--log-level",
+        "warning",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode not in (0, -signal.SIGKILL) and not may_fail:
+        raise AssertionError(err.decode())
+    return proc.returncode or 0
+
+
+@pytest.mark.parametrize(
+    "point", ["close_planned", "fares_published", "batch_sent", "ack_stored", "position_agreed"]
+)
+async def test_the_closing_process_killed_at_each_state_change_resumes(
+    day_cluster: Cluster, now: datetime, point: str
+):
+    cluster = day_cluster
+    trips = await simulate_day(cluster, now, per_pair=4)
+    period = shanghai_day(trips[0].record.occurred_at.ToDatetime().replace(tzinfo=now.tzinfo))
+    day = period.isoformat()
+    cfg = {code: str(cluster.setups[code].config_path) for code in THREE}
+    crash = point if point != "position_agreed" else None
+    assert await broker(
+        "settle", "close", "--config", cfg[DAZU], "--period", day, crash_at=crash
+    ) == (-signal.SIGKILL if crash else 0)
+    for code in THREE:  # the restart (for Dazu) and the other districts' closes
+        assert await broker("settle", "close", "--config", cfg[code], "--period", day) == 0
+
+    await assert_positions_match(cluster.setups, trips, day)
+
+    if point == "position_agreed":
+        for t in trips:  # settle by hand the lines of lost or expired cards
+            if not t.active:
+                assert (
+                    await broker(
+                        "settle",
+                        "resolve",
+                        "--config",
+                        cfg[t.serving],
+                        "--district",
+                        t.home,
+                        "--operator",
+                        t.record.operator_id,
+                        "--trip",
+                        t.record.trip_id,
+                        "--note",
+                        "written off",
+                    )
+                    == 0
+                )
+        assert (
+            await broker(
+                "settle", "confirm", "--config", cfg[DAZU], "--period", day, crash_at=point
+            )
+            == -signal.SIGKILL
+        )
+        assert await broker("settle", "confirm", "--config", cfg[DAZU], "--period", day) == 0
+        view = await district_positions(cluster.setups[DAZU], day)
+        assert {p["state"] for p in view["positions"]} == {"settled"}
+
+
+async def serve(config: str, crash_at: str | None) -> asyncio.subprocess.Process:
+    """``python -m broker serve`` as its own process, returned once it answers health checks."""
+    env = {k: v for k, v in os.environ.items() if k != "YIKATONG_CRASH_AT"}
+    if crash_at:
+        env["YIKATONG_CRASH_AT"] = crash_at
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "broker",
+        "--log-level",
+        "warning",
+        "serve",
+        "--config",
+        config,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    return proc
+
+
+async def healthy(cluster_setups: dict[str, DistrictSetup], code: str, me: str) -> None:
+    s = cluster_setups[code]
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        ch = node_channel(s.config.listen, s, cluster_setups[me])
+        try:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1
+            )
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        finally:
+            await ch.close()
+        assert asyncio.get_running_loop().time() < deadline, f"{code} never became healthy"
+        await asyncio.sleep(0.1)
+
+
+async def test_the_home_node_killed_before_it_commits_an_ack_gets_the_batch_again(
+    districts: dict[str, DistrictSetup], now: datetime
+):
+    """Anyue dies (kill -9) verifying Dazu's batch, before its commit: nothing of it is kept;
+    restarted, it verifies the resent batch once, and the figures are the recomputed ones."""
+    anyue_cfg = str(districts[ANYUE].config_path)
+    anyue = await serve(anyue_cfg, crash_at="home_before_commit")
+    await healthy(districts, ANYUE, DAZU)
+    dazu = await Node.start(districts[DAZU].config)
+    cluster = Cluster({k: districts[k] for k in (DAZU,)}, {DAZU: dazu})
+    try:
+        setup = districts[DAZU]
+        gate = cluster.gate(DAZU)
+        when = now - timedelta(minutes=10)
+        sent = []
+        cards = [c for c in districts[ANYUE].cards if c.status == "active"][:8]
+        for i, card in enumerate(cards):
+            decision = await gate.check(card.ref, Scene.BUS)
+            assert decision.allow
+            rec = record_for(setup, f"hc-{i}", card, Scene.BUS, when, decision)
+            sent.append(SentTrip(DAZU, rec, True))
+        ch, stub = operator_stub(setup, dazu.address)
+        try:
+            await stub.SubmitTrips(
+                settlement_pb2.SubmitTripsRequest(trips=[t.record for t in sent]), timeout=10
+            )
+        finally:
+            await ch.close()  # type: ignore[attr-defined]
+        day = shanghai_day(when).isoformat()
+        cfg = str(setup.config_path)
+        assert await broker("settle", "close", "--config", cfg, "--period", day, may_fail=True)
+        assert await anyue.wait() == -signal.SIGKILL  # died in the middle of the batch
+        anyue = await serve(anyue_cfg, crash_at=None)
+        await healthy(districts, ANYUE, DAZU)
+        assert await broker("settle", "close", "--config", cfg, "--period", day) == 0
+        owed = sum(expected_claim(t) for t in sent)
+        mine = await district_positions(setup, day)
+        theirs = await district_positions(districts[ANYUE], day)
+        assert [(p["counterparty"], p["receivable_fen"]) for p in mine["positions"]] == [
+            (ANYUE, owed)
+        ]
+        assert [(p["counterparty"], p["payable_fen"]) for p in theirs["positions"]] == [
+            (DAZU, owed)
+        ]
+    finally:
+        await cluster.close()
+        if anyue.returncode is None:
+            anyue.terminate()
+            await anyue.wait()
