@@ -20,7 +20,7 @@ from pathlib import Path
 from broker.cards.csv_import import CardRow
 from broker.cards.districts import District, load_districts
 from broker.cards.model import CardStatus, shanghai_day
-from broker.core.sqlite import open_db, utc_text
+from broker.core.db import open_db, utc_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS districts (

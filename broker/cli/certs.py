@@ -6,19 +6,18 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from broker.cards.privacy import create_key_file
+from broker.cli.output import fail
 from broker.trust import certops
 from broker.trust.certops import CertOpsError, DistrictPaths, RotationStage
 from broker.trust.identity import Identity, node_identity, operator_identity
 from broker.trust.pki import LEAF_DAYS
 
-err = Console(stderr=True)
 district_opt = click.option("--district", required=True, help="6-digit district code.")
 dir_opt = click.option(
     "--dir",
@@ -30,28 +29,23 @@ dir_opt = click.option(
 )
 
 
-def _fail(message: str) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
-    sys.exit(1)
-
-
 def _paths(root: Path, district: str) -> DistrictPaths:
     try:
         node_identity(district)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     return DistrictPaths(root, district)
 
 
 def _identity(district: str, is_node: bool, operator_id: str | None) -> Identity:
     if is_node == (operator_id is not None):
-        _fail("give exactly one of --node or --operator ID")
+        fail("give exactly one of --node or --operator ID")
     try:
         return (
             node_identity(district) if is_node else operator_identity(district, operator_id or "")
         )
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @click.group()
@@ -68,7 +62,7 @@ def init_ca(district: str, root: Path) -> None:
     try:
         certops.init_ca(paths, datetime.now(UTC))
     except CertOpsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if not paths.hash_key.exists():
         create_key_file(paths.hash_key)
     click.echo(f"CA written under {paths.cas} (keys mode 0600); trust bundle {paths.ca_cert}")
@@ -86,7 +80,7 @@ def issue(district: str, is_node: bool, operator_id: str | None, days: int, root
     try:
         cert, _key = certops.issue_to_files(_paths(root, district), ident, datetime.now(UTC), days)
     except CertOpsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(f"{ident.spiffe_id} → {cert}")
 
 
@@ -101,7 +95,7 @@ def rotate(district: str, is_node: bool, operator_id: str | None, root: Path) ->
     paths = _paths(root, district)
     current = [c for i, c in certops.leaf_certificates(paths) if i == ident]
     if not current:
-        _fail(f"no certificate for {ident.spiffe_id} to rotate: issue one first")
+        fail(f"no certificate for {ident.spiffe_id} to rotate: issue one first")
     days = certops.lifetime_days(current[0])
     cert, _ = certops.issue_to_files(paths, ident, datetime.now(UTC), days)
     click.echo(f"{ident.spiffe_id} rotated → {cert}")
@@ -115,7 +109,7 @@ def renew_due(district: str, root: Path) -> None:
     try:
         renewed = certops.renew_due(_paths(root, district), datetime.now(UTC))
     except CertOpsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     for path in renewed:
         click.echo(f"renewed {path}")
     click.echo(f"{len(renewed)} certificate(s) renewed")
@@ -137,7 +131,7 @@ def rotate_ca(district: str, stage: str, root: Path) -> None:
             certops.rotate_ca(_paths(root, district), RotationStage(stage), datetime.now(UTC))
         )
     except CertOpsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @certs.command("revoke")
@@ -149,7 +143,7 @@ def revoke(district: str, serial: str, root: Path) -> None:
     try:
         issuer = certops.revoke(_paths(root, district), serial, datetime.now(UTC))
     except CertOpsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     click.echo(f"serial {serial} revoked in the list of CA {issuer}")
 
 
@@ -162,7 +156,7 @@ def status(district: str, as_json: bool, root: Path) -> None:
     try:
         rows = certops.status(_paths(root, district), datetime.now(UTC))
     except CertOpsError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
     else:

@@ -7,11 +7,10 @@ import gc
 import json
 import os
 import signal
-import sys
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 from rich.console import Console
@@ -23,25 +22,19 @@ from broker.cards.model import shanghai_day
 from broker.cards.privacy import create_key_file, load_key_file
 from broker.cards.registry import Registry
 from broker.cli.certs import certs
-from broker.cli.settle import settle, yuan
+from broker.cli.output import err, fail, yuan
+from broker.cli.settle import settle
 from broker.cli.trust import trust
 from broker.core.errors import BrokerError, ImportRejected
 from broker.node import logs
 from broker.node.config import NodeConfig, load_config
-
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
-    sys.exit(code)
 
 
 def _config(path: Path) -> NodeConfig:
     try:
         return load_config(path, os.environ)
     except BrokerError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @click.group()
@@ -93,7 +86,7 @@ def serve(config_path: Path) -> None:
     try:
         asyncio.run(run())
     except BrokerError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @main.group()
@@ -115,9 +108,9 @@ def registry_import(csv_file: Path, config_path: Path) -> None:
     except ImportRejected as exc:
         for row_error in exc.errors:
             err.print(f"{csv_file}:{row_error}")
-        _fail(f"{csv_file}: {exc}")
+        fail(f"{csv_file}: {exc}")
     except BrokerError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     store = Registry(cfg.registry_path)
     try:
         result = store.upsert(rows, now)
@@ -141,7 +134,7 @@ def hash_key_init(path: Path) -> None:
     try:
         create_key_file(path)
     except FileExistsError:
-        _fail(f"{path} already exists")
+        fail(f"{path} already exists")
     click.echo(f"hash key written to {path}")
 
 
@@ -181,10 +174,10 @@ def demo(checks: int, concurrency: int, as_json: bool, keep: Path | None) -> Non
         else:
             _print_summary(summary)
         if summary["mismatches"]:
-            _fail(f"{summary['mismatches']} decision(s) disagree with the registries")
+            fail(f"{summary['mismatches']} decision(s) disagree with the registries")
         day = summary.get("settlement")
         if isinstance(day, dict) and day.get("nets_sum_fen"):
-            _fail("the day's multilateral net positions do not sum to zero")
+            fail("the day's multilateral net positions do not sum to zero")
 
     if keep is not None:
         keep.mkdir(parents=True, exist_ok=True)

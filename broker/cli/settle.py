@@ -15,8 +15,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, fields
 from datetime import date
 from pathlib import Path
@@ -27,7 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from broker.cards.model import Entitlement
-from broker.core.errors import BrokerError, ConfigError
+from broker.cli.output import broker_errors, err, yuan
+from broker.core.errors import ConfigError
 from broker.fares.rules import load_fares
 from broker.node.config import NodeConfig, load_config
 from broker.settlement.clearing.positions import positions
@@ -45,25 +45,11 @@ period_option = click.option(
 )
 
 
-def yuan(fen: int) -> str:
-    """Integer fen shown as yuan, without ever passing through a float."""
-    return f"{'-' if fen < 0 else ''}{abs(fen) // 100}.{abs(fen) % 100:02d}"
-
-
 def _day(period: str) -> date:
     try:
         return date.fromisoformat(period)
     except ValueError:
         raise click.BadParameter("must be YYYY-MM-DD", param_hint="--period") from None
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except BrokerError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {exc}")
-        sys.exit(1)
 
 
 def _config(path: Path) -> NodeConfig:
@@ -90,7 +76,7 @@ def _run(cfg_path: Path, work: Callable[[Sender], Any]) -> Any:
         async with open_sender(_config(cfg_path), _progress()) as sender:
             return await work(sender)
 
-    with _errors():
+    with broker_errors():
         return asyncio.run(go())
 
 
@@ -140,7 +126,7 @@ def close_cmd(config_path: Path, period: str) -> None:
     if not rows and not report.failures:
         click.echo("nothing new to send")
     for failure in report.failures:
-        Console(stderr=True).print(f"[red]not sent:[/red] {failure} (run the close again)")
+        err.print(f"[red]not sent:[/red] {failure} (run the close again)")
     if report.failures:
         sys.exit(1)
 
@@ -222,7 +208,7 @@ def confirm_cmd(config_path: Path, period: str) -> None:
 @click.option("--format", "fmt", default="table", type=click.Choice(["table", "json", "csv"]))
 def disputes_cmd(config_path: Path, period: str | None, fmt: str) -> None:
     """Lines the home districts rejected, and where each dispute stands."""
-    with _errors():
+    with broker_errors():
         store = ClearingStore.open(_config(config_path))
         try:
             rows = store.disputes(_day(period) if period else None)
@@ -247,7 +233,7 @@ def statement_cmd(
 ) -> None:
     """What operators are owed (default), or the district's net positions (``--district``)."""
     day = _day(period)
-    with _errors():
+    with broker_errors():
         cfg = _config(config_path)
         fares = load_fares(cfg.fares_file) if cfg.fares_file else None
         store = ClearingStore.open(cfg)

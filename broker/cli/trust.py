@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
-from typing import NoReturn
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from rich.console import Console
 
+from broker.cli.output import err, fail
 from broker.core.errors import ConfigError
 from broker.node.config import load_config
 from broker.peers.bundles import accept, held_bundle
 from broker.trust.bundle import Bundle, BundleRefused, SignedBundle
 from broker.trust.certops import DistrictPaths, read_bundle
-
-err = Console(stderr=True)
-
-
-def _fail(message: str) -> NoReturn:
-    err.print(f"[red]error:[/red] {message}")
-    sys.exit(1)
 
 
 def fingerprint(pem: str) -> str:
@@ -49,7 +40,7 @@ def export(district: str, root: Path, out: Path | None) -> None:
     """Write the district's signed trust bundle, to hand to a neighbour."""
     signed = read_bundle(DistrictPaths(root, district).bundle)
     if signed is None:
-        _fail(f"district {district} has no bundle under {root}: run `broker certs init-ca`")
+        fail(f"district {district} has no bundle under {root}: run `broker certs init-ca`")
     bundle = Bundle.parse(signed.document)
     if out is None:
         click.echo(signed.to_json().decode())
@@ -74,21 +65,21 @@ def import_(bundle_file: Path, config_path: Path, first_use: bool) -> None:
         signed = SignedBundle.from_json(bundle_file.read_bytes())
         bundle = Bundle.parse(signed.document)
     except (ConfigError, BundleRefused) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     peer = cfg.peer(bundle.district)
     if peer is None:
-        _fail(f"district {bundle.district} is not a peer in {config_path}")
+        fail(f"district {bundle.district} is not a peer in {config_path}")
     if held_bundle(peer) is None and not first_use:
         for pem in bundle.cas_pem:
             err.print(f"CA fingerprint (SHA-256): {fingerprint(pem)}")
-        _fail(
+        fail(
             "no bundle held for this district yet: compare the fingerprint above with the "
             "neighbour's by another channel, then repeat with --first-use"
         )
     try:
         stored = accept(peer, signed, first_use=first_use)
     except BundleRefused as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if stored is None:
         click.echo(f"bundle {bundle.sequence} of {bundle.district} is already held")
     else:

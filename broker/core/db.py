@@ -1,25 +1,48 @@
-"""One small connection wrapper over SQLite and PostgreSQL, for code written once for both.
+"""Database access in one place: how SQLite files are opened, and one wrapper for both databases.
 
-SQL is written with ``?`` placeholders and portable types (TEXT, BIGINT);
-for PostgreSQL the placeholders become ``%s`` and the connection's
-``search_path`` is the district's schema, so table names are the same in
-both. Writes happen in :meth:`Db.write` (``BEGIN IMMEDIATE`` on SQLite, a
-transaction on PostgreSQL), committed before the caller goes on.
+SQLite files are opened in WAL mode (readers never wait for the writer),
+``synchronous=FULL`` (a committed transaction survives a power cut), in
+autocommit mode (``BEGIN`` issued by the caller); instants are stored as UTC
+text. :class:`Db` is one small connection wrapper over SQLite and PostgreSQL,
+for code written once for both: SQL is written with ``?`` placeholders and
+portable types (TEXT, BIGINT); for PostgreSQL the placeholders become ``%s``
+and the connection's ``search_path`` is the district's schema, so table names
+are the same in both. Writes happen in :meth:`Db.write` (``BEGIN IMMEDIATE``
+on SQLite, a transaction on PostgreSQL), committed before the caller goes on.
 """
 
 from __future__ import annotations
 
 import re
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from broker.core.errors import ConfigError
-from broker.core.sqlite import open_db
 
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def open_db(path: Path, schema: str) -> sqlite3.Connection:
+    """Open (creating if needed) a database file and apply ``schema``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    db.execute("PRAGMA busy_timeout=5000")
+    db.executescript(schema)
+    return db
+
+
+def utc_text(at: datetime) -> str:
+    """An aware instant as sortable UTC text (microseconds)."""
+    if at.tzinfo is None:
+        raise ValueError("naive datetime: every instant must be timezone-aware")
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 class Db:

@@ -223,7 +223,7 @@ def test_serve_refuses_a_port_it_cannot_bind(tmp_path: Path, now):
 
 
 def test_yuan_formats_integer_fen_exactly():
-    from broker.cli.settle import yuan
+    from broker.cli.output import yuan
 
     assert [yuan(f) for f in (0, 5, 100, 11500, 123456789, -250)] == [
         "0.00",

@@ -23,9 +23,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker.cards.model import shanghai_day
 from broker.cards.registry import Registry
+from broker.core.db import utc_text
 from broker.core.errors import Conflict, DocumentRefused
 from broker.core.signing import Signed, Signer, canonical, verify
-from broker.core.sqlite import utc_text
 from broker.fares.agreements import Agreement
 from broker.fares.rules import FareSchedule, FareTable, parse_fares
 from broker.settlement.clearing import crash

@@ -28,11 +28,12 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
+from broker.core.db import utc_text
 from broker.core.errors import DocumentRefused, PeerUnavailable, SettlementStateError
 from broker.core.signing import Signed, Signer, verify
-from broker.core.sqlite import utc_text
 from broker.fares.rules import FareSchedule, fares_document
 from broker.settlement.clearing import crash
+from broker.settlement.clearing.acks import store_ack
 from broker.settlement.clearing.batch import (
     Digest,
     Line,
@@ -319,7 +320,9 @@ class Sender:
                 raise DocumentRefused(f"acknowledgement from {counterparty} does not add up")
             crash.point("batch_sent")
             await asyncio.to_thread(
-                self._store_ack,
+                store_ack,
+                self._db,
+                utc_text(self._clock()),
                 counterparty,
                 day,
                 seq,
@@ -356,97 +359,6 @@ class Sender:
             rejected,
             listed - rejected,
         )
-
-    def _store_ack(
-        self,
-        counterparty: str,
-        day: str,
-        seq: int,
-        kind: str,
-        totals: Totals,
-        digest: str,
-        ack: Signed,
-        accepted: int,
-        verdicts: Spool,
-    ) -> None:
-        now = utc_text(self._clock())
-        with self._db.write():
-            self._db.execute(
-                "UPDATE out_batches SET state = 'acked', digest = ?, lines = ?, claimed_fen = ?, "
-                "ack = ?, ack_key_id = ?, ack_signature = ?, accepted_claim_fen = ?, acked_at = ? "
-                "WHERE counterparty = ? AND period = ? AND seq = ? AND state = 'built'",
-                (
-                    digest,
-                    totals.lines,
-                    totals.claimed_fen,
-                    ack.document.decode(),
-                    ack.key_id,
-                    b64(ack.signature),
-                    accepted,
-                    now,
-                    counterparty,
-                    day,
-                    seq,
-                ),
-            )
-            for chunk in verdicts.chunks():
-                block = decode_verdicts(chunk)
-                self._db.executemany(
-                    "INSERT INTO out_verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (counterparty, period, seq, line_no) DO NOTHING",
-                    [
-                        (
-                            counterparty,
-                            day,
-                            seq,
-                            v.line_no,
-                            v.operator_id,
-                            v.trip_id,
-                            v.code,
-                            v.claimed_fen,
-                            v.accepted_claim_fen,
-                        )
-                        for v in block
-                    ],
-                )
-                if kind == "close":
-                    self._db.executemany(
-                        "INSERT INTO disputes (counterparty, period, operator_id, trip_id, code, "
-                        "state, updated_at) VALUES (?, ?, ?, ?, ?, 'open', ?) "
-                        "ON CONFLICT (counterparty, operator_id, trip_id) DO NOTHING",
-                        [
-                            (counterparty, day, v.operator_id, v.trip_id, v.code, now)
-                            for v in block
-                            if v.code != CAP_EXCEEDED
-                        ],
-                    )
-            if kind == "represent":
-                refused = {
-                    (v.operator_id, v.trip_id): v.code
-                    for chunk in verdicts.chunks()
-                    for v in decode_verdicts(chunk)
-                    if v.code != CAP_EXCEEDED
-                }
-                for op, trip in self._db.all(
-                    "SELECT operator_id, trip_id FROM disputes WHERE counterparty = ? AND "
-                    "represent_seq = ?",
-                    (counterparty, seq),
-                ):
-                    code = refused.get((op, trip))
-                    # A representment carries one line: the batch's accepted claim is the line's.
-                    self._db.execute(
-                        "UPDATE disputes SET state = ?, final_code = ?, accepted_claim_fen = ?, "
-                        "updated_at = ? WHERE counterparty = ? AND operator_id = ? AND trip_id = ?",
-                        (
-                            "final" if code else "accepted",
-                            code,
-                            0 if code else accepted,
-                            now,
-                            counterparty,
-                            op,
-                            trip,
-                        ),
-                    )
 
     # ------------------------------------------------------------ disputes
 

@@ -16,7 +16,7 @@ from datetime import date, datetime
 from pathlib import Path
 
 from broker.cards.model import shanghai_day
-from broker.core.sqlite import open_db, utc_text
+from broker.core.db import open_db, utc_text
 from broker.settlement.ledger.common import TRIP_COLUMNS, resubmitted, trip_from_row
 from broker.settlement.trips import Judgement, Outcome, Reason, Trip
 

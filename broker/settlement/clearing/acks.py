@@ -1,0 +1,107 @@
+"""Storing a home district's acknowledgement: the batch acked, its verdicts, its disputes."""
+
+from __future__ import annotations
+
+from broker.core.db import Db
+from broker.core.signing import Signed
+from broker.settlement.clearing.batch import Spool, Totals, decode_verdicts
+from broker.settlement.clearing.store import b64
+from broker.settlement.clearing.verify import CAP_EXCEEDED
+
+
+def store_ack(
+    db: Db,
+    now: str,
+    counterparty: str,
+    day: str,
+    seq: int,
+    kind: str,
+    totals: Totals,
+    digest: str,
+    ack: Signed,
+    accepted: int,
+    verdicts: Spool,
+) -> None:
+    """Record a home district's acknowledgement of batch ``seq``, in one transaction.
+
+    The batch becomes ``acked`` with the signed acknowledgement; every verdict on
+    a line is kept; a close's refused lines (other than over a cap) open disputes,
+    and a representment's verdict settles the dispute it carried.
+    """
+    with db.write():
+        db.execute(
+            "UPDATE out_batches SET state = 'acked', digest = ?, lines = ?, claimed_fen = ?, "
+            "ack = ?, ack_key_id = ?, ack_signature = ?, accepted_claim_fen = ?, acked_at = ? "
+            "WHERE counterparty = ? AND period = ? AND seq = ? AND state = 'built'",
+            (
+                digest,
+                totals.lines,
+                totals.claimed_fen,
+                ack.document.decode(),
+                ack.key_id,
+                b64(ack.signature),
+                accepted,
+                now,
+                counterparty,
+                day,
+                seq,
+            ),
+        )
+        for chunk in verdicts.chunks():
+            block = decode_verdicts(chunk)
+            db.executemany(
+                "INSERT INTO out_verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (counterparty, period, seq, line_no) DO NOTHING",
+                [
+                    (
+                        counterparty,
+                        day,
+                        seq,
+                        v.line_no,
+                        v.operator_id,
+                        v.trip_id,
+                        v.code,
+                        v.claimed_fen,
+                        v.accepted_claim_fen,
+                    )
+                    for v in block
+                ],
+            )
+            if kind == "close":
+                db.executemany(
+                    "INSERT INTO disputes (counterparty, period, operator_id, trip_id, code, "
+                    "state, updated_at) VALUES (?, ?, ?, ?, ?, 'open', ?) "
+                    "ON CONFLICT (counterparty, operator_id, trip_id) DO NOTHING",
+                    [
+                        (counterparty, day, v.operator_id, v.trip_id, v.code, now)
+                        for v in block
+                        if v.code != CAP_EXCEEDED
+                    ],
+                )
+        if kind == "represent":
+            refused = {
+                (v.operator_id, v.trip_id): v.code
+                for chunk in verdicts.chunks()
+                for v in decode_verdicts(chunk)
+                if v.code != CAP_EXCEEDED
+            }
+            for op, trip in db.all(
+                "SELECT operator_id, trip_id FROM disputes WHERE counterparty = ? AND "
+                "represent_seq = ?",
+                (counterparty, seq),
+            ):
+                code = refused.get((op, trip))
+                # A representment carries one line: the batch's accepted claim is the line's.
+                db.execute(
+                    "UPDATE disputes SET state = ?, final_code = ?, accepted_claim_fen = ?, "
+                    "updated_at = ? WHERE counterparty = ? AND operator_id = ? AND trip_id = ?",
+                    (
+                        "final" if code else "accepted",
+                        code,
+                        0 if code else accepted,
+                        now,
+                        counterparty,
+                        op,
+                        trip,
+                    ),
+                )
