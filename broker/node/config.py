@@ -35,7 +35,7 @@ A node.toml looks like::
     deadline_ms = 300
 
     [fares]
-    file = "fares.toml"                    # this district's fare rules (broker/fares.py)
+    file = "fares.toml"                    # this district's fare rules (broker/fares/rules.py)
 
     [ledger]
     path = "var/500111/ledger.sqlite3"     # operators' trips (Settlement.SubmitTrips), or
@@ -45,13 +45,13 @@ A node.toml looks like::
     [settlement]
     key_file = "certs/500111/settlement.key"  # Ed25519; signs batches, acks, fare rules
 
-    [[agreements]]                         # what a home district owes (broker/agreements.py)
+    [[agreements]]                         # what a home district owes (broker/fares/agreements.py)
     district = "512021"
     collect_through_home = true
     concession_share_bp = { senior-bus-free = 10000, scenic-senior = 5000 }
 
     [access]                               # deny by default; these add to or replace
-    "yikatong.v1.Gate/Check" = ["own-operators"]   # the defaults in broker/access.py
+    "yikatong.v1.Gate/Check" = ["own-operators"]   # defaults: broker/trust/access.py
 
     [trust]
     bundle_file = "certs/500111/bundle.json"   # this district's signed bundle, served to peers
