@@ -220,16 +220,3 @@ def test_serve_refuses_a_port_it_cannot_bind(tmp_path: Path, now):
         result = CliRunner().invoke(main, ["serve", "--config", str(cfg)])
     assert result.exit_code == 1
     assert "cannot listen" in result.output
-
-
-def test_yuan_formats_integer_fen_exactly():
-    from broker.cli.output import yuan
-
-    assert [yuan(f) for f in (0, 5, 100, 11500, 123456789, -250)] == [
-        "0.00",
-        "0.05",
-        "1.00",
-        "115.00",
-        "1234567.89",
-        "-2.50",
-    ]

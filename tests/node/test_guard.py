@@ -1,0 +1,376 @@
+"""The call guard (broker/node/guard.py): error-to-status mapping, identity, access, timing.
+
+Most checks drive :class:`AuthInterceptor` directly with a stand-in servicer context
+(so that a handler can raise anything, and see what it sees); one runs through a
+real node to show the guard in place on every registered handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc
+from broker.cards.model import CardRef
+from broker.core.errors import (
+    BrokerError,
+    ConfigError,
+    Conflict,
+    DocumentRefused,
+    ImportRejected,
+    InvalidArgument,
+    PeerUnavailable,
+    PermissionDenied,
+    RowError,
+    SettlementStateError,
+    Unauthenticated,
+)
+from broker.node.guard import AuthInterceptor, GuardedServer, status_for
+from broker.node.metrics import Metrics
+from broker.trust import certops
+from broker.trust.access import AccessPolicy
+from broker.trust.identity import Identity, current_identity, node_identity, operator_identity
+from broker.trust.tls import CallerVerifier
+from tests.conftest import ANYUE, DAZU, Cluster
+from tests.helpers import (
+    caller_channel,
+    check_request,
+    gate_stub,
+    node_channel,
+    recognition_stub,
+    recognize_request,
+)
+
+CHECK = "/yikatong.v1.Gate/Check"
+RECOGNIZE = "/yikatong.v1.Recognition/Recognize"
+OPERATOR = operator_identity(DAZU, "transit-01")
+PEER_NODE = node_identity(ANYUE)
+CODE = grpc.StatusCode
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (InvalidArgument("card", "is required"), CODE.INVALID_ARGUMENT),
+        (ImportRejected([RowError(2, "bad")]), CODE.INVALID_ARGUMENT),
+        (DocumentRefused("digest differs"), CODE.INVALID_ARGUMENT),
+        (PermissionDenied("no"), CODE.PERMISSION_DENIED),
+        (Unauthenticated("no certificate"), CODE.UNAUTHENTICATED),
+        (PeerUnavailable(ANYUE, "timed out"), CODE.UNAVAILABLE),
+        (ConfigError("no key"), CODE.FAILED_PRECONDITION),
+        (SettlementStateError("not closed"), CODE.FAILED_PRECONDITION),
+        (Conflict("sequence 1 reused"), CODE.ALREADY_EXISTS),
+    ],
+)
+def test_status_for_maps_each_broker_error_to_its_grpc_status(
+    exc: BrokerError, code: grpc.StatusCode
+) -> None:
+    """Each kind in the error tree (broker/core/errors.py) has the status the guard documents."""
+    assert status_for(exc) == code
+
+
+def test_status_for_a_subclass_follows_its_parent_and_an_unknown_kind_is_internal() -> None:
+    """Mapping is by isinstance; a BrokerError of no listed kind is INTERNAL, not OK/UNKNOWN."""
+
+    class NarrowArgument(InvalidArgument):
+        pass
+
+    class Unlisted(BrokerError):
+        pass
+
+    assert status_for(NarrowArgument("x", "y")) == CODE.INVALID_ARGUMENT
+    assert status_for(Unlisted("z")) == CODE.INTERNAL
+    assert status_for(BrokerError("bare")) == CODE.INTERNAL
+
+
+# --- AuthInterceptor driven directly ------------------------------------------------------
+
+
+class FakeContext:
+    """Enough of ``grpc.aio.ServicerContext`` for the guard: auth context and abort."""
+
+    def __init__(self, pem: bytes | None = b"operator", tls: bytes = b"TLSv1.3") -> None:
+        self._auth: dict[str, list[bytes]] = {"ssl_tls_version": [tls]}
+        if pem is not None:
+            self._auth["x509_pem_cert"] = [pem]
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError()  # as grpc.aio's context does
+
+
+class FakeVerifier:
+    """Names the caller by the (fake) certificate bytes."""
+
+    def __init__(self) -> None:
+        self.identities = {b"operator": OPERATOR, b"peer-node": PEER_NODE}
+        self.seen: list[datetime] = []
+
+    def identify(self, leaf_pem: bytes, now: datetime) -> Identity:
+        self.seen.append(now)
+        ident = self.identities.get(leaf_pem)
+        if ident is None:
+            raise PermissionDenied("certificate names no yikatong identity")
+        return ident
+
+
+def make_guard(metrics: Metrics | None = None) -> AuthInterceptor:
+    return AuthInterceptor(
+        cast(CallerVerifier, FakeVerifier()),
+        AccessPolicy(DAZU, frozenset({ANYUE})),
+        metrics or Metrics(),
+        "1.3",
+        lambda: datetime(2026, 11, 2, tzinfo=UTC),
+    )
+
+
+def unary(method: str, fn: Any, metrics: Metrics | None = None) -> Any:
+    return make_guard(metrics).wrap(method, grpc.unary_unary_rpc_method_handler(fn)).unary_unary
+
+
+async def call_refused(behavior: Any, ctx: FakeContext, request: Any = None) -> tuple[Any, str]:
+    """Run a wrapped unary behaviour that must abort; return (code, details)."""
+    with pytest.raises(grpc.aio.AbortError):
+        await behavior(request, ctx)
+    assert ctx.aborted is not None
+    return ctx.aborted
+
+
+async def test_the_identity_is_bound_for_the_handler_and_unbound_after() -> None:
+    seen: list[Identity] = []
+
+    async def handler(request: Any, context: Any) -> str:
+        seen.append(current_identity())
+        return "answer"
+
+    assert await unary(CHECK, handler)(None, FakeContext()) == "answer"
+    assert seen == [OPERATOR]
+    with pytest.raises(Unauthenticated):
+        current_identity()
+
+
+async def test_the_identity_is_unbound_even_when_the_handler_raises() -> None:
+    async def handler(request: Any, context: Any) -> None:
+        raise InvalidArgument("gate_id", "must be 1-64 printable characters")
+
+    code, details = await call_refused(unary(CHECK, handler), FakeContext())
+    assert (code, details) == (CODE.INVALID_ARGUMENT, "gate_id: must be 1-64 printable characters")
+    with pytest.raises(Unauthenticated):
+        current_identity()
+
+
+async def test_an_error_that_is_not_a_broker_error_does_not_leak_its_message() -> None:
+    async def handler(request: Any, context: Any) -> None:
+        raise RuntimeError("sqlite path /var/secret; card C5001110000001")
+
+    code, details = await call_refused(unary(CHECK, handler), FakeContext())
+    assert code == CODE.INTERNAL
+    assert details == "internal error"
+
+
+async def test_a_method_the_callers_role_may_not_call_is_refused_before_the_handler() -> None:
+    """A peer district's node calling the gate: PERMISSION_DENIED naming the method and caller."""
+    ran: list[object] = []
+
+    async def handler(request: Any, context: Any) -> None:
+        ran.append(request)
+
+    code, details = await call_refused(unary(CHECK, handler), FakeContext(pem=b"peer-node"))
+    assert code == CODE.PERMISSION_DENIED
+    assert "yikatong.v1.Gate/Check" in details and PEER_NODE.spiffe_id in details
+    assert ran == []
+
+
+async def test_a_method_no_rule_names_is_refused_to_everyone() -> None:
+    async def handler(request: Any, context: Any) -> None:
+        raise AssertionError("must not run")
+
+    code, details = await call_refused(
+        unary("/yikatong.v1.Admin/Wipe", handler), FakeContext(pem=b"operator")
+    )
+    assert code == CODE.PERMISSION_DENIED and "no access rule" in details
+
+
+@pytest.mark.parametrize(
+    ("ctx", "code"),
+    [
+        (FakeContext(pem=None), CODE.UNAUTHENTICATED),  # no client certificate at all
+        (FakeContext(pem=b"\x00garbage"), CODE.PERMISSION_DENIED),  # the verifier refuses it
+        (FakeContext(tls=b"TLSv1.2"), CODE.PERMISSION_DENIED),  # below the node's minimum
+        (FakeContext(tls=b"SSLv3"), CODE.PERMISSION_DENIED),  # an unknown version
+    ],
+)
+async def test_an_unusable_caller_is_refused_before_the_handler(
+    ctx: FakeContext, code: grpc.StatusCode
+) -> None:
+    async def handler(request: Any, context: Any) -> None:
+        raise AssertionError("must not run")
+
+    got, _ = await call_refused(unary(CHECK, handler), ctx)
+    assert got == code
+
+
+async def test_an_abort_by_the_handler_itself_passes_through_unchanged() -> None:
+    async def handler(request: Any, context: Any) -> None:
+        await context.abort(CODE.NOT_FOUND, "no such thing")
+
+    code, details = await call_refused(unary(CHECK, handler), FakeContext())
+    assert (code, details) == (CODE.NOT_FOUND, "no such thing")
+
+
+async def test_the_certificate_is_judged_at_the_guards_clock_and_the_nodes_minimum_tls() -> None:
+    """The injected clock (not the wall clock) dates the check; min_tls "1.2" admits TLS 1.2."""
+    verifier = FakeVerifier()
+    when = datetime(2030, 1, 1, tzinfo=UTC)
+    guard = AuthInterceptor(
+        cast(CallerVerifier, verifier),
+        AccessPolicy(DAZU, frozenset({ANYUE})),
+        Metrics(),
+        "1.2",
+        lambda: when,
+    )
+
+    async def handler(request: Any, context: Any) -> str:
+        return "ok"
+
+    behavior = guard.wrap(CHECK, grpc.unary_unary_rpc_method_handler(handler)).unary_unary
+    assert await behavior(None, FakeContext(tls=b"TLSv1.2")) == "ok"
+    assert verifier.seen == [when]
+
+
+async def test_every_call_is_timed_under_its_method_refused_or_not() -> None:
+    metrics = Metrics()
+
+    async def handler(request: Any, context: Any) -> str:
+        return "ok"
+
+    behavior = unary(CHECK, handler, metrics)
+    await behavior(None, FakeContext())
+    await call_refused(behavior, FakeContext(pem=None))
+    assert len(metrics.recorder(CHECK)) == 2
+    assert set(metrics.by_method) == {CHECK}
+
+
+async def test_a_streaming_handler_sees_the_identity_and_its_errors_are_mapped() -> None:
+    seen: list[Identity] = []
+
+    async def stream(request: Any, context: Any) -> AsyncIterator[int]:
+        seen.append(current_identity())
+        yield 1
+        seen.append(current_identity())
+        raise Conflict("batch sequence 3 already used")
+
+    handler = grpc.unary_stream_rpc_method_handler(stream)
+    behavior = make_guard().wrap(RECOGNIZE, handler).unary_stream
+    ctx = FakeContext(pem=b"peer-node")
+    items: list[int] = []
+    with pytest.raises(grpc.aio.AbortError):
+        async for item in behavior(None, ctx):
+            items.append(item)
+    assert items == [1]
+    assert seen == [PEER_NODE, PEER_NODE]
+    assert ctx.aborted == (CODE.ALREADY_EXISTS, "batch sequence 3 already used")
+    with pytest.raises(Unauthenticated):
+        current_identity()
+
+
+async def test_a_streaming_handler_of_a_refused_caller_yields_nothing() -> None:
+    async def stream(request: Any, context: Any) -> AsyncIterator[int]:
+        yield 1
+
+    behavior = make_guard().wrap(RECOGNIZE, grpc.unary_stream_rpc_method_handler(stream))
+    ctx = FakeContext(pem=b"operator")  # an operator may not call Recognition
+    with pytest.raises(grpc.aio.AbortError):
+        async for _ in behavior.unary_stream(None, ctx):
+            raise AssertionError("an item reached a refused caller")
+    assert ctx.aborted is not None and ctx.aborted[0] == CODE.PERMISSION_DENIED
+
+
+async def test_a_stream_in_handler_is_guarded_and_hides_foreign_errors() -> None:
+    seen: list[Identity] = []
+
+    async def consume(requests: Any, context: Any) -> None:
+        seen.append(current_identity())
+        raise KeyError("internal detail")
+
+    handler = grpc.stream_unary_rpc_method_handler(consume)
+    behavior = make_guard().wrap(RECOGNIZE, handler).stream_unary
+    ctx = FakeContext(pem=b"peer-node")
+    code, details = await call_refused(behavior, ctx)
+    assert (code, details) == (CODE.INTERNAL, "internal error")
+    assert seen == [PEER_NODE]
+    refused = FakeContext(pem=b"operator")
+    code, _ = await call_refused(behavior, refused)
+    assert code == CODE.PERMISSION_DENIED and seen == [PEER_NODE]
+
+
+class RecordingServer:
+    """Stands for grpc.aio.Server: keeps what is registered on it."""
+
+    def __init__(self) -> None:
+        self.generic: list[Any] = []
+        self.registered: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: Any) -> None:
+        self.registered[service] = dict(handlers)
+
+
+async def test_guarded_server_hands_the_real_server_only_wrapped_handlers() -> None:
+    ran: list[object] = []
+
+    class Gate(gate_pb2_grpc.GateServicer):
+        async def Check(self, request: Any, context: Any) -> gate_pb2.GateDecision:
+            ran.append(request)
+            return gate_pb2.GateDecision(allow=True)
+
+    server = RecordingServer()
+    guarded = GuardedServer(cast(grpc.aio.Server, server), make_guard())
+    gate_pb2_grpc.add_GateServicer_to_server(Gate(), guarded)
+    guarded.check_complete()  # the generated code registered both ways: complete
+    assert len(server.generic) == 1 and set(server.registered) == {"yikatong.v1.Gate"}
+    check = server.registered["yikatong.v1.Gate"]["Check"].unary_unary
+    code, _ = await call_refused(check, FakeContext(pem=b"peer-node"), "request")
+    assert code == CODE.PERMISSION_DENIED and ran == []
+    assert (await check("request", FakeContext())).allow and ran == ["request"]
+
+
+# --- Through a running node ---------------------------------------------------------------
+
+
+async def test_on_a_real_node_the_certificate_is_the_identity_and_roles_are_enforced(
+    cluster: Cluster, now: datetime
+) -> None:
+    """An operator named only by a freshly issued certificate passes; the own node may not
+    call Recognition (it is not a peer) and is told why."""
+    address, dazu = cluster.nodes[DAZU].address, cluster.setups[DAZU]
+    museum = operator_identity(DAZU, "museum-07")
+    ch = caller_channel(address, dazu, certops.active_ca(dazu.paths), museum, now)
+    own = node_channel(address, dazu, dazu)
+    card = CardRef(DAZU, "NOSUCHCARD01")
+    try:
+        decision = await gate_stub(ch).Check(check_request(card, "museum-07"), timeout=5)
+        assert not decision.allow  # answered: the handler saw museum-07 as the caller
+        with pytest.raises(grpc.aio.AioRpcError) as other:
+            await gate_stub(ch).Check(check_request(card, "transit-01"), timeout=5)
+        assert other.value.code() == CODE.PERMISSION_DENIED  # cannot speak for another operator
+        before = len(cluster.nodes[DAZU].metrics.recorder(RECOGNIZE))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await recognition_stub(own).Recognize(recognize_request(card), timeout=5)
+        assert refused.value.code() == CODE.PERMISSION_DENIED
+        assert "yikatong.v1.Recognition/Recognize" in (refused.value.details() or "")
+        assert f"spiffe://{DAZU}.yikatong.cy/node" in (refused.value.details() or "")
+        assert len(cluster.nodes[DAZU].metrics.recorder(RECOGNIZE)) == before + 1
+    finally:
+        await ch.close()
+        await own.close()

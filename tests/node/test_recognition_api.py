@@ -1,0 +1,118 @@
+"""Recognition.Recognize's servicer (broker/node/recognition_api.py) through a running node.
+
+tests/e2e/test_gate.py covers the answer's fields, a foreign card and an unknown one; here:
+what the servicer itself checks and leaves optional, and what it logs about the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, MutableMapping
+from datetime import datetime
+from typing import Any
+
+import grpc
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc, types_pb2
+from broker.cards.entitlements import entitlements_for
+from broker.cards.model import shanghai_day
+from broker.cards.privacy import load_key_file
+from broker.testbed.build import SyntheticCard
+from tests.conftest import ANYUE, DAZU, Cluster
+from tests.helpers import node_channel
+
+
+def active_card(cluster: Cluster, now: datetime) -> SyntheticCard:
+    today = shanghai_day(now)
+    return next(
+        c
+        for c in cluster.setups[DAZU].cards
+        if c.status == "active" and c.valid_until >= today and (c.disabled or c.student)
+    )
+
+
+def request(card: SyntheticCard, scene: int = 0, request_id: str = "") -> Any:
+    return recognition_pb2.RecognizeRequest(
+        card=types_pb2.CardRef(
+            issuer_region=card.ref.issuer_region, card_number=card.ref.card_number
+        ),
+        scene=scene,  # type: ignore[arg-type]
+        request_id=request_id,
+    )
+
+
+async def recognize(
+    cluster: Cluster, req: recognition_pb2.RecognizeRequest
+) -> recognition_pb2.RecognizeResponse | grpc.aio.AioRpcError:
+    """Ask Dazu's node as Anyue's node (a configured peer); the answer, or the error."""
+    ch = node_channel(cluster.nodes[DAZU].address, cluster.setups[DAZU], cluster.setups[ANYUE])
+    try:
+        return await recognition_pb2_grpc.RecognitionStub(ch).Recognize(req, timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    finally:
+        await ch.close()
+
+
+@pytest.fixture
+def debug_logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every event (debug too) logged while the test runs; the logging setup restored after."""
+    saved = structlog.get_config()
+    structlog.reset_defaults()
+    try:
+        with capture_logs() as events:
+            yield events
+    finally:
+        structlog.reset_defaults()
+        structlog.configure(**saved)
+
+
+async def test_scene_and_request_id_are_optional_for_a_peer(
+    cluster: Cluster, now: datetime
+) -> None:
+    """Unlike a gate check, a peer need not say where the card is used."""
+    card = active_card(cluster, now)
+    answer = await recognize(cluster, request(card))
+    assert isinstance(answer, recognition_pb2.RecognizeResponse)
+    assert answer.status == types_pb2.CARD_STATUS_ACTIVE
+    held = entitlements_for(card.birth_date, card.disabled, card.student, shanghai_day(now))
+    assert held and list(answer.entitlements) == [e.value for e in held]
+    with_both = await recognize(cluster, request(card, types_pb2.SCENE_MUSEUM, "r" * 64))
+    assert with_both == answer
+
+
+MALFORMED: list[tuple[Callable[[recognition_pb2.RecognizeRequest], object], str]] = [
+    (lambda r: r.ClearField("card"), "card"),
+    (lambda r: setattr(r, "scene", 99), "scene"),
+    (lambda r: setattr(r, "request_id", "r" * 65), "request_id"),
+    (lambda r: setattr(r, "request_id", "req\n1"), "request_id"),
+]
+
+
+async def test_a_malformed_request_is_invalid_argument_naming_the_field(
+    cluster: Cluster, now: datetime
+) -> None:
+    card = active_card(cluster, now)
+    for change, field in MALFORMED:  # one node for every case
+        req = request(card, types_pb2.SCENE_BUS, "t-1")
+        change(req)
+        err = await recognize(cluster, req)
+        assert isinstance(err, grpc.aio.AioRpcError), field
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert (err.details() or "").startswith(field + ":"), err.details()
+
+
+async def test_the_call_is_logged_with_the_caller_and_a_keyed_hash_never_the_card_number(
+    cluster: Cluster, now: datetime, debug_logs: list[MutableMapping[str, Any]]
+) -> None:
+    card = active_card(cluster, now)
+    answer = await recognize(cluster, request(card, types_pb2.SCENE_BUS, "req-42"))
+    assert isinstance(answer, recognition_pb2.RecognizeResponse)
+    (event,) = [e for e in debug_logs if e["event"] == "recognized"]
+    hasher = load_key_file(cluster.setups[DAZU].paths.hash_key)
+    assert event["caller"] == f"spiffe://{ANYUE}.yikatong.cy/node"
+    assert event["card"] == hasher.card_key(card.ref)
+    assert (event["status"], event["request_id"]) == ("ACTIVE", "req-42")
+    assert card.ref.card_number not in repr(debug_logs)

@@ -1,0 +1,183 @@
+"""A district node (broker/node/server.py): its gRPC options, start, health, port and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
+from broker.core.errors import ConfigError
+from broker.node.config import load_config
+from broker.node.server import SERVICE_NAMES, Node, server_options
+from broker.testbed.build import DistrictSetup
+from tests.conftest import DAZU
+from tests.helpers import channel
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+OUR_SERVICES = (
+    "yikatong.v1.Gate",
+    "yikatong.v1.Recognition",
+    "yikatong.v1.Trust",
+    "yikatong.v1.Settlement",
+)
+
+CONFIG = """
+district = "500111"
+listen = "127.0.0.1:0"
+[tls]
+ca_file = "ca.pem"
+cert_file = "node.pem"
+key_file = "node.key"
+{extra}
+[registry]
+path = "r.sqlite3"
+[privacy]
+hash_key_file = "hash.key"
+"""
+
+
+def options_for(tmp_path: Path, extra: str = "") -> dict[str, int]:
+    path = tmp_path / "node.toml"
+    path.write_text(CONFIG.format(extra=extra))
+    return dict(server_options(load_config(path, env={})))
+
+
+def test_server_options_recycle_connections_at_the_configured_age(tmp_path: Path) -> None:
+    assert options_for(tmp_path, "max_connection_age_s = 42")["grpc.max_connection_age_ms"] == (
+        42_000
+    )
+    assert options_for(tmp_path)["grpc.max_connection_age_ms"] == 300_000  # the default, 5 min
+
+
+def test_server_options_refuse_to_share_the_port_and_bound_the_grace(tmp_path: Path) -> None:
+    opts = options_for(tmp_path)
+    assert opts["grpc.so_reuseport"] == 0  # a second node on the same port must fail, not share
+    assert opts["grpc.max_connection_age_grace_ms"] > 0
+
+
+def operator_channel(node: Node, setup: DistrictSetup) -> grpc.aio.Channel:
+    return channel(
+        node.address,
+        setup.code,
+        setup.paths.ca_cert.read_bytes(),
+        setup.operator_cert.read_bytes(),
+        setup.operator_key.read_bytes(),
+    )
+
+
+async def port_accepts(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
+
+
+async def test_a_started_node_serves_health_on_its_port_and_stop_closes_it(
+    districts: dict[str, DistrictSetup],
+) -> None:
+    setup = districts[DAZU]
+    assert set(OUR_SERVICES) <= set(SERVICE_NAMES)
+    node = await Node.start(setup.config)
+    stopped = False
+    ch = operator_channel(node, setup)
+    try:
+        configured_port = int(setup.config.listen.rsplit(":", 1)[1])
+        assert node.port == configured_port and node.address == f"127.0.0.1:{configured_port}"
+        assert await port_accepts(node.port)
+        stub = health_pb2_grpc.HealthStub(ch)
+        for service in ("", *OUR_SERVICES):
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == SERVING, service
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Check(health_pb2.HealthCheckRequest(service="yikatong.v1.Nope"), timeout=5)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert node.intake is not None and node.clearing is not None  # ledger and key configured
+        await ch.close()
+        await node.stop(grace=0.2)
+        stopped = True
+        assert not await port_accepts(node.port)
+        answer = await node.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+        assert answer.status == NOT_SERVING
+        await asyncio.sleep(0)
+        assert all(task.done() for task in node._tasks)  # the watchers are cancelled
+    finally:
+        await ch.close()
+        if not stopped:
+            await node.stop(grace=0.2)
+
+
+async def test_a_second_node_on_a_taken_port_is_a_config_error(
+    districts: dict[str, DistrictSetup],
+) -> None:
+    cfg = replace(districts[DAZU].config, ledger_path=None, settlement_key_file=None)
+    node = await Node.start(cfg)
+    try:
+        with pytest.raises(ConfigError, match=f"cannot listen on {cfg.listen}"):
+            await Node.start(cfg)
+        assert await port_accepts(node.port)  # the first node is unharmed
+    finally:
+        await node.stop(grace=0.2)
+
+
+async def test_without_a_ledger_the_settlement_service_is_not_served(
+    districts: dict[str, DistrictSetup],
+) -> None:
+    setup = districts[DAZU]
+    cfg = replace(setup.config, ledger_path=None, ledger_url=None, listen="127.0.0.1:0")
+    node = await Node.start(cfg)
+    ch = operator_channel(node, setup)
+    try:
+        assert node.port != 0  # port 0 asks for any free port; the bound one is reported
+        assert node.intake is None and node.clearing is None
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await settlement_pb2_grpc.SettlementStub(ch).SubmitTrips(
+                settlement_pb2.SubmitTripsRequest(), timeout=5
+            )
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await ch.close()
+        await node.stop(grace=0.2)
+
+
+async def test_health_turns_not_serving_while_the_nodes_own_certificate_is_expired(
+    districts: dict[str, DistrictSetup],
+) -> None:
+    now = [datetime.now(UTC)]
+    clock: Callable[[], datetime] = lambda: now[0]  # noqa: E731
+    node = await Node.start(districts[DAZU].config, clock=clock)
+
+    async def overall() -> int:
+        resp = await node.health.Check(health_pb2.HealthCheckRequest(service=""), None)
+        return int(resp.status)
+
+    async def wait_for(status: int) -> None:
+        deadline = time.monotonic() + 5
+        while await overall() != status:
+            assert time.monotonic() < deadline, f"health never became {status}"
+            await asyncio.sleep(0.02)
+
+    try:
+        assert await overall() == SERVING
+        now[0] = node.trust.current.not_after + timedelta(seconds=1)
+        node.request_reload()
+        await wait_for(NOT_SERVING)
+        for service in OUR_SERVICES:
+            resp = await node.health.Check(health_pb2.HealthCheckRequest(service=service), None)
+            assert resp.status == NOT_SERVING, service
+        now[0] = datetime.now(UTC)  # e.g. a renewed certificate, or the clock put right
+        node.request_reload()
+        await wait_for(SERVING)
+    finally:
+        await node.stop(grace=0.2)

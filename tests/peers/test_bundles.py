@@ -1,0 +1,358 @@
+"""Keeping a peer's trust bundle: the one gate a bundle passes (accept) and the refresher.
+
+Module under test: :mod:`broker.peers.bundles`. tests/trust/test_bundle.py covers bundles made
+by the certificate store (publishing, a whole CA rotation, the CLI); here bundles are signed
+by hand so that each rule of :func:`accept` is met or broken exactly once, and the refresher
+fetches from a stand-in peer on loopback (tests/peers/support.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+import broker.peers.bundles as bundles_module
+from broker.peers.bundles import BundleRefresher, accept, held_bundle
+from broker.peers.channels import PeerChannels
+from broker.trust import pki
+from broker.trust.bundle import Bundle, BundleRefused, SignedBundle, issued_now, sign
+from broker.trust.config import PeerConfig, TLSConfig, node_server_name
+from broker.trust.store import TrustStore
+from tests.peers.support import HOME, PEER, District, PeerServer, Settings, home_settings
+
+
+def bundle(now: datetime, sequence: int, *cas: pki.KeyPair, district: str = PEER) -> Bundle:
+    return Bundle(
+        district=district,
+        sequence=sequence,
+        issued_at=issued_now(now),
+        cas_pem=tuple(ca.cert_pem().decode() for ca in cas),
+        crls_pem=(),
+        settlement_keys=(),
+    )
+
+
+def signed(now: datetime, sequence: int, signer: pki.KeyPair, *cas: pki.KeyPair) -> SignedBundle:
+    """Bundle ``sequence`` listing ``cas`` (default: the signer), signed by ``signer``."""
+    return sign(bundle(now, sequence, *(cas or (signer,))), signer)
+
+
+def peer_config(tmp_path: Path, bundle_file: bool = True) -> PeerConfig:
+    return PeerConfig(
+        PEER,
+        "127.0.0.1:1",
+        None,
+        node_server_name(PEER),
+        bundle_file=tmp_path / "held" / f"{PEER}.bundle.json" if bundle_file else None,
+    )
+
+
+@pytest.fixture
+def ca(now: datetime) -> pki.KeyPair:
+    return pki.create_ca(PEER, now)
+
+
+@pytest.fixture
+def peer(tmp_path: Path, ca: pki.KeyPair, now: datetime) -> PeerConfig:
+    """A peer whose first bundle (sequence 1, signed by ``ca``) is held."""
+    p = peer_config(tmp_path)
+    accept(p, signed(now, 1, ca), first_use=True)
+    return p
+
+
+def held_bytes(p: PeerConfig) -> bytes:
+    assert p.bundle_file is not None
+    return p.bundle_file.read_bytes()
+
+
+# ----------------------------------------------------------------------------- held_bundle
+
+
+def test_nothing_is_held_without_a_bundle_file_or_before_the_first_import(tmp_path: Path):
+    assert held_bundle(peer_config(tmp_path, bundle_file=False)) is None
+    assert held_bundle(peer_config(tmp_path)) is None
+
+
+def test_held_bundle_reads_back_what_accept_stored(peer: PeerConfig, ca: pki.KeyPair):
+    held = held_bundle(peer)
+    assert held is not None
+    assert (held.district, held.sequence) == (PEER, 1)
+    assert [c.subject for c in held.cas()] == [ca.cert.subject]
+
+
+def test_a_garbled_held_file_is_refused_not_read_as_nothing(peer: PeerConfig, now, ca):
+    """A damaged file must not pass for "nothing held", which would let a first use in."""
+    assert peer.bundle_file is not None
+    peer.bundle_file.write_bytes(b"{ not json")
+    with pytest.raises(BundleRefused, match="malformed"):
+        held_bundle(peer)
+    with pytest.raises(BundleRefused):
+        accept(peer, signed(now, 2, ca), first_use=True)
+    assert peer.bundle_file.read_bytes() == b"{ not json"
+
+
+# ----------------------------------------------------------------------------- first use
+
+
+def test_a_peer_without_a_bundle_file_is_refused(tmp_path: Path, ca, now):
+    for first_use in (False, True):
+        with pytest.raises(BundleRefused, match="no bundle_file configured"):
+            accept(peer_config(tmp_path, bundle_file=False), signed(now, 1, ca), first_use)
+
+
+def test_without_first_use_nothing_held_means_refused_and_nothing_written(tmp_path, ca, now):
+    p = peer_config(tmp_path)
+    with pytest.raises(BundleRefused, match="import the first one by hand"):
+        accept(p, signed(now, 1, ca))
+    assert p.bundle_file is not None and not p.bundle_file.exists()
+
+
+def test_first_use_stores_the_signed_bundle_as_sent(tmp_path: Path, ca, now):
+    p = peer_config(tmp_path)
+    first = signed(now, 1, ca)
+    got = accept(p, first, first_use=True)
+    assert got == Bundle.parse(first.document)
+    assert held_bytes(p) == first.to_json()  # the signature is kept, so it can be re-checked
+    assert SignedBundle.from_json(held_bytes(p)) == first
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("other district", "not 512021"),
+        ("signer not listed", "not trusted"),
+        ("bad signature", "signature does not verify"),
+        ("sequence 0", "not above"),
+    ],
+)
+def test_first_use_still_checks_the_bundle_against_itself(
+    tmp_path: Path, ca: pki.KeyPair, now: datetime, case: str, message: str
+):
+    other = pki.create_ca(PEER, now)
+    offered = {
+        "other district": sign(bundle(now, 1, ca, district=HOME), ca),
+        "signer not listed": signed(now, 1, other, ca),
+        "bad signature": SignedBundle(
+            signed(now, 1, ca).document, pki.ca_id(ca.cert), b"\x30\x06\x02\x01\x01\x02\x01\x01"
+        ),
+        "sequence 0": signed(now, 0, ca),
+    }[case]
+    p = peer_config(tmp_path)
+    with pytest.raises(BundleRefused, match=message):
+        accept(p, offered, first_use=True)
+    assert p.bundle_file is not None and not p.bundle_file.exists()
+
+
+# ----------------------------------------------------------------------------- next bundles
+
+
+def test_a_higher_sequence_signed_by_the_held_ca_replaces_the_held_one(peer, ca, now):
+    nxt = signed(now, 2, ca)
+    got = accept(peer, nxt)
+    assert got is not None and got.sequence == 2
+    assert held_bytes(peer) == nxt.to_json()
+
+
+def test_sequences_may_skip_numbers(peer, ca, now):
+    got = accept(peer, signed(now, 7, ca))
+    assert got is not None and got.sequence == 7
+
+
+def test_the_same_bundle_again_is_nothing_to_do_and_leaves_the_file_alone(peer, ca, now):
+    before = held_bytes(peer)
+    assert peer.bundle_file is not None
+    stamp = peer.bundle_file.stat().st_mtime_ns
+    held = held_bundle(peer)
+    assert held is not None
+    # ECDSA signatures differ each time: the same document signed again is still "the same".
+    again = sign(held, ca)
+    assert again.signature != SignedBundle.from_json(before).signature
+    assert accept(peer, again) is None
+    assert held_bytes(peer) == before and peer.bundle_file.stat().st_mtime_ns == stamp
+
+
+def test_the_held_sequence_with_other_content_is_refused(peer, ca, now):
+    other = pki.create_ca(PEER, now)
+    before = held_bytes(peer)
+    with pytest.raises(BundleRefused, match="sequence 1 reused with other content"):
+        accept(peer, signed(now, 1, ca, ca, other))
+    assert held_bytes(peer) == before
+
+
+def test_a_lower_sequence_is_refused_and_the_held_one_kept(peer, ca, now):
+    accept(peer, signed(now, 5, ca))
+    before = held_bytes(peer)
+    for sequence in (4, 2, 0, -1):
+        with pytest.raises(BundleRefused, match="not above the held 5"):
+            accept(peer, signed(now, sequence, ca))
+    assert held_bytes(peer) == before
+
+
+def test_a_bundle_signed_by_a_ca_not_held_is_refused_even_listing_that_ca(peer, now):
+    """A rogue CA naming itself in the bundle it signs must not be trusted for that."""
+    rogue = pki.create_ca(PEER, now)
+    before = held_bytes(peer)
+    with pytest.raises(BundleRefused, match="not trusted"):
+        accept(peer, signed(now, 2, rogue))
+    assert held_bytes(peer) == before
+
+
+def test_first_use_does_not_bypass_a_held_bundle(peer, now):
+    """Once something is held, first_use must not let a foreign CA take over."""
+    rogue = pki.create_ca(PEER, now)
+    with pytest.raises(BundleRefused, match="not trusted"):
+        accept(peer, signed(now, 2, rogue), first_use=True)
+    held = held_bundle(peer)
+    assert held is not None and held.sequence == 1
+
+
+def test_a_tampered_document_is_refused(peer, ca, now):
+    good = signed(now, 2, ca)
+    tampered = SignedBundle(
+        good.document.replace(b'"sequence":2', b'"sequence":3'), good.signer, good.signature
+    )
+    with pytest.raises(BundleRefused, match="signature"):
+        accept(peer, tampered)
+
+
+def test_a_malformed_document_is_refused(peer, ca):
+    for document in (b"", b"[]", b'{"district": "512021"}', b"\xff\xfe"):
+        with pytest.raises(BundleRefused, match="malformed"):
+            accept(peer, SignedBundle(document, pki.ca_id(ca.cert), b"sig"))
+
+
+def test_a_retired_ca_can_sign_no_more_bundles(peer, ca, now):
+    """Rotation: old signs [old, new]; new signs [new]; from then on the old one is refused."""
+    new = pki.create_ca(PEER, now)
+    assert accept(peer, signed(now, 2, ca, ca, new)) is not None
+    assert accept(peer, signed(now, 3, new, new)) is not None
+    with pytest.raises(BundleRefused, match="not trusted"):
+        accept(peer, signed(now, 4, ca, ca, new))
+    held = held_bundle(peer)
+    assert held is not None and held.sequence == 3
+
+
+# ----------------------------------------------------------------------------- the refresher
+
+
+@dataclass
+class Refreshing:
+    server: PeerServer
+    peer: PeerConfig
+    ca: pki.KeyPair
+    refresher: BundleRefresher
+    changes: list[int]
+
+
+@pytest.fixture
+async def refreshing(tmp_path: Path, now: datetime) -> AsyncIterator[Refreshing]:
+    """Home holding PEER's first bundle, and a PEER node serving bundles on loopback."""
+    home, peer = District.make(HOME, now), District.make(PEER, now)
+    server = await PeerServer.start(peer.node, home.ca)
+    settings = home_settings(tmp_path, home, {PEER: (peer, server.address)}, bundles=True)
+    (p,) = settings.peers
+    accept(p, signed(now, 1, peer.ca), first_use=True)
+    store = TrustStore(settings)
+    channels = PeerChannels(store, settings.peers)
+    changes: list[int] = []
+    refresher = BundleRefresher(settings, channels, store, lambda: changes.append(1))
+    try:
+        yield Refreshing(server, p, peer.ca, refresher, changes)
+    finally:
+        await channels.close()
+        await server.stop()
+
+
+async def test_refresh_stores_a_newer_bundle_and_reports_the_change(refreshing: Refreshing, now):
+    newer = signed(now, 2, refreshing.ca)
+    refreshing.server.trust.bundle = newer
+    assert await refreshing.refresher.refresh(refreshing.peer) is True
+    assert held_bytes(refreshing.peer) == newer.to_json()
+    assert refreshing.changes == [1]
+
+
+async def test_refresh_of_the_bundle_already_held_changes_nothing(refreshing: Refreshing, now):
+    before = held_bytes(refreshing.peer)
+    refreshing.server.trust.bundle = SignedBundle.from_json(before)
+    assert await refreshing.refresher.refresh(refreshing.peer) is False
+    assert held_bytes(refreshing.peer) == before and refreshing.changes == []
+
+
+@pytest.mark.parametrize("served", ["stale", "forged", "none"])
+async def test_refresh_keeps_the_held_bundle_when_the_peer_serves_no_good_one(
+    refreshing: Refreshing, now: datetime, served: str
+):
+    accept(refreshing.peer, signed(now, 3, refreshing.ca))
+    before = held_bytes(refreshing.peer)
+    refreshing.server.trust.bundle = {
+        "stale": signed(now, 2, refreshing.ca),
+        "forged": signed(now, 9, pki.create_ca(PEER, now)),
+        "none": None,  # the peer answers an error status
+    }[served]
+    assert await refreshing.refresher.refresh(refreshing.peer) is False
+    assert refreshing.server.trust.calls == 1
+    assert held_bytes(refreshing.peer) == before and refreshing.changes == []
+
+
+class Clock:
+    """Stands in for the ``time`` module the refresher reads; the event loop keeps the real one."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
+    c = Clock()
+    monkeypatch.setattr(bundles_module, "time", c)
+    yield c
+
+
+async def test_poke_wakes_the_refresher_at_most_once_every_5_s(tmp_path: Path, clock: Clock):
+    rounds: list[str] = []
+    round_done = asyncio.Event()
+
+    class Counting(BundleRefresher):
+        async def refresh(self, peer: PeerConfig) -> bool:
+            rounds.append(peer.district)
+            round_done.set()
+            return False
+
+    no_bundle = PeerConfig("500153", "127.0.0.1:1", tmp_path / "ca.pem", node_server_name("500153"))
+    tls = TLSConfig(tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node.key")
+    settings = Settings(HOME, tls, (no_bundle, peer_config(tmp_path)))
+    # Channels and store are only handed to refresh(), which this test replaces.
+    refresher = Counting(settings, None, None, lambda: None)  # type: ignore[arg-type]
+
+    async def next_round() -> bool:
+        round_done.clear()
+        try:
+            await asyncio.wait_for(round_done.wait(), 0.3)
+        except TimeoutError:
+            return False
+        return True
+
+    task = asyncio.create_task(refresher.run())
+    try:
+        assert await next_round()  # a first round at once
+        refresher.poke()
+        assert await next_round()  # poked: a round long before the 30 s interval
+        clock.now += 4.9
+        refresher.poke()
+        assert not await next_round()  # too soon after the last early round
+        clock.now += 0.1
+        refresher.poke()
+        assert await next_round()  # 5 s on: early again
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert rounds == [PEER, PEER, PEER]  # the peer without a bundle_file is never asked

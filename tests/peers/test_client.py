@@ -1,0 +1,156 @@
+"""Asking a peer district about one of its cards: the answer, or PeerUnavailable naming the peer.
+
+Module under test: :mod:`broker.peers.client`. The peer is a ``grpc.aio`` server on loopback
+(tests/peers/support.py) holding the peer district's real node certificate, so every call goes
+through the same mutual-TLS channel a node uses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import grpc
+import pytest
+
+from broker._proto.yikatong.v1 import recognition_pb2, types_pb2
+from broker.cards.model import CardRef, CardStatus, Entitlement, Recognition, Scene
+from broker.core.errors import PeerUnavailable
+from broker.peers.channels import PeerChannels
+from broker.peers.client import PeerClient
+from broker.trust.store import TrustStore
+from tests.peers.support import HOME, OTHER, PEER, District, PeerServer, free_address, home_settings
+
+CARD = CardRef(PEER, "C5120210000001")
+DEADLINE_MS = 200
+
+
+@dataclass
+class Net:
+    server: PeerServer
+    channels: PeerChannels
+    client: PeerClient
+
+
+@pytest.fixture
+async def net(tmp_path: Path, now: datetime) -> AsyncIterator[Net]:
+    home, peer = District.make(HOME, now), District.make(PEER, now)
+    server = await PeerServer.start(peer.node, home.ca)
+    settings = home_settings(tmp_path, home, {PEER: (peer, server.address)})
+    channels = PeerChannels(TrustStore(settings), settings.peers)
+    try:
+        yield Net(server, channels, PeerClient(channels, DEADLINE_MS))
+    finally:
+        await channels.close()
+        await server.stop()
+
+
+def answer(status: int, *entitlements: int, ttl: int = 0) -> recognition_pb2.RecognizeResponse:
+    return recognition_pb2.RecognizeResponse(
+        status=status,  # type: ignore[arg-type]
+        entitlements=list(entitlements),  # type: ignore[arg-type]
+        cache_ttl_seconds=ttl,
+    )
+
+
+async def test_a_peers_answer_becomes_a_recognition(net: Net):
+    net.server.recognition.answer = answer(
+        types_pb2.CARD_STATUS_ACTIVE,
+        types_pb2.ENTITLEMENT_SENIOR_65,
+        types_pb2.ENTITLEMENT_DISABLED,
+        ttl=90,
+    )
+    got = await net.client.recognize(CARD, Scene.SCENIC_AREA, "req-7")
+    assert got == Recognition(CardStatus.ACTIVE, (Entitlement.SENIOR_65, Entitlement.DISABLED), 90)
+
+
+async def test_the_request_carries_the_card_scene_and_request_id(net: Net):
+    net.server.recognition.answer = answer(types_pb2.CARD_STATUS_LOST)
+    await net.client.recognize(CARD, Scene.MUSEUM, "req-42")
+    (seen,) = net.server.recognition.requests
+    assert (seen.card.issuer_region, seen.card.card_number) == (
+        CARD.issuer_region,
+        CARD.card_number,
+    )
+    assert seen.scene == types_pb2.SCENE_MUSEUM
+    assert seen.request_id == "req-42"
+
+
+async def test_the_answer_is_read_defensively(net: Net):
+    """An unknown status is UNKNOWN, and a card that is not active carries no entitlements."""
+    net.server.recognition.answer = answer(99, types_pb2.ENTITLEMENT_STUDENT, ttl=5)
+    assert await net.client.recognize(CARD, Scene.BUS, "r") == Recognition(
+        CardStatus.UNKNOWN, (), 5
+    )
+    net.server.recognition.answer = answer(
+        types_pb2.CARD_STATUS_SUSPENDED, types_pb2.ENTITLEMENT_STUDENT
+    )
+    got = await net.client.recognize(CARD, Scene.BUS, "r")
+    assert got.status is CardStatus.SUSPENDED and got.entitlements == ()
+
+
+async def test_a_peer_slower_than_the_deadline_is_unavailable_within_it(net: Net):
+    net.server.recognition.delay = 2.0
+    started = time.monotonic()
+    with pytest.raises(PeerUnavailable) as caught:
+        await net.client.recognize(CARD, Scene.BUS, "r")
+    elapsed = time.monotonic() - started
+    assert caught.value.district == PEER
+    assert caught.value.reason == f"did not answer within {DEADLINE_MS} ms"
+    assert str(caught.value).startswith(f"district {PEER}:")
+    assert elapsed < 1.0  # the deadline cut the call short, not the peer's answer
+    assert isinstance(caught.value.__cause__, grpc.aio.AioRpcError)
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ],
+)
+async def test_a_peer_answering_an_error_status_is_unavailable(net: Net, code: grpc.StatusCode):
+    net.server.recognition.abort = code
+    with pytest.raises(PeerUnavailable) as caught:
+        await net.client.recognize(CARD, Scene.BUS, "r")
+    assert caught.value.district == PEER
+    assert caught.value.reason == f"answered {code.name}"
+
+
+async def test_a_peer_nobody_answers_for_is_unavailable(tmp_path: Path, now: datetime):
+    home, peer = District.make(HOME, now), District.make(PEER, now)
+    settings = home_settings(tmp_path, home, {PEER: (peer, free_address())})
+    channels = PeerChannels(TrustStore(settings), settings.peers)
+    client = PeerClient(channels, DEADLINE_MS)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PeerUnavailable) as caught:
+            await client.recognize(CARD, Scene.BUS, "r")
+        assert time.monotonic() - started < 2.0
+    finally:
+        await channels.close()
+    assert caught.value.district == PEER
+    assert caught.value.reason.startswith(("answered UNAVAILABLE", "did not answer within"))
+
+
+async def test_a_peer_that_comes_back_is_asked_again(net: Net):
+    """A failure is per call: the next call on the same client succeeds."""
+    net.server.recognition.abort = grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(PeerUnavailable):
+        await net.client.recognize(CARD, Scene.BUS, "r")
+    net.server.recognition.abort = None
+    net.server.recognition.answer = answer(types_pb2.CARD_STATUS_EXPIRED, ttl=3)
+    got = await net.client.recognize(CARD, Scene.BUS, "r")
+    assert got == Recognition(CardStatus.EXPIRED, (), 3)
+
+
+def test_configured_reports_only_the_configured_peers(net: Net):
+    assert net.client.configured(PEER)
+    assert not net.client.configured(HOME)  # its own district is not a peer
+    assert not net.client.configured(OTHER)
+    assert net.client.deadline_ms == DEADLINE_MS

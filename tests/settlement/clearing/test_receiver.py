@@ -1,0 +1,455 @@
+"""The home district's side of clearing (broker.settlement.clearing.receiver), called directly.
+
+No gRPC: the Receiver of HOME is handed what its servicer would hand it (the
+caller's district, the spooled chunks, the signed trailer). Batches are signed
+with SERVING's real settlement key; every expected figure is written out by hand
+(tests/settlement/clearing/pair.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from broker._proto.yikatong.v1 import settlement_pb2, types_pb2
+from broker.cards.model import Entitlement
+from broker.core.errors import BrokerError, Conflict, DocumentRefused
+from broker.core.signing import Signed, Signer, verify
+from broker.fares.rules import fares_document
+from broker.settlement.clearing.batch import Digest, Spool, decode_verdicts
+from broker.settlement.clearing.positions import position
+from broker.settlement.clearing.receiver import Receiver
+from broker.settlement.trips import ACCEPT
+from tests.settlement.clearing.pair import (
+    AT,
+    CAPPED_FARES,
+    DAY,
+    HOME,
+    NOW,
+    SERVING,
+    THIRD,
+    World,
+    card,
+    line,
+    sample_fares,
+    trip,
+)
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path)
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def home(world: World) -> Receiver:
+    """HOME's receiver, SERVING's sample fare rules already published to it."""
+    rx = world.receiver(HOME)
+    assert rx.publish_fares(SERVING, fares_doc(world[SERVING].signer)) == ["sample-1"]
+    return rx
+
+
+def fares_doc(signer: Signer, text: str | None = None, **extra: Any) -> Signed:
+    fares = sample_fares(SERVING, text) if text else sample_fares(SERVING)
+    return signer.sign({"type": "fares", **fares_document(fares), "district": SERVING, **extra})
+
+
+def count(world: World, table: str) -> int:
+    row = world[HOME].home_store.db.one(f"SELECT count(*) FROM {table}")
+    assert row is not None
+    return int(row[0])
+
+
+def nothing_stored(world: World) -> bool:
+    return all(count(world, t) == 0 for t in ("in_batches", "in_lines", "cap_usage"))
+
+
+def ack_doc(world: World, signed: Signed) -> dict[str, Any]:
+    """The acknowledgement's content, verified under HOME's settlement key."""
+    return verify(signed, world.keys(HOME))
+
+
+MIXED = [  # line numbers 0-4
+    line(trip(card(HOME, "plain"), "p-1")),  # accepted: 200
+    line(trip(card(HOME, "lost"), "x-1")),  # CARD_NOT_ACTIVE
+    line(trip(card(HOME, "senior"), "s-1", Entitlement.SENIOR_65)),  # accepted: 200
+    line(trip(card(THIRD, "plain"), "w-1")),  # WRONG_DISTRICT
+    line(trip(card(HOME, "plain"), "p-1")),  # the first line again: DUPLICATE
+]
+
+
+# ---------------------------------------------------------------- fare rules
+
+
+def test_published_fare_rules_are_stored_once_per_version(world: World, home: Receiver) -> None:
+    """Publishing the same rules again changes nothing and answers the same versions."""
+    before = world[HOME].home_store.db.all("SELECT * FROM published_fares")
+    assert [(r[0], r[1]) for r in before] == [(SERVING, "sample-1")]
+    assert home.publish_fares(SERVING, fares_doc(world[SERVING].signer)) == ["sample-1"]
+    assert world[HOME].home_store.db.all("SELECT * FROM published_fares") == before
+
+
+def test_lines_are_priced_only_by_rules_the_sender_published(world: World) -> None:
+    rx = world.receiver(HOME)
+    spool, trailer = world.batch([MIXED[0]])
+    ack = rx.receive(SERVING, spool, trailer)
+    (verdict,) = decode_verdicts(ack.chunks[0])
+    assert verdict.code == "UNPUBLISHED_FARES"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda w: fares_doc(Signer(ed25519.Ed25519PrivateKey.generate())),  # a key not in bundle
+        lambda w: Signed(  # SERVING's key id, another key's signature
+            fares_doc(w[SERVING].signer).document,
+            w[SERVING].signer.key_id,
+            fares_doc(Signer(ed25519.Ed25519PrivateKey.generate())).signature,
+        ),
+        lambda w: fares_doc(w[HOME].signer),  # HOME's own key, not the caller's
+        lambda w: fares_doc(w[SERVING].signer, type="batch"),
+        lambda w: fares_doc(w[SERVING].signer, district=THIRD),  # rules of another district
+    ],
+)
+def test_fare_rules_not_signed_by_the_caller_for_itself_are_refused(world: World, make) -> None:
+    with pytest.raises(DocumentRefused):
+        world.receiver(HOME).publish_fares(SERVING, make(world))
+    assert count(world, "published_fares") == 0
+
+
+def test_a_published_version_never_changes(world: World, home: Receiver) -> None:
+    """Other content under a held version is a conflict; a new version beside it is undone."""
+    held = world[HOME].home_store.db.all("SELECT * FROM published_fares")
+    changed = fares_doc(world[SERVING].signer, CAPPED_FARES)
+    with pytest.raises(Conflict):
+        home.publish_fares(SERVING, changed)
+    doc = fares_document(sample_fares(SERVING, CAPPED_FARES))
+    newer = dict(doc["table"][0], version="sample-2", effective_from="2019-01-01")
+    both = world[SERVING].signer.sign(
+        {"type": "fares", "district": SERVING, "table": [doc["table"][0], newer]}
+    )
+    with pytest.raises(Conflict):
+        home.publish_fares(SERVING, both)
+    assert world[HOME].home_store.db.all("SELECT * FROM published_fares") == held
+    # The new version on its own is welcome.
+    alone = world[SERVING].signer.sign({"type": "fares", "district": SERVING, "table": [newer]})
+    assert home.publish_fares(SERVING, alone) == ["sample-2"]
+    assert count(world, "published_fares") == 2
+
+
+def test_fare_rules_that_do_not_parse_are_not_stored(world: World) -> None:
+    bad = world[SERVING].signer.sign(
+        {"type": "fares", "district": SERVING, "table": [{"version": "v1"}]}  # no effective_from
+    )
+    with pytest.raises(BrokerError):
+        world.receiver(HOME).publish_fares(SERVING, bad)
+    assert count(world, "published_fares") == 0
+
+
+# ---------------------------------------------------------------- batches
+
+
+def test_a_good_batch_is_answered_with_signed_verdicts_and_stored(
+    world: World, home: Receiver
+) -> None:
+    spool, trailer = world.batch(MIXED)
+    ack = home.receive(SERVING, spool, trailer)
+    doc = ack_doc(world, ack.signed)
+    header = trailer.content()
+    assert doc["type"] == "ack" and (doc["from"], doc["to"]) == (HOME, SERVING)
+    assert (doc["period"], doc["sequence"], doc["kind"]) == (DAY.isoformat(), 1, "close")
+    assert doc["batch_digest"] == header["digest"]
+    assert (doc["lines"], doc["accepted"], doc["rejected"], doc["cap_exceeded"]) == (5, 2, 3, 0)
+    assert (doc["claimed_fen"], doc["accepted_claim_fen"]) == (1000, 400)
+    verdicts = [v for c in ack.chunks for v in decode_verdicts(c)]
+    assert [(v.line_no, v.trip_id, v.code) for v in verdicts] == [
+        (1, "x-1", "CARD_NOT_ACTIVE"),
+        (3, "w-1", "WRONG_DISTRICT"),
+        (4, "p-1", "DUPLICATE"),
+    ]
+    assert all((v.claimed_fen, v.accepted_claim_fen) == (200, 0) for v in verdicts)
+    digest = Digest()
+    for c in ack.chunks:
+        digest.update(c)
+    assert (doc["verdicts_digest"], doc["verdict_chunks"]) == (digest.hexdigest(), 1)
+    # The lines kept are the ones judged on their own: not the duplicate, not another's card.
+    stored = world[HOME].home_store.db.all(
+        "SELECT trip_id, code, attempt, accepted_claim_fen FROM in_lines ORDER BY trip_id"
+    )
+    assert stored == [
+        ("p-1", "ACCEPTED", 1, 200),
+        ("s-1", "ACCEPTED", 1, 200),
+        ("x-1", "CARD_NOT_ACTIVE", 1, 0),
+    ]
+    assert position(world[HOME].home_store, SERVING, DAY).payable_fen == 400
+
+
+def test_the_same_batch_again_gets_the_same_ack_and_counts_once(
+    world: World, home: Receiver
+) -> None:
+    first = home.receive(SERVING, *world.batch(MIXED))
+    tables = ("in_batches", "in_lines", "cap_usage", "in_ack_chunks")
+    counts = [count(world, t) for t in tables]
+    again = home.receive(SERVING, *world.batch(MIXED))
+    assert again == first
+    assert [count(world, t) for t in tables] == counts
+    assert position(world[HOME].home_store, SERVING, DAY).payable_fen == 400
+
+
+def test_other_content_under_a_used_sequence_is_a_conflict(world: World, home: Receiver) -> None:
+    home.receive(SERVING, *world.batch(MIXED))
+    other = [line(trip(card(HOME, "plain"), "p-9"))]
+    with pytest.raises(Conflict):
+        home.receive(SERVING, *world.batch(other))
+    assert count(world, "in_batches") == 1 and count(world, "in_lines") == 3
+    # The same sequence on another day is another batch.
+    other_day = [line(trip(card(HOME, "plain"), "p-9", at=AT + timedelta(days=1)))]
+    spool, trailer = world.batch(other_day, period=DAY + timedelta(days=1))
+    assert ack_doc(world, home.receive(SERVING, spool, trailer).signed)["accepted"] == 1
+
+
+def test_lines_sent_again_under_a_new_sequence_are_duplicates(world: World, home: Receiver) -> None:
+    home.receive(SERVING, *world.batch(MIXED[:3]))
+    ack = home.receive(SERVING, *world.batch(MIXED[:3], seq=2))
+    doc = ack_doc(world, ack.signed)
+    assert (doc["accepted"], doc["rejected"], doc["accepted_claim_fen"]) == (0, 3, 0)
+    assert {v.code for v in decode_verdicts(ack.chunks[0])} == {"DUPLICATE"}
+    assert position(world[HOME].home_store, SERVING, DAY).payable_fen == 400
+
+
+def test_chunks_changed_after_signing_are_refused_and_nothing_is_kept(
+    world: World, home: Receiver
+) -> None:
+    _, trailer = world.batch(MIXED)
+    changed = [line(MIXED[0].trip, claimed=300), *MIXED[1:]]
+    spool, _ = world.batch(changed)
+    with pytest.raises(DocumentRefused, match="digest"):
+        home.receive(SERVING, spool, trailer)
+    assert nothing_stored(world)
+    ack = home.receive(SERVING, *world.batch(MIXED))  # now accepted
+    assert ack_doc(world, ack.signed)["accepted"] == 2
+
+
+@pytest.mark.parametrize(
+    "lie",
+    [
+        {"lines": 4},
+        {"gross_fen": 1001},
+        {"charged_fen": 799},
+        {"concession_fen": 201},
+        {"claimed_fen": 1200},
+    ],
+)
+def test_totals_that_do_not_add_up_refuse_the_batch_and_undo_its_checks(
+    world: World, home: Receiver, lie: dict[str, Any]
+) -> None:
+    with pytest.raises(DocumentRefused, match="totals"):
+        home.receive(SERVING, *world.batch(MIXED, overrides=lie))
+    assert nothing_stored(world)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "drop", "match"),
+    [
+        ({"type": "ack"}, (), "not a batch header"),
+        ({"from": THIRD}, (), "not a batch header"),  # not the caller's batch
+        ({"to": THIRD}, (), "addressed to"),
+        ({"chunks": 2}, (), "digest"),
+        ({"kind": "refund"}, (), "close or represent"),
+        ({"period": "10 March"}, (), "lacks period"),
+        ({"sequence": "one"}, (), "lacks period"),
+        ({}, ("period",), "lacks period"),
+        ({}, ("kind",), "lacks period"),
+    ],
+)
+def test_a_trailer_that_does_not_describe_this_batch_is_refused(
+    world: World,
+    home: Receiver,
+    overrides: dict[str, Any],
+    drop: tuple[str, ...],
+    match: str,
+) -> None:
+    spool, trailer = world.batch(MIXED, overrides=overrides, drop=drop)
+    with pytest.raises(DocumentRefused, match=match):
+        home.receive(SERVING, spool, trailer)
+    assert nothing_stored(world)
+
+
+def test_a_trailer_signed_by_another_key_is_refused(world: World, home: Receiver) -> None:
+    stranger = Signer(ed25519.Ed25519PrivateKey.generate())
+    with pytest.raises(DocumentRefused, match="not in the bundle"):
+        home.receive(SERVING, *world.batch(MIXED, stranger))
+    spool, trailer = world.batch(MIXED)
+    flipped = bytes([trailer.signature[0] ^ 1]) + trailer.signature[1:]  # one bit of R changed
+    forged = Signed(trailer.document, trailer.key_id, flipped)
+    with pytest.raises(DocumentRefused, match="does not verify"):
+        home.receive(SERVING, spool, forged)
+    assert nothing_stored(world)
+
+
+def trailer_for(world: World, spool: Spool, **totals: int) -> Signed:
+    doc = {"lines": 0, "gross_fen": 0, "charged_fen": 0, "concession_fen": 0, "claimed_fen": 0}
+    doc.update(totals)
+    return world[SERVING].signer.sign(
+        {
+            "type": "batch",
+            "from": SERVING,
+            "to": HOME,
+            "period": DAY.isoformat(),
+            "sequence": 1,
+            "kind": "close",
+            **doc,
+            "digest": spool.digest.hexdigest(),
+            "chunks": spool.digest.chunks,
+        }
+    )
+
+
+def test_a_chunk_of_garbage_refuses_the_batch(world: World, home: Receiver) -> None:
+    """Garbage bytes, signed as sent: the digest holds but the lines cannot be read."""
+    spool = world.spool(b"\xff\xfe not protobuf \x00\x01")
+    with pytest.raises(DocumentRefused, match="does not parse"):
+        home.receive(SERVING, spool, trailer_for(world, spool))
+    assert nothing_stored(world)
+
+
+def test_a_line_of_an_unknown_scene_refuses_the_batch(world: World, home: Receiver) -> None:
+    good = line(trip(card(HOME, "plain"), "p-1"))
+    odd = settlement_pb2.BatchLines(
+        lines=[
+            settlement_pb2.BatchLine(
+                operator_id="transit-01",
+                trip_id="q-1",
+                card=types_pb2.CardRef(issuer_region=HOME, card_number="C5120210000001"),
+                scene=77,  # type: ignore[arg-type]
+                fare_version="sample-1",
+            )
+        ]
+    ).SerializeToString()
+    first, _ = world.batch([good])
+    spool = world.spool(*first.chunks(), odd)
+    with pytest.raises(DocumentRefused, match="unknown scene"):
+        home.receive(SERVING, spool, trailer_for(world, spool, lines=2))
+    assert nothing_stored(world)  # the good first chunk's line was written, then undone
+
+
+def test_an_empty_batch_is_acknowledged_with_nothing_owed(world: World, home: Receiver) -> None:
+    spool = world.spool()
+    ack = home.receive(SERVING, spool, trailer_for(world, spool))
+    doc = ack_doc(world, ack.signed)
+    assert (doc["lines"], doc["accepted_claim_fen"], doc["verdict_chunks"]) == (0, 0, 0)
+    assert ack.chunks == []
+
+
+def test_a_representment_is_checked_once_against_the_first_rejection(
+    world: World, home: Receiver
+) -> None:
+    wrong = line(trip(card(HOME, "plain"), "m-1", Entitlement.SENIOR_65))  # not a senior
+    ack = home.receive(SERVING, *world.batch([wrong]))
+    assert decode_verdicts(ack.chunks[0])[0].code == "ENTITLEMENT_MISMATCH"
+    fixed = [line(trip(card(HOME, "plain"), "m-1"))]
+    ack = home.receive(SERVING, *world.batch(fixed, seq=2, kind="represent"))
+    doc = ack_doc(world, ack.signed)
+    assert (doc["kind"], doc["accepted"], doc["accepted_claim_fen"]) == ("represent", 1, 200)
+    stored = world[HOME].home_store.db.one(
+        "SELECT code, attempt, seq FROM in_lines WHERE trip_id = 'm-1'"
+    )
+    assert stored == ("ACCEPTED", 2, 2)
+    # Once only; and a line never rejected cannot be represented.
+    again = home.receive(SERVING, *world.batch(fixed, seq=3, kind="represent"))
+    assert decode_verdicts(again.chunks[0])[0].code == "NOT_DISPUTED"
+    fresh = [line(trip(card(HOME, "plain"), "new-1"))]
+    never = home.receive(SERVING, *world.batch(fresh, seq=4, kind="represent"))
+    assert decode_verdicts(never.chunks[0])[0].code == "NOT_DISPUTED"
+    assert position(world[HOME].home_store, SERVING, DAY).payable_fen == 200
+
+
+def test_own_operators_concessions_count_against_the_caps(world: World) -> None:
+    """HOME's own free rides for its card-holders (from its ledger) use up the cap."""
+    rx = world.receiver(HOME)
+    rx.publish_fares(SERVING, fares_doc(world[SERVING].signer, CAPPED_FARES))  # 2 a month
+    senior = card(HOME, "senior")
+    world[HOME].ledger.record(
+        [
+            (trip(senior, "own-1", Entitlement.SENIOR_65, operator="bus-9"), ACCEPT),
+            (trip(card(HOME, "senior_reissued"), "own-2", Entitlement.SENIOR_65), ACCEPT),
+            (trip(senior, "own-3", operator="bus-9"), ACCEPT),  # a full fare: no concession
+            (trip(card(SERVING, "senior"), "own-4", Entitlement.SENIOR_65), ACCEPT),  # a visitor
+        ],
+        NOW,
+    )
+    ride = [line(trip(senior, "s-1", Entitlement.SENIOR_65, at=AT + timedelta(hours=2)))]
+    ack = rx.receive(SERVING, *world.batch(ride))
+    doc = ack_doc(world, ack.signed)
+    assert (doc["cap_exceeded"], doc["rejected"], doc["accepted_claim_fen"]) == (1, 0, 0)
+    sources = world[HOME].home_store.db.all("SELECT source FROM cap_usage ORDER BY source")
+    assert sources == [(f"{HOME}|bus-9|own-1",), (f"{HOME}|transit-01|own-2",)]
+    assert world[HOME].home_store.meta("own_usage_seq") == "4"
+
+
+# ---------------------------------------------------------------- day confirmation
+
+
+def position_doc(world: World, receivable: int, payable: int, **extra: Any) -> Signed:
+    return world[SERVING].signer.sign(
+        {
+            "type": "position",
+            "from": SERVING,
+            "to": HOME,
+            "period": DAY.isoformat(),
+            "receivable_fen": receivable,
+            "payable_fen": payable,
+            **extra,
+        }
+    )
+
+
+def test_equal_views_of_the_day_settle_it(world: World, home: Receiver) -> None:
+    home.receive(SERVING, *world.batch(MIXED))
+    reply = home.confirm(SERVING, position_doc(world, 400, 0))
+    doc = verify(reply, world.keys(HOME))
+    assert doc == {
+        "type": "position",
+        "from": HOME,
+        "to": SERVING,
+        "period": DAY.isoformat(),
+        "receivable_fen": 0,
+        "payable_fen": 400,
+        "agreed": True,
+    }
+    assert position(world[HOME].home_store, SERVING, DAY).state == "settled"
+
+
+@pytest.mark.parametrize(("receivable", "payable"), [(401, 0), (400, 1), (0, 400)])
+def test_views_that_differ_are_answered_but_not_settled(
+    world: World, home: Receiver, receivable: int, payable: int
+) -> None:
+    home.receive(SERVING, *world.batch(MIXED))
+    reply = home.confirm(SERVING, position_doc(world, receivable, payable))
+    doc = verify(reply, world.keys(HOME))
+    assert doc["agreed"] is False and doc["payable_fen"] == 400
+    assert position(world[HOME].home_store, SERVING, DAY).state == "acked"
+    assert count(world, "positions") == 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ({"type": "ack"}, "not a position document"),
+        ({"from": THIRD}, "not a position document"),
+        ({"period": "yesterday"}, "lacks its period"),
+    ],
+)
+def test_a_position_not_from_the_caller_or_without_its_day_is_refused(
+    world: World, home: Receiver, extra: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(DocumentRefused, match=match):
+        home.confirm(SERVING, position_doc(world, 0, 0, **extra))
+    assert count(world, "positions") == 0

@@ -1,0 +1,161 @@
+"""Operators' statements with the home districts' acceptance (broker.settlement.clearing.reports).
+
+SERVING's two operators carry card-holders of HOME, THIRD and SERVING itself;
+the day is closed against the home districts' real Receivers over a loopback
+(tests/settlement/clearing/pair.py). Claimed and accepted amounts per home
+district are written out by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.cards.model import Entitlement, Scene
+from broker.settlement.clearing.reports import operator_statement, with_acceptance
+from broker.settlement.statements import StatementLine
+from tests.settlement.clearing.pair import (
+    AT,
+    CAPPED_FARES,
+    DAY,
+    HOME,
+    OPERATOR,
+    SERVING,
+    THIRD,
+    World,
+    card,
+    sample_fares,
+    trip,
+)
+
+SCENIC = "scenic-02"  # a second operator of SERVING
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path, (SERVING, HOME, THIRD))
+    w[SERVING].record(
+        trip(card(HOME, "plain"), "p-1"),  # 200
+        trip(card(HOME, "senior"), "s-1", Entitlement.SENIOR_65),  # 200
+        trip(card(HOME, "lost"), "x-1"),  # 200 claimed, refused by HOME
+        trip(card(HOME, "plain"), "m-1", Entitlement.SENIOR_65),  # 200 claimed, refused
+        trip(card(THIRD, "student"), "st-1", Entitlement.STUDENT),  # 133
+        trip(card(SERVING, "plain"), "own-1"),  # a local: nobody owes it
+        trip(
+            card(HOME, "senior"),
+            "sc-1",
+            Entitlement.SENIOR_60,
+            scene=Scene.SCENIC_AREA,
+            operator=SCENIC,
+        ),  # 8625
+    )
+    yield w
+    w.close()
+
+
+def statement(world: World, operator_id: str | None = None) -> dict[str, dict[str, Any]]:
+    d = world[SERVING]
+    lines = operator_statement(d.cfg, d.fares, d.ledger, d.store, DAY, operator_id)
+    return {line.home_district: asdict(line) for line in lines}
+
+
+def figures(line: dict[str, Any]) -> tuple[int, int, int, int]:
+    return line["trips"], line["claimed_fen"], line["accepted_fen"], line["rejected_trips"]
+
+
+def test_before_any_acknowledgement_nothing_is_accepted(world: World) -> None:
+    got = statement(world)
+    assert list(got) == [SERVING, THIRD, HOME]  # by district code
+    assert figures(got[HOME]) == (5, 200 * 4 + 8625, 0, 0)
+    assert figures(got[THIRD]) == (1, 133, 0, 0)
+    assert figures(got[SERVING]) == (1, 0, 0, 0)
+    assert (got[HOME]["gross_fen"], got[HOME]["concession_fen"]) == (
+        4 * 200 + 11500,
+        200 + 200 + 5750,
+    )
+
+
+async def test_claims_as_each_home_district_accepted_them(world: World) -> None:
+    """HOME refused two lines; THIRD was not reached, so nothing of it counts as accepted."""
+    world.down.add(THIRD)
+    await world.sender(SERVING).close(DAY)
+    got = statement(world)
+    assert figures(got[HOME]) == (5, 9425, 9425 - 400, 2)
+    assert figures(got[THIRD]) == (1, 133, 0, 0)
+    assert figures(got[SERVING]) == (1, 0, 0, 0)
+
+
+async def test_one_operators_statement_counts_only_its_own_refusals(world: World) -> None:
+    await world.sender(SERVING).close(DAY)
+    assert figures(statement(world, OPERATOR)[HOME]) == (4, 800, 400, 2)
+    scenic = statement(world, SCENIC)
+    assert list(scenic) == [HOME]
+    assert figures(scenic[HOME]) == (1, 8625, 8625, 0)
+    assert figures(statement(world, OPERATOR)[THIRD]) == (1, 133, 133, 0)
+    assert statement(world, "nobody-9") == {}
+
+
+async def test_a_representment_accepted_wins_its_claim_back(world: World) -> None:
+    sender = world.sender(SERVING)
+    await sender.close(DAY)
+    fixed = {"applied_entitlement": None, "charged_fen": 200, "concession_fen": 0}
+    await sender.represent(HOME, OPERATOR, "m-1", fixed)
+    assert figures(statement(world)[HOME]) == (5, 9425, 9425 - 200, 1)
+    assert figures(statement(world, SCENIC)[HOME]) == (1, 8625, 8625, 0)  # not this operator's
+    sender.resolve(HOME, OPERATOR, "x-1", "written off")  # resolved: still not paid
+    assert figures(statement(world, OPERATOR)[HOME]) == (4, 800, 600, 1)
+
+
+async def test_a_ride_over_a_cap_loses_its_concession_but_is_not_a_refused_trip(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path)
+    try:
+        world[SERVING].fares = sample_fares(SERVING, CAPPED_FARES)  # half fares: 1 a month
+        senior = card(HOME, "senior")
+        world[SERVING].record(
+            trip(senior, "h-1", Entitlement.SENIOR_60),
+            trip(senior, "h-2", Entitlement.SENIOR_60, at=AT + timedelta(minutes=1)),
+        )
+        await world.sender(SERVING).close(DAY)
+        # Each claims 100 charged + 50 of the concession; the second keeps only the 100.
+        assert figures(statement(world)[HOME]) == (2, 300, 250, 0)
+    finally:
+        world.close()
+
+
+async def test_a_supplementary_close_not_yet_acknowledged_holds_acceptance_back(
+    world: World,
+) -> None:
+    sender = world.sender(SERVING)
+    await sender.close(DAY)
+    world[SERVING].record(trip(card(HOME, "plain"), "late-1", at=AT + timedelta(hours=3)))
+    assert sender.plan_close(DAY) == 2
+    got = statement(world)
+    assert figures(got[HOME]) == (6, 9625, 0, 0)
+    assert figures(got[THIRD]) == (1, 133, 133, 0)  # THIRD's batches are all acknowledged
+    await sender.close(DAY)
+    assert figures(statement(world)[HOME]) == (6, 9625, 9625 - 400, 2)
+
+
+async def test_another_days_refusals_do_not_count(world: World) -> None:
+    sender = world.sender(SERVING)
+    next_day = DAY + timedelta(days=1)
+    world[SERVING].record(trip(card(HOME, "lost"), "x-2", at=AT + timedelta(days=1)))
+    await sender.close(next_day)
+    assert figures(statement(world)[HOME]) == (5, 9425, 0, 0)  # DAY itself not closed yet
+    await sender.close(DAY)
+    assert figures(statement(world)[HOME]) == (5, 9425, 9425 - 400, 2)
+
+
+def test_with_acceptance_leaves_homes_without_acknowledged_batches_alone(world: World) -> None:
+    """The lines are filled in place; a home with no batch keeps what the caller gave."""
+    lines = [StatementLine(HOME, trips=1, claimed_fen=500, accepted_fen=7, rejected_trips=3)]
+    out = with_acceptance(lines, world[SERVING].store, DAY, None)
+    assert out is lines
+    assert (lines[0].accepted_fen, lines[0].rejected_trips) == (7, 3)

@@ -1,0 +1,227 @@
+"""What both ledger stores decide the same way (broker.settlement.ledger.common).
+
+The pure helpers (``resubmitted``, ``TRIP_COLUMNS``, ``trip_from_row``) are tested
+directly; the behaviour both stores share is tested through ``ledger_factory``,
+so every test taking it runs on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta, timezone
+
+from broker.cards.model import CardRef, Entitlement, Scene
+from broker.settlement.ledger.common import CONFLICT, TRIP_COLUMNS, resubmitted, trip_from_row
+from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason, Trip
+
+NOW = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
+BAD_AMOUNTS = Judgement(
+    Outcome.REJECTED, Reason.BAD_AMOUNTS, "charged + concession must equal gross"
+)
+
+
+def trip(n: int = 1, **changes: object) -> Trip:
+    """An accepted-looking trip ``t-00000n`` of operator bus-01, five minutes before NOW."""
+    base = Trip(
+        "bus-01",
+        f"t-{n:06d}",
+        CardRef("512021", "C5120210000001"),
+        Scene.BUS,
+        "",
+        NOW - timedelta(minutes=5),
+        200,
+        0,
+        200,
+        Entitlement.SENIOR_65,
+        "sample-1",
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def stored(t: Trip, verdict: Judgement) -> tuple[str, str, str, str]:
+    """A ledger row's ``(digest, outcome, reason, detail)`` for ``t`` stored with ``verdict``."""
+    return (t.digest(), verdict.outcome.value, verdict.reason.value, verdict.detail)
+
+
+# ---------------------------------------------------------------- resubmitted
+
+
+def test_resubmitting_the_same_content_answers_the_stored_outcome():
+    t = trip()
+    assert resubmitted(stored(t, ACCEPT), t) == ACCEPT
+
+
+def test_a_stored_rejection_is_answered_again_not_judged_again():
+    """Idempotence covers rejections too: the stored reason and detail come back as enums."""
+    t = trip(charged_fen=10)
+    again = resubmitted(stored(t, BAD_AMOUNTS), t)
+    assert again == BAD_AMOUNTS
+    assert again.outcome is Outcome.REJECTED and again.reason is Reason.BAD_AMOUNTS
+
+
+def test_other_content_under_a_stored_id_is_a_conflict():
+    t = trip()
+    for change in ({"place_id": "route-9"}, {"charged_fen": 1}, {"card": CardRef("512021", "X1")}):
+        verdict = resubmitted(stored(t, ACCEPT), replace(t, **change))
+        assert verdict == CONFLICT
+        assert verdict.outcome is Outcome.CONFLICT
+        assert verdict.reason is Reason.DUPLICATE_CONTENT_DIFFERS
+
+
+def test_the_same_instant_in_another_time_zone_is_other_content():
+    """The digest hashes occurred_at's isoformat: a resubmission must send the same text."""
+    t = trip()
+    shifted = replace(t, occurred_at=t.occurred_at.astimezone(timezone(timedelta(hours=8))))
+    assert shifted.occurred_at == t.occurred_at
+    assert resubmitted(stored(t, ACCEPT), shifted) == CONFLICT
+
+
+# ---------------------------------------------------------------- TRIP_COLUMNS / trip_from_row
+
+
+def test_trip_columns_follow_the_trip_fields_in_order():
+    """trip_from_row reads by position: the columns must list Trip's fields, card split in two."""
+    columns = [c.strip() for c in TRIP_COLUMNS.split(",")]
+    fields = [f.name for f in dataclasses.fields(Trip)]
+    card = fields.index("card")
+    assert columns == [*fields[:card], "issuer_region", "card_number", *fields[card + 1 :]]
+
+
+def test_a_row_as_sqlite_returns_it_comes_back_as_the_trip():
+    t = trip()
+    row = (
+        "bus-01",
+        "t-000001",
+        "512021",
+        "C5120210000001",
+        1,
+        "",
+        "2026-11-28T07:55:00.000000+00:00",
+        200,
+        0,
+        200,
+        2,
+        "sample-1",
+    )
+    back = trip_from_row(row)
+    assert back == t and back.digest() == t.digest()
+    assert back.scene is Scene.BUS and back.applied_entitlement is Entitlement.SENIOR_65
+
+
+def test_a_row_with_an_aware_datetime_comes_back_in_utc():
+    """PostgreSQL hands back timestamptz in the session's zone; the trip is always in UTC."""
+    t = trip()
+    local = t.occurred_at.astimezone(timezone(timedelta(hours=8)))
+    row = ("bus-01", "t-000001", "512021", "C5120210000001", 1, "", local)
+    back = trip_from_row((*row, 200, 0, 200, 2, "sample-1"))
+    assert back.occurred_at.utcoffset() == timedelta(0)
+    assert back.digest() == t.digest()  # so that a resubmission still matches
+
+
+def test_a_row_without_entitlement_comes_back_with_none_and_enums():
+    row = ("op", "t", "512021", "C5120210000001", 3, "hall", "2026-11-28T00:00:00+08:00")
+    back = trip_from_row((*row, 0, 0, 0, 0, "v1"))
+    assert back.applied_entitlement is None  # 0 is "no entitlement applied"
+    assert back.scene is Scene.MUSEUM
+    assert back.occurred_at == datetime(2026, 11, 27, 16, 0, tzinfo=UTC)
+    assert (back.gross_fare_fen, back.charged_fen, back.concession_fen) == (0, 0, 0)
+
+
+# ---------------------------------------------------------------- both stores (ledger_factory)
+
+
+def test_recording_is_idempotent_and_a_changed_resubmission_is_a_conflict(ledger_factory):
+    ledger = ledger_factory()
+    good, bad = trip(1), trip(2, charged_fen=10)
+    judged = [(good, ACCEPT), (bad, BAD_AMOUNTS)]
+    first = ledger.record(judged, NOW)
+    assert first == [ACCEPT, BAD_AMOUNTS]
+    again = ledger.record(judged, NOW + timedelta(seconds=1))
+    assert again == first and ledger.count() == 2  # nothing stored twice
+    changed = replace(good, place_id="route-9")
+    conflict = ledger.record([(changed, ACCEPT)], NOW)
+    assert conflict == [CONFLICT]
+    assert ledger.outcome("bus-01", good.trip_id) == first[0]  # the stored trip is untouched
+    ledger.close()
+    reopened = ledger_factory()  # committed before acknowledged
+    assert reopened.count() == 2 and reopened.outcome("bus-01", bad.trip_id) == first[1]
+    reopened.close()
+
+
+def test_a_resubmission_answers_the_stored_verdict_not_the_new_one(ledger_factory):
+    """A trip re-judged later (say, now too late) keeps the outcome it was stored with."""
+    ledger = ledger_factory()
+    t = trip()
+    ledger.record([(t, ACCEPT)], NOW)
+    late = Judgement(Outcome.REJECTED, Reason.TOO_LATE, "occurred more than 72 h ago")
+    assert ledger.record([(t, late)], NOW + timedelta(days=5)) == [ACCEPT]
+    assert ledger.outcome("bus-01", t.trip_id) == ACCEPT
+    ledger.close()
+
+
+def test_a_batch_mixing_new_known_and_conflicting_ids_answers_each(ledger_factory):
+    ledger = ledger_factory()
+    a, b = trip(1), trip(2)
+    ledger.record([(a, ACCEPT), (b, ACCEPT)], NOW)
+    changed_b, c = replace(b, place_id="route-9"), trip(3, charged_fen=10)
+    got = ledger.record([(changed_b, ACCEPT), (c, BAD_AMOUNTS), (a, ACCEPT)], NOW)
+    assert got == [CONFLICT, BAD_AMOUNTS, ACCEPT]
+    assert ledger.count() == 3  # only the new one was added
+    assert ledger.outcome("bus-01", c.trip_id) == BAD_AMOUNTS
+    ledger.close()
+
+
+def test_the_same_trip_id_of_two_operators_is_two_trips(ledger_factory):
+    ledger = ledger_factory()
+    mine, theirs = trip(1), trip(1, operator_id="museum-01", place_id="hall")
+    assert ledger.record([(mine, ACCEPT), (theirs, BAD_AMOUNTS)], NOW) == [ACCEPT, BAD_AMOUNTS]
+    assert ledger.count() == 2
+    assert ledger.outcome("bus-01", "t-000001") == ACCEPT
+    assert ledger.outcome("museum-01", "t-000001") == BAD_AMOUNTS
+    ledger.close()
+
+
+def test_an_empty_batch_stores_nothing_and_answers_nothing(ledger_factory):
+    ledger = ledger_factory()
+    assert ledger.record([], NOW) == []
+    assert ledger.count() == 0
+    ledger.record([(trip(1), ACCEPT)], NOW)
+    assert ledger.record([], NOW) == [] and ledger.count() == 1
+    ledger.close()
+
+
+def test_an_unknown_trip_has_no_outcome(ledger_factory):
+    ledger = ledger_factory()
+    ledger.record([(trip(1), ACCEPT)], NOW)
+    assert ledger.outcome("bus-01", "t-000002") is None
+    assert ledger.outcome("museum-01", "t-000001") is None
+    ledger.close()
+
+
+def test_accepted_trips_of_a_day_come_back_whole(ledger_factory):
+    ledger = ledger_factory()
+    late = datetime(2026, 11, 27, 15, 59, 59, 999000, tzinfo=UTC)  # 27th in Shanghai
+    trips = [
+        trip(1, occurred_at=late),
+        trip(2),
+        trip(3, operator_id="museum-01", scene=Scene.MUSEUM, applied_entitlement=None),
+        trip(4, charged_fen=10),
+    ]
+    verdicts = [ACCEPT, ACCEPT, ACCEPT, BAD_AMOUNTS]  # the last is rejected
+    ledger.record(list(zip(trips, verdicts, strict=True)), NOW)
+    day = ledger.accepted_trips(date(2026, 11, 28))
+    assert [t.trip_id for t in day] == ["t-000002", "t-000003"]
+    assert ledger.accepted_trips(date(2026, 11, 28), "museum-01") == [trips[2]]
+    assert ledger.accepted_trips(date(2026, 11, 27)) == [trips[0]]  # every field round-trips
+    assert ledger.accepted_trips(date(2026, 11, 29)) == []
+    ledger.close()
+
+
+def test_accepted_trips_come_in_time_order(ledger_factory):
+    ledger = ledger_factory()
+    trips = [trip(n, occurred_at=NOW - timedelta(minutes=n)) for n in (1, 3, 2)]
+    ledger.record([(t, ACCEPT) for t in trips], NOW)
+    got = ledger.accepted_trips(date(2026, 11, 28))
+    assert [t.trip_id for t in got] == ["t-000003", "t-000002", "t-000001"]
+    ledger.close()

@@ -1,0 +1,212 @@
+"""Trip intake (broker.settlement.intake): judge, record on one writer thread, answer after commit.
+
+Every test runs on a real ledger, SQLite and PostgreSQL (``ledger_factory``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+
+from broker.cards.model import CardRef, Entitlement, Scene
+from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, TripIntake
+from broker.settlement.ledger import Ledger, SqliteLedger
+from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason, Trip
+
+NOW = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
+KNOWN = frozenset({"500111", "512021"})
+MALFORMED = Judgement(Outcome.REJECTED, Reason.MALFORMED, "trips[1].scene: must be one of ...")
+
+
+def trip(n: int = 1, **changes: object) -> Trip:
+    base = Trip(
+        "bus-01",
+        f"t-{n:06d}",
+        CardRef("512021", "C5120210000001"),
+        Scene.BUS,
+        "",
+        NOW - timedelta(minutes=5),
+        200,
+        0,
+        200,
+        Entitlement.SENIOR_65,
+        "sample-1",
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+class Clock:
+    def __init__(self, at: datetime = NOW) -> None:
+        self.at = at
+
+    def __call__(self) -> datetime:
+        return self.at
+
+
+class Watched:
+    """A ledger that records which thread calls it and can hold ``record`` until released."""
+
+    def __init__(self, inner: Ledger, hold: bool = False) -> None:
+        self.inner = inner
+        self.threads: list[str] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.closed = False
+        if not hold:
+            self.release.set()
+
+    def record(
+        self, judged: list[tuple[Trip, Judgement]], received_at: datetime
+    ) -> list[Judgement]:
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.release.wait(10)
+        return self.inner.record(judged, received_at)
+
+    def outcome(self, operator_id: str, trip_id: str) -> Judgement | None:
+        self.threads.append(threading.current_thread().name)
+        return self.inner.outcome(operator_id, trip_id)
+
+    def accepted_trips(self, day: date, operator_id: str | None = None) -> list[Trip]:
+        return self.inner.accepted_trips(day, operator_id)
+
+    def count(self) -> int:
+        return self.inner.count()
+
+    def close(self) -> None:
+        self.closed = True
+        self.inner.close()
+
+
+def intake_on(ledger: Ledger, clock: Clock | None = None) -> TripIntake:
+    return TripIntake(ledger, KNOWN, None, clock or Clock())
+
+
+async def test_judged_trips_are_answered_only_once_committed(ledger_factory):
+    """While the ledger write is held, no answer; once it returns, another connection sees it."""
+    watched = Watched(ledger_factory(), hold=True)
+    intake = intake_on(watched)
+    other = ledger_factory()  # a second connection: sees only what is committed
+    task = asyncio.create_task(intake.submit([trip(1), trip(2, charged_fen=10)]))
+    assert await asyncio.to_thread(watched.entered.wait, 10)
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    assert other.count() == 0
+    watched.release.set()
+    got = await task
+    assert [j.outcome for j in got] == [Outcome.ACCEPTED, Outcome.REJECTED]
+    assert other.count() == 2
+    assert other.outcome("bus-01", "t-000001") == got[0]
+    assert other.outcome("bus-01", "t-000002") == got[1]
+    other.close()
+    intake.close()
+
+
+async def test_writes_and_reads_happen_on_the_one_writer_thread(ledger_factory):
+    watched = Watched(ledger_factory())
+    intake = intake_on(watched)
+    await intake.submit([trip(1)])
+    await intake.outcomes("bus-01", ["t-000001", "t-000002"])
+    await intake.submit([trip(3)])
+    assert len(watched.threads) == 4
+    assert len(set(watched.threads)) == 1
+    assert watched.threads[0].startswith("ledger-writer")
+    assert watched.threads[0] != threading.current_thread().name
+    intake.close()
+
+
+async def test_a_batch_with_bad_trips_keeps_its_good_ones_in_order(ledger_factory):
+    ledger = ledger_factory()
+    intake = intake_on(ledger)
+    items: list[Trip | Judgement] = [
+        trip(1),
+        MALFORMED,  # a line trip_from_wire refused: passes through, stored nowhere
+        trip(2, card=CardRef("500118", "C5001180000001")),  # no agreement with 500118
+        trip(3, occurred_at=NOW + timedelta(hours=1)),
+        trip(4),
+    ]
+    got = await intake.submit(items)
+    assert got[0] == ACCEPT and got[4] == ACCEPT
+    assert got[1] is MALFORMED
+    assert (got[2].reason, got[3].reason) == (Reason.UNKNOWN_DISTRICT, Reason.IN_FUTURE)
+    assert ledger.count() == 4  # rejected trips are stored too, with their reason
+    stored = await intake.outcomes("bus-01", ["t-000001", "t-000002", "t-000003", "t-000004"])
+    assert stored == [got[0], got[2], got[3], got[4]]
+    intake.close()
+
+
+async def test_trips_are_judged_at_the_clocks_time(ledger_factory):
+    clock = Clock(NOW + timedelta(hours=72, minutes=6))
+    intake = intake_on(ledger_factory(), clock)
+    [late] = await intake.submit([trip(1)])  # occurred 72 h 11 min before the clock
+    assert late.reason is Reason.TOO_LATE
+    intake.close()
+
+
+async def test_a_resubmission_answers_the_stored_outcome(ledger_factory):
+    clock = Clock()
+    intake = intake_on(ledger_factory(), clock)
+    first = await intake.submit([trip(1), trip(2, charged_fen=10)])
+    clock.at = NOW + timedelta(days=5)  # judged again now, both would be too late
+    again = await intake.submit([trip(1), trip(2, charged_fen=10)])
+    assert again == first
+    assert again[0] == ACCEPT and again[1].reason is Reason.BAD_AMOUNTS
+    intake.close()
+
+
+async def test_a_resubmission_with_other_content_is_a_conflict_and_changes_nothing(ledger_factory):
+    intake = intake_on(ledger_factory())
+    [first] = await intake.submit([trip(1)])
+    [conflict] = await intake.submit([trip(1, place_id="route-9")])
+    assert conflict.outcome is Outcome.CONFLICT
+    assert conflict.reason is Reason.DUPLICATE_CONTENT_DIFFERS
+    assert await intake.outcomes("bus-01", ["t-000001"]) == [first]
+    intake.close()
+
+
+async def test_a_batch_of_only_refused_lines_or_nothing_stores_nothing(ledger_factory):
+    ledger = ledger_factory()
+    intake = intake_on(ledger)
+    assert await intake.submit([]) == []
+    assert await intake.submit([MALFORMED, MALFORMED]) == [MALFORMED, MALFORMED]
+    assert ledger.count() == 0
+    intake.close()
+
+
+async def test_outcomes_answer_in_order_with_none_for_unknown_ids(ledger_factory):
+    intake = intake_on(ledger_factory())
+    await intake.submit([trip(1), trip(2, operator_id="museum-01")])
+    got = await intake.outcomes("bus-01", ["t-000404", "t-000001", "t-000002"])
+    assert got == [None, ACCEPT, None]  # t-000002 is another operator's
+    assert await intake.outcomes("bus-01", []) == []
+    intake.close()
+
+
+async def test_a_full_request_of_max_trips_is_recorded_in_one_submit(tmp_path):
+    """On SQLite only, to stay fast (a full request costs ~0.5 s per store)."""
+    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
+    intake = intake_on(ledger)
+    items: list[Trip | Judgement] = [trip(n) for n in range(MAX_TRIPS_PER_REQUEST)]
+    items[-1] = trip(MAX_TRIPS_PER_REQUEST - 1, charged_fen=10)  # the last one is bad
+    got = await intake.submit(items)
+    assert len(got) == MAX_TRIPS_PER_REQUEST
+    assert all(j == ACCEPT for j in got[:-1]) and got[-1].reason is Reason.BAD_AMOUNTS
+    assert ledger.count() == MAX_TRIPS_PER_REQUEST
+    intake.close()
+
+
+async def test_close_waits_for_the_writer_then_closes_the_ledger(ledger_factory):
+    watched = Watched(ledger_factory())
+    intake = intake_on(watched)
+    await intake.submit([trip(1)])
+    intake.close()
+    assert watched.closed
+    with pytest.raises(RuntimeError):
+        await intake.submit([trip(2)])  # no writer any more: nothing is written
+    reopened = ledger_factory()
+    assert reopened.count() == 1
+    reopened.close()

@@ -1,0 +1,240 @@
+"""Settlement wire conversions (broker.settlement.wire): trips in, results and signed documents.
+
+``trip_from_wire`` never raises for a bad line: it answers the REJECTED judgement
+naming the field with the line's index, so one bad line never costs the others.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from broker._proto.yikatong.v1 import settlement_pb2, types_pb2
+from broker.cards.model import CardRef, Entitlement, Scene
+from broker.core.errors import InvalidArgument
+from broker.core.signing import Signed
+from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason, Trip
+from broker.settlement.wire import (
+    result_to_wire,
+    signed_from_wire,
+    signed_to_wire,
+    trip_from_wire,
+)
+
+CARD_NUMBER = "C5120210000001"
+OCCURRED = datetime(2026, 11, 28, 7, 55, 0, 123456, tzinfo=UTC)
+
+
+def record(**changes: Any) -> settlement_pb2.TripRecord:
+    """A valid wire trip of operator bus-01; ``changes`` set (or, with None, clear) fields."""
+    msg = settlement_pb2.TripRecord(
+        operator_id="bus-01",
+        trip_id="t-000001",
+        card=types_pb2.CardRef(issuer_region="512021", card_number=CARD_NUMBER),
+        scene=types_pb2.SCENE_BUS,
+        place_id="route-3",
+        gross_fare_fen=200,
+        charged_fen=0,
+        concession_fen=200,
+        applied_entitlement=types_pb2.ENTITLEMENT_SENIOR_65,
+        fare_version="sample-1",
+    )
+    msg.occurred_at.FromDatetime(OCCURRED)
+    for name, value in changes.items():
+        if value is None:
+            msg.ClearField(name)  # type: ignore[arg-type]
+        elif name == "card":
+            msg.card.CopyFrom(value)
+        else:
+            setattr(msg, name, value)
+    return msg
+
+
+def rejected(got: Trip | Judgement) -> Judgement:
+    assert isinstance(got, Judgement), got
+    assert got.outcome is Outcome.REJECTED
+    return got
+
+
+def test_a_valid_trip_becomes_a_trip_with_every_field():
+    got = trip_from_wire(record(), "bus-01", 0)
+    assert got == Trip(
+        operator_id="bus-01",
+        trip_id="t-000001",
+        card=CardRef("512021", CARD_NUMBER),
+        scene=Scene.BUS,
+        place_id="route-3",
+        occurred_at=OCCURRED,
+        gross_fare_fen=200,
+        charged_fen=0,
+        concession_fen=200,
+        applied_entitlement=Entitlement.SENIOR_65,
+        fare_version="sample-1",
+    )
+    assert isinstance(got, Trip) and got.occurred_at.tzinfo is not None
+
+
+def test_occurred_at_keeps_microseconds_and_drops_finer_nanos():
+    msg = record()
+    msg.occurred_at.nanos = 123_456_789
+    got = trip_from_wire(msg, "bus-01", 0)
+    assert isinstance(got, Trip)
+    assert got.occurred_at == OCCURRED.replace(microsecond=123_456)
+
+
+def test_no_applied_entitlement_is_none_and_empty_place_and_version_are_allowed():
+    got = trip_from_wire(record(applied_entitlement=0, place_id="", fare_version=""), "bus-01", 0)
+    assert isinstance(got, Trip)
+    assert got.applied_entitlement is None
+    assert (got.place_id, got.fare_version) == ("", "")
+
+
+def test_ids_places_and_versions_of_64_characters_are_allowed():
+    msg = record(trip_id="t" * 64, place_id="p" * 64, fare_version="v" * 64)
+    got = trip_from_wire(msg, "bus-01", 0)
+    assert isinstance(got, Trip)
+    assert (len(got.trip_id), len(got.place_id), len(got.fare_version)) == (64, 64, 64)
+
+
+def test_lengths_count_characters_not_bytes():
+    got = trip_from_wire(record(trip_id="站" * 64, place_id="路" * 64), "bus-01", 0)
+    assert isinstance(got, Trip)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"trip_id": ""}, "trip_id"),
+        ({"trip_id": "t" * 65}, "trip_id"),
+        ({"trip_id": "t-1\n"}, "trip_id"),
+        ({"trip_id": "t\x00"}, "trip_id"),
+        ({"card": None}, "card"),
+        (
+            {"card": types_pb2.CardRef(issuer_region="5121", card_number=CARD_NUMBER)},
+            "card.issuer_region",
+        ),
+        (
+            {"card": types_pb2.CardRef(issuer_region="512021", card_number="c512021")},
+            "card.card_number",
+        ),
+        ({"card": types_pb2.CardRef(issuer_region="512021", card_number="")}, "card.card_number"),
+        ({"scene": 0}, "scene"),
+        ({"scene": 99}, "scene"),
+        ({"occurred_at": None}, "occurred_at"),
+        ({"applied_entitlement": 99}, "applied_entitlement"),
+        ({"place_id": "p" * 65}, "place_id"),
+    ],
+)
+def test_each_malformed_field_is_named_with_the_line_index(changes, field):
+    got = rejected(trip_from_wire(record(**changes), "bus-01", 3))
+    assert got.reason is Reason.MALFORMED
+    assert got.detail.startswith(f"trips[3].{field}: ")
+
+
+def test_a_too_long_fare_version_is_malformed_and_named_in_the_detail():
+    got = rejected(trip_from_wire(record(fare_version="v" * 65), "bus-01", 7))
+    assert got.reason is Reason.MALFORMED
+    assert got.detail.startswith("trips[7].")
+    assert "fare_version" in got.detail
+
+
+def test_a_malformed_card_number_is_never_echoed():
+    number = "c5120210000001secret"
+    card = types_pb2.CardRef(issuer_region="512021", card_number=number)
+    got = rejected(trip_from_wire(record(card=card), "bus-01", 0))
+    assert number not in got.detail and number.upper() not in got.detail
+
+
+def test_another_operators_trip_is_an_operator_mismatch_checked_first():
+    got = rejected(trip_from_wire(record(operator_id="bus-02", trip_id=""), "bus-01", 5))
+    assert got.reason is Reason.OPERATOR_MISMATCH
+    assert got.detail.startswith("trips[5].operator_id")
+
+
+def test_an_empty_operator_id_is_a_mismatch_too():
+    got = rejected(trip_from_wire(record(operator_id=""), "bus-01", 0))
+    assert got.reason is Reason.OPERATOR_MISMATCH
+
+
+def test_the_first_malformed_field_is_the_one_named():
+    got = rejected(trip_from_wire(record(trip_id="", scene=0, occurred_at=None), "bus-01", 0))
+    assert got.detail.startswith("trips[0].trip_id: ")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=OverflowError,
+    reason="an occurred_at beyond year 9999 raises OverflowError instead of a REJECTED line",
+)
+def test_an_occurred_at_out_of_datetime_range_is_a_malformed_line():
+    msg = record()
+    msg.occurred_at.seconds = 253_402_300_800  # 10000-01-01T00:00:00Z
+    got = rejected(trip_from_wire(msg, "bus-01", 2))
+    assert got.detail.startswith("trips[2].occurred_at")
+
+
+# ---------------------------------------------------------------- results
+
+
+@pytest.mark.parametrize(
+    ("judgement", "wire"),
+    [
+        (ACCEPT, settlement_pb2.TRIP_OUTCOME_ACCEPTED),
+        (
+            Judgement(Outcome.REJECTED, Reason.TOO_LATE, "occurred more than 72 h ago"),
+            settlement_pb2.TRIP_OUTCOME_REJECTED,
+        ),
+        (
+            Judgement(Outcome.CONFLICT, Reason.DUPLICATE_CONTENT_DIFFERS, "other content"),
+            settlement_pb2.TRIP_OUTCOME_CONFLICT,
+        ),
+    ],
+)
+def test_each_outcome_goes_out_with_its_reason_code_and_detail(judgement, wire):
+    msg = result_to_wire("t-9", judgement)
+    assert msg.trip_id == "t-9"
+    assert msg.outcome == wire
+    assert msg.reason == judgement.reason.value
+    assert msg.detail == judgement.detail
+
+
+def test_every_outcome_has_a_wire_value_of_the_same_name():
+    for outcome in Outcome:
+        msg = result_to_wire("t", Judgement(outcome, Reason.OK))
+        assert settlement_pb2.TripOutcome.Name(msg.outcome) == f"TRIP_OUTCOME_{outcome.name}"
+
+
+def test_no_stored_outcome_is_unknown():
+    msg = result_to_wire("t-404", None)
+    assert msg.trip_id == "t-404"
+    assert msg.outcome == settlement_pb2.TRIP_OUTCOME_UNKNOWN
+    assert msg.reason == "unknown" and msg.detail == ""
+
+
+# ---------------------------------------------------------------- signed documents
+
+
+SIGNED = Signed(b'{"type":"ack"}', "0123456789abcdef", bytes(range(64)))
+
+
+def test_a_signed_document_round_trips_through_the_wire_bytes():
+    data = signed_to_wire(SIGNED).SerializeToString()
+    back = signed_from_wire(settlement_pb2.SignedDocument.FromString(data))
+    assert back == SIGNED
+
+
+@pytest.mark.parametrize("missing", ["document", "key_id", "signature"])
+def test_a_signed_document_needs_all_three_parts(missing):
+    msg = signed_to_wire(SIGNED)
+    msg.ClearField(missing)
+    with pytest.raises(InvalidArgument) as info:
+        signed_from_wire(msg)
+    assert info.value.field == "document"
+    assert "document, key_id and signature" in info.value.reason
+
+
+def test_an_empty_signed_document_is_refused():
+    with pytest.raises(InvalidArgument):
+        signed_from_wire(settlement_pb2.SignedDocument())
