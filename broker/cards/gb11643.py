@@ -6,12 +6,8 @@ import re
 from datetime import date
 
 _SSN_RE = re.compile(r"[0-9]{17}[0-9X]")
-
-
 # ISO 7064 MOD 11-2 as GB 11643-1999 applies it.
 _SSN_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
-
-
 _SSN_CHECK = "10X98765432"
 
 

@@ -7,14 +7,8 @@ from broker.cards.model import CardRef, CardStatus, Entitlement, Recognition, Sc
 from broker.core.errors import InvalidArgument
 
 _STATUSES = {s.value for s in CardStatus}
-
-
 _ENTITLEMENTS = {e.value for e in Entitlement}
-
-
 _SCENES = {s.value for s in Scene}
-
-
 _SCENE_OF = {s.value: s for s in Scene}
 
 

@@ -1,4 +1,8 @@
-"""The gate decision: may this card pass here, and with which entitlements?"""
+"""The gate decision: may this card pass here, and with which entitlements?
+
+A pure rule: ``allow`` is true exactly when the card is ACTIVE, entitlements
+travel only with an ACTIVE card, and a reason never carries a card number.
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""The gate decision: may this card pass here, and with which entitlements?
+"""The gate service: decides a check at this district's gates, and prices it.
 
 Plain domain code: a card of this district is answered from its registry
 (``HOME``); any other card from the answers of its home district, cached or
 fetched (``CACHE`` / ``PEER``); and when the home district cannot be asked,
 the offline policy decides (``OFFLINE_POLICY``: refuse, status UNKNOWN).
-``allow`` is true exactly when the card is ACTIVE.
+The decision itself is :mod:`broker.gate.decision`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ MAX_ID = 64
 
 
 def short_id(value: str, field: str, required: bool) -> str:
+    """``value`` if it is 1-64 printable characters (or empty when not ``required``), else raise."""
     if (required and not value) or len(value) > MAX_ID or not value.isprintable():
         raise InvalidArgument(field, f"must be 1-{MAX_ID} printable characters")
     return value

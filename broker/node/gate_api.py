@@ -6,10 +6,7 @@ import os
 
 import grpc
 
-from broker._proto.yikatong.v1 import (
-    gate_pb2,
-    gate_pb2_grpc,
-)
+from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc
 from broker.cards.wire import card_from_wire, scene_from_wire
 from broker.gate.service import GateService
 from broker.gate.wire import decision_to_wire

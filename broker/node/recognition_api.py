@@ -8,10 +8,7 @@ from datetime import datetime
 import grpc
 import structlog
 
-from broker._proto.yikatong.v1 import (
-    recognition_pb2,
-    recognition_pb2_grpc,
-)
+from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc
 from broker.cards.privacy import Hasher
 from broker.cards.wire import card_from_wire, recognition_to_wire, scene_from_wire
 from broker.gate.home import HomeRecognizer

@@ -14,10 +14,7 @@ from datetime import date
 import grpc
 import structlog
 
-from broker._proto.yikatong.v1 import (
-    settlement_pb2,
-    settlement_pb2_grpc,
-)
+from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
 from broker.core.errors import ConfigError, InvalidArgument
 from broker.settlement.clearing.batch import Spool
 from broker.settlement.clearing.service import ClearingService

@@ -7,10 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from broker._proto.yikatong.v1 import (
-    trust_pb2,
-    trust_pb2_grpc,
-)
+from broker._proto.yikatong.v1 import trust_pb2, trust_pb2_grpc
 from broker.core.errors import ConfigError
 from broker.trust.bundle import SignedBundle
 

@@ -1,7 +1,7 @@
-"""Conversions between wire messages (yikatong.v1) and domain values.
+"""Trips, trip outcomes and signed settlement documents on the wire (yikatong.v1) and back.
 
-The only module besides the servicers and the peer client that imports the
-generated code; domain modules never see a protobuf message.
+Each package converts its own concepts (``cards.wire``, ``gate.wire``, this
+module); the rules themselves never see a protobuf message.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from broker.settlement.trips import Judgement, Outcome, Reason, Trip
 
 _ENTITLEMENT_OF = {e.value: e for e in Entitlement}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
 _OUTCOMES = {
     Outcome.ACCEPTED: settlement_pb2.TRIP_OUTCOME_ACCEPTED,
     Outcome.REJECTED: settlement_pb2.TRIP_OUTCOME_REJECTED,
