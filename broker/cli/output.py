@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 
 from broker.core.errors import BrokerError
 
@@ -16,7 +17,8 @@ err = Console(stderr=True)
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``error: message`` to stderr and exit with ``code``."""
-    err.print(f"[red]error:[/red] {message}")
+    # The message is text, not markup: "[ledger] is not configured" must print as written.
+    err.print(f"[red]error:[/red] {escape(message)}", emoji=False)
     sys.exit(code)
 
 

@@ -10,7 +10,7 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from broker.cli.output import err, fail
+from broker.cli.output import fail
 from broker.core.errors import ConfigError
 from broker.node.config import load_config
 from broker.peers.bundles import accept, held_bundle
@@ -23,6 +23,11 @@ def fingerprint(pem: str) -> str:
     der = x509.load_pem_x509_certificate(pem.encode()).public_bytes(serialization.Encoding.DER)
     digest = hashlib.sha256(der).hexdigest().upper()
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
+
+
+def _print_fingerprint(pem: str) -> None:
+    # Plain text on one line: operators read it out to compare, so no markup, emoji or wrapping.
+    click.echo(f"CA fingerprint (SHA-256): {fingerprint(pem)}", err=True)
 
 
 @click.group()
@@ -47,7 +52,7 @@ def export(district: str, root: Path, out: Path | None) -> None:
     else:
         out.write_bytes(signed.to_json())
     for pem in bundle.cas_pem:
-        err.print(f"CA fingerprint (SHA-256): {fingerprint(pem)}")
+        _print_fingerprint(pem)
 
 
 @trust.command("import")
@@ -71,7 +76,7 @@ def import_(bundle_file: Path, config_path: Path, first_use: bool) -> None:
         fail(f"district {bundle.district} is not a peer in {config_path}")
     if held_bundle(peer) is None and not first_use:
         for pem in bundle.cas_pem:
-            err.print(f"CA fingerprint (SHA-256): {fingerprint(pem)}")
+            _print_fingerprint(pem)
         fail(
             "no bundle held for this district yet: compare the fingerprint above with the "
             "neighbour's by another channel, then repeat with --first-use"

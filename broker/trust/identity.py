@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from broker.core.errors import Unauthenticated
 
 TRUST_DOMAIN_SUFFIX = "yikatong.cy"
+DISTRICT_RE = re.compile(r"[1-8][0-9]{5}")
 OPERATOR_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _SPIFFE_RE = re.compile(
-    r"spiffe://(?P<district>[1-8][0-9]{5})\.yikatong\.cy/"
+    rf"spiffe://(?P<district>{DISTRICT_RE.pattern})\.yikatong\.cy/"
     r"(?:(?P<node>node)|operator/(?P<operator>[a-z0-9][a-z0-9-]{0,62}))"
 )
 
@@ -49,11 +50,21 @@ class Identity:
         return f"{self.operator_id}.operator.{self.district}.{TRUST_DOMAIN_SUFFIX}"
 
 
+def _district(district: str) -> str:
+    # It names directories and certificate SANs: nothing but a division code gets through.
+    if not DISTRICT_RE.fullmatch(district):
+        raise ValueError("district must be a 6-digit administrative division code")
+    return district
+
+
 def node_identity(district: str) -> Identity:
-    return Identity(district, Role.NODE)
+    """A district's node; ``ValueError`` unless ``district`` is a division code."""
+    return Identity(_district(district), Role.NODE)
 
 
 def operator_identity(district: str, operator_id: str) -> Identity:
+    """One of a district's operators; ``ValueError`` for a bad district or operator id."""
+    _district(district)
     if not OPERATOR_ID_RE.fullmatch(operator_id):
         raise ValueError("operator id must be 1-63 characters of [a-z0-9-], starting alphanumeric")
     return Identity(district, Role.OPERATOR, operator_id)

@@ -79,11 +79,6 @@ def test_init_ca_keeps_an_existing_hash_key(tmp_path: Path):
     assert paths.hash_key.read_bytes() == b"k" * 32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker/cli/certs.py:34: _paths validates with node_identity(), which checks "
-    "nothing, so any string (even '../x') becomes a directory with a CA",
-)
 @pytest.mark.parametrize("bad", ["12345", "5001110", "abcdef", "000000", "../500111"])
 def test_a_malformed_district_code_is_refused(tmp_path: Path, bad: str):
     r = tmp_path / "certs"

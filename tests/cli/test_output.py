@@ -47,11 +47,6 @@ def test_fail_exits_1_by_default(capsys):
     assert capsys.readouterr().err.strip() == "error: nope"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker/cli/output.py:19: the message goes through Rich markup unescaped, "
-    "so '[ledger]' vanishes and '[/x]' raises MarkupError",
-)
 @pytest.mark.parametrize(
     "message",
     ["[ledger] is not configured: this node keeps no trips", "file /tmp/a[/b] unreadable"],

@@ -166,11 +166,6 @@ def test_commands_against_a_node_without_a_ledger_are_refused(no_ledger: Path, a
     assert "is not configured: this node keeps no trips" in flat(result.output)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker/cli/output.py:19 (Rich markup): the message's '[ledger]' is eaten, "
-    "leaving 'error:  is not configured'",
-)
 def test_close_against_a_node_without_a_ledger_names_the_missing_section(no_ledger: Path):
     result = settle(no_ledger, "close", "--period", PERIOD)
     assert "error: [ledger] is not configured" in flat(result.output)

@@ -178,11 +178,6 @@ def test_export_of_a_district_without_a_bundle_fails_clearly(setup: Setup):
     assert "init-ca" in result.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker/cli/trust.py:50,74: the fingerprint goes through Rich's 80-column "
-    "wrapping, which breaks it across lines when stderr is not a wide terminal",
-)
 def test_export_prints_the_fingerprint_on_one_line_as_openssl_does(setup: Setup):
     result = trust("export", "--district", ANYUE, "--dir", str(setup.root))
     want = openssl_fingerprint(setup.paths(ANYUE).ca_cert)
@@ -195,11 +190,6 @@ def mangled_by_rich(fp: str) -> bool:
     return any(b in ("AB", "CD") for b in fp.split(":")[1:31:2])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker/cli/trust.py:50,74: err.print applies Rich emoji codes, so a "
-    "fingerprint byte :AB: or :CD: prints as an emoji (about 1 CA in 9)",
-)
 def test_every_fingerprint_is_printed_exactly_even_with_ab_or_cd_bytes(
     tmp_path: Path, now: datetime
 ):

@@ -154,11 +154,6 @@ def test_operator_identity_refuses_a_malformed_operator_id(op: str):
         operator_identity(D, op)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: node_identity/operator_identity accept any district; broker/cli/certs.py "
-    "_paths relies on them raising ValueError (`certs init-ca --district ../x` writes outside)",
-)
 @pytest.mark.parametrize("district", ["", "50011", "5001110", "000111", "../x", "abcdef"])
 def test_identities_refuse_a_district_that_is_no_division_code(district: str):
     """An identity whose SPIFFE ID no node would parse must not be made (nor issued)."""
