@@ -21,6 +21,7 @@ from broker.cards.gb11643 import ssn_check_character
 from broker.cards.model import CardRef, shanghai_day
 from broker.cards.privacy import load_key_file
 from broker.cards.registry import Registry
+from broker.cli.main import main
 from broker.testbed.build import DistrictSetup
 from broker.trust import pki
 from broker.trust.config import node_server_name
@@ -118,8 +119,6 @@ def ssn_for(area: str, born: str, seq: str = "555") -> str:
 
 def run_cli(*args: str) -> str:
     """Run a ``broker`` command in-process, as operations staff would; return what it printed."""
-    from broker.cli.main import main
-
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
