@@ -9,7 +9,6 @@ change it opens a new channel for new calls and lets the old one drain.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc, types_pb2
 from broker.cards.model import CardRef, Scene
+from broker.core.watch import FileWatch
 
 DRAIN_GRACE_S = 5.0
 
@@ -68,28 +68,21 @@ class ReloadingChannel:
         check_every_s: float = 1.0,
     ) -> None:
         self._args = (address, server_name, ca_file, cert_file, key_file)
-        self._files = (ca_file, cert_file, key_file)
+        self._cert_file, self._key_file = cert_file, key_file
+        self._watch = FileWatch((ca_file, cert_file, key_file))
         self._check_every = check_every_s
-        self._stamp = self._stat()
         self._checked = time.monotonic()
         self._channel = open_channel(*self._args)
         self._draining: set[asyncio.Task[None]] = set()
-
-    def _stat(self) -> tuple[tuple[int, int], ...]:
-        out = []
-        for f in self._files:
-            st = os.stat(f)
-            out.append((st.st_mtime_ns, st.st_size))
-        return tuple(out)
 
     def get(self) -> grpc.aio.Channel:
         """The channel for the next call (a new one if the files changed and hold together)."""
         now = time.monotonic()
         if now - self._checked >= self._check_every:
             self._checked = now
-            stamp = self._stat()
-            if stamp != self._stamp and _matching(self._files[1], self._files[2]):
-                self._stamp = stamp
+            stamps = self._watch.stamps()
+            if self._watch.changed(stamps) and _matching(self._cert_file, self._key_file):
+                self._watch.mark_seen(stamps)
                 old, self._channel = self._channel, open_channel(*self._args)
                 task = asyncio.ensure_future(old.close(grace=DRAIN_GRACE_S))
                 self._draining.add(task)

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from broker.core.errors import ConfigError
 from broker.core.signing import parse_public_keys
+from broker.core.watch import FileWatch
 from broker.trust.bundle import Bundle, BundleRefused, SignedBundle, verify
 from broker.trust.config import TrustSettings
 from broker.trust.pki import ca_id, crl_issuer_id, load_crls
@@ -166,37 +167,21 @@ def trust_files(cfg: TrustSettings) -> list[Path]:
     return files
 
 
-def _stamp(files: list[Path]) -> tuple[tuple[int, int, int], ...]:
-    out = []
-    for f in files:
-        try:
-            st = f.stat()
-            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append((0, 0, 0))
-    return tuple(out)
-
-
 class TrustStore:
     """Holds the current :class:`TrustSnapshot`; :meth:`reload` swaps in a new one."""
 
     def __init__(self, cfg: TrustSettings) -> None:
         self._cfg = cfg
-        self._files = trust_files(cfg)
-        self._stamp = _stamp(self._files)
+        self._watch = FileWatch(trust_files(cfg))
         self.current = read_snapshot(cfg, 1)
 
     def changed(self) -> bool:
-        """Whether any trust file looks different (a stat each: cheap enough for every tick).
-
-        Files are replaced by rename, so a change shows in the inode, the
-        modification time or the size.
-        """
-        return _stamp(self._files) != self._stamp
+        """Whether any trust file looks different (see :mod:`broker.core.watch`)."""
+        return self._watch.changed()
 
     def reload(self) -> bool:
         """Re-read the files; True when a new snapshot took effect."""
-        self._stamp = _stamp(self._files)
+        self._watch.mark_seen()
         try:
             new = read_snapshot(self._cfg, self.current.generation + 1)
         except ConfigError as exc:

@@ -24,6 +24,7 @@ from broker.trust.certops import DistrictPaths
 from broker.trust.config import node_server_name
 from broker.trust.identity import node_identity, operator_identity
 from tests.conftest import DAZU, Cluster
+from tests.core.test_watch import replace_keeping_size_and_mtime
 
 OP = "bus-01"
 
@@ -114,6 +115,24 @@ async def test_reloading_channel_opens_a_new_channel_after_renewal_and_closes_th
     await rc.close()  # waits for the old channel's drain too
     for ch in (old, new):
         assert ch.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+
+
+async def test_reloading_channel_follows_a_renewal_of_the_same_size_and_mtime(
+    paths: DistrictPaths, now: datetime
+):
+    """Copied with ``rsync -t``: only the inodes differ, and the channel still follows."""
+    rc = reloading(paths)
+    old = rc.get()
+    cert_file, key_file = paths.operator_cert(OP), paths.operator_key(OP)
+    size = cert_file.stat().st_size
+    pair = fresh_pair(paths, now)
+    while len(pair.cert_pem()) != size:  # ECDSA signatures vary by a byte or two
+        pair = fresh_pair(paths, now)
+    assert len(pair.key_pem()) == key_file.stat().st_size
+    replace_keeping_size_and_mtime(key_file, pair.key_pem())
+    replace_keeping_size_and_mtime(cert_file, pair.cert_pem())
+    assert rc.get() is not old
+    await rc.close()
 
 
 async def test_reloading_channel_checks_files_at_most_every_interval(

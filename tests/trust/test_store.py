@@ -19,6 +19,7 @@ from broker.trust.identity import node_identity
 from broker.trust.store import TrustStore
 from broker.trust.tls import check_tls_version
 from tests.conftest import ANYUE, DAZU, Cluster
+from tests.core.test_watch import replace_keeping_size_and_mtime
 from tests.helpers import node_channel, recognition_stub, recognize_request
 
 PROPAGATION_S = 5.0  # the issue's bound for a change to take effect on a running node
@@ -93,6 +94,17 @@ def test_a_key_not_matching_its_certificate_is_refused_and_the_last_good_kept(di
     pki.write_public(s.paths.node_cert, other.cert_pem())  # the rotation completes
     assert store.reload() is True
     assert store.current.generation == good.generation + 1
+
+
+def test_a_certificate_replaced_by_rename_with_the_same_size_and_mtime_is_noticed(districts):
+    """``rsync -t`` of a renewal of equal length: only the inode tells; the store must notice."""
+    s = districts[DAZU]
+    store = TrustStore(s.config)
+    assert not store.changed()
+    replace_keeping_size_and_mtime(s.paths.node_cert, s.paths.node_cert.read_bytes())
+    assert store.changed()
+    store.reload()
+    assert not store.changed()
 
 
 def test_a_revocation_list_not_signed_by_its_ca_is_refused(districts, now):
