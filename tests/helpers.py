@@ -104,7 +104,7 @@ def import_lines(setup: DistrictSetup, lines: list[str], now: datetime) -> None:
     """Upsert card rows (CSV lines after the header) into a district's registry."""
     header = "card_number,ssn,status,disabled,student,valid_until"
     rows = parse_import([header, *lines], shanghai_day(now), load_key_file(setup.paths.hash_key))
-    reg = Registry(setup.config.registry_path)
+    reg = Registry(setup.config.registry.path)
     try:
         reg.upsert(rows, now)
     finally:

@@ -102,7 +102,7 @@ def registry_import(csv_file: Path, config_path: Path) -> None:
     cfg = _config(config_path)
     now = datetime.now(UTC)
     try:
-        hasher = load_key_file(cfg.hash_key_file)
+        hasher = load_key_file(cfg.privacy.hash_key_file)
         with csv_file.open(newline="", encoding="utf-8") as fh:
             rows = parse_import(fh, shanghai_day(now), hasher)
     except ImportRejected as exc:
@@ -111,7 +111,7 @@ def registry_import(csv_file: Path, config_path: Path) -> None:
         fail(f"{csv_file}: {exc}")
     except BrokerError as exc:
         fail(str(exc))
-    store = Registry(cfg.registry_path)
+    store = Registry(cfg.registry.path)
     try:
         result = store.upsert(rows, now)
     finally:

@@ -54,7 +54,7 @@ def _day(period: str) -> date:
 
 def _config(path: Path) -> NodeConfig:
     cfg = load_config(path, os.environ)
-    if cfg.ledger_path is None and cfg.ledger_url is None:
+    if cfg.ledger.path is None and cfg.ledger.url is None:
         raise ConfigError("[ledger] is not configured: this node keeps no trips")
     return cfg
 
@@ -235,7 +235,7 @@ def statement_cmd(
     day = _day(period)
     with broker_errors():
         cfg = _config(config_path)
-        fares = load_fares(cfg.fares_file) if cfg.fares_file else None
+        fares = load_fares(cfg.fares.file) if cfg.fares.file else None
         store = ClearingStore.open(cfg)
         try:
             if by_district:
@@ -272,7 +272,7 @@ def statement_cmd(
                 if fmt == "table":
                     click.echo(f"multilateral net: {yuan(sum(r['net_fen'] for r in rows))}")
                 return
-            ledger = open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema)
+            ledger = open_ledger(cfg.ledger.path, cfg.ledger.url, cfg.ledger.schema)
             try:
                 lines = operator_statement(cfg, fares, ledger, store, day, operator_id)
             finally:

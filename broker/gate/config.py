@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class CacheConfig:
 
     Attributes:
         redis_url: Redis shared by the district's replicas; ``None`` runs on
-            the in-process tier alone.
+            the in-process tier alone (``YIKATONG_REDIS_URL`` overrides it).
         local_max_entries: bound of the in-process tier (0 disables it).
         unknown_ttl_seconds: upper bound on caching an ``UNKNOWN`` answer,
             whatever the peer advertises.
@@ -33,7 +33,7 @@ class CacheConfig:
         redis_timeout_ms: a Redis call slower than this counts as a miss.
     """
 
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, metadata={"env": "YIKATONG_REDIS_URL"})
     local_max_entries: int = 100_000
     unknown_ttl_seconds: int = 10
     max_ttl_seconds: int = 3600

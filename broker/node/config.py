@@ -29,10 +29,13 @@ A node.toml looks like::
 
     [cache]                                # how this node caches its peers' answers
     redis_url = ""                         # empty: in-process tier only
-    local_max_entries = 100000
+    local_max_entries = 100000             # bound of the in-process tier (0 disables it)
+    unknown_ttl_seconds = 10               # an UNKNOWN answer is cached at most this long
+    max_ttl_seconds = 3600                 # any answer at most this long
+    redis_timeout_ms = 50                  # a slower Redis call counts as a miss
 
     [peering]
-    deadline_ms = 300
+    deadline_ms = 300                      # then the offline policy decides
 
     [fares]
     file = "fares.toml"                    # this district's fare rules (broker/fares/rules.py)
@@ -62,51 +65,80 @@ A node.toml looks like::
     address = "10.1.2.3:50111"
     bundle_file = "var/peers/512021.bundle.json"  # its trust bundle: first `broker trust
                                                   # import`, then fetched and kept current
-    # or, without bundles: ca_file = "..." and crl_file = "..." kept current by hand
+    # ca_file = "certs/peers/512021-ca.pem"    or, without a bundle, the peer's CA(s)
+    # crl_file = "certs/peers/512021-crl.pem"  and revocation list(s), kept current by hand
     # server_name = "node.512021.yikatong.cy"   (the default)
 
-Relative paths are relative to the config file's directory. Environment
-overrides (each optional): ``YIKATONG_LISTEN``, ``YIKATONG_REDIS_URL``,
-``YIKATONG_REGISTRY_PATH``, ``YIKATONG_PEER_DEADLINE_MS``, ``YIKATONG_LEDGER_URL``.
+Every key a node reads is in the example above (a test holds the example and
+the dataclasses to each other). Each section is a frozen dataclass owned by its
+concern's package: ``[tls]``, ``[[peers]]`` and ``[trust]`` by ``trust.config``,
+``[registry]`` and ``[privacy]`` by ``cards.config``, ``[recognition]`` and
+``[cache]`` by ``gate.config``, ``[peering]`` by ``peers.config``, ``[fares]``
+by ``fares.config``, ``[ledger]`` and ``[settlement]`` by
+``settlement.config``, ``[[agreements]]`` by ``fares.agreements`` and
+``[access]`` by ``trust.access``. Relative paths are relative to the config
+file's directory. Environment overrides (each optional) are declared on the
+field they override (``metadata={"env": ...}``): ``YIKATONG_LISTEN``,
+``YIKATONG_REDIS_URL``, ``YIKATONG_REGISTRY_PATH``,
+``YIKATONG_PEER_DEADLINE_MS``, ``YIKATONG_LEDGER_URL``; an empty value
+clears an optional one.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import tomli_w
+
+from broker.cards.config import PrivacyConfig, RegistryConfig
 from broker.cards.model import validate_region
 from broker.core.errors import ConfigError, InvalidArgument
 from broker.fares.agreements import Agreement, parse_agreements
+from broker.fares.config import FaresConfig
 from broker.gate.config import CacheConfig, RecognitionConfig
+from broker.peers.config import PeeringConfig
+from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.trust.access import DEFAULT_RULES, validate_rules
 from broker.trust.config import TLS_VERSIONS, PeerConfig, TLSConfig, TrustConfig, node_server_name
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    C = TypeVar("C", bound=DataclassInstance)
+else:
+    C = TypeVar("C")
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    """Everything one district node needs; built by :func:`load_config`."""
+    """Everything one district node needs; built by :func:`load_config`.
+
+    Attributes:
+        district: this district's 6-digit code.
+        listen: host:port the node serves on (``YIKATONG_LISTEN`` overrides it).
+        tls, registry, privacy, peers, peering, recognition, cache, access,
+        trust, fares, ledger, settlement, agreements: one per section of node.toml.
+    """
 
     district: str
-    listen: str
+    listen: str = field(metadata={"env": "YIKATONG_LISTEN"})
     tls: TLSConfig
-    registry_path: Path
-    hash_key_file: Path
+    registry: RegistryConfig
+    privacy: PrivacyConfig
     peers: tuple[PeerConfig, ...] = ()
-    peer_deadline_ms: int = 300
+    peering: PeeringConfig = field(default_factory=PeeringConfig)
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     access: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
     trust: TrustConfig = field(default_factory=TrustConfig)
-    fares_file: Path | None = None
-    ledger_path: Path | None = None
-    ledger_url: str | None = None
-    ledger_schema: str = "yikatong"
-    settlement_key_file: Path | None = None
+    fares: FaresConfig = field(default_factory=FaresConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    settlement: SettlementKeyConfig = field(default_factory=SettlementKeyConfig)
     agreements: tuple[Agreement, ...] = ()
 
     def agreement(self, district: str) -> Agreement | None:
@@ -161,6 +193,9 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
         p = Path(str(value))
         return p if p.is_absolute() else (base / p)
 
+    def opt_path(table: Mapping[str, Any], key: str) -> Path | None:
+        return path(table[key]) if table.get(key) else None
+
     district = _code(_req(doc, "district", ""), "district")
     tls_t = _section(doc, "tls")
     min_version = str(tls_t.get("min_version", "1.3"))
@@ -170,7 +205,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
         ca_file=path(_req(tls_t, "ca_file", "tls.")),
         cert_file=path(_req(tls_t, "cert_file", "tls.")),
         key_file=path(_req(tls_t, "key_file", "tls.")),
-        crl_file=path(tls_t["crl_file"]) if tls_t.get("crl_file") else None,
+        crl_file=opt_path(tls_t, "crl_file"),
         min_version=min_version,
         max_connection_age_s=_int(tls_t, "max_connection_age_s", 300, "tls."),
         reload_interval_ms=_int(tls_t, "reload_interval_ms", 1000, "tls."),
@@ -195,35 +230,34 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             PeerConfig(
                 district=code,
                 address=str(_req(p, "address", where)),
-                ca_file=path(p["ca_file"]) if p.get("ca_file") else None,
+                ca_file=opt_path(p, "ca_file"),
                 server_name=str(p.get("server_name", node_server_name(code))),
-                crl_file=path(p["crl_file"]) if p.get("crl_file") else None,
-                bundle_file=path(p["bundle_file"]) if p.get("bundle_file") else None,
+                crl_file=opt_path(p, "crl_file"),
+                bundle_file=opt_path(p, "bundle_file"),
             )
         )
     trust_t = _section(doc, "trust")
-    fares_t = _section(doc, "fares")
     ledger_t = _section(doc, "ledger")
-    settle_t = _section(doc, "settlement")
     try:
         access = {**DEFAULT_RULES, **validate_rules(_section(doc, "access"))}
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    redis_url = str(cache_t.get("redis_url", "")) or None
     cfg = NodeConfig(
         district=district,
         listen=str(_req(doc, "listen", "")),
         tls=tls,
-        registry_path=path(_req(_section(doc, "registry"), "path", "registry.")),
-        hash_key_file=path(_req(_section(doc, "privacy"), "hash_key_file", "privacy.")),
+        registry=RegistryConfig(path=path(_req(_section(doc, "registry"), "path", "registry."))),
+        privacy=PrivacyConfig(
+            hash_key_file=path(_req(_section(doc, "privacy"), "hash_key_file", "privacy."))
+        ),
         peers=tuple(peers),
-        peer_deadline_ms=_int(peering_t, "deadline_ms", 300, "peering."),
+        peering=PeeringConfig(deadline_ms=_int(peering_t, "deadline_ms", 300, "peering.")),
         recognition=RecognitionConfig(
             cache_ttl_seconds=_int(rec_t, "cache_ttl_seconds", 120, "recognition."),
             unknown_ttl_seconds=_int(rec_t, "unknown_ttl_seconds", 10, "recognition."),
         ),
         cache=CacheConfig(
-            redis_url=redis_url,
+            redis_url=str(cache_t.get("redis_url", "")) or None,
             local_max_entries=_int(cache_t, "local_max_entries", 100_000, "cache."),
             unknown_ttl_seconds=_int(cache_t, "unknown_ttl_seconds", 10, "cache."),
             max_ttl_seconds=_int(cache_t, "max_ttl_seconds", 3600, "cache."),
@@ -231,35 +265,49 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
         ),
         access=access,
         trust=TrustConfig(
-            bundle_file=path(trust_t["bundle_file"]) if trust_t.get("bundle_file") else None,
+            bundle_file=opt_path(trust_t, "bundle_file"),
             bundle_refresh_s=_int(trust_t, "bundle_refresh_s", 30, "trust."),
         ),
-        fares_file=path(fares_t["file"]) if fares_t.get("file") else None,
-        ledger_path=path(ledger_t["path"]) if ledger_t.get("path") else None,
-        ledger_url=str(ledger_t["url"]) if ledger_t.get("url") else None,
-        ledger_schema=str(ledger_t.get("schema", "yikatong")),
-        settlement_key_file=path(settle_t["key_file"]) if settle_t.get("key_file") else None,
+        fares=FaresConfig(file=opt_path(_section(doc, "fares"), "file")),
+        ledger=LedgerConfig(
+            path=opt_path(ledger_t, "path"),
+            url=str(ledger_t["url"]) if ledger_t.get("url") else None,
+            schema=str(ledger_t.get("schema", "yikatong")),
+        ),
+        settlement=SettlementKeyConfig(key_file=opt_path(_section(doc, "settlement"), "key_file")),
         agreements=parse_agreements(doc.get("agreements", [])),
     )
     return apply_env(cfg, env)
 
 
-def apply_env(cfg: NodeConfig, env: Mapping[str, str]) -> NodeConfig:
-    """Apply the documented ``YIKATONG_*`` overrides."""
-    if "YIKATONG_LISTEN" in env:
-        cfg = replace(cfg, listen=env["YIKATONG_LISTEN"])
-    if "YIKATONG_REDIS_URL" in env:
-        cfg = replace(cfg, cache=replace(cfg.cache, redis_url=env["YIKATONG_REDIS_URL"] or None))
-    if "YIKATONG_REGISTRY_PATH" in env:
-        cfg = replace(cfg, registry_path=Path(env["YIKATONG_REGISTRY_PATH"]))
-    if "YIKATONG_LEDGER_URL" in env:
-        cfg = replace(cfg, ledger_url=env["YIKATONG_LEDGER_URL"] or None)
-    if "YIKATONG_PEER_DEADLINE_MS" in env:
+def _from_env(name: str, raw: str, hint: str) -> Any:
+    """The value of override ``name`` for a field whose type is ``hint``."""
+    optional = "None" in hint
+    if optional and raw == "":
+        return None
+    if hint.startswith("Path"):
+        return Path(raw)
+    if hint == "int":
         try:
-            cfg = replace(cfg, peer_deadline_ms=int(env["YIKATONG_PEER_DEADLINE_MS"]))
+            return int(raw)
         except ValueError as exc:
-            raise ConfigError("YIKATONG_PEER_DEADLINE_MS must be an integer") from exc
-    return cfg
+            raise ConfigError(f"{name} must be an integer") from exc
+    return raw
+
+
+def apply_env(cfg: C, env: Mapping[str, str]) -> C:
+    """Apply every ``YIKATONG_*`` override declared on a field of ``cfg`` or its sections."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = f.metadata.get("env")
+        if name is not None and name in env:
+            changes[f.name] = _from_env(name, env[name], str(f.type))  # postponed: a string
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            updated = apply_env(value, env)
+            if updated is not value:
+                changes[f.name] = updated
+    return replace(cfg, **changes) if changes else cfg
 
 
 def load_config(path: Path, env: Mapping[str, str]) -> NodeConfig:
@@ -273,78 +321,28 @@ def load_config(path: Path, env: Mapping[str, str]) -> NodeConfig:
     return parse_config(doc, path.resolve().parent, env)
 
 
-def _q(value: object) -> str:
-    """A TOML basic string (JSON's escapes are valid TOML escapes)."""
-    return json.dumps(str(value), ensure_ascii=False)
+def _plain(value: Any) -> Any:
+    """A section as TOML data: paths as text, ``None`` left out (TOML has no null)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {}
+        for f in dataclasses.fields(value):
+            v = getattr(value, f.name)
+            if v is not None:
+                out[f.name] = _plain(v)
+        return out
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
 
 
 def render_config(cfg: NodeConfig) -> str:
     """The TOML text that :func:`load_config` reads back as ``cfg`` (paths made absolute)."""
-    lines = [
-        f"district = {_q(cfg.district)}",
-        f"listen = {_q(cfg.listen)}",
-        "",
-        "[tls]",
-        f"ca_file = {_q(cfg.tls.ca_file)}",
-        f"cert_file = {_q(cfg.tls.cert_file)}",
-        f"key_file = {_q(cfg.tls.key_file)}",
-        *([f"crl_file = {_q(cfg.tls.crl_file)}"] if cfg.tls.crl_file else []),
-        f"min_version = {_q(cfg.tls.min_version)}",
-        f"max_connection_age_s = {cfg.tls.max_connection_age_s}",
-        f"reload_interval_ms = {cfg.tls.reload_interval_ms}",
-        "",
-        "[registry]",
-        f"path = {_q(cfg.registry_path)}",
-        "",
-        "[privacy]",
-        f"hash_key_file = {_q(cfg.hash_key_file)}",
-        "",
-        "[recognition]",
-        f"cache_ttl_seconds = {cfg.recognition.cache_ttl_seconds}",
-        f"unknown_ttl_seconds = {cfg.recognition.unknown_ttl_seconds}",
-        "",
-        "[cache]",
-        f"redis_url = {_q(cfg.cache.redis_url or '')}",
-        f"local_max_entries = {cfg.cache.local_max_entries}",
-        f"unknown_ttl_seconds = {cfg.cache.unknown_ttl_seconds}",
-        f"max_ttl_seconds = {cfg.cache.max_ttl_seconds}",
-        f"redis_timeout_ms = {cfg.cache.redis_timeout_ms}",
-        "",
-        "[peering]",
-        f"deadline_ms = {cfg.peer_deadline_ms}",
-    ]
-    if cfg.fares_file:
-        lines += ["", "[fares]", f"file = {_q(cfg.fares_file)}"]
-    if cfg.ledger_path or cfg.ledger_url:
-        lines += ["", "[ledger]"]
-        lines += [f"path = {_q(cfg.ledger_path)}"] if cfg.ledger_path else []
-        lines += [f"url = {_q(cfg.ledger_url)}"] if cfg.ledger_url else []
-        lines += [f"schema = {_q(cfg.ledger_schema)}"] if cfg.ledger_url else []
-    if cfg.settlement_key_file:
-        lines += ["", "[settlement]", f"key_file = {_q(cfg.settlement_key_file)}"]
-    lines += ["", "[trust]", f"bundle_refresh_s = {cfg.trust.bundle_refresh_s}"]
-    if cfg.trust.bundle_file:
-        lines.append(f"bundle_file = {_q(cfg.trust.bundle_file)}")
-    lines += ["", "[access]"]
-    lines += [f"{_q(key)} = {json.dumps(list(who))}" for key, who in cfg.access.items()]
-    for a in cfg.agreements:
-        shares = ", ".join(f"{_q(k)} = {v}" for k, v in a.concession_share_bp.items())
-        lines += [
-            "",
-            "[[agreements]]",
-            f"district = {_q(a.district)}",
-            f"collect_through_home = {'true' if a.collect_through_home else 'false'}",
-            f"concession_share_bp = {{ {shares} }}",
-        ]
-    for p in cfg.peers:
-        lines += [
-            "",
-            "[[peers]]",
-            f"district = {_q(p.district)}",
-            f"address = {_q(p.address)}",
-            *([f"ca_file = {_q(p.ca_file)}"] if p.ca_file else []),
-            f"server_name = {_q(p.server_name)}",
-            *([f"crl_file = {_q(p.crl_file)}"] if p.crl_file else []),
-            *([f"bundle_file = {_q(p.bundle_file)}"] if p.bundle_file else []),
-        ]
-    return "\n".join(lines) + "\n"
+    doc = _plain(cfg)
+    doc["access"] = {k: list(v) for k, v in cfg.access.items()}
+    if cfg.ledger.url is None:
+        doc["ledger"].pop("schema", None)  # only PostgreSQL has schemas
+    return tomli_w.dumps({k: v for k, v in doc.items() if v != {}})  # unset sections left out

@@ -99,18 +99,18 @@ class Node:
     @classmethod
     async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
         """Open the node's stores, bind its port and start serving."""
-        hasher = load_key_file(cfg.hash_key_file)
+        hasher = load_key_file(cfg.privacy.hash_key_file)
         trust = TrustStore(cfg)
-        registry = Registry(cfg.registry_path)
+        registry = Registry(cfg.registry.path)
         home = HomeRecognizer(cfg.district, registry, cfg.recognition)
         cache = AnswerCache.from_config(cfg.cache, cfg.district)
         channels = PeerChannels(trust, cfg.peers)
         reload_now = asyncio.Event()
         refresher = BundleRefresher(cfg, channels, trust, reload_now.set)
         peers = PeerRecognizer(
-            PeerClient(channels, cfg.peer_deadline_ms), cache, hasher, on_failure=refresher.poke
+            PeerClient(channels, cfg.peering.deadline_ms), cache, hasher, on_failure=refresher.poke
         )
-        fares = load_fares(cfg.fares_file) if cfg.fares_file else None
+        fares = load_fares(cfg.fares.file) if cfg.fares.file else None
         gate = GateService(cfg.district, home, peers, clock, fares)
         metrics = Metrics()
         policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers), cfg.access)
@@ -125,7 +125,7 @@ class Node:
         trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(cfg.trust.bundle_file), guarded)
         intake = None
         clearing = None
-        if cfg.ledger_path is not None or cfg.ledger_url is not None:
+        if cfg.ledger.path is not None or cfg.ledger.url is not None:
             known = frozenset(
                 {
                     cfg.district,
@@ -133,9 +133,9 @@ class Node:
                     *(a.district for a in cfg.agreements),
                 }
             )
-            ledger = open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema)
+            ledger = open_ledger(cfg.ledger.path, cfg.ledger.url, cfg.ledger.schema)
             intake = TripIntake(ledger, known, fares, clock)
-            if cfg.settlement_key_file is not None:
+            if cfg.settlement.key_file is not None:
                 clearing = ClearingService(cfg, registry, trust, fares, clock)
             settlement_pb2_grpc.add_SettlementServicer_to_server(
                 SettlementServicer(intake, clearing), guarded

@@ -1,31 +1,67 @@
-"""The part of a node's configuration that settlement reads: ledger, key, fares, agreements."""
+"""What settlement reads of a node's configuration: ``[ledger]``, ``[settlement]``, and a view.
+
+``LedgerConfig`` and ``SettlementKeyConfig`` are this package's sections of
+node.toml; ``SettlementSettings`` is the view of the whole node config that
+ledgers, clearing and statements take, so that they never import the node.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from broker.fares.agreements import Agreement
+from broker.fares.config import FaresConfig
 from broker.trust.config import TrustSettings
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    """``[ledger]``: operators' trips (``Settlement.SubmitTrips``) and the clearing tables.
+
+    Attributes:
+        path: the ledger's SQLite file (the clearing tables go beside it).
+        url: a PostgreSQL URL instead of SQLite (``YIKATONG_LEDGER_URL``
+            overrides it; empty: none).
+        schema: the PostgreSQL schema, one per district.
+    """
+
+    path: Path | None = None
+    url: str | None = field(default=None, metadata={"env": "YIKATONG_LEDGER_URL"})
+    schema: str = "yikatong"
+
+    @property
+    def configured(self) -> bool:
+        """Whether this node keeps trips at all."""
+        return self.path is not None or self.url is not None
+
+
+@dataclass(frozen=True)
+class SettlementKeyConfig:
+    """``[settlement]``.
+
+    Attributes:
+        key_file: the Ed25519 key that signs batches, acknowledgements and fare
+            publications (separate from the TLS key); ``None``: this node does
+            not clear with its peers.
+    """
+
+    key_file: Path | None = None
 
 
 class SettlementSettings(TrustSettings, Protocol):
     """What ledgers, clearing and statements need to know about their node.
 
-    ``broker.node.config.NodeConfig`` provides it (field by field documented
-    there); settlement code takes this view so that it never imports the node.
+    ``broker.node.config.NodeConfig`` provides it.
     """
 
     @property
-    def ledger_path(self) -> Path | None: ...
+    def ledger(self) -> LedgerConfig: ...
     @property
-    def ledger_url(self) -> str | None: ...
+    def settlement(self) -> SettlementKeyConfig: ...
     @property
-    def ledger_schema(self) -> str: ...
-    @property
-    def settlement_key_file(self) -> Path | None: ...
-    @property
-    def fares_file(self) -> Path | None: ...
+    def fares(self) -> FaresConfig: ...
     @property
     def agreements(self) -> tuple[Agreement, ...]: ...
 

@@ -18,15 +18,19 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from broker.cards.config import PrivacyConfig, RegistryConfig
 from broker.cards.csv_import import COLUMNS, parse_import
 from broker.cards.gb11643 import ssn_check_character
 from broker.cards.model import CardRef, shanghai_day
 from broker.cards.privacy import create_key_file, load_key_file
 from broker.cards.registry import Registry
 from broker.fares.agreements import Agreement
+from broker.fares.config import FaresConfig
 from broker.gate.config import CacheConfig, RecognitionConfig
 from broker.node.config import NodeConfig, load_config, render_config
 from broker.peers.bundles import accept
+from broker.peers.config import PeeringConfig
+from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.trust import certops
 from broker.trust.bundle import SignedBundle
 from broker.trust.certops import DistrictPaths
@@ -256,8 +260,8 @@ def build(
                 reload_interval_ms=reload_interval_ms,
                 max_connection_age_s=max_connection_age_s,
             ),
-            registry_path=root / "var" / code / "registry.sqlite3",
-            hash_key_file=paths.hash_key,
+            registry=RegistryConfig(root / "var" / code / "registry.sqlite3"),
+            privacy=PrivacyConfig(paths.hash_key),
             peers=tuple(
                 PeerConfig(
                     p,
@@ -268,15 +272,17 @@ def build(
                 )
                 for p in peer_codes
             ),
-            peer_deadline_ms=deadline_ms,
+            peering=PeeringConfig(deadline_ms),
             recognition=RecognitionConfig(),
             cache=replace(cache or CacheConfig(), redis_url=redis_url),
             trust=TrustConfig(bundle_file=paths.bundle, bundle_refresh_s=bundle_refresh_s),
-            fares_file=fares_path,
-            ledger_path=None if ledger_url else root / "var" / code / "ledger.sqlite3",
-            ledger_url=ledger_url,
-            ledger_schema=f"{ledger_schema_prefix}_{code}",
-            settlement_key_file=paths.settlement_key,
+            fares=FaresConfig(fares_path),
+            ledger=LedgerConfig(
+                path=None if ledger_url else root / "var" / code / "ledger.sqlite3",
+                url=ledger_url,
+                schema=f"{ledger_schema_prefix}_{code}",
+            ),
+            settlement=SettlementKeyConfig(paths.settlement_key),
             agreements=tuple(Agreement(p, **SAMPLE_AGREEMENT) for p in peer_codes),
         )
         config_path = root / f"node-{code}.toml"
@@ -288,7 +294,7 @@ def build(
         write_import_file(import_path, [row for _, row in pairs])
         with import_path.open() as fh:
             rows = parse_import(fh, today, load_key_file(paths.hash_key))
-        registry = Registry(loaded.registry_path)
+        registry = Registry(loaded.registry.path)
         try:
             registry.upsert(rows, now - timedelta(days=30))  # cards issued before the trips
         finally:

@@ -48,8 +48,8 @@ async def test_no_card_or_id_number_in_any_log_event_or_the_registry_file(
     for secret in [*numbers, secret_ssn, "19500101"]:
         assert secret not in text
     for code in (DAZU, ANYUE):
-        raw = cluster.setups[code].config.registry_path.read_bytes()
+        raw = cluster.setups[code].config.registry.path.read_bytes()
         assert secret_ssn.encode() not in raw
-        wal = cluster.setups[code].config.registry_path.with_name("registry.sqlite3-wal")
+        wal = cluster.setups[code].config.registry.path.with_name("registry.sqlite3-wal")
         if wal.exists():
             assert secret_ssn.encode() not in wal.read_bytes()

@@ -20,6 +20,7 @@ from click.testing import CliRunner, Result
 
 from broker.cli.main import main
 from broker.node.config import render_config
+from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.testbed.build import DistrictSetup, build
 
 D = "500111"
@@ -50,7 +51,7 @@ def district(tmp_path: Path, now: datetime) -> DistrictSetup:
 def no_ledger(district: DistrictSetup, tmp_path: Path) -> Path:
     """The same node's config without a [ledger] section."""
     path = tmp_path / "no-ledger.toml"
-    path.write_text(render_config(replace(district.config, ledger_path=None, ledger_url=None)))
+    path.write_text(render_config(replace(district.config, ledger=LedgerConfig())))
     assert "[ledger]" not in path.read_text()
     return path
 
@@ -173,7 +174,7 @@ def test_close_against_a_node_without_a_ledger_names_the_missing_section(no_ledg
 
 def test_close_without_a_settlement_key_is_refused(district: DistrictSetup, tmp_path: Path):
     path = tmp_path / "no-key.toml"
-    path.write_text(render_config(replace(district.config, settlement_key_file=None)))
+    path.write_text(render_config(replace(district.config, settlement=SettlementKeyConfig())))
     result = settle(path, "close", "--period", PERIOD)
     assert result.exit_code == 1
     assert "key_file is not set: this node cannot sign batches" in flat(result.output)

@@ -107,9 +107,9 @@ def dazu_signer(cluster: Cluster) -> Signer:
 
 async def publish_dazu_fares(cluster: Cluster) -> None:
     s = cluster.setups[DAZU]
-    assert s.config.fares_file is not None
+    assert s.config.fares.file is not None
     signed = dazu_signer(cluster).sign(
-        {"type": "fares", **fares_document(load_fares(s.config.fares_file)), "district": DAZU}
+        {"type": "fares", **fares_document(load_fares(s.config.fares.file)), "district": DAZU}
     )
     ch = node_channel(cluster.nodes[ANYUE].address, cluster.setups[ANYUE], s)
     try:
@@ -194,9 +194,9 @@ async def priced(cluster: Cluster, serving: str, card: SyntheticCard, trip_id: s
 def tight_caps(districts: dict[str, DistrictSetup]) -> dict[str, DistrictSetup]:
     """Every district's free senior bus rides capped at 2 a month."""
     for s in districts.values():
-        assert s.config.fares_file is not None
-        text = s.config.fares_file.read_text()
-        s.config.fares_file.write_text(text.replace("per_month = 60", "per_month = 2"))
+        assert s.config.fares.file is not None
+        text = s.config.fares.file.read_text()
+        s.config.fares.file.write_text(text.replace("per_month = 60", "per_month = 2"))
     return districts
 
 
@@ -331,7 +331,7 @@ async def test_thousands_of_rejected_lines_travel_in_chunks_and_all_become_dispu
     lost = next(c for c in cluster.setups[ANYUE].cards if c.status == "lost")
     when = now - timedelta(minutes=30)
     n = 2 * 2000 + 123  # three chunks of lines, three of verdicts
-    ledger = open_ledger(s.config.ledger_path, None)
+    ledger = open_ledger(s.config.ledger.path, None)
     try:
         ledger.record(
             [

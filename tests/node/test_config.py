@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import textwrap
+import tomllib
+import typing
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from broker.core.errors import ConfigError
-from broker.node.config import load_config, render_config
+from broker.node import config as config_module
+from broker.node.config import NodeConfig, load_config, parse_config, render_config
 
 MINIMAL = """
 district = "500111"
@@ -59,7 +66,7 @@ def test_env_overrides(tmp_path: Path):
     cfg = load_config(write(tmp_path, MINIMAL), env=env)
     assert cfg.cache.redis_url == "redis://127.0.0.1:1/0"
     assert cfg.listen == "0.0.0.0:9"
-    assert cfg.peer_deadline_ms == 150
+    assert cfg.peering.deadline_ms == 150
 
 
 @pytest.mark.parametrize(
@@ -82,3 +89,110 @@ def test_bad_configs_are_refused_with_the_offending_key(tmp_path: Path, edit, me
 def test_missing_file_is_a_config_error(tmp_path: Path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", env={})
+
+
+def _documented_example() -> str:
+    """The node.toml in ``broker/node/config.py``'s docstring: the one place keys are documented."""
+    doc = config_module.__doc__ or ""
+    block = doc.split("A node.toml looks like::\n", 1)[1].split("\nRelative paths", 1)[0]
+    block = block.split("\n\nEvery key", 1)[0]
+    return textwrap.dedent(block)
+
+
+def _documented_keys(example: str) -> set[str]:
+    """``section.key`` for every key in the example, commented-out alternatives included."""
+    keys, section = set(), ""
+    for line in example.splitlines():
+        if m := re.match(r"\s*\[\[?([a-z_]+)\]?\]", line):
+            section = m.group(1)
+        elif m := re.match(r"\s*(?:#\s*)?([a-z_]+)\s*=", line):
+            keys.add(f"{section}.{m.group(1)}" if section else m.group(1))
+    return keys
+
+
+def _loader_keys() -> set[str]:
+    """Every key the loader reads: the fields of NodeConfig's section dataclasses."""
+    keys = {"district", "listen"}
+    for f in dataclasses.fields(NodeConfig):
+        if f.name in ("district", "listen", "access"):  # [access] keys are method names
+            continue
+        hint = typing.get_type_hints(NodeConfig)[f.name]
+        section = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint
+        keys |= {f"{f.name}.{g.name}" for g in dataclasses.fields(section)}
+    return keys
+
+
+def test_every_key_the_node_reads_is_documented_in_the_example_and_nothing_else_is():
+    example = _documented_example()
+    assert _documented_keys(example) == _loader_keys()
+
+
+def test_the_documented_example_is_a_config_the_loader_accepts():
+    cfg = parse_config(tomllib.loads(_documented_example()), Path("/etc/yikatong"), env={})
+    assert cfg.district == "500111"
+    assert cfg.ledger.path == Path("/etc/yikatong/var/500111/ledger.sqlite3")
+    assert cfg.cache.redis_timeout_ms == 50
+    assert cfg.agreement("512021") is not None
+
+
+def _declared_overrides(cls: type) -> set[str]:
+    names = set()
+    for f in dataclasses.fields(cls):
+        if "env" in f.metadata:
+            names.add(f.metadata["env"])
+        hint = typing.get_type_hints(cls)[f.name]
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            names |= _declared_overrides(hint)
+    return names
+
+
+def test_env_overrides_are_declared_on_their_fields_and_documented():
+    declared = _declared_overrides(NodeConfig)
+    documented = set(re.findall(r"YIKATONG_[A-Z_]+", config_module.__doc__ or ""))
+    assert (
+        declared
+        == documented
+        == {
+            "YIKATONG_LISTEN",
+            "YIKATONG_REDIS_URL",
+            "YIKATONG_REGISTRY_PATH",
+            "YIKATONG_PEER_DEADLINE_MS",
+            "YIKATONG_LEDGER_URL",
+        }
+    )
+
+
+def test_path_and_url_overrides_apply_and_an_empty_value_clears_an_optional_one(tmp_path: Path):
+    text = MINIMAL + '[ledger]\nurl = "postgresql://db/x"\n[cache]\nredis_url = "redis://r/1"\n'
+    env = {
+        "YIKATONG_REGISTRY_PATH": "/srv/registry.sqlite3",
+        "YIKATONG_LEDGER_URL": "",
+        "YIKATONG_REDIS_URL": "",
+    }
+    cfg = load_config(write(tmp_path, text), env=env)
+    assert cfg.registry.path == Path("/srv/registry.sqlite3")
+    assert cfg.ledger.url is None
+    assert cfg.cache.redis_url is None
+    untouched = load_config(write(tmp_path, text), env={})
+    assert untouched.ledger.url == "postgresql://db/x"
+    assert untouched.cache.redis_url == "redis://r/1"
+
+
+def test_a_deadline_override_that_is_no_integer_is_refused_by_name(tmp_path: Path):
+    with pytest.raises(ConfigError, match="YIKATONG_PEER_DEADLINE_MS must be an integer"):
+        load_config(write(tmp_path, MINIMAL), env={"YIKATONG_PEER_DEADLINE_MS": "fast"})
+
+
+def test_a_full_config_renders_as_toml_that_loads_back_equal(tmp_path: Path):
+    """Every section set, a PostgreSQL ledger too: tomli-w's text reads back as the same config."""
+    full = parse_config(tomllib.loads(_documented_example()), tmp_path, env={})
+    full = replace(full, ledger=replace(full.ledger, url="postgresql://db/ledger", schema="yk_dz"))
+    text = render_config(full)
+    assert tomllib.loads(text)["ledger"]["schema"] == "yk_dz"
+    assert load_config(write(tmp_path, text), env={}) == full
+
+
+def test_unset_optional_sections_are_left_out_of_the_rendered_toml(tmp_path: Path):
+    text = render_config(load_config(write(tmp_path, MINIMAL), env={}))
+    doc = tomllib.loads(text)
+    assert "ledger" not in doc and "settlement" not in doc and "fares" not in doc

@@ -30,7 +30,7 @@ gross_fare_fen = 300
 @pytest.fixture
 def districts(districts: dict[str, DistrictSetup]) -> dict[str, DistrictSetup]:
     """The testbed, with one Dazu bus route dearer than the rest (rules read at node start)."""
-    fares = districts[DAZU].config.fares_file
+    fares = districts[DAZU].config.fares.file
     assert fares is not None
     fares.write_text(fares.read_text() + PLACE_RULE)
     return districts

@@ -17,6 +17,7 @@ from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
 from broker.core.errors import ConfigError
 from broker.node.config import load_config
 from broker.node.server import SERVICE_NAMES, Node, server_options
+from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.testbed.build import DistrictSetup
 from tests.conftest import DAZU
 from tests.helpers import channel
@@ -121,7 +122,7 @@ async def test_a_started_node_serves_health_on_its_port_and_stop_closes_it(
 async def test_a_second_node_on_a_taken_port_is_a_config_error(
     districts: dict[str, DistrictSetup],
 ) -> None:
-    cfg = replace(districts[DAZU].config, ledger_path=None, settlement_key_file=None)
+    cfg = replace(districts[DAZU].config, ledger=LedgerConfig(), settlement=SettlementKeyConfig())
     node = await Node.start(cfg)
     try:
         with pytest.raises(ConfigError, match=f"cannot listen on {cfg.listen}"):
@@ -135,7 +136,7 @@ async def test_without_a_ledger_the_settlement_service_is_not_served(
     districts: dict[str, DistrictSetup],
 ) -> None:
     setup = districts[DAZU]
-    cfg = replace(setup.config, ledger_path=None, ledger_url=None, listen="127.0.0.1:0")
+    cfg = replace(setup.config, ledger=LedgerConfig(), listen="127.0.0.1:0")
     node = await Node.start(cfg)
     ch = operator_channel(node, setup)
     try:

@@ -47,11 +47,11 @@ def settings_seen(s: SettlementSettings) -> dict[str, object]:
     """What settlement code reads, through the protocol only."""
     return {
         "district": s.district,
-        "ledger_path": s.ledger_path,
-        "ledger_url": s.ledger_url,
-        "ledger_schema": s.ledger_schema,
-        "settlement_key_file": s.settlement_key_file,
-        "fares_file": s.fares_file,
+        "ledger_path": s.ledger.path,
+        "ledger_url": s.ledger.url,
+        "ledger_schema": s.ledger.schema,
+        "settlement_key_file": s.settlement.key_file,
+        "fares_file": s.fares.file,
         "agreements": s.agreements,
         "peers": [p.district for p in s.peers],
     }
@@ -106,5 +106,5 @@ def test_the_ledger_url_from_the_environment_is_what_settlement_sees(tmp_path: P
 def test_a_node_without_ledger_or_settlement_sections_has_none_of_them(tmp_path: Path):
     text = CONFIG.split("[fares]")[0]
     s: SettlementSettings = load(tmp_path, text)
-    assert (s.ledger_path, s.ledger_url, s.settlement_key_file, s.fares_file) == (None,) * 4
+    assert (s.ledger.path, s.ledger.url, s.settlement.key_file, s.fares.file) == (None,) * 4
     assert s.agreements == () and s.agreement("512021") is None

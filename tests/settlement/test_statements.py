@@ -100,7 +100,7 @@ def test_settle_statement_command_reads_the_ledger(districts, tmp_path):
     path.write_text(render_config(cfg))
     cfg = load_config(path, env={})
     raw = trips()
-    ledger = open_ledger(cfg.ledger_path, None)
+    ledger = open_ledger(cfg.ledger.path, None)
     known = frozenset({"500111", "512021", "500153"})
     ledger.record([(t, judge(t, NOW, known, FARES)) for t in raw], NOW)
     ledger.close()

@@ -63,21 +63,21 @@ def test_districts_listen_on_distinct_ports_and_peer_with_each_other(
         agreement = cfg.agreement(other)
         assert agreement is not None
         assert agreement.collect_through_home == SAMPLE_AGREEMENT["collect_through_home"]
-        assert cfg.ledger_path is not None and cfg.ledger_url is None
-        assert cfg.settlement_key_file is not None and cfg.settlement_key_file.exists()
+        assert cfg.ledger.path is not None and cfg.ledger.url is None
+        assert cfg.settlement.key_file is not None and cfg.settlement.key_file.exists()
 
 
 def test_each_district_prices_by_its_own_fare_file(two: dict[str, DistrictSetup]):
     for code, s in two.items():
-        assert s.config.fares_file is not None
-        assert load_fares(s.config.fares_file).district == code
+        assert s.config.fares.file is not None
+        assert load_fares(s.config.fares.file).district == code
 
 
 def test_each_registry_holds_exactly_its_synthetic_cards(two: dict[str, DistrictSetup]):
     for code, s in two.items():
         assert len(s.cards) == CARDS
         assert {c.ref.issuer_region for c in s.cards} == {code}
-        reg = Registry(s.config.registry_path)
+        reg = Registry(s.config.registry.path)
         try:
             assert reg.count() == CARDS
             for card in s.cards:
@@ -137,9 +137,9 @@ def test_peers_of_limits_peering_and_a_ledger_url_replaces_sqlite(tmp_path: Path
     assert [p.district for p in setups[DAZU].config.peers] == [ANYUE]
     assert setups[ANYUE].config.peers == () and setups[ANYUE].config.agreements == ()
     for code, s in setups.items():
-        assert s.config.ledger_path is None
-        assert s.config.ledger_url == "postgresql://nobody@127.0.0.1:1/none"
-        assert s.config.ledger_schema == f"zz_{code}"
+        assert s.config.ledger.path is None
+        assert s.config.ledger.url == "postgresql://nobody@127.0.0.1:1/none"
+        assert s.config.ledger.schema == f"zz_{code}"
 
 
 def test_synthetic_ssns_are_valid_gb11643_numbers_of_the_district_and_birth_date():

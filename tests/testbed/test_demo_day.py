@@ -75,7 +75,7 @@ async def test_resubmitted_trips_are_stored_once_and_late_ones_go_in_a_second_ba
     assert 0 <= day["late_trips"] <= 2 * len(THREE)
     stored = 0
     for s in cluster.setups.values():
-        ledger = open_ledger(s.config.ledger_path, s.config.ledger_url, s.config.ledger_schema)
+        ledger = open_ledger(s.config.ledger.path, s.config.ledger.url, s.config.ledger.schema)
         try:
             stored += ledger.count()
         finally:

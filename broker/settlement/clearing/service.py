@@ -36,15 +36,15 @@ class ClearingService:
         fares: FareSchedule | None,
         clock: Callable[[], datetime],
     ) -> None:
-        assert cfg.settlement_key_file is not None
+        assert cfg.settlement.key_file is not None
         self._cfg = cfg
         self._fares = fares
         self.store = ClearingStore.open(cfg)
-        self._ledger = open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema)  # reads
+        self._ledger = open_ledger(cfg.ledger.path, cfg.ledger.url, cfg.ledger.schema)  # reads
         self.receiver = Receiver(
             cfg.district,
             self.store,
-            Signer.from_file(cfg.settlement_key_file),
+            Signer.from_file(cfg.settlement.key_file),
             registry,
             bundle_keys(lambda: trust.current),
             cfg.agreement,

@@ -21,7 +21,7 @@ async def open_sender(
     cfg: SettlementSettings, progress: Callable[[str, int], None] = lambda what, n: None
 ) -> AsyncIterator[Sender]:
     """Trust material, peer channels, the clearing store and the settlement key of ``cfg``."""
-    if cfg.settlement_key_file is None:
+    if cfg.settlement.key_file is None:
         raise ConfigError("[settlement] key_file is not set: this node cannot sign batches")
     trust = TrustStore(cfg)
     channels = PeerChannels(trust, cfg.peers)
@@ -30,8 +30,8 @@ async def open_sender(
         yield Sender(
             cfg,
             store,
-            Signer.from_file(cfg.settlement_key_file),
-            load_fares(cfg.fares_file) if cfg.fares_file else None,
+            Signer.from_file(cfg.settlement.key_file),
+            load_fares(cfg.fares.file) if cfg.fares.file else None,
             channels.channel,
             bundle_keys(lambda: trust.current),
             lambda: datetime.now(UTC),

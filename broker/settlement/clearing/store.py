@@ -102,14 +102,14 @@ class ClearingStore:
 
     @staticmethod
     def open(cfg: SettlementSettings) -> ClearingStore:
-        open_ledger(cfg.ledger_path, cfg.ledger_url, cfg.ledger_schema).close()  # trips exists
-        if cfg.ledger_url:
-            db = Db.open(None, cfg.ledger_url, cfg.ledger_schema)
+        open_ledger(cfg.ledger.path, cfg.ledger.url, cfg.ledger.schema).close()  # trips exists
+        if cfg.ledger.url:
+            db = Db.open(None, cfg.ledger.url, cfg.ledger.schema)
             return ClearingStore(db, db)
-        assert cfg.ledger_path is not None  # open_ledger refused a config with neither
-        db = Db.open(clearing_path(cfg.ledger_path), None)
+        assert cfg.ledger.path is not None  # open_ledger refused a config with neither
+        db = Db.open(clearing_path(cfg.ledger.path), None)
         db.execute("PRAGMA busy_timeout=120000")  # a million-line verification holds it a while
-        return ClearingStore(db, Db.open(cfg.ledger_path, None))
+        return ClearingStore(db, Db.open(cfg.ledger.path, None))
 
     def close(self) -> None:
         self.db.close()

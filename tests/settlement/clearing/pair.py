@@ -28,6 +28,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker._proto.yikatong.v1 import settlement_pb2
+from broker.cards.config import PrivacyConfig, RegistryConfig
 from broker.cards.csv_import import CardRow
 from broker.cards.model import CardRef, Entitlement, Scene
 from broker.cards.registry import Registry
@@ -39,6 +40,7 @@ from broker.settlement.clearing.batch import Digest, Line, Spool, Totals, chunke
 from broker.settlement.clearing.receiver import Receiver
 from broker.settlement.clearing.sender import Sender
 from broker.settlement.clearing.store import ClearingStore
+from broker.settlement.config import LedgerConfig
 from broker.settlement.ledger import Ledger, open_ledger
 from broker.settlement.trips import ACCEPT, Trip
 from broker.settlement.wire import signed_from_wire, signed_to_wire
@@ -167,10 +169,10 @@ class District:
             district=code,
             listen="127.0.0.1:0",
             tls=TLSConfig(root / "ca.pem", root / "node.pem", root / "node.key"),  # never read
-            registry_path=root / "registry.sqlite3",
-            hash_key_file=root / "hash.key",
+            registry=RegistryConfig(root / "registry.sqlite3"),
+            privacy=PrivacyConfig(root / "hash.key"),
             peers=tuple(PeerConfig(p, "127.0.0.1:9", None, node_server_name(p)) for p in peers),
-            ledger_path=root / "ledger.sqlite3",
+            ledger=LedgerConfig(path=root / "ledger.sqlite3"),
             agreements=tuple(Agreement(p, **SAMPLE_AGREEMENT) for p in peers),
         )
         self._opened: list[Registry | Ledger | ClearingStore] = []
@@ -181,13 +183,13 @@ class District:
 
     @cached_property
     def registry(self) -> Registry:
-        registry = Registry(self.cfg.registry_path)
+        registry = Registry(self.cfg.registry.path)
         registry.upsert(registry_rows(self.code), ISSUED)
         return self._open(registry)
 
     @cached_property
     def ledger(self) -> Ledger:
-        return self._open(open_ledger(self.cfg.ledger_path, None))
+        return self._open(open_ledger(self.cfg.ledger.path, None))
 
     @cached_property
     def store(self) -> ClearingStore:

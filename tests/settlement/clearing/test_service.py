@@ -38,10 +38,10 @@ class Node:
     def __init__(self, districts: dict[str, DistrictSetup], now: datetime) -> None:
         self.anyue, self.dazu = districts[ANYUE], districts[DAZU]
         cfg = self.anyue.config
-        self.registry = Registry(cfg.registry_path)
-        assert cfg.fares_file is not None
+        self.registry = Registry(cfg.registry.path)
+        assert cfg.fares.file is not None
         self.service = ClearingService(
-            cfg, self.registry, TrustStore(cfg), load_fares(cfg.fares_file), lambda: now
+            cfg, self.registry, TrustStore(cfg), load_fares(cfg.fares.file), lambda: now
         )
         self.dazu_signer = Signer.from_file(self.dazu.paths.settlement_key)
         self.anyue_keys = Signer.from_file(self.anyue.paths.settlement_key).public_keys()
@@ -49,8 +49,8 @@ class Node:
         self.period = shanghai_day(self.when)
 
     def fares(self) -> Signed:
-        assert self.dazu.config.fares_file is not None
-        schedule = load_fares(self.dazu.config.fares_file)
+        assert self.dazu.config.fares.file is not None
+        schedule = load_fares(self.dazu.config.fares.file)
         return self.dazu_signer.sign(
             {"type": "fares", **fares_document(schedule), "district": DAZU}
         )
@@ -148,7 +148,7 @@ async def test_the_event_loop_runs_while_the_receiver_works(node: Node) -> None:
 async def test_statement_reads_the_nodes_ledger(node: Node, now: datetime) -> None:
     assert await node.service.statement(node.period, None) == []
     cfg = node.anyue.config
-    ledger = open_ledger(cfg.ledger_path, None)
+    ledger = open_ledger(cfg.ledger.path, None)
     try:
         dazu_card = next(c for c in node.dazu.cards if c.status == "active")
         trip = Trip(

@@ -18,6 +18,7 @@ from broker.cards.model import Scene, shanghai_day
 from broker.core.errors import ConfigError
 from broker.settlement.clearing.session import open_sender
 from broker.settlement.clearing.store import clearing_path
+from broker.settlement.config import SettlementKeyConfig
 from broker.settlement.ledger import open_ledger
 from broker.settlement.trips import ACCEPT, Trip
 from broker.testbed.build import DistrictSetup
@@ -29,20 +30,20 @@ SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 async def test_a_config_without_a_settlement_key_is_refused_before_anything_opens(
     districts: dict[str, DistrictSetup],
 ) -> None:
-    cfg = replace(districts[DAZU].config, settlement_key_file=None)
+    cfg = replace(districts[DAZU].config, settlement=SettlementKeyConfig())
     with pytest.raises(ConfigError, match=r"\[settlement\] key_file"):
         async with open_sender(cfg):
             pytest.fail("no Sender without a key")
-    assert cfg.ledger_path is not None
-    assert not clearing_path(cfg.ledger_path).exists()
+    assert cfg.ledger.path is not None
+    assert not clearing_path(cfg.ledger.path).exists()
 
 
 async def test_an_unreadable_settlement_key_is_a_config_error(
     districts: dict[str, DistrictSetup],
 ) -> None:
     cfg = districts[DAZU].config
-    assert cfg.settlement_key_file is not None
-    cfg.settlement_key_file.write_text("not a key\n")
+    assert cfg.settlement.key_file is not None
+    cfg.settlement.key_file.write_text("not a key\n")
     with pytest.raises(ConfigError, match="cannot be read"):
         async with open_sender(cfg):
             pytest.fail("no Sender with a broken key")
@@ -85,7 +86,7 @@ async def test_the_opened_sender_closes_a_day_with_a_running_peer(
         for c in cluster.setups[ANYUE].cards
         if c.status == "active" and c.valid_until > shanghai_day(when)
     )
-    ledger = open_ledger(dazu.config.ledger_path, None)
+    ledger = open_ledger(dazu.config.ledger.path, None)
     try:
         ride = Trip(
             "transit-01", "s-1", holder.ref, Scene.BUS, "", when, 200, 200, 0, None, "sample-1"

@@ -99,7 +99,7 @@ def test_on_sqlite_the_tables_are_a_file_of_their_own_and_trips_are_read_from_th
     assert tables(ledger_file) == {"trips"}  # the ledger file holds no clearing table
     assert {"out_batches", "disputes", "in_batches", "positions", "meta"} <= tables(clearing_file)
     assert "trips" not in tables(clearing_file)
-    ledger = open_ledger(cfg.ledger_path, None)
+    ledger = open_ledger(cfg.ledger.path, None)
     ledger.record([(a_trip(), ACCEPT)], NOW)
     ledger.close()
     assert store.trips.one("SELECT count(*) FROM trips") == (1,)  # the second connection sees it
@@ -109,12 +109,12 @@ def test_on_sqlite_the_tables_are_a_file_of_their_own_and_trips_are_read_from_th
 def test_on_postgres_the_tables_sit_in_the_district_schema_beside_trips(pg_config: NodeConfig):
     store = ClearingStore.open(pg_config)
     assert store.db is store.trips and store.db.dialect == "postgres"
-    assert store.db.schema() == pg_config.ledger_schema
+    assert store.db.schema() == pg_config.ledger.schema
     names = {
         str(n)
         for (n,) in store.db.all(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = ?",
-            (pg_config.ledger_schema,),
+            (pg_config.ledger.schema,),
         )
     }
     assert {"trips", "out_batches", "disputes", "in_batches", "positions", "meta"} <= names
