@@ -164,12 +164,7 @@ def test_commands_against_a_node_without_a_ledger_are_refused(no_ledger: Path, a
     result = settle(no_ledger, *args)
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)  # a reported error, not a traceback
-    assert "is not configured: this node keeps no trips" in flat(result.output)
-
-
-def test_close_against_a_node_without_a_ledger_names_the_missing_section(no_ledger: Path):
-    result = settle(no_ledger, "close", "--period", PERIOD)
-    assert "error: [ledger] is not configured" in flat(result.output)
+    assert "error: [ledger] is not configured: this node keeps no trips" in flat(result.output)
 
 
 def test_close_without_a_settlement_key_is_refused(district: DistrictSetup, tmp_path: Path):

@@ -7,6 +7,7 @@ through the same mutual-TLS channel a node uses.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ async def net(tmp_path: Path, now: datetime) -> AsyncIterator[Net]:
     server = await PeerServer.start(peer.node, home.ca)
     settings = home_settings(tmp_path, home, {PEER: (peer, server.address)})
     channels = PeerChannels(TrustStore(settings), settings.peers)
+    # The handshake is done here, so that a busy machine does not spend the tests' 200 ms on it.
+    await asyncio.wait_for(channels.channel(PEER).channel_ready(), 10)
     try:
         yield Net(server, channels, PeerClient(channels, DEADLINE_MS))
     finally:
@@ -93,7 +96,7 @@ async def test_the_answer_is_read_defensively(net: Net):
 
 
 async def test_a_peer_slower_than_the_deadline_is_unavailable_within_it(net: Net):
-    net.server.recognition.delay = 2.0
+    net.server.recognition.delay = 10.0
     started = time.monotonic()
     with pytest.raises(PeerUnavailable) as caught:
         await net.client.recognize(CARD, Scene.BUS, "r")
@@ -101,7 +104,7 @@ async def test_a_peer_slower_than_the_deadline_is_unavailable_within_it(net: Net
     assert caught.value.district == PEER
     assert caught.value.reason == f"did not answer within {DEADLINE_MS} ms"
     assert str(caught.value).startswith(f"district {PEER}:")
-    assert elapsed < 1.0  # the deadline cut the call short, not the peer's answer
+    assert elapsed < 5.0  # the deadline cut the call short, not the peer's 10 s answer
     assert isinstance(caught.value.__cause__, grpc.aio.AioRpcError)
 
 
