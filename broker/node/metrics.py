@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
+from fractions import Fraction
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
     """Nearest-rank ``q``-th percentile (0-100) of already sorted values; 0.0 when empty."""
     if not ordered:
         return 0.0
-    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
-    return float(ordered[rank])
+    # The smallest rank with at least q % of the values at or below it, in exact arithmetic
+    # (round() rounds half to even, and 99.9 * 1000 is not 99900 in floats).
+    rank = math.ceil(Fraction(str(q)) * len(ordered) / 100)
+    return float(ordered[max(1, min(len(ordered), rank)) - 1])
 
 
 class LatencyRecorder:
