@@ -7,36 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import pytest
 
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef
 from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, TripIntake
 from broker.settlement.ledger import Ledger, SqliteLedger
 from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason, Trip
+from tests.settlement.ledger.test_common import NOW, trip  # one trip factory for both
 
-NOW = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
 KNOWN = frozenset({"500111", "512021"})
 MALFORMED = Judgement(Outcome.REJECTED, Reason.MALFORMED, "trips[1].scene: must be one of ...")
-
-
-def trip(n: int = 1, **changes: object) -> Trip:
-    base = Trip(
-        "bus-01",
-        f"t-{n:06d}",
-        CardRef("512021", "C5120210000001"),
-        Scene.BUS,
-        "",
-        NOW - timedelta(minutes=5),
-        200,
-        0,
-        200,
-        Entitlement.SENIOR_65,
-        "sample-1",
-    )
-    return replace(base, **changes)  # type: ignore[arg-type]
 
 
 class Clock:
