@@ -6,12 +6,12 @@ each took effect, so that settlement can ask what a card's status was at the
 time of travel. ID numbers are never stored: only their keyed hash.
 
 All methods are synchronous and thread-safe; :class:`broker.gate.home.HomeRecognizer`
-runs them off the event loop.
+runs them off the event loop. The file's schema is :data:`MIGRATIONS` (see
+:func:`broker.core.db.migrate`).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -20,9 +20,9 @@ from pathlib import Path
 from broker.cards.csv_import import CardRow
 from broker.cards.districts import District, load_districts
 from broker.cards.model import CardStatus, shanghai_day
-from broker.core.db import open_db, utc_text
+from broker.core.db import Db, Migration, migrate, utc_text
 
-SCHEMA = """
+BASELINE = """
 CREATE TABLE IF NOT EXISTS districts (
     code TEXT PRIMARY KEY,
     name_zh TEXT NOT NULL,
@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS card_status_history (
 CREATE INDEX IF NOT EXISTS history_card_time ON card_status_history (card_number, effective_at);
 """
 
+MIGRATIONS = (Migration(1, "baseline: districts, cards, card status history", BASELINE),)
+
 
 @dataclass(frozen=True)
 class ImportResult:
@@ -79,34 +81,35 @@ class Registry:
     """SQLite-backed card-holder registry of one district."""
 
     def __init__(self, path: Path) -> None:
-        self._lock = threading.Lock()
-        self._db = open_db(path, SCHEMA)
-        with self._lock:
-            self._seed_districts(load_districts())
+        self._db = Db.sqlite(path)
+        migrate(self._db, "registry", MIGRATIONS)
+        self._seed_districts(load_districts())
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     def _seed_districts(self, districts: Iterable[District]) -> None:
-        self._db.execute("BEGIN")
-        self._db.executemany(
-            "INSERT INTO districts VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (code) DO UPDATE SET "
-            "name_zh=excluded.name_zh, name_en=excluded.name_en, province=excluded.province, "
-            "relation_to_dazu=excluded.relation_to_dazu, "
-            "historical_codes=excluded.historical_codes",
-            [
-                (d.code, d.name_zh, d.name_en, d.province, d.relation_to_dazu, d.historical_codes)
-                for d in districts
-            ],
-        )
-        self._db.execute("COMMIT")
+        cols = "code, name_zh, name_en, province, relation_to_dazu, historical_codes"
+        rows = [
+            (d.code, d.name_zh, d.name_en, d.province, d.relation_to_dazu, d.historical_codes)
+            for d in districts
+        ]
+        if set(self._db.all(f"SELECT {cols} FROM districts")) >= set(rows):
+            return  # nothing to change: opening the file writes nothing
+        with self._db.write():
+            self._db.executemany(
+                f"INSERT INTO districts ({cols}) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (code) DO UPDATE SET "
+                "name_zh=excluded.name_zh, name_en=excluded.name_en, province=excluded.province, "
+                "relation_to_dazu=excluded.relation_to_dazu, "
+                "historical_codes=excluded.historical_codes",
+                rows,
+            )
 
     def districts(self) -> list[District]:
         """The seeded district table."""
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM districts ORDER BY code").fetchall()
-        return [District(*r) for r in rows]
+        cols = "code, name_zh, name_en, province, relation_to_dazu, historical_codes"
+        return [District(*r) for r in self._db.all(f"SELECT {cols} FROM districts ORDER BY code")]
 
     def upsert(self, rows: list[CardRow], at: datetime) -> ImportResult:
         """Insert or update every row in one transaction; never deletes.
@@ -116,59 +119,53 @@ class Registry:
         """
         when = utc_text(at)
         inserted = updated = changes = unchanged = 0
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for r in rows:
-                    old = self._db.execute(
-                        "SELECT holder_key, birth_date, status, disabled, student, valid_until "
-                        "FROM cards WHERE card_number = ?",
-                        (r.card_number,),
-                    ).fetchone()
-                    new = (
-                        r.holder_key,
-                        r.birth_date.isoformat(),
-                        r.status,
-                        int(r.disabled),
-                        int(r.student),
-                        r.valid_until.isoformat(),
-                    )
-                    if old is not None and tuple(old) == new:
-                        unchanged += 1
-                        continue
+        with self._db.write():
+            for r in rows:
+                old = self._db.one(
+                    "SELECT holder_key, birth_date, status, disabled, student, valid_until "
+                    "FROM cards WHERE card_number = ?",
+                    (r.card_number,),
+                )
+                new = (
+                    r.holder_key,
+                    r.birth_date.isoformat(),
+                    r.status,
+                    int(r.disabled),
+                    int(r.student),
+                    r.valid_until.isoformat(),
+                )
+                if old == new:
+                    unchanged += 1
+                    continue
+                self._db.execute(
+                    "INSERT INTO cards (card_number, holder_key, birth_date, status, disabled, "
+                    "student, valid_until, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (card_number) DO UPDATE SET holder_key=excluded.holder_key, "
+                    "birth_date=excluded.birth_date, status=excluded.status, "
+                    "disabled=excluded.disabled, student=excluded.student, "
+                    "valid_until=excluded.valid_until, updated_at=excluded.updated_at",
+                    (r.card_number, *new, when),
+                )
+                if old is None:
+                    inserted += 1
+                else:
+                    updated += 1
+                if old is None or (old[2], old[5]) != (new[2], new[5]):
+                    changes += 1
                     self._db.execute(
-                        "INSERT INTO cards VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (card_number) DO UPDATE SET holder_key=excluded.holder_key, "
-                        "birth_date=excluded.birth_date, status=excluded.status, "
-                        "disabled=excluded.disabled, student=excluded.student, "
-                        "valid_until=excluded.valid_until, updated_at=excluded.updated_at",
-                        (r.card_number, *new, when),
+                        "INSERT INTO card_status_history "
+                        "(card_number, status, valid_until, effective_at) VALUES (?, ?, ?, ?)",
+                        (r.card_number, r.status, new[5], when),
                     )
-                    if old is None:
-                        inserted += 1
-                    else:
-                        updated += 1
-                    if old is None or (old[2], old[5]) != (new[2], new[5]):
-                        changes += 1
-                        self._db.execute(
-                            "INSERT INTO card_status_history "
-                            "(card_number, status, valid_until, effective_at) VALUES (?, ?, ?, ?)",
-                            (r.card_number, r.status, new[5], when),
-                        )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         return ImportResult(len(rows), inserted, updated, changes, unchanged)
 
     def lookup(self, card_number: str) -> CardRow | None:
         """The stored card (never leaves the node), or ``None`` if this district never issued it."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT card_number, holder_key, birth_date, status, disabled, student, "
-                "valid_until FROM cards WHERE card_number = ?",
-                (card_number,),
-            ).fetchone()
+        row = self._db.one(
+            "SELECT card_number, holder_key, birth_date, status, disabled, student, "
+            "valid_until FROM cards WHERE card_number = ?",
+            (card_number,),
+        )
         if row is None:
             return None
         return CardRow(
@@ -183,19 +180,17 @@ class Registry:
 
     def status_at(self, card_number: str, at: datetime) -> CardStatus:
         """The card's status at instant ``at`` (``UNKNOWN`` before it was first imported)."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT status, valid_until FROM card_status_history "
-                "WHERE card_number = ? AND effective_at <= ? "
-                "ORDER BY effective_at DESC, id DESC LIMIT 1",
-                (card_number, utc_text(at)),
-            ).fetchone()
+        row = self._db.one(
+            "SELECT status, valid_until FROM card_status_history "
+            "WHERE card_number = ? AND effective_at <= ? "
+            "ORDER BY effective_at DESC, id DESC LIMIT 1",
+            (card_number, utc_text(at)),
+        )
         if row is None:
             return CardStatus.UNKNOWN
         return derive_status(row[0], date.fromisoformat(row[1]), shanghai_day(at))
 
     def count(self) -> int:
         """How many cards are registered."""
-        with self._lock:
-            (n,) = self._db.execute("SELECT count(*) FROM cards").fetchone()
-        return int(n)
+        row = self._db.one("SELECT count(*) FROM cards")
+        return int(row[0]) if row else 0

@@ -1,14 +1,23 @@
-"""Database access in one place: how SQLite files are opened, and one wrapper for both databases.
+"""Every database connection, in one place: SQLite files and PostgreSQL, one wrapper, migrations.
 
 SQLite files are opened in WAL mode (readers never wait for the writer),
 ``synchronous=FULL`` (a committed transaction survives a power cut), in
-autocommit mode (``BEGIN`` issued by the caller); instants are stored as UTC
-text. :class:`Db` is one small connection wrapper over SQLite and PostgreSQL,
-for code written once for both: SQL is written with ``?`` placeholders and
-portable types (TEXT, BIGINT); for PostgreSQL the placeholders become ``%s``
-and the connection's ``search_path`` is the district's schema, so table names
-are the same in both. Writes happen in :meth:`Db.write` (``BEGIN IMMEDIATE``
-on SQLite, a transaction on PostgreSQL), committed before the caller goes on.
+autocommit mode (``BEGIN`` issued by :meth:`Db.write`); instants are stored as
+UTC text. :class:`Db` is one small connection wrapper over SQLite and
+PostgreSQL, for code written once for both: SQL is written with ``?``
+placeholders and portable types (TEXT, BIGINT); for PostgreSQL the
+placeholders become ``%s`` and the connection's ``search_path`` is the
+district's schema, so table names are the same in both. Writes happen in
+:meth:`Db.write` (``BEGIN IMMEDIATE`` on SQLite, a transaction on
+PostgreSQL), committed before the caller goes on.
+
+Schemas change only by :func:`migrate`: each component (registry, ledger,
+clearing) has an ordered list of :class:`Migration` steps, recorded in the
+``schema_migrations`` table as they are applied, each in the transaction that
+applies it. Steps are additive — new tables, new nullable columns, new indexes;
+never a drop, a rename or a type change — so the previous release can still
+open a database a newer one has migrated, and a newer database is opened as it
+is (with a warning) rather than refused.
 """
 
 from __future__ import annotations
@@ -16,26 +25,32 @@ from __future__ import annotations
 import re
 import sqlite3
 import threading
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from broker.core.errors import ConfigError
 
+log = structlog.get_logger(__name__)
+
 _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# A single-quoted literal (which may hold ``''``), a ``?`` placeholder, or a ``%``.
+_TOKENS = re.compile(r"'(?:[^']|'')*'|[?%]")
 
 
-def open_db(path: Path, schema: str) -> sqlite3.Connection:
-    """Open (creating if needed) a database file and apply ``schema``."""
+def _connect_sqlite(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("PRAGMA busy_timeout=5000")
-    db.executescript(schema)
-    return db
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    return conn
 
 
 def utc_text(at: datetime) -> str:
@@ -45,8 +60,18 @@ def utc_text(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds")
 
 
+def postgres_placeholders(sql: str) -> str:
+    """``sql`` with each ``?`` placeholder as ``%s`` (and a literal ``%`` doubled)."""
+
+    def swap(m: re.Match[str]) -> str:
+        text = m.group(0)
+        return "%s" if text == "?" else text.replace("%", "%%")
+
+    return _TOKENS.sub(swap, sql)
+
+
 class Db:
-    """A connection to the ledger database, safe to share between threads (one at a time)."""
+    """A connection to one database, safe to share between threads (one at a time)."""
 
     def __init__(self, conn: Any, dialect: str) -> None:
         self._conn = conn
@@ -58,26 +83,56 @@ class Db:
     def open(path: Path | None, url: str | None, schema: str = "yikatong") -> Db:
         """PostgreSQL when ``url`` is given, else SQLite at ``path``."""
         if url:
-            import psycopg
-
-            if not _SCHEMA_RE.fullmatch(schema):
-                raise ConfigError("ledger schema must be a lower-case SQL identifier")
-            try:
-                conn = psycopg.connect(url, autocommit=True)
-            except psycopg.OperationalError as exc:
-                raise ConfigError(f"cannot reach the ledger database: {exc}") from exc
-            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
-            conn.execute(f"SET search_path TO {schema}")
-            return Db(conn, "postgres")
+            return Db.postgres(url, schema)
         if path is None:
             raise ConfigError("[ledger] needs a path (SQLite) or a url (PostgreSQL)")
-        return Db(open_db(path, ""), "sqlite")
+        return Db.sqlite(path)
+
+    @staticmethod
+    def sqlite(path: Path, busy_timeout_ms: int = 5000) -> Db:
+        """A SQLite file (created with its directories if missing)."""
+        return Db(_connect_sqlite(path, busy_timeout_ms), "sqlite")
+
+    @staticmethod
+    def postgres(url: str, schema: str) -> Db:
+        """A PostgreSQL connection whose tables live in ``schema`` (created if missing)."""
+        import psycopg
+
+        if not _SCHEMA_RE.fullmatch(schema):
+            raise ConfigError("ledger schema must be a lower-case SQL identifier")
+        try:
+            conn = psycopg.connect(url, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ConfigError(f"cannot reach the ledger database: {exc}") from exc
+        try:
+            with conn.transaction():  # replicas starting at once create the schema once
+                key = zlib.crc32(f"schema/{schema}".encode()) - 2**31
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+            conn.execute(f"SET search_path TO {schema}")
+        except BaseException:
+            conn.close()
+            raise
+        return Db(conn, "postgres")
 
     def _sql(self, sql: str) -> str:
-        return sql.replace("?", "%s") if self.dialect == "postgres" else sql
+        return postgres_placeholders(sql) if self.dialect == "postgres" else sql
+
+    # ------------------------------------------------------------ values
+
+    def instant(self, at: datetime) -> Any:
+        """An aware instant as this database stores it (UTC text; ``timestamptz``)."""
+        text = utc_text(at)
+        return text if self.dialect == "sqlite" else at.astimezone(UTC)
+
+    def day(self, d: date) -> Any:
+        """A calendar day as this database stores it (ISO text; ``date``)."""
+        return d.isoformat() if self.dialect == "sqlite" else d
+
+    # ------------------------------------------------------------ statements
 
     def script(self, ddl: str) -> None:
-        """Run ``;``-separated DDL statements (idempotent ``IF NOT EXISTS`` ones)."""
+        """Run ``;``-separated statements in one write transaction."""
         with self.write():
             for stmt in ddl.split(";"):
                 if stmt.strip():
@@ -116,15 +171,16 @@ class Db:
             cur = self._conn.execute(self._sql(sql), tuple(args))
             return int(cur.rowcount)
 
-    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """Run one statement per row; the number of rows changed in all."""
         if not rows:
-            return
+            return 0
         with self._lock:
             if self.dialect == "sqlite":
-                self._conn.executemany(sql, rows)
-            else:
-                with self._conn.cursor() as cur:
-                    cur.executemany(self._sql(sql), rows)
+                return int(self._conn.executemany(sql, rows).rowcount)
+            with self._conn.cursor() as cur:
+                cur.executemany(self._sql(sql), rows)
+                return int(cur.rowcount)
 
     def one(self, sql: str, args: Sequence[Any] = ()) -> tuple[Any, ...] | None:
         with self._lock:
@@ -154,7 +210,7 @@ class Db:
             return
         import psycopg
 
-        info = self._conn.info
+        info = self._conn.info  # a second connection of the same database and schema
         with psycopg.connect(info.dsn, password=info.password) as reader:
             reader.execute(f"SET search_path TO {self.schema()}")
             with reader.transaction(), reader.cursor(name="yk_stream") as cur:
@@ -178,3 +234,107 @@ class Db:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+# --------------------------------------------------------------------------- migrations
+
+_NOT_ADDITIVE = re.compile(r"\b(DROP|RENAME|TRUNCATE|DELETE)\b|\bALTER\s+COLUMN\b", re.I)
+
+MIGRATIONS_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    component TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    applied_at TEXT NOT NULL,
+    PRIMARY KEY (component, version)
+)
+"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One additive step of a component's schema, in each dialect's SQL (``;``-separated).
+
+    ``postgres`` defaults to the SQLite text when the two are the same.
+    """
+
+    version: int
+    name: str
+    sqlite: str
+    postgres: str | None = None
+
+    def __post_init__(self) -> None:
+        for sql in (self.sqlite, self.postgres or ""):
+            if m := _NOT_ADDITIVE.search(sql):
+                raise ValueError(
+                    f"migration {self.version} ({self.name}) is not additive: {m.group(0)}"
+                )
+
+    def statements(self, dialect: str) -> list[str]:
+        sql = self.postgres if dialect == "postgres" and self.postgres is not None else self.sqlite
+        return [s.strip() for s in sql.split(";") if s.strip()]
+
+
+def schema_version(db: Db, component: str) -> int:
+    """The last migration applied to ``component`` (0 for none)."""
+    _ensure_table(db, component)
+    row = db.one(
+        "SELECT coalesce(max(version), 0) FROM schema_migrations WHERE component = ?",
+        (component,),
+    )
+    return int(row[0]) if row else 0
+
+
+def migrate(db: Db, component: str, migrations: Sequence[Migration]) -> int:
+    """Apply ``component``'s migrations not yet applied, in order; its version after.
+
+    Each step runs in one transaction with its record in ``schema_migrations``:
+    a crash leaves the database at the previous step, and the next open goes
+    on from there. Replicas opening one PostgreSQL schema at once migrate one
+    at a time (a transaction-scoped advisory lock); on SQLite ``BEGIN
+    IMMEDIATE`` does the same. A database migrated further by a newer release
+    is opened as it is: its extra steps are additive.
+    """
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(migrations) + 1)):
+        raise ValueError(f"{component}: migrations must be numbered 1, 2, 3, …: {versions}")
+    _ensure_table(db, component)
+    for step in migrations:
+        with db.write():
+            _serialise(db, component)
+            done = db.one(
+                "SELECT 1 FROM schema_migrations WHERE component = ? AND version = ?",
+                (component, step.version),
+            )
+            if done:
+                continue
+            for stmt in step.statements(db.dialect):
+                db.execute(stmt)
+            db.execute(
+                "INSERT INTO schema_migrations (component, version, name, applied_at) VALUES (?, "
+                "?, ?, ?)",
+                (component, step.version, step.name, utc_text(datetime.now(UTC))),
+            )
+            log.info("schema migrated", component=component, version=step.version, step=step.name)
+    version = schema_version(db, component)
+    if version > len(migrations):
+        log.warning(
+            "database schema is newer than this release",
+            component=component,
+            version=version,
+            known=len(migrations),
+        )
+    return version
+
+
+def _ensure_table(db: Db, component: str) -> None:
+    with db.write():
+        _serialise(db, component)
+        db.execute(MIGRATIONS_TABLE)
+
+
+def _serialise(db: Db, component: str) -> None:
+    """Inside :meth:`Db.write`: one migrating connection per schema at a time."""
+    if db.dialect == "postgres":
+        key = zlib.crc32(f"{db.schema()}/{component}".encode()) - 2**31
+        db.execute("SELECT pg_advisory_xact_lock(?)", (key,))

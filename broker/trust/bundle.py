@@ -13,17 +13,25 @@ good one kept. The first bundle of a district is imported by hand
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from broker.core.errors import DocumentRefused
+from broker.core.signing import (
+    Content,
+    PublicKey,
+    Purpose,
+    Signed,
+    Signer,
+    canonical,
+    parse,
+)
+from broker.core.signing import verify as verify_signed
 from broker.trust.pki import KeyPair, ca_id
 
 
@@ -42,20 +50,20 @@ class Bundle:
     crls_pem: tuple[str, ...]
     settlement_keys: tuple[tuple[str, str], ...]  # (key id, public key PEM)
 
+    def body(self) -> dict[str, Any]:
+        """The bundle's fields as a document (without the signing fields)."""
+        return {
+            "district": self.district,
+            "sequence": self.sequence,
+            "issued_at": self.issued_at,
+            "cas": list(self.cas_pem),
+            "crls": list(self.crls_pem),
+            "settlement_keys": [{"kid": k, "public_key": p} for k, p in self.settlement_keys],
+        }
+
     def document(self) -> bytes:
-        """The canonical bytes that are signed and sent."""
-        return json.dumps(
-            {
-                "district": self.district,
-                "sequence": self.sequence,
-                "issued_at": self.issued_at,
-                "cas": list(self.cas_pem),
-                "crls": list(self.crls_pem),
-                "settlement_keys": [{"kid": k, "public_key": p} for k, p in self.settlement_keys],
-            },
-            sort_keys=True,
-            separators=(",", ":"),
-        ).encode()
+        """The canonical bytes of the body (what two bundles of one sequence must share)."""
+        return canonical(self.body())
 
     def same_content(self, other: Bundle) -> bool:
         """Equal apart from sequence and time."""
@@ -72,19 +80,38 @@ class Bundle:
     @staticmethod
     def parse(document: bytes) -> Bundle:
         try:
-            doc = json.loads(document)
-            return Bundle(
-                district=str(doc["district"]),
-                sequence=int(doc["sequence"]),
-                issued_at=str(doc["issued_at"]),
-                cas_pem=tuple(str(c) for c in doc["cas"]),
-                crls_pem=tuple(str(c) for c in doc["crls"]),
-                settlement_keys=tuple(
-                    (str(k["kid"]), str(k["public_key"])) for k in doc["settlement_keys"]
-                ),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise BundleRefused("bundle document is malformed") from exc
+            return Bundle.of(parse(document, Purpose.TRUST_BUNDLE.value))
+        except DocumentRefused as exc:
+            raise BundleRefused(f"bundle document is malformed: {exc}") from exc
+
+    @staticmethod
+    def of(doc: Content) -> Bundle:
+        """The bundle a parsed, verified document holds."""
+        keys = []
+        for i, entry in enumerate(doc.array("settlement_keys")):
+            if not isinstance(entry, dict):
+                raise DocumentRefused(f"{doc.kind} document: settlement_keys[{i}] is not an object")
+            pair = (entry.get("kid"), entry.get("public_key"))
+            if not all(isinstance(v, str) for v in pair):
+                raise DocumentRefused(
+                    f"{doc.kind} document: settlement_keys[{i}] needs string kid and public_key"
+                )
+            keys.append((str(pair[0]), str(pair[1])))
+        return Bundle(
+            district=doc.text("district"),
+            sequence=doc.integer("sequence"),
+            issued_at=doc.text("issued_at"),
+            cas_pem=_strings(doc, "cas"),
+            crls_pem=_strings(doc, "crls"),
+            settlement_keys=tuple(keys),
+        )
+
+
+def _strings(doc: Content, field: str) -> tuple[str, ...]:
+    values = doc.array(field)
+    if not all(isinstance(v, str) for v in values):
+        raise DocumentRefused(f"{doc.kind} document: field {field!r} must hold strings")
+    return tuple(values)
 
 
 @dataclass(frozen=True)
@@ -95,31 +122,24 @@ class SignedBundle:
     signer: str
     signature: bytes
 
+    def signed(self) -> Signed:
+        return Signed(self.document, self.signer, self.signature)
+
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "document": self.document.decode(),
-                "signer": self.signer,
-                "signature": base64.b64encode(self.signature).decode(),
-            },
-            indent=1,
-        ).encode()
+        return self.signed().to_file(key_field="signer")
 
     @staticmethod
     def from_json(data: bytes) -> SignedBundle:
         try:
-            raw = json.loads(data)
-            return SignedBundle(
-                raw["document"].encode(), str(raw["signer"]), base64.b64decode(raw["signature"])
-            )
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise BundleRefused("bundle file is malformed") from exc
+            s = Signed.from_file(data, key_field="signer", kind="bundle")
+        except DocumentRefused as exc:
+            raise BundleRefused(f"bundle file is malformed: {exc}") from exc
+        return SignedBundle(s.document, s.key_id, s.signature)
 
 
 def sign(bundle: Bundle, ca: KeyPair) -> SignedBundle:
-    document = bundle.document()
-    signature = ca.key.sign(document, ec.ECDSA(hashes.SHA256()))
-    return SignedBundle(document, ca_id(ca.cert), signature)
+    signed = Signer(ca.key, ca_id(ca.cert)).sign(bundle.body(), Purpose.TRUST_BUNDLE)
+    return SignedBundle(signed.document, signed.key_id, signed.signature)
 
 
 def verify(
@@ -139,16 +159,15 @@ def verify(
     if bundle.district != district:
         raise BundleRefused(f"bundle is of district {bundle.district}, not {district}")
     anchors = list(trusted) if trusted is not None else bundle.cas()
-    signer = next((c for c in anchors if ca_id(c) == signed.signer), None)
-    if signer is None:
-        raise BundleRefused(f"bundle signed by CA {signed.signer}, which is not trusted")
-    pub = signer.public_key()
+    keys: dict[str, PublicKey] = {}
+    for cert in anchors:
+        pub = cert.public_key()
+        if isinstance(pub, ec.EllipticCurvePublicKey):  # district CAs are P-256
+            keys[ca_id(cert)] = pub
     try:
-        if not isinstance(pub, ec.EllipticCurvePublicKey):
-            raise InvalidSignature
-        pub.verify(signed.signature, signed.document, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise BundleRefused("bundle signature does not verify") from None
+        verify_signed(signed.signed(), keys, Purpose.TRUST_BUNDLE)
+    except DocumentRefused as exc:
+        raise BundleRefused(f"bundle refused: {exc}") from None
     if bundle.sequence <= held_sequence:
         raise BundleRefused(
             f"bundle sequence {bundle.sequence} is not above the held {held_sequence}"

@@ -26,10 +26,10 @@ import structlog
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from broker.core.errors import ConfigError
-from broker.core.signing import parse_public_keys
+from broker.core.signing import PublicKey, parse_public_keys
 from broker.core.watch import FileWatch
 from broker.trust.bundle import Bundle, BundleRefused, SignedBundle, verify
 from broker.trust.config import TrustSettings
@@ -204,11 +204,11 @@ class TrustStore:
 
 def bundle_keys(
     current: Callable[[], TrustSnapshot],
-) -> Callable[[str], Mapping[str, ed25519.Ed25519PublicKey]]:
+) -> Callable[[str], Mapping[str, PublicKey]]:
     """Each peer district's settlement keys, from its trust bundle in the current snapshot."""
-    cache: dict[tuple[int, str], dict[str, ed25519.Ed25519PublicKey]] = {}
+    cache: dict[tuple[int, str], dict[str, PublicKey]] = {}
 
-    def keys(district: str) -> Mapping[str, ed25519.Ed25519PublicKey]:
+    def keys(district: str) -> Mapping[str, PublicKey]:
         snap = current()
         slot = (snap.generation, district)
         if slot not in cache:

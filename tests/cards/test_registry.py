@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import sqlite3
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from broker.cards.csv_import import CardRow
 from broker.cards.districts import load_districts
 from broker.cards.model import CardStatus
-from broker.cards.registry import Registry, derive_status
+from broker.cards.registry import MIGRATIONS, Registry, derive_status
 
 T0 = datetime(2026, 1, 10, 2, 0, tzinfo=UTC)
 
@@ -79,3 +80,36 @@ def test_shipped_district_table_equals_shared_reference_when_present():
     with shared.open(encoding="utf-8") as fh:
         expected = [r["code"] for r in csv.DictReader(fh)]
     assert [d.code for d in load_districts()] == expected
+
+
+def test_the_registry_file_is_versioned_and_a_second_open_writes_nothing(tmp_path: Path):
+    path = tmp_path / "registry.sqlite3"
+    Registry(path).close()
+    first = path.read_bytes()
+    with sqlite3.connect(path) as raw:
+        versions = raw.execute(
+            "SELECT version, name FROM schema_migrations WHERE component = 'registry'"
+        ).fetchall()
+    assert versions == [(m.version, m.name) for m in MIGRATIONS]
+    Registry(path).close()
+    assert path.read_bytes() == first  # no district re-seeded, no migration re-run
+
+
+def test_a_column_a_newer_release_added_to_cards_does_not_stop_this_one(tmp_path: Path):
+    path = tmp_path / "registry.sqlite3"
+    Registry(path).close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("ALTER TABLE cards ADD COLUMN added_later TEXT")
+        raw.execute("ALTER TABLE card_status_history ADD COLUMN recorded_later TEXT")
+    reg = Registry(path)
+    try:
+        at = datetime(2026, 11, 28, tzinfo=UTC)
+        assert reg.upsert([row("CQ0000001"), row("CQ0000002", "lost")], at).inserted == 2
+        assert reg.upsert([row("CQ0000001", "suspended")], at).status_changes == 1
+        stored = reg.lookup("CQ0000001")
+        assert stored is not None and stored.status == "suspended"
+        assert reg.status_at("CQ0000002", at) is CardStatus.LOST
+    finally:
+        reg.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT DISTINCT added_later FROM cards").fetchall() == [(None,)]

@@ -15,45 +15,52 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+import structlog.testing
 
-from broker.core.db import Db, open_db, utc_text
+from broker.core.db import Db, Migration, migrate, schema_version, utc_text
 from broker.core.errors import ConfigError
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v BIGINT NOT NULL)"
 
 
-# --- open_db ---------------------------------------------------------------------------
+# --- Db.sqlite: how a file is opened ----------------------------------------------------
 
 
-def test_open_db_uses_wal_full_sync_and_a_busy_timeout(tmp_path: Path):
-    db = open_db(tmp_path / "a.sqlite3", SCHEMA)
+def test_a_sqlite_file_uses_wal_full_sync_and_a_busy_timeout(tmp_path: Path):
+    db = Db.sqlite(tmp_path / "a.sqlite3")
     try:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-        assert db.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        assert db.one("PRAGMA journal_mode") == ("wal",)
+        assert db.one("PRAGMA synchronous") == (2,)  # FULL
+        assert db.one("PRAGMA busy_timeout") == (5000,)
     finally:
         db.close()
-
-
-def test_open_db_creates_missing_directories_and_applies_the_schema(tmp_path: Path):
-    path = tmp_path / "deep" / "er" / "ledger.sqlite3"
-    db = open_db(path, SCHEMA + "; CREATE TABLE IF NOT EXISTS u (x TEXT)")
+    slow = Db.sqlite(tmp_path / "b.sqlite3", busy_timeout_ms=120_000)
     try:
+        assert slow.one("PRAGMA busy_timeout") == (120_000,)
+    finally:
+        slow.close()
+
+
+def test_opening_a_file_creates_missing_directories(tmp_path: Path):
+    path = tmp_path / "deep" / "er" / "ledger.sqlite3"
+    db = Db.sqlite(path)
+    try:
+        db.script(SCHEMA + "; CREATE TABLE IF NOT EXISTS u (x TEXT)")
         assert path.is_file()
-        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        names = {r[0] for r in db.all("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"t", "u"} <= names
     finally:
         db.close()
 
 
-def test_open_db_is_in_autocommit_mode(tmp_path: Path):
-    """Without an explicit BEGIN a statement is committed at once: another reader sees it."""
+def test_a_statement_outside_a_write_is_committed_at_once(tmp_path: Path):
+    """Autocommit mode: without :meth:`Db.write` another reader sees the row at once."""
     path = tmp_path / "a.sqlite3"
-    db = open_db(path, SCHEMA)
+    db = Db.sqlite(path)
+    db.script(SCHEMA)
     other = sqlite3.connect(path)
     try:
         db.execute("INSERT INTO t VALUES ('a', 1)")
-        assert not db.in_transaction
         assert other.execute("SELECT v FROM t WHERE k = 'a'").fetchone() == (1,)
     finally:
         other.close()
@@ -62,18 +69,20 @@ def test_open_db_is_in_autocommit_mode(tmp_path: Path):
 
 def test_reopening_an_existing_file_keeps_its_rows(tmp_path: Path):
     path = tmp_path / "a.sqlite3"
-    db = open_db(path, SCHEMA)
+    db = Db.sqlite(path)
+    db.script(SCHEMA)
     db.execute("INSERT INTO t VALUES ('a', 1)")
     db.close()
-    again = open_db(path, SCHEMA)
+    again = Db.sqlite(path)
     try:
-        assert again.execute("SELECT k, v FROM t").fetchall() == [("a", 1)]
+        assert again.all("SELECT k, v FROM t") == [("a", 1)]
     finally:
         again.close()
 
 
-def test_an_open_db_connection_may_be_used_from_another_thread(tmp_path: Path):
-    db = open_db(tmp_path / "a.sqlite3", SCHEMA)
+def test_a_db_may_be_used_from_another_thread(tmp_path: Path):
+    db = Db.sqlite(tmp_path / "a.sqlite3")
+    db.script(SCHEMA)
     failures: list[BaseException] = []
 
     def insert() -> None:
@@ -87,7 +96,7 @@ def test_an_open_db_connection_may_be_used_from_another_thread(tmp_path: Path):
     worker.join()
     try:
         assert failures == []
-        assert db.execute("SELECT count(*) FROM t").fetchone() == (1,)
+        assert db.one("SELECT count(*) FROM t") == (1,)
     finally:
         db.close()
 
@@ -410,3 +419,172 @@ def test_lock_trips_inside_a_postgres_write(pdb: Db):
         pdb.lock_trips()
         pdb.execute("INSERT INTO trips VALUES (?)", (1,))
     assert pdb.all("SELECT id FROM trips") == [(1,)]
+
+
+# --- placeholders ----------------------------------------------------------------------
+
+
+def test_postgres_placeholders_leave_question_marks_in_literals_alone():
+    from broker.core.db import postgres_placeholders
+
+    sql = "SELECT '?' || ?, 'it''s ?%', 5 % 2 FROM t WHERE k = ?"
+    assert postgres_placeholders(sql) == "SELECT '?' || %s, 'it''s ?%%', 5 %% 2 FROM t WHERE k = %s"
+
+
+def test_literals_with_question_marks_and_percent_read_back_on_postgres(pdb: Db):
+    assert pdb.one("SELECT '?' || ?, 'it''s ?%', 7 % 4", ("x",)) == ("?x", "it's ?%", 3)
+    assert pdb.one("SELECT 'a%b'") == ("a%b",)
+
+
+# --- migrations ------------------------------------------------------------------------
+
+STEPS = (
+    Migration(1, "first table", "CREATE TABLE IF NOT EXISTS m1 (k TEXT PRIMARY KEY)"),
+    Migration(
+        2,
+        "a column and an index",
+        "ALTER TABLE m1 ADD COLUMN note TEXT; CREATE INDEX IF NOT EXISTS m1_note ON m1 (note)",
+    ),
+    Migration(
+        3,
+        "a second table, typed per dialect",
+        "CREATE TABLE IF NOT EXISTS m3 (at TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS m3 (at timestamptz NOT NULL)",
+    ),
+)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def mdb(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    if request.param == "sqlite":
+        db = Db.sqlite(tmp_path / "m.sqlite3")
+    else:
+        url = request.getfixturevalue("postgres_url")
+        db = Db.postgres(url, request.getfixturevalue("pg_schema"))
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def _applied(db: Db, component: str = "c") -> list[tuple[int, str]]:
+    return [
+        (int(v), str(n))
+        for v, n in db.all(
+            "SELECT version, name FROM schema_migrations WHERE component = ? ORDER BY version",
+            (component,),
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP TABLE t",
+        "ALTER TABLE t RENAME TO u",
+        "ALTER TABLE t ALTER COLUMN v TYPE TEXT",
+        "DELETE FROM t",
+        "TRUNCATE t",
+        "CREATE TABLE a (x TEXT); drop index b",
+    ],
+)
+def test_a_migration_that_is_not_additive_is_refused_when_defined(sql: str):
+    with pytest.raises(ValueError, match="not additive"):
+        Migration(1, "bad", sql)
+    with pytest.raises(ValueError, match="not additive"):
+        Migration(1, "bad on postgres only", "CREATE TABLE a (x TEXT)", sql)
+
+
+def test_migrations_apply_in_order_and_are_recorded(mdb: Db):
+    assert schema_version(mdb, "c") == 0
+    assert migrate(mdb, "c", STEPS) == 3
+    assert _applied(mdb) == [(1, "first table"), (2, "a column and an index"), (3, STEPS[2].name)]
+    mdb.execute("INSERT INTO m1 (k, note) VALUES ('a', 'b')")
+    assert mdb.one("SELECT k, note FROM m1") == ("a", "b")
+
+
+def test_a_second_migrate_changes_nothing(mdb: Db):
+    migrate(mdb, "c", STEPS)
+    before = mdb.all("SELECT component, version, name, applied_at FROM schema_migrations")
+    assert migrate(mdb, "c", STEPS) == 3
+    assert mdb.all("SELECT component, version, name, applied_at FROM schema_migrations") == before
+
+
+def test_components_are_versioned_apart(mdb: Db):
+    migrate(mdb, "c", STEPS[:1])
+    assert migrate(mdb, "other", (Migration(1, "x", "CREATE TABLE IF NOT EXISTS x (y TEXT)"),))
+    assert schema_version(mdb, "c") == 1
+    assert schema_version(mdb, "other") == 1
+
+
+def test_a_later_release_goes_on_from_the_version_it_finds(mdb: Db):
+    assert migrate(mdb, "c", STEPS[:1]) == 1  # the previous release
+    mdb.execute("INSERT INTO m1 (k) VALUES ('kept')")
+    assert migrate(mdb, "c", STEPS) == 3  # this one
+    assert mdb.all("SELECT k, note FROM m1") == [("kept", None)]
+
+
+def test_a_failing_step_rolls_back_alone_and_the_next_open_retries_it(mdb: Db):
+    broken = (*STEPS[:1], Migration(2, "broken", "CREATE TABLE IF NOT EXISTS m2 (k TEXT); SELEC"))
+    with pytest.raises(Exception):  # noqa: B017 - the database's own syntax error
+        migrate(mdb, "c", broken)
+    assert schema_version(mdb, "c") == 1  # step 1 stays, step 2 left nothing behind
+    tables = (
+        mdb.all("SELECT name FROM sqlite_master WHERE name = 'm2'")
+        if mdb.dialect == "sqlite"
+        else mdb.all("SELECT to_regclass('m2') WHERE to_regclass('m2') IS NOT NULL")
+    )
+    assert tables == []
+    assert migrate(mdb, "c", STEPS) == 3
+
+
+def test_a_database_newer_than_the_code_is_opened_as_it_is(mdb: Db):
+    migrate(mdb, "c", STEPS)  # a newer release migrated it to 3
+    with structlog.testing.capture_logs() as logs:
+        assert migrate(mdb, "c", STEPS[:2]) == 3  # this release knows 2
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "database schema is newer than this release"
+    ]
+    assert _applied(mdb)[-1][0] == 3
+
+
+@pytest.mark.parametrize("versions", [(1, 3), (2,), (1, 1)])
+def test_migrations_must_be_numbered_from_one_without_gaps(mdb: Db, versions: tuple[int, ...]):
+    steps = [Migration(v, f"v{v}", "CREATE TABLE IF NOT EXISTS g (x TEXT)") for v in versions]
+    with pytest.raises(ValueError, match="numbered"):
+        migrate(mdb, "c", steps)
+
+
+def test_two_replicas_migrating_one_postgres_schema_at_once_apply_each_step_once(
+    postgres_url: str, pg_schema: str
+):
+    slow = (
+        *STEPS,
+        Migration(
+            4,
+            "slow",
+            "CREATE TABLE IF NOT EXISTS m4 (x TEXT)",
+            "CREATE TABLE IF NOT EXISTS m4 AS SELECT pg_sleep(0.3)::text AS x",
+        ),
+    )
+    errors: list[BaseException] = []
+    versions: list[int] = []
+
+    def replica() -> None:
+        db = Db.postgres(postgres_url, pg_schema)
+        try:
+            versions.append(migrate(db, "c", slow))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            db.close()
+
+    threads = [threading.Thread(target=replica) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert versions == [4, 4]
+    rows = _pg_read(postgres_url, pg_schema, "SELECT version FROM schema_migrations ORDER BY 1")
+    assert rows == [(1,), (2,), (3,), (4,)]

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
 from broker.cards.entitlements import entitlements_for
 from broker.cards.model import Entitlement, Scene, shanghai_day
-from broker.core.signing import Signer
+from broker.core.signing import Purpose, Signer
 from broker.fares.rules import fares_document, load_fares
 from broker.settlement.clearing.batch import Digest, Line, Totals, encode_lines
 from broker.settlement.trips import Trip
@@ -72,7 +72,8 @@ def parts(
             **totals.as_doc(),
             "digest": digest.hexdigest(),
             "chunks": 1,
-        }
+        },
+        Purpose.BATCH,
     )
     if tamper:  # one amount changed after signing
         changed = [Line(lines[0].trip, lines[0].scheme, lines[0].claimed_fen + 100), *lines[1:]]
@@ -109,7 +110,8 @@ async def publish_dazu_fares(cluster: Cluster) -> None:
     s = cluster.setups[DAZU]
     assert s.config.fares.file is not None
     signed = dazu_signer(cluster).sign(
-        {"type": "fares", **fares_document(load_fares(s.config.fares.file)), "district": DAZU}
+        {"type": "fares", **fares_document(load_fares(s.config.fares.file)), "district": DAZU},
+        Purpose.FARES,
     )
     ch = node_channel(cluster.nodes[ANYUE].address, cluster.setups[ANYUE], s)
     try:
@@ -140,7 +142,7 @@ async def test_tampered_batch_and_foreign_keys_are_refused_and_nothing_is_stored
     stranger = Signer(ed25519.Ed25519PrivateKey.generate())
     with pytest.raises(grpc.aio.AioRpcError) as unknown_key:
         await exchange(cluster, parts(lines, stranger, period, 1))
-    assert "not in the bundle" in (unknown_key.value.details() or "")
+    assert "not trusted" in (unknown_key.value.details() or "")
 
     stranger.key_id = dazu_signer(cluster).key_id  # a forged signature under Dazu's key id
     with pytest.raises(grpc.aio.AioRpcError) as forged:

@@ -23,12 +23,14 @@ import pytest
 
 from broker.cards.config import PrivacyConfig, RegistryConfig
 from broker.cards.registry import Registry
+from broker.core.db import Db, schema_version
 from broker.node.config import NodeConfig
 from broker.settlement.clearing.positions import positions
 from broker.settlement.clearing.store import ClearingStore
 from broker.settlement.config import LedgerConfig
 from broker.settlement.ledger import open_ledger
 from broker.trust.config import TLSConfig
+from tests.e2e import previous_release
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "db-v0"
 MANIFEST: dict[str, dict[str, int]] = json.loads((FIXTURES / "manifest.json").read_text())
@@ -169,3 +171,114 @@ def test_a_postgresql_ledger_of_the_previous_release_opens_and_every_row_reads(
         assert after_first[table] == rows, table
     open_everything(cfg)
     assert postgres_rows(postgres_url, schema) == after_first
+
+
+# ---------------------------------------------------------------- the previous release, after
+
+# Run by the previous release's code (tests/e2e/previous_release.py) on a database this
+# release has migrated: open it as a node does, read every row through that release's API,
+# record one more trip, and print what it read. argv: root, ledger path or "", url, schema.
+PREVIOUS_READER = """
+import json, sys
+from datetime import UTC, date, datetime
+from pathlib import Path
+from broker.cards.config import PrivacyConfig, RegistryConfig
+from broker.cards.model import CardRef, Scene
+from broker.cards.registry import Registry
+from broker.node.config import NodeConfig
+from broker.settlement.clearing.positions import positions
+from broker.settlement.clearing.store import ClearingStore
+from broker.settlement.config import LedgerConfig
+from broker.settlement.ledger import open_ledger
+from broker.settlement.trips import ACCEPT, Trip
+from broker.trust.config import TLSConfig
+
+root, path, url, schema = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+ledger_cfg = LedgerConfig(url=url, schema=schema) if url else LedgerConfig(path=Path(path))
+cfg = NodeConfig(
+    district="500111", listen="127.0.0.1:0",
+    tls=TLSConfig(root / "ca.pem", root / "node.pem", root / "node.key"),
+    registry=RegistryConfig(root / "registry.sqlite3"), privacy=PrivacyConfig(root / "hash.key"),
+    ledger=ledger_cfg,
+)
+registry = Registry(cfg.registry.path)
+numbers = [r[0] for r in registry._db.execute("SELECT card_number FROM cards").fetchall()]
+read = {"cards": sum(registry.lookup(n) is not None for n in numbers),
+        "districts": len(registry.districts())}
+registry.close()
+ledger = open_ledger(cfg.ledger.path, cfg.ledger.url, cfg.ledger.schema)
+store = ClearingStore.open(cfg)
+trips = store.trips.all("SELECT operator_id, trip_id, settlement_day FROM trips")
+read["trips"] = sum(ledger.outcome(op, t) is not None for op, t, _ in trips)
+periods = sorted({date.fromisoformat(str(d)) for _, _, d in trips})
+read["out_batches"] = sum(len(store.out_batches(p)) for p in periods)
+read["settled_positions"] = sum(
+    p.state == "settled" for d in periods for p in positions(store, d, "500111"))
+at = datetime(2027, 1, 5, 2, 0, tzinfo=UTC)
+trip = Trip("bus-old", "written-by-the-previous-release", CardRef("512021", "SC0000001"),
+            Scene.BUS, "line-1", at, 200, 200, 0, None, "v1")
+read["recorded"] = ledger.record([(trip, ACCEPT)], at)[0].outcome.value
+store.close()
+ledger.close()
+print(json.dumps(read))
+"""
+
+
+def read_by_previous_release(tree: Path, cfg: NodeConfig) -> dict[str, Any]:
+    path = str(cfg.ledger.path or "")
+    done = previous_release.run(
+        tree,
+        PREVIOUS_READER,
+        str(cfg.registry.path.parent),
+        path,
+        cfg.ledger.url or "",
+        cfg.ledger.schema,
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def assert_read_whole(read: dict[str, Any], ledger_manifest: dict[str, int]) -> None:
+    assert read["cards"] == MANIFEST["registry.sqlite3"]["cards"]
+    assert read["trips"] == ledger_manifest["trips"]
+    assert read["settled_positions"] == ledger_manifest["positions"]
+    assert read["recorded"] == "accepted"
+
+
+def test_the_previous_release_opens_migrated_sqlite_databases_and_reads_every_row(
+    sqlite_copy: NodeConfig, previous_tree: Path
+):
+    root = sqlite_copy.registry.path.parent
+    open_everything(sqlite_copy)  # this release migrates them
+    for name, component in (
+        ("registry.sqlite3", "registry"),
+        ("ledger.sqlite3", "ledger"),
+        ("ledger-clearing.sqlite3", "clearing"),
+    ):
+        db = Db.sqlite(root / name)
+        try:
+            assert schema_version(db, component) >= 1, name
+        finally:
+            db.close()
+    read = read_by_previous_release(previous_tree, sqlite_copy)
+    assert_read_whole(read, {**MANIFEST["ledger.sqlite3"], **MANIFEST["ledger-clearing.sqlite3"]})
+    assert read["out_batches"] == MANIFEST["ledger-clearing.sqlite3"]["out_batches"]
+    again = open_everything(sqlite_copy)  # and this release reads what the previous one wrote
+    assert again["trips"] == MANIFEST["ledger.sqlite3"]["trips"] + 1
+
+
+def test_the_previous_release_opens_a_migrated_postgresql_ledger_and_reads_every_row(
+    postgres_copy: tuple[NodeConfig, str], previous_tree: Path, postgres_url: str
+):
+    cfg, schema = postgres_copy
+    open_everything(cfg)
+    db = Db.postgres(postgres_url, schema)
+    try:
+        assert schema_version(db, "ledger") >= 1 and schema_version(db, "clearing") >= 1
+    finally:
+        db.close()
+    read = read_by_previous_release(previous_tree, cfg)
+    assert_read_whole(read, MANIFEST["ledger.postgres.sql"])
+    assert read["out_batches"] == MANIFEST["ledger.postgres.sql"]["out_batches"]
+    again = open_everything(cfg)
+    assert again["trips"] == MANIFEST["ledger.postgres.sql"]["trips"] + 1

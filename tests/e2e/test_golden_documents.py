@@ -17,12 +17,19 @@ from pathlib import Path
 import pytest
 
 from broker.core.errors import DocumentRefused
-from broker.core.signing import Signed, canonical, parse_public_keys, verify
+from broker.core.signing import Purpose, Signed, canonical, parse_public_keys, verify
 from broker.trust import bundle as bundles
 from broker.trust.bundle import Bundle, SignedBundle
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "documents-v0"
 KINDS = ("fares", "batch", "ack", "position", "position-reply")
+PURPOSE = {
+    "fares": Purpose.FARES,
+    "batch": Purpose.BATCH,
+    "ack": Purpose.ACK,
+    "position": Purpose.POSITION,
+    "position-reply": Purpose.POSITION,
+}
 DISTRICTS = ("500111", "512021", "500153")
 
 
@@ -40,7 +47,9 @@ def envelope(kind: str) -> tuple[Signed, str]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_kind_verifies_with_its_districts_bundle_key(kind: str):
     signed, district = envelope(kind)
-    content = verify(signed, parse_public_keys(held_bundle(district).settlement_keys))
+    content = verify(
+        signed, parse_public_keys(held_bundle(district).settlement_keys), PURPOSE[kind]
+    )
     assert content["type"] == kind.removesuffix("-reply")
     assert content.get("from", content.get("district")) == district
 
@@ -57,7 +66,7 @@ def test_a_golden_document_with_one_byte_changed_is_refused(kind: str):
     signed, district = envelope(kind)
     tampered = Signed(signed.document.replace(b'"', b" ", 1), signed.key_id, signed.signature)
     with pytest.raises(DocumentRefused):
-        verify(tampered, parse_public_keys(held_bundle(district).settlement_keys))
+        verify(tampered, parse_public_keys(held_bundle(district).settlement_keys), PURPOSE[kind])
 
 
 @pytest.mark.parametrize("district", DISTRICTS)
@@ -66,5 +75,6 @@ def test_each_trust_bundle_verifies_and_re_encodes_byte_for_byte(district: str):
     signed = SignedBundle.from_json(data)
     assert signed.to_json() == data
     bundle = held_bundle(district)
-    assert bundle.document() == signed.document
+    assert bundle.document() == signed.document  # v0 bundles carry no key id or purpose
+    assert canonical(json.loads(signed.document)) == signed.document
     assert bundle.settlement_keys  # the key the settlement documents above verify with

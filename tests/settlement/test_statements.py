@@ -118,7 +118,7 @@ def test_settle_statement_command_reads_the_ledger(districts, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    got = {x["home_district"]: x for x in json.loads(result.output)["lines"]}
+    got = {x["home_district"]: x for x in json.loads(result.stdout)["lines"]}
     want = {x.home_district: x for x in statement(raw, "500111", AGREEMENTS.get, FARES)}
     assert {h: g["claimed_fen"] for h, g in got.items()} == {
         h: w.claimed_fen for h, w in want.items()

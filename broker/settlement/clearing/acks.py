@@ -50,7 +50,9 @@ def store_ack(
         for chunk in verdicts.chunks():
             block = decode_verdicts(chunk)
             db.executemany(
-                "INSERT INTO out_verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO out_verdicts (counterparty, period, seq, line_no, operator_id, "
+                "trip_id, code, claimed_fen, accepted_claim_fen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
+                "?) "
                 "ON CONFLICT (counterparty, period, seq, line_no) DO NOTHING",
                 [
                     (

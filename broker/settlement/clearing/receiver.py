@@ -19,13 +19,12 @@ from datetime import date, datetime
 from typing import Any
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker.cards.model import shanghai_day
 from broker.cards.registry import Registry
 from broker.core.db import utc_text
 from broker.core.errors import Conflict, DocumentRefused
-from broker.core.signing import Signed, Signer, canonical, verify
+from broker.core.signing import PublicKey, Purpose, Signed, Signer, canonical, parse, verify
 from broker.fares.agreements import Agreement
 from broker.fares.rules import FareSchedule, FareTable, parse_fares
 from broker.settlement.clearing import crash
@@ -46,7 +45,7 @@ from broker.settlement.statements import scheme_of
 
 log = structlog.get_logger(__name__)
 
-KeysOf = Callable[[str], Mapping[str, ed25519.Ed25519PublicKey]]
+KeysOf = Callable[[str], Mapping[str, PublicKey]]
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class Receiver:
 
     def publish_fares(self, sender: str, signed: Signed) -> list[str]:
         """Store the versions of ``sender``'s signed fare rules not held yet; none ever changes."""
-        doc = verify(signed, self._keys_of(sender))
+        doc = verify(signed, self._keys_of(sender), Purpose.FARES)
         if doc.get("type") != "fares" or doc.get("district") != sender:
             raise DocumentRefused("not a fare-rules document of the calling district")
         schedule = parse_fares(doc, f"fares of {sender}")
@@ -101,7 +100,8 @@ class Receiver:
                 )
                 if held is None:
                     self._db.execute(
-                        "INSERT INTO published_fares VALUES (?, ?, ?, ?, ?)",
+                        "INSERT INTO published_fares (district, version, digest, document, "
+                        "received_at) VALUES (?, ?, ?, ?, ?)",
                         (sender, table.version, digest.hexdigest(), body.decode(), now),
                     )
                 elif held[0] != digest.hexdigest():
@@ -120,7 +120,9 @@ class Receiver:
                     "SELECT document FROM published_fares WHERE district = ? AND version = ?",
                     (sender, version),
                 )
-                cache[version] = parse_fares(_json(row[0])).tables[0] if row else None
+                cache[version] = (
+                    parse_fares(parse(row[0], "stored fares")).tables[0] if row else None
+                )
             return cache[version]
 
         return table
@@ -129,7 +131,7 @@ class Receiver:
 
     def receive(self, sender: str, spool: Spool, trailer: Signed) -> Ack:
         """Verify a received batch and answer it; the answer is durable before it is returned."""
-        header = verify(trailer, self._keys_of(sender))
+        header = verify(trailer, self._keys_of(sender), Purpose.BATCH)
         if header.get("type") != "batch" or header.get("from") != sender:
             raise DocumentRefused("trailer is not a batch header of the calling district")
         if header.get("to") != self._district:
@@ -139,12 +141,12 @@ class Receiver:
             or header.get("chunks") != spool.digest.chunks
         ):
             raise DocumentRefused("batch digest does not match the chunks received")
+        seq = header.integer("sequence")
+        kind = header.text("kind")
         try:
-            period = date.fromisoformat(str(header["period"]))
-            seq = int(header["sequence"])
-            kind = str(header["kind"])
-        except (KeyError, ValueError) as exc:
-            raise DocumentRefused("batch header lacks period, sequence or kind") from exc
+            period = date.fromisoformat(header.text("period"))
+        except ValueError as exc:
+            raise DocumentRefused("batch-trailer document: field 'period' is not a date") from exc
         if kind not in ("close", "represent"):
             raise DocumentRefused("batch kind must be close or represent")
         held = self._db.one(
@@ -229,7 +231,8 @@ class Receiver:
                     line_no += 1
                 # Written per chunk, so a duplicate later in the same batch is seen.
                 self._db.executemany(
-                    "INSERT INTO in_lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "INSERT INTO in_lines (sender, operator_id, trip_id, period, seq, attempt, "
+                    "code, claimed_fen, accepted_claim_fen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT (sender, operator_id, trip_id) DO UPDATE SET "
                     "seq = excluded.seq, attempt = excluded.attempt, code = excluded.code, "
                     "claimed_fen = excluded.claimed_fen, "
@@ -260,10 +263,13 @@ class Receiver:
                     "accepted_claim_fen": accepted_claim,
                     "verdicts_digest": vdigest.hexdigest(),
                     "verdict_chunks": vdigest.chunks,
-                }
+                },
+                Purpose.ACK,
             )
             self._db.execute(
-                "INSERT INTO in_batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO in_batches (sender, period, seq, kind, digest, lines, claimed_fen, "
+                "accepted_claim_fen, ack, ack_key_id, ack_signature, received_at) VALUES (?, ?, "
+                "?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     sender,
                     period.isoformat(),
@@ -280,7 +286,8 @@ class Receiver:
                 ),
             )
             self._db.executemany(
-                "INSERT INTO in_ack_chunks VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO in_ack_chunks (sender, period, seq, chunk_no, data) VALUES (?, ?, ?, "
+                "?, ?)",
                 [(sender, period.isoformat(), seq, i, b64(c)) for i, c in enumerate(chunks)],
             )
             crash.point("home_before_commit")
@@ -334,13 +341,13 @@ class Receiver:
 
     def confirm(self, sender: str, signed: Signed) -> Signed:
         """Compare the sender's view of a day's bilateral position with ours; equal is SETTLED."""
-        theirs = verify(signed, self._keys_of(sender))
+        theirs = verify(signed, self._keys_of(sender), Purpose.POSITION)
         if theirs.get("type") != "position" or theirs.get("from") != sender:
             raise DocumentRefused("not a position document of the calling district")
         try:
-            period = date.fromisoformat(str(theirs["period"]))
-        except (KeyError, ValueError) as exc:
-            raise DocumentRefused("position document lacks its period") from exc
+            period = date.fromisoformat(theirs.text("period"))
+        except ValueError as exc:
+            raise DocumentRefused("day-position document: field 'period' is not a date") from exc
         with self._db.write():
             mine = position(self._store, sender, period)
             agreed = (
@@ -349,7 +356,8 @@ class Receiver:
             )
             if agreed:
                 self._db.execute(
-                    "INSERT INTO positions VALUES (?, ?, ?, ?, 'settled', ?) "
+                    "INSERT INTO positions (counterparty, period, receivable_fen, payable_fen, "
+                    "state, confirmed_at) VALUES (?, ?, ?, ?, 'settled', ?) "
                     "ON CONFLICT (counterparty, period) DO UPDATE SET "
                     "receivable_fen = excluded.receivable_fen, payable_fen = excluded.payable_fen, "
                     "state = 'settled', confirmed_at = excluded.confirmed_at",
@@ -370,7 +378,8 @@ class Receiver:
                 "receivable_fen": mine.receivable_fen,
                 "payable_fen": mine.payable_fen,
                 "agreed": agreed,
-            }
+            },
+            Purpose.POSITION,
         )
 
 
@@ -378,11 +387,3 @@ def _table_doc(doc: Mapping[str, Any], version: str) -> dict[str, Any]:
     """One version of a published fare-rules document, as stored."""
     table = next(t for t in doc.get("table", []) if t.get("version") == version)
     return {"district": doc.get("district"), "table": [table]}
-
-
-def _json(text: str) -> dict[str, Any]:
-    import json
-
-    value = json.loads(text)
-    assert isinstance(value, dict)
-    return value

@@ -25,12 +25,11 @@ from typing import Any
 
 import grpc
 import structlog
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
 from broker.core.db import utc_text
 from broker.core.errors import DocumentRefused, PeerUnavailable, SettlementStateError
-from broker.core.signing import Signed, Signer, verify
+from broker.core.signing import PublicKey, Purpose, Signed, Signer, verify
 from broker.fares.rules import FareSchedule, fares_document
 from broker.settlement.clearing import crash
 from broker.settlement.clearing.acks import store_ack
@@ -98,7 +97,7 @@ class Sender:
         signer: Signer,
         fares: FareSchedule | None,
         channel: Callable[[str], grpc.aio.Channel],
-        keys_of: Callable[[str], Mapping[str, ed25519.Ed25519PublicKey]],
+        keys_of: Callable[[str], Mapping[str, PublicKey]],
         clock: Callable[[], datetime],
         progress: Callable[[str, int], None] = lambda what, n: None,
     ) -> None:
@@ -125,7 +124,7 @@ class Sender:
         if self._fares is None:
             return []
         doc = {"type": "fares", **fares_document(self._fares), "district": self._own}
-        signed = self._signer.sign(doc)
+        signed = self._signer.sign(doc, Purpose.FARES)
         try:
             reply = await self._stub(district).PublishFares(
                 signed_to_wire(signed),
@@ -174,7 +173,9 @@ class Sender:
             now = utc_text(self._clock())
             close_no += 1
             self._db.execute(
-                "INSERT INTO day_closes VALUES (?, ?, ?, ?)", (day, close_no, high, now)
+                "INSERT INTO day_closes (period, close_no, watermark, created_at) VALUES (?, ?, "
+                "?, ?)",
+                (day, close_no, high, now),
             )
             for (home,) in sorted(homes):
                 if self.cfg.peer(home) is None:
@@ -278,7 +279,8 @@ class Sender:
                     **totals.as_doc(),
                     "digest": digest.hexdigest(),
                     "chunks": digest.chunks,
-                }
+                },
+                Purpose.BATCH,
             )
             yield settlement_pb2.BatchPart(trailer=signed_to_wire(signed))
 
@@ -300,7 +302,7 @@ class Sender:
                     rejected += v.code != CAP_EXCEEDED
             if ack is None:
                 raise DocumentRefused(f"{counterparty} sent no acknowledgement")
-            doc = verify(ack, self._keys_of(counterparty))
+            doc = verify(ack, self._keys_of(counterparty), Purpose.ACK)
             expected = {
                 "type": "ack",
                 "from": counterparty,
@@ -443,7 +445,8 @@ class Sender:
                 "period": period.isoformat(),
                 "receivable_fen": mine.receivable_fen,
                 "payable_fen": mine.payable_fen,
-            }
+            },
+            Purpose.POSITION,
         )
         try:
             reply = await self._stub(counterparty).ConfirmDay(
@@ -453,7 +456,9 @@ class Sender:
         except grpc.aio.AioRpcError as exc:
             raise PeerUnavailable(counterparty, f"ConfirmDay: {exc.code().name}") from exc
         theirs = verify(
-            Signed(reply.document, reply.key_id, reply.signature), self._keys_of(counterparty)
+            Signed(reply.document, reply.key_id, reply.signature),
+            self._keys_of(counterparty),
+            Purpose.POSITION,
         )
         agreed = (
             theirs.get("type") == "position"
@@ -466,7 +471,8 @@ class Sender:
         crash.point("position_agreed")
         with self._db.write():
             self._db.execute(
-                "INSERT INTO positions VALUES (?, ?, ?, ?, 'settled', ?) "
+                "INSERT INTO positions (counterparty, period, receivable_fen, payable_fen, state, "
+                "confirmed_at) VALUES (?, ?, ?, ?, 'settled', ?) "
                 "ON CONFLICT (counterparty, period) DO UPDATE SET state = 'settled', "
                 "receivable_fen = excluded.receivable_fen, payable_fen = excluded.payable_fen, "
                 "confirmed_at = excluded.confirmed_at",

@@ -26,11 +26,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from broker.core.db import Db
+from broker.core.db import Db, Migration, migrate
 from broker.settlement.config import SettlementSettings
 from broker.settlement.ledger import open_ledger
 
-SCHEMA = """
+BASELINE = """
 CREATE TABLE IF NOT EXISTS day_closes (
     period TEXT NOT NULL, close_no INTEGER NOT NULL, watermark BIGINT NOT NULL,
     created_at TEXT NOT NULL, PRIMARY KEY (period, close_no));
@@ -79,6 +79,10 @@ CREATE TABLE IF NOT EXISTS positions (
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)
 """
 
+MIGRATIONS = (
+    Migration(1, "baseline: closes, batches, verdicts, disputes, fares, positions", BASELINE),
+)
+
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
@@ -98,7 +102,7 @@ class ClearingStore:
     def __init__(self, db: Db, trips: Db) -> None:
         self.db = db
         self.trips = trips
-        db.script(SCHEMA)
+        migrate(db, "clearing", MIGRATIONS)
 
     @staticmethod
     def open(cfg: SettlementSettings) -> ClearingStore:
@@ -107,9 +111,9 @@ class ClearingStore:
             db = Db.open(None, cfg.ledger.url, cfg.ledger.schema)
             return ClearingStore(db, db)
         assert cfg.ledger.path is not None  # open_ledger refused a config with neither
-        db = Db.open(clearing_path(cfg.ledger.path), None)
-        db.execute("PRAGMA busy_timeout=120000")  # a million-line verification holds it a while
-        return ClearingStore(db, Db.open(cfg.ledger.path, None))
+        # A million-line verification holds the clearing file's write lock a while.
+        db = Db.sqlite(clearing_path(cfg.ledger.path), busy_timeout_ms=120_000)
+        return ClearingStore(db, Db.sqlite(cfg.ledger.path))
 
     def close(self) -> None:
         self.db.close()
@@ -124,7 +128,7 @@ class ClearingStore:
 
     def set_meta(self, name: str, value: str) -> None:
         self.db.execute(
-            "INSERT INTO meta VALUES (?, ?) "
+            "INSERT INTO meta (name, value) VALUES (?, ?) "
             "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
             (name, value),
         )

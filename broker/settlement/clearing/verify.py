@@ -86,7 +86,8 @@ class CapCounter:
         self.used(holder, scheme, month, "month")
         self.used(holder, scheme, year, "year")
         if self.db.execute(
-            "INSERT INTO cap_usage VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO NOTHING",
+            "INSERT INTO cap_usage (source, holder_key, scheme, month, year, occurred_at) VALUES "
+            "(?, ?, ?, ?, ?, ?) ON CONFLICT (source) DO NOTHING",
             (source, holder, scheme, month, year, occurred),
         ):
             self.counts[(holder, scheme, month)] += 1

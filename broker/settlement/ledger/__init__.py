@@ -1,8 +1,8 @@
 """The settlement ledger: every trip operators submit, stored before it is acknowledged.
 
-Two stores with one behaviour: embedded SQLite (the default) and PostgreSQL
-(when the node config gives ``[ledger] url``). The same test suite runs
-against both.
+One store (:mod:`broker.settlement.ledger.store`) over embedded SQLite (the
+default) or PostgreSQL (when the node config gives ``[ledger] url``). The same
+test suite runs against both.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Protocol
 
 from broker.core.errors import ConfigError
-from broker.settlement.ledger.sqlite import SqliteLedger
+from broker.settlement.ledger.store import PostgresLedger, SqliteLedger, SqlLedger
 from broker.settlement.trips import Judgement, Trip
 
 
@@ -33,12 +33,10 @@ class Ledger(Protocol):
 def open_ledger(path: Path | None, url: str | None, schema: str = "yikatong") -> Ledger:
     """PostgreSQL when ``url`` is given, else SQLite at ``path``."""
     if url:
-        from broker.settlement.ledger.postgres import PostgresLedger
-
         return PostgresLedger(url, schema)
     if path is None:
         raise ConfigError("[ledger] needs a path (SQLite) or a url (PostgreSQL)")
     return SqliteLedger(path)
 
 
-__all__ = ["Ledger", "SqliteLedger", "open_ledger"]
+__all__ = ["Ledger", "PostgresLedger", "SqlLedger", "SqliteLedger", "open_ledger"]

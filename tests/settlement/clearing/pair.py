@@ -32,7 +32,7 @@ from broker.cards.config import PrivacyConfig, RegistryConfig
 from broker.cards.csv_import import CardRow
 from broker.cards.model import CardRef, Entitlement, Scene
 from broker.cards.registry import Registry
-from broker.core.signing import Signed, Signer
+from broker.core.signing import PublicKey, Purpose, Signed, Signer
 from broker.fares.agreements import Agreement
 from broker.fares.rules import FareSchedule, parse_fares
 from broker.node.config import NodeConfig
@@ -303,7 +303,7 @@ class World:
     def __getitem__(self, code: str) -> District:
         return self.districts[code]
 
-    def keys(self, district: str) -> Mapping[str, ed25519.Ed25519PublicKey]:
+    def keys(self, district: str) -> Mapping[str, PublicKey]:
         """What each district's trust bundle says its settlement keys are."""
         d = self.districts.get(district)
         return d.signer.public_keys() if d else {}
@@ -395,4 +395,4 @@ def signed_batch(
     }
     for name in drop:
         del header[name]
-    return spool, signer.sign(header)
+    return spool, signer.sign(header, Purpose.BATCH)

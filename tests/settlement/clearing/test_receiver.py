@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from broker._proto.yikatong.v1 import settlement_pb2, types_pb2
 from broker.cards.model import Entitlement
 from broker.core.errors import BrokerError, Conflict, DocumentRefused
-from broker.core.signing import Signed, Signer, verify
+from broker.core.signing import Purpose, Signed, Signer, unsigned_body, verify
 from broker.fares.rules import fares_document
 from broker.settlement.clearing.batch import Digest, Spool, decode_verdicts
 from broker.settlement.clearing.positions import position
@@ -58,7 +58,8 @@ def home(world: World) -> Receiver:
 
 def fares_doc(signer: Signer, text: str | None = None, **extra: Any) -> Signed:
     fares = sample_fares(SERVING, text) if text else sample_fares(SERVING)
-    return signer.sign({"type": "fares", **fares_document(fares), "district": SERVING, **extra})
+    doc = {"type": "fares", **fares_document(fares), "district": SERVING, **extra}
+    return signer.sign(doc, Purpose.FARES)
 
 
 def count(world: World, table: str) -> int:
@@ -73,7 +74,7 @@ def nothing_stored(world: World) -> bool:
 
 def ack_doc(world: World, signed: Signed) -> dict[str, Any]:
     """The acknowledgement's content, verified under HOME's settlement key."""
-    return verify(signed, world.keys(HOME))
+    return verify(signed, world.keys(HOME), Purpose.ACK)
 
 
 MIXED = [  # line numbers 0-4
@@ -133,20 +134,23 @@ def test_a_published_version_never_changes(world: World, home: Receiver) -> None
     doc = fares_document(sample_fares(SERVING, CAPPED_FARES))
     newer = dict(doc["table"][0], version="sample-2", effective_from="2019-01-01")
     both = world[SERVING].signer.sign(
-        {"type": "fares", "district": SERVING, "table": [doc["table"][0], newer]}
+        {"type": "fares", "district": SERVING, "table": [doc["table"][0], newer]}, Purpose.FARES
     )
     with pytest.raises(Conflict):
         home.publish_fares(SERVING, both)
     assert world[HOME].home_store.db.all("SELECT * FROM published_fares") == held
     # The new version on its own is welcome.
-    alone = world[SERVING].signer.sign({"type": "fares", "district": SERVING, "table": [newer]})
+    alone = world[SERVING].signer.sign(
+        {"type": "fares", "district": SERVING, "table": [newer]}, Purpose.FARES
+    )
     assert home.publish_fares(SERVING, alone) == ["sample-2"]
     assert count(world, "published_fares") == 2
 
 
 def test_fare_rules_that_do_not_parse_are_not_stored(world: World) -> None:
     bad = world[SERVING].signer.sign(
-        {"type": "fares", "district": SERVING, "table": [{"version": "v1"}]}  # no effective_from
+        {"type": "fares", "district": SERVING, "table": [{"version": "v1"}]},  # no effective_from
+        Purpose.FARES,
     )
     with pytest.raises(BrokerError):
         world.receiver(HOME).publish_fares(SERVING, bad)
@@ -263,10 +267,10 @@ def test_totals_that_do_not_add_up_refuse_the_batch_and_undo_its_checks(
         ({"to": THIRD}, (), "addressed to"),
         ({"chunks": 2}, (), "digest"),
         ({"kind": "refund"}, (), "close or represent"),
-        ({"period": "10 March"}, (), "lacks period"),
-        ({"sequence": "one"}, (), "lacks period"),
-        ({}, ("period",), "lacks period"),
-        ({}, ("kind",), "lacks period"),
+        ({"period": "10 March"}, (), "field 'period' is not a date"),
+        ({"sequence": "one"}, (), "field 'sequence' must be an integer"),
+        ({}, ("period",), "field 'period' is required"),
+        ({}, ("kind",), "field 'kind' is required"),
     ],
 )
 def test_a_trailer_that_does_not_describe_this_batch_is_refused(
@@ -284,7 +288,7 @@ def test_a_trailer_that_does_not_describe_this_batch_is_refused(
 
 def test_a_trailer_signed_by_another_key_is_refused(world: World, home: Receiver) -> None:
     stranger = Signer(ed25519.Ed25519PrivateKey.generate())
-    with pytest.raises(DocumentRefused, match="not in the bundle"):
+    with pytest.raises(DocumentRefused, match="not trusted"):
         home.receive(SERVING, *world.batch(MIXED, stranger))
     spool, trailer = world.batch(MIXED)
     flipped = bytes([trailer.signature[0] ^ 1]) + trailer.signature[1:]  # one bit of R changed
@@ -308,7 +312,8 @@ def trailer_for(world: World, spool: Spool, **totals: int) -> Signed:
             **doc,
             "digest": spool.digest.hexdigest(),
             "chunks": spool.digest.chunks,
-        }
+        },
+        Purpose.BATCH,
     )
 
 
@@ -407,15 +412,17 @@ def position_doc(world: World, receivable: int, payable: int, **extra: Any) -> S
             "receivable_fen": receivable,
             "payable_fen": payable,
             **extra,
-        }
+        },
+        Purpose.POSITION,
     )
 
 
 def test_equal_views_of_the_day_settle_it(world: World, home: Receiver) -> None:
     home.receive(SERVING, *world.batch(MIXED))
     reply = home.confirm(SERVING, position_doc(world, 400, 0))
-    doc = verify(reply, world.keys(HOME))
-    assert doc == {
+    doc = verify(reply, world.keys(HOME), Purpose.POSITION)
+    assert (doc["key_id"], doc["purpose"]) == (world[HOME].signer.key_id, "day-position")
+    assert unsigned_body(doc) == {
         "type": "position",
         "from": HOME,
         "to": SERVING,
@@ -433,7 +440,7 @@ def test_views_that_differ_are_answered_but_not_settled(
 ) -> None:
     home.receive(SERVING, *world.batch(MIXED))
     reply = home.confirm(SERVING, position_doc(world, receivable, payable))
-    doc = verify(reply, world.keys(HOME))
+    doc = verify(reply, world.keys(HOME), Purpose.POSITION)
     assert doc["agreed"] is False and doc["payable_fen"] == 400
     assert position(world[HOME].home_store, SERVING, DAY).state == "acked"
     assert count(world, "positions") == 0
@@ -444,7 +451,7 @@ def test_views_that_differ_are_answered_but_not_settled(
     [
         ({"type": "ack"}, "not a position document"),
         ({"from": THIRD}, "not a position document"),
-        ({"period": "yesterday"}, "lacks its period"),
+        ({"period": "yesterday"}, "field 'period' is not a date"),
     ],
 )
 def test_a_position_not_from_the_caller_or_without_its_day_is_refused(

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker.cards.model import Entitlement, Scene
 from broker.core.errors import DocumentRefused, PeerUnavailable, SettlementStateError
-from broker.core.signing import Signed, Signer
+from broker.core.signing import Purpose, Signed, Signer, unsigned_body
 from broker.settlement.clearing.positions import position
 from broker.settlement.clearing.sender import BatchResult, Sender, line_for
 from broker.settlement.trips import Judgement, Outcome, Reason
@@ -209,18 +209,22 @@ def resigned(world: World, **changes: Any):
     """An acknowledgement HOME signs over again with some figures changed."""
 
     def alter(ack: Signed) -> Signed:
-        return world[HOME].signer.sign({**ack.content(), **changes})
+        return world[HOME].signer.sign({**ack.content(), **changes}, Purpose.ACK)
 
     return alter
+
+
+def stranger_signed(ack: Signed) -> Signed:
+    """The same acknowledgement, signed by a key no bundle lists."""
+    return Signer(ed25519.Ed25519PrivateKey.generate()).sign(
+        unsigned_body(ack.content()), Purpose.ACK
+    )
 
 
 @pytest.mark.parametrize(
     ("alter", "match"),
     [
-        (
-            lambda w: lambda ack: Signer(ed25519.Ed25519PrivateKey.generate()).sign(ack.content()),
-            "not in the bundle",
-        ),
+        (lambda w: stranger_signed, "not trusted"),
         (lambda w: resigned(w, sequence=2), "does not match"),
         (lambda w: resigned(w, to=THIRD), "does not match"),
         (lambda w: resigned(w, lines=3), "does not match"),

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from broker.cards.model import Scene, shanghai_day
 from broker.cards.registry import Registry
 from broker.core.errors import DocumentRefused
-from broker.core.signing import Signed, Signer, verify
+from broker.core.signing import Purpose, Signed, Signer, unsigned_body, verify
 from broker.fares.rules import fares_document, load_fares
 from broker.settlement.clearing.batch import Line
 from broker.settlement.clearing.service import ClearingService
@@ -52,7 +52,7 @@ class Node:
         assert self.dazu.config.fares.file is not None
         schedule = load_fares(self.dazu.config.fares.file)
         return self.dazu_signer.sign(
-            {"type": "fares", **fares_document(schedule), "district": DAZU}
+            {"type": "fares", **fares_document(schedule), "district": DAZU}, Purpose.FARES
         )
 
     def full_fare(self, trip_id: str) -> Line:
@@ -106,7 +106,7 @@ async def test_the_receivers_answers_come_back_awaited_from_its_worker_thread(no
         ack = await node.service.receive(DAZU, spool, trailer)
     finally:
         spool.close()
-    doc = verify(ack.signed, node.anyue_keys)  # signed with ANYUE's settlement key
+    doc = verify(ack.signed, node.anyue_keys, Purpose.ACK)  # signed with ANYUE's settlement key
     assert (doc["accepted"], doc["accepted_claim_fen"]) == (1, 200)
     position = node.dazu_signer.sign(
         {
@@ -116,20 +116,21 @@ async def test_the_receivers_answers_come_back_awaited_from_its_worker_thread(no
             "period": node.period.isoformat(),
             "receivable_fen": 200,
             "payable_fen": 0,
-        }
+        },
+        Purpose.POSITION,
     )
     reply = await node.service.confirm(DAZU, position)
-    assert verify(reply, node.anyue_keys)["agreed"] is True
+    assert verify(reply, node.anyue_keys, Purpose.POSITION)["agreed"] is True
     assert len(seen) == 3 and len(set(seen)) == 1
     assert seen[0].startswith("clearing") and seen[0] != threading.current_thread().name
 
 
 async def test_keys_come_from_the_senders_trust_bundle(node: Node) -> None:
     stranger = Signer(ed25519.Ed25519PrivateKey.generate())
-    signed = stranger.sign(node.fares().content())
-    with pytest.raises(DocumentRefused, match="not in the bundle"):
+    signed = stranger.sign(unsigned_body(node.fares().content()), Purpose.FARES)
+    with pytest.raises(DocumentRefused, match="not trusted"):
         await node.service.publish_fares(DAZU, signed)
-    with pytest.raises(DocumentRefused, match="not in the bundle"):  # DAZU's key, for another
+    with pytest.raises(DocumentRefused, match="not trusted"):  # DAZU's key, for another
         await node.service.publish_fares("500153", node.fares())
 
 

@@ -17,10 +17,18 @@ import psycopg
 import pytest
 
 from broker.cards.model import CardRef, Entitlement, Scene
+from broker.core.db import schema_version
 from broker.core.errors import ConfigError
 from broker.node.config import NodeConfig, parse_config
-from broker.settlement.clearing.store import ClearingStore, b64, clearing_path, unb64
+from broker.settlement.clearing.store import (
+    MIGRATIONS,
+    ClearingStore,
+    b64,
+    clearing_path,
+    unb64,
+)
 from broker.settlement.ledger import open_ledger
+from broker.settlement.ledger.store import MIGRATIONS as LEDGER_MIGRATIONS
 from broker.settlement.trips import ACCEPT, Trip
 from broker.testbed.build import free_port
 
@@ -96,7 +104,7 @@ def test_on_sqlite_the_tables_are_a_file_of_their_own_and_trips_are_read_from_th
     )
     assert store.db is not store.trips
     assert store.db.dialect == store.trips.dialect == "sqlite"
-    assert tables(ledger_file) == {"trips"}  # the ledger file holds no clearing table
+    assert tables(ledger_file) == {"trips", "schema_migrations"}  # and no clearing table
     assert {"out_batches", "disputes", "in_batches", "positions", "meta"} <= tables(clearing_file)
     assert "trips" not in tables(clearing_file)
     ledger = open_ledger(cfg.ledger.path, None)
@@ -192,3 +200,15 @@ def test_b64_is_standard_base64():
     """Stored signatures are read by other tools too: the RFC 4648 alphabet, padded."""
     assert b64(b"\xfb\xff") == "+/8="
     assert unb64("+/8=") == b"\xfb\xff"
+
+
+def test_each_database_records_the_versions_of_the_components_it_holds(config: NodeConfig):
+    store = ClearingStore.open(config)
+    try:
+        assert schema_version(store.db, "clearing") == len(MIGRATIONS)
+        assert schema_version(store.trips, "ledger") == len(LEDGER_MIGRATIONS)
+        if store.db is not store.trips:  # SQLite: two files, each with its own component
+            assert schema_version(store.db, "ledger") == 0
+            assert schema_version(store.trips, "clearing") == 0
+    finally:
+        store.close()

@@ -20,11 +20,11 @@ import pytest
 from broker.cards.csv_import import CardRow
 from broker.cards.model import Entitlement, Scene
 from broker.cards.registry import Registry
-from broker.core.db import Db
+from broker.core.db import Db, migrate
 from broker.fares.agreements import Agreement
 from broker.fares.rules import FareTable
 from broker.settlement.clearing.batch import Line
-from broker.settlement.clearing.store import SCHEMA
+from broker.settlement.clearing.store import MIGRATIONS
 from broker.settlement.clearing.verify import (
     CAP_EXCEEDED,
     OK,
@@ -80,7 +80,7 @@ class Home:
             AT + timedelta(minutes=1),
         )
         self.db = Db.open(root / "clearing.sqlite3", None)
-        self.db.script(SCHEMA)
+        migrate(self.db, "clearing", MIGRATIONS)
 
     def checker(
         self,

@@ -1,4 +1,4 @@
-"""The ledger in embedded SQLite (broker.settlement.ledger.sqlite), read back raw where it matters.
+"""The ledger on SQLite (broker.settlement.ledger.store), read back raw where it matters.
 
 What both stores share is tested in test_common.py; here: the file's own columns
 (UTC text, the Shanghai settlement day, ``ingest_seq``) and how a batch fails.
