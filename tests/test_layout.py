@@ -44,3 +44,54 @@ def test_broker_has_at_most_six_top_level_modules() -> None:
     """Code lives in a package named for its concern, not beside them."""
     top = sorted(p.name for p in BROKER.glob("*.py"))
     assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+# ---------------------------------------------------------------- one place per mechanism
+
+
+def _uses(path: Path) -> set[str]:
+    """Dotted names a module calls or reads (``sqlite3.connect``, ``x.st_mtime``) and imports."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute):
+            base = node.value.id if isinstance(node.value, ast.Name) else "*"
+            found.add(f"{base}.{node.attr}")
+            found.add(f"*.{node.attr}")
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            found.add(node.module)
+        elif isinstance(node, ast.keyword) and node.arg:
+            found.add(f"keyword {node.arg}")
+    return found
+
+
+# The one module for each: where connections are made, documents encoded, files stat'ed.
+ONE_PLACE = {
+    "sqlite3.connect": "core/db.py",
+    "psycopg.connect": "core/db.py",
+    "rfc8785": "core/signing.py",
+    "*.st_mtime_ns": "core/watch.py",
+}
+# JSON that is not a signed document: what the CLI prints, the certificate issuance log.
+PLAIN_JSON = {"cli/main.py", "cli/settle.py", "cli/certs.py", "trust/certops.py"}
+
+
+def _modules_using(name: str) -> set[str]:
+    return {str(p.relative_to(BROKER)) for p in _hand_written_modules() if name in _uses(p)}
+
+
+def test_connections_encodings_and_file_stamps_each_have_one_module():
+    for name, module in ONE_PLACE.items():
+        assert _modules_using(name) == {module}, name  # found there, and nowhere else
+    assert _modules_using("*.st_mtime") == set()  # seconds, as a float: not even there
+
+
+def test_json_is_read_and_written_only_by_the_signing_module_and_plain_outputs():
+    for name in ("json.dumps", "json.loads", "json.dump", "json.load", "json.JSONEncoder"):
+        assert _modules_using(name) <= PLAIN_JSON | {"core/signing.py"}, name
+    assert "core/signing.py" in _modules_using("json.loads")  # the strict parser
+    assert _modules_using("keyword sort_keys") == set()  # no hand-made canonical encoder left
