@@ -32,6 +32,7 @@ from broker.core.signing import (
     parse,
 )
 from broker.core.signing import verify as verify_signed
+from broker.trust.config import NODE_NAME_RE
 from broker.trust.pki import KeyPair, ca_id
 
 
@@ -49,10 +50,14 @@ class Bundle:
     cas_pem: tuple[str, ...]
     crls_pem: tuple[str, ...]
     settlement_keys: tuple[tuple[str, str], ...]  # (key id, public key PEM)
+    # The TLS server name the district's node answers as now, with its epoch
+    # (``e2.node.500111.yikatong.cy``); peers pin it. ``None`` in bundles of the
+    # previous release: peers then use the configured name.
+    node_name: str | None = None
 
     def body(self) -> dict[str, Any]:
         """The bundle's fields as a document (without the signing fields)."""
-        return {
+        doc: dict[str, Any] = {
             "district": self.district,
             "sequence": self.sequence,
             "issued_at": self.issued_at,
@@ -60,6 +65,9 @@ class Bundle:
             "crls": list(self.crls_pem),
             "settlement_keys": [{"kid": k, "public_key": p} for k, p in self.settlement_keys],
         }
+        if self.node_name is not None:
+            doc["node_name"] = self.node_name
+        return doc
 
     def document(self) -> bytes:
         """The canonical bytes of the body (what two bundles of one sequence must share)."""
@@ -67,11 +75,18 @@ class Bundle:
 
     def same_content(self, other: Bundle) -> bool:
         """Equal apart from sequence and time."""
-        return (self.district, self.cas_pem, self.crls_pem, self.settlement_keys) == (
+        return (
+            self.district,
+            self.cas_pem,
+            self.crls_pem,
+            self.settlement_keys,
+            self.node_name,
+        ) == (
             other.district,
             other.cas_pem,
             other.crls_pem,
             other.settlement_keys,
+            other.node_name,
         )
 
     def cas(self) -> list[x509.Certificate]:
@@ -104,7 +119,21 @@ class Bundle:
             cas_pem=_strings(doc, "cas"),
             crls_pem=_strings(doc, "crls"),
             settlement_keys=tuple(keys),
+            node_name=_node_name(doc),
         )
+
+
+def _node_name(doc: Content) -> str | None:
+    if "node_name" not in doc:
+        return None
+    name = doc.text("node_name")
+    district = doc.get("district")
+    if not NODE_NAME_RE.fullmatch(name) or not name.endswith(f".node.{district}.yikatong.cy"):
+        raise DocumentRefused(
+            f"{doc.kind} document: field 'node_name' {name!r} is not an epoch name "
+            f"of district {district}'s node (e<N>.node.{district}.yikatong.cy)"
+        )
+    return name
 
 
 def _strings(doc: Content, field: str) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -9,9 +10,24 @@ from typing import Protocol
 TLS_VERSIONS = ("1.2", "1.3")
 
 
+# The node's pinned name, epoch first: e1.node.500111.yikatong.cy
+NODE_NAME_RE = re.compile(r"e[1-9][0-9]{0,5}\.node\.[0-9]{6}\.yikatong\.cy")
+
+
 def node_server_name(district: str) -> str:
     """The DNS name a district node's certificate carries, used for hostname checks."""
     return f"node.{district}.yikatong.cy"
+
+
+def node_epoch_name(district: str, epoch: int) -> str:
+    """The node's name in epoch ``epoch``: what peers pin, from the district's trust bundle.
+
+    A stolen node key is retired by moving to the next epoch: the bundle names
+    the new one, and peers stop accepting a certificate without it.
+    """
+    if epoch < 1:
+        raise ValueError("node epochs start at 1")
+    return f"e{epoch}.node.{district}.yikatong.cy"
 
 
 @dataclass(frozen=True)
