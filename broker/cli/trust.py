@@ -14,7 +14,7 @@ from broker.cli.output import fail
 from broker.core.errors import ConfigError
 from broker.node.config import load_config
 from broker.peers.bundles import accept, held_bundle
-from broker.trust.bundle import Bundle, BundleRefused, SignedBundle
+from broker.trust.bundle import Bundle, BundleRefused, SignedBundle, read_served
 from broker.trust.certops import DistrictPaths, read_bundle
 
 
@@ -63,7 +63,13 @@ def export(district: str, root: Path, out: Path | None) -> None:
     is_flag=True,
     help="Trust a neighbour's first bundle by itself (after checking its fingerprint).",
 )
-def import_(bundle_file: Path, config_path: Path, first_use: bool) -> None:
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="With --first-use: replace a held bundle whose CAs no longer sign the neighbour's "
+    "(it rotated its CA while this node missed the publish stage).",
+)
+def import_(bundle_file: Path, config_path: Path, first_use: bool, replace: bool) -> None:
     """Store a neighbour's bundle for the peer of the same district in node.toml."""
     try:
         cfg = load_config(config_path, os.environ)
@@ -81,8 +87,13 @@ def import_(bundle_file: Path, config_path: Path, first_use: bool) -> None:
             "no bundle held for this district yet: compare the fingerprint above with the "
             "neighbour's by another channel, then repeat with --first-use"
         )
+    if replace and not first_use:
+        fail("--replace needs --first-use: compare the fingerprint out of band first")
+    if replace:
+        for pem in bundle.cas_pem:
+            _print_fingerprint(pem)
     try:
-        stored = accept(peer, signed, first_use=first_use)
+        stored = accept(peer, signed, first_use=first_use, replace=replace)
     except BundleRefused as exc:
         fail(str(exc))
     if stored is None:
@@ -92,3 +103,33 @@ def import_(bundle_file: Path, config_path: Path, first_use: bool) -> None:
             f"bundle {stored.sequence} of {stored.district} stored in {peer.bundle_file}; "
             "running nodes pick it up within a second"
         )
+
+
+@trust.command("status")
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+def status(config_path: Path) -> None:
+    """Each peer: the bundle held from it, and which of our bundles it last fetched."""
+    try:
+        cfg = load_config(config_path, os.environ)
+        ours = read_bundle(cfg.trust.bundle_file) if cfg.trust.bundle_file else None
+        served = read_served(cfg.trust.bundle_file) if cfg.trust.bundle_file else {}
+    except (ConfigError, BundleRefused) as exc:
+        fail(str(exc))
+    current = Bundle.parse(ours.document).sequence if ours is not None else None
+    click.echo(f"our bundle: sequence {current if current is not None else '-'}")
+    for peer in cfg.peers:
+        try:
+            held = held_bundle(peer)
+        except (BundleRefused, OSError) as exc:
+            held, problem = None, f"unreadable: {exc}"
+        else:
+            problem = "" if held is not None else "none held"
+        theirs = (
+            f"held {held.sequence} issued {held.issued_at} pins {held.node_name or '-'}"
+            if held is not None
+            else problem
+        )
+        seen = served.get(peer.district)
+        fetched = f"fetched our {seen[0]} at {seen[1]}" if seen else "never fetched ours"
+        behind = " (BEHIND)" if seen and current is not None and seen[0] < current else ""
+        click.echo(f"{peer.district}: {theirs}; {fetched}{behind}")

@@ -12,7 +12,7 @@ A node.toml looks like::
     ca_file = "certs/500111/ca.pem"        # this district's CA(s)
     cert_file = "certs/500111/node.pem"    # this node's certificate (chain)
     key_file = "certs/500111/node.key"
-    crl_file = "certs/500111/crl.pem"      # optional: revocations by this district's CA(s)
+    crl_file = "certs/500111/crl.pem"      # revocations by this district's CA(s); required
     min_version = "1.3"                    # enforced per call
     max_connection_age_s = 300             # connections are recycled this often
     reload_interval_ms = 1000              # files above re-read when they change
@@ -59,6 +59,9 @@ A node.toml looks like::
     [trust]
     bundle_file = "certs/500111/bundle.json"   # this district's signed bundle, served to peers
     bundle_refresh_s = 30                      # how often peers' bundles are fetched
+    max_bundle_age_s = 172800                  # a peer bundle older: its health fails
+    bundle_hard_age_s = 604800                 # older still: that peer is not trusted
+    crl_state_file = "var/500111/crl-state"    # highest revocation-list numbers accepted
 
     [[peers]]
     district = "512021"
@@ -66,7 +69,8 @@ A node.toml looks like::
     bundle_file = "var/peers/512021.bundle.json"  # its trust bundle: first `broker trust
                                                   # import`, then fetched and kept current
     # ca_file = "certs/peers/512021-ca.pem"    or, without a bundle, the peer's CA(s)
-    # crl_file = "certs/peers/512021-crl.pem"  and revocation list(s), kept current by hand
+    # crl_file = "certs/peers/512021-crl.pem"  and its revocation list(s) (required then),
+                                               # kept current by hand
     # server_name = "node.512021.yikatong.cy"   (the default)
 
 Every key a node reads is in the example above (a test holds the example and
@@ -82,6 +86,12 @@ field they override (``metadata={"env": ...}``): ``YIKATONG_LISTEN``,
 ``YIKATONG_REDIS_URL``, ``YIKATONG_REGISTRY_PATH``,
 ``YIKATONG_PEER_DEADLINE_MS``, ``YIKATONG_LEDGER_URL``; an empty value
 clears an optional one.
+
+Every integer key has a range (:data:`BOUNDS`): intervals and timeouts are at
+least 1, since a zero reload interval would spin the event loop and a zero
+deadline refuse every peer; only TTLs (0: do not cache) and
+``cache.local_max_entries`` (0: no in-process tier) may be 0. A value outside
+its range is refused naming the key, or the variable for an override.
 """
 
 from __future__ import annotations
@@ -166,11 +176,44 @@ def _req(table: Mapping[str, Any], key: str, where: str) -> Any:
     return table[key]
 
 
-def _int(table: Mapping[str, Any], key: str, default: int, where: str) -> int:
-    value = table.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{where}{key} must be a non-negative integer")
-    return value
+@dataclass(frozen=True)
+class Range:
+    """The values an integer setting may take, both ends included."""
+
+    low: int
+    high: int
+
+    def check(self, value: object, name: str) -> int:
+        """``value`` if it is an integer in range; else a :class:`ConfigError` naming ``name``."""
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer from {self.low} to {self.high}")
+        if not self.low <= value <= self.high:
+            raise ConfigError(f"{name} must be from {self.low} to {self.high}, not {value}")
+        return value
+
+
+_DAY_S = 86_400
+
+# The range of every integer field a node.toml sets, by section dataclass and field:
+# the sections belong to their concerns, what a file may say is the loader's to check.
+BOUNDS: Mapping[tuple[type[Any], str], Range] = {
+    (TLSConfig, "max_connection_age_s"): Range(1, _DAY_S),  # how long a revoked caller stays
+    (TLSConfig, "reload_interval_ms"): Range(1, 3_600_000),  # 0 busy-loops the event loop
+    (TrustConfig, "bundle_refresh_s"): Range(1, _DAY_S),  # how late peers' revocations arrive
+    (TrustConfig, "max_bundle_age_s"): Range(1, 30 * _DAY_S),
+    (TrustConfig, "bundle_hard_age_s"): Range(1, 30 * _DAY_S),
+    (PeeringConfig, "deadline_ms"): Range(1, 60_000),  # a gate waits 400 ms in all
+    (RecognitionConfig, "cache_ttl_seconds"): Range(0, _DAY_S),  # 0: peers do not cache
+    (RecognitionConfig, "unknown_ttl_seconds"): Range(0, _DAY_S),
+    (CacheConfig, "local_max_entries"): Range(0, 10_000_000),  # 0: no in-process tier
+    (CacheConfig, "unknown_ttl_seconds"): Range(0, _DAY_S),  # 0: UNKNOWN is not cached
+    (CacheConfig, "max_ttl_seconds"): Range(0, _DAY_S),  # 0: nothing is cached
+    (CacheConfig, "redis_timeout_ms"): Range(1, 60_000),
+}
+
+
+def _int(table: Mapping[str, Any], section: type[Any], key: str, default: int, where: str) -> int:
+    return BOUNDS[(section, key)].check(table.get(key, default), f"{where}{key}")
 
 
 def _code(value: Any, where: str) -> str:
@@ -205,10 +248,10 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
         ca_file=path(_req(tls_t, "ca_file", "tls.")),
         cert_file=path(_req(tls_t, "cert_file", "tls.")),
         key_file=path(_req(tls_t, "key_file", "tls.")),
-        crl_file=opt_path(tls_t, "crl_file"),
+        crl_file=path(_req(tls_t, "crl_file", "tls.")),
         min_version=min_version,
-        max_connection_age_s=_int(tls_t, "max_connection_age_s", 300, "tls."),
-        reload_interval_ms=_int(tls_t, "reload_interval_ms", 1000, "tls."),
+        max_connection_age_s=_int(tls_t, TLSConfig, "max_connection_age_s", 300, "tls."),
+        reload_interval_ms=_int(tls_t, TLSConfig, "reload_interval_ms", 1000, "tls."),
     )
     rec_t = _section(doc, "recognition")
     cache_t = _section(doc, "cache")
@@ -226,6 +269,8 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             raise ConfigError(f"{where}district {code} is configured twice")
         if not p.get("ca_file") and not p.get("bundle_file"):
             raise ConfigError(f"{where}ca_file or {where}bundle_file is required")
+        if p.get("ca_file") and not p.get("bundle_file") and not p.get("crl_file"):
+            raise ConfigError(f"{where}crl_file is required with {where}ca_file")
         peers.append(
             PeerConfig(
                 district=code,
@@ -251,22 +296,35 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             hash_key_file=path(_req(_section(doc, "privacy"), "hash_key_file", "privacy."))
         ),
         peers=tuple(peers),
-        peering=PeeringConfig(deadline_ms=_int(peering_t, "deadline_ms", 300, "peering.")),
+        peering=PeeringConfig(
+            deadline_ms=_int(peering_t, PeeringConfig, "deadline_ms", 300, "peering.")
+        ),
         recognition=RecognitionConfig(
-            cache_ttl_seconds=_int(rec_t, "cache_ttl_seconds", 120, "recognition."),
-            unknown_ttl_seconds=_int(rec_t, "unknown_ttl_seconds", 10, "recognition."),
+            cache_ttl_seconds=_int(
+                rec_t, RecognitionConfig, "cache_ttl_seconds", 120, "recognition."
+            ),
+            unknown_ttl_seconds=_int(
+                rec_t, RecognitionConfig, "unknown_ttl_seconds", 10, "recognition."
+            ),
         ),
         cache=CacheConfig(
             redis_url=str(cache_t.get("redis_url", "")) or None,
-            local_max_entries=_int(cache_t, "local_max_entries", 100_000, "cache."),
-            unknown_ttl_seconds=_int(cache_t, "unknown_ttl_seconds", 10, "cache."),
-            max_ttl_seconds=_int(cache_t, "max_ttl_seconds", 3600, "cache."),
-            redis_timeout_ms=_int(cache_t, "redis_timeout_ms", 50, "cache."),
+            local_max_entries=_int(cache_t, CacheConfig, "local_max_entries", 100_000, "cache."),
+            unknown_ttl_seconds=_int(cache_t, CacheConfig, "unknown_ttl_seconds", 10, "cache."),
+            max_ttl_seconds=_int(cache_t, CacheConfig, "max_ttl_seconds", 3600, "cache."),
+            redis_timeout_ms=_int(cache_t, CacheConfig, "redis_timeout_ms", 50, "cache."),
         ),
         access=access,
         trust=TrustConfig(
             bundle_file=opt_path(trust_t, "bundle_file"),
-            bundle_refresh_s=_int(trust_t, "bundle_refresh_s", 30, "trust."),
+            bundle_refresh_s=_int(trust_t, TrustConfig, "bundle_refresh_s", 30, "trust."),
+            max_bundle_age_s=_int(
+                trust_t, TrustConfig, "max_bundle_age_s", TrustConfig.max_bundle_age_s, "trust."
+            ),
+            bundle_hard_age_s=_int(
+                trust_t, TrustConfig, "bundle_hard_age_s", TrustConfig.bundle_hard_age_s, "trust."
+            ),
+            crl_state_file=path(trust_t.get("crl_state_file", f"var/{district}/crl-state")),
         ),
         fares=FaresConfig(file=opt_path(_section(doc, "fares"), "file")),
         ledger=LedgerConfig(
@@ -280,8 +338,8 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
     return apply_env(cfg, env)
 
 
-def _from_env(name: str, raw: str, hint: str) -> Any:
-    """The value of override ``name`` for a field whose type is ``hint``."""
+def _from_env(name: str, raw: str, hint: str, bound: Range | None) -> Any:
+    """The value of override ``name`` for a field whose type is ``hint`` and range ``bound``."""
     optional = "None" in hint
     if optional and raw == "":
         return None
@@ -289,9 +347,10 @@ def _from_env(name: str, raw: str, hint: str) -> Any:
         return Path(raw)
     if hint == "int":
         try:
-            return int(raw)
+            value = int(raw)
         except ValueError as exc:
             raise ConfigError(f"{name} must be an integer") from exc
+        return bound.check(value, name) if bound is not None else value
     return raw
 
 
@@ -302,7 +361,8 @@ def apply_env(cfg: C, env: Mapping[str, str]) -> C:
         value = getattr(cfg, f.name)
         name = f.metadata.get("env")
         if name is not None and name in env:
-            changes[f.name] = _from_env(name, env[name], str(f.type))  # postponed: a string
+            bound = BOUNDS.get((type(cfg), f.name))
+            changes[f.name] = _from_env(name, env[name], str(f.type), bound)  # postponed: a string
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             updated = apply_env(value, env)
             if updated is not value:

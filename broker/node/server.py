@@ -45,7 +45,7 @@ from broker.settlement.clearing.service import ClearingService
 from broker.settlement.intake import TripIntake
 from broker.settlement.ledger import open_ledger
 from broker.trust.access import AccessPolicy
-from broker.trust.store import TrustStore
+from broker.trust.store import TrustStore, peer_health_name
 from broker.trust.tls import CallerVerifier, ServerCertificates
 
 log = structlog.get_logger(__name__)
@@ -94,13 +94,15 @@ class Node:
     _clock: Callable[[], datetime]
     intake: TripIntake | None = None
     clearing: ClearingService | None = None
+    refresher: BundleRefresher | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _components: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
     async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
         """Open the node's stores, bind its port and start serving."""
         hasher = load_key_file(cfg.privacy.hash_key_file)
-        trust = TrustStore(cfg)
+        trust = TrustStore(cfg, clock)
         registry = Registry(cfg.registry.path)
         home = HomeRecognizer(cfg.district, registry, cfg.recognition)
         cache = AnswerCache.from_config(cfg.cache, cfg.district)
@@ -122,7 +124,9 @@ class Node:
         recognition_pb2_grpc.add_RecognitionServicer_to_server(
             RecognitionServicer(home, hasher, clock), guarded
         )
-        trust_pb2_grpc.add_TrustServicer_to_server(TrustServicer(cfg.trust.bundle_file), guarded)
+        trust_pb2_grpc.add_TrustServicer_to_server(
+            TrustServicer(cfg.trust.bundle_file, clock), guarded
+        )
         intake = None
         clearing = None
         if cfg.ledger.path is not None or cfg.ledger.url is not None:
@@ -179,7 +183,9 @@ class Node:
             clock,
             intake,
             clearing,
+            refresher,
         )
+        await node._report_trust()
         node._tasks = [
             asyncio.create_task(node._watch_trust()),
             asyncio.create_task(refresher.run()),
@@ -198,9 +204,11 @@ class Node:
                 await asyncio.wait_for(self._reload_now.wait(), timeout=interval)
             forced = self._reload_now.is_set()
             self._reload_now.clear()
-            # Parsing certificates holds the GIL for milliseconds: only when a file changed.
-            if forced or self.trust.changed():
+            # Parsing certificates holds the GIL for milliseconds: only when a file changed
+            # (or a peer's bundle grew too old to trust, which the reload then drops).
+            if forced or self.trust.changed() or self.trust.too_old():
                 await asyncio.to_thread(self.trust.reload)
+            await self._report_trust()
             # Health fails while this node's own certificate is expired: monitoring sees it.
             valid = self.trust.current.not_after > self._clock()
             if valid != serving:
@@ -217,6 +225,27 @@ class Node:
                     valid=valid,
                     not_after=self.trust.current.not_after.isoformat(),
                 )
+
+    async def _report_trust(self) -> None:
+        """Per-component trust health (``yikatong.trust.crl``, ``yikatong.trust.peer.<code>``).
+
+        These never change the overall ``""`` status: a lapsed revocation list
+        or a stale peer bundle is for monitoring to see, not a reason to stop
+        answering gates.
+        """
+        now = self.trust.health()
+        if self.refresher is not None:
+            for peer in self.config.peers:
+                name = peer_health_name(peer.district)
+                now[name] = now[name] and self.refresher.fetching(peer.district)
+        for name, ok in now.items():
+            if self._components.get(name) == ok:
+                continue
+            self._components[name] = ok
+            status = health_pb2.HealthCheckResponse
+            await self.health.set(name, status.SERVING if ok else status.NOT_SERVING)
+            if not ok:
+                log.warning("trust_component_unhealthy", component=name)
 
     @property
     def address(self) -> str:

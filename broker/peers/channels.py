@@ -4,6 +4,13 @@ A gRPC client cannot swap its certificate on an open channel, so when the
 trust snapshot changes (this node's certificate renewed, a peer's CA
 rotated) the channels are replaced: new calls go out on a new channel with
 the new material while the old one drains its calls in flight and closes.
+
+The server name a channel checks is the one the peer's signed bundle pins
+(``e<N>.node.<code>.yikatong.cy``), else the configured one. gRPC Python's
+client cannot see the server's certificate to check it against a revocation
+list, so a stolen node key is retired by moving the district to a new epoch:
+when a bundle pins a new name, channels on the old one are closed at once,
+not drained, and a certificate without the new name is refused.
 """
 
 from __future__ import annotations
@@ -12,8 +19,9 @@ import asyncio
 
 import grpc
 
+from broker.core.errors import PeerUnavailable
 from broker.trust.config import PeerConfig
-from broker.trust.store import TrustStore
+from broker.trust.store import TrustSnapshot, TrustStore
 
 DRAIN_GRACE_S = 5.0
 
@@ -29,6 +37,7 @@ class PeerChannels:
         self._store = store
         self._peers = {p.district: p for p in peers}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._names: dict[str, str] = {}  # the server name each open channel checks
         self._generation = store.current.generation
         self._draining: set[asyncio.Task[None]] = set()
 
@@ -37,13 +46,17 @@ class PeerChannels:
 
     def channel(self, district: str) -> grpc.aio.Channel:
         """The channel to ``district`` (which must be configured)."""
+        peer = self._peers[district]  # KeyError: not a configured peer
         snap = self._store.current
         if snap.generation != self._generation:
-            self._retire_all()
+            self._retire_all(snap)
             self._generation = snap.generation
+        if not snap.trusted(district):
+            reason = snap.problems.get(district, "no usable trust material")
+            raise PeerUnavailable(district, f"is not trusted: {reason}")
         ch = self._channels.get(district)
         if ch is None:
-            peer = self._peers[district]
+            name = self.server_name(district)
             creds = grpc.ssl_channel_credentials(
                 root_certificates=snap.peer_roots_pem[district],
                 private_key=snap.key_pem,
@@ -53,8 +66,8 @@ class PeerChannels:
                 peer.address,
                 creds,
                 options=[
-                    ("grpc.ssl_target_name_override", peer.server_name),
-                    ("grpc.default_authority", peer.server_name),
+                    ("grpc.ssl_target_name_override", name),
+                    ("grpc.default_authority", name),
                     ("grpc.keepalive_time_ms", 30_000),
                     ("grpc.keepalive_timeout_ms", 5_000),
                     # A peer that comes back is used again within about a second.
@@ -63,14 +76,25 @@ class PeerChannels:
                 ],
             )
             self._channels[district] = ch
+            self._names[district] = name
         return ch
 
-    def _retire_all(self) -> None:
-        for ch in self._channels.values():
-            task = asyncio.ensure_future(ch.close(grace=DRAIN_GRACE_S))
+    def server_name(self, district: str) -> str:
+        """The name ``district``'s node must present: pinned by its bundle, else configured."""
+        pinned = self._store.current.node_name(district)
+        return pinned if pinned is not None else self._peers[district].server_name
+
+    def _retire_all(self, snap: TrustSnapshot) -> None:
+        """Replace every channel; one whose peer is no longer trusted as it was closes at once."""
+        for district, ch in self._channels.items():
+            same = snap.trusted(district) and self._names.get(district) == (
+                snap.node_name(district) or self._peers[district].server_name
+            )
+            task = asyncio.ensure_future(ch.close(grace=DRAIN_GRACE_S if same else None))
             self._draining.add(task)
             task.add_done_callback(self._draining.discard)
         self._channels = {}
+        self._names = {}
 
     async def close(self) -> None:
         for ch in self._channels.values():

@@ -275,7 +275,11 @@ def build(
             peering=PeeringConfig(deadline_ms),
             recognition=RecognitionConfig(),
             cache=replace(cache or CacheConfig(), redis_url=redis_url),
-            trust=TrustConfig(bundle_file=paths.bundle, bundle_refresh_s=bundle_refresh_s),
+            trust=TrustConfig(
+                bundle_file=paths.bundle,
+                bundle_refresh_s=bundle_refresh_s,
+                crl_state_file=root / "var" / code / "crl-state",
+            ),
             fares=FaresConfig(fares_path),
             ledger=LedgerConfig(
                 path=None if ledger_url else root / "var" / code / "ledger.sqlite3",

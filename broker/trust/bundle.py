@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -33,7 +34,7 @@ from broker.core.signing import (
 )
 from broker.core.signing import verify as verify_signed
 from broker.trust.config import NODE_NAME_RE
-from broker.trust.pki import KeyPair, ca_id
+from broker.trust.pki import KeyPair, ca_id, locked, write_public
 
 
 class BundleRefused(Exception):
@@ -187,12 +188,17 @@ def verify(
     bundle = Bundle.parse(signed.document)
     if bundle.district != district:
         raise BundleRefused(f"bundle is of district {bundle.district}, not {district}")
-    anchors = list(trusted) if trusted is not None else bundle.cas()
     keys: dict[str, PublicKey] = {}
-    for cert in anchors:
-        pub = cert.public_key()
-        if isinstance(pub, ec.EllipticCurvePublicKey):  # district CAs are P-256
-            keys[ca_id(cert)] = pub
+    try:
+        anchors = list(trusted) if trusted is not None else bundle.cas()
+        for cert in anchors:
+            pub = cert.public_key()
+            if isinstance(pub, ec.EllipticCurvePublicKey):  # district CAs are P-256
+                keys[ca_id(cert)] = pub
+    except x509.ExtensionNotFound:
+        raise BundleRefused(f"bundle of {district}: a CA has no Subject Key Identifier") from None
+    except ValueError as exc:
+        raise BundleRefused(f"bundle of {district}: a CA does not parse: {exc}") from None
     try:
         verify_signed(signed.signed(), keys, Purpose.TRUST_BUNDLE)
     except DocumentRefused as exc:
@@ -202,6 +208,36 @@ def verify(
             f"bundle sequence {bundle.sequence} is not above the held {held_sequence}"
         )
     return bundle
+
+
+def served_path(bundle_file: Path) -> Path:
+    """Where a node notes which of its bundles each peer last fetched (beside the bundle)."""
+    return bundle_file.with_name(f"{bundle_file.stem}-served.txt")
+
+
+def read_served(bundle_file: Path) -> dict[str, tuple[int, str]]:
+    """Peer district → (sequence of the bundle it last fetched, when), as the node noted."""
+    out: dict[str, tuple[int, str]] = {}
+    try:
+        text = served_path(bundle_file).read_text()
+    except FileNotFoundError:
+        return out
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BundleRefused(f"{served_path(bundle_file)} cannot be read: {exc}") from exc
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1].isdigit():
+            out[parts[0]] = (int(parts[1]), parts[2])
+    return out
+
+
+def note_served(bundle_file: Path, district: str, sequence: int, at: datetime) -> None:
+    """Note that ``district`` fetched bundle ``sequence`` (durably, under the store lock)."""
+    with locked(bundle_file.parent / ".lock"):  # the cert store's lock (certs/<d>/.lock)
+        served = read_served(bundle_file)
+        served[district] = (sequence, at.isoformat(timespec="seconds"))
+        lines = [f"{d} {n} {t}\n" for d, (n, t) in sorted(served.items())]
+        write_public(served_path(bundle_file), "".join(lines).encode())
 
 
 def issued_now(now: datetime) -> str:

@@ -1,21 +1,13 @@
-"""A district's certificates on disk, and the operations staff run on them.
+"""The operations staff (and their timer) run on a district's certificate store.
 
-Layout under ``<dir>/<district>/``::
-
-    ca.pem                 the published trust bundle: every CA of the district trusted now
-                           (one; two while a CA rotation overlaps)
-    crl.pem                one revocation list per trusted CA
-    cas/<id>.pem, .key     each CA and its key (0600); ``cas/active`` names the one that signs
-    node.pem, node.key     the district node
-    operators/<id>.pem, .key
-    hash.key               the secret behind keyed hashes of card numbers
-    settlement.key         the district's settlement signing key (Ed25519, 0600)
-    bundle.json            the signed trust bundle peers fetch (see broker.trust.bundle)
-    issued.jsonl           every certificate issued: serial, identity, issuing CA, validity
-
-Every write is atomic (temp file, then rename) and keys are written before
-their certificates; readers (:mod:`broker.trust.store`) also refuse a key that does
-not match its certificate, so no reader pairs a new certificate with an old key.
+Where the files live, and the reads, is :mod:`broker.trust.certstore`; the
+revocation lists :mod:`broker.trust.crls`; the node's epoch
+:mod:`broker.trust.epochs`; what ``certs status`` reports
+:mod:`broker.trust.certstatus`. Every operation here that changes the store
+holds the store lock (:func:`store_lock`) from its first read to its last
+write, so concurrent operations — a timer's ``renew-due`` beside an
+operator's ``revoke`` — apply one after the other: no revocation is lost and
+no two bundles share a sequence number.
 """
 
 from __future__ import annotations
@@ -23,7 +15,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -31,166 +23,81 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from broker.trust.bundle import Bundle, SignedBundle, issued_now, sign
-from broker.trust.identity import Identity, Role, parse_spiffe_id
+from broker.trust.bundle import Bundle, SignedBundle, issued_now, read_served, sign
+from broker.trust.certstatus import CertStatus as CertStatus
+from broker.trust.certstatus import leaf_statuses as leaf_statuses
+from broker.trust.certstatus import status as _status
+from broker.trust.certstore import CertOpsError as CertOpsError
+from broker.trust.certstore import DistrictPaths as DistrictPaths
+from broker.trust.certstore import IssuedEntry as IssuedEntry
+from broker.trust.certstore import active_ca as active_ca
+from broker.trust.certstore import active_ca_id as active_ca_id
+from broker.trust.certstore import current_certificate as current_certificate
+from broker.trust.certstore import dns_names
+from broker.trust.certstore import identity_of as identity_of
+from broker.trust.certstore import leaf_certificates as leaf_certificates
+from broker.trust.certstore import lifetime_days as lifetime_days
+from broker.trust.certstore import load_ca as load_ca
+from broker.trust.certstore import read_bundle as read_bundle
+from broker.trust.certstore import store_lock as store_lock
+from broker.trust.certstore import trusted_ca_ids as trusted_ca_ids
+from broker.trust.crls import RENEW_MARGIN, add_revocation, lists_for, renew_lists, write_crls
+from broker.trust.epochs import NodeEpoch, epoch_names, pinned_name, read_epoch, write_epoch
+from broker.trust.identity import Identity, Role, node_identity, parse_spiffe_id
 from broker.trust.pki import (
     CA_DAYS,
     LEAF_DAYS,
     KeyPair,
-    build_crl,
+    append_line,
     ca_id,
     create_ca,
-    crl_issuer_id,
     crl_pem,
     issue,
     issuer_id,
-    load,
     load_crls,
     save,
     write_private,
     write_public,
 )
 
-
-@dataclass(frozen=True)
-class DistrictPaths:
-    """Where one district's material lives under a certs directory."""
-
-    root: Path
-    district: str
-
-    @property
-    def dir(self) -> Path:
-        return self.root / self.district
-
-    @property
-    def ca_cert(self) -> Path:
-        """The published trust bundle (every trusted CA certificate)."""
-        return self.dir / "ca.pem"
-
-    @property
-    def crl(self) -> Path:
-        return self.dir / "crl.pem"
-
-    @property
-    def cas(self) -> Path:
-        return self.dir / "cas"
-
-    @property
-    def active_file(self) -> Path:
-        return self.cas / "active"
-
-    @property
-    def node_cert(self) -> Path:
-        return self.dir / "node.pem"
-
-    @property
-    def node_key(self) -> Path:
-        return self.dir / "node.key"
-
-    @property
-    def hash_key(self) -> Path:
-        return self.dir / "hash.key"
-
-    @property
-    def issued_log(self) -> Path:
-        return self.dir / "issued.jsonl"
-
-    @property
-    def settlement_key(self) -> Path:
-        return self.dir / "settlement.key"
-
-    @property
-    def bundle(self) -> Path:
-        return self.dir / "bundle.json"
-
-    def ca_files(self, ident: str) -> tuple[Path, Path]:
-        return self.cas / f"{ident}.pem", self.cas / f"{ident}.key"
-
-    def operator_cert(self, operator_id: str) -> Path:
-        return self.dir / "operators" / f"{operator_id}.pem"
-
-    def operator_key(self, operator_id: str) -> Path:
-        return self.dir / "operators" / f"{operator_id}.key"
-
-    def leaf_files(self, ident: Identity) -> tuple[Path, Path]:
-        if ident.role is Role.NODE:
-            return self.node_cert, self.node_key
-        return self.operator_cert(ident.operator_id), self.operator_key(ident.operator_id)
-
-
-class CertOpsError(Exception):
-    """An operation on the certificate store cannot be done as asked."""
+# ``renew-due`` republishes a bundle older than this even when nothing in it
+# changed, so that peers can tell a withheld bundle from a quiet district.
+BUNDLE_MAX_AGE = timedelta(hours=24)
 
 
 # ----------------------------------------------------------------- CAs and bundle
 
 
-def active_ca_id(paths: DistrictPaths) -> str:
-    try:
-        return paths.active_file.read_text().strip()
-    except FileNotFoundError:
-        raise CertOpsError(f"no CA for district {paths.district} under {paths.root}") from None
-
-
-def load_ca(paths: DistrictPaths, ident: str) -> KeyPair:
-    cert, key = paths.ca_files(ident)
-    try:
-        return load(cert, key)
-    except FileNotFoundError:
-        raise CertOpsError(f"CA {ident} of district {paths.district} has no key here") from None
-
-
-def active_ca(paths: DistrictPaths) -> KeyPair:
-    """The CA that signs new certificates now."""
-    return load_ca(paths, active_ca_id(paths))
-
-
-def trusted_ca_ids(paths: DistrictPaths) -> list[str]:
-    """Ids of the CAs in the published bundle, in bundle order."""
-    if not paths.ca_cert.exists():
-        return []
-    return [ca_id(c) for c in x509.load_pem_x509_certificates(paths.ca_cert.read_bytes())]
-
-
 def _publish(paths: DistrictPaths, ids: list[str], now: datetime) -> None:
     """Write the trust bundle and the revocation lists for exactly the CAs ``ids``."""
     bundle = b"".join(paths.ca_files(i)[0].read_bytes() for i in ids)
-    old = {}
-    if paths.crl.exists():
-        old = {crl_issuer_id(c): c for c in load_crls(paths.crl.read_bytes())}
-    crls = []
-    for i in ids:
-        crl = old.get(i)
-        if crl is None:
-            crl = build_crl(load_ca(paths, i), [], 1, now)
-        crls.append(crl_pem(crl))
     # Revocations first, then the bundle: a reader never trusts a CA without its list.
-    write_public(paths.crl, b"".join(crls))
+    write_crls(paths, lists_for(paths, ids, now), ids)
     write_public(paths.ca_cert, bundle)
     publish_bundle(paths, now)
 
 
 def init_ca(paths: DistrictPaths, now: datetime, days: int = CA_DAYS) -> KeyPair:
     """Create the district's first CA, its empty revocation list and its bundle."""
-    if paths.active_file.exists():
-        raise CertOpsError(f"district {paths.district} already has a CA under {paths.root}")
-    ca = create_ca(paths.district, now, days)
-    ident = ca_id(ca.cert)
-    save(ca, *paths.ca_files(ident))
-    write_public(paths.active_file, ident.encode())
-    if not paths.settlement_key.exists():
-        key = ed25519.Ed25519PrivateKey.generate()
-        write_private(
-            paths.settlement_key,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        )
-    _publish(paths, [ident], now)
-    return ca
+    with store_lock(paths, create=True):
+        if paths.active_file.exists():
+            raise CertOpsError(f"district {paths.district} already has a CA under {paths.root}")
+        ca = create_ca(paths.district, now, days)
+        ident = ca_id(ca.cert)
+        save(ca, *paths.ca_files(ident))
+        write_public(paths.active_file, ident.encode())
+        if not paths.settlement_key.exists():
+            key = ed25519.Ed25519PrivateKey.generate()
+            write_private(
+                paths.settlement_key,
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ),
+            )
+        _publish(paths, [ident], now)
+        return ca
 
 
 def settlement_public_keys(paths: DistrictPaths) -> tuple[tuple[str, str], ...]:
@@ -206,27 +113,40 @@ def settlement_public_keys(paths: DistrictPaths) -> tuple[tuple[str, str], ...]:
     return ((hashlib.sha256(raw).hexdigest()[:16], pem.decode()),)
 
 
-def read_bundle(path: Path) -> SignedBundle | None:
-    return SignedBundle.from_json(path.read_bytes()) if path.exists() else None
-
-
-def publish_bundle(paths: DistrictPaths, now: datetime) -> SignedBundle:
-    """Sign and write the district's trust bundle; the sequence grows when the content changes."""
+def _draft(paths: DistrictPaths, now: datetime) -> Bundle:
     cas = tuple(
         c.public_bytes(serialization.Encoding.PEM).decode()
         for c in x509.load_pem_x509_certificates(paths.ca_cert.read_bytes())
     )
     crls = tuple(crl_pem(c).decode() for c in load_crls(paths.crl.read_bytes()))
-    held = read_bundle(paths.bundle)
-    previous = Bundle.parse(held.document) if held is not None else None
-    draft = Bundle(paths.district, 1, issued_now(now), cas, crls, settlement_public_keys(paths))
-    if previous is not None and held is not None and previous.same_content(draft):
-        return held
-    if previous is not None:
-        draft = replace(draft, sequence=previous.sequence + 1)
-    signed = sign(draft, active_ca(paths))
-    write_public(paths.bundle, signed.to_json())
-    return signed
+    name = pinned_name(paths.district, read_epoch(paths))
+    keys = settlement_public_keys(paths)
+    return Bundle(paths.district, 1, issued_now(now), cas, crls, keys, node_name=name)
+
+
+def publish_bundle(
+    paths: DistrictPaths, now: datetime, max_age: timedelta | None = None
+) -> SignedBundle:
+    """Sign and write the district's trust bundle when its content changed; return the bundle.
+
+    The sequence grows by one with each bundle written. With ``max_age``, a held
+    bundle issued that long ago or longer is re-signed even if nothing changed
+    (new sequence and ``issued_at``, same content).
+    """
+    with store_lock(paths):
+        draft = _draft(paths, now)
+        held = read_bundle(paths.bundle)
+        if held is not None:
+            previous = Bundle.parse(held.document)
+            aged = (
+                max_age is not None and now - datetime.fromisoformat(previous.issued_at) >= max_age
+            )
+            if previous.same_content(draft) and not aged:
+                return held
+            draft = replace(draft, sequence=previous.sequence + 1)
+        signed = sign(draft, active_ca(paths))
+        write_public(paths.bundle, signed.to_json())
+        return signed
 
 
 class RotationStage(enum.StrEnum):
@@ -241,23 +161,36 @@ def rotate_ca(paths: DistrictPaths, stage: RotationStage, now: datetime) -> str:
     ``publish`` must reach every peer (bundle refresh) before ``activate``;
     every certificate of the old CA must be replaced before ``retire``.
     """
-    trusted = trusted_ca_ids(paths)
-    active = active_ca_id(paths)
-    if stage is RotationStage.PUBLISH:
-        if len(trusted) > 1:
-            raise CertOpsError("a rotation is already under way: activate or retire it first")
-        new = create_ca(paths.district, now)
-        ident = ca_id(new.cert)
-        save(new, *paths.ca_files(ident))
-        _publish(paths, [*trusted, ident], now)
-        return f"CA {ident} published beside {active}; {active} still signs"
-    if stage is RotationStage.ACTIVATE:
-        pending = [i for i in trusted if i != active]
-        if not pending:
-            raise CertOpsError("no published CA to activate: run publish first")
-        write_public(paths.active_file, pending[0].encode())
-        renewed = [str(p) for p in reissue_all(paths, now)]
-        return f"CA {pending[0]} now signs; re-issued {len(renewed)} certificate(s)"
+    with store_lock(paths):
+        trusted = trusted_ca_ids(paths)
+        active = active_ca_id(paths)
+        if stage is RotationStage.PUBLISH:
+            return _publish_new_ca(paths, trusted, active, now)
+        if stage is RotationStage.ACTIVATE:
+            return _activate(paths, trusted, active, now)
+        return _retire(paths, trusted, active, now)
+
+
+def _publish_new_ca(paths: DistrictPaths, trusted: list[str], active: str, now: datetime) -> str:
+    if len(trusted) > 1:
+        raise CertOpsError("a rotation is already under way: activate or retire it first")
+    new = create_ca(paths.district, now)
+    ident = ca_id(new.cert)
+    save(new, *paths.ca_files(ident))
+    _publish(paths, [*trusted, ident], now)
+    return f"CA {ident} published beside {active}; {active} still signs"
+
+
+def _activate(paths: DistrictPaths, trusted: list[str], active: str, now: datetime) -> str:
+    pending = [i for i in trusted if i != active]
+    if not pending:
+        raise CertOpsError("no published CA to activate: run publish first")
+    write_public(paths.active_file, pending[0].encode())
+    renewed = [str(p) for p in reissue_all(paths, now)]
+    return f"CA {pending[0]} now signs; re-issued {len(renewed)} certificate(s)"
+
+
+def _retire(paths: DistrictPaths, trusted: list[str], active: str, now: datetime) -> str:
     old = [i for i in trusted if i != active]
     if not old:
         raise CertOpsError("nothing to retire: only the active CA is trusted")
@@ -274,7 +207,7 @@ def rotate_ca(paths: DistrictPaths, stage: RotationStage, now: datetime) -> str:
     return f"CA {', '.join(old)} retired; only {active} is trusted"
 
 
-# ----------------------------------------------------------------- leaves
+# ----------------------------------------------------------------- the issuance log
 
 
 def _log_issued(paths: DistrictPaths, cert: x509.Certificate, ident: Identity, issuer: str) -> None:
@@ -285,196 +218,254 @@ def _log_issued(paths: DistrictPaths, cert: x509.Certificate, ident: Identity, i
         "not_before": cert.not_valid_before_utc.isoformat(),
         "not_after": cert.not_valid_after_utc.isoformat(),
     }
-    with paths.issued_log.open("a") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    append_line(paths.issued_log, json.dumps(entry))
+
+
+def issued_entries(paths: DistrictPaths) -> list[IssuedEntry]:
+    """Every certificate the district issued, oldest first (from ``issued.jsonl``)."""
+    if not paths.issued_log.exists():
+        return []
+    out = []
+    for number, line in enumerate(paths.issued_log.read_text().splitlines(), 1):
+        try:
+            e = json.loads(line)
+            out.append(
+                IssuedEntry(
+                    int(e["serial"], 16),
+                    parse_spiffe_id(e["identity"]),
+                    str(e["issuer"]),
+                    str(e["not_before"]),
+                    str(e["not_after"]),
+                )
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CertOpsError(f"{paths.issued_log} line {number} is malformed: {exc}") from None
+    return out
+
+
+# ----------------------------------------------------------------- leaves
 
 
 def issue_to_files(
     paths: DistrictPaths, ident: Identity, now: datetime, days: int = LEAF_DAYS
 ) -> tuple[Path, Path]:
-    """Issue (or replace) a node or operator certificate with the active CA; return (cert, key)."""
+    """Issue (or replace) a node or operator certificate with the active CA; return (cert, key).
+
+    A node certificate names the node's epoch(s) too (:func:`epochs.epoch_names`).
+    """
     if ident.district != paths.district:
         raise CertOpsError(f"{ident.spiffe_id} is not of district {paths.district}")
-    ca = active_ca(paths)
-    pair = issue(ca, ident, now, days)
-    cert_path, key_path = paths.leaf_files(ident)
-    save(pair, cert_path, key_path)
-    _log_issued(paths, pair.cert, ident, ca_id(ca.cert))
-    return cert_path, key_path
-
-
-def leaf_certificates(paths: DistrictPaths) -> list[tuple[Identity, x509.Certificate]]:
-    """The node's and every operator's current certificate."""
-    files = [paths.node_cert, *sorted((paths.dir / "operators").glob("*.pem"))]
-    out = []
-    for f in files:
-        if not f.exists():
-            continue
-        cert = x509.load_pem_x509_certificate(f.read_bytes())
-        out.append((identity_of(cert), cert))
-    return out
-
-
-def identity_of(cert: x509.Certificate) -> Identity:
-    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    uris = [u for u in san.get_values_for_type(x509.UniformResourceIdentifier)]
-    return parse_spiffe_id(uris[0])
-
-
-def lifetime_days(cert: x509.Certificate) -> int:
-    span = cert.not_valid_after_utc - cert.not_valid_before_utc - timedelta(minutes=5)
-    return max(1, round(span / timedelta(days=1)))
+    with store_lock(paths):
+        ca = active_ca(paths)
+        extra = epoch_names(paths.district, read_epoch(paths)) if ident.role is Role.NODE else ()
+        pair = issue(ca, ident, now, days, extra_dns=extra)
+        # Logged first: a certificate that reached a file is always in the log (revocable).
+        _log_issued(paths, pair.cert, ident, ca_id(ca.cert))
+        cert_path, key_path = paths.leaf_files(ident)
+        save(pair, cert_path, key_path)
+        return cert_path, key_path
 
 
 def reissue_all(paths: DistrictPaths, now: datetime) -> list[Path]:
     """Re-issue every leaf with the active CA, keeping each one's lifetime."""
-    return [
-        issue_to_files(paths, ident, now, lifetime_days(cert))[0]
-        for ident, cert in leaf_certificates(paths)
-    ]
+    with store_lock(paths):
+        return [
+            issue_to_files(paths, ident, now, lifetime_days(cert))[0]
+            for ident, cert in leaf_certificates(paths)
+        ]
 
 
-def renew_due(paths: DistrictPaths, now: datetime) -> list[Path]:
-    """Re-issue every leaf past half its lifetime (for a timer); return the renewed files."""
-    renewed = []
-    for ident, cert in leaf_certificates(paths):
-        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
-        if now - cert.not_valid_before_utc >= lifetime / 2:
-            renewed.append(issue_to_files(paths, ident, now, lifetime_days(cert))[0])
-    return renewed
+@dataclass(frozen=True)
+class Renewal:
+    """What one ``renew-due`` did.
+
+    Attributes:
+        certificates: the certificate files re-issued.
+        crls: ids of the CAs whose revocation list was re-signed.
+        bundle: the bundle it published (content changed, or the held one aged),
+            else ``None``.
+    """
+
+    certificates: tuple[Path, ...]
+    crls: tuple[str, ...]
+    bundle: SignedBundle | None
 
 
-def revoke(paths: DistrictPaths, serial_hex: str, now: datetime) -> str:
-    """Add a serial to the revocation list of the CA that issued it; returns that CA's id."""
+def renew_due(
+    paths: DistrictPaths,
+    now: datetime,
+    crl_margin: timedelta = RENEW_MARGIN,
+    bundle_max_age: timedelta = BUNDLE_MAX_AGE,
+) -> Renewal:
+    """What a timer runs: renew what is due, all under one hold of the store lock.
+
+    Re-issues every leaf past half its lifetime, re-signs every revocation list
+    lapsing within ``crl_margin``, and republishes the bundle if either changed
+    it or it is ``bundle_max_age`` old.
+    """
+    with store_lock(paths):
+        active_ca_id(paths)  # a district without a CA is an error, not "nothing due"
+        renewed = []
+        for ident, cert in leaf_certificates(paths):
+            lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+            if now - cert.not_valid_before_utc >= lifetime / 2:
+                renewed.append(issue_to_files(paths, ident, now, lifetime_days(cert))[0])
+        crls = renew_lists(paths, now, crl_margin)
+        before = read_bundle(paths.bundle)
+        after = publish_bundle(paths, now, max_age=bundle_max_age)
+        return Renewal(tuple(renewed), tuple(crls), None if after == before else after)
+
+
+# ----------------------------------------------------------------- revocation and rotation
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A serial listed in its CA's revocation list, and the bundle that carries the list."""
+
+    serial: str
+    issuer: str
+    bundle: SignedBundle
+
+
+def parse_serial(serial_hex: str) -> int:
     try:
-        serial = int(serial_hex.lower().removeprefix("0x"), 16)
+        return int(serial_hex.lower().removeprefix("0x"), 16)
     except ValueError:
         raise CertOpsError("serial must be hexadecimal, as `certs status` prints it") from None
-    issuer = None
-    if paths.issued_log.exists():
-        for line in paths.issued_log.read_text().splitlines():
-            entry = json.loads(line)
-            if int(entry["serial"], 16) == serial:
-                issuer = entry["issuer"]
-    if issuer is None:
-        raise CertOpsError(f"serial {serial:x} was not issued by district {paths.district}")
-    issuer = str(issuer)
-    trusted = trusted_ca_ids(paths)
-    if issuer not in trusted:
+
+
+def _revoke_listed(paths: DistrictPaths, serial: int, issuer: str, now: datetime) -> Revocation:
+    if issuer not in trusted_ca_ids(paths):
         raise CertOpsError(f"CA {issuer} is retired: its certificates are no longer trusted anyway")
-    ca = load_ca(paths, issuer)
-    crls = {crl_issuer_id(c): c for c in load_crls(paths.crl.read_bytes())}
-    current = crls.get(issuer)
-    entries = [(r.serial_number, r.revocation_date_utc) for r in current or []]
-    number = 1
-    if current is not None:
-        number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
-    if serial not in {s for s, _ in entries}:
-        entries.append((serial, now))
-    crls[issuer] = build_crl(ca, entries, number, now)
-    write_public(paths.crl, b"".join(crl_pem(crls[i]) for i in trusted if i in crls))
-    publish_bundle(paths, now)
-    return issuer
+    add_revocation(paths, issuer, serial, now)
+    return Revocation(f"{serial:x}", issuer, publish_bundle(paths, now))
+
+
+def _refuse_node_revocation_mid_move(paths: DistrictPaths) -> None:
+    epoch = read_epoch(paths)
+    if epoch.pending:
+        raise CertOpsError(
+            f"the node is moving to epoch {epoch.next}: deploy its new certificate and run "
+            "`certs publish-epoch` first, then revoke the old serial (--force revokes it now: "
+            "the node's calls to peers fail until its new certificate is deployed)"
+        )
+
+
+def revoke(paths: DistrictPaths, serial_hex: str, now: datetime, force: bool = False) -> Revocation:
+    """Add a serial to the revocation list of the CA that issued it, and republish.
+
+    A node serial is refused while a node epoch move is pending (see
+    :func:`publish_epoch`) unless ``force``.
+    """
+    serial = parse_serial(serial_hex)
+    with store_lock(paths):
+        found = [e for e in issued_entries(paths) if e.serial == serial]
+        if not found:
+            raise CertOpsError(f"serial {serial:x} was not issued by district {paths.district}")
+        if found[-1].identity.role is Role.NODE and not force:
+            _refuse_node_revocation_mid_move(paths)
+        return _revoke_listed(paths, serial, found[-1].issuer, now)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A certificate replaced by ``certs rotate``."""
+
+    path: Path
+    old_serial: str
+    new_serial: str
+    revoked: Revocation | None
+    epoch: NodeEpoch
+
+
+def rotate(
+    paths: DistrictPaths,
+    ident: Identity,
+    now: datetime,
+    revoke_old: bool = False,
+    next_epoch: bool = False,
+) -> Rotation:
+    """Replace ``ident``'s certificate now: new key, same identity and lifetime.
+
+    ``revoke_old`` (operators) revokes the replaced serial in the same
+    operation. ``next_epoch`` (the node) begins a move to the next node epoch:
+    the new certificate names both; the old serial is revoked after
+    :func:`publish_epoch`, once the new certificate is deployed.
+    """
+    if revoke_old and ident.role is Role.NODE:
+        raise CertOpsError(
+            "the node's old certificate is revoked once its new one is deployed: rotate with "
+            "--next-epoch, deploy, `certs publish-epoch`, then `certs revoke --serial OLD`"
+        )
+    if next_epoch and ident.role is not Role.NODE:
+        raise CertOpsError("--next-epoch moves the node's epoch: use it with --node")
+    with store_lock(paths):
+        try:
+            old = current_certificate(paths, ident)
+        except CertOpsError:
+            raise CertOpsError(
+                f"no certificate for {ident.spiffe_id} to rotate: issue one first"
+            ) from None
+        if revoke_old and issuer_id(old) not in trusted_ca_ids(paths):
+            raise CertOpsError(f"CA {issuer_id(old)} of the old certificate is retired")
+        if next_epoch:
+            write_epoch(paths, read_epoch(paths).begin_move())
+        cert_path, _ = issue_to_files(paths, ident, now, lifetime_days(old))
+        revoked = None
+        if revoke_old:
+            revoked = _revoke_listed(paths, old.serial_number, issuer_id(old), now)
+        new = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        return Rotation(
+            cert_path,
+            f"{old.serial_number:x}",
+            f"{new.serial_number:x}",
+            revoked,
+            read_epoch(paths),
+        )
+
+
+def publish_epoch(paths: DistrictPaths, now: datetime) -> SignedBundle:
+    """Complete a node epoch move: the next epoch becomes current and the bundle names it.
+
+    Refused unless a move is pending and the node's certificate names the next
+    epoch (``certs rotate --node --next-epoch`` issued it).
+    """
+    with store_lock(paths):
+        moved = read_epoch(paths).complete_move()
+        name = pinned_name(paths.district, moved)
+        cert = current_certificate(paths, node_identity(paths.district))
+        if name not in dns_names(cert):
+            raise CertOpsError(
+                f"the node certificate does not name {name}: run `certs rotate --node "
+                "--next-epoch` and deploy it first"
+            )
+        write_epoch(paths, moved)
+        return publish_bundle(paths, now)
 
 
 # ----------------------------------------------------------------- status
 
 
-@dataclass(frozen=True)
-class CertStatus:
-    """One certificate as ``certs status`` reports it."""
-
-    kind: str
-    subject: str
-    serial: str
-    issuer: str
-    not_after: str
-    seconds_left: int
-    fraction_left: float
-    revoked: bool
-    active: bool
-
-    @property
-    def expired(self) -> bool:
-        return self.seconds_left <= 0
-
-    @property
-    def warning(self) -> str:
-        if self.expired:
-            return "EXPIRED"
-        if self.revoked:
-            return "revoked"
-        if self.fraction_left < 1 / 3:
-            return "RENEW NOW: under a third of its lifetime left"
-        if self.fraction_left < 1 / 2:
-            return "due for renewal (renew-due will renew it)"
-        return ""
-
-    @property
-    def failing(self) -> bool:
-        """What makes ``certs status`` exit non-zero."""
-        return self.expired or self.fraction_left < 1 / 3
-
-    def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "warning": self.warning}
+def status(paths: DistrictPaths, now: datetime, all_issued: bool = False) -> list[CertStatus]:
+    """Every trusted CA and every certificate held now; ``all_issued``: replaced ones too."""
+    return _status(paths, now, issued_entries(paths) if all_issued else ())
 
 
-def _status(
-    kind: str,
-    subject: str,
-    cert: x509.Certificate,
-    issuer: str,
-    revoked: bool,
-    active: bool,
-    now: datetime,
-) -> CertStatus:
-    total = (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
-    left = (cert.not_valid_after_utc - now).total_seconds()
-    return CertStatus(
-        kind,
-        subject,
-        f"{cert.serial_number:x}",
-        issuer,
-        cert.not_valid_after_utc.isoformat(),
-        int(left),
-        round(max(0.0, left / total), 4),
-        revoked,
-        active,
-    )
+def peers_behind(bundle_file: Path, peers: list[str]) -> list[tuple[str, int | None, int]]:
+    """Peers that have not fetched the bundle at ``bundle_file``: (district, fetched, current).
 
-
-def _revoked_serials(paths: DistrictPaths) -> set[tuple[str, int]]:
-    if not paths.crl.exists():
-        return set()
-    return {
-        (crl_issuer_id(c), r.serial_number) for c in load_crls(paths.crl.read_bytes()) for r in c
-    }
-
-
-def leaf_statuses(paths: DistrictPaths, now: datetime) -> list[CertStatus]:
-    revoked = _revoked_serials(paths)
+    Read from what the node notes when it serves the bundle
+    (:func:`broker.trust.bundle.note_served`).
+    """
+    held = read_bundle(bundle_file)
+    if held is None:
+        raise CertOpsError(f"no bundle at {bundle_file}")
+    current = Bundle.parse(held.document).sequence
+    served = read_served(bundle_file)
     out = []
-    for ident, cert in leaf_certificates(paths):
-        issuer = issuer_id(cert)
-        out.append(
-            _status(
-                ident.role.value,
-                ident.spiffe_id,
-                cert,
-                issuer,
-                (issuer, cert.serial_number) in revoked,
-                False,
-                now,
-            )
-        )
+    for d in peers:
+        fetched = served[d][0] if d in served else None
+        if fetched is None or fetched < current:
+            out.append((d, fetched, current))
     return out
-
-
-def status(paths: DistrictPaths, now: datetime) -> list[CertStatus]:
-    """Every trusted CA and every leaf certificate of the district, with time left."""
-    active = active_ca_id(paths)
-    cas = []
-    for i in trusted_ca_ids(paths):
-        cert = x509.load_pem_x509_certificate(paths.ca_files(i)[0].read_bytes())
-        cas.append(_status("ca", cert.subject.rfc4514_string(), cert, i, False, i == active, now))
-    return cas + leaf_statuses(paths, now)

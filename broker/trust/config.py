@@ -39,7 +39,8 @@ class TLSConfig:
             (operators) and this node's certificate chain to it.
         cert_file: PEM of this node's certificate.
         key_file: PEM of this node's private key (mode 0600).
-        crl_file: PEM revocation list(s) signed by this district's CA(s).
+        crl_file: PEM revocation list(s) signed by this district's CA(s);
+            required: a node that cannot read it does not start.
         min_version: lowest TLS version a call may arrive over ("1.2" or "1.3");
             gRPC Python cannot set it on the socket, so it is enforced per call.
         max_connection_age_s: connections are closed (gracefully) after this
@@ -50,7 +51,7 @@ class TLSConfig:
     ca_file: Path
     cert_file: Path
     key_file: Path
-    crl_file: Path | None = None
+    crl_file: Path
     min_version: str = "1.3"
     max_connection_age_s: int = 300
     reload_interval_ms: int = 1000
@@ -87,10 +88,19 @@ class TrustConfig:
         bundle_file: this district's own signed bundle (``certs/<d>/bundle.json``),
             served to peers by ``Trust.GetBundle``; ``None`` serves none.
         bundle_refresh_s: how often each peer's bundle is fetched.
+        max_bundle_age_s: a peer bundle issued longer ago than this (the home
+            republishes daily) turns that peer's health NOT_SERVING: someone
+            may be withholding the newer one.
+        bundle_hard_age_s: past this, the peer is not trusted at all.
+        crl_state_file: where the highest revocation-list number accepted per
+            CA is kept, so that a restart cannot accept an older list again.
     """
 
     bundle_file: Path | None = None
     bundle_refresh_s: int = 30
+    max_bundle_age_s: int = 2 * 86_400
+    bundle_hard_age_s: int = 7 * 86_400
+    crl_state_file: Path | None = None
 
 
 class TrustSettings(Protocol):

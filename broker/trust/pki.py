@@ -2,16 +2,22 @@
 
 Every district has its own CA. Leaf certificates name their holder in a URI
 SAN (``spiffe://<district>.yikatong.cy/node`` or ``.../operator/<id>``) plus
-a DNS SAN for hostname checks. Keys are ECDSA P-256, written with mode 0600
-and never printed. Where these live on disk, and the operations on them, is
-:mod:`broker.trust.certops`.
+DNS SANs for hostname checks, never a wildcard. Keys are ECDSA P-256, written
+with mode 0600 and never printed. Files are written durably (temp file and
+its directory fsync'ed around the rename), and :func:`locked` serialises
+writers of one store across processes. Where these live on disk, and the
+operations on them, is :mod:`broker.trust.certops`.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -99,7 +105,13 @@ def issue(
     days: int = LEAF_DAYS,
     extra_dns: tuple[str, ...] = (),
 ) -> KeyPair:
-    """Issue a leaf certificate for ``ident`` signed by ``ca``."""
+    """Issue a leaf certificate for ``ident`` signed by ``ca``, with ``extra_dns`` SANs too.
+
+    Raises ``ValueError`` for a wildcard name: a certificate answers for the
+    names it lists and no others.
+    """
+    if any("*" in name for name in extra_dns):
+        raise ValueError(f"no wildcard DNS names in a certificate: {extra_dns}")
     key = ec.generate_private_key(ec.SECP256R1())
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     if ident.role is Role.NODE:
@@ -142,23 +154,112 @@ def issue(
     return KeyPair(cert, key)
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Write secret bytes atomically with mode 0600 (the temp file is 0600 from birth)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(directory: Path) -> None:
+    """Create ``directory`` and missing parents, each entry made durable in its parent."""
+    if directory.is_dir():
+        return
+    _make_dirs(directory.parent)
+    directory.mkdir(exist_ok=True)
+    _fsync_dir(directory.parent)
+
+
+def _write_durably(path: Path, data: bytes, mode: int) -> None:
+    """Temp file (``mode`` from birth), fsync, rename over ``path``, fsync the directory.
+
+    A crash leaves the old file or the new one, never a torn or empty one, and
+    once this returns the new one survives a power cut.
+    """
+    _make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write secret bytes atomically and durably with mode 0600 (0600 from birth)."""
+    _write_durably(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Write bytes anyone may read, atomically and durably."""
+    _write_durably(path, data, 0o644)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line to a log and fsync it (and its directory when the log is new)."""
+    _make_dirs(path.parent)
+    new = not path.exists()
+    with path.open("a") as fh:
+        fh.write(line.rstrip("\n") + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    if new:
+        _fsync_dir(path.parent)
+
+
+@dataclass
+class _Hold:
+    """This process's hold on one lock file: which thread, how deep, the locked descriptor."""
+
+    thread: threading.RLock = field(default_factory=threading.RLock)
+    depth: int = 0
+    fd: int = -1
+
+
+# flock() conflicts between two descriptors of one process too, so nested
+# holds must share one descriptor: this table is what makes :func:`locked`
+# re-entrant. It only ever maps a lock file to its hold.
+_holds: dict[str, _Hold] = {}
+_holds_guard = threading.Lock()
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created, 0600, if missing).
+
+    Other processes (and other threads) wait until it is released; within one
+    thread it is re-entrant, so an operation made of locked operations takes
+    it once. ``fcntl.flock``: released by the kernel if the process dies.
+    """
+    key = str(path.resolve())
+    with _holds_guard:
+        hold = _holds.setdefault(key, _Hold())
+    with hold.thread:
+        if hold.depth == 0:
+            _make_dirs(path.parent)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            hold.fd = fd
+        hold.depth += 1
+        try:
+            yield
+        finally:
+            hold.depth -= 1
+            if hold.depth == 0:
+                fd, hold.fd = hold.fd, -1
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
 
 
 def save(pair: KeyPair, cert_path: Path, key_path: Path) -> None:
@@ -188,7 +289,11 @@ def build_crl(
     now: datetime,
     days: int = CRL_DAYS,
 ) -> x509.CertificateRevocationList:
-    """A revocation list signed by ``ca`` listing ``(serial, revoked_at)`` pairs."""
+    """A revocation list signed by ``ca`` listing ``(serial, revoked_at)`` pairs.
+
+    The caller numbers it: ``number`` must be above that of the CA's previous
+    list (:func:`crl_number`), 1 for a CA's first; readers keep the highest.
+    """
     builder = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.cert.subject)
@@ -204,6 +309,11 @@ def build_crl(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
         )
     return builder.sign(ca.key, hashes.SHA256())
+
+
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL number :func:`build_crl` was given: each list of a CA must carry a higher one."""
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
 
 
 def crl_pem(crl: x509.CertificateRevocationList) -> bytes:

@@ -3,27 +3,39 @@
 tests/cli/test_main.py covers key modes, SPIFFE identities, init-ca twice, issue with
 both kinds and a bad operator id; tests/trust/test_certops.py covers status --json after
 ageing, renew-due and revoke of a known serial. These add what the CLI itself decides:
-which flag combinations and values it refuses, rotate, rotate-ca's stages, status's
-table form and exit code, and how it treats a district it has no CA for.
+which flag combinations and values it refuses, rotate (with --revoke-old and
+--next-epoch), rotate-ca's stages, status's table form, --all and exit code, serial,
+epoch and publish-epoch, and how it treats a district it has no CA for. At the end:
+the runbook's marked blocks (tests/runbook.py) run as written against a real store,
+and a running node refusing an operator's certificate retired by rotate --revoke-old.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 
+from broker._proto.yikatong.v1 import gate_pb2
+from broker.cards.model import CardRef
 from broker.cli.main import main
 from broker.trust import certops
-from broker.trust.bundle import verify
+from broker.trust.bundle import Bundle, verify
 from broker.trust.certops import DistrictPaths
 from broker.trust.identity import node_identity, operator_identity
-from broker.trust.pki import ca_id
+from broker.trust.pki import build_crl, ca_id, crl_number, crl_pem, load_crls, write_public
 from broker.trust.tls import spiffe_ids
+from tests.conftest import DAZU, Cluster
+from tests.helpers import channel, check_request, gate_stub
+from tests.runbook import RunbookError, blocks, run_block
 
 D = "500111"
 
@@ -157,7 +169,8 @@ def test_rotate_of_a_missing_identity_fails_clearly_and_issues_nothing(root: Pat
 def test_rotate_of_a_district_without_anything_fails(tmp_path: Path):
     result = certs(tmp_path / "certs", "rotate", "--district", D, "--node")
     assert result.exit_code == 1
-    assert "no certificate for" in flat(result.output)
+    assert f"no CA for district {D}" in flat(result.output)
+    assert not (tmp_path / "certs").exists()
 
 
 @pytest.mark.parametrize("flags", [(), ("--node", "--operator", "bus-01")])
@@ -209,12 +222,6 @@ def test_status_table_exits_1_and_says_renew_when_a_certificate_is_nearly_expire
     assert "operator" in result.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker/cli/certs.py:170: once a warning widens the status table past its "
-    "160 columns, serials and subjects are cut with '…', yet revoke --serial asks for the "
-    "serial 'as `certs status` prints it'",
-)
 def test_status_table_prints_serials_and_subjects_whole_when_warning(root: Path, now: datetime):
     paths = DistrictPaths(root, D)
     certops.issue_to_files(paths, operator_identity(D, "bus-01"), now - timedelta(hours=60), 3)
@@ -239,30 +246,31 @@ def test_renew_due_renews_nothing_on_a_fresh_district(root: Path):
     assert DistrictPaths(root, D).node_cert.read_bytes() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker/cli/certs.py:110: renew-due of a district with no CA (a typo in "
-    "--district or --dir of a timer) reports '0 certificate(s) renewed' and exits 0",
-)
 def test_renew_due_of_a_district_without_a_ca_fails(tmp_path: Path):
+    """A typo in --district or --dir of a timer is an error, not '0 renewed'."""
     result = certs(tmp_path / "certs", "renew-due", "--district", D)
     assert result.exit_code == 1
+    assert f"no CA for district {D}" in flat(result.output)
+    assert not (tmp_path / "certs").exists()
 
 
 def test_rotate_ca_stages_through_the_cli_and_refuses_them_out_of_order(root: Path):
     paths = DistrictPaths(root, D)
     first = certops.active_ca_id(paths)
-    retire_early = certs(root, "rotate-ca", "--district", D, "--stage", "retire")
+    # No node here to note peers' fetches: --force skips that check (tested with a node in
+    # tests/e2e/test_missed_rotation.py); the stages' own order is still enforced.
+    retire_early = certs(root, "rotate-ca", "--district", D, "--stage", "retire", "--force")
     assert retire_early.exit_code == 1 and "nothing to retire" in flat(retire_early.output)
     published = certs(root, "rotate-ca", "--district", D, "--stage", "publish")
     assert published.exit_code == 0, published.output
     assert f"{first} still signs" in flat(published.output)
     again = certs(root, "rotate-ca", "--district", D, "--stage", "publish")
     assert again.exit_code == 1 and "already under way" in flat(again.output)
-    assert certs(root, "rotate-ca", "--district", D, "--stage", "activate").exit_code == 0
+    activated = certs(root, "rotate-ca", "--district", D, "--stage", "activate", "--force")
+    assert activated.exit_code == 0, activated.output
     second = certops.active_ca_id(paths)
     assert second != first
-    retired = certs(root, "rotate-ca", "--district", D, "--stage", "retire")
+    retired = certs(root, "rotate-ca", "--district", D, "--stage", "retire", "--force")
     assert retired.exit_code == 0, retired.output
     assert certops.trusted_ca_ids(paths) == [second]
     # Node and operator were re-issued by the new CA at activation: status still passes.
@@ -279,7 +287,7 @@ def test_rotate_ca_refuses_an_unknown_stage(root: Path):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG broker/trust/certops.py:313 (leaf_certificates): an unreadable .pem under "
+    reason="BUG broker/trust/certstore.py (leaf_certificates): an unreadable .pem under "
     "operators/ raises ValueError, and `certs status` dies with a traceback",
 )
 def test_status_reports_an_unreadable_certificate_file_clearly(root: Path):
@@ -289,3 +297,283 @@ def test_status_reports_an_unreadable_certificate_file_clearly(root: Path):
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)  # a reported error, not a crash
     assert "junk.pem" in flat(result.output)
+
+
+# ------------------------------------------------------------------ rotate: distrusted keys
+
+
+def serial_hex(path: Path) -> str:
+    return f"{load(path).serial_number:x}"
+
+
+def status_rows(root: Path, *flags: str) -> dict[str, dict[str, object]]:
+    result = certs(root, "status", "--district", D, "--json", *flags)
+    assert result.exit_code == 0, result.output
+    return {str(r["serial"]): r for r in json.loads(result.output)}
+
+
+def test_rotate_revoke_old_revokes_the_old_serial_and_status_all_shows_both(root: Path):
+    paths = DistrictPaths(root, D)
+    old = serial_hex(paths.operator_cert("bus-01"))
+    result = certs(root, "rotate", "--district", D, "--operator", "bus-01", "--revoke-old")
+    assert result.exit_code == 0, result.output
+    new = serial_hex(paths.operator_cert("bus-01"))
+    out = flat(result.output)
+    assert f"(serial {new})" in out
+    assert f"old serial {old} revoked in the list of CA {certops.active_ca_id(paths)}" in out
+    (crl,) = load_crls(paths.crl.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(int(old, 16)) is not None
+    assert crl.get_revoked_certificate_by_serial_number(int(new, 16)) is None
+    assert old not in status_rows(root)  # without --all: only what is held now
+    rows = status_rows(root, "--all")
+    assert rows[old]["revoked"] is True and rows[old]["current"] is False
+    assert rows[old]["warning"] == "revoked"
+    assert rows[new]["revoked"] is False and rows[new]["current"] is True
+    assert rows[new]["warning"] == ""
+
+
+def test_rotate_without_revoke_old_says_the_old_certificate_stays_valid(root: Path):
+    paths = DistrictPaths(root, D)
+    old = serial_hex(paths.operator_cert("bus-01"))
+    result = certs(root, "rotate", "--district", D, "--operator", "bus-01")
+    assert f"old serial {old} stays valid until it expires" in flat(result.output)
+    assert status_rows(root, "--all")[old]["warning"] == "replaced, still valid until it expires"
+
+
+def test_status_all_table_marks_replaced_certificates(root: Path):
+    assert certs(root, "rotate", "--district", D, "--operator", "bus-01").exit_code == 0
+    result = certs(root, "status", "--district", D, "--all")
+    assert result.exit_code == 0, result.output
+    assert "(replaced)" in result.output and "still valid" in flat(result.output)
+    assert "(replaced)" not in certs(root, "status", "--district", D).output
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (("--node", "--revoke-old"), "once its new one is deployed"),
+        (("--operator", "bus-01", "--next-epoch"), "use it with --node"),
+    ],
+)
+def test_rotate_refuses_revoke_old_for_the_node_and_next_epoch_for_operators(
+    root: Path, flags: tuple[str, ...], message: str
+):
+    before = {f: f.read_bytes() for f in sorted(root.rglob("*.pem"))}
+    result = certs(root, "rotate", "--district", D, *flags)
+    assert result.exit_code == 1 and message in flat(result.output)
+    assert {f: f.read_bytes() for f in sorted(root.rglob("*.pem"))} == before
+
+
+def test_serial_prints_the_serial_held_now(root: Path):
+    paths = DistrictPaths(root, D)
+    node = certs(root, "serial", "--district", D, "--node")
+    assert node.exit_code == 0 and node.output == serial_hex(paths.node_cert) + "\n"
+    op = certs(root, "serial", "--district", D, "--operator", "bus-01")
+    assert op.output.strip() == serial_hex(paths.operator_cert("bus-01"))
+    missing = certs(root, "serial", "--district", D, "--operator", "ghost-01")
+    assert missing.exit_code == 1 and "no certificate for" in flat(missing.output)
+
+
+# ------------------------------------------------------------------ node epochs
+
+
+def test_a_node_epoch_move_through_the_cli(root: Path):
+    paths = DistrictPaths(root, D)
+    assert flat(certs(root, "epoch", "--district", D).output) == (
+        f"epoch 1: e1.node.{D}.yikatong.cy"
+    )
+    early = certs(root, "publish-epoch", "--district", D)
+    assert early.exit_code == 1 and "no node epoch move is pending" in flat(early.output)
+    old = serial_hex(paths.node_cert)
+    moved = certs(root, "rotate", "--district", D, "--node", "--next-epoch")
+    assert moved.exit_code == 0, moved.output
+    out = flat(moved.output)
+    assert f"names e1.node.{D}.yikatong.cy and e2.node.{D}.yikatong.cy" in out
+    assert f"`broker certs revoke --serial {old}`" in out
+    assert "moving to epoch 2" in flat(certs(root, "epoch", "--district", D).output)
+    too_soon = certs(root, "revoke", "--district", D, "--serial", old)
+    assert too_soon.exit_code == 1 and "publish-epoch` first" in flat(too_soon.output)
+    published = certs(root, "publish-epoch", "--district", D)
+    assert published.exit_code == 0, published.output
+    assert f"bundle 2 names the node e2.node.{D}.yikatong.cy" in flat(published.output)
+    assert certs(root, "revoke", "--district", D, "--serial", old).exit_code == 0
+
+
+def test_epoch_of_a_district_without_a_ca_fails(tmp_path: Path):
+    result = certs(tmp_path / "certs", "epoch", "--district", D)
+    assert result.exit_code == 1 and f"no CA for district {D}" in flat(result.output)
+
+
+def test_revoke_force_revokes_a_node_serial_during_a_move(root: Path):
+    paths = DistrictPaths(root, D)
+    old = serial_hex(paths.node_cert)
+    assert certs(root, "rotate", "--district", D, "--node", "--next-epoch").exit_code == 0
+    forced = certs(root, "revoke", "--district", D, "--serial", old, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert status_rows(root, "--all")[old]["revoked"] is True
+
+
+# ------------------------------------------------------------------ renew-due output
+
+
+def test_renew_due_re_signs_a_list_lapsing_tomorrow_and_says_what_it_published(
+    root: Path, now: datetime
+):
+    """A list written with one day left (an old timer's last run) is re-signed now."""
+    paths = DistrictPaths(root, D)
+    ca = certops.active_ca(paths)
+    (crl,) = load_crls(paths.crl.read_bytes())
+    write_public(paths.crl, crl_pem(build_crl(ca, [], crl_number(crl) + 1, now, days=1)))
+    result = certs(root, "renew-due", "--district", D)
+    assert result.exit_code == 0, result.output
+    out = flat(result.output)
+    assert f"re-signed the revocation list of CA {ca_id(ca.cert)}" in out
+    assert "bundle 2 published" in out and "0 certificate(s) renewed" in out
+    (renewed,) = load_crls(paths.crl.read_bytes())
+    assert crl_number(renewed) == crl_number(crl) + 2
+
+
+# ------------------------------------------------------------------ runbook blocks
+
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def test_blocks_returns_each_marked_sh_block_in_order(tmp_path: Path):
+    doc = tmp_path / "ops.md"
+    doc.write_text(
+        "# ops\n"
+        "<!-- runbook: demo -->\n```sh\necho one\necho two\n```\n"
+        "```sh\necho unmarked\n```\n"
+        "<!-- runbook: other -->\n```bash\necho other\n```\n"
+        "<!-- runbook: demo -->\n```sh\necho three\n```\n"
+    )
+    assert blocks(doc, "demo") == ["echo one\necho two\n", "echo three\n"]
+    assert blocks(doc, "other") == ["echo other\n"]
+    assert blocks(doc, "missing") == []
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("<!-- runbook: demo -->\n\n```sh\necho x\n```\n", "followed at once"),
+        ("<!-- runbook: demo -->\n```python\nprint()\n```\n", "followed at once"),
+        ("<!-- runbook: demo -->\n```sh\necho x\n", "never closed"),
+        ("<!-- runbook: demo -->\n", "followed at once"),
+    ],
+)
+def test_a_marker_without_a_whole_sh_block_is_an_error(tmp_path: Path, text: str, reason: str):
+    doc = tmp_path / "ops.md"
+    doc.write_text(text)
+    with pytest.raises(RunbookError, match=reason):
+        blocks(doc, "demo")
+
+
+def test_run_block_uses_bash_strict_mode_the_given_variables_and_the_venvs_broker(
+    tmp_path: Path,
+):
+    ok = run_block('echo "$DISTRICT"; command -v broker', {"DISTRICT": D}, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    district, where = ok.stdout.split()
+    assert district == D and Path(where).parent == Path(sys.executable).parent
+    assert run_block('echo "$UNSET_RUNBOOK_VAR"', {}).returncode != 0  # -u
+    assert run_block("false | true\necho after", {}).stdout == ""  # -o pipefail, -e
+
+
+def test_the_runbooks_marked_blocks_are_found():
+    assert len(blocks(OPERATIONS, "compromised-node-key")) == 3
+    assert len(blocks(OPERATIONS, "distrusted-operator-key")) == 1
+
+
+def test_the_runbooks_compromised_node_key_procedure_runs_as_written(root: Path):
+    """Steps 1, 3 and 4 of the runbook against a real store; step 2 is a file copy."""
+    paths = DistrictPaths(root, D)
+    env = {"DIR": str(root), "DISTRICT": D}
+    old = load(paths.node_cert)
+    bundle_before = certops.read_bundle(paths.bundle)
+    assert bundle_before is not None
+    issue_step, publish_step, revoke_step = blocks(OPERATIONS, "compromised-node-key")
+
+    done = run_block(issue_step, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{old.serial_number:x}" in done.stdout  # what the operator notes for step 4
+    moving = load(paths.node_cert)
+    assert [
+        f"node.{D}.yikatong.cy",
+        f"e1.node.{D}.yikatong.cy",
+        f"e2.node.{D}.yikatong.cy",
+    ] == moving.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    ).value.get_values_for_type(x509.DNSName)
+
+    done = run_block(publish_step, env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    signed = certops.read_bundle(paths.bundle)
+    assert signed is not None
+    bundle = verify(signed, D, Bundle.parse(bundle_before.document).cas(), 1)  # a peer's check
+    assert bundle.node_name == f"e2.node.{D}.yikatong.cy"
+
+    done = run_block(revoke_step, {**env, "OLD_SERIAL": f"{old.serial_number:x}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    (crl,) = load_crls(paths.crl.read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(old.serial_number) is not None
+    assert crl.get_revoked_certificate_by_serial_number(moving.serial_number) is None
+    held = certops.read_bundle(paths.bundle)
+    assert held is not None and crl_pem(crl).decode() in Bundle.parse(held.document).crls_pem
+
+
+def test_the_runbooks_distrusted_operator_key_block_runs_as_written(root: Path):
+    paths = DistrictPaths(root, D)
+    old = serial_hex(paths.operator_cert("bus-01"))
+    (block,) = blocks(OPERATIONS, "distrusted-operator-key")
+    done = run_block(block, {"DIR": str(root), "DISTRICT": D, "OPERATOR": "bus-01"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert old in done.stdout and "revoked" in done.stdout
+    assert status_rows(root, "--all")[old]["revoked"] is True
+
+
+# ------------------------------------------------------------------ on a running node
+
+
+async def test_a_running_node_refuses_the_old_certificate_after_rotate_revoke_old(
+    cluster: Cluster,
+):
+    """The distrusted key is refused by the district's own node; the new one is served."""
+    s = cluster.setups[DAZU]
+    card = CardRef(DAZU, s.cards[0].ref.card_number)
+    ca_pem = s.paths.ca_cert.read_bytes()
+    old = s.operator_cert.read_bytes(), s.operator_key.read_bytes()
+    result = await asyncio.to_thread(
+        certs,
+        s.paths.root,
+        "rotate",
+        "--district",
+        DAZU,
+        "--operator",
+        s.operator_id,
+        "--revoke-old",
+    )
+    assert result.exit_code == 0, result.output
+    stale = channel(cluster.nodes[DAZU].address, DAZU, ca_pem, *old)
+    fresh = channel(
+        cluster.nodes[DAZU].address,
+        DAZU,
+        ca_pem,
+        s.operator_cert.read_bytes(),
+        s.operator_key.read_bytes(),
+    )
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                await gate_stub(stale).Check(check_request(card, s.operator_id), timeout=5)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert "revoked" in (exc.details() or "")
+                break
+            assert time.monotonic() < deadline, "the old certificate was still served after 5 s"
+            await asyncio.sleep(0.1)
+        decision = await gate_stub(fresh).Check(check_request(card, s.operator_id), timeout=5)
+        assert decision.source == gate_pb2.DECISION_SOURCE_HOME  # answered by its own registry
+    finally:
+        await stale.close()
+        await fresh.close()

@@ -47,6 +47,7 @@ def setup_district(tmp_path: Path) -> Path:
         'district = "500111"\nlisten = "127.0.0.1:0"\n'
         '[tls]\nca_file = "certs/500111/ca.pem"\ncert_file = "certs/500111/node.pem"\n'
         'key_file = "certs/500111/node.key"\n'
+        'crl_file = "certs/500111/crl.pem"\n'
         '[registry]\npath = "var/registry.sqlite3"\n'
         '[privacy]\nhash_key_file = "certs/500111/hash.key"\n'
     )

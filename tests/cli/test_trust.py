@@ -26,7 +26,7 @@ from broker.cli.trust import fingerprint
 from broker.node.config import load_config
 from broker.peers.bundles import held_bundle
 from broker.trust import certops
-from broker.trust.bundle import SignedBundle, verify
+from broker.trust.bundle import Bundle, SignedBundle, verify
 from broker.trust.certops import DistrictPaths, RotationStage
 from broker.trust.config import PeerConfig
 
@@ -106,12 +106,14 @@ def setup(tmp_path: Path, now: datetime) -> Setup:
         f'district = "{DAZU}"\nlisten = "127.0.0.1:0"\n'
         f'[tls]\nca_file = "certs/{DAZU}/ca.pem"\ncert_file = "certs/{DAZU}/node.pem"\n'
         f'key_file = "certs/{DAZU}/node.key"\n'
+        f'crl_file = "certs/{DAZU}/crl.pem"\n'
         '[registry]\npath = "var/registry.sqlite3"\n'
         f'[privacy]\nhash_key_file = "certs/{DAZU}/hash.key"\n'
         f'[[peers]]\ndistrict = "{ANYUE}"\naddress = "127.0.0.1:1"\n'
         f'bundle_file = "var/peers/{ANYUE}.bundle.json"\n'
         f'[[peers]]\ndistrict = "{RONGCHANG}"\naddress = "127.0.0.1:2"\n'
         f'ca_file = "certs/{RONGCHANG}/ca.pem"\n'
+        f'crl_file = "certs/{RONGCHANG}/crl.pem"\n'
     )
     exchange = tmp_path / "exchange"
     exchange.mkdir()
@@ -311,3 +313,63 @@ def test_import_of_a_missing_bundle_file_is_a_usage_error(setup: Setup, tmp_path
     result = trust("import", str(tmp_path / "none.json"), "--config", str(setup.config))
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+# ---------------------------------------------------------------- a neighbour that missed a step
+
+
+def rotated_behind_our_back(setup: Setup, now: datetime) -> Path:
+    """Anyue's first bundle imported here; then a whole CA rotation we never saw a bundle of."""
+    first = trust("import", str(setup.export(ANYUE)), "--config", str(setup.config), "--first-use")
+    assert first.exit_code == 0, first.output
+    for stage in (RotationStage.PUBLISH, RotationStage.ACTIVATE, RotationStage.RETIRE):
+        certops.rotate_ca(setup.paths(ANYUE), stage, now)
+    return setup.export(ANYUE)
+
+
+def test_a_bundle_signed_only_by_a_ca_we_never_saw_is_refused_even_on_first_use(
+    setup: Setup, now: datetime
+):
+    latest = rotated_behind_our_back(setup, now)
+    held = held_bundle(setup.peer(ANYUE))
+    for flags in ((), ("--first-use",), ("--replace",)):
+        result = trust("import", str(latest), "--config", str(setup.config), *flags)
+        assert result.exit_code == 1, (flags, result.output)
+    assert held_bundle(setup.peer(ANYUE)) == held
+
+
+def test_first_use_with_replace_re_bootstraps_a_peer_that_missed_a_ca_rotation(
+    setup: Setup, now: datetime
+):
+    latest = rotated_behind_our_back(setup, now)
+    result = trust("import", str(latest), "--config", str(setup.config), "--first-use", "--replace")
+    assert result.exit_code == 0, result.output
+    stored = held_bundle(setup.peer(ANYUE))
+    sent = Bundle.parse(SignedBundle.from_json(latest.read_bytes()).document)
+    assert stored == sent and len(stored.cas_pem) == 1  # only the new CA now
+    assert fingerprint(sent.cas_pem[0]) in "".join(result.stderr.split())
+    again = trust("import", str(latest), "--config", str(setup.config))
+    assert again.exit_code == 0 and "already held" in again.output  # and later ones flow again
+
+
+def test_trust_status_shows_what_each_peer_holds_and_fetched(setup: Setup, now: datetime):
+    from broker.trust.bundle import note_served
+
+    config = setup.config.read_text().replace(
+        "[[peers]]", f'[trust]\nbundle_file = "certs/{DAZU}/bundle.json"\n[[peers]]', 1
+    )
+    setup.config.write_text(config)
+    assert trust("import", str(setup.export(ANYUE)), "--config", str(setup.config), "--first-use")
+    ours = setup.paths(DAZU).bundle
+    before = trust("status", "--config", str(setup.config))
+    assert before.exit_code == 0, before.output
+    lines = {line.split(":")[0]: line for line in before.stdout.splitlines()}
+    assert lines["our bundle"] == "our bundle: sequence 1"
+    assert "held 1 issued" in lines[ANYUE] and "never fetched ours" in lines[ANYUE]
+    assert "none held" in lines[RONGCHANG]
+    note_served(ours, ANYUE, 1, now)
+    certops.rotate_ca(setup.paths(DAZU), RotationStage.PUBLISH, now)  # our bundle: sequence 2
+    after = trust("status", "--config", str(setup.config))
+    lines = {line.split(":")[0]: line for line in after.stdout.splitlines()}
+    assert lines["our bundle"] == "our bundle: sequence 2"
+    assert "fetched our 1 at" in lines[ANYUE] and lines[ANYUE].endswith("(BEHIND)")

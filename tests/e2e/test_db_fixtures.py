@@ -42,7 +42,7 @@ def config(root: Path, ledger: LedgerConfig) -> NodeConfig:
     return NodeConfig(
         district=DAZU,
         listen="127.0.0.1:0",
-        tls=TLSConfig(root / "ca.pem", root / "node.pem", root / "node.key"),  # never read
+        tls=TLSConfig(root / "ca.pem", root / "node.pem", root / "node.key", root / "crl.pem"),
         registry=RegistryConfig(root / "registry.sqlite3"),
         privacy=PrivacyConfig(root / "hash.key"),
         ledger=ledger,

@@ -15,6 +15,7 @@ listen = "127.0.0.1:0"
 ca_file = "ca.pem"
 cert_file = "node.pem"
 key_file = "node.key"
+crl_file = "crl.pem"
 [registry]
 path = "r.sqlite3"
 [privacy]

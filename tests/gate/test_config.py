@@ -19,6 +19,7 @@ listen = "127.0.0.1:0"
 ca_file = "c/ca.pem"
 cert_file = "c/node.pem"
 key_file = "c/node.key"
+crl_file = "c/crl.pem"
 [registry]
 path = "var/r.sqlite3"
 [privacy]

@@ -14,7 +14,7 @@ import pytest
 
 from broker.core.errors import ConfigError
 from broker.node import config as config_module
-from broker.node.config import NodeConfig, load_config, parse_config, render_config
+from broker.node.config import BOUNDS, NodeConfig, load_config, parse_config, render_config
 
 MINIMAL = """
 district = "500111"
@@ -23,6 +23,7 @@ listen = "127.0.0.1:0"
 ca_file = "c/ca.pem"
 cert_file = "c/node.pem"
 key_file = "c/node.key"
+crl_file = "c/crl.pem"
 [registry]
 path = "var/r.sqlite3"
 [privacy]
@@ -31,6 +32,7 @@ hash_key_file = "c/hash.key"
 district = "512021"
 address = "127.0.0.1:5000"
 ca_file = "/abs/anyue-ca.pem"
+crl_file = "/abs/anyue-crl.pem"
 """
 
 
@@ -196,3 +198,120 @@ def test_unset_optional_sections_are_left_out_of_the_rendered_toml(tmp_path: Pat
     text = render_config(load_config(write(tmp_path, MINIMAL), env={}))
     doc = tomllib.loads(text)
     assert "ledger" not in doc and "settlement" not in doc and "fares" not in doc
+
+
+def with_key(dotted: str, value: str) -> str:
+    """MINIMAL with ``section.key = value`` set (the section added when MINIMAL has none)."""
+    section, key = dotted.split(".")
+    if f"[{section}]\n" in MINIMAL:
+        return MINIMAL.replace(f"[{section}]\n", f"[{section}]\n{key} = {value}\n")
+    return MINIMAL + f"[{section}]\n{key} = {value}\n"
+
+
+INTERVALS = [
+    "tls.max_connection_age_s",
+    "tls.reload_interval_ms",
+    "trust.bundle_refresh_s",
+    "peering.deadline_ms",
+    "cache.redis_timeout_ms",
+]
+
+
+@pytest.mark.parametrize("key", INTERVALS)
+def test_a_zero_interval_is_refused_naming_the_key(tmp_path: Path, key: str):
+    """A zero reload interval would spin the event loop; a zero deadline refuse every peer."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be from 1 to \d+, not 0$"):
+        load_config(write(tmp_path, with_key(key, "0")), env={})
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("tls.reload_interval_ms", "3600001"),
+        ("tls.max_connection_age_s", "86401"),
+        ("trust.bundle_refresh_s", "86401"),
+        ("peering.deadline_ms", "60001"),
+        ("cache.redis_timeout_ms", "60001"),
+        ("cache.local_max_entries", "10000001"),
+        ("cache.max_ttl_seconds", "86401"),
+        ("recognition.cache_ttl_seconds", "-1"),
+        ("recognition.unknown_ttl_seconds", "86401"),
+        ("cache.unknown_ttl_seconds", "-1"),
+    ],
+)
+def test_a_value_outside_its_range_is_refused_naming_the_key(tmp_path: Path, key, value):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be from -?\d+ to \d+"):
+        load_config(write(tmp_path, with_key(key, value)), env={})
+
+
+@pytest.mark.parametrize("value", ["1.5", "true", '"300"'])
+def test_an_integer_key_refuses_other_types_naming_the_key(tmp_path: Path, value: str):
+    with pytest.raises(ConfigError, match=r"^peering\.deadline_ms must be an integer from 1 to"):
+        load_config(write(tmp_path, with_key("peering.deadline_ms", value)), env={})
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "cache.local_max_entries",  # no in-process tier
+        "cache.unknown_ttl_seconds",  # UNKNOWN answers are not cached
+        "cache.max_ttl_seconds",
+        "recognition.cache_ttl_seconds",  # peers are told not to cache
+        "recognition.unknown_ttl_seconds",
+    ],
+)
+def test_zero_is_kept_where_it_means_do_not_cache(tmp_path: Path, key: str):
+    cfg = load_config(write(tmp_path, with_key(key, "0")), env={})
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == 0
+
+
+def test_each_documented_integer_key_takes_both_ends_of_its_range(tmp_path: Path):
+    documented = _documented_keys(_documented_example())
+    for (section_cls, name), bound in BOUNDS.items():
+        section = next(
+            f.name
+            for f in dataclasses.fields(NodeConfig)
+            if typing.get_type_hints(NodeConfig)[f.name] is section_cls
+        )
+        if f"{section}.{name}" not in documented:
+            continue  # not read from node.toml (yet): test_every_key_the_node_reads_... says so
+        for value in (bound.low, bound.high):
+            cfg = load_config(write(tmp_path, with_key(f"{section}.{name}", str(value))), env={})
+            assert getattr(getattr(cfg, section), name) == value
+
+
+def _int_fields(cls: type) -> set[tuple[type, str]]:
+    hints = typing.get_type_hints(cls)
+    return {(cls, f.name) for f in dataclasses.fields(cls) if hints[f.name] is int}
+
+
+def test_every_integer_key_of_node_toml_has_a_range_and_every_range_a_key():
+    sections = set()
+    for f in dataclasses.fields(NodeConfig):
+        hint = typing.get_type_hints(NodeConfig)[f.name]
+        section = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint
+        if isinstance(section, type) and dataclasses.is_dataclass(section):
+            sections.add(section)
+    assert set().union(*(_int_fields(cls) for cls in sections)) == set(BOUNDS)
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "60001", "99999999999999999999"])
+def test_a_deadline_override_out_of_range_is_refused_naming_the_variable(tmp_path: Path, raw):
+    with pytest.raises(
+        ConfigError, match=rf"^YIKATONG_PEER_DEADLINE_MS must be from 1 to 60000, not {raw}$"
+    ):
+        load_config(write(tmp_path, MINIMAL), env={"YIKATONG_PEER_DEADLINE_MS": raw})
+
+
+def test_a_deadline_override_at_the_ends_of_its_range_is_taken(tmp_path: Path):
+    for raw in ("1", "60000"):
+        cfg = load_config(write(tmp_path, MINIMAL), env={"YIKATONG_PEER_DEADLINE_MS": raw})
+        assert cfg.peering.deadline_ms == int(raw)
+
+
+def test_an_override_is_checked_even_when_the_file_is_fine(tmp_path: Path):
+    """The variable replaces a valid value: the bound is applied to what the node will use."""
+    text = with_key("peering.deadline_ms", "300")
+    with pytest.raises(ConfigError, match="YIKATONG_PEER_DEADLINE_MS"):
+        load_config(write(tmp_path, text), env={"YIKATONG_PEER_DEADLINE_MS": "0"})

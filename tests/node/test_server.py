@@ -17,9 +17,11 @@ from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
 from broker.core.errors import ConfigError
 from broker.node.config import load_config
 from broker.node.server import SERVICE_NAMES, Node, server_options
+from broker.peers.bundles import FAILURES_UNHEALTHY
 from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.testbed.build import DistrictSetup
-from tests.conftest import DAZU
+from broker.trust.store import CRL_HEALTH, peer_health_name
+from tests.conftest import ANYUE, DAZU, RONGCHANG
 from tests.helpers import channel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -38,6 +40,7 @@ listen = "127.0.0.1:0"
 ca_file = "ca.pem"
 cert_file = "node.pem"
 key_file = "node.key"
+crl_file = "crl.pem"
 {extra}
 [registry]
 path = "r.sqlite3"
@@ -180,5 +183,65 @@ async def test_health_turns_not_serving_while_the_nodes_own_certificate_is_expir
         now[0] = datetime.now(UTC)  # e.g. a renewed certificate, or the clock put right
         node.request_reload()
         await wait_for(SERVING)
+    finally:
+        await node.stop(grace=0.2)
+
+
+# ----------------------------------------------------------------------------- trust health
+# Per-component names beside the overall "" (issue 10): they never change "" by themselves.
+
+
+async def health_of(node: Node, service: str) -> int:
+    resp = await node.health.Check(health_pb2.HealthCheckRequest(service=service), None)
+    return int(resp.status)
+
+
+async def until_health(node: Node, service: str, want: int, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while await health_of(node, service) != want:
+        assert time.monotonic() < deadline, f"{service} never became {want}"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_peers_health_fails_after_three_failed_fetches_and_returns_with_one_success(
+    districts: dict[str, DistrictSetup],
+) -> None:
+    """Only Dazu runs: its refresher (every second) cannot fetch its peers' bundles."""
+    cfg = districts[DAZU].config
+    dazu = await Node.start(replace(cfg, tls=replace(cfg.tls, reload_interval_ms=100)))
+    anyue: Node | None = None
+    try:
+        refresher = dazu.refresher
+        assert refresher is not None
+        await until_health(dazu, peer_health_name(ANYUE), NOT_SERVING)
+        assert refresher.failures[ANYUE] >= FAILURES_UNHEALTHY
+        assert dazu.trust.health()[peer_health_name(ANYUE)] is True  # its trust itself is fine
+        assert await health_of(dazu, "") == SERVING
+        assert await health_of(dazu, CRL_HEALTH) == SERVING
+
+        anyue = await Node.start(districts[ANYUE].config)  # the peer comes up
+        await until_health(dazu, peer_health_name(ANYUE), SERVING)
+        assert refresher.failures[ANYUE] == 0
+        assert await health_of(dazu, peer_health_name(RONGCHANG)) == NOT_SERVING  # still down
+    finally:
+        if anyue is not None:
+            await anyue.stop(grace=0.2)
+        await dazu.stop(grace=0.2)
+
+
+async def test_a_lapsed_revocation_list_turns_crl_health_not_serving_and_only_that(
+    districts: dict[str, DistrictSetup],
+) -> None:
+    now = [datetime.now(UTC)]
+    node = await Node.start(districts[DAZU].config, clock=lambda: now[0])
+    try:
+        assert await health_of(node, CRL_HEALTH) == SERVING
+        (own,) = node.trust.current.districts[DAZU].crls.values()
+        assert own.next_update is not None
+        now[0] = own.next_update + timedelta(seconds=1)  # renew-due missed for a week
+        await until_health(node, CRL_HEALTH, NOT_SERVING, within_s=5.0)
+        assert await health_of(node, "") == SERVING  # the node's own certificate is valid
+        for service in OUR_SERVICES:
+            assert await health_of(node, service) == SERVING, service
     finally:
         await node.stop(grace=0.2)

@@ -16,7 +16,7 @@ from broker._proto.yikatong.v1 import trust_pb2, trust_pb2_grpc
 from broker.core.errors import ConfigError
 from broker.node.trust_api import TrustServicer
 from broker.trust import certops
-from broker.trust.bundle import SignedBundle, verify
+from broker.trust.bundle import Bundle, SignedBundle, read_served, served_path, verify
 from tests.conftest import ANYUE, DAZU, Cluster
 from tests.helpers import node_channel
 
@@ -81,3 +81,30 @@ async def test_through_the_node_a_missing_bundle_is_failed_precondition(cluster:
         await ch.close()
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "cannot be read" in (info.value.details() or "")
+
+
+async def test_which_bundle_each_peer_fetched_is_noted_beside_it(cluster: Cluster) -> None:
+    """What ``broker trust status`` and a CA rotation's activate stage read."""
+    dazu = cluster.setups[DAZU]
+    sequence = Bundle.parse(SignedBundle.from_json(dazu.paths.bundle.read_bytes()).document)
+    ch = node_channel(cluster.nodes[DAZU].address, dazu, cluster.setups[ANYUE])
+    try:
+        await trust_pb2_grpc.TrustStub(ch).GetBundle(trust_pb2.GetBundleRequest(), timeout=5)
+    finally:
+        await ch.close()
+    served = read_served(dazu.paths.bundle)
+    assert served[ANYUE][0] == sequence.sequence
+    assert DAZU not in served  # its own node fetching is not a peer having seen it
+
+
+async def test_a_served_record_that_cannot_be_written_does_not_fail_the_fetch(
+    cluster: Cluster,
+) -> None:
+    dazu = cluster.setups[DAZU]
+    served_path(dazu.paths.bundle).mkdir()  # a directory where the record goes
+    ch = node_channel(cluster.nodes[DAZU].address, dazu, cluster.setups[ANYUE])
+    try:
+        got = await trust_pb2_grpc.TrustStub(ch).GetBundle(trust_pb2.GetBundleRequest(), timeout=5)
+    finally:
+        await ch.close()
+    assert got.document == SignedBundle.from_json(dazu.paths.bundle.read_bytes()).document

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ def home_settings(
     """
     d = root / home.code
     pki.write_public(d / "ca.pem", home.ca.cert_pem())
+    write_crl(home, d / "crl.pem")
     pki.save(home.node, d / "node.pem", d / "node.key")
     configs = []
     for code, (district, address) in peers.items():
@@ -82,13 +83,24 @@ def home_settings(
             continue
         ca_file = root / "peers" / f"{code}.ca.pem"
         pki.write_public(ca_file, district.ca.cert_pem())
-        configs.append(PeerConfig(code, address, ca_file, name))
+        crl_file = write_crl(district, root / "peers" / f"{code}.crl.pem")
+        configs.append(PeerConfig(code, address, ca_file, name, crl_file=crl_file))
     return Settings(
         home.code,
-        TLSConfig(d / "ca.pem", d / "node.pem", d / "node.key"),
+        TLSConfig(d / "ca.pem", d / "node.pem", d / "node.key", d / "crl.pem"),
         tuple(configs),
         TrustConfig(bundle_refresh_s=refresh_s),
     )
+
+
+def write_crl(
+    district: District, path: Path, revoked: tuple[int, ...] = (), number: int = 1
+) -> Path:
+    """Write ``district``'s CA's revocation list (number ``number``) to ``path``."""
+    now = datetime.now(UTC)
+    crl = pki.build_crl(district.ca, [(s, now) for s in revoked], number, now)
+    pki.write_public(path, pki.crl_pem(crl))
+    return path
 
 
 def free_address() -> str:

@@ -9,9 +9,11 @@ fetches from a stand-in peer on loopback (tests/peers/support.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import random
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ from broker.trust.bundle import Bundle, BundleRefused, SignedBundle, issued_now,
 from broker.trust.config import PeerConfig, TLSConfig, node_server_name
 from broker.trust.store import TrustStore
 from tests.peers.support import HOME, PEER, District, PeerServer, Settings, home_settings
+from tests.trust.test_revocation import ca_without_ski, hand_built
 
 
 def bundle(now: datetime, sequence: int, *cas: pki.KeyPair, district: str = PEER) -> Bundle:
@@ -32,7 +35,10 @@ def bundle(now: datetime, sequence: int, *cas: pki.KeyPair, district: str = PEER
         sequence=sequence,
         issued_at=issued_now(now),
         cas_pem=tuple(ca.cert_pem().decode() for ca in cas),
-        crls_pem=(),
+        # Every CA's revocation list, numbered as the bundle so numbers only grow.
+        crls_pem=tuple(
+            pki.crl_pem(pki.build_crl(ca, [], max(sequence, 0), now)).decode() for ca in cas
+        ),
         settlement_keys=(),
     )
 
@@ -327,7 +333,9 @@ async def test_poke_wakes_the_refresher_at_most_once_every_5_s(tmp_path: Path, c
             return False
 
     no_bundle = PeerConfig("500153", "127.0.0.1:1", tmp_path / "ca.pem", node_server_name("500153"))
-    tls = TLSConfig(tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node.key")
+    tls = TLSConfig(
+        tmp_path / "ca.pem", tmp_path / "node.pem", tmp_path / "node.key", tmp_path / "crl.pem"
+    )
     settings = Settings(HOME, tls, (no_bundle, peer_config(tmp_path)))
     # Channels and store are only handed to refresh(), which this test replaces.
     refresher = Counting(settings, None, None, lambda: None)  # type: ignore[arg-type]
@@ -356,3 +364,142 @@ async def test_poke_wakes_the_refresher_at_most_once_every_5_s(tmp_path: Path, c
         with pytest.raises(asyncio.CancelledError):
             await task
     assert rounds == [PEER, PEER, PEER]  # the peer without a bundle_file is never asked
+
+
+# ----------------------------------------------------------------------------- usable bundles
+# accept() applies every check the trust store applies when it loads the file, before writing:
+# a bundle stored that a reload then refuses would leave the peer without trust (issue 10, item 4).
+
+
+def without_aki(now: datetime, sequence: int, ca: pki.KeyPair) -> SignedBundle:
+    """Bundle ``sequence`` of ``ca``, properly signed by it, whose list lacks the AKI."""
+    no_aki = hand_built(ca, now, aki=False, number=sequence).decode()
+    doc = dataclasses.replace(bundle(now, sequence, ca), crls_pem=(no_aki,))
+    return sign(doc, ca)
+
+
+def assert_kept(p: PeerConfig, before: bytes, sequence: int) -> None:
+    assert held_bytes(p) == before
+    held = held_bundle(p)
+    assert held is not None and held.sequence == sequence
+
+
+def test_a_signed_bundle_whose_list_lacks_the_authority_key_id_is_refused(peer, ca, now):
+    before = held_bytes(peer)
+    with pytest.raises(BundleRefused, match=r"not usable: .*lacks its authorityKeyIdentifier"):
+        accept(peer, without_aki(now, 2, ca))
+    assert_kept(peer, before, 1)
+    # The held bundle still loads: the peer stays trusted.
+    store = TrustStore(home_settings_for(peer, now))
+    assert store.current.trusted(PEER) and PEER not in store.current.problems
+
+
+def test_a_first_bundle_whose_list_lacks_the_authority_key_id_is_not_imported(tmp_path, ca, now):
+    p = peer_config(tmp_path)
+    with pytest.raises(BundleRefused, match="lacks its authorityKeyIdentifier"):
+        accept(p, without_aki(now, 1, ca), first_use=True)
+    assert p.bundle_file is not None and not p.bundle_file.exists()
+
+
+def test_a_signed_bundle_adding_a_ca_without_a_subject_key_id_is_refused(peer, ca, now):
+    """Signed by the held CA (a rotation's publish stage), but the new CA has no key id."""
+    before = held_bytes(peer)
+    with pytest.raises(BundleRefused, match=r"not usable: .*has no Subject Key Identifier"):
+        accept(peer, signed(now, 2, ca, ca, ca_without_ski(PEER, now)))
+    assert_kept(peer, before, 1)
+
+
+def test_a_first_bundle_listing_a_ca_without_a_subject_key_id_is_not_imported(tmp_path, ca, now):
+    p = peer_config(tmp_path)
+    with pytest.raises(BundleRefused, match="Subject Key Identifier"):
+        accept(p, signed(now, 1, ca, ca, ca_without_ski(PEER, now)), first_use=True)
+    assert p.bundle_file is not None and not p.bundle_file.exists()
+
+
+def test_a_bundle_older_than_the_hard_age_limit_is_refused(peer, ca, now):
+    """A correctly signed, higher bundle that someone kept back for 8 days (the limit: 7)."""
+    before = held_bytes(peer)
+    with pytest.raises(BundleRefused, match=r"older than trust\.bundle_hard_age_s"):
+        accept(peer, signed(now - timedelta(days=8), 2, ca))
+    assert_kept(peer, before, 1)
+
+
+def test_the_hard_age_limit_is_the_one_configured(peer, ca, now):
+    two_minutes_old = signed(now - timedelta(minutes=2), 2, ca)
+    before = held_bytes(peer)
+    with pytest.raises(BundleRefused, match=r"older than trust\.bundle_hard_age_s \(60 s\)"):
+        accept(peer, two_minutes_old, now=now, hard_age_s=60)
+    assert_kept(peer, before, 1)
+    got = accept(peer, two_minutes_old, now=now, hard_age_s=3600)
+    assert got is not None and got.sequence == 2
+    assert held_bytes(peer) == two_minutes_old.to_json()
+
+
+def home_settings_for(p: PeerConfig, now: datetime) -> Settings:
+    """A home district whose only peer is ``p`` (its bundle already held)."""
+    assert p.bundle_file is not None
+    home = District.make(HOME, now)
+    settings = home_settings(p.bundle_file.parent.parent / "home", home, {})
+    return dataclasses.replace(settings, peers=(p,))
+
+
+# ----------------------------------------------------------------------------- fetching health
+
+
+@pytest.mark.parametrize("failure", ["peer answers an error", "bundle not usable"])
+async def test_fetching_fails_after_three_failed_fetches_and_recovers_on_a_success(
+    refreshing: Refreshing, now: datetime, failure: str
+):
+    r = refreshing
+    unusable = without_aki(now, 2, r.ca)
+    r.server.trust.bundle = None if failure == "peer answers an error" else unusable
+    before = held_bytes(r.peer)
+    for attempt in range(1, 4):
+        assert r.refresher.fetching(PEER) is True, attempt
+        assert await r.refresher.refresh(r.peer) is False
+    assert r.server.trust.calls == 3
+    assert r.refresher.fetching(PEER) is False
+    assert held_bytes(r.peer) == before and r.changes == []
+
+    newer = signed(now, 3, r.ca)
+    r.server.trust.bundle = newer
+    assert await r.refresher.refresh(r.peer) is True
+    assert r.refresher.fetching(PEER) is True
+    assert held_bytes(r.peer) == newer.to_json()
+
+
+async def test_a_fetch_of_the_bundle_already_held_counts_as_a_success(refreshing: Refreshing):
+    r = refreshing
+    r.server.trust.bundle = None
+    for _ in range(3):
+        await r.refresher.refresh(r.peer)
+    assert r.refresher.fetching(PEER) is False
+    r.server.trust.bundle = SignedBundle.from_json(held_bytes(r.peer))
+    assert await r.refresher.refresh(r.peer) is False  # nothing new, but the peer answered
+    assert r.refresher.fetching(PEER) is True
+
+
+def test_concurrent_accepts_never_leave_a_lower_sequence_over_a_higher_one(peer, ca, now):
+    """The refresher and `broker trust import` at once: the lock makes check-and-write one step."""
+    import threading
+
+    bundles = [signed(now, n, ca) for n in range(2, 40)]  # the fixture holds sequence 1
+    random.Random(7).shuffle(bundles)
+    errors: list[BaseException] = []
+
+    def take(b: SignedBundle) -> None:
+        try:
+            accept(peer, b)
+        except BundleRefused:
+            pass  # lower than one already held: refused, as it should be
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=take, args=(b,)) for b in bundles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    held = held_bundle(peer)
+    assert held is not None and held.sequence == 39

@@ -20,6 +20,7 @@ listen = "127.0.0.1:0"
 ca_file = "c/ca.pem"
 cert_file = "c/node.pem"
 key_file = "c/node.key"
+crl_file = "c/crl.pem"
 [registry]
 path = "var/r.sqlite3"
 [privacy]
@@ -40,6 +41,7 @@ district = "500153"
 district = "512021"
 address = "127.0.0.1:5000"
 ca_file = "/abs/anyue-ca.pem"
+crl_file = "/abs/anyue-crl.pem"
 """
 
 

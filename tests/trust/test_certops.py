@@ -1,20 +1,30 @@
-"""Certificate operations on disk: status, renewal, revocation lists, staged CA rotation."""
+"""Certificate operations on disk: status, renewal, revocation lists, staged CA rotation.
+
+Module under test: :mod:`broker.trust.certops` — what ``renew-due`` renews
+(certificates, revocation lists, an aged bundle), ``rotate --revoke-old``.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from broker.cli.main import main
 from broker.trust import certops
+from broker.trust.bundle import Bundle, sign
 from broker.trust.certops import CertOpsError, DistrictPaths, RotationStage
+from broker.trust.crls import read_crls, revoked_serials
 from broker.trust.identity import node_identity, operator_identity
-from broker.trust.pki import ca_id, load_crls
+from broker.trust.pki import ca_id, crl_number, load_crls, write_public
+
+NEVER = timedelta(days=3650)  # a bundle age threshold that does not trip
 
 D = "500111"
 
@@ -108,3 +118,96 @@ def test_retire_refuses_while_a_certificate_of_the_old_ca_remains(paths, now):
     )
     with pytest.raises(CertOpsError, match="still issued by the old CA"):
         certops.rotate_ca(paths, RotationStage.RETIRE, now)
+
+
+def held(paths: DistrictPaths) -> Bundle:
+    signed = certops.read_bundle(paths.bundle)
+    assert signed is not None
+    return Bundle.parse(signed.document)
+
+
+def serial_of(path: Path) -> int:
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+# ----------------------------------------------------------------- renew-due: revocation lists
+
+
+def test_renew_due_re_signs_a_crl_lapsing_within_3_days_and_republishes_the_bundle(paths, now):
+    """A revocation survives the re-signing: same entry, higher number, new validity."""
+    revoked = serial_of(paths.operator_cert("bus-01"))
+    certops.revoke(paths, f"{revoked:x}", now)
+    (before,) = read_crls(paths).values()
+    bundle_before = held(paths)
+    later = now + timedelta(days=5)  # 2 days left of the 7
+    done = certops.renew_due(paths, later, bundle_max_age=NEVER)
+    assert done.crls == (certops.active_ca_id(paths),)
+    (after,) = read_crls(paths).values()
+    assert crl_number(after) == crl_number(before) + 1
+    assert [r.serial_number for r in after] == [revoked]
+    assert after.next_update_utc is not None and after.next_update_utc > later + timedelta(days=6)
+    assert done.bundle is not None
+    bundle = held(paths)
+    assert bundle.sequence == bundle_before.sequence + 1
+    assert bundle.crls_pem == (after.public_bytes(serialization.Encoding.PEM).decode(),)
+
+
+def test_renew_due_leaves_a_crl_with_more_than_3_days_left(paths, now):
+    crl_before, bundle_before = paths.crl.read_bytes(), paths.bundle.read_bytes()
+    done = certops.renew_due(paths, now + timedelta(days=3), bundle_max_age=NEVER)
+    assert done.crls == () and done.bundle is None
+    assert paths.crl.read_bytes() == crl_before and paths.bundle.read_bytes() == bundle_before
+
+
+def test_renew_due_of_a_district_without_a_ca_fails(tmp_path: Path, now):
+    with pytest.raises(CertOpsError, match="no CA for district"):
+        certops.renew_due(DistrictPaths(tmp_path / "certs", D), now)
+
+
+# ----------------------------------------------------------------- renew-due: bundle age
+
+
+def test_renew_due_republishes_a_bundle_older_than_24_h_with_the_same_content(paths, now):
+    before = held(paths)
+    assert certops.renew_due(paths, now + timedelta(hours=23)).bundle is None
+    done = certops.renew_due(paths, now + timedelta(hours=25))
+    assert done.bundle is not None and done.certificates == () and done.crls == ()
+    after = held(paths)
+    assert after.sequence == before.sequence + 1
+    assert after.issued_at > before.issued_at and after.same_content(before)
+
+
+def test_the_bundle_age_threshold_is_an_argument(paths, now):
+    done = certops.renew_due(paths, now + timedelta(hours=2), bundle_max_age=timedelta(hours=1))
+    assert done.bundle is not None and held(paths).sequence == 2
+
+
+def test_renew_due_after_an_upgrade_republishes_a_bundle_without_a_node_name(paths, now):
+    """Bundles of the previous release name no node: the next run names epoch 1."""
+    old = replace(held(paths), node_name=None)
+    write_public(paths.bundle, sign(old, certops.active_ca(paths)).to_json())
+    assert certops.renew_due(paths, now).bundle is not None
+    assert held(paths).node_name == f"e1.node.{D}.yikatong.cy"
+    assert held(paths).sequence == old.sequence + 1
+
+
+# ----------------------------------------------------------------- rotate
+
+
+def test_rotate_revoke_old_retires_the_replaced_certificate_in_one_operation(paths, now):
+    old = serial_of(paths.operator_cert("bus-01"))
+    done = certops.rotate(paths, operator_identity(D, "bus-01"), now, revoke_old=True)
+    new = serial_of(paths.operator_cert("bus-01"))
+    issuer = certops.active_ca_id(paths)
+    assert done.old_serial == f"{old:x}" and done.new_serial == f"{new:x}"
+    assert done.revoked is not None and done.revoked.issuer == issuer
+    assert revoked_serials(paths) == {(issuer, old)}
+    assert held(paths).crls_pem == tuple(
+        c.public_bytes(serialization.Encoding.PEM).decode()
+        for c in load_crls(paths.crl.read_bytes())
+    )
+
+
+def test_rotate_without_revoke_old_leaves_the_replaced_certificate_valid(paths, now):
+    done = certops.rotate(paths, operator_identity(D, "bus-01"), now)
+    assert done.revoked is None and revoked_serials(paths) == set()

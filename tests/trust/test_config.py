@@ -29,6 +29,7 @@ listen = "127.0.0.1:0"
 ca_file = "c/ca.pem"
 cert_file = "c/node.pem"
 key_file = "c/node.key"
+crl_file = "c/crl.pem"
 [registry]
 path = "var/r.sqlite3"
 [privacy]
@@ -80,15 +81,15 @@ def test_the_server_name_is_the_dns_name_node_certificates_carry():
 
 
 def test_tls_defaults_require_tls_13_and_recycle_connections(tmp_path: Path):
-    tls = TLSConfig(tmp_path / "ca", tmp_path / "cert", tmp_path / "key")
-    assert tls.crl_file is None
+    tls = TLSConfig(tmp_path / "ca", tmp_path / "cert", tmp_path / "key", tmp_path / "crl")
+    assert tls.crl_file == tmp_path / "crl"  # required: no default
     assert tls.min_version == "1.3"
     assert tls.max_connection_age_s == 300
     assert tls.reload_interval_ms == 1000
 
 
 def test_the_default_minimum_is_one_of_the_allowed_versions(tmp_path: Path):
-    tls = TLSConfig(tmp_path / "ca", tmp_path / "cert", tmp_path / "key")
+    tls = TLSConfig(tmp_path / "ca", tmp_path / "cert", tmp_path / "key", tmp_path / "crl")
     assert tls.min_version in TLS_VERSIONS
     assert TLS_VERSIONS == ("1.2", "1.3")
 
@@ -110,7 +111,7 @@ def test_trust_defaults_serve_no_bundle_and_refresh_every_30_s():
 
 
 def test_the_configuration_dataclasses_are_frozen(tmp_path: Path):
-    tls = TLSConfig(tmp_path / "ca", tmp_path / "cert", tmp_path / "key")
+    tls = TLSConfig(tmp_path / "ca", tmp_path / "cert", tmp_path / "key", tmp_path / "crl")
     peer = PeerConfig("512021", "127.0.0.1:1", None, node_server_name("512021"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         tls.min_version = "1.2"  # type: ignore[misc]

@@ -6,6 +6,10 @@ Module under test: :mod:`broker.trust.pki`.
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -135,6 +139,12 @@ def test_extra_dns_names_follow_the_identitys_own(ca: pki.KeyPair, now: datetime
     assert dns == [ident.dns_name, "broker.example", "10-0-0-1.example"]
 
 
+def test_a_wildcard_dns_name_is_refused(ca: pki.KeyPair, now: datetime):
+    """A certificate answers for the names it lists: never a whole family of them."""
+    with pytest.raises(ValueError, match="no wildcard"):
+        pki.issue(ca, node_identity(D), now, extra_dns=("*.node.500111.yikatong.cy",))
+
+
 def test_a_node_may_serve_and_call_but_an_operator_only_call(ca: pki.KeyPair, now: datetime):
     node = pki.issue(ca, node_identity(D), now).cert
     op = pki.issue(ca, operator_identity(D, "bus-01"), now).cert
@@ -243,6 +253,29 @@ def test_write_public_replaces_the_file_whole_and_leaves_no_temp(tmp_path: Path)
     assert [p.name for p in path.parent.iterdir()] == ["ca.pem"]
 
 
+def test_write_public_creates_missing_directories_and_is_not_writable_by_others(tmp_path: Path):
+    path = tmp_path / "a" / "b" / "crl.pem"
+    pki.write_public(path, b"x")
+    assert path.read_bytes() == b"x"
+    assert mode(path) & 0o022 == 0  # readable by all, writable only by its owner
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path):
+    """The rename is the only step that changes what readers see."""
+    target = tmp_path / "bundle.json"
+    target.mkdir()  # something a file cannot replace
+    with pytest.raises(OSError):
+        pki.write_public(target, b"new")
+    assert target.is_dir() and [p.name for p in tmp_path.iterdir()] == ["bundle.json"]
+
+
+def test_append_line_adds_one_terminated_line_per_call(tmp_path: Path):
+    log = tmp_path / "logs" / "issued.jsonl"
+    pki.append_line(log, '{"serial": "1"}')
+    pki.append_line(log, '{"serial": "2"}\n')
+    assert log.read_text() == '{"serial": "1"}\n{"serial": "2"}\n'
+
+
 def test_load_refuses_a_key_that_is_not_ec(ca: pki.KeyPair, tmp_path: Path):
     other = ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -317,3 +350,74 @@ def test_load_crls_refuses_a_garbled_list(ca: pki.KeyPair, now: datetime):
     truncated = good[: len(good) // 2]
     with pytest.raises(ValueError):
         pki.load_crls(truncated)
+
+
+# ------------------------------------------------------------------------------------ lock
+
+# Another process asking for the lock without waiting: prints "held" or "free".
+PROBE = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    print("held")
+else:
+    print("free")
+"""
+
+
+def probe(lock: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, str(lock)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_locked_excludes_other_processes_until_released(tmp_path: Path):
+    lock = tmp_path / "d" / ".lock"
+    with pki.locked(lock):
+        assert mode(lock) == 0o600
+        assert probe(lock) == "held"
+    assert probe(lock) == "free"
+
+
+def test_locked_is_reentrant_in_one_thread_and_held_until_the_outermost_exit(tmp_path: Path):
+    lock = tmp_path / ".lock"
+    with pki.locked(lock):
+        with pki.locked(lock):  # would deadlock if flock were taken twice
+            assert probe(lock) == "held"
+        assert probe(lock) == "held"  # the inner exit does not release it
+    assert probe(lock) == "free"
+
+
+def test_locked_makes_another_thread_wait(tmp_path: Path):
+    lock = tmp_path / ".lock"
+    order: list[str] = []
+    entered = threading.Event()
+
+    def other() -> None:
+        entered.set()
+        with pki.locked(lock):
+            order.append("other")
+
+    with pki.locked(lock):
+        t = threading.Thread(target=other)
+        t.start()
+        entered.wait(5)
+        time.sleep(0.2)
+        order.append("first")
+    t.join(5)
+    assert order == ["first", "other"]
+
+
+def test_locked_is_released_when_the_body_raises(tmp_path: Path):
+    lock = tmp_path / ".lock"
+    with pytest.raises(RuntimeError), pki.locked(lock):
+        raise RuntimeError("boom")
+    assert probe(lock) == "free"
+
+
+def test_crl_number_reads_back_what_build_crl_was_given(ca: pki.KeyPair, now: datetime):
+    assert pki.crl_number(pki.build_crl(ca, [], 41, now)) == 41

@@ -54,9 +54,12 @@ class World:
     home_ca: pki.KeyPair
     peer_ca: pki.KeyPair
     stranger_ca: pki.KeyPair
+    numbers: dict[Path, int] = field(default_factory=dict)
 
     def revoke(self, ca: pki.KeyPair, crl_file: Path, *serials: int) -> None:
-        crl = pki.build_crl(ca, [(s, self.now) for s in serials], 1, self.now)
+        """Publish ``ca``'s next revocation list (numbers only grow) and reload."""
+        self.numbers[crl_file] = self.numbers.get(crl_file, 1) + 1
+        crl = pki.build_crl(ca, [(s, self.now) for s in serials], self.numbers[crl_file], self.now)
         pki.write_public(crl_file, pki.crl_pem(crl))
         assert self.store.reload()
 
@@ -69,6 +72,8 @@ def world(tmp_path: Path, now: datetime) -> World:
     pki.write_public(d / "ca.pem", home_ca.cert_pem())
     pki.save(node, d / "node.pem", d / "node.key")
     pki.write_public(tmp_path / "peer-ca.pem", peer_ca.cert_pem())
+    for ca, crl_file in ((home_ca, d / "crl.pem"), (peer_ca, tmp_path / "peer-crl.pem")):
+        pki.write_public(crl_file, pki.crl_pem(pki.build_crl(ca, [], 1, now)))
     settings = Settings(
         HOME,
         TLSConfig(d / "ca.pem", d / "node.pem", d / "node.key", crl_file=d / "crl.pem"),
@@ -160,7 +165,13 @@ def test_either_ca_of_a_district_in_rotation_vouches_for_it(world: World, now: d
     """While two CAs overlap, a certificate of the second must not be refused by the first."""
     second = pki.create_ca(HOME, now)
     pki.write_public(world.settings.tls.ca_file, world.home_ca.cert_pem() + second.cert_pem())
+    assert world.store.reload()  # a CA without a revocation list is not trusted yet:
+    assert "no revocation list of CA" in world.store.current.problems[HOME]
+    assert len(world.store.current.anchors[HOME]) == 1  # the last good set stays
+    crls = [pki.build_crl(world.home_ca, [], 2, now), pki.build_crl(second, [], 1, now)]
+    pki.write_public(world.settings.tls.crl_file, b"".join(pki.crl_pem(c) for c in crls))
     assert world.store.reload()
+    assert HOME not in world.store.current.problems
     v = CallerVerifier(world.store)
     for ca in (world.home_ca, second):
         leaf = pem(ca, operator_identity(HOME, "bus-01"), now)

@@ -168,7 +168,9 @@ class District:
         self.cfg = NodeConfig(
             district=code,
             listen="127.0.0.1:0",
-            tls=TLSConfig(root / "ca.pem", root / "node.pem", root / "node.key"),  # never read
+            tls=TLSConfig(
+                root / "ca.pem", root / "node.pem", root / "node.key", root / "crl.pem"
+            ),  # never read
             registry=RegistryConfig(root / "registry.sqlite3"),
             privacy=PrivacyConfig(root / "hash.key"),
             peers=tuple(PeerConfig(p, "127.0.0.1:9", None, node_server_name(p)) for p in peers),

@@ -39,7 +39,12 @@ def node_config(tmp_path: Path, ledger: dict[str, str]) -> NodeConfig:
     doc: dict[str, Any] = {
         "district": "500111",
         "listen": "127.0.0.1:0",
-        "tls": {"ca_file": "ca.pem", "cert_file": "node.pem", "key_file": "node.key"},
+        "tls": {
+            "ca_file": "ca.pem",
+            "cert_file": "node.pem",
+            "key_file": "node.key",
+            "crl_file": "crl.pem",
+        },
         "registry": {"path": "registry.sqlite3"},
         "privacy": {"hash_key_file": "hash.key"},
         "ledger": ledger,
