@@ -207,3 +207,66 @@ async def test_close_shuts_every_channel_and_a_later_call_opens_a_fresh_one(net:
     fresh = net.channels.channel(PEER)
     assert fresh is not a
     await ask(fresh)
+
+
+# ----------------------------------------------------------------------------- pinned names
+
+
+async def test_a_bundle_pinning_a_new_epoch_closes_the_old_channel_at_once(
+    tmp_path: Path, now: datetime
+):
+    """A call in flight on the old name is cut, not drained: the old name may be a thief's."""
+    from broker.trust.bundle import Bundle, issued_now, sign
+    from broker.trust.config import node_epoch_name
+
+    home = District.make(HOME, now)
+    peer = District.make(PEER, now)
+    e1, e2 = node_epoch_name(PEER, 1), node_epoch_name(PEER, 2)
+    serving = pki.issue(peer.ca, node_identity(PEER), now, extra_dns=(e1, e2))
+    server = await PeerServer.start(serving, home.ca)
+    settings = home_settings(tmp_path, home, {PEER: (peer, server.address)}, bundles=True)
+    bundle_file = settings.peers[0].bundle_file
+    assert bundle_file is not None
+
+    def publish(sequence: int, name: str) -> None:
+        crl = pki.crl_pem(pki.build_crl(peer.ca, [], sequence, now)).decode()
+        draft = Bundle(
+            PEER, sequence, issued_now(now), (peer.ca.cert_pem().decode(),), (crl,), (), name
+        )
+        pki.write_public(bundle_file, sign(draft, peer.ca).to_json())
+
+    publish(1, e1)
+    store = TrustStore(settings)
+    channels = PeerChannels(store, settings.peers)
+    try:
+        await ask(channels.channel(PEER))
+        assert server.recognition.auth[-1]["ssl_requested_server_name"] == [e1.encode()]
+        server.recognition.delay = 3.0
+
+        # Same name, new generation (a later bundle): the call in flight is drained.
+        drained = asyncio.ensure_future(ask(channels.channel(PEER)))
+        await server.recognition.arrived.wait()
+        server.recognition.arrived.clear()
+        publish(2, e1)
+        assert store.reload()
+        channels.channel(PEER)
+        await asyncio.wait_for(drained, timeout=5)  # it completes
+
+        # A new pinned name: the call in flight on the old one ends now, not in 3 s.
+        cut = asyncio.ensure_future(ask(channels.channel(PEER)))
+        await server.recognition.arrived.wait()
+        publish(3, e2)
+        assert store.reload()
+        started = asyncio.get_running_loop().time()
+        channels.channel(PEER)
+        # grpc.aio ends a call on a channel closed without grace by cancelling it.
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(cut, timeout=5)
+        assert cut.cancelled()
+        assert asyncio.get_running_loop().time() - started < 1.5
+        server.recognition.delay = 0.0
+        await ask(channels.channel(PEER))
+        assert server.recognition.auth[-1]["ssl_requested_server_name"] == [e2.encode()]
+    finally:
+        await channels.close()
+        await server.stop()
