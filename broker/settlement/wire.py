@@ -31,6 +31,10 @@ def trip_from_wire(
 
     On the ingest path for every trip: field names are only built for errors.
     """
+    if not msg.operator_id:
+        return Judgement(
+            Outcome.REJECTED, Reason.MALFORMED, f"trips[{index}].operator_id: is required"
+        )
     if msg.operator_id != operator_id:
         return Judgement(
             Outcome.REJECTED,
@@ -50,16 +54,17 @@ def trip_from_wire(
         if ent and applied is None:
             raise InvalidArgument("applied_entitlement", "is not a known entitlement")
         place, version = msg.place_id, msg.fare_version
-        if len(place) > 64 or len(version) > 64:
-            raise InvalidArgument("place_id", "place_id and fare_version: at most 64")
-        ts = msg.occurred_at
+        if len(place) > 64:
+            raise InvalidArgument("place_id", "must be at most 64 characters")
+        if len(version) > 64:
+            raise InvalidArgument("fare_version", "must be at most 64 characters")
         return Trip(
             operator_id=operator_id,
             trip_id=trip_id,
             card=card,
             scene=scene,
             place_id=place,
-            occurred_at=_EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000),
+            occurred_at=_instant(msg.occurred_at.seconds, msg.occurred_at.nanos),
             gross_fare_fen=msg.gross_fare_fen,
             charged_fen=msg.charged_fen,
             concession_fen=msg.concession_fen,
@@ -68,6 +73,18 @@ def trip_from_wire(
         )
     except InvalidArgument as exc:
         return Judgement(Outcome.REJECTED, Reason.MALFORMED, f"trips[{index}].{exc}")
+
+
+# google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def _instant(seconds: int, nanos: int) -> datetime:
+    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+        raise InvalidArgument("occurred_at.seconds", "must be within years 1 to 9999")
+    if not 0 <= nanos <= 999_999_999:
+        raise InvalidArgument("occurred_at.nanos", "must be from 0 to 999999999")
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 def result_to_wire(trip_id: str, j: Judgement | None) -> settlement_pb2.TripResult:

@@ -153,26 +153,49 @@ def test_another_operators_trip_is_an_operator_mismatch_checked_first():
     assert got.detail.startswith("trips[5].operator_id")
 
 
-def test_an_empty_operator_id_is_a_mismatch_too():
-    got = rejected(trip_from_wire(record(operator_id=""), "bus-01", 0))
-    assert got.reason is Reason.OPERATOR_MISMATCH
-
-
 def test_the_first_malformed_field_is_the_one_named():
     got = rejected(trip_from_wire(record(trip_id="", scene=0, occurred_at=None), "bus-01", 0))
     assert got.detail.startswith("trips[0].trip_id: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="an occurred_at beyond year 9999 raises OverflowError instead of a REJECTED line",
+@pytest.mark.parametrize(
+    ("seconds", "nanos", "field"),
+    [
+        (253_402_300_800, 0, "occurred_at.seconds"),  # 10000-01-01T00:00:00Z
+        (-62_135_596_801, 0, "occurred_at.seconds"),  # before year 1
+        (2**62, 0, "occurred_at.seconds"),
+        (1_700_000_000, -1, "occurred_at.nanos"),
+        (1_700_000_000, 2_000_000_000, "occurred_at.nanos"),
+    ],
 )
-def test_an_occurred_at_out_of_datetime_range_is_a_malformed_line():
+def test_an_occurred_at_out_of_range_is_a_malformed_line_naming_the_field(
+    seconds: int, nanos: int, field: str
+):
     msg = record()
-    msg.occurred_at.seconds = 253_402_300_800  # 10000-01-01T00:00:00Z
+    msg.occurred_at.seconds, msg.occurred_at.nanos = seconds, nanos
     got = rejected(trip_from_wire(msg, "bus-01", 2))
-    assert got.detail.startswith("trips[2].occurred_at")
+    assert got.reason is Reason.MALFORMED
+    assert got.detail.startswith(f"trips[2].{field}: ")
+
+
+def test_the_ends_of_the_timestamp_range_are_accepted():
+    for seconds, nanos in ((253_402_300_799, 999_999_999), (-62_135_596_800, 0)):
+        msg = record()
+        msg.occurred_at.seconds, msg.occurred_at.nanos = seconds, nanos
+        assert isinstance(trip_from_wire(msg, "bus-01", 0), Trip)
+
+
+def test_a_too_long_fare_version_is_named_as_itself_not_as_place_id():
+    got = rejected(trip_from_wire(record(fare_version="v" * 65), "bus-01", 1))
+    assert got.detail.startswith("trips[1].fare_version: ")
+    got = rejected(trip_from_wire(record(place_id="p" * 65), "bus-01", 1))
+    assert got.detail.startswith("trips[1].place_id: ")
+
+
+def test_an_empty_operator_id_is_required_not_a_mismatch():
+    got = rejected(trip_from_wire(record(operator_id=""), "bus-01", 4))
+    assert got.reason is Reason.MALFORMED
+    assert got.detail == "trips[4].operator_id: is required"
 
 
 # ---------------------------------------------------------------- results
