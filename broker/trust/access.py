@@ -31,7 +31,7 @@ import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 
-from broker.core.errors import PermissionDenied
+from broker.core.errors import InvalidArgument, PermissionDenied
 from broker.trust.identity import Identity, Role
 
 KEYWORDS = {
@@ -186,7 +186,14 @@ class AccessPolicy:
         raise PermissionDenied(f"{name} is for {allowed}; {ident.spiffe_id} is not")
 
 
+def is_operator_method(method: str) -> bool:
+    """Whether ``method`` (``/pkg.Service/Method``) acts for the operator calling it."""
+    return _governing_key(OPERATOR_METHODS, method.lstrip("/")) is not None
+
+
 def require_operator(ident: Identity, operator_id: str) -> None:
     """An operator may only speak for itself: the request's id must equal its certificate's."""
+    if not operator_id:
+        raise InvalidArgument("operator_id", "is required")
     if ident.role is not Role.OPERATOR or operator_id != ident.operator_id:
         raise PermissionDenied("operator_id differs from the caller certificate's operator id")

@@ -339,10 +339,139 @@ async def test_guarded_server_hands_the_real_server_only_wrapped_handlers() -> N
     gate_pb2_grpc.add_GateServicer_to_server(Gate(), guarded)
     guarded.check_complete()  # the generated code registered both ways: complete
     assert len(server.generic) == 1 and set(server.registered) == {"yikatong.v1.Gate"}
-    check = server.registered["yikatong.v1.Gate"]["Check"].unary_unary
-    code, _ = await call_refused(check, FakeContext(pem=b"peer-node"), "request")
-    assert code == CODE.PERMISSION_DENIED and ran == []
-    assert (await check("request", FakeContext())).allow and ran == ["request"]
+    registered = server.registered["yikatong.v1.Gate"]["Check"]
+    assert registered.request_deserializer is None  # grpc hands the guard raw bytes
+    check = registered.unary_unary
+    request = gate_pb2.GateCheckRequest(operator_id=OPERATOR.operator_id, gate_id="g-1")
+    code, _ = await call_refused(check, FakeContext(pem=b"peer-node"), b"\xff garbage")
+    assert code == CODE.PERMISSION_DENIED and ran == []  # refused before any decoding
+    assert (await check(request.SerializeToString(), FakeContext())).allow and ran == [request]
+
+
+# --- Decoding after authorization, operator binding, refusals in the log -------------------
+
+
+def generated_check(fn: Any) -> Any:
+    """Gate.Check wrapped as a node registers it: the generated handler, deserializer and all."""
+    server = RecordingServer()
+    guarded = GuardedServer(cast(grpc.aio.Server, server), make_guard())
+
+    class Gate(gate_pb2_grpc.GateServicer):
+        async def Check(self, request: Any, context: Any) -> Any:
+            return await fn(request, context)
+
+    gate_pb2_grpc.add_GateServicer_to_server(Gate(), guarded)
+    return server.registered["yikatong.v1.Gate"]["Check"].unary_unary
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xff\xff\xff",
+        b"\x0a\x05abc",
+        gate_pb2.GateCheckRequest(gate_id="x").SerializeToString()[:-1],
+    ],
+)
+async def test_a_body_that_does_not_decode_is_invalid_argument_naming_its_type(body: bytes) -> None:
+    async def handler(request: Any, context: Any) -> None:
+        raise AssertionError("must not run")
+
+    code, details = await call_refused(generated_check(handler), FakeContext(), body)
+    assert code == CODE.INVALID_ARGUMENT
+    assert details == "request: does not decode as yikatong.v1.GateCheckRequest"
+
+
+async def test_invalid_utf8_in_a_string_field_is_invalid_argument_too() -> None:
+    async def handler(request: Any, context: Any) -> None:
+        raise AssertionError("must not run")
+
+    body = b"\x22\x02\xc3\x28"  # field 4 (gate_id), a string, holding invalid UTF-8
+    code, details = await call_refused(generated_check(handler), FakeContext(), body)
+    assert code == CODE.INVALID_ARGUMENT and "GateCheckRequest" in details
+
+
+@pytest.mark.parametrize(
+    ("operator_id", "code", "details"),
+    [
+        ("", CODE.INVALID_ARGUMENT, "operator_id: is required"),
+        ("bus-99", CODE.PERMISSION_DENIED, "operator_id differs from the caller certificate's"),
+    ],
+)
+async def test_the_guard_binds_a_requests_operator_id_to_the_callers(
+    operator_id: str, code: grpc.StatusCode, details: str
+) -> None:
+    async def handler(request: Any, context: Any) -> None:
+        raise AssertionError("must not run")
+
+    body = gate_pb2.GateCheckRequest(operator_id=operator_id).SerializeToString()
+    got, message = await call_refused(generated_check(handler), FakeContext(), body)
+    assert got == code and message.startswith(details)
+
+
+async def test_a_stream_message_that_does_not_decode_is_invalid_argument() -> None:
+    from broker._proto.yikatong.v1 import settlement_pb2
+
+    async def consume(requests: Any, context: Any) -> None:
+        async for _ in requests:
+            pass
+
+    handler = grpc.stream_unary_rpc_method_handler(
+        consume, request_deserializer=settlement_pb2.BatchPart.FromString
+    )
+    behavior = make_guard().wrap("/yikatong.v1.Settlement/ExchangeBatch", handler).stream_unary
+
+    async def parts() -> AsyncIterator[bytes]:
+        yield settlement_pb2.BatchPart(lines=b"x").SerializeToString()
+        yield b"\xff\xff"
+
+    code, details = await call_refused(behavior, FakeContext(pem=b"peer-node"), parts())
+    assert (code, details) == (
+        CODE.INVALID_ARGUMENT,
+        "request: does not decode as yikatong.v1.BatchPart",
+    )
+
+
+async def test_storage_that_is_busy_is_unavailable_not_internal() -> None:
+    import sqlite3
+
+    async def handler(request: Any, context: Any) -> None:
+        raise sqlite3.OperationalError("database is locked")
+
+    code, details = await call_refused(unary(CHECK, handler), FakeContext())
+    assert (code, details) == (CODE.UNAVAILABLE, "storage is unavailable; retry later")
+
+
+def test_refusals_are_logged_once_then_counted_per_caller() -> None:
+    import structlog.testing
+
+    from broker.node.guard import RefusalLog
+
+    now = [0.0]
+    refusals = RefusalLog(period_s=60, clock=lambda: now[0])
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(139):
+            refusals.refused(CHECK, PEER_NODE.spiffe_id, CODE.PERMISSION_DENIED, "no")
+        refusals.refused(CHECK, OPERATOR.spiffe_id, CODE.PERMISSION_DENIED, "no")
+        now[0] = 61.0
+        refusals.refused(CHECK, PEER_NODE.spiffe_id, CODE.PERMISSION_DENIED, "no")
+    events = [(e["event"], e["caller"], e.get("count")) for e in logs]
+    assert events == [
+        ("call_refused", PEER_NODE.spiffe_id, None),
+        ("call_refused", OPERATOR.spiffe_id, None),
+        ("call_refused_repeated", PEER_NODE.spiffe_id, 139),
+    ]
+
+
+async def test_a_refusal_names_the_callers_spiffe_id_when_it_is_known() -> None:
+    import structlog.testing
+
+    async def handler(request: Any, context: Any) -> None:
+        raise AssertionError("must not run")
+
+    with structlog.testing.capture_logs() as logs:
+        await call_refused(unary(CHECK, handler), FakeContext(pem=b"peer-node"))
+    [refused] = [e for e in logs if e["event"] == "call_refused"]
+    assert refused["caller"] == PEER_NODE.spiffe_id
 
 
 # --- Through a running node ---------------------------------------------------------------
