@@ -43,7 +43,10 @@ class TrustServicer(trust_pb2_grpc.TrustServicer):
             data = await asyncio.to_thread(self._bundle_file.read_bytes)
         except OSError as exc:
             raise ConfigError(f"trust bundle {self._bundle_file} cannot be read") from exc
-        signed = SignedBundle.from_json(data)
+        try:
+            signed = SignedBundle.from_json(data)
+        except BundleRefused as exc:  # our own file is broken: not the caller's doing
+            raise ConfigError(f"trust bundle {self._bundle_file} is not usable: {exc}") from exc
         await self._note_fetch(signed)
         return trust_pb2.SignedTrustBundle(
             document=signed.document, signer=signed.signer, signature=signed.signature

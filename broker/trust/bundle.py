@@ -37,8 +37,8 @@ from broker.trust.config import NODE_NAME_RE
 from broker.trust.pki import KeyPair, ca_id, locked, write_public
 
 
-class BundleRefused(Exception):
-    """A bundle that must not be accepted; the reason says why."""
+class BundleRefused(DocumentRefused):
+    """A bundle that must not be accepted; the reason says why (a refused signed document)."""
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from broker.core.errors import ConfigError
 from broker.trust.bundle import SignedBundle
 from broker.trust.identity import Identity, Role, parse_spiffe_id
 from broker.trust.pki import KeyPair, ca_id, load, locked
@@ -114,8 +115,8 @@ class DistrictPaths:
         return self.operator_cert(ident.operator_id), self.operator_key(ident.operator_id)
 
 
-class CertOpsError(Exception):
-    """An operation on the certificate store cannot be done as asked."""
+class CertOpsError(ConfigError):
+    """An operation on the certificate store cannot be done as asked (part of the error tree)."""
 
 
 @contextmanager

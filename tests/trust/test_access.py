@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from broker.core.errors import ConfigError, PermissionDenied
+from broker.core.errors import ConfigError, InvalidArgument, PermissionDenied
 from broker.node.guard import AuthInterceptor, GuardedServer, status_for
 from broker.node.metrics import Metrics
 from broker.trust.access import (
@@ -57,10 +57,12 @@ def test_an_operator_speaks_only_for_itself():
     require_operator(operator_identity("500111", "bus-01"), "bus-01")
     for ident, claimed in [
         (operator_identity("500111", "bus-01"), "bus-02"),
-        (node_identity("500111"), ""),
+        (node_identity("500111"), "bus-01"),
     ]:
         with pytest.raises(PermissionDenied):
             require_operator(ident, claimed)
+    with pytest.raises(InvalidArgument, match="operator_id: is required"):
+        require_operator(operator_identity("500111", "bus-01"), "")
 
 
 def test_errors_map_to_statuses_in_one_place():
