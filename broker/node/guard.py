@@ -267,6 +267,8 @@ def outcome_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return status_for(exc), str(exc)
     if isinstance(exc, sqlite3.OperationalError) or _is_psycopg_operational(exc):
         return grpc.StatusCode.UNAVAILABLE, "storage is unavailable; retry later"
+    if isinstance(exc, NotImplementedError):  # a library servicer's method not implemented
+        return grpc.StatusCode.UNIMPLEMENTED, "method not implemented"
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
