@@ -16,6 +16,7 @@ import secrets
 from pathlib import Path
 
 from broker.cards.model import CardRef
+from broker.core.db import make_private_dirs
 from broker.core.errors import ConfigError
 
 KEY_BYTES = 32
@@ -46,11 +47,28 @@ class Hasher:
 
 
 def create_key_file(path: Path) -> None:
-    """Write a new random hash key to ``path`` (mode 0600); refuse to overwrite one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_hex(KEY_BYTES) + "\n")
+    """Write a new random hash key to ``path``; refuse to overwrite one.
+
+    The file is 0600 from birth whatever the umask, and durable once this
+    returns: the key is fsync'ed, and so is the directory entry naming it.
+    Missing directories are created 0700.
+    """
+    make_private_dirs(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fd, 0o600)  # the umask may have taken the owner's bits too
+            fh.write(secrets.token_hex(KEY_BYTES) + "\n")
+            fh.flush()
+            os.fsync(fd)
+    except BaseException:
+        path.unlink(missing_ok=True)  # no half-written key to refuse the next attempt
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_key_file(path: Path) -> Hasher:

@@ -9,18 +9,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from broker.cards.privacy import create_key_file
-from broker.cli.output import fail
+from broker.cli.output import fail, plain_console
 from broker.core.errors import ConfigError
 from broker.node.config import load_config
 from broker.trust import certops
 from broker.trust.bundle import Bundle, BundleRefused
 from broker.trust.certops import CertOpsError, DistrictPaths, RotationStage
 from broker.trust.epochs import epoch_names, pinned_name, read_epoch
-from broker.trust.identity import Identity, node_identity, operator_identity
+from broker.trust.identity import Identity, admin_identity, node_identity, operator_identity
 from broker.trust.pki import LEAF_DAYS
 
 district_opt = click.option("--district", required=True, help="6-digit district code.")
@@ -71,18 +70,41 @@ def init_ca(district: str, root: Path) -> None:
                 create_key_file(paths.hash_key)
     except CertOpsError as exc:
         fail(str(exc))
-    click.echo(f"CA written under {paths.cas} (keys mode 0600); trust bundle {paths.ca_cert}")
+    click.echo(f"CA written under {paths.cas} (keys mode 0600)")
+    click.echo(f"CA certificates: {paths.ca_cert}")
+    click.echo(f"signed trust bundle: {paths.bundle}")
 
 
 @certs.command("issue")
 @district_opt
 @click.option("--node", "is_node", is_flag=True, help="The district node's certificate.")
 @click.option("--operator", "operator_id", default=None, help="An operator's certificate.")
+@click.option(
+    "--admin",
+    "admin_id",
+    default=None,
+    help="A back-office certificate (spiffe://<code>.yikatong.cy/admin/<id>): health detail.",
+)
 @click.option("--days", default=LEAF_DAYS, show_default=True, type=click.IntRange(1, 398))
 @dir_opt
-def issue(district: str, is_node: bool, operator_id: str | None, days: int, root: Path) -> None:
-    """Issue a node or operator certificate with the district's active CA."""
-    ident = _identity(district, is_node, operator_id)
+def issue(
+    district: str,
+    is_node: bool,
+    operator_id: str | None,
+    admin_id: str | None,
+    days: int,
+    root: Path,
+) -> None:
+    """Issue a node, operator or admin certificate with the district's active CA."""
+    if admin_id is not None:
+        if is_node or operator_id is not None:
+            fail("give exactly one of --node, --operator ID or --admin ID")
+        try:
+            ident = admin_identity(district, admin_id)
+        except ValueError as exc:
+            fail(str(exc))
+    else:
+        ident = _identity(district, is_node, operator_id)
     try:
         cert, _key = certops.issue_to_files(_paths(root, district), ident, datetime.now(UTC), days)
     except CertOpsError as exc:
@@ -293,7 +315,7 @@ def status(district: str, as_json: bool, all_issued: bool, root: Path) -> None:
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
-        Console(width=160).print(_table(rows))
+        plain_console(width=160).print(_table(rows))
     if any(r.failing for r in rows):
         sys.exit(1)
 

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import os
+
+# gRPC core reads this once, when grpc is first imported, and imports below do import it
+# (broker.cli.settle, for one); the console script enters here. Why NONE: broker/node/logs.py.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 import asyncio
 import gc
 import json
-import os
 import signal
+import sys
 import tempfile
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+import structlog
+from click.core import ParameterSource
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -29,6 +38,8 @@ from broker.core.errors import BrokerError, ImportRejected
 from broker.node import logs
 from broker.node.config import NodeConfig, load_config
 
+log = structlog.get_logger(__name__)
+
 
 def _config(path: Path) -> NodeConfig:
     try:
@@ -37,18 +48,79 @@ def _config(path: Path) -> NodeConfig:
         fail(str(exc))
 
 
-@click.group()
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"]),
-)
-@click.option("--log-json", is_flag=True, help="Log JSON lines instead of console text.")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class LogChoice:
+    """How to log: ``--log-level`` and ``--log-json``, wherever on the command line."""
+
+    level: str = "info"
+    json: bool = False
+
+
+def log_choice() -> LogChoice:
+    """The choice made so far on the command line being run."""
+    choice = click.get_current_context().meta.get("broker.log_choice")
+    return choice if isinstance(choice, LogChoice) else LogChoice()
+
+
+def _take_log_option(ctx: click.Context, param: click.Parameter, value: str | bool | None) -> None:
+    """Apply ``--log-level`` or ``--log-json`` given before or after the (sub)command.
+
+    A value given later on the command line wins: ``broker --log-level warning serve
+    --log-level debug`` logs debug. Defaults never override what was given.
+    """
+    assert param.name is not None
+    if ctx.get_parameter_source(param.name) is ParameterSource.DEFAULT:
+        return
+    choice = log_choice()
+    if param.name == "log_level":
+        assert isinstance(value, str)
+        choice = replace(choice, level=value)
+    else:
+        choice = replace(choice, json=bool(value))
+    ctx.meta["broker.log_choice"] = choice  # meta is shared by the command's nested contexts
+    logs.configure(choice.level, choice.json)
+
+
+def log_options(*, show_default: bool) -> list[click.Option]:
+    """``--log-level`` and ``--log-json``, for the ``broker`` group and each of its commands."""
+    return [
+        click.Option(
+            ["--log-level"],
+            type=click.Choice(LOG_LEVELS),
+            default="info" if show_default else None,
+            show_default=show_default,
+            expose_value=False,
+            callback=_take_log_option,
+            help="Drop log events below this level.",
+        ),
+        click.Option(
+            ["--log-json"],
+            is_flag=True,
+            expose_value=False,
+            callback=_take_log_option,
+            help="Log JSON lines instead of console text.",
+        ),
+    ]
+
+
+def accept_log_options_after_commands(group: click.Group) -> None:
+    """Let every command under ``group`` take the log options too: ``broker serve --log-json``."""
+    for command in group.commands.values():
+        taken = {p.name for p in command.params}
+        command.params.extend(o for o in log_options(show_default=False) if o.name not in taken)
+        if isinstance(command, click.Group):
+            accept_log_options_after_commands(command)
+
+
+@click.group(params=log_options(show_default=True))
 @click.version_option(package_name="yikatong-broker")
-def main(log_level: str, log_json: bool) -> None:
+def main() -> None:
     """yikatong-broker: the Sichuan-Chongqing one-card interoperability broker."""
-    logs.configure(log_level, log_json)
+    choice = log_choice()
+    logs.configure(choice.level, choice.json)
 
 
 main.add_command(certs)
@@ -66,9 +138,9 @@ def serve(config_path: Path) -> None:
     """
     from broker.node.server import Node
 
-    cfg = _config(config_path)
+    json_logs = log_choice().json
 
-    async def run() -> None:
+    async def run(cfg: NodeConfig) -> None:
         node = await Node.start(cfg)
         # Everything built at start-up lives as long as the process: move it out of the
         # collector's way, so full collections walk only what serving creates.
@@ -79,14 +151,30 @@ def serve(config_path: Path) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, node.request_reload)
-        err.print(f"district {cfg.district} serving on {node.address}")
+        if json_logs:
+            log.info("node_serving", district=cfg.district, address=node.address)
+        else:
+            err.print(f"district {cfg.district} serving on {node.address}")
         await stop.wait()
         await node.stop(grace=5.0)
 
     try:
-        asyncio.run(run())
+        asyncio.run(run(load_config(config_path, os.environ)))
     except BrokerError as exc:
+        if json_logs:
+            _exit_logged("serve_failed", error=str(exc))
         fail(str(exc))
+    except Exception:
+        if not json_logs:
+            raise
+        # A traceback printed by the interpreter would spread over many non-JSON lines.
+        _exit_logged("serve_crashed", exc_info=True)
+
+
+def _exit_logged(event: str, **fields: object) -> NoReturn:
+    """Log ``event`` as an error and exit 1: how ``serve`` fails when it logs JSON."""
+    log.error(event, **fields)
+    sys.exit(1)
 
 
 @main.group()
@@ -152,7 +240,7 @@ def demo(checks: int, concurrency: int, as_json: bool, keep: Path | None) -> Non
     """Three districts on loopback recognising each other's cards at gates."""
     from broker.testbed.demo import run_demo
 
-    logs.configure("warning")
+    logs.configure("warning", log_choice().json)
 
     def run(root: Path) -> None:
         with Progress(
@@ -270,3 +358,7 @@ def _print_day(day: dict[str, Any], out: Console) -> None:
     out.print(table)
     nets = ", ".join(f"{c} {yuan(n)}" for c, n in sorted(day["multilateral_net_fen"].items()))
     click.echo(f"multilateral nets: {nets}; sum {yuan(day['nets_sum_fen'])}")
+
+
+# Last, once every command is attached: each takes the log options after its name too.
+accept_log_options_after_commands(main)

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from broker.cards.model import Entitlement
-from broker.cli.output import broker_errors, err, yuan
+from broker.cli.output import broker_errors, err, plain_console, yuan
 from broker.core.errors import ConfigError
 from broker.fares.rules import load_fares
 from broker.node.config import NodeConfig, load_config
@@ -60,13 +60,12 @@ def _config(path: Path) -> NodeConfig:
 
 
 def _progress() -> Callable[[str, int], None]:
-    console = Console(stderr=True)
     shown = [0]
 
     def progress(what: str, n: int) -> None:
         if n - shown[0] >= 100_000:
             shown[0] = n
-            console.print(f"  {n:,} {what}")
+            err.print(f"  {n:,} {what}")
 
     return progress
 
@@ -97,7 +96,7 @@ def _emit(rows: list[dict[str, Any]], fmt: str, title: str, money: set[str]) -> 
         table.add_column(col.replace("_fen", "").replace("_", " "), justify="right")
     for row in rows:
         table.add_row(*(yuan(row[c]) if c in money else str(row[c]) for c in cols))
-    Console(width=140).print(table)
+    plain_console(width=140).print(table)
 
 
 @click.group()
@@ -126,7 +125,7 @@ def close_cmd(config_path: Path, period: str) -> None:
     if not rows and not report.failures:
         click.echo("nothing new to send")
     for failure in report.failures:
-        err.print(f"[red]not sent:[/red] {failure} (run the close again)")
+        err.print(Text.assemble(("not sent:", "red"), f" {failure} (run the close again)"))
     if report.failures:
         sys.exit(1)
 

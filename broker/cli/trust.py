@@ -1,4 +1,9 @@
-"""``broker trust``: the first exchange of trust bundles between districts."""
+"""``broker trust``: the first exchange of trust bundles between districts.
+
+Fingerprints are printed with ``click.echo``, one to a line, exactly as
+``openssl x509 -fingerprint -sha256`` prints them: operators read them out by
+phone (see :mod:`broker.cli.output` for what Rich would do to them).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from broker.cli.output import fail
 from broker.core.errors import ConfigError
 from broker.node.config import load_config
 from broker.peers.bundles import accept, held_bundle
-from broker.trust.bundle import Bundle, BundleRefused, SignedBundle, read_served
+from broker.trust.bundle import Bundle, BundleRefused, SignedBundle, read_served, verify
 from broker.trust.certops import DistrictPaths, read_bundle
 
 
@@ -25,14 +30,13 @@ def fingerprint(pem: str) -> str:
     return ":".join(digest[i : i + 2] for i in range(0, len(digest), 2))
 
 
-def _print_fingerprint(pem: str) -> None:
-    # Plain text on one line: operators read it out to compare, so no markup, emoji or wrapping.
-    click.echo(f"CA fingerprint (SHA-256): {fingerprint(pem)}", err=True)
+def _print_fingerprint(pem: str, err: bool = True) -> None:
+    click.echo(f"CA fingerprint (SHA-256): {fingerprint(pem)}", err=err)
 
 
 @click.group()
 def trust() -> None:
-    """Trust bundles: export ours, import a neighbour's first one (later ones are fetched)."""
+    """Trust bundles: export ours, check and import a neighbour's first one (later are fetched)."""
 
 
 @trust.command("export")
@@ -53,6 +57,24 @@ def export(district: str, root: Path, out: Path | None) -> None:
         out.write_bytes(signed.to_json())
     for pem in bundle.cas_pem:
         _print_fingerprint(pem)
+
+
+@trust.command("fingerprint")
+@click.argument("bundle_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def fingerprint_cmd(bundle_file: Path) -> None:
+    """Show whose bundle a file holds and its CAs' fingerprints, to compare before importing.
+
+    Needs no config and changes nothing; refuses a file that is not a bundle
+    signed by one of its own CAs (what ``import --first-use`` requires).
+    """
+    try:
+        signed = SignedBundle.from_json(bundle_file.read_bytes())
+        bundle = verify(signed, Bundle.parse(signed.document).district, None, 0)
+    except BundleRefused as exc:
+        fail(f"{bundle_file}: {exc}")
+    click.echo(f"bundle {bundle.sequence} of district {bundle.district}, issued {bundle.issued_at}")
+    for pem in bundle.cas_pem:
+        _print_fingerprint(pem, err=False)
 
 
 @trust.command("import")
@@ -84,8 +106,9 @@ def import_(bundle_file: Path, config_path: Path, first_use: bool, replace: bool
         for pem in bundle.cas_pem:
             _print_fingerprint(pem)
         fail(
-            "no bundle held for this district yet: compare the fingerprint above with the "
-            "neighbour's by another channel, then repeat with --first-use"
+            "no bundle held for this district yet: compare the fingerprint above (also "
+            "`broker trust fingerprint FILE`) with the neighbour's by another channel, "
+            "then repeat with --first-use"
         )
     if replace and not first_use:
         fail("--replace needs --first-use: compare the fingerprint out of band first")

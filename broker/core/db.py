@@ -18,12 +18,23 @@ applies it. Steps are additive — new tables, new nullable columns, new indexes
 never a drop, a rename or a type change — so the previous release can still
 open a database a newer one has migrated, and a newer database is opened as it
 is (with a warning) rather than refused.
+
+SQLite files hold card numbers, birth dates and disability flags, so they
+are private to the node's user whatever the process umask (PIPL Art. 28,
+51): before SQLite opens a file, :func:`private_file` creates it 0600 if it
+is missing, and takes group and other access away from an existing one and
+from its ``-wal``/``-shm``/``-journal`` (SQLite creates those later with the
+database file's mode). Missing directories are created 0700. A directory
+that already exists is not ours to change: if others may read or write it,
+a warning is logged and the file is opened all the same.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
+import stat
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
@@ -44,8 +55,68 @@ _SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _TOKENS = re.compile(r"'(?:[^']|'')*'|[?%]")
 
 
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+_SIDECARS = ("-wal", "-shm", "-journal")
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and its missing parents, each 0700 whatever the umask.
+
+    Only the directories created here are chmod'ed; existing ones are left as they are.
+    """
+    missing: list[Path] = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=PRIVATE_DIR)
+        except FileExistsError:
+            continue  # made meanwhile by another process: not ours
+        d.chmod(PRIVATE_DIR)  # mkdir's mode went through the umask
+
+
+def private_file(path: Path) -> None:
+    """Make ``path`` a file only its owner may read or write, before SQLite opens it.
+
+    A missing file is created empty (which SQLite takes for an empty
+    database) with mode 0600. An existing one, and its ``-wal``, ``-shm`` and
+    ``-journal``, lose any group and other permission bits.
+    """
+    make_private_dirs(path.parent)
+    dir_mode = stat.S_IMODE(path.parent.stat().st_mode)
+    if dir_mode & (stat.S_IROTH | stat.S_IWOTH):
+        log.warning(
+            "database directory is open to other users",
+            directory=str(path.parent),
+            mode=oct(dir_mode),
+        )
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE)
+    except FileExistsError:
+        pass
+    else:
+        try:
+            os.fchmod(fd, PRIVATE_FILE)  # the umask may have taken the owner's bits too
+        finally:
+            os.close(fd)
+    for p in (path, *(path.with_name(path.name + suffix) for suffix in _SIDECARS)):
+        try:
+            mode = stat.S_IMODE(p.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            try:
+                p.chmod(mode & ~0o077)
+            except PermissionError:
+                log.warning("database file is open to other users", path=str(p), mode=oct(mode))
+            else:
+                log.info("database file made private", path=str(p), mode=oct(mode & ~0o077))
+
+
 def _connect_sqlite(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_file(path)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -90,7 +161,7 @@ class Db:
 
     @staticmethod
     def sqlite(path: Path, busy_timeout_ms: int = 5000) -> Db:
-        """A SQLite file (created with its directories if missing)."""
+        """A SQLite file, private to this user (see :func:`private_file`), created if missing."""
         return Db(_connect_sqlite(path, busy_timeout_ms), "sqlite")
 
     @staticmethod

@@ -130,6 +130,14 @@ class RedisTier:
     def redis_key(self, key: str) -> str:
         return self._prefix + key
 
+    async def reachable(self) -> bool:
+        """Whether Redis answers a PING within the tier's timeout (a health check)."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                return bool(await self._client.ping())
+        except (RedisError, TimeoutError, OSError):
+            return False
+
     async def get(self, key: str) -> tuple[Recognition, int] | None:
         """``(answer, expires_at_ms)`` or ``None`` on a miss or a Redis failure."""
         try:

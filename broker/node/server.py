@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import grpc
 import structlog
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from broker._proto.yikatong.v1 import (
@@ -34,9 +34,11 @@ from broker.gate.service import GateService
 from broker.node.config import NodeConfig
 from broker.node.gate_api import GateServicer
 from broker.node.guard import AuthInterceptor, GuardedServer
+from broker.node.health import ComponentHealth
 from broker.node.metrics import Metrics
 from broker.node.recognition_api import RecognitionServicer
 from broker.node.settlement_api import SettlementServicer
+from broker.node.supervisor import Supervisor
 from broker.node.trust_api import TrustServicer
 from broker.peers.bundles import BundleRefresher
 from broker.peers.channels import PeerChannels
@@ -71,6 +73,9 @@ def server_options(cfg: NodeConfig) -> list[tuple[str, int]]:
     ]
 
 
+COMPONENT_CHECK_S = 5.0  # how often the ledger and Redis are pinged for health
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -88,14 +93,14 @@ class Node:
     peers: PeerRecognizer
     gate: GateService
     metrics: Metrics
-    health: health.aio.HealthServicer
+    health: ComponentHealth
     trust: TrustStore
     _reload_now: asyncio.Event
     _clock: Callable[[], datetime]
     intake: TripIntake | None = None
     clearing: ClearingService | None = None
     refresher: BundleRefresher | None = None
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    supervisor: Supervisor = field(default_factory=Supervisor)
     _components: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
@@ -144,7 +149,7 @@ class Node:
             settlement_pb2_grpc.add_SettlementServicer_to_server(
                 SettlementServicer(intake, clearing), guarded
             )
-        health_servicer = health.aio.HealthServicer()
+        health_servicer = ComponentHealth(cfg.district)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
         reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
             reflection.aio.ReflectionServicer(SERVICE_NAMES), guarded
@@ -186,11 +191,35 @@ class Node:
             refresher,
         )
         await node._report_trust()
-        node._tasks = [
-            asyncio.create_task(node._watch_trust()),
-            asyncio.create_task(refresher.run()),
-        ]
+        await node._check_components()
+        node.supervisor = Supervisor(on_change=node._set_component)
+        node.supervisor.start("trust-watch", node._watch_trust)
+        node.supervisor.start("bundle-refresh", refresher.run)
+        node.supervisor.start("component-checks", node._watch_components)
         return node
+
+    async def _set_component(self, name: str, ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        await self.health.set(name, status.SERVING if ok else status.NOT_SERVING)
+
+    async def _watch_components(self) -> None:
+        while True:
+            await asyncio.sleep(COMPONENT_CHECK_S)
+            await self._check_components()
+
+    async def _check_components(self) -> None:
+        """``yikatong.ledger`` and ``yikatong.redis``: can this node reach what it writes to."""
+        checks: dict[str, bool] = {}
+        if self.intake is not None:
+            checks["yikatong.ledger"] = await self.intake.reachable()
+        if self.cache.remote is not None:
+            checks["yikatong.redis"] = await self.cache.remote.reachable()
+        for name, ok in checks.items():
+            if self._components.get(name) != ok:
+                self._components[name] = ok
+                await self._set_component(name, ok)
+                if not ok:
+                    log.warning("component_unreachable", component=name)
 
     def request_reload(self) -> None:
         """Re-read certificates, keys, CA bundles and revocation lists now (e.g. on SIGHUP)."""
@@ -253,8 +282,7 @@ class Node:
         return f"{host}:{self.port}"
 
     async def stop(self, grace: float = 1.0) -> None:
-        for task in self._tasks:
-            task.cancel()
+        await self.supervisor.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.channels.close()

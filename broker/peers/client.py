@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import secrets
+
 import grpc
 
 from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc
@@ -9,6 +12,23 @@ from broker.cards.model import CardRef, Recognition, Scene
 from broker.cards.wire import card_to_wire, recognition_from_wire
 from broker.core.errors import PeerUnavailable
 from broker.peers.channels import PeerChannels
+
+# The W3C trace-id format, as broker.node.fields checks it on the serving side
+# (this layer may not import broker.node): 32 lower-case hex digits, not all zeros.
+_TRACE_ID = re.compile(r"(?!0{32})[0-9a-f]{32}")
+
+
+def trace_id(request_id: str) -> str:
+    """``request_id`` if it is a W3C trace-id, else a new random one.
+
+    The peer would replace anything else with an id of its own, and an id
+    that is not a trace-id (a gate's, say) is this district's to keep.
+    """
+    if _TRACE_ID.fullmatch(request_id):
+        return request_id
+    while not _TRACE_ID.fullmatch(value := secrets.token_hex(16)):
+        pass  # all zeros: one chance in 2**128
+    return value
 
 
 class PeerClient:
@@ -28,7 +48,7 @@ class PeerClient:
         request = recognition_pb2.RecognizeRequest(
             card=card_to_wire(ref),
             scene=scene.value,  # type: ignore[arg-type]
-            request_id=request_id,
+            request_id=trace_id(request_id),
         )
         try:
             response = await stub.Recognize(request, timeout=self._timeout)

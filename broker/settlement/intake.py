@@ -55,6 +55,16 @@ class TripIntake:
 
         return await loop.run_in_executor(self._writer, read)
 
+    async def reachable(self) -> bool:
+        """Whether the ledger answers a trivial query (on the writer thread, behind writes)."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._writer, self._ledger.ping), timeout=5
+            )
+        except Exception:  # any failure is "not reachable"; the node logs the change
+            return False
+
     def close(self) -> None:
         self._writer.shutdown(wait=True)
         self._ledger.close()

@@ -10,6 +10,7 @@ their ID numbers are well-formed but random.
 from __future__ import annotations
 
 import csv
+import os
 import random
 import socket
 from collections.abc import Mapping, Sequence
@@ -24,6 +25,7 @@ from broker.cards.gb11643 import ssn_check_character
 from broker.cards.model import CardRef, shanghai_day
 from broker.cards.privacy import create_key_file, load_key_file
 from broker.cards.registry import Registry
+from broker.core.db import make_private_dirs
 from broker.fares.agreements import Agreement
 from broker.fares.config import FaresConfig
 from broker.gate.config import CacheConfig, RecognitionConfig
@@ -172,8 +174,11 @@ def synthetic_cards(
 
 
 def write_import_file(path: Path, rows: Sequence[Mapping[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
+    """Write an import file; it holds ID numbers, so it is 0600 in a 0700 directory if new."""
+    make_private_dirs(path.parent)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -292,6 +297,9 @@ def build(
         config_path = root / f"node-{code}.toml"
         config_path.write_text(render_config(cfg))
         loaded = load_config(config_path, env={})
+        # The district's files (registry, ledger, import file) in a directory only we may
+        # enter, made before the first bundle import creates it with the umask's mode.
+        make_private_dirs(root / "var" / code)
         import_first_bundles(loaded, exchange)
         pairs = synthetic_cards(code, cards_per_district, today, rng)
         import_path = root / "var" / code / "cards.csv"

@@ -7,6 +7,7 @@ names is refused to everyone. A principal is one of
 - ``peer-nodes``: the nodes of configured peer districts;
 - ``own-operators``: this district's operators;
 - ``own-node``: this district's own node(s);
+- ``own-admins``: this district's back-office staff (``…/admin/<id>``);
 - ``any``: any authenticated caller;
 - a SPIFFE ID pattern, where ``*`` matches within one segment: within one
   label of the trust domain (``spiffe://*.yikatong.cy/...`` never crosses a
@@ -38,6 +39,7 @@ KEYWORDS = {
     "peer-nodes": "nodes of configured peer districts",
     "own-operators": "this district's operators",
     "own-node": "this district's own node",
+    "own-admins": "this district's back-office staff (spiffe://<code>.yikatong.cy/admin/<id>)",
     "any": "any authenticated caller",
 }
 
@@ -159,6 +161,8 @@ class AccessPolicy:
             return ident.role is Role.OPERATOR and ident.district == self.district
         if principal == "own-node":
             return ident.role is Role.NODE and ident.district == self.district
+        if principal == "own-admins":
+            return ident.role is Role.ADMIN and ident.district == self.district
         return compile_pattern(principal).fullmatch(ident.spiffe_id) is not None
 
     def _bind_operator(self, name: str, ident: Identity) -> None:

@@ -109,9 +109,17 @@ class DistrictPaths:
     def operator_key(self, operator_id: str) -> Path:
         return self.dir / "operators" / f"{operator_id}.key"
 
+    def admin_cert(self, admin_id: str) -> Path:
+        return self.dir / "admins" / f"{admin_id}.pem"
+
+    def admin_key(self, admin_id: str) -> Path:
+        return self.dir / "admins" / f"{admin_id}.key"
+
     def leaf_files(self, ident: Identity) -> tuple[Path, Path]:
         if ident.role is Role.NODE:
             return self.node_cert, self.node_key
+        if ident.role is Role.ADMIN:
+            return self.admin_cert(ident.operator_id), self.admin_key(ident.operator_id)
         return self.operator_cert(ident.operator_id), self.operator_key(ident.operator_id)
 
 
@@ -197,8 +205,12 @@ def dns_names(cert: x509.Certificate) -> list[str]:
 
 
 def leaf_certificates(paths: DistrictPaths) -> list[tuple[Identity, x509.Certificate]]:
-    """The node's and every operator's current certificate."""
-    files = [paths.node_cert, *sorted((paths.dir / "operators").glob("*.pem"))]
+    """The node's, every operator's and every admin's current certificate."""
+    files = [
+        paths.node_cert,
+        *sorted((paths.dir / "operators").glob("*.pem")),
+        *sorted((paths.dir / "admins").glob("*.pem")),
+    ]
     out = []
     for f in files:
         if not f.exists():

@@ -1,7 +1,9 @@
 """Who is calling: identities named by SPIFFE IDs in a certificate's URI SAN.
 
 ``spiffe://<district>.yikatong.cy/node`` is a district's node;
-``spiffe://<district>.yikatong.cy/operator/<operator_id>`` one of its operators.
+``spiffe://<district>.yikatong.cy/operator/<operator_id>`` one of its operators;
+``spiffe://<district>.yikatong.cy/admin/<id>`` one of its own back-office staff
+(health detail today; the lost-card commands later), never another district's.
 The identity of the current call is set by the interceptor (the one place that
 reads certificates) and read here by the servicers.
 """
@@ -20,13 +22,15 @@ DISTRICT_RE = re.compile(r"[1-8][0-9]{5}")
 OPERATOR_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _SPIFFE_RE = re.compile(
     rf"spiffe://(?P<district>{DISTRICT_RE.pattern})\.yikatong\.cy/"
-    r"(?:(?P<node>node)|operator/(?P<operator>[a-z0-9][a-z0-9-]{0,62}))"
+    r"(?:(?P<node>node)|operator/(?P<operator>[a-z0-9][a-z0-9-]{0,62})"
+    r"|admin/(?P<admin>[a-z0-9][a-z0-9-]{0,62}))"
 )
 
 
 class Role(enum.StrEnum):
     NODE = "node"
     OPERATOR = "operator"
+    ADMIN = "admin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +39,11 @@ class Identity:
 
     district: str
     role: Role
-    operator_id: str = ""
+    operator_id: str = ""  # the id of an operator, or of an admin
 
     @property
     def spiffe_id(self) -> str:
-        path = "node" if self.role is Role.NODE else f"operator/{self.operator_id}"
+        path = "node" if self.role is Role.NODE else f"{self.role.value}/{self.operator_id}"
         return f"spiffe://{self.district}.{TRUST_DOMAIN_SUFFIX}/{path}"
 
     @property
@@ -47,7 +51,7 @@ class Identity:
         """The DNS SAN its certificate carries."""
         if self.role is Role.NODE:
             return f"node.{self.district}.{TRUST_DOMAIN_SUFFIX}"
-        return f"{self.operator_id}.operator.{self.district}.{TRUST_DOMAIN_SUFFIX}"
+        return f"{self.operator_id}.{self.role.value}.{self.district}.{TRUST_DOMAIN_SUFFIX}"
 
 
 def _district(district: str) -> str:
@@ -70,6 +74,14 @@ def operator_identity(district: str, operator_id: str) -> Identity:
     return Identity(district, Role.OPERATOR, operator_id)
 
 
+def admin_identity(district: str, admin_id: str) -> Identity:
+    """One of a district's back-office staff; ``ValueError`` for a bad district or id."""
+    _district(district)
+    if not OPERATOR_ID_RE.fullmatch(admin_id):
+        raise ValueError("admin id must be 1-63 characters of [a-z0-9-], starting alphanumeric")
+    return Identity(district, Role.ADMIN, admin_id)
+
+
 def parse_spiffe_id(uri: str) -> Identity:
     """Parse a yikatong SPIFFE ID; raise ``ValueError`` for anything else."""
     m = _SPIFFE_RE.fullmatch(uri)
@@ -77,6 +89,8 @@ def parse_spiffe_id(uri: str) -> Identity:
         raise ValueError("not a yikatong SPIFFE ID")
     if m.group("node"):
         return Identity(m.group("district"), Role.NODE)
+    if m.group("admin"):
+        return Identity(m.group("district"), Role.ADMIN, m.group("admin"))
     return Identity(m.group("district"), Role.OPERATOR, m.group("operator"))
 
 

@@ -163,11 +163,15 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def _make_dirs(directory: Path) -> None:
-    """Create ``directory`` and missing parents, each entry made durable in its parent."""
+    """Create ``directory`` and missing parents (0700), each made durable in its parent."""
     if directory.is_dir():
         return
     _make_dirs(directory.parent)
-    directory.mkdir(exist_ok=True)
+    try:
+        directory.mkdir(mode=0o700)
+    except FileExistsError:
+        return  # made meanwhile by another process: not ours to change
+    directory.chmod(0o700)  # private keys live here: not the umask's choice
     _fsync_dir(directory.parent)
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
 import time
 from datetime import datetime, timedelta
@@ -35,7 +37,7 @@ from broker.trust.pki import build_crl, ca_id, crl_number, crl_pem, load_crls, w
 from broker.trust.tls import spiffe_ids
 from tests.conftest import DAZU, Cluster
 from tests.helpers import channel, check_request, gate_stub
-from tests.runbook import RunbookError, blocks, run_block
+from tests.runbook import RunbookError, blocks, file_block, run_block
 
 D = "500111"
 
@@ -433,6 +435,51 @@ def test_renew_due_re_signs_a_list_lapsing_tomorrow_and_says_what_it_published(
     assert crl_number(renewed) == crl_number(crl) + 2
 
 
+# ------------------------------------------------------------------ plain output
+
+
+def test_init_ca_names_the_ca_certificates_and_the_trust_bundle_apart(tmp_path: Path):
+    """ca.pem is the CA certificates; "trust bundle" is bundle.json only (as in the runbook)."""
+    r = tmp_path / "certs"
+    result = certs(r, "init-ca", "--district", D)
+    assert result.exit_code == 0, result.output
+    paths = DistrictPaths(r, D)
+    assert result.stdout.splitlines()[1:] == [
+        f"CA certificates: {paths.ca_cert}",
+        f"signed trust bundle: {paths.bundle}",
+    ]
+
+
+def test_paths_and_serials_are_printed_verbatim_piped_at_40_columns(tmp_path: Path):
+    """As processes with COLUMNS=40: a store whose path has ':cd:', brackets and length."""
+    r = tmp_path / "a:cd:b" / "[red]x[/red]" / ("long-directory-name-" * 4) / "certs"
+    env = {**os.environ, "COLUMNS": "40"}
+
+    def broker(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker", "certs", *args, "--dir", str(r)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    refused = broker("issue", "--district", D, "--node")
+    assert refused.returncode == 1
+    assert refused.stderr == f"error: no CA for district {D} under {r}\n"
+    made = broker("init-ca", "--district", D)
+    assert made.returncode == 0, made.stderr
+    assert f"CA certificates: {DistrictPaths(r, D).ca_cert}" in made.stdout.splitlines()
+    issued = broker("issue", "--district", D, "--operator", "bus-01")
+    cert = DistrictPaths(r, D).operator_cert("bus-01")
+    assert issued.stdout == f"{operator_identity(D, 'bus-01').spiffe_id} → {cert}\n"
+    serial = broker("serial", "--district", D, "--operator", "bus-01")
+    assert serial.stdout == f"{load(cert).serial_number:x}\n"
+    table = broker("status", "--district", D)
+    assert table.returncode == 0, table.stderr
+    assert f"{load(cert).serial_number:x}" in table.stdout  # the table is 160 wide, cells whole
+
+
 # ------------------------------------------------------------------ runbook blocks
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
@@ -466,6 +513,19 @@ def test_a_marker_without_a_whole_sh_block_is_an_error(tmp_path: Path, text: str
     doc.write_text(text)
     with pytest.raises(RunbookError, match=reason):
         blocks(doc, "demo")
+
+
+def test_file_block_returns_the_one_block_marked_as_that_file(tmp_path: Path):
+    doc = tmp_path / "ops.md"
+    doc.write_text(
+        '<!-- runbook-file: node.toml -->\n```toml\ndistrict = "500111"\n```\n'
+        "<!-- runbook-file: twice.toml -->\n```toml\na = 1\n```\n"
+        "<!-- runbook-file: twice.toml -->\n```toml\na = 2\n```\n"
+    )
+    assert file_block(doc, "node.toml") == 'district = "500111"\n'
+    for name in ("twice.toml", "missing.toml"):
+        with pytest.raises(RunbookError, match=f"blocks marked as file {name}, not one"):
+            file_block(doc, name)
 
 
 def test_run_block_uses_bash_strict_mode_the_given_variables_and_the_venvs_broker(

@@ -3,17 +3,39 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import stat
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
+import pytest
+import structlog
 from click.testing import CliRunner
 from cryptography import x509
 
 from broker.cards.gb11643 import ssn_check_character
 from broker.cards.registry import Registry
-from broker.cli.main import main
+from broker.cli.main import accept_log_options_after_commands, log_choice, log_options, main
+from broker.node import logs
 from broker.node.config import load_config
 from broker.trust.tls import spiffe_ids
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """Each command configures logging for the runner's stderr; later tests get theirs back."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def ssn(born: str = "19500101") -> str:
@@ -201,6 +223,7 @@ def test_python_m_broker_serve_answers_health_and_stops_on_sigterm(tmp_path: Pat
         _, err = proc.communicate(timeout=20)
         assert proc.returncode == 0
         assert b"node_stopped" in err
+        assert f"district 500111 serving on {target}".encode() in err  # console: plain text
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -221,3 +244,121 @@ def test_serve_refuses_a_port_it_cannot_bind(tmp_path: Path, now):
         result = CliRunner().invoke(main, ["serve", "--config", str(cfg)])
     assert result.exit_code == 1
     assert "cannot listen" in result.output
+
+
+def test_log_options_after_serve_make_its_failure_a_json_event(tmp_path: Path):
+    missing = tmp_path / "node.toml"
+    result = CliRunner().invoke(
+        main, ["serve", "--config", str(missing), "--log-json", "--log-level", "debug"]
+    )
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    event = json.loads(line)
+    assert (event["event"], event["level"]) == ("serve_failed", "error")
+    assert str(missing) in event["error"] and "does not exist" in event["error"]
+
+
+def test_every_command_takes_the_log_options_after_its_name():
+    def walk(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Command]]:
+        yield path, cmd
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, f"{path} {name}")
+
+    for path, cmd in walk(main, "broker"):
+        names = [p.name for p in cmd.params]
+        assert names.count("log_level") == names.count("log_json") == 1, path
+    result = CliRunner().invoke(main, ["certs", "issue", "--help"])
+    assert "--log-json" in result.output and "--log-level" in result.output
+
+
+def chatty_group() -> click.Group:
+    """A stand-in for ``broker``: a group, a nested group, commands that log at each level."""
+
+    def speak() -> None:
+        log = structlog.get_logger("broker.test")
+        log.debug("d")
+        log.info("i")
+        log.warning("w")
+
+    @click.group(params=log_options(show_default=True))
+    def top() -> None:
+        logs.configure(log_choice().level, log_choice().json)
+
+    @top.group()
+    def nested() -> None:
+        pass
+
+    top.command("leaf")(speak)
+    nested.command("leaf")(speak)
+    accept_log_options_after_commands(top)
+    return top
+
+
+@pytest.mark.parametrize(
+    ("args", "events"),
+    [
+        (["leaf"], ["i", "w"]),
+        (["leaf", "--log-level", "debug"], ["d", "i", "w"]),
+        (["--log-level", "error", "leaf", "--log-level", "debug"], ["d", "i", "w"]),
+        (["--log-level", "debug", "leaf", "--log-json"], ["d", "i", "w"]),
+        (["--log-json", "nested", "leaf", "--log-level", "warning"], ["w"]),
+        (["nested", "--log-level", "warning", "leaf", "--log-json"], ["w"]),
+    ],
+)
+def test_log_options_are_taken_before_or_after_a_command_and_the_later_wins(
+    args: list[str], events: list[str]
+):
+    """``--log-level debug`` after the command works; a default never undoes a choice."""
+    result = CliRunner().invoke(chatty_group(), [*args])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    if "--log-json" in args:
+        assert [json.loads(line)["event"] for line in lines] == events
+    else:
+        assert [line.split("] ", 1)[1].split()[0] for line in lines] == events
+
+
+SPY_ON_GRPC_IMPORT = """
+import os, sys
+
+seen = []
+
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "grpc" and not seen:
+            seen.append(os.environ.get("GRPC_VERBOSITY"))
+        return None
+
+sys.meta_path.insert(0, Spy())
+sys.argv = ["broker", "--version"]
+try:
+    {enter}
+except SystemExit:
+    pass
+import grpc  # if the entry did not import it, this is its first import
+print("GRPC_VERBOSITY at the first import of grpc:", seen[0])
+"""
+
+ENTRIES = {
+    "python -m broker": 'import runpy; runpy.run_module("broker", run_name="__main__")',
+    "broker (console script)": "from broker.cli.main import main; main()",
+}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize(("given", "seen"), [(None, "NONE"), ("INFO", "INFO")])
+def test_grpc_core_is_quieted_before_grpc_is_first_imported(
+    entry: str, given: str | None, seen: str
+):
+    """gRPC core reads GRPC_VERBOSITY once, at import: both entries set it first, unless the
+    operator did (see broker/node/logs.py)."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    if given is not None:
+        env["GRPC_VERBOSITY"] = given
+    code = SPY_ON_GRPC_IMPORT.format(enter=ENTRIES[entry])
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"GRPC_VERBOSITY at the first import of grpc: {seen}" in done.stdout

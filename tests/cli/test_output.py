@@ -1,11 +1,26 @@
-"""broker/cli/output.py: ``error:`` lines and exit codes, BrokerError mapping, yuan formatting."""
+"""broker/cli/output.py: ``error:`` lines and exit codes, BrokerError mapping, yuan formatting,
+and consoles that print machine values verbatim (no emoji, markup or wrapping)."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import subprocess
+import sys
 
-from broker.cli.output import broker_errors, fail, yuan
+import pytest
+from rich.table import Table
+
+from broker.cli.output import broker_errors, fail, plain_console, yuan
 from broker.core.errors import BrokerError, ConfigError, InvalidArgument
+
+# A CA fingerprint as `openssl x509 -fingerprint -sha256` prints it, with the bytes CD and AB
+# where Rich's ':name:' emoji codes land: by default Rich prints 96:CD:22 as 96💿22.
+FINGERPRINT = ":".join(["96", "CD", "22", "AB"] * 8)
+# A message an operator copies from: a fingerprint, markup-like brackets, a long path.
+MESSAGE = (
+    f"bundle of 512021 has CA {FINGERPRINT}, not the one held; "
+    f"see /srv/yikatong/[ledger]/a:cd:b/{'long-directory-name/' * 4}bundle.json"
+)
 
 
 def test_yuan_formats_integer_fen_exactly():
@@ -91,3 +106,42 @@ def test_broker_errors_is_silent_when_nothing_fails(capsys):
         ran.append(True)
     assert ran == [True]
     assert capsys.readouterr() == ("", "")
+
+
+def test_fail_prints_a_fingerprint_brackets_and_a_long_path_verbatim_on_one_line(capsys):
+    """Piped (pytest's stderr is no terminal), Rich would wrap at 80 columns and make emoji."""
+    assert len(MESSAGE) > 160 and ":CD:" in MESSAGE  # the premise
+    with pytest.raises(SystemExit):
+        fail(MESSAGE)
+    assert capsys.readouterr().err == f"error: {MESSAGE}\n"
+
+
+def test_fail_does_not_wrap_in_a_40_column_terminal_width():
+    """COLUMNS=40, as a narrow terminal or a CI runner sets it, in a fresh process."""
+    script = "import sys; from broker.cli.output import fail; fail(sys.argv[1])"
+    done = subprocess.run(
+        [sys.executable, "-c", script, MESSAGE],
+        env={**os.environ, "COLUMNS": "40"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert done.stderr == f"error: {MESSAGE}\n"
+
+
+def test_a_plain_console_prints_lines_whole_whatever_its_width(capsys):
+    plain_console(width=40).print(MESSAGE)
+    plain_console(stderr=True, width=40).print(MESSAGE)
+    assert capsys.readouterr() == (f"{MESSAGE}\n", f"{MESSAGE}\n")
+
+
+def test_a_plain_consoles_table_shows_cells_as_text():
+    """Table cells (dispute notes, serials) are not markup or emoji codes either."""
+    console = plain_console(width=200)
+    table = Table()
+    table.add_column("note", no_wrap=True)
+    table.add_row(f"[red]agreed[/red] :cd: {FINGERPRINT}")
+    with console.capture() as captured:
+        console.print(table)
+    assert f"[red]agreed[/red] :cd: {FINGERPRINT}" in captured.get()

@@ -1,4 +1,5 @@
-"""broker/cli/trust.py: ``broker trust export`` and ``import``, and the fingerprint they print.
+"""broker/cli/trust.py: ``broker trust export``, ``fingerprint`` and ``import``, and the fingerprint
+they print (verbatim, even with the bytes Rich would turn into emoji).
 
 tests/trust/test_bundle.py covers an impostor bundle and the round trip on built
 districts; tests/e2e/test_runbook.py runs both commands as subprocesses. These check the
@@ -9,8 +10,10 @@ what is (not) stored when an import is refused, and broken inputs.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -373,3 +376,90 @@ def test_trust_status_shows_what_each_peer_holds_and_fetched(setup: Setup, now: 
     lines = {line.split(":")[0]: line for line in after.stdout.splitlines()}
     assert lines["our bundle"] == "our bundle: sequence 2"
     assert "fetched our 1 at" in lines[ANYUE] and lines[ANYUE].endswith("(BEHIND)")
+
+
+# ---------------------------------------------------------------- fingerprints, verbatim
+
+
+def cd_where_rich_finds_emoji(fp: str) -> bool:
+    """A byte CD where Rich's emoji pattern lands (see :func:`mangled_by_rich`): 96:CD:22."""
+    return "CD" in fp.split(":")[1:31:2]
+
+
+@pytest.fixture
+def cd_bundle(tmp_path: Path, now: datetime) -> tuple[Path, str]:
+    """Anyue's exported bundle, whose CA's fingerprint has ``:CD:`` (new CAs until one does)."""
+    paths = DistrictPaths(tmp_path / "cd" / "certs", ANYUE)
+    init_ca_where(paths, now, cd_where_rich_finds_emoji)
+    out = tmp_path / "cd" / "anyue.bundle.json"
+    result = trust("export", "--district", ANYUE, "--dir", str(paths.root), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    return out, openssl_fingerprint(paths.ca_cert)
+
+
+def test_fingerprint_shows_whose_bundle_and_its_ca_fingerprint_on_stdout(
+    cd_bundle: tuple[Path, str],
+):
+    bundle, want = cd_bundle
+    assert ":CD:" in want  # the premise: Rich's default console would print 💿 here
+    result = trust("fingerprint", str(bundle))
+    assert result.exit_code == 0, result.output
+    held = Bundle.parse(SignedBundle.from_json(bundle.read_bytes()).document)
+    assert result.stdout.splitlines() == [
+        f"bundle 1 of district {ANYUE}, issued {held.issued_at}",
+        f"CA fingerprint (SHA-256): {want}",
+    ]
+
+
+def test_the_fingerprint_is_printed_verbatim_by_every_command_piped_at_40_columns(
+    cd_bundle: tuple[Path, str], setup: Setup
+):
+    """export, fingerprint and a refused import, as processes with COLUMNS=40, piped."""
+    bundle, want = cd_bundle
+    line = f"CA fingerprint (SHA-256): {want}"
+    env = {**os.environ, "COLUMNS": "40"}
+
+    def broker(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "broker", "trust", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    exported = broker("export", "--district", ANYUE, "--dir", str(bundle.parent / "certs"))
+    assert exported.returncode == 0 and exported.stderr.splitlines() == [line]
+    shown = broker("fingerprint", str(bundle))
+    assert shown.returncode == 0 and shown.stdout.splitlines()[1:] == [line]
+    # Setup's config has Anyue as a bundle peer: no bundle held, so it refuses and shows it.
+    refused = broker("import", str(bundle), "--config", str(setup.config))
+    assert refused.returncode == 1
+    first, error = refused.stderr.splitlines()
+    assert first == line
+    assert error.startswith("error: no bundle held for this district yet") and error.endswith(
+        "then repeat with --first-use"
+    )
+
+
+def test_fingerprint_refuses_a_bundle_its_own_ca_did_not_sign(
+    cd_bundle: tuple[Path, str], tmp_path: Path
+):
+    bundle, _ = cd_bundle
+    raw = json.loads(bundle.read_bytes())
+    raw["document"] = raw["document"].replace('"sequence":1', '"sequence":9')
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(raw))
+    result = trust("fingerprint", str(forged))
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"error: {forged}: bundle refused:")
+
+
+def test_fingerprint_of_a_file_that_is_no_bundle_is_refused(tmp_path: Path):
+    junk = tmp_path / "junk.json"
+    junk.write_bytes(b"\x00\xff garbage")
+    result = trust("fingerprint", str(junk))
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    assert "bundle file is malformed" in result.stderr

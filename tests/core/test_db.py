@@ -1,4 +1,7 @@
-"""Database access: SQLite files (WAL, synchronous FULL), UTC text, and the Db wrapper.
+"""Database access: SQLite files (WAL, synchronous FULL, private), UTC text, the Db wrapper.
+
+SQLite files, with their -wal and -shm, are 0600 in 0700 directories whatever the umask;
+the tests set a permissive umask themselves and restore it.
 
 The wrapper is exercised on SQLite and, through the ``postgres_url`` fixture, on PostgreSQL
 in a schema of its own that is dropped afterwards.
@@ -6,10 +9,13 @@ in a schema of its own that is dropped afterwards.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sqlite3
+import stat
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -17,7 +23,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import structlog.testing
 
-from broker.core.db import Db, Migration, migrate, schema_version, utc_text
+from broker.core.db import Db, Migration, make_private_dirs, migrate, schema_version, utc_text
 from broker.core.errors import ConfigError
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v BIGINT NOT NULL)"
@@ -78,6 +84,107 @@ def test_reopening_an_existing_file_keeps_its_rows(tmp_path: Path):
         assert again.all("SELECT k, v FROM t") == [("a", 1)]
     finally:
         again.close()
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """The process umask set to ``mask`` for the block (it is process-wide: restore it)."""
+    saved = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(saved)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o000, 0o022, 0o277])
+def test_a_new_file_and_its_wal_and_shm_are_0600_in_new_0700_directories(tmp_path: Path, mask: int):
+    """Whatever the umask: a permissive one (0000, 0022) or one that takes the owner's bits."""
+    path = tmp_path / "deep" / "er" / "ledger.sqlite3"
+    with umask(mask):
+        db = Db.sqlite(path)
+        try:
+            db.script(SCHEMA)
+            db.execute("INSERT INTO t VALUES ('a', 1)")
+            wal, shm = path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+            assert wal.exists() and shm.exists()  # while open: the last close removes them
+            assert {p.name: mode(p) for p in (path, wal, shm)} == {
+                p.name: 0o600 for p in (path, wal, shm)
+            }
+        finally:
+            db.close()
+    assert (mode(tmp_path / "deep"), mode(tmp_path / "deep" / "er")) == (0o700, 0o700)
+    assert mode(tmp_path) == stat.S_IMODE(tmp_path.stat().st_mode)  # not created: not changed
+
+
+def test_an_existing_file_and_its_leftover_wal_and_shm_lose_group_and_other_access(
+    tmp_path: Path,
+):
+    """A file left readable by an older release (or a copy) is made private when opened."""
+    path = tmp_path / "registry.sqlite3"
+    db = Db.sqlite(path)
+    db.script(SCHEMA)
+    db.close()
+    wal, shm = path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+    wal.write_bytes(b"")
+    shm.write_bytes(b"")
+    path.chmod(0o644)
+    wal.chmod(0o666)
+    shm.chmod(0o604)
+    with structlog.testing.capture_logs() as logs:
+        again = Db.sqlite(path)
+    try:
+        assert {p.name: mode(p) for p in (path, wal, shm)} == {
+            p.name: 0o600 for p in (path, wal, shm)
+        }
+        assert again.all("SELECT k FROM t") == []
+    finally:
+        again.close()
+    made_private = [e["path"] for e in logs if e["event"] == "database file made private"]
+    assert sorted(made_private) == sorted(str(p) for p in (path, wal, shm))
+
+
+def test_only_group_and_other_bits_are_taken_from_an_existing_file(tmp_path: Path):
+    path = tmp_path / "a.sqlite3"
+    Db.sqlite(path).close()
+    path.chmod(0o640)
+    Db.sqlite(path).close()
+    assert mode(path) == 0o600
+    path.chmod(0o440)  # an owner who made it read-only keeps it so
+    with suppress(sqlite3.OperationalError):  # not root: WAL mode needs to write
+        Db.sqlite(path).close()
+    assert mode(path) == 0o400
+
+
+def test_an_existing_directory_open_to_others_is_left_as_it_is_with_a_warning(tmp_path: Path):
+    """Not ours to change (it may be /srv or a shared mount): the operator is told instead."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    with structlog.testing.capture_logs() as logs:
+        Db.sqlite(shared / "a.sqlite3").close()
+    assert mode(shared) == 0o755
+    assert mode(shared / "a.sqlite3") == 0o600
+    (warning,) = [e for e in logs if e["log_level"] == "warning"]
+    assert warning["event"] == "database directory is open to other users"
+    assert (warning["directory"], warning["mode"]) == (str(shared), "0o755")
+    shared.chmod(0o750)  # group, not world: no warning
+    with structlog.testing.capture_logs() as logs:
+        Db.sqlite(shared / "a.sqlite3").close()
+    assert [e for e in logs if e["log_level"] == "warning"] == []
+
+
+def test_make_private_dirs_chmods_only_what_it_creates(tmp_path: Path):
+    top = tmp_path / "top"
+    top.mkdir()
+    top.chmod(0o755)
+    with umask(0):
+        make_private_dirs(top / "a" / "b")
+        make_private_dirs(top / "a" / "b")  # already there: nothing to do
+    assert (mode(top), mode(top / "a"), mode(top / "a" / "b")) == (0o755, 0o700, 0o700)
 
 
 def test_a_db_may_be_used_from_another_thread(tmp_path: Path):

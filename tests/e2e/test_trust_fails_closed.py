@@ -26,7 +26,7 @@ from broker.testbed import build as testbed
 from broker.testbed.operator_client import GateClient, open_channel
 from broker.trust import certops, pki
 from broker.trust.config import node_server_name
-from broker.trust.identity import operator_identity
+from broker.trust.identity import admin_identity
 from broker.trust.store import CRL_HEALTH, peer_health_name
 from tests.conftest import ANYUE, DAZU, RONGCHANG, THREE
 from tests.trust.test_store import (
@@ -41,7 +41,7 @@ SERVING: int = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING
 TICK_MS = 200  # the nodes' reload tick: a change is seen within a fraction of a second
 WITHIN_S = 5.0  # the issue's bound for a change to take effect on a running node
-MONITOR = "monitor-01"  # an operator that is never revoked: it asks for health
+MONITOR = "monitor-01"  # back-office staff (admin): it asks for the trust components' health
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str) -> None:
@@ -57,7 +57,7 @@ class Running:
     def __init__(self, setups: dict[str, testbed.DistrictSetup], now: datetime) -> None:
         self.setups = setups
         for code, s in setups.items():
-            certops.issue_to_files(s.paths, operator_identity(code, MONITOR), now)
+            certops.issue_to_files(s.paths, admin_identity(code, MONITOR), now)
         self.nodes: dict[str, Node] = {}
         self._channels: list[grpc.aio.Channel] = []
 
@@ -79,10 +79,10 @@ class Running:
         return GateClient(self._open(code, s.operator_cert, s.operator_key), s.operator_id)
 
     def health(self, code: str) -> health_pb2_grpc.HealthStub:
-        """Health over mutual TLS, as monitoring asks it, with a certificate never revoked."""
+        """Health over mutual TLS, as the district's monitoring asks it (an admin certificate)."""
         paths = self.setups[code].paths
         return health_pb2_grpc.HealthStub(
-            self._open(code, paths.operator_cert(MONITOR), paths.operator_key(MONITOR))
+            self._open(code, paths.admin_cert(MONITOR), paths.admin_key(MONITOR))
         )
 
     async def close(self) -> None:
@@ -248,7 +248,7 @@ async def test_a_node_with_an_unusable_peer_bundle_starts_with_that_peer_untrust
         return refresher.failures.get(ANYUE, 0) >= 3
 
     await until(tried_three_times, "three fetches of the untrusted peer's bundle")
-    assert not any(task.done() for task in node._tasks)
+    assert set(node.supervisor.failures.values()) == {0}  # no loop failed or was restarted
     assert await status(health, peer_health_name(ANYUE)) == NOT_SERVING
     assert (await fresh_check(gate, ANYUE, three)).source == (
         gate_pb2.DECISION_SOURCE_OFFLINE_POLICY
@@ -269,11 +269,9 @@ async def test_a_peer_bundle_turning_unusable_keeps_the_last_good_one_and_the_wa
     good = bundle_file.read_bytes()
 
     pki.write_public(bundle_file, unusable_bundle(kind, three.setups[ANYUE], now))
-    watcher = node._tasks[0]
 
     async def reported() -> bool:
-        if watcher.done():
-            raise AssertionError(f"the trust watcher died: {watcher.exception()!r}")
+        assert node.supervisor.failures["trust-watch"] == 0, "the trust watcher failed"
         return await status(health, peer_health_name(ANYUE)) == NOT_SERVING
 
     await until(reported, f"health {peer_health_name(ANYUE)!r} NOT_SERVING")
@@ -285,4 +283,4 @@ async def test_a_peer_bundle_turning_unusable_keeps_the_last_good_one_and_the_wa
     pki.write_public(bundle_file, good)  # put right: the watcher is alive to see it
     await until_status(health, peer_health_name(ANYUE), SERVING)
     assert ANYUE not in node.trust.current.problems
-    assert not any(task.done() for task in node._tasks)
+    assert set(node.supervisor.failures.values()) == {0}  # no loop failed or was restarted

@@ -15,6 +15,7 @@ import pytest
 from broker.core.errors import ConfigError
 from broker.node import config as config_module
 from broker.node.config import BOUNDS, NodeConfig, load_config, parse_config, render_config
+from tests.runbook import file_block
 
 MINIMAL = """
 district = "500111"
@@ -135,6 +136,33 @@ def test_the_documented_example_is_a_config_the_loader_accepts():
     assert cfg.ledger.path == Path("/etc/yikatong/var/500111/ledger.sqlite3")
     assert cfg.cache.redis_timeout_ms == 50
     assert cfg.agreement("512021") is not None
+
+
+OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def test_the_runbooks_node_toml_has_every_section_and_every_documented_key():
+    """The complete node.toml of docs/operations.md's first setup: what a new operator copies.
+
+    It must document the keys the example above documents (so a key added to one
+    and not the other fails here), set every section the loader reads, and load;
+    tests/e2e/test_runbook.py then serves a node with it.
+    """
+    runbook = file_block(OPERATIONS, "node.toml")
+    assert _documented_keys(runbook) == _documented_keys(_documented_example())
+    doc = tomllib.loads(runbook)
+    sections = {f.name for f in dataclasses.fields(NodeConfig)} - {"district", "listen"}
+    assert sections == {
+        "tls", "privacy", "registry", "fares", "ledger", "settlement", "trust",
+        "peers", "peering", "recognition", "agreements", "cache", "access",
+    }  # fmt: skip
+    assert set(doc) == {"district", "listen"} | sections
+    cfg = parse_config(doc, Path("/srv/yikatong"), env={})
+    assert cfg.tls.crl_file == Path("/srv/yikatong/certs/500111/crl.pem")
+    assert cfg.settlement.key_file == Path("/srv/yikatong/certs/500111/settlement.key")
+    peer = cfg.peer("512021")
+    assert peer is not None and peer.bundle_file is not None
+    assert cfg.agreement("512021") is not None and cfg.ledger.path is not None
 
 
 def _declared_overrides(cls: type) -> set[str]:

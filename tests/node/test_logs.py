@@ -3,22 +3,28 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import structlog
 
-from broker.node.logs import configure
+from broker.node.logs import StdlibToStructlog, configure
 
 
 @pytest.fixture(autouse=True)
 def restore_structlog() -> Iterator[None]:
-    """configure() binds the stderr of this test; give later tests the configuration back."""
+    """configure() binds the stderr of this test and takes over the root logger; give later
+    tests the configuration back."""
     saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     yield
     structlog.reset_defaults()
     structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def stderr_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
@@ -97,3 +103,46 @@ def test_console_mode_writes_plain_text_without_colour_codes(
 def test_an_unknown_level_name_is_refused() -> None:
     with pytest.raises(KeyError):
         configure("chatty")
+
+
+def test_standard_library_records_become_json_lines_naming_their_logger(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """asyncio and grpc's Python layer log through :mod:`logging`, not structlog."""
+    configure("info", json=True)
+    logging.getLogger("asyncio").warning("Task %s took %.1f s", "gate-7", 1.5)
+    try:
+        raise RuntimeError("servicer blew up")
+    except RuntimeError:
+        logging.getLogger("grpc._cython.cygrpc").exception("Unexpected error in servicer")
+    first, second = (json.loads(line) for line in stderr_lines(capsys))
+    assert (first["logger"], first["level"]) == ("asyncio", "warning")
+    assert first["event"] == "Task gate-7 took 1.5 s"
+    assert (second["logger"], second["level"]) == ("grpc._cython.cygrpc", "error")
+    assert "RuntimeError: servicer blew up" in second["exception"]  # one line, not a traceback
+
+
+def test_standard_library_records_follow_the_level_and_stay_off_at_debug(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Below the level: dropped. At ``debug``, libraries' debug chatter is dropped too."""
+    configure("warning", json=True)
+    logging.getLogger("asyncio").info("dropped")
+    logging.getLogger("asyncio").log(35, "custom level between warning and error")
+    (line,) = stderr_lines(capsys)
+    assert json.loads(line)["level"] == "warning"  # custom levels round down
+    configure("debug", json=True)
+    logging.getLogger("grpc._cython.cygrpc").debug("Loaded running loop")
+    structlog.get_logger("broker.test").debug("recognized")
+    assert [json.loads(line)["event"] for line in stderr_lines(capsys)] == ["recognized"]
+
+
+def test_configuring_again_replaces_the_bridge_instead_of_adding_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure("info", json=False)
+    configure("info", json=True)
+    assert sum(isinstance(h, StdlibToStructlog) for h in logging.getLogger().handlers) == 1
+    logging.getLogger("asyncio").warning("once")
+    (line,) = stderr_lines(capsys)
+    assert json.loads(line)["event"] == "once"

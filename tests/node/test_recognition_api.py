@@ -1,7 +1,9 @@
 """Recognition.Recognize's servicer (broker/node/recognition_api.py) through a running node.
 
 tests/e2e/test_gate.py covers the answer's fields, a foreign card and an unknown one; here:
-what the servicer itself checks and leaves optional, and what it logs about the call.
+what the servicer itself checks and leaves optional, what it does with a peer's request_id
+(a W3C trace-id is kept; anything else is replaced and counted, never refused or logged),
+and what it logs about the call. tests/e2e/test_request_ids.py plants an ID number.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc, typ
 from broker.cards.entitlements import entitlements_for
 from broker.cards.model import shanghai_day
 from broker.cards.privacy import load_key_file
+from broker.gate.home import HomeRecognizer
+from broker.node.fields import is_trace_id
+from broker.node.recognition_api import RecognitionServicer
 from broker.testbed.build import SyntheticCard
+from broker.trust.identity import bind_identity, node_identity, unbind_identity
 from tests.conftest import ANYUE, DAZU, Cluster
 from tests.helpers import node_channel
 
@@ -86,9 +92,9 @@ async def test_scene_and_request_id_are_optional_for_a_peer(
 MALFORMED: list[tuple[Callable[[recognition_pb2.RecognizeRequest], object], str]] = [
     (lambda r: r.ClearField("card"), "card"),
     (lambda r: setattr(r, "scene", 99), "scene"),
-    (lambda r: setattr(r, "request_id", "r" * 65), "request_id"),
-    (lambda r: setattr(r, "request_id", "req\n1"), "request_id"),
 ]
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+NOT_TRACE_IDS = {"": "empty", "r" * 65: "oversized", "req\n1": "malformed", "req-42": "malformed"}
 
 
 async def test_a_malformed_request_is_invalid_argument_naming_the_field(
@@ -108,11 +114,46 @@ async def test_the_call_is_logged_with_the_caller_and_a_keyed_hash_never_the_car
     cluster: Cluster, now: datetime, debug_logs: list[MutableMapping[str, Any]]
 ) -> None:
     card = active_card(cluster, now)
-    answer = await recognize(cluster, request(card, types_pb2.SCENE_BUS, "req-42"))
+    answer = await recognize(cluster, request(card, types_pb2.SCENE_BUS, TRACE_ID))
     assert isinstance(answer, recognition_pb2.RecognizeResponse)
     (event,) = [e for e in debug_logs if e["event"] == "recognized"]
     hasher = load_key_file(cluster.setups[DAZU].paths.hash_key)
     assert event["caller"] == f"spiffe://{ANYUE}.yikatong.cy/node"
     assert event["card"] == hasher.card_key(card.ref)
-    assert (event["status"], event["request_id"]) == ("ACTIVE", "req-42")
+    assert (event["status"], event["request_id"]) == ("ACTIVE", TRACE_ID)
+    assert event["request_id_replaced"] is None
     assert card.ref.card_number not in repr(debug_logs)
+
+
+async def test_a_request_id_that_is_not_a_trace_id_is_answered_and_logged_as_a_new_one(
+    cluster: Cluster, now: datetime, debug_logs: list[MutableMapping[str, Any]]
+) -> None:
+    """Never refused, so another district's client keeps working; never echoed into our logs."""
+    card = active_card(cluster, now)
+    for bad in NOT_TRACE_IDS:
+        answer = await recognize(cluster, request(card, types_pb2.SCENE_BUS, bad))
+        assert isinstance(answer, recognition_pb2.RecognizeResponse), repr(bad)
+        assert answer.status == types_pb2.CARD_STATUS_ACTIVE
+    events = [e for e in debug_logs if e["event"] == "recognized"]
+    assert [e["request_id_replaced"] for e in events] == list(NOT_TRACE_IDS.values())
+    assert all(is_trace_id(e["request_id"]) for e in events)
+    assert len({e["request_id"] for e in events}) == len(events)  # a new one each time
+    text = repr(debug_logs)
+    assert "req-42" not in text and "r" * 65 not in text and "req\\n1" not in text
+
+
+async def test_replaced_request_ids_are_counted_by_reason(cluster: Cluster, now: datetime) -> None:
+    node = cluster.nodes[DAZU]
+    home = HomeRecognizer(DAZU, node.registry, node.config.recognition)
+    hasher = load_key_file(cluster.setups[DAZU].paths.hash_key)
+    servicer = RecognitionServicer(home, hasher, lambda: now)
+    card = active_card(cluster, now)
+    context: Any = None  # the servicer reads nothing from it
+    token = bind_identity(node_identity(ANYUE))  # as the guard does
+    try:
+        for request_id in [TRACE_ID, *NOT_TRACE_IDS, "req-43"]:
+            answer = await servicer.Recognize(request(card, 0, request_id), context)
+            assert answer.status == types_pb2.CARD_STATUS_ACTIVE
+    finally:
+        unbind_identity(token)
+    assert servicer.request_ids_replaced == {"empty": 1, "oversized": 1, "malformed": 3}

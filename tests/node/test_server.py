@@ -114,8 +114,7 @@ async def test_a_started_node_serves_health_on_its_port_and_stop_closes_it(
         assert not await port_accepts(node.port)
         answer = await node.health.Check(health_pb2.HealthCheckRequest(service=""), None)
         assert answer.status == NOT_SERVING
-        await asyncio.sleep(0)
-        assert all(task.done() for task in node._tasks)  # the watchers are cancelled
+        assert node.supervisor.running() == []  # the background loops are cancelled
     finally:
         await ch.close()
         if not stopped:

@@ -20,13 +20,15 @@ import pytest
 from broker._proto.yikatong.v1 import recognition_pb2, types_pb2
 from broker.cards.model import CardRef, CardStatus, Entitlement, Recognition, Scene
 from broker.core.errors import PeerUnavailable
+from broker.node.fields import is_trace_id
 from broker.peers.channels import PeerChannels
-from broker.peers.client import PeerClient
+from broker.peers.client import PeerClient, trace_id
 from broker.trust.store import TrustStore
 from tests.peers.support import HOME, OTHER, PEER, District, PeerServer, free_address, home_settings
 
 CARD = CardRef(PEER, "C5120210000001")
 DEADLINE_MS = 200
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 @dataclass
@@ -70,16 +72,36 @@ async def test_a_peers_answer_becomes_a_recognition(net: Net):
     assert got == Recognition(CardStatus.ACTIVE, (Entitlement.SENIOR_65, Entitlement.DISABLED), 90)
 
 
-async def test_the_request_carries_the_card_scene_and_request_id(net: Net):
+async def test_the_request_carries_the_card_scene_and_a_trace_id_passed_through(net: Net):
     net.server.recognition.answer = answer(types_pb2.CARD_STATUS_LOST)
-    await net.client.recognize(CARD, Scene.MUSEUM, "req-42")
+    await net.client.recognize(CARD, Scene.MUSEUM, TRACE_ID)
     (seen,) = net.server.recognition.requests
     assert (seen.card.issuer_region, seen.card.card_number) == (
         CARD.issuer_region,
         CARD.card_number,
     )
     assert seen.scene == types_pb2.SCENE_MUSEUM
-    assert seen.request_id == "req-42"
+    assert seen.request_id == TRACE_ID
+
+
+async def test_a_request_id_that_is_not_a_trace_id_is_sent_as_a_new_trace_id(net: Net):
+    """The peer would replace it anyway; a gate's own id stays in this district."""
+    net.server.recognition.answer = answer(types_pb2.CARD_STATUS_LOST)
+    not_trace_ids = ["", "req-42", TRACE_ID.upper(), "0" * 32, TRACE_ID + "0", "a0b1c2d3e4f5a6b7"]
+    for request_id in not_trace_ids:
+        await net.client.recognize(CARD, Scene.BUS, request_id)
+    sent = [r.request_id for r in net.server.recognition.requests]
+    assert all(is_trace_id(r) for r in sent), sent
+    assert len(set(sent)) == len(sent)  # a new one for every call
+    assert not set(sent) & set(not_trace_ids)
+
+
+@pytest.mark.parametrize("value", [TRACE_ID, "", "req-42", "0" * 32, "F" * 32, "f" * 33])
+def test_trace_id_agrees_with_the_serving_sides_check(value: str):
+    """broker.peers may not import broker.node: its copy of the format must not drift."""
+    sent = trace_id(value)
+    assert is_trace_id(sent)
+    assert (sent == value) is is_trace_id(value)
 
 
 async def test_the_answer_is_read_defensively(net: Net):

@@ -59,6 +59,9 @@ class Watched:
     def count(self) -> int:
         return self.inner.count()
 
+    def ping(self) -> bool:
+        return self.inner.ping()
+
     def close(self) -> None:
         self.closed = True
         self.inner.close()

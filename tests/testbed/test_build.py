@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import socket
+import stat
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -213,6 +215,36 @@ def test_write_import_file_round_trips_through_the_import_parser(tmp_path: Path,
         rows = parse_import(fh, today, hasher)
     assert [r.card_number for r in rows] == [c.ref.card_number for c, _ in pairs]
     assert [r.birth_date for r in rows] == [c.birth_date for c, _ in pairs]
+
+
+def test_the_import_file_holds_id_numbers_so_it_is_private_whatever_the_umask(tmp_path: Path):
+    rows = [row for _, row in synthetic_cards(DAZU, 2, date(2026, 1, 1), random.Random(2))]
+    path = tmp_path / "deep" / "cards.csv"
+    saved = os.umask(0)
+    try:
+        write_import_file(path, rows)
+        path.chmod(0o644)  # rewritten: truncated in place, mode made private again
+        write_import_file(path, rows)
+    finally:
+        os.umask(saved)
+    assert (stat.S_IMODE(path.stat().st_mode), stat.S_IMODE(path.parent.stat().st_mode)) == (
+        0o600,
+        0o700,
+    )
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_each_districts_var_directory_is_private_whatever_the_umask(tmp_path: Path, now: datetime):
+    saved = os.umask(0)
+    try:
+        setups = build(tmp_path / "bed", (DAZU, ANYUE), now, cards_per_district=2)
+    finally:
+        os.umask(saved)
+    var = tmp_path / "bed" / "var"
+    for d in (var, *(var / code for code in setups)):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    for s in setups.values():
+        assert stat.S_IMODE(s.config.registry.path.stat().st_mode) == 0o600
 
 
 def test_free_port_returns_a_loopback_port_that_can_be_bound():

@@ -166,6 +166,10 @@ class SqlLedger:
         row = self._db.one("SELECT count(*) FROM trips")
         return int(row[0]) if row else 0
 
+    def ping(self) -> bool:
+        """Whether the database answers (a health check: cheap on any size of ledger)."""
+        return self._db.one("SELECT 1") == (1,)
+
 
 class SqliteLedger(SqlLedger):
     """The ledger in an embedded SQLite file (the default)."""
