@@ -19,6 +19,8 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from broker.cards.config import PrivacyConfig, RegistryConfig
 from broker.cards.csv_import import COLUMNS, parse_import
 from broker.cards.gb11643 import ssn_check_character
@@ -33,6 +35,7 @@ from broker.node.config import NodeConfig, load_config, render_config
 from broker.peers.bundles import accept
 from broker.peers.config import PeeringConfig
 from broker.settlement.config import LedgerConfig, SettlementKeyConfig
+from broker.testbed.operator_client import open_channel
 from broker.trust import certops
 from broker.trust.bundle import SignedBundle
 from broker.trust.certops import DistrictPaths
@@ -202,6 +205,16 @@ class DistrictSetup:
     @property
     def operator_key(self) -> Path:
         return self.paths.operator_key(self.operator_id)
+
+    def operator_channel(self, address: str) -> grpc.aio.Channel:
+        """A mutual-TLS channel to this district's node at ``address``, as its operator."""
+        return open_channel(
+            address,
+            node_server_name(self.code),
+            self.paths.ca_cert,
+            self.operator_cert,
+            self.operator_key,
+        )
 
 
 def build(

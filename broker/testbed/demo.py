@@ -29,8 +29,7 @@ from broker.node.metrics import percentile
 from broker.node.server import Node
 from broker.testbed.build import SyntheticCard, build
 from broker.testbed.demo_day import run_day
-from broker.testbed.operator_client import GateClient, open_channel
-from broker.trust.config import node_server_name
+from broker.testbed.operator_client import GateClient
 
 DISTRICTS = ("500111", "512021", "500153")
 UNCONFIGURED = "500118"
@@ -138,13 +137,7 @@ async def run_demo(
     try:
         clients = {}
         for code, s in setups.items():
-            channels[code] = open_channel(
-                nodes[code].address,
-                node_server_name(code),
-                s.paths.ca_cert,
-                s.operator_cert,
-                s.operator_key,
-            )
+            channels[code] = s.operator_channel(nodes[code].address)
             clients[code] = GateClient(channels[code], s.operator_id, gate_id=f"{code}-gate-1")
         plan = plan_checks({c: s.cards for c, s in setups.items()}, checks, random.Random(seed))
         pairs: dict[tuple[str, str], PairStats] = {}

@@ -19,8 +19,7 @@ from broker.cards.model import Scene
 from broker.gate.config import CacheConfig
 from broker.node.server import Node
 from broker.testbed import build as testbed
-from broker.testbed.operator_client import GateClient, open_channel
-from broker.trust.config import node_server_name
+from broker.testbed.operator_client import GateClient
 from tests.conftest import ANYUE, DAZU
 from tests.helpers import run_cli
 
@@ -47,13 +46,7 @@ async def test_activate_refuses_while_a_peer_is_behind_and_a_forced_one_is_recov
     )
     dazu, anyue = setups[DAZU], setups[ANYUE]
     nodes = {c: await Node.start(s.config) for c, s in setups.items()}
-    ch = open_channel(
-        nodes[DAZU].address,
-        node_server_name(DAZU),
-        dazu.paths.ca_cert,
-        dazu.operator_cert,
-        dazu.operator_key,
-    )
+    ch = dazu.operator_channel(nodes[DAZU].address)
     gate = GateClient(ch, dazu.operator_id)
     anyue_certs = ("--district", ANYUE, "--dir", str(anyue.paths.root))
     try:

@@ -38,8 +38,7 @@ from broker.settlement.clearing.positions import positions
 from broker.settlement.clearing.session import open_sender
 from broker.testbed import build as testbed
 from broker.testbed.demo_day import _trips
-from broker.testbed.operator_client import GateClient, open_channel
-from broker.trust.config import node_server_name
+from broker.testbed.operator_client import GateClient
 from tests.conftest import ANYUE, DAZU
 from tests.e2e import previous_release
 
@@ -89,13 +88,7 @@ async def mixed(tmp_path: Path, previous_tree: Path, now: datetime) -> AsyncIter
         await wait_listening(setups[ANYUE].config.listen, old, log)
         addresses = {DAZU: node.address, ANYUE: setups[ANYUE].config.listen}
         for code, s in setups.items():
-            channels[code] = open_channel(
-                addresses[code],
-                node_server_name(code),
-                s.paths.ca_cert,
-                s.operator_cert,
-                s.operator_key,
-            )
+            channels[code] = s.operator_channel(addresses[code])
         gates = {code: GateClient(channels[code], s.operator_id) for code, s in setups.items()}
         yield Mixed(setups, node, old, channels, gates)
     finally:

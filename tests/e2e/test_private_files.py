@@ -21,8 +21,7 @@ import pytest
 from broker.node.server import Node
 from broker.testbed.build import build
 from broker.testbed.demo_day import run_day
-from broker.testbed.operator_client import GateClient, open_channel
-from broker.trust.config import node_server_name
+from broker.testbed.operator_client import GateClient
 from tests.conftest import THREE
 
 OPEN_TO_OTHERS = stat.S_IROTH | stat.S_IWOTH
@@ -66,13 +65,7 @@ async def run_demo_day(root: Path) -> tuple[dict[Path, int], dict[Path, int]]:
     try:
         gates = {}
         for code, s in setups.items():
-            channels[code] = open_channel(
-                nodes[code].address,
-                node_server_name(code),
-                s.paths.ca_cert,
-                s.operator_cert,
-                s.operator_key,
-            )
+            channels[code] = s.operator_channel(nodes[code].address)
             gates[code] = GateClient(channels[code], s.operator_id)
         report = await run_day(setups, channels, gates, now, seed=5, per_home=4)
         assert report["trips"] > 0 and report["nets_sum_fen"] == 0

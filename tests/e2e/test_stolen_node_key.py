@@ -23,9 +23,9 @@ from broker.cards.model import Scene
 from broker.gate.config import CacheConfig
 from broker.node.server import Node
 from broker.testbed import build as testbed
-from broker.testbed.operator_client import GateClient, open_channel
+from broker.testbed.operator_client import GateClient
 from broker.trust import certops
-from broker.trust.config import node_epoch_name, node_server_name
+from broker.trust.config import node_epoch_name
 from broker.trust.identity import node_identity
 from broker.trust.store import peer_health_name
 from tests.conftest import ANYUE, DAZU
@@ -66,13 +66,7 @@ async def test_a_stolen_node_certificate_is_refused_after_one_bundle_refresh(
         tls=replace(anyue.config.tls, cert_file=stolen / "node.pem", key_file=stolen / "node.key"),
     )
     dazu_node = await Node.start(dazu.config)
-    ch = open_channel(
-        dazu_node.address,
-        node_server_name(DAZU),
-        dazu.paths.ca_cert,
-        dazu.operator_cert,
-        dazu.operator_key,
-    )
+    ch = dazu.operator_channel(dazu_node.address)
     gate = GateClient(ch, dazu.operator_id)
     card = next(c for c in anyue.cards if c.status == "active")
 
@@ -131,13 +125,7 @@ async def test_a_peer_bundle_past_the_age_limits_turns_unhealthy_then_untrusted(
         return datetime.now(now.tzinfo) + offset
 
     dazu_node = await Node.start(dazu.config, clock=clock)
-    ch = open_channel(
-        dazu_node.address,
-        node_server_name(DAZU),
-        dazu.paths.ca_cert,
-        dazu.operator_cert,
-        dazu.operator_key,
-    )
+    ch = dazu.operator_channel(dazu_node.address)
     gate = GateClient(ch, dazu.operator_id)
     card = next(c for c in anyue.cards if c.status == "active")
     name = peer_health_name(ANYUE)
