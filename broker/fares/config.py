@@ -13,6 +13,10 @@ class FaresConfig:
     Attributes:
         file: this district's fare rules (TOML, ``broker/fares/rules.py``);
             ``None``: decisions carry no price and trips cannot be priced.
+        changeover_grace_s: for how long after a new fare table takes effect a
+            trip priced by the previous one is still accepted — at intake and
+            by the home district verifying it (the gate prices by its own clock).
     """
 
     file: Path | None = None
+    changeover_grace_s: int = 600

@@ -38,14 +38,17 @@ import enum
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from broker.cards.model import Entitlement, Scene
+from broker.cards.model import Entitlement, Scene, shanghai_day
 from broker.core.errors import ConfigError
 
 MAX_FARE_FEN = 100_000_000  # one million yuan: anything above is a typo, not a fare
+# How long after a new table takes effect a trip priced by the previous one is still
+# accepted (the gate prices by its own clock): ``[fares] changeover_grace_s``.
+CHANGEOVER_GRACE = timedelta(seconds=600)
 
 
 class ConcessionKind(enum.StrEnum):
@@ -176,6 +179,17 @@ class FareSchedule:
 
     def version(self, version: str) -> FareTable | None:
         return next((t for t in self.tables if t.version == version), None)
+
+    def in_force(self, version: str, at: datetime, grace: timedelta = CHANGEOVER_GRACE) -> bool:
+        """Whether ``version`` is the table in force at ``at``, or ``grace`` before it.
+
+        A gate prices by its own clock: just after a new table takes effect
+        (midnight, Asia/Shanghai) a gate a little behind still prices by the
+        old one, and that is accepted for ``grace``. An older, more generous
+        table than that is not.
+        """
+        now, before = self.table_on(shanghai_day(at)), self.table_on(shanghai_day(at - grace))
+        return any(t is not None and t.version == version for t in (now, before))
 
 
 # ---------------------------------------------------------------- loading

@@ -39,6 +39,8 @@ A node.toml looks like::
 
     [fares]
     file = "fares.toml"                    # this district's fare rules (broker/fares/rules.py)
+    changeover_grace_s = 600               # after a new table takes effect, the previous one
+                                           # is still accepted this long (gates' clocks)
 
     [ledger]
     path = "var/500111/ledger.sqlite3"     # operators' trips (Settlement.SubmitTrips), or
@@ -203,6 +205,7 @@ BOUNDS: Mapping[tuple[type[Any], str], Range] = {
     (TrustConfig, "max_bundle_age_s"): Range(1, 30 * _DAY_S),
     (TrustConfig, "bundle_hard_age_s"): Range(1, 30 * _DAY_S),
     (PeeringConfig, "deadline_ms"): Range(1, 60_000),  # a gate waits 400 ms in all
+    (FaresConfig, "changeover_grace_s"): Range(0, 3600),  # 0: no grace at a fare change
     (RecognitionConfig, "cache_ttl_seconds"): Range(0, _DAY_S),  # 0: peers do not cache
     (RecognitionConfig, "unknown_ttl_seconds"): Range(0, _DAY_S),
     (CacheConfig, "local_max_entries"): Range(0, 10_000_000),  # 0: no in-process tier
@@ -282,6 +285,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             )
         )
     trust_t = _section(doc, "trust")
+    fares_t = _section(doc, "fares")
     ledger_t = _section(doc, "ledger")
     try:
         access = {**DEFAULT_RULES, **validate_rules(_section(doc, "access"))}
@@ -326,7 +330,10 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             ),
             crl_state_file=path(trust_t.get("crl_state_file", f"var/{district}/crl-state")),
         ),
-        fares=FaresConfig(file=opt_path(_section(doc, "fares"), "file")),
+        fares=FaresConfig(
+            file=opt_path(fares_t, "file"),
+            changeover_grace_s=_int(fares_t, FaresConfig, "changeover_grace_s", 600, "fares."),
+        ),
         ledger=LedgerConfig(
             path=opt_path(ledger_t, "path"),
             url=str(ledger_t["url"]) if ledger_t.get("url") else None,
@@ -405,4 +412,6 @@ def render_config(cfg: NodeConfig) -> str:
     doc["access"] = {k: list(v) for k, v in cfg.access.items()}
     if cfg.ledger.url is None:
         doc["ledger"].pop("schema", None)  # only PostgreSQL has schemas
+    if cfg.fares.file is None:
+        doc.pop("fares", None)  # no rules, nothing priced: the grace means nothing
     return tomli_w.dumps({k: v for k, v in doc.items() if v != {}})  # unset sections left out

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import structlog
@@ -143,7 +143,8 @@ class Node:
                 }
             )
             ledger = open_ledger(cfg.ledger.path, cfg.ledger.url, cfg.ledger.schema)
-            intake = TripIntake(ledger, known, fares, clock)
+            grace = timedelta(seconds=cfg.fares.changeover_grace_s)
+            intake = TripIntake(ledger, known, fares, clock, changeover_grace=grace)
             if cfg.settlement.key_file is not None:
                 clearing = ClearingService(cfg, registry, trust, fares, clock)
             settlement_pb2_grpc.add_SettlementServicer_to_server(

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
-from broker.fares.rules import FareSchedule
+from broker.fares.rules import CHANGEOVER_GRACE, FareSchedule
 from broker.settlement.ledger import Ledger
 from broker.settlement.trips import DEFAULT_LATE_WINDOW, Judgement, Trip, judge
 
@@ -24,12 +24,14 @@ class TripIntake:
         fares: FareSchedule | None,
         clock: Callable[[], datetime],
         late_window: timedelta = DEFAULT_LATE_WINDOW,
+        changeover_grace: timedelta = CHANGEOVER_GRACE,
     ) -> None:
         self._ledger = ledger
         self._known = known_districts
         self._fares = fares
         self._clock = clock
         self._late = late_window
+        self._grace = changeover_grace
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
 
     async def submit(self, items: Sequence[Trip | Judgement]) -> list[Judgement]:
@@ -39,7 +41,7 @@ class TripIntake:
         """
         now = self._clock()
         judged = [
-            (t, judge(t, now, self._known, self._fares, self._late))
+            (t, judge(t, now, self._known, self._fares, self._late, self._grace))
             for t in items
             if isinstance(t, Trip)
         ]

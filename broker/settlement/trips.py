@@ -12,8 +12,8 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from broker.cards.model import CardRef, Entitlement, Scene, shanghai_day
-from broker.fares.rules import MAX_FARE_FEN, FareSchedule
+from broker.cards.model import CardRef, Entitlement, Scene
+from broker.fares.rules import CHANGEOVER_GRACE, MAX_FARE_FEN, FareSchedule
 
 DEFAULT_LATE_WINDOW = timedelta(hours=72)
 CLOCK_SKEW = timedelta(minutes=5)
@@ -92,8 +92,14 @@ def judge(
     known_districts: frozenset[str],
     fares: FareSchedule | None,
     late_window: timedelta = DEFAULT_LATE_WINDOW,
+    changeover_grace: timedelta = CHANGEOVER_GRACE,
 ) -> Judgement:
-    """Whether a trip may enter the ledger; the first problem found is the reason."""
+    """Whether a trip may enter the ledger; the first problem found is the reason.
+
+    Its fare version must be the one in force when it occurred (or, within
+    ``changeover_grace`` of a change, the one before): an operator cannot
+    price by an older, more generous table.
+    """
 
     def reject(reason: Reason, detail: str) -> Judgement:
         return Judgement(Outcome.REJECTED, reason, detail)
@@ -119,10 +125,11 @@ def judge(
                 Reason.UNKNOWN_FARE_VERSION,
                 f"fare rules {trip.fare_version!r} were never published here",
             )
-        if shanghai_day(trip.occurred_at) < table.effective_from:
+        if not fares.in_force(trip.fare_version, trip.occurred_at, changeover_grace):
             return reject(
                 Reason.UNKNOWN_FARE_VERSION,
-                f"fare rules {trip.fare_version} were not in force that day",
+                f"fare rules {trip.fare_version} were not in force at "
+                f"{trip.occurred_at.isoformat(timespec='seconds')}",
             )
         rule = table.rule_for(trip.operator_id, trip.scene, trip.place_id)
         gross = rule.gross_fare_fen if rule else 0

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
 from broker.cards.model import CardRef, Entitlement, Scene
-from broker.fares.rules import parse_fares
+from broker.fares.rules import FareSchedule, parse_fares
 from broker.settlement.trips import Outcome, Reason, Trip, judge
 from broker.testbed.build import SAMPLE_FARES
 
@@ -66,3 +66,63 @@ def test_late_window_edges():
     assert edge.outcome is Outcome.ACCEPTED
     skew = judge(trip(occurred_at=NOW + timedelta(minutes=4)), NOW, KNOWN, FARES)
     assert skew.outcome is Outcome.ACCEPTED  # clocks at gates drift a little
+
+
+# ---------------------------------------------------------------- the fare version in force
+
+
+def week_of_two_tables() -> FareSchedule:
+    """sample-1 from 2026-11-01; sample-2, a dearer bus, from 2026-11-25 (Shanghai days)."""
+    old = FARES.tables[0]
+    new = replace(
+        old,
+        version="sample-2",
+        effective_from=date(2026, 11, 25),
+        rules=tuple(replace(r, gross_fare_fen=r.gross_fare_fen + 50) for r in old.rules),
+    )
+    return FareSchedule(FARES.district, (old, new))
+
+
+CHANGE = datetime(2026, 11, 24, 16, 0, tzinfo=UTC)  # 2026-11-25 00:00 in Shanghai
+
+
+@pytest.mark.parametrize(
+    ("after_change", "version", "accepted"),
+    [
+        (timedelta(hours=3), "sample-2", True),  # the table in force
+        (timedelta(hours=3), "sample-1", False),  # an older, cheaper one: not any more
+        (timedelta(minutes=9, seconds=59), "sample-1", True),  # a gate's clock a bit behind
+        (timedelta(minutes=10, seconds=1), "sample-1", False),  # past the grace
+        (-timedelta(minutes=1), "sample-2", False),  # not yet in force
+        (-timedelta(minutes=1), "sample-1", True),
+    ],
+)
+def test_a_trip_must_be_priced_by_the_table_in_force_when_it_occurred(
+    after_change: timedelta, version: str, accepted: bool
+):
+    schedule = week_of_two_tables()
+    at = CHANGE + after_change
+    gross = 250 if version == "sample-2" else 200
+    t = trip(
+        occurred_at=at,
+        fare_version=version,
+        gross_fare_fen=gross,
+        charged_fen=gross,
+        concession_fen=0,
+        applied_entitlement=None,
+    )
+    verdict = judge(
+        t, at + timedelta(minutes=1), KNOWN, schedule, changeover_grace=timedelta(seconds=600)
+    )
+    if accepted:
+        assert verdict.reason is Reason.OK, verdict
+    else:
+        assert verdict.reason is Reason.UNKNOWN_FARE_VERSION
+        assert "were not in force at" in verdict.detail
+
+
+def test_no_grace_means_the_new_table_from_midnight_exactly():
+    schedule = week_of_two_tables()
+    assert not schedule.in_force("sample-1", CHANGE + timedelta(seconds=1), timedelta(0))
+    assert schedule.in_force("sample-1", CHANGE - timedelta(seconds=1), timedelta(0))
+    assert schedule.in_force("sample-2", CHANGE, timedelta(0))

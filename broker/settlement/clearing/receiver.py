@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -26,7 +26,7 @@ from broker.core.db import utc_text
 from broker.core.errors import Conflict, DocumentRefused
 from broker.core.signing import PublicKey, Purpose, Signed, Signer, canonical, parse, verify
 from broker.fares.agreements import Agreement
-from broker.fares.rules import FareSchedule, FareTable, parse_fares
+from broker.fares.rules import CHANGEOVER_GRACE, FareSchedule, FareTable, parse_fares
 from broker.settlement.clearing import crash
 from broker.settlement.clearing.batch import (
     CHUNK_LINES,
@@ -69,6 +69,7 @@ class Receiver:
         agreement: Callable[[str], Agreement | None],
         own_fares: FareSchedule | None,
         clock: Callable[[], datetime],
+        changeover_grace: timedelta = CHANGEOVER_GRACE,
     ) -> None:
         self._district = district
         self._store = store
@@ -79,6 +80,7 @@ class Receiver:
         self._agreement = agreement
         self._own_fares = own_fares
         self._clock = clock
+        self._grace = changeover_grace
 
     # ------------------------------------------------------------ fare rules
 
@@ -126,6 +128,13 @@ class Receiver:
             return cache[version]
 
         return table
+
+    def _fares_in_force(self, sender: str) -> Callable[[str, datetime], bool]:
+        """Whether a version of ``sender``'s published rules was in force at an instant."""
+        rows = self._db.all("SELECT document FROM published_fares WHERE district = ?", (sender,))
+        tables = [parse_fares(parse(r[0], "stored fares")).tables[0] for r in rows]
+        schedule = FareSchedule(sender, tuple(sorted(tables, key=lambda t: t.effective_from)))
+        return lambda version, at: schedule.in_force(version, at, self._grace)
 
     # ------------------------------------------------------------ batches
 
@@ -186,6 +195,7 @@ class Receiver:
                 period=period,
                 registry=self._registry,
                 fare_table=self._fare_table(sender),
+                fares_in_force=self._fares_in_force(sender),
                 agreement=self._agreement(sender),
                 caps=CapCounter(self._db),
                 previous=lambda op, trip: (

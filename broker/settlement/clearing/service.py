@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from typing import TypeVar
 
 from broker.cards.registry import Registry
@@ -50,6 +50,7 @@ class ClearingService:
             cfg.agreement,
             fares,
             clock,
+            timedelta(seconds=cfg.fares.changeover_grace_s),
         )
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearing")
 

@@ -6,7 +6,8 @@ and the trip is of the batch's day (``WRONG_DAY``); the card is known
 (``UNKNOWN_CARD``) and was ACTIVE at the time of travel (``CARD_NOT_ACTIVE``,
 from the registry's status history); the applied entitlement is one the
 holder had that day (``ENTITLEMENT_MISMATCH``); the fare version was
-published by the sender and in force that day (``UNPUBLISHED_FARES``); the
+published by the sender and in force when the trip occurred, or within
+``[fares] changeover_grace_s`` of a change (``UNPUBLISHED_FARES``); the
 amounts and scheme are what those rules give (``PRICE_MISMATCH``); the claim
 is what the agreement gives (``CLAIM_MISMATCH``). Before all but the first, the trip must not have
 been received before (``DUPLICATE``; a representment must follow a first
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import date, datetime
 
 from broker.cards.csv_import import CardRow
 from broker.cards.entitlements import entitlements_for
@@ -103,6 +104,8 @@ class LineChecker:
     period: date
     registry: Registry
     fare_table: Callable[[str], FareTable | None]  # the sender's published rules by version
+    # Whether a version was the one in force at an instant (or within the changeover grace).
+    fares_in_force: Callable[[str, datetime], bool]
     agreement: Agreement | None
     caps: CapCounter
     previous: Callable[[str, str], tuple[str, int] | None]  # (operator, trip) → (code, attempt)
@@ -139,7 +142,7 @@ class LineChecker:
         if t.applied_entitlement is not None and t.applied_entitlement not in held:
             return "ENTITLEMENT_MISMATCH", 0
         table = self.fare_table(t.fare_version)
-        if table is None or day < table.effective_from:
+        if table is None or not self.fares_in_force(t.fare_version, t.occurred_at):
             return "UNPUBLISHED_FARES", 0
         applied = [t.applied_entitlement] if t.applied_entitlement else []
         price = table.price(t.operator_id, t.scene, t.place_id, applied)

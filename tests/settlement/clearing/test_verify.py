@@ -22,7 +22,7 @@ from broker.cards.model import Entitlement, Scene
 from broker.cards.registry import Registry
 from broker.core.db import Db, migrate
 from broker.fares.agreements import Agreement
-from broker.fares.rules import FareTable
+from broker.fares.rules import FareSchedule, FareTable
 from broker.settlement.clearing.batch import Line
 from broker.settlement.clearing.store import MIGRATIONS
 from broker.settlement.clearing.verify import (
@@ -91,14 +91,20 @@ class Home:
         agreement: Agreement | None = AGREEMENT,
         period: date = DAY,
         sender: str = SERVING,
+        newer: FareTable | None = None,
     ) -> LineChecker:
         tables = {"sample-1": table or table_of()}
+        if newer is not None:
+            tables[newer.version] = newer
+        ordered = sorted(tables.values(), key=lambda t: t.effective_from)
+        schedule = FareSchedule(sender, tuple(ordered))
         return LineChecker(
             own_district=HOME,
             sender=sender,
             period=period,
             registry=self.registry,
             fare_table=tables.get,
+            fares_in_force=lambda version, at: schedule.in_force(version, at),
             agreement=agreement,
             caps=CapCounter(self.db),
             previous=previous,
@@ -376,3 +382,14 @@ def test_cap_usage_is_stored_once_per_source_and_read_back_by_a_new_counter(home
     assert fresh.allows("h", "s", DAY, 2, 2)
     assert not fresh.allows("h", "s", DAY, None, 1)
     assert fresh.allows("h", "s", DAY, None, None)  # a scheme without limits
+
+
+def test_a_line_priced_by_a_table_no_longer_in_force_is_refused(home: Home) -> None:
+    """A newer table took effect before the trip: the older, cheaper one does not pay."""
+    ref = card(HOME, "senior")
+    older = replace(table_of(), effective_from=DAY - timedelta(days=7))
+    newer = replace(older, version="sample-2", effective_from=DAY)
+    checker = home.checker(older, newer=newer)
+    assert checker.check(line(trip(ref, "t-1"))) == ("UNPUBLISHED_FARES", 0)
+    # Without the newer table, the same line is accepted: the refusal is the newer one's doing.
+    assert home.checker(older).check(line(trip(ref, "t-2"))) == (OK, 200)
