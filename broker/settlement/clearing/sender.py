@@ -145,11 +145,14 @@ class Sender:
         """
         day = period.isoformat()
         with self._db.write():
-            pending = self._db.one(
-                "SELECT count(*) FROM out_batches WHERE period = ? AND kind = 'close' "
-                "AND state = 'built'",
+            # A close resumes while a batch of it to a peer is unacknowledged. A batch for
+            # a home that is not (yet) a peer waits for it without holding the day's closes.
+            waiting = self._db.all(
+                "SELECT DISTINCT counterparty FROM out_batches WHERE period = ? "
+                "AND kind = 'close' AND state = 'built'",
                 (day,),
             )
+            pending = [sum(1 for (c,) in waiting if self.cfg.peer(str(c)) is not None)]
             last = self._db.one(
                 "SELECT close_no, watermark FROM day_closes WHERE period = ? "
                 "ORDER BY close_no DESC LIMIT 1",
@@ -178,9 +181,8 @@ class Sender:
                 (day, close_no, high, now),
             )
             for (home,) in sorted(homes):
-                if self.cfg.peer(home) is None:
-                    log.warning("close_skips_district", district=home, reason="not a peer")
-                    continue
+                # Every home with accepted trips gets its batch, peer or not: a trip accepted
+                # is never left behind (a home not yet a peer is reported as not sent).
                 self._db.execute(
                     "INSERT INTO out_batches (counterparty, period, seq, kind, lo, hi, state, "
                     "created_at) VALUES (?, ?, ?, 'close', ?, ?, 'built', ?)",
@@ -211,6 +213,14 @@ class Sender:
             (period.isoformat(),),
         )
         for home in sorted({str(c) for c, _ in rows}):
+            if self.cfg.peer(home) is None:
+                held = sum(1 for c, _ in rows if c == home)
+                log.warning("close_incomplete", district=home, error="not a configured peer")
+                report.failures.append(
+                    f"district {home}: not a configured peer; {held} batch(es) wait "
+                    "until [[peers]] names it"
+                )
+                continue
             try:
                 await self.publish_fares(home)
                 crash.point("fares_published")

@@ -153,13 +153,21 @@ async def test_a_trip_after_the_close_goes_in_the_next_close_of_its_day(
     assert position(world[SERVING].store, HOME, DAY).receivable_fen == 600
 
 
-async def test_a_home_district_that_is_not_a_peer_gets_no_batch(
+async def test_a_home_district_that_is_not_a_peer_keeps_its_batch_and_is_reported_unsent(
     world: World, sender: Sender
 ) -> None:
+    """An accepted trip is never left behind: its batch waits for the peer, and says so."""
     world[SERVING].record(trip(card(THIRD, "plain"), "t-1"), trip(card(HOME, "plain"), "p-1"))
     report = await sender.close(DAY)
-    assert [b.counterparty for b in report.batches] == [HOME]
-    assert [b[0] for b in batches(world)] == [HOME]
+    assert [b.counterparty for b in report.batches] == [HOME]  # sent to the peer
+    [failure] = report.failures
+    assert failure.startswith(f"district {THIRD}: not a configured peer")
+    assert sorted(b[0] for b in batches(world)) == sorted([HOME, THIRD])  # kept, built
+    # A later trip for the peer is still closed: the waiting batch does not hold the day.
+    world[SERVING].record(trip(card(HOME, "plain"), "p-2"))
+    again = await sender.close(DAY)
+    assert [b.counterparty for b in again.batches] == [HOME]
+    assert len(again.failures) == 1
 
 
 # ---------------------------------------------------------------- sending
