@@ -61,6 +61,9 @@ def status_for(exc: BrokerError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+MAX_TRACKED = 10_000  # refusing callers remembered for the rate limit
+
+
 class RefusalLog:
     """Logs refused calls without letting one misbehaving caller flood the log.
 
@@ -80,6 +83,10 @@ class RefusalLog:
         held = self._seen.get(key)
         if held is None:
             log.warning("call_refused", method=method, caller=caller, code=code.name, reason=reason)
+            if len(self._seen) >= MAX_TRACKED:  # callers come and go (or are made up)
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._period}
+                if len(self._seen) >= MAX_TRACKED:
+                    self._seen.clear()
             self._seen[key] = (now, 0)
             return
         since, count = held
@@ -96,8 +103,6 @@ class RefusalLog:
             seconds=round(now - since),
         )
         self._seen[key] = (now, 0)
-        if len(self._seen) > 10_000:  # callers come and go: keep the table bounded
-            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._period}
 
 
 def decoder(method: str, deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:

@@ -236,8 +236,9 @@ class Node:
             self._reload_now.clear()
             # Parsing certificates holds the GIL for milliseconds: only when a file changed
             # (or a peer's bundle grew too old to trust, which the reload then drops).
-            if forced or self.trust.changed() or self.trust.too_old():
-                await asyncio.to_thread(self.trust.reload)
+            stale = forced or self.trust.changed() or self.trust.too_old()
+            if stale and await asyncio.to_thread(self.trust.reload):
+                self.channels.sync()  # a new pinned name ends calls on the old one now
             await self._report_trust()
             # Health fails while this node's own certificate is expired: monitoring sees it.
             valid = self.trust.current.not_after > self._clock()

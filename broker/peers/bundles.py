@@ -158,6 +158,10 @@ class BundleRefresher:
             self.failures[d] = self.failures.get(d, 0) + 1
             log.error("bundle_refused", district=d, reason=str(exc))
             return False
+        except OSError as exc:  # our own file or lock: this peer fails, the others go on
+            self.failures[d] = self.failures.get(d, 0) + 1
+            log.error("bundle_not_stored", district=d, reason=str(exc))
+            return False
         self.failures[d] = 0
         if bundle is None:
             return False

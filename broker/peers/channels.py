@@ -79,6 +79,17 @@ class PeerChannels:
             self._names[district] = name
         return ch
 
+    def sync(self) -> None:
+        """Replace the channels now if trust changed (the node calls it after each reload).
+
+        Without it, channels would only be replaced at the next call to a
+        peer: a call in flight on an old pinned name must end at once.
+        """
+        snap = self._store.current
+        if snap.generation != self._generation:
+            self._retire_all(snap)
+            self._generation = snap.generation
+
     def server_name(self, district: str) -> str:
         """The name ``district``'s node must present: pinned by its bundle, else configured."""
         pinned = self._store.current.node_name(district)

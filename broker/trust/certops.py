@@ -41,7 +41,14 @@ from broker.trust.certstore import load_ca as load_ca
 from broker.trust.certstore import read_bundle as read_bundle
 from broker.trust.certstore import store_lock as store_lock
 from broker.trust.certstore import trusted_ca_ids as trusted_ca_ids
-from broker.trust.crls import RENEW_MARGIN, add_revocation, lists_for, renew_lists, write_crls
+from broker.trust.crls import (
+    RENEW_MARGIN,
+    add_revocation,
+    lists_for,
+    read_crls,
+    renew_lists,
+    write_crls,
+)
 from broker.trust.epochs import NodeEpoch, epoch_names, pinned_name, read_epoch, write_epoch
 from broker.trust.identity import Identity, Role, node_identity, parse_spiffe_id
 from broker.trust.pki import (
@@ -51,6 +58,8 @@ from broker.trust.pki import (
     append_line,
     ca_id,
     create_ca,
+    crl_issuer_id,
+    crl_number,
     crl_pem,
     issue,
     issuer_id,
@@ -118,7 +127,14 @@ def _draft(paths: DistrictPaths, now: datetime) -> Bundle:
         c.public_bytes(serialization.Encoding.PEM).decode()
         for c in x509.load_pem_x509_certificates(paths.ca_cert.read_bytes())
     )
-    crls = tuple(crl_pem(c).decode() for c in load_crls(paths.crl.read_bytes()))
+    # The newest list of each trusted CA, from crl.pem or the published bundle: a crl.pem
+    # put back older must not publish a list that forgets revocations (it is mended too).
+    ids = trusted_ca_ids(paths)
+    lists = read_crls(paths)
+    on_disk = {crl_issuer_id(c): crl_number(c) for c in load_crls(paths.crl.read_bytes())}
+    if any(on_disk.get(i) != crl_number(lists[i]) for i in ids if i in lists):
+        write_crls(paths, lists, ids)
+    crls = tuple(crl_pem(lists[i]).decode() for i in ids if i in lists)
     name = pinned_name(paths.district, read_epoch(paths))
     keys = settlement_public_keys(paths)
     return Bundle(paths.district, 1, issued_now(now), cas, crls, keys, node_name=name)

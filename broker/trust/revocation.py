@@ -141,17 +141,46 @@ class Watermarks:
             f"number {held[0]}, already accepted"
         )
 
-    def record(self, district: str, crls: Mapping[str, AcceptedCrl]) -> None:
-        """Raise the marks to ``crls``; written out when anything moved."""
-        moved = False
+    def bundle_admits(self, district: str, sequence: int, digest: str) -> str | None:
+        """Why a bundle of ``district`` may not replace the one in force (``None``: it may).
+
+        A bundle file put back older (a restore, a stale copy) would bring back
+        CAs, settlement keys and a pinned node name the district has moved on
+        from: its sequence must not be below the highest accepted, and the same
+        sequence must be the same document.
+        """
+        held = self._marks.get(f"{district}/bundle")
+        if held is None or sequence > held[0] or (sequence, digest) == held:
+            return None
+        if sequence == held[0]:
+            return f"bundle {sequence} of {district} differs from the one accepted under it"
+        return f"bundle {sequence} of {district} is older than {held[0]}, already accepted"
+
+    def record(
+        self,
+        district: str,
+        crls: Mapping[str, AcceptedCrl],
+        bundle: tuple[int, str] | None = None,
+    ) -> None:
+        """Raise the marks to ``crls`` (and the bundle's sequence); written out when one moved.
+
+        The file is written before the marks move in memory: if the write fails
+        (disk full, read-only), the next call tries again, and the caller hears
+        of it (OSError) rather than a restart forgetting the marks.
+        """
+        marks = dict(self._marks)
         for crl in crls.values():
             key = f"{district}/{crl.issuer}"
-            if self._marks.get(key, (-1, ""))[0] < crl.number:
-                self._marks[key] = (crl.number, crl.sha256)
-                moved = True
-        if moved and self._path is not None:
-            lines = [f"{k} {n} {h}\n" for k, (n, h) in sorted(self._marks.items())]
+            if marks.get(key, (-1, ""))[0] < crl.number:
+                marks[key] = (crl.number, crl.sha256)
+        if bundle is not None and marks.get(f"{district}/bundle", (-1, ""))[0] < bundle[0]:
+            marks[f"{district}/bundle"] = bundle
+        if marks == self._marks:
+            return
+        if self._path is not None:
+            lines = [f"{k} {n} {h}\n" for k, (n, h) in sorted(marks.items())]
             write_public(self._path, ("".join(lines)).encode())
+        self._marks = marks
 
 
 def _read_marks(path: Path) -> dict[str, tuple[int, str]]:

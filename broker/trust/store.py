@@ -171,6 +171,9 @@ def _district_trust(
             bundle = verify(SignedBundle.from_json(data), district, None, 0)
         except BundleRefused as exc:
             raise ConfigError(f"{bundle_file}: {exc}") from exc
+        stale = marks.bundle_admits(district, bundle.sequence, _bundle_digest(bundle))
+        if stale is not None:
+            raise ConfigError(f"{bundle_file}: {stale}")
         checked = bundle_trust(bundle, str(bundle_file), now, cfg.trust.bundle_hard_age_s)
         crls, refused = _judge_crls(
             district,
@@ -215,6 +218,10 @@ def bundle_trust(bundle: Bundle, source: str, now: datetime, hard_age_s: int) ->
     if missing:
         raise ConfigError(f"{source}: no revocation list of CA {', '.join(sorted(missing))}")
     return DistrictTrust(anchors, roots, crls, bundle)
+
+
+def _bundle_digest(bundle: Bundle) -> str:
+    return hashlib.sha256(bundle.document()).hexdigest()
 
 
 def _too_old(bundle: Bundle, now: datetime, limit_s: int) -> bool:
@@ -333,6 +340,7 @@ class TrustStore:
         self._clock = clock
         self._watch = FileWatch(trust_files(cfg))
         self._marks = Watermarks(cfg.trust.crl_state_file)
+        self._marks_saved = True
         self.current = read_snapshot(cfg, 1, None, self._marks, clock())
         self._took_effect(self.current)
 
@@ -366,8 +374,15 @@ class TrustStore:
         return True
 
     def _took_effect(self, snap: TrustSnapshot) -> None:
+        self._marks_saved = True
         for district, trust in snap.districts.items():
-            self._marks.record(district, trust.crls)
+            bundle = trust.bundle
+            mark = (bundle.sequence, _bundle_digest(bundle)) if bundle is not None else None
+            try:
+                self._marks.record(district, trust.crls, mark)
+            except OSError as exc:  # in force now, but a restart might forget: say so
+                self._marks_saved = False
+                log.error("revocation_state_not_saved", reason=str(exc))
         for district, problem in snap.problems.items():
             kept = "kept last good" if snap.trusted(district) else "not trusted"
             log.error("trust_files_refused", district=district, state=kept, reason=problem)
@@ -390,7 +405,11 @@ class TrustStore:
             for c in t.crls.values()
             if c.next_update is not None and c.next_update < now
         ]
-        out = {CRL_HEALTH: not lapsed and self._cfg.district not in snap.problems}
+        out = {
+            CRL_HEALTH: not lapsed
+            and self._cfg.district not in snap.problems
+            and self._marks_saved
+        }
         for peer in self._cfg.peers:
             bundle = snap.bundles.get(peer.district)
             fresh = bundle is None or (

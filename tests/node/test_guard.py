@@ -503,3 +503,16 @@ async def test_on_a_real_node_the_certificate_is_the_identity_and_roles_are_enfo
     finally:
         await ch.close()
         await own.close()
+
+
+def test_the_refusal_table_stays_bounded_whatever_callers_are_made_up() -> None:
+    """Found by review: names come from unchecked certificates; a peer CA can mint any number."""
+    import structlog.testing
+
+    from broker.node.guard import MAX_TRACKED, RefusalLog
+
+    refusals = RefusalLog(period_s=60, clock=lambda: 0.0)
+    with structlog.testing.capture_logs():
+        for i in range(MAX_TRACKED * 2 + 5):
+            refusals.refused(CHECK, f"spiffe://x/{i}", CODE.PERMISSION_DENIED, "no")
+    assert len(refusals._seen) <= MAX_TRACKED

@@ -503,3 +503,43 @@ def test_concurrent_accepts_never_leave_a_lower_sequence_over_a_higher_one(peer,
     assert errors == []
     held = held_bundle(peer)
     assert held is not None and held.sequence == 39
+
+
+async def test_a_file_error_for_one_peer_does_not_stop_the_refresh_of_the_others(
+    tmp_path: Path, now: datetime, monkeypatch: pytest.MonkeyPatch
+):
+    """Found by review: an OSError from storing one peer's bundle ended the whole round."""
+    from broker.peers import bundles as module
+
+    calls: list[str] = []
+
+    def accept_failing_for_the_first(peer: PeerConfig, *args: object, **kwargs: object) -> None:
+        calls.append(peer.district)
+        if peer.district == "512021":
+            raise PermissionError(13, "Permission denied")
+        return None
+
+    monkeypatch.setattr(module, "accept", accept_failing_for_the_first)
+
+    class Stub:
+        async def GetBundle(self, request: object, **kwargs: object) -> object:
+            return trust_pb2.SignedTrustBundle(document=b"{}", signer="x", signature=b"s")
+
+    class Channels:
+        def channel(self, district: str) -> object:
+            return object()
+
+    from broker._proto.yikatong.v1 import trust_pb2, trust_pb2_grpc
+
+    monkeypatch.setattr(trust_pb2_grpc, "TrustStub", lambda ch: Stub())
+    first = PeerConfig("512021", "127.0.0.1:1", None, "n", bundle_file=tmp_path / "a.json")
+    second = PeerConfig("500153", "127.0.0.1:2", None, "n", bundle_file=tmp_path / "b.json")
+    refresher = module.BundleRefresher.__new__(module.BundleRefresher)
+    refresher._channels = Channels()  # type: ignore[assignment]
+    refresher._hard_age_s = 3600
+    refresher._on_change = lambda: None
+    refresher.failures = {}
+    for peer in (first, second):
+        await refresher.refresh(peer)
+    assert calls == ["512021", "500153"]
+    assert refresher.failures == {"512021": 1, "500153": 0}  # counted: it shows in health

@@ -124,3 +124,24 @@ def test_a_lost_crl_file_does_not_make_the_next_list_forget_or_reuse_a_number(
     [after] = crls.read_crls(paths).values()
     assert crl_number(after) == crl_number(before) + 1
     assert {s for _, s in crls.revoked_serials(paths)} == {serial[first], serial[second]}
+
+
+def test_renew_due_with_crl_pem_put_back_older_publishes_the_newest_lists(
+    tmp_path: Path, now: datetime
+):
+    """Found by review: renew-due built the bundle from crl.pem alone and dropped a revocation."""
+    paths = DistrictPaths(tmp_path, "500111")
+    certops.init_ca(paths, now)
+    cert, _ = certops.issue_to_files(paths, operator_identity("500111", "a"), now)
+    serial = x509.load_pem_x509_certificate(cert.read_bytes()).serial_number
+    older = paths.crl.read_bytes()
+    certops.revoke(paths, f"{serial:x}", now)
+    paths.crl.write_bytes(older)  # a backup put back
+    certops.renew_due(paths, now + timedelta(days=2))  # the bundle is over a day old: republished
+    held = certops.read_bundle(paths.bundle)
+    assert held is not None
+    from broker.trust.bundle import Bundle
+
+    published = load_crls("".join(Bundle.parse(held.document).crls_pem).encode())
+    assert [serial in {r.serial_number for r in c} for c in published] == [True]
+    assert serial in {r.serial_number for c in load_crls(paths.crl.read_bytes()) for r in c}

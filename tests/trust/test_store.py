@@ -440,3 +440,71 @@ def test_a_peer_bundle_turning_unusable_keeps_the_last_good_one_in_force(distric
     assert ANYUE in store.current.problems
     assert store.health()[peer_health_name(ANYUE)] is False
     assert store.health()[CRL_HEALTH] is True
+
+
+# ---------------------------------------------------------------- a stale bundle put back
+
+
+def test_an_older_peer_bundle_put_back_does_not_bring_back_the_old_pinned_epoch(districts, now):
+    """Restore or stale copy of var/peers/<d>.bundle.json: the last good bundle stays in force.
+
+    Found by review: the old bundle's CAs, keys and pinned name came back on reload.
+    """
+    from cryptography import x509 as _x509
+
+    from broker.trust.config import node_epoch_name
+    from broker.trust.identity import node_identity
+
+    dazu, anyue = districts[DAZU], districts[ANYUE]
+    peer = dazu.config.peer(ANYUE)
+    assert peer is not None and peer.bundle_file is not None
+    store = TrustStore(dazu.config)
+    old_bundle = peer.bundle_file.read_bytes()
+    stolen = _x509.load_pem_x509_certificate(anyue.paths.node_cert.read_bytes()).serial_number
+    certops.rotate(anyue.paths, node_identity(ANYUE), now, next_epoch=True)
+    certops.publish_epoch(anyue.paths, now)
+    certops.revoke(anyue.paths, f"{stolen:x}", now)
+    latest = certops.read_bundle(anyue.paths.bundle)
+    assert latest is not None
+    pki.write_public(peer.bundle_file, latest.to_json())
+    assert store.reload()
+    assert store.current.node_name(ANYUE) == node_epoch_name(ANYUE, 2)
+
+    pki.write_public(peer.bundle_file, old_bundle)  # the stale copy
+    store.reload()
+    assert store.current.node_name(ANYUE) == node_epoch_name(ANYUE, 2)  # not back to e1
+    assert "older than" in store.current.problems[ANYUE]
+    # And a restart with the stale copy still on disk does not take it either.
+    again = TrustStore(dazu.config)
+    assert again.current.node_name(ANYUE) != node_epoch_name(ANYUE, 1)
+    assert not again.current.trusted(ANYUE)
+
+
+def test_revocation_state_that_cannot_be_written_is_retried_and_reported(
+    districts, now, monkeypatch
+):
+    """A failed write of crl-state: health says so, the next reload writes it, nothing is lost."""
+    from broker.trust import revocation
+
+    s = districts[DAZU]
+    store = TrustStore(s.config)
+    real = pki.write_public
+    failing = {"left": 1}
+
+    def flaky(path: Path, data: bytes) -> None:
+        if failing["left"]:
+            failing["left"] -= 1
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(revocation, "write_public", flaky)
+    certops.revoke(s.paths, serial_of(s.operator_cert), now)
+    assert store.reload()  # the new list is in force ...
+    assert store.health()["yikatong.trust.crl"] is False  # ... but its mark is not saved
+    state = s.config.trust.crl_state_file
+    assert state is not None
+    before = state.read_text()
+    certops.renew_due(s.paths, now + timedelta(days=5))  # any later list: a reload after it
+    assert store.reload()
+    assert state.read_text() != before  # written this time, with the marks raised
+    assert store.health()["yikatong.trust.crl"] is True

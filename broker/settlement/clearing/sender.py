@@ -145,8 +145,7 @@ class Sender:
         """
         day = period.isoformat()
         with self._db.write():
-            # A close resumes while a batch of it to a peer is unacknowledged. A batch for
-            # a home that is not (yet) a peer waits for it without holding the day's closes.
+            # Resume while a batch to a peer is unacknowledged (one to a non-peer waits apart).
             waiting = self._db.all(
                 "SELECT DISTINCT counterparty FROM out_batches WHERE period = ? "
                 "AND kind = 'close' AND state = 'built'",
@@ -181,8 +180,7 @@ class Sender:
                 (day, close_no, high, now),
             )
             for (home,) in sorted(homes):
-                # Every home with accepted trips gets its batch, peer or not: a trip accepted
-                # is never left behind (a home not yet a peer is reported as not sent).
+                # Every home gets its batch, peer or not: no accepted trip is left behind.
                 self._db.execute(
                     "INSERT INTO out_batches (counterparty, period, seq, kind, lo, hi, state, "
                     "created_at) VALUES (?, ?, ?, 'close', ?, ?, 'built', ?)",
@@ -200,10 +198,8 @@ class Sender:
 
     async def close(self, period: date) -> CloseReport:
         """Close ``period``: fix the batches, then publish fare rules to and send every
-        unacknowledged batch to each home district.
-
-        A home district that cannot be reached does not hold up the others: its
-        batches stay ``built`` and its error is in the report; run the close again.
+        unacknowledged batch to each home district. One that cannot be reached (or is
+        not a peer) holds up no other: its batches stay ``built``, reported as failures.
         """
         close_no = await asyncio.to_thread(self.plan_close, period)
         report = CloseReport(period.isoformat(), close_no)
@@ -217,8 +213,8 @@ class Sender:
                 held = sum(1 for c, _ in rows if c == home)
                 log.warning("close_incomplete", district=home, error="not a configured peer")
                 report.failures.append(
-                    f"district {home}: not a configured peer; {held} batch(es) wait "
-                    "until [[peers]] names it"
+                    f"district {home}: not a configured peer; {held} "
+                    "batch(es) wait until [[peers]] names it"
                 )
                 continue
             try:
