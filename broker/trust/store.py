@@ -406,9 +406,7 @@ class TrustStore:
             if c.next_update is not None and c.next_update < now
         ]
         out = {
-            CRL_HEALTH: not lapsed
-            and self._cfg.district not in snap.problems
-            and self._marks_saved
+            CRL_HEALTH: not lapsed and self._cfg.district not in snap.problems and self._marks_saved
         }
         for peer in self._cfg.peers:
             bundle = snap.bundles.get(peer.district)
