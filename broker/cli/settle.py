@@ -30,6 +30,7 @@ from broker.cli.output import broker_errors, err, plain_console, yuan
 from broker.core.errors import ConfigError
 from broker.fares.rules import load_fares
 from broker.node.config import NodeConfig, load_config
+from broker.settlement.clearing.check import check_day
 from broker.settlement.clearing.positions import positions
 from broker.settlement.clearing.reports import operator_statement
 from broker.settlement.clearing.sender import Sender
@@ -199,6 +200,32 @@ def confirm_cmd(config_path: Path, period: str) -> None:
         return out
 
     _emit(_run(config_path, work), "table", f"confirm {period}", {"net_fen"})
+
+
+@settle.command("check")
+@config_option
+@period_option
+def check_cmd(config_path: Path, period: str) -> None:
+    """Prove the day: every accepted trip in exactly one batch (or not closed yet), and
+    every acknowledgement naming its batch as sent. Exit status 1 if anything does not hold.
+    """
+    day = _day(period)
+    with broker_errors():
+        cfg = _config(config_path)
+        store = ClearingStore.open(cfg)
+        try:
+            found = check_day(store, cfg.district, day)
+        finally:
+            store.close()
+    click.echo(
+        f"{found.period}: {found.accepted} accepted trip(s) of neighbours' card-holders, "
+        f"{found.in_batches} in batches, {found.not_closed} not closed yet; "
+        f"{found.batches} batch(es), {found.acknowledged} acknowledged"
+    )
+    for problem in found.problems:
+        click.echo(f"PROBLEM: {problem}")
+    if not found.clean:
+        sys.exit(1)
 
 
 @settle.command("disputes")

@@ -96,6 +96,16 @@ async def test_a_day_closes_exchanges_and_reconciles(day_cluster: Cluster, now: 
     for code in THREE:
         view = await district_positions(cluster.setups[code], period)
         assert {p["state"] for p in view["positions"]} == {"settled"}
+    for code in THREE:  # no accepted trip lost or counted twice, both sides' figures agree
+        checked = await cli(
+            "settle",
+            "check",
+            "--config",
+            str(cluster.setups[code].config_path),
+            "--period",
+            period,
+        )
+        assert "PROBLEM" not in checked and "0 not closed yet" in checked, checked
 
 
 async def test_a_trip_after_close_goes_in_a_supplementary_batch(day_cluster: Cluster, now):

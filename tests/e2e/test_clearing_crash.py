@@ -74,6 +74,8 @@ async def test_the_closing_process_killed_at_each_state_change_resumes(
     ) == (-signal.SIGKILL if crash else 0)
     for code in THREE:  # the restart (for Dazu) and the other districts' closes
         assert await broker("settle", "close", "--config", cfg[code], "--period", day) == 0
+    for code in THREE:  # after the crash: every accepted trip in exactly one batch, figures agree
+        assert await broker("settle", "check", "--config", cfg[code], "--period", day) == 0
 
     await assert_positions_match(cluster.setups, trips, day)
 
