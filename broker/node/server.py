@@ -159,9 +159,14 @@ class Node:
         creds = ServerCertificates(trust).credentials()
         try:
             port = server.add_secure_port(cfg.listen, creds)
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # nothing opened above may outlive the failed start
             registry.close()
             await cache.close()
+            await channels.close()
+            if intake is not None:
+                intake.close()
+            if clearing is not None:
+                clearing.close()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         await server.start()
         for name in ("", *SERVICE_NAMES[:4]):

@@ -171,8 +171,10 @@ class BundleRefresher:
 
     async def run(self) -> None:
         while True:
+            # Cleared before the round, not after: a poke while the round runs (a call to
+            # a peer failed meanwhile) starts the next round at once instead of being lost.
+            self._wake.clear()
             for peer in self._peers:
                 await self.refresh(peer)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=self._interval)

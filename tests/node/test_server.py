@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -132,6 +133,43 @@ async def test_a_second_node_on_a_taken_port_is_a_config_error(
         assert await port_accepts(node.port)  # the first node is unharmed
     finally:
         await node.stop(grace=0.2)
+
+
+async def test_a_start_that_cannot_bind_closes_every_store_it_opened(
+    districts: dict[str, DistrictSetup],
+) -> None:
+    """Found in review: the ledger and clearing stores stayed open after a failed start.
+
+    The port is held by a plain socket, not another node: SQLite keeps a file's
+    descriptors open while any connection of the process still has that file.
+    """
+    import socket
+
+    cfg = districts[DAZU].config
+    assert cfg.ledger.path is not None
+    host, port = cfg.listen.rsplit(":", 1)
+    squatter = socket.socket()
+    squatter.bind((host, int(port)))
+    squatter.listen()
+
+    def open_files() -> int:
+        fds = Path("/proc/self/fd")
+        stores = {cfg.ledger.path, cfg.registry.path}
+        return sum(1 for fd in fds.iterdir() if _target(fd) in stores)
+
+    try:
+        with pytest.raises(ConfigError, match="cannot listen on"):
+            await Node.start(cfg)
+        assert open_files() == 0
+    finally:
+        squatter.close()
+
+
+def _target(fd: Path) -> Path | None:
+    try:
+        return Path(os.readlink(fd))
+    except OSError:
+        return None
 
 
 async def test_without_a_ledger_the_settlement_service_is_not_served(

@@ -543,3 +543,34 @@ async def test_a_file_error_for_one_peer_does_not_stop_the_refresh_of_the_others
         await refresher.refresh(peer)
     assert calls == ["512021", "500153"]
     assert refresher.failures == {"512021": 1, "500153": 0}  # counted: it shows in health
+
+
+async def test_a_poke_while_a_round_runs_starts_the_next_round_at_once() -> None:
+    """A call to a peer that fails during a refresh round must not wait a whole interval."""
+    import asyncio
+
+    from broker.peers.bundles import BundleRefresher
+
+    refresher = BundleRefresher.__new__(BundleRefresher)
+    refresher._peers = [PeerConfig(PEER, "127.0.0.1:1", None, "n", bundle_file=Path("x"))]
+    refresher._interval = 3600
+    refresher._wake = asyncio.Event()
+    refresher._last_early = -1e9
+    rounds: list[int] = []
+
+    async def refresh(peer: PeerConfig) -> bool:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            refresher.poke()  # arrives while the first round is still running
+        return False
+
+    refresher.refresh = refresh  # type: ignore[method-assign]
+    task = asyncio.create_task(refresher.run())
+    try:
+        for _ in range(100):
+            if len(rounds) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(rounds) >= 2, "the poke during the round was lost: next round in an hour"
+    finally:
+        task.cancel()

@@ -223,9 +223,9 @@ class Sender:
                 for c, seq in rows:
                     if c == home:
                         report.batches.append(await self.send(home, period, int(seq)))
-            except PeerUnavailable as exc:
+            except (PeerUnavailable, DocumentRefused) as exc:  # one home holds up no other
                 log.warning("close_incomplete", district=home, error=str(exc))
-                report.failures.append(str(exc))
+                report.failures.append(f"district {home}: {exc}")
         return report
 
     # ------------------------------------------------------------ one batch

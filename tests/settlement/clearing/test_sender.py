@@ -245,8 +245,12 @@ async def test_an_acknowledgement_that_does_not_answer_the_batch_is_refused(
 ) -> None:
     world[SERVING].record(trip(card(HOME, "plain"), "p-1"), trip(card(HOME, "lost"), "x-1"))
     world.alter_ack[HOME] = alter(world)
-    with pytest.raises(DocumentRefused, match=match):
-        await sender.close(DAY)
+    report = await sender.close(DAY)  # reported, not raised: other homes still get theirs
+    [failure] = report.failures
+    assert failure.startswith(f"district {HOME}: ") and match in failure
+    assert report.batches == []
+    with pytest.raises(DocumentRefused, match=match):  # sending it alone says the same
+        await sender.send(HOME, DAY, 1)
     assert [b[-1] for b in batches(world)] == ["built"]
     assert world[SERVING].store.db.all("SELECT * FROM out_verdicts") == []
     assert world[SERVING].store.disputes() == []
@@ -389,3 +393,19 @@ async def test_a_day_is_confirmed_only_when_nothing_is_pending_or_disputed(
     row = world[SERVING].store.db.one("SELECT receivable_fen, payable_fen, state FROM positions")
     assert row == (200, 0, "settled")
     assert position(world[HOME].store, SERVING, DAY).state == "settled"
+
+
+async def test_a_bad_acknowledgement_from_one_home_does_not_hold_up_the_others(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path, (SERVING, HOME, THIRD))
+    try:
+        sender = world.sender(SERVING)
+        world[SERVING].record(trip(card(HOME, "plain"), "p-1"), trip(card(THIRD, "plain"), "t-1"))
+        world.alter_ack[HOME] = resigned(world, lines=3)
+        report = await sender.close(DAY)
+        assert [b.counterparty for b in report.batches] == [THIRD]
+        [failure] = report.failures
+        assert failure.startswith(f"district {HOME}: ") and "does not match" in failure
+    finally:
+        world.close()
