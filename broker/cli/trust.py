@@ -154,5 +154,6 @@ def status(config_path: Path) -> None:
         )
         seen = served.get(peer.district)
         fetched = f"fetched our {seen[0]} at {seen[1]}" if seen else "never fetched ours"
-        behind = " (BEHIND)" if seen and current is not None and seen[0] < current else ""
+        late = current is not None and (seen is None or seen[0] < current)
+        behind = " (BEHIND)" if late else ""
         click.echo(f"{peer.district}: {theirs}; {fetched}{behind}")
