@@ -11,17 +11,20 @@ itself.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc, types_pb2
 from broker.cards.model import Scene, shanghai_day
+from broker.settlement.days import day_end, window_end
 from broker.testbed.build import SAMPLE_AGREEMENT, DistrictSetup, SyntheticCard
 from tests.helpers import channel, run_cli
 
@@ -171,9 +174,19 @@ async def simulate_day(
     return sent
 
 
-async def cli(*args: str) -> str:
-    """A ``broker`` command, in a thread (it runs its own event loop)."""
-    return await asyncio.to_thread(run_cli, *args)
+async def cli(*args: str, clock: Callable[[], datetime] | None = None) -> str:
+    """A ``broker`` command, in a thread (it runs its own event loop), on ``clock`` if given."""
+    return await asyncio.to_thread(functools.partial(run_cli, *args, clock=clock))
+
+
+def after_day(period: str) -> datetime:
+    """A minute after ``period`` ended (Asia/Shanghai): the day may be closed."""
+    return day_end(date.fromisoformat(period)) + timedelta(minutes=1)
+
+
+def after_window(period: str) -> datetime:
+    """A minute after the late window of ``period`` closed: a close seals it, then confirm."""
+    return window_end(date.fromisoformat(period)) + timedelta(minutes=1)
 
 
 async def district_positions(setup: DistrictSetup, period: str) -> dict[str, Any]:

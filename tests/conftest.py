@@ -22,6 +22,7 @@ import redis
 
 from broker.node.server import Node
 from broker.testbed import build as testbed
+from broker.testbed.clock import DayClock
 from broker.testbed.operator_client import GateClient, open_channel
 from broker.trust.config import node_server_name
 
@@ -120,9 +121,15 @@ def districts(tmp_path: Path, now: datetime) -> dict[str, testbed.DistrictSetup]
 class Cluster:
     """Started nodes plus an operator client per district."""
 
-    def __init__(self, setups: dict[str, testbed.DistrictSetup], nodes: dict[str, Node]):
+    def __init__(
+        self,
+        setups: dict[str, testbed.DistrictSetup],
+        nodes: dict[str, Node],
+        clock: DayClock | None = None,
+    ):
         self.setups = setups
         self.nodes = nodes
+        self.clock = clock or DayClock()  # the nodes' time, moved on by tests of a settlement day
         self._channels: list[object] = []
 
     def gate(self, district: str, operator_id: str | None = None) -> GateClient:
@@ -146,8 +153,9 @@ class Cluster:
 
 @pytest.fixture
 async def cluster(districts: dict[str, testbed.DistrictSetup]) -> AsyncIterator[Cluster]:
-    nodes = {code: await Node.start(s.config) for code, s in districts.items()}
-    c = Cluster(districts, nodes)
+    clock = DayClock()
+    nodes = {code: await Node.start(s.config, clock) for code, s in districts.items()}
+    c = Cluster(districts, nodes, clock)
     try:
         yield c
     finally:
@@ -291,8 +299,9 @@ async def day_cluster(
         ledger_url=url,
         ledger_schema_prefix=prefix,
     )
-    nodes = {code: await Node.start(s.config) for code, s in setups.items()}
-    c = Cluster(setups, nodes)
+    clock = DayClock()
+    nodes = {code: await Node.start(s.config, clock) for code, s in setups.items()}
+    c = Cluster(setups, nodes, clock)
     try:
         yield c
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -117,12 +118,19 @@ def ssn_for(area: str, born: str, seq: str = "555") -> str:
     return first + ssn_check_character(first)
 
 
-def run_cli(*args: str) -> str:
-    """Run a ``broker`` command in-process, as operations staff would; return what it printed."""
+def run_cli(*args: str, clock: Callable[[], datetime] | None = None) -> str:
+    """Run a ``broker`` command in-process, as operations staff would; return what it printed.
+
+    ``clock`` is the commands' time (``broker settle`` reads it), when a test runs its own day.
+    """
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            main.main(["--log-level", "warning", *args], standalone_mode=False)
+            main.main(
+                ["--log-level", "warning", *args],
+                standalone_mode=False,
+                obj={"clock": clock} if clock else None,
+            )
     except SystemExit as exc:
         if exc.code:
             raise RuntimeError(f"broker {' '.join(args)} failed: {err.getvalue()}") from exc

@@ -26,7 +26,9 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
@@ -126,3 +128,37 @@ def stop_block(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         raise
+
+
+def faketime_library() -> Path | None:
+    """libfaketime (Debian's ``faketime``): runs a process on a clock moved by a file."""
+    for found in sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1")):
+        return found
+    return None
+
+
+class ProcessClock:
+    """The clock of the processes a runbook test starts: the wall clock plus an offset read
+    from a file (libfaketime), so their settlement day can be closed after midnight and
+    confirmed after its late window. Monotonic clocks are left alone (timers keep working).
+    """
+
+    def __init__(self, library: Path, path: Path) -> None:
+        self.library = library
+        self.path = path
+        self.path.write_text("+0\n")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "LD_PRELOAD": str(self.library),
+            "FAKETIME_TIMESTAMP_FILE": str(self.path),
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_CACHE_DURATION": "1",
+        }
+
+    def move_to(self, at: datetime) -> None:
+        """Every process's clock reads ``at`` (and runs on) within a second and a half."""
+        offset = int((at - datetime.now(UTC)).total_seconds()) + 1
+        self.path.write_text(f"+{offset}\n")
+        time.sleep(1.5)  # each process re-reads the file once its second of cache is over

@@ -1,9 +1,14 @@
 """Parsing and validating a card-holder import file.
 
-The file is CSV with the header ``card_number,ssn,status,disabled,student,valid_until``.
-It is accepted whole or refused whole: every bad row is reported with its
-line number and reason, and nothing is written. Reasons never repeat a card
-number or an ID number.
+The file is CSV with the header ``card_number,ssn,status,disabled,student,valid_until``,
+and optionally ``changed_at`` and ``recorded_at``: when the row's change took
+effect (a loss: when it was reported) and when the home district's back office
+recorded it, as ISO 8601 instants with a UTC offset. The back office sends them
+so that every replica keeps the same history; an empty or absent value is
+filled in by :meth:`broker.cards.registry.Registry.upsert`. The file is accepted
+whole or refused whole: every bad row is reported with its line number and
+reason, and nothing is written. Reasons never repeat a card number or an ID
+number.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 
 from broker.cards.gb11643 import parse_ssn
 from broker.cards.model import validate_card_number
@@ -25,7 +30,11 @@ _FLAGS = {"true": True, "false": False}
 
 @dataclass(frozen=True, slots=True)
 class CardRow:
-    """One validated card-holder row, the ID number already replaced by its keyed hash."""
+    """One validated card-holder row, the ID number already replaced by its keyed hash.
+
+    ``changed_at`` and ``recorded_at`` are the back office's instants, when given
+    (see the module docstring); ``None`` leaves them to the import.
+    """
 
     card_number: str
     holder_key: str
@@ -34,6 +43,8 @@ class CardRow:
     disabled: bool
     student: bool
     valid_until: date
+    changed_at: datetime | None = None
+    recorded_at: datetime | None = None
 
     def __repr__(self) -> str:
         return f"CardRow(card_number=<redacted>, status={self.status!r})"
@@ -44,6 +55,19 @@ def _flag(value: str, name: str) -> bool:
         return _FLAGS[value.strip().lower()]
     except KeyError:
         raise ValueError(f"{name} must be true or false") from None
+
+
+def _instant(raw: dict[str, str], name: str) -> datetime | None:
+    value = (raw.get(name) or "").strip()
+    if not value:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an ISO 8601 instant with a UTC offset") from None
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise ValueError(f"{name} has no UTC offset: write it as e.g. 2026-03-10T10:00:00+08:00")
+    return at
 
 
 def parse_row(raw: dict[str, str], today: date, hasher: Hasher) -> CardRow:
@@ -69,6 +93,8 @@ def parse_row(raw: dict[str, str], today: date, hasher: Hasher) -> CardRow:
         disabled=_flag(raw["disabled"], "disabled"),
         student=_flag(raw["student"], "student"),
         valid_until=valid_until,
+        changed_at=_instant(raw, "changed_at"),
+        recorded_at=_instant(raw, "recorded_at"),
     )
 
 

@@ -1,9 +1,21 @@
 """The district's own card-holders, in embedded SQLite.
 
 Holds one row per card (the holder as a keyed hash, the birth date, status,
-flags, validity) and the full history of status changes with the instant
-each took effect, so that settlement can ask what a card's status was at the
-time of travel. ID numbers are never stored: only their keyed hash.
+flags, validity) and the full history of its changes, each with two instants:
+``changed_at``, when it took effect (a loss: when it was reported), and
+``recorded_at``, when this district's registry wrote it. The card *as recorded
+at* an instant T is its latest change with ``changed_at`` ≤ T among those with
+``recorded_at`` ≤ T: what the home district could have answered at T. It also
+keeps the recognition TTL the district advertised to its peers, with the
+instants it applied from. Together they let settlement judge a line by the
+answers a gate may still have held at the time of travel (see
+:meth:`Registry.answers_between`). ID numbers are never stored: only their
+keyed hash.
+
+``card_status_history`` (status and validity only, one instant) is still
+written for the previous release; ``card_history`` is read. Rows the previous
+release wrote to the former after this one migrated the file are copied into
+the latter when the file is next opened here, with the card's flags of then.
 
 All methods are synchronous and thread-safe; :class:`broker.gate.home.HomeRecognizer`
 runs them off the event loop. The file's schema is :data:`MIGRATIONS` (see
@@ -14,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from broker.cards.csv_import import CardRow
@@ -52,7 +64,41 @@ CREATE TABLE IF NOT EXISTS card_status_history (
 CREATE INDEX IF NOT EXISTS history_card_time ON card_status_history (card_number, effective_at);
 """
 
-MIGRATIONS = (Migration(1, "baseline: districts, cards, card status history", BASELINE),)
+HISTORY = """
+CREATE TABLE IF NOT EXISTS card_history (
+    id INTEGER PRIMARY KEY,
+    card_number TEXT NOT NULL,
+    status TEXT NOT NULL,
+    valid_until TEXT NOT NULL,
+    disabled INTEGER NOT NULL,
+    student INTEGER NOT NULL,
+    changed_at TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    status_history_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS card_history_card ON card_history (card_number, changed_at);
+CREATE INDEX IF NOT EXISTS card_history_status_row ON card_history (status_history_id);
+CREATE TABLE IF NOT EXISTS advertised_ttl (
+    since TEXT PRIMARY KEY,
+    ttl_seconds INTEGER NOT NULL
+)
+"""
+
+MIGRATIONS = (
+    Migration(1, "baseline: districts, cards, card status history", BASELINE),
+    Migration(2, "card history with flags and recording instants; advertised TTL", HISTORY),
+)
+
+# Status rows not yet in card_history (all of them, the first time), with the
+# card's flags of now: the previous release judged entitlements by those too.
+_COPY_STATUS_ROWS = (
+    "INSERT INTO card_history (card_number, status, valid_until, disabled, student, "
+    "changed_at, recorded_at, status_history_id) "
+    "SELECT h.card_number, h.status, h.valid_until, coalesce(c.disabled, 0), "
+    "coalesce(c.student, 0), h.effective_at, h.effective_at, h.id "
+    "FROM card_status_history h LEFT JOIN cards c ON c.card_number = h.card_number "
+    "WHERE h.id > ? ORDER BY h.id"
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +123,40 @@ def derive_status(stored: str, valid_until: date, day: date) -> CardStatus:
     return CardStatus.ACTIVE
 
 
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """A card as the registry had recorded it at some instant: the answer it could give then."""
+
+    status: CardStatus
+    disabled: bool
+    student: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    id: int
+    status: str
+    valid_until: date
+    disabled: bool
+    student: bool
+    changed_at: datetime
+    recorded_at: datetime
+
+    @property
+    def known_from(self) -> datetime:
+        """The first instant at which the registry had it and it was in effect."""
+        return max(self.changed_at, self.recorded_at)
+
+
+def _as_recorded(changes: list[_Change], at: datetime) -> Recorded:
+    seen = [c for c in changes if c.changed_at <= at and c.recorded_at <= at]
+    if not seen:
+        return Recorded(CardStatus.UNKNOWN, False, False)
+    last = max(seen, key=lambda c: (c.changed_at, c.id))
+    status = derive_status(last.status, last.valid_until, shanghai_day(at))
+    return Recorded(status, last.disabled, last.student)
+
+
 class Registry:
     """SQLite-backed card-holder registry of one district."""
 
@@ -84,6 +164,7 @@ class Registry:
         self._db = Db.sqlite(path)
         migrate(self._db, "registry", MIGRATIONS)
         self._seed_districts(load_districts())
+        self._copy_status_rows()
 
     def close(self) -> None:
         self._db.close()
@@ -106,6 +187,17 @@ class Registry:
                 rows,
             )
 
+    def _copy_status_rows(self) -> None:
+        """Bring status rows written without ``card_history`` (see the module docstring) into it."""
+        row = self._db.one(
+            "SELECT (SELECT coalesce(max(id), 0) FROM card_status_history), "
+            "(SELECT coalesce(max(status_history_id), 0) FROM card_history)"
+        )
+        if row is None or row[0] <= row[1]:
+            return  # nothing to copy: opening the file writes nothing
+        with self._db.write():
+            self._db.execute(_COPY_STATUS_ROWS, (row[1],))
+
     def districts(self) -> list[District]:
         """The seeded district table."""
         cols = "code, name_zh, name_en, province, relation_to_dazu, historical_codes"
@@ -114,8 +206,10 @@ class Registry:
     def upsert(self, rows: list[CardRow], at: datetime) -> ImportResult:
         """Insert or update every row in one transaction; never deletes.
 
-        A change of status or validity is appended to the history with
-        ``at`` as the instant it took effect.
+        A change of status, validity or flags (and every new card) is appended
+        to the history, as taking effect at the row's ``changed_at`` and
+        recorded at its ``recorded_at``. Without them both are ``at``, the
+        import's instant; a row with only ``recorded_at`` took effect then.
         """
         when = utc_text(at)
         inserted = updated = changes = unchanged = 0
@@ -150,14 +244,39 @@ class Registry:
                     inserted += 1
                 else:
                     updated += 1
+                recorded = utc_text(r.recorded_at or at)
+                changed = utc_text(r.changed_at or r.recorded_at or at)
+                status_row = None
                 if old is None or (old[2], old[5]) != (new[2], new[5]):
                     changes += 1
                     self._db.execute(
                         "INSERT INTO card_status_history "
                         "(card_number, status, valid_until, effective_at) VALUES (?, ?, ?, ?)",
-                        (r.card_number, r.status, new[5], when),
+                        (r.card_number, r.status, new[5], changed),
+                    )
+                    status_row = self._last_row_id()
+                if old is None or old[2:] != new[2:]:
+                    self._db.execute(
+                        "INSERT INTO card_history (card_number, status, valid_until, disabled, "
+                        "student, changed_at, recorded_at, status_history_id) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            r.card_number,
+                            r.status,
+                            new[5],
+                            new[3],
+                            new[4],
+                            changed,
+                            recorded,
+                            status_row,
+                        ),
                     )
         return ImportResult(len(rows), inserted, updated, changes, unchanged)
+
+    def _last_row_id(self) -> int:
+        row = self._db.one("SELECT last_insert_rowid()")  # inside write(): this connection's
+        assert row is not None
+        return int(row[0])
 
     def lookup(self, card_number: str) -> CardRow | None:
         """The stored card (never leaves the node), or ``None`` if this district never issued it."""
@@ -178,17 +297,102 @@ class Registry:
             valid_until=date.fromisoformat(row[6]),
         )
 
-    def status_at(self, card_number: str, at: datetime) -> CardStatus:
-        """The card's status at instant ``at`` (``UNKNOWN`` before it was first imported)."""
-        row = self._db.one(
-            "SELECT status, valid_until FROM card_status_history "
-            "WHERE card_number = ? AND effective_at <= ? "
-            "ORDER BY effective_at DESC, id DESC LIMIT 1",
-            (card_number, utc_text(at)),
+    def _changes(self, card_number: str, until: datetime) -> list[_Change]:
+        """The card's changes the registry had, in effect, by ``until``."""
+        text = utc_text(until)
+        rows = self._db.all(
+            "SELECT id, status, valid_until, disabled, student, changed_at, recorded_at "
+            "FROM card_history WHERE card_number = ? AND changed_at <= ? AND recorded_at <= ?",
+            (card_number, text, text),
         )
-        if row is None:
-            return CardStatus.UNKNOWN
-        return derive_status(row[0], date.fromisoformat(row[1]), shanghai_day(at))
+        return [
+            _Change(
+                int(r[0]),
+                r[1],
+                date.fromisoformat(r[2]),
+                bool(r[3]),
+                bool(r[4]),
+                datetime.fromisoformat(r[5]),
+                datetime.fromisoformat(r[6]),
+            )
+            for r in rows
+        ]
+
+    def as_recorded(self, card_number: str, at: datetime) -> Recorded:
+        """The card as recorded at instant ``at`` (``UNKNOWN`` before it was first recorded)."""
+        return _as_recorded(self._changes(card_number, at), at)
+
+    def status_at(self, card_number: str, at: datetime) -> CardStatus:
+        """The card's status as recorded at instant ``at``."""
+        return self.as_recorded(card_number, at).status
+
+    def answers_between(self, card_number: str, start: datetime, end: datetime) -> list[Recorded]:
+        """Every answer the registry could have given about the card during ``[start, end]``.
+
+        The card as recorded changes only when a change becomes known (both in
+        effect and recorded) and, for expiry, at a Shanghai midnight; one
+        answer is given per stretch between changes, as of its first instant,
+        so that a card valid at any instant of the stretch is ACTIVE in it.
+        """
+        changes = self._changes(card_number, end)
+        starts = sorted({start} | {c.known_from for c in changes if start < c.known_from <= end})
+        return [_as_recorded(changes, at) for at in starts]
+
+    # ------------------------------------------------------------ advertised TTL
+
+    def record_advertised_ttl(self, ttl_seconds: int, now: datetime) -> bool:
+        """Record that peers are told to cache answers ``ttl_seconds`` from ``now`` on.
+
+        Only a change is recorded, so a node may call this every time it
+        starts. Whether anything was written.
+        """
+        if ttl_seconds < 0:
+            raise ValueError("an advertised TTL is never negative")
+        last = self._db.one("SELECT ttl_seconds FROM advertised_ttl ORDER BY since DESC LIMIT 1")
+        if last is not None and int(last[0]) == ttl_seconds:
+            return False
+        with self._db.write():
+            self._db.execute(
+                "INSERT INTO advertised_ttl (since, ttl_seconds) VALUES (?, ?) "
+                "ON CONFLICT (since) DO UPDATE SET ttl_seconds = excluded.ttl_seconds",
+                (utc_text(now), ttl_seconds),
+            )
+        return True
+
+    def _ttls(self) -> list[tuple[datetime, int]]:
+        rows = self._db.all("SELECT since, ttl_seconds FROM advertised_ttl ORDER BY since")
+        return [(datetime.fromisoformat(r[0]), int(r[1])) for r in rows]
+
+    def advertised_ttl_at(self, at: datetime) -> int:
+        """The TTL advertised at ``at``: before the first record, the first; 0 if none."""
+        ttls = self._ttls()
+        value = ttls[0][1] if ttls else 0
+        for since, ttl in ttls:
+            if since > at:
+                break
+            value = ttl
+        return value
+
+    def oldest_answer_in_force(self, at: datetime) -> datetime:
+        """The earliest instant whose answer a gate may still have held from its cache at ``at``.
+
+        An answer given at instant s may be cached for the TTL advertised at
+        s, so ``at`` minus the TTL advertised at ``at`` when it never changed;
+        when it was lowered shortly before ``at``, answers given under the
+        longer one may reach further back. TTLs recorded after ``at`` play no part.
+        """
+        ttls = self._ttls()
+        oldest = at
+        for i, (since, ttl) in enumerate(ttls):
+            # The period [since, next since) in which ``ttl`` applied; the first reaches back.
+            given = at - timedelta(seconds=ttl)
+            if i > 0:
+                given = max(given, since)
+            if i + 1 < len(ttls) and given >= ttls[i + 1][0]:
+                continue  # no answer of this period was still cached at ``at``
+            if given <= at:
+                oldest = min(oldest, given)
+        return oldest
 
     def count(self) -> int:
         """How many cards are registered."""

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, fields
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,12 @@ from rich.text import Text
 
 from broker.cards.model import Entitlement
 from broker.cli.output import broker_errors, err, plain_console, yuan
-from broker.core.errors import ConfigError
+from broker.core.errors import (
+    ConfigError,
+    DocumentRefused,
+    PeerUnavailable,
+    SettlementStateError,
+)
 from broker.fares.rules import load_fares
 from broker.node.config import NodeConfig, load_config
 from broker.settlement.clearing.check import check_day
@@ -36,7 +41,6 @@ from broker.settlement.clearing.reports import operator_statement
 from broker.settlement.clearing.sender import Sender
 from broker.settlement.clearing.session import open_sender
 from broker.settlement.clearing.store import ClearingStore
-from broker.settlement.ledger import open_ledger
 
 config_option = click.option(
     "--config", "config_path", required=True, type=click.Path(path_type=Path)
@@ -71,9 +75,19 @@ def _progress() -> Callable[[str, int], None]:
     return progress
 
 
+def _clock() -> Callable[[], datetime]:
+    """The commands' time: the wall clock, unless the caller of ``main`` passed
+    ``obj={"clock": ...}`` (the end-to-end tests run a settlement day on a clock of their own).
+    """
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    clock = obj.get("clock") if isinstance(obj, dict) else None
+    return clock if callable(clock) else (lambda: datetime.now(UTC))
+
+
 def _run(cfg_path: Path, work: Callable[[Sender], Any]) -> Any:
     async def go() -> Any:
-        async with open_sender(_config(cfg_path), _progress()) as sender:
+        async with open_sender(_config(cfg_path), _progress(), _clock()) as sender:
             return await work(sender)
 
     with broker_errors():
@@ -108,14 +122,19 @@ def settle() -> None:
 @settle.command("close")
 @config_option
 @period_option
-def close_cmd(config_path: Path, period: str) -> None:
+@click.option(
+    "--force", is_flag=True, help="Close a day that has not ended yet (trips of it may follow)."
+)
+def close_cmd(config_path: Path, period: str, force: bool) -> None:
     """Close a day: publish fare rules, send a signed batch to each home district, store acks.
 
     Run again after trips for a closed day arrived: they go in a supplementary
-    batch. Run again after an interruption: it resumes where it stopped.
+    batch. Run again after an interruption: it resumes where it stopped. The
+    first close after the day's late window (its end + 72 h + 5 min) seals the
+    day: no trip of it is accepted after that, and it may be confirmed.
     """
     day = _day(period)
-    report = _run(config_path, lambda s: s.close(day))
+    report = _run(config_path, lambda s: s.close(day, force))
     rows = [asdict(b) for b in report.batches]
     _emit(
         rows,
@@ -188,18 +207,38 @@ def resolve_cmd(
 @config_option
 @period_option
 def confirm_cmd(config_path: Path, period: str) -> None:
-    """Agree the day's position with every counterparty; agreed days become SETTLED."""
+    """Agree the day's position with every counterparty; agreed days become SETTLED.
+
+    A day is confirmed only after its late window has closed and a close ran
+    after that. A SETTLED day is shown from the two signed position documents
+    stored when it was agreed. Exit status 1 unless every position is SETTLED.
+    """
     day = _day(period)
 
     async def work(s: Sender) -> list[dict[str, Any]]:
         out = []
         for p in positions(s.store, day, s.cfg.district):
-            if p.state != "settled":
+            note = ""
+            try:
                 p = await s.confirm(p.counterparty, day)
-            out.append({"counterparty": p.counterparty, "net_fen": p.net_fen, "state": p.state})
+                if p.state != "settled":
+                    note = "the two views differ: see `broker settle statement --district`"
+            except (PeerUnavailable, SettlementStateError, DocumentRefused) as exc:
+                note = str(exc)
+            out.append(
+                {
+                    "counterparty": p.counterparty,
+                    "net_fen": p.net_fen,
+                    "state": p.state,
+                    "note": note,
+                }
+            )
         return out
 
-    _emit(_run(config_path, work), "table", f"confirm {period}", {"net_fen"})
+    rows = _run(config_path, work)
+    _emit(rows, "table", f"confirm {period}", {"net_fen"})
+    if any(r["state"] != "settled" for r in rows):
+        sys.exit(1)
 
 
 @settle.command("check")
@@ -298,11 +337,7 @@ def statement_cmd(
                 if fmt == "table":
                     click.echo(f"multilateral net: {yuan(sum(r['net_fen'] for r in rows))}")
                 return
-            ledger = open_ledger(cfg.ledger.path, cfg.ledger.url, cfg.ledger.schema)
-            try:
-                lines = operator_statement(cfg, fares, ledger, store, day, operator_id)
-            finally:
-                ledger.close()
+            lines = operator_statement(cfg, fares, store, day, operator_id)
         finally:
             store.close()
     rows = [asdict(line) for line in lines]

@@ -49,6 +49,8 @@ A node.toml looks like::
 
     [settlement]
     key_file = "certs/500111/settlement.key"  # Ed25519; signs batches, acks, fare rules
+    duplicate_window_s = 5                 # the same tap (operator, card, gate, place) under
+                                           # another trip id this close: suspected_duplicate
 
     [[agreements]]                         # what a home district owes (broker/fares/agreements.py)
     district = "512021"
@@ -206,6 +208,7 @@ BOUNDS: Mapping[tuple[type[Any], str], Range] = {
     (TrustConfig, "bundle_hard_age_s"): Range(1, 30 * _DAY_S),
     (PeeringConfig, "deadline_ms"): Range(1, 60_000),  # a gate waits 400 ms in all
     (FaresConfig, "changeover_grace_s"): Range(0, 3600),  # 0: no grace at a fare change
+    (SettlementKeyConfig, "duplicate_window_s"): Range(0, 600),  # 0: no duplicate-tap check
     (RecognitionConfig, "cache_ttl_seconds"): Range(0, _DAY_S),  # 0: peers do not cache
     (RecognitionConfig, "unknown_ttl_seconds"): Range(0, _DAY_S),
     (CacheConfig, "local_max_entries"): Range(0, 10_000_000),  # 0: no in-process tier
@@ -287,6 +290,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
     trust_t = _section(doc, "trust")
     fares_t = _section(doc, "fares")
     ledger_t = _section(doc, "ledger")
+    settlement_t = _section(doc, "settlement")
     try:
         access = {**DEFAULT_RULES, **validate_rules(_section(doc, "access"))}
     except ValueError as exc:
@@ -339,7 +343,12 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             url=str(ledger_t["url"]) if ledger_t.get("url") else None,
             schema=str(ledger_t.get("schema", "yikatong")),
         ),
-        settlement=SettlementKeyConfig(key_file=opt_path(_section(doc, "settlement"), "key_file")),
+        settlement=SettlementKeyConfig(
+            key_file=opt_path(settlement_t, "key_file"),
+            duplicate_window_s=_int(
+                settlement_t, SettlementKeyConfig, "duplicate_window_s", 5, "settlement."
+            ),
+        ),
         agreements=parse_agreements(doc.get("agreements", [])),
     )
     return apply_env(cfg, env)
@@ -414,4 +423,6 @@ def render_config(cfg: NodeConfig) -> str:
         doc["ledger"].pop("schema", None)  # only PostgreSQL has schemas
     if cfg.fares.file is None:
         doc.pop("fares", None)  # no rules, nothing priced: the grace means nothing
+    if cfg.settlement == SettlementKeyConfig():
+        doc.pop("settlement", None)  # every default, as a file without the section reads
     return tomli_w.dumps({k: v for k, v in doc.items() if v != {}})  # unset sections left out

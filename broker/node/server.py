@@ -109,6 +109,7 @@ class Node:
         hasher = load_key_file(cfg.privacy.hash_key_file)
         trust = TrustStore(cfg, clock)
         registry = Registry(cfg.registry.path)
+        registry.record_advertised_ttl(cfg.recognition.cache_ttl_seconds, clock())
         home = HomeRecognizer(cfg.district, registry, cfg.recognition)
         cache = AnswerCache.from_config(cfg.cache, cfg.district)
         channels = PeerChannels(trust, cfg.peers)
@@ -142,7 +143,12 @@ class Node:
                     *(a.district for a in cfg.agreements),
                 }
             )
-            ledger = open_ledger(cfg.ledger.path, cfg.ledger.url, cfg.ledger.schema)
+            ledger = open_ledger(
+                cfg.ledger.path,
+                cfg.ledger.url,
+                cfg.ledger.schema,
+                timedelta(seconds=cfg.settlement.duplicate_window_s),
+            )
             grace = timedelta(seconds=cfg.fares.changeover_grace_s)
             intake = TripIntake(ledger, known, fares, clock, changeover_grace=grace)
             if cfg.settlement.key_file is not None:

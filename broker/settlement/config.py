@@ -45,9 +45,15 @@ class SettlementKeyConfig:
         key_file: the Ed25519 key that signs batches, acknowledgements and fare
             publications (separate from the TLS key); ``None``: this node does
             not clear with its peers.
+        duplicate_window_s: a trip with the same operator, card, gate and place
+            as an accepted one under another trip id, at most this many seconds
+            apart, is refused ``suspected_duplicate`` (the same tap uploaded
+            twice); 0 turns the check off. Trips without a gate id are never
+            refused.
     """
 
     key_file: Path | None = None
+    duplicate_window_s: int = 5
 
 
 class SettlementSettings(TrustSettings, Protocol):

@@ -16,7 +16,14 @@ from broker.settlement.trips import Trip
 
 @dataclass
 class StatementLine:
-    """One home district's share of a statement. Integer fen."""
+    """One home district's share of a statement. Integer fen.
+
+    ``claimed_fen`` is split by where each part stands (see
+    :mod:`broker.settlement.clearing.reports`): not in a batch yet
+    (``not_batched_fen``), in a batch not acknowledged (``in_batch_fen``), or
+    acknowledged (the rest, as sent); of that, ``accepted_fen`` was accepted,
+    ``disputed_fen`` is in dispute and ``settled_fen`` is SETTLED.
+    """
 
     home_district: str
     trips: int = 0
@@ -26,6 +33,10 @@ class StatementLine:
     claimed_fen: int = 0
     accepted_fen: int = 0
     rejected_trips: int = 0
+    in_batch_fen: int = 0
+    disputed_fen: int = 0
+    settled_fen: int = 0
+    not_batched_fen: int = 0
 
 
 def scheme_of(trip: Trip, fares: FareSchedule | None) -> str | None:

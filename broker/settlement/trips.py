@@ -10,12 +10,14 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from broker.cards.model import CardRef, Entitlement, Scene
 from broker.fares.rules import CHANGEOVER_GRACE, MAX_FARE_FEN, FareSchedule
 
 DEFAULT_LATE_WINDOW = timedelta(hours=72)
+# The same tap at one gate uploaded twice under two trip ids lands this close.
+DEFAULT_DUPLICATE_WINDOW = timedelta(seconds=5)
 CLOCK_SKEW = timedelta(minutes=5)
 
 
@@ -36,11 +38,18 @@ class Reason(enum.StrEnum):
     UNKNOWN_FARE_VERSION = "unknown_fare_version"
     PRICE_MISMATCH = "price_mismatch"
     DUPLICATE_CONTENT_DIFFERS = "duplicate_content_differs"
+    # The same operator, card, gate and place within the duplicate window of an
+    # accepted trip under another trip id (broker.settlement.ledger.store).
+    SUSPECTED_DUPLICATE = "suspected_duplicate"
 
 
 @dataclass(frozen=True, slots=True)
 class Trip:
-    """One trip as an operator submits it. Amounts are integer fen."""
+    """One trip as an operator submits it. Amounts are integer fen.
+
+    ``gate_id`` is last and optional ("" when the operator sent none, and for
+    every trip stored by the previous release).
+    """
 
     operator_id: str
     trip_id: str
@@ -53,9 +62,14 @@ class Trip:
     concession_fen: int
     applied_entitlement: Entitlement | None
     fare_version: str
+    gate_id: str = ""
 
     def digest(self) -> str:
-        """Content hash: the same trip id with other content is a conflict, not a duplicate."""
+        """Content hash: the same trip id with other content is a conflict, not a duplicate.
+
+        The gate id counts only when there is one, so a trip stored without
+        one (by the previous release) keeps the digest it was stored with.
+        """
         fields = (
             self.operator_id,
             self.trip_id,
@@ -69,11 +83,40 @@ class Trip:
             str(self.concession_fen),
             str(self.applied_entitlement.value if self.applied_entitlement else 0),
             self.fare_version,
+            *((self.gate_id,) if self.gate_id else ()),
+        )
+        return hashlib.sha256("\x00".join(fields).encode()).hexdigest()
+
+    def presentment_digest(self) -> str:
+        """Hash of what makes this the trip it is, and which no dispute can be about.
+
+        Who, which card, where, when and at which gate; not the entitlement
+        applied, the amounts, the fare version, the scheme or the claim (see
+        :data:`CORRECTABLE`). A representment must have the first presentment's.
+        The gate id counts only when there is one, as in :meth:`digest`.
+        """
+        fields = (
+            self.operator_id,
+            self.trip_id,
+            self.card.issuer_region,
+            self.card.card_number,
+            str(self.scene.value),
+            self.place_id,
+            self.occurred_at.astimezone(UTC).isoformat(),
+            *((self.gate_id,) if self.gate_id else ()),
         )
         return hashlib.sha256("\x00".join(fields).encode()).hexdigest()
 
     def __repr__(self) -> str:
         return f"Trip({self.operator_id}/{self.trip_id}, card=<redacted>)"
+
+
+# The fields a representment may correct: what a home district's rejection can
+# be about (the price and the entitlement it was priced for), nothing that
+# says which trip it was (:meth:`Trip.presentment_digest`).
+CORRECTABLE = frozenset(
+    {"applied_entitlement", "gross_fare_fen", "charged_fen", "concession_fen", "fare_version"}
+)
 
 
 @dataclass(frozen=True, slots=True)

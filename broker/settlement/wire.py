@@ -58,6 +58,9 @@ def trip_from_wire(
             raise InvalidArgument("place_id", "must be at most 64 characters")
         if len(version) > 64:
             raise InvalidArgument("fare_version", "must be at most 64 characters")
+        gate = msg.gate_id  # optional: "" when the operator's gates send none
+        if len(gate) > 64 or not gate.isprintable():
+            raise InvalidArgument("gate_id", "must be at most 64 printable characters")
         return Trip(
             operator_id=operator_id,
             trip_id=trip_id,
@@ -70,6 +73,7 @@ def trip_from_wire(
             concession_fen=msg.concession_fen,
             applied_entitlement=applied,
             fare_version=version,
+            gate_id=gate,
         )
     except InvalidArgument as exc:
         return Judgement(Outcome.REJECTED, Reason.MALFORMED, f"trips[{index}].{exc}")

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -28,6 +28,7 @@ from broker.cards.model import CardRef, Scene, shanghai_day
 from broker.node.metrics import percentile
 from broker.node.server import Node
 from broker.testbed.build import SyntheticCard, build
+from broker.testbed.clock import DayClock
 from broker.testbed.demo_day import run_day
 from broker.testbed.operator_client import GateClient
 
@@ -130,9 +131,10 @@ async def run_demo(
     on_progress: Callable[[int], None] | None = None,
 ) -> DemoReport:
     """Build and start the three districts in ``root``, run the checks, stop, report."""
-    now = datetime.now(UTC)
+    clock = DayClock()  # the nodes' clock: the settlement day moves it on
+    now = clock()
     setups = build(root, DISTRICTS, now, cards_per_district=cards_per_district, seed=seed)
-    nodes = {code: await Node.start(s.config) for code, s in setups.items()}
+    nodes = {code: await Node.start(s.config, clock) for code, s in setups.items()}
     channels: dict[str, grpc.aio.Channel] = {}
     try:
         clients = {}
@@ -165,7 +167,7 @@ async def run_demo(
         started = time.perf_counter()
         await asyncio.gather(*(one(*item) for item in plan))
         seconds = time.perf_counter() - started
-        day = await run_day(setups, channels, clients, now, seed)
+        day = await run_day(setups, channels, clients, clock, seed)
         return DemoReport(pairs, seconds, day)
     finally:
         for ch in channels.values():

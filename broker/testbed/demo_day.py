@@ -3,9 +3,11 @@
 Each district's operator prices trips by other districts' card-holders at
 its buses and at the Rock Carvings (scenic area) through ``Gate.Check``,
 submits them (a few twice: stored once), then each district closes the day
-(signed batches to each home district, acknowledged line by line). A few
-trips arrive after the close and go out in a supplementary batch. The report
-holds every district's net positions; they sum to zero.
+(signed batches to each home district, acknowledged line by line) after
+midnight by the nodes' clock. A few trips arrive after the close and go out in a
+supplementary batch. Then the clock moves past the day's late window: a last
+close seals the day and each district confirms its positions (SETTLED). The
+report holds every district's net positions; they sum to zero.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc, types
 from broker.cards.model import Scene, shanghai_day
 from broker.settlement.clearing.positions import positions
 from broker.settlement.clearing.session import open_sender
+from broker.settlement.days import day_end, window_end
 from broker.testbed.build import DistrictSetup
+from broker.testbed.clock import DayClock
 from broker.testbed.operator_client import GateClient
 
 
@@ -69,13 +73,19 @@ async def run_day(
     setups: dict[str, DistrictSetup],
     channels: Mapping[str, grpc.aio.Channel],
     gates: Mapping[str, GateClient],
-    now: datetime,
+    clock: DayClock,
     seed: int,
     per_home: int = 40,
 ) -> dict[str, Any]:
-    """Run the day over the demo's operator channels (one per district) and report it."""
+    """Run the day over the demo's operator channels (one per district) and report it.
+
+    ``clock`` is the nodes' clock too: the day's trips are priced and submitted
+    on it, then it moves past midnight (Asia/Shanghai) for the close, and past
+    the day's late window (its end + 72 h + 5 min) for the sealing close and
+    the confirmation.
+    """
     rng = random.Random(seed)
-    when = now - timedelta(minutes=30)
+    when = clock() - timedelta(minutes=30)
     period = shanghai_day(when)
     submitted = duplicates = late = 0
     stubs = {code: settlement_pb2_grpc.SettlementStub(ch) for code, ch in channels.items()}
@@ -87,36 +97,45 @@ async def run_day(
         again = await stubs[code].SubmitTrips(settlement_pb2.SubmitTripsRequest(trips=trips[:5]))
         submitted += len(trips)
         duplicates += len(again.results)
+    clock.move_to(day_end(period) + timedelta(minutes=1))  # the next morning
     for s in setups.values():
-        async with open_sender(s.config) as sender:
+        async with open_sender(s.config, clock=clock) as sender:
             await sender.close(period)
     for code, s in setups.items():  # trips uploaded after the close: a supplementary batch
         others = [o for c, o in setups.items() if c != code]
         trips = await _trips(s, gates[code], others[:1], when, rng, 2, "late")
         await stubs[code].SubmitTrips(settlement_pb2.SubmitTripsRequest(trips=trips))
         late += len(trips)
-        async with open_sender(s.config) as sender:
+        async with open_sender(s.config, clock=clock) as sender:
+            await sender.close(period)
+    clock.move_to(window_end(period) + timedelta(minutes=1))  # the late window has closed
+    for s in setups.values():  # the close that seals the day everywhere (nothing new)
+        async with open_sender(s.config, clock=clock) as sender:
             await sender.close(period)
     views: dict[str, list[dict[str, Any]]] = {}
     for code, s in setups.items():
-        async with open_sender(s.config) as sender:
-            views[code] = [
-                {
-                    "counterparty": p.counterparty,
-                    "receivable_fen": p.receivable_fen,
-                    "payable_fen": p.payable_fen,
-                    "net_fen": p.net_fen,
-                    "open_disputes": p.open_disputes,
-                    "batches": len(
-                        [
-                            b
-                            for b in sender.store.out_batches(period)
-                            if b["counterparty"] == p.counterparty
-                        ]
-                    ),
-                }
-                for p in positions(sender.store, period, code)
-            ]
+        async with open_sender(s.config, clock=clock) as sender:
+            views[code] = []
+            for p in positions(sender.store, period, code):
+                if p.state != "settled":
+                    p = await sender.confirm(p.counterparty, period)
+                views[code].append(
+                    {
+                        "counterparty": p.counterparty,
+                        "receivable_fen": p.receivable_fen,
+                        "payable_fen": p.payable_fen,
+                        "net_fen": p.net_fen,
+                        "state": p.state,
+                        "open_disputes": p.open_disputes,
+                        "batches": len(
+                            [
+                                b
+                                for b in sender.store.out_batches(period)
+                                if b["counterparty"] == p.counterparty
+                            ]
+                        ),
+                    }
+                )
     nets = {code: sum(p["net_fen"] for p in v) for code, v in views.items()}
     return {
         "period": period.isoformat(),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import UTC, date, datetime
 
 import pytest
 
@@ -75,3 +75,41 @@ def test_a_file_without_the_right_header_is_refused():
         parse_import(["card_number,ssn,status", "A00000001,x,active"], TODAY, HASHER)
     assert info.value.errors[0].line == 1
     assert "disabled" in info.value.errors[0].reason
+
+
+def test_changed_at_and_recorded_at_are_optional_instants_with_an_offset():
+    header = HEADER + ",changed_at,recorded_at"
+    rows = parse_import(
+        [
+            header,
+            f"A00000001,{ssn()},lost,false,false,2030-01-01,"
+            "2026-11-27T09:00:00+08:00,2026-11-27T01:30:00Z",
+            f"A00000002,{ssn(seq='124')},active,false,false,2030-01-01,,",
+        ],
+        TODAY,
+        HASHER,
+    )
+    assert rows[0].changed_at == datetime(2026, 11, 27, 1, 0, tzinfo=UTC)
+    assert rows[0].recorded_at == datetime(2026, 11, 27, 1, 30, tzinfo=UTC)
+    assert (rows[1].changed_at, rows[1].recorded_at) == (None, None)  # left to the import
+    plain = parse_import(
+        [HEADER, f"A00000001,{ssn()},active,false,false,2030-01-01"], TODAY, HASHER
+    )
+    assert (plain[0].changed_at, plain[0].recorded_at) == (None, None)
+
+
+def test_an_instant_without_an_offset_is_refused_naming_its_row_and_column():
+    header = HEADER + ",changed_at,recorded_at"
+    lines = [
+        header,
+        f"A00000001,{ssn()},lost,false,false,2030-01-01,2026-11-27T09:00:00,",  # line 2
+        f"A00000002,{ssn()},lost,false,false,2030-01-01,,2026-11-27 09:00",  # line 3
+        f"A00000003,{ssn()},lost,false,false,2030-01-01,yesterday,",  # line 4
+    ]
+    with pytest.raises(ImportRejected) as info:
+        parse_import(lines, TODAY, HASHER)
+    got = {e.line: e.reason for e in info.value.errors}
+    assert sorted(got) == [2, 3, 4]
+    assert "changed_at" in got[2] and "offset" in got[2]
+    assert "recorded_at" in got[3] and "offset" in got[3]
+    assert "changed_at" in got[4] and "ISO 8601" in got[4]

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import csv
 import sqlite3
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from broker.cards.csv_import import CardRow
+import pytest
+
+from broker.cards.csv_import import CardRow, parse_import
 from broker.cards.districts import load_districts
+from broker.cards.gb11643 import ssn_check_character
 from broker.cards.model import CardStatus
-from broker.cards.registry import MIGRATIONS, Registry, derive_status
+from broker.cards.privacy import Hasher
+from broker.cards.registry import MIGRATIONS, Recorded, Registry, derive_status
+from broker.core.db import Db, migrate, utc_text
 
 T0 = datetime(2026, 1, 10, 2, 0, tzinfo=UTC)
 
@@ -113,3 +119,171 @@ def test_a_column_a_newer_release_added_to_cards_does_not_stop_this_one(tmp_path
         reg.close()
     with sqlite3.connect(path) as raw:
         assert raw.execute("SELECT DISTINCT added_later FROM cards").fetchall() == [(None,)]
+
+
+# ---------------------------------------------------------------- recorded history and TTL
+
+
+def test_a_change_counts_from_when_it_took_effect_once_it_is_recorded(tmp_path: Path):
+    """As recorded at T: the latest change in effect by T among those recorded by T."""
+    reg = Registry(tmp_path / "r.sqlite3")
+    reg.upsert([row("A00000001")], T0)
+    reported, entered = T0 + timedelta(hours=1), T0 + timedelta(hours=5)
+    lost = replace(row("A00000001", "lost"), changed_at=reported, recorded_at=entered)
+    assert reg.upsert([lost], T0 + timedelta(hours=6)).status_changes == 1
+    assert reg.status_at("A00000001", reported) is CardStatus.ACTIVE  # not yet recorded
+    assert reg.status_at("A00000001", entered - timedelta(microseconds=1)) is CardStatus.ACTIVE
+    assert reg.status_at("A00000001", entered) is CardStatus.LOST
+    reg.close()
+
+
+def test_flags_have_a_history_of_their_own(tmp_path: Path):
+    reg = Registry(tmp_path / "r.sqlite3")
+    student = replace(row("A00000001"), student=True)
+    reg.upsert([student], T0)
+    ends = T0 + timedelta(days=10)
+    reg.upsert([replace(student, student=False, disabled=True, changed_at=ends)], ends)
+    assert reg.upsert([replace(row("A00000001"), disabled=True)], ends).unchanged == 1
+    assert reg.as_recorded("A00000001", T0) == Recorded(CardStatus.ACTIVE, False, True)
+    assert reg.as_recorded("A00000001", ends) == Recorded(CardStatus.ACTIVE, True, False)
+    assert reg.as_recorded("A00000001", T0 - timedelta(seconds=1)).status is CardStatus.UNKNOWN
+    reg.close()
+
+
+def test_a_row_with_only_recorded_at_took_effect_then(tmp_path: Path):
+    reg = Registry(tmp_path / "r.sqlite3")
+    entered = T0 + timedelta(hours=2)
+    reg.upsert([replace(row("A00000001"), recorded_at=entered)], T0 + timedelta(days=1))
+    assert reg.status_at("A00000001", entered - timedelta(seconds=1)) is CardStatus.UNKNOWN
+    assert reg.status_at("A00000001", entered) is CardStatus.ACTIVE
+    reg.close()
+
+
+def test_answers_between_give_one_answer_per_stretch_as_recorded(tmp_path: Path):
+    reg = Registry(tmp_path / "r.sqlite3")
+    reg.upsert([row("A00000001")], T0)
+    minute = timedelta(minutes=1)
+    reg.upsert([row("A00000001", "lost")], T0 + 2 * minute)
+    reg.upsert([row("A00000001", "active")], T0 + 4 * minute)
+    answers = reg.answers_between("A00000001", T0 + minute, T0 + 5 * minute)
+    assert [a.status for a in answers] == [CardStatus.ACTIVE, CardStatus.LOST, CardStatus.ACTIVE]
+    lost = reg.answers_between("A00000001", T0 + 3 * minute, T0 + 3 * minute)
+    assert [a.status for a in lost] == [CardStatus.LOST]
+    # A card that expires within the interval was valid at its start.
+    last_day = replace(row("A00000002"), valid_until=date(2026, 1, 10))
+    reg.upsert([last_day], T0)
+    midnight = datetime(2026, 1, 10, 16, 0, tzinfo=UTC)  # 11 January begins in Shanghai
+    both = reg.answers_between("A00000002", midnight - minute, midnight + minute)
+    assert [a.status for a in both] == [CardStatus.ACTIVE]
+    after = reg.answers_between("A00000002", midnight, midnight + minute)
+    assert [a.status for a in after] == [CardStatus.EXPIRED]
+    reg.close()
+
+
+def test_the_advertised_ttl_is_recorded_when_it_changes_and_read_for_any_instant(tmp_path: Path):
+    path = tmp_path / "r.sqlite3"
+    reg = Registry(path)
+    assert reg.advertised_ttl_at(T0) == 0  # never advertised: nothing cached
+    assert reg.oldest_answer_in_force(T0) == T0
+    assert reg.record_advertised_ttl(120, T0)
+    assert not reg.record_advertised_ttl(120, T0 + timedelta(days=1))  # unchanged: not written
+    assert reg.record_advertised_ttl(30, T0 + timedelta(days=2))
+    reg.close()
+    reg = Registry(path)
+    assert reg.advertised_ttl_at(T0 - timedelta(days=1)) == 120  # before any: the first
+    assert reg.advertised_ttl_at(T0 + timedelta(days=2) - timedelta(microseconds=1)) == 120
+    assert reg.advertised_ttl_at(T0 + timedelta(days=2)) == 30
+    with pytest.raises(ValueError):
+        reg.record_advertised_ttl(-1, T0)
+    reg.close()
+
+
+def test_answers_given_under_a_longer_ttl_reach_back_further(tmp_path: Path):
+    reg = Registry(tmp_path / "r.sqlite3")
+    reg.record_advertised_ttl(120, T0)
+    lowered = T0 + timedelta(hours=1)
+    reg.record_advertised_ttl(30, lowered)
+    second = timedelta(seconds=1)
+    assert reg.oldest_answer_in_force(T0 + timedelta(minutes=30)) == T0 + timedelta(minutes=28)
+    # An answer given just before the TTL was lowered may be cached for 120 s.
+    assert reg.oldest_answer_in_force(lowered + 60 * second) == lowered - 60 * second
+    assert reg.oldest_answer_in_force(lowered + 200 * second) == lowered + 170 * second
+    # A TTL recorded after the instant plays no part, longer or shorter.
+    reg.record_advertised_ttl(600, lowered + timedelta(hours=1))
+    assert reg.oldest_answer_in_force(lowered + 200 * second) == lowered + 170 * second
+    reg.close()
+
+
+def v1_registry(path: Path) -> None:
+    """A registry file as the release with only migration 1 wrote it."""
+    db = Db.sqlite(path)
+    try:
+        migrate(db, "registry", MIGRATIONS[:1])
+        with db.write():
+            db.execute(
+                "INSERT INTO cards VALUES ('A00000001', 'h', '1950-01-01', 'lost', 1, 0, "
+                "'2030-01-01', ?)",
+                (utc_text(T0 + timedelta(days=3)),),
+            )
+            for status, at in (("active", T0), ("lost", T0 + timedelta(days=3))):
+                db.execute(
+                    "INSERT INTO card_status_history (card_number, status, valid_until, "
+                    "effective_at) VALUES ('A00000001', ?, '2030-01-01', ?)",
+                    (status, utc_text(at)),
+                )
+    finally:
+        db.close()
+
+
+def test_a_v1_registry_is_migrated_and_its_status_history_kept(tmp_path: Path):
+    path = tmp_path / "registry.sqlite3"
+    v1_registry(path)
+    with sqlite3.connect(path) as raw:
+        before = raw.execute("SELECT * FROM card_status_history ORDER BY id").fetchall()
+    reg = Registry(path)
+    try:
+        assert reg.status_at("A00000001", T0) is CardStatus.ACTIVE
+        assert reg.status_at("A00000001", T0 + timedelta(days=3)) is CardStatus.LOST
+        # Flags were never kept with the history: the card's own are taken for all of it.
+        assert reg.as_recorded("A00000001", T0) == Recorded(CardStatus.ACTIVE, True, False)
+        assert reg.advertised_ttl_at(T0) == 0
+    finally:
+        reg.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT * FROM card_status_history ORDER BY id").fetchall() == before
+        assert raw.execute("SELECT count(*) FROM card_history").fetchone() == (2,)
+        # The previous release, opening the file again, writes a status row of its own...
+        raw.execute(
+            "INSERT INTO card_status_history (card_number, status, valid_until, effective_at) "
+            "VALUES ('A00000001', 'active', '2030-01-01', ?)",
+            (utc_text(T0 + timedelta(days=5)),),
+        )
+    reg = Registry(path)  # ...which this one copies into the history it reads
+    try:
+        assert reg.status_at("A00000001", T0 + timedelta(days=5)) is CardStatus.ACTIVE
+    finally:
+        reg.close()
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("SELECT count(*) FROM card_history").fetchone() == (3,)
+
+
+def test_an_import_with_the_back_offices_instants_keeps_them(tmp_path: Path):
+    hasher = Hasher(b"k" * 32)
+    first = "500111" + "19500101" + "123"
+    ssn = first + ssn_check_character(first)
+    lines = [
+        "card_number,ssn,status,disabled,student,valid_until,changed_at,recorded_at",
+        f"A00000001,{ssn},lost,false,false,2030-01-01,"
+        "2026-01-10T09:00:00+08:00,2026-01-10T12:30:00+08:00",
+    ]
+    rows = parse_import(lines, date(2026, 1, 10), hasher)
+    reg = Registry(tmp_path / "r.sqlite3")
+    reg.upsert(rows, T0 + timedelta(days=1))
+    reported = datetime(2026, 1, 10, 1, 0, tzinfo=UTC)  # 09:00 in Shanghai
+    entered = datetime(2026, 1, 10, 4, 30, tzinfo=UTC)
+    assert reg.status_at("A00000001", entered - timedelta(microseconds=1)) is CardStatus.UNKNOWN
+    assert reg.status_at("A00000001", entered) is CardStatus.LOST
+    reg.close()
+    with sqlite3.connect(tmp_path / "r.sqlite3") as raw:
+        stored = raw.execute("SELECT changed_at, recorded_at FROM card_history").fetchall()
+    assert stored == [(utc_text(reported), utc_text(entered))]

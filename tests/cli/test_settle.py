@@ -12,16 +12,18 @@ import csv
 import io
 import json
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
+from broker.cards.model import shanghai_day
 from broker.cli.main import main
 from broker.node.config import render_config
 from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.testbed.build import DistrictSetup, build
+from tests.helpers import run_cli
 
 D = "500111"
 PERIOD = "2026-01-05"
@@ -149,6 +151,41 @@ def test_close_with_no_peers_and_no_trips_has_nothing_to_send(district: District
     assert result.exit_code == 0, result.output
     assert "nothing new to send" in result.stdout
     assert "not sent" not in result.output
+
+
+def test_a_day_that_has_not_ended_is_not_closed_unless_forced(
+    district: DistrictSetup, now: datetime
+):
+    """Today (Asia/Shanghai) by the wall clock: refused, saying when it ends; --force closes."""
+    today = shanghai_day(now)
+    result = settle(district.config_path, "close", "--period", today.isoformat())
+    assert result.exit_code == 1
+    ends = (today + timedelta(days=1)).isoformat() + "T00:00+08:00"
+    assert f"cannot close {today}: the day has not ended; it ends at {ends}" in flat(result.output)
+    forced = settle(district.config_path, "close", "--period", today.isoformat(), "--force")
+    assert forced.exit_code == 0, forced.output
+    assert "nothing new to send" in forced.stdout
+
+
+def test_confirm_has_no_force(district: DistrictSetup):
+    result = settle(district.config_path, "confirm", "--period", PERIOD, "--force")
+    assert result.exit_code == 2
+    assert "No such option '--force'" in result.output
+
+
+def test_the_commands_take_their_clock_from_the_caller(district: DistrictSetup, now: datetime):
+    """``main(obj={"clock": ...})``: what the end-to-end tests use to run a day of their own."""
+    today = shanghai_day(now).isoformat()
+    out = run_cli(
+        "settle",
+        "close",
+        "--config",
+        str(district.config_path),
+        "--period",
+        today,
+        clock=lambda: now + timedelta(days=1),
+    )
+    assert "nothing new to send" in out
 
 
 @pytest.mark.parametrize(

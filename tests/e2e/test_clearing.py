@@ -6,11 +6,17 @@ tests/clearing_day.py, not by the broker's own functions.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime, timedelta
+
+from click.testing import CliRunner
 
 from broker._proto.yikatong.v1 import settlement_pb2
 from broker.cards.model import shanghai_day
+from broker.cli.main import main
 from tests.clearing_day import (
+    after_day,
+    after_window,
     assert_positions_match,
     cli,
     district_positions,
@@ -22,12 +28,18 @@ from tests.clearing_day import (
 from tests.conftest import ANYUE, DAZU, THREE, Cluster
 
 
-async def close_all(cluster: Cluster, period: str) -> None:
+async def close_all(cluster: Cluster, period: str, expect: str = "close #1") -> None:
     for code in THREE:
         out = await cli(
-            "settle", "close", "--config", str(cluster.setups[code].config_path), "--period", period
+            "settle",
+            "close",
+            "--config",
+            str(cluster.setups[code].config_path),
+            "--period",
+            period,
+            clock=cluster.clock,
         )
-        assert "close #1" in out
+        assert expect in out
 
 
 async def test_a_day_closes_exchanges_and_reconciles(day_cluster: Cluster, now: datetime):
@@ -38,6 +50,7 @@ async def test_a_day_closes_exchanges_and_reconciles(day_cluster: Cluster, now: 
     }
     assert len(days) == 1, "the simulated trips straddle midnight; rerun"
     period = days.pop().isoformat()
+    cluster.clock.move_to(after_day(period))  # the nodes and the commands: the next morning
     await close_all(cluster, period)
 
     views = await assert_positions_match(cluster.setups, trips, period)
@@ -84,6 +97,16 @@ async def test_a_day_closes_exchanges_and_reconciles(day_cluster: Cluster, now: 
                     "--note",
                     "card reported lost before travel; operator bears it",
                 )
+    # Before the late window has closed, the day is provisional and confirm refuses it.
+    refused = await asyncio.to_thread(
+        CliRunner().invoke,
+        main,
+        ["settle", "confirm", "--config", str(s.config_path), "--period", period],
+        obj={"clock": cluster.clock},
+    )
+    assert refused.exit_code == 1 and "provisional until" in " ".join(refused.output.split())
+    cluster.clock.move_to(after_window(period))
+    await close_all(cluster, period, expect="nothing new to send")  # seals the day everywhere
     for code in THREE:
         await cli(
             "settle",
@@ -92,6 +115,7 @@ async def test_a_day_closes_exchanges_and_reconciles(day_cluster: Cluster, now: 
             str(cluster.setups[code].config_path),
             "--period",
             period,
+            clock=cluster.clock,
         )
     for code in THREE:
         view = await district_positions(cluster.setups[code], period)
@@ -113,7 +137,9 @@ async def test_a_trip_after_close_goes_in_a_supplementary_batch(day_cluster: Clu
     trips = await simulate_day(cluster, now, per_pair=3)
     period = shanghai_day(now - timedelta(minutes=10)).isoformat()
     dazu = cluster.setups[DAZU]
-    await cli("settle", "close", "--config", str(dazu.config_path), "--period", period)
+    cluster.clock.move_to(after_day(period))
+    close = ("settle", "close", "--config", str(dazu.config_path), "--period", period)
+    await cli(*close, clock=cluster.clock)
     before = await district_positions(dazu, period)
 
     late_card = next(c for c in cluster.setups[ANYUE].cards if c.status == "active")
@@ -127,7 +153,7 @@ async def test_a_trip_after_close_goes_in_a_supplementary_batch(day_cluster: Clu
         assert reply.results[0].reason == "ok"
     finally:
         await ch.close()  # type: ignore[attr-defined]
-    out = await cli("settle", "close", "--config", str(dazu.config_path), "--period", period)
+    out = await cli(*close, clock=cluster.clock)
     assert "close #2" in out
     after = await district_positions(dazu, period)
     anyue_before = next(p for p in before["positions"] if p["counterparty"] == ANYUE)
@@ -138,7 +164,5 @@ async def test_a_trip_after_close_goes_in_a_supplementary_batch(day_cluster: Clu
         SentTrip(DAZU, late, True)
     )
     # Nothing new: a third close sends nothing.
-    assert "nothing new" in await cli(
-        "settle", "close", "--config", str(dazu.config_path), "--period", period
-    )
+    assert "nothing new" in await cli(*close, clock=cluster.clock)
     assert len(trips) > 0

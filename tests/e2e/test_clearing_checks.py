@@ -17,7 +17,7 @@ from broker.fares.rules import fares_document, load_fares
 from broker.settlement.clearing.batch import Digest, Line, Totals, encode_lines
 from broker.settlement.trips import Trip
 from broker.testbed.build import DistrictSetup, SyntheticCard
-from tests.clearing_day import cli, district_positions, operator_stub, record_for
+from tests.clearing_day import after_day, cli, district_positions, operator_stub, record_for
 from tests.conftest import ANYUE, DAZU, RONGCHANG, Cluster
 from tests.helpers import node_channel
 
@@ -214,8 +214,15 @@ async def test_a_cap_exceeded_across_two_districts_is_caught(tight_caps, cluster
     assert rc.concession_fen == 200 and rc.charged_fen == 0
     await submit(cluster, RONGCHANG, [rc])
     period = shanghai_day(base).isoformat()
+    cluster.clock.move_to(after_day(period))
     dz = await cli(
-        "settle", "close", "--config", str(cluster.setups[DAZU].config_path), "--period", period
+        "settle",
+        "close",
+        "--config",
+        str(cluster.setups[DAZU].config_path),
+        "--period",
+        period,
+        clock=cluster.clock,
     )
     rg = await cli(
         "settle",
@@ -224,6 +231,7 @@ async def test_a_cap_exceeded_across_two_districts_is_caught(tight_caps, cluster
         str(cluster.setups[RONGCHANG].config_path),
         "--period",
         period,
+        clock=cluster.clock,
     )
     assert "cap exceeded" in rg
     dz_view = await district_positions(cluster.setups[DAZU], period)
@@ -246,7 +254,8 @@ async def test_a_rejected_line_is_represented_once_then_final(cluster: Cluster, 
         r.applied_entitlement = Entitlement.SENIOR_65.value  # type: ignore[assignment]
     await submit(cluster, DAZU, wrong)
     period = shanghai_day(when).isoformat()
-    await cli("settle", "close", "--config", cfg, "--period", period)
+    cluster.clock.move_to(after_day(period))
+    await cli("settle", "close", "--config", cfg, "--period", period, clock=cluster.clock)
     assert (await district_positions(s, period))["positions"][0]["open_disputes"] == 2
 
     fixed = await cli(
@@ -350,7 +359,10 @@ async def test_thousands_of_rejected_lines_travel_in_chunks_and_all_become_dispu
     finally:
         ledger.close()
     period = shanghai_day(when).isoformat()
-    out = await cli("settle", "close", "--config", str(s.config_path), "--period", period)
+    cluster.clock.move_to(after_day(period))
+    out = await cli(
+        "settle", "close", "--config", str(s.config_path), "--period", period, clock=cluster.clock
+    )
     assert str(n) in out
     view = await district_positions(s, period)
     anyue = next(p for p in view["positions"] if p["counterparty"] == ANYUE)

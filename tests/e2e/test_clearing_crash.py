@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import sys
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import grpc
@@ -25,6 +26,8 @@ from broker.node.server import Node
 from broker.testbed.build import DistrictSetup
 from tests.clearing_day import (
     SentTrip,
+    after_day,
+    after_window,
     assert_positions_match,
     district_positions,
     expected_claim,
@@ -36,14 +39,21 @@ from tests.conftest import ANYUE, DAZU, THREE, Cluster
 from tests.helpers import node_channel
 
 
-async def broker(*args: str, crash_at: str | None = None, may_fail: bool = False) -> int:
+async def broker(
+    *args: str,
+    crash_at: str | None = None,
+    may_fail: bool = False,
+    clock: Callable[[], datetime] | None = None,
+) -> int:
+    """``python -m broker ARGS`` in a process of its own (on ``clock``'s time, if given)."""
     env = {k: v for k, v in os.environ.items() if k != "YIKATONG_CRASH_AT"}
     if crash_at:
         env["YIKATONG_CRASH_AT"] = crash_at
+    entry = ["tests.cli_at", clock().isoformat()] if clock else ["broker"]
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "broker",
+        *entry,
         "--log-level",
         "warning",
         *args,
@@ -69,11 +79,16 @@ async def test_the_closing_process_killed_at_each_state_change_resumes(
     day = period.isoformat()
     cfg = {code: str(cluster.setups[code].config_path) for code in THREE}
     crash = point if point != "position_agreed" else None
+    clock = cluster.clock
+    clock.move_to(after_day(day))
     assert await broker(
-        "settle", "close", "--config", cfg[DAZU], "--period", day, crash_at=crash
+        "settle", "close", "--config", cfg[DAZU], "--period", day, crash_at=crash, clock=clock
     ) == (-signal.SIGKILL if crash else 0)
     for code in THREE:  # the restart (for Dazu) and the other districts' closes
-        assert await broker("settle", "close", "--config", cfg[code], "--period", day) == 0
+        assert (
+            await broker("settle", "close", "--config", cfg[code], "--period", day, clock=clock)
+            == 0
+        )
     for code in THREE:  # after the crash: every accepted trip in exactly one batch, figures agree
         assert await broker("settle", "check", "--config", cfg[code], "--period", day) == 0
 
@@ -99,15 +114,31 @@ async def test_the_closing_process_killed_at_each_state_change_resumes(
                     )
                     == 0
                 )
+        clock.move_to(after_window(day))
+        for code in THREE:  # the closes after the late window seal the day everywhere
+            assert (
+                await broker("settle", "close", "--config", cfg[code], "--period", day, clock=clock)
+                == 0
+            )
         assert (
             await broker(
-                "settle", "confirm", "--config", cfg[DAZU], "--period", day, crash_at=point
+                "settle",
+                "confirm",
+                "--config",
+                cfg[DAZU],
+                "--period",
+                day,
+                crash_at=point,
+                clock=clock,
             )
             == -signal.SIGKILL
         )
-        assert await broker("settle", "confirm", "--config", cfg[DAZU], "--period", day) == 0
+        confirm = ("settle", "confirm", "--config", cfg[DAZU], "--period", day)
+        assert await broker(*confirm, clock=clock) == 0
         view = await district_positions(cluster.setups[DAZU], day)
         assert {p["state"] for p in view["positions"]} == {"settled"}
+        for code in THREE:  # settled: still every trip in one batch, both sides agreeing
+            assert await broker("settle", "check", "--config", cfg[code], "--period", day) == 0
 
 
 async def serve(config: str, crash_at: str | None) -> asyncio.subprocess.Process:
@@ -180,11 +211,13 @@ async def test_the_home_node_killed_before_it_commits_an_ack_gets_the_batch_agai
             await ch.close()  # type: ignore[attr-defined]
         day = shanghai_day(when).isoformat()
         cfg = str(setup.config_path)
-        assert await broker("settle", "close", "--config", cfg, "--period", day, may_fail=True)
+        # Today has not ended: --force (the home's verification is what this test is about).
+        close = ("settle", "close", "--config", cfg, "--period", day, "--force")
+        assert await broker(*close, may_fail=True)
         assert await anyue.wait() == -signal.SIGKILL  # died in the middle of the batch
         anyue = await serve(anyue_cfg, crash_at=None)
         await healthy(districts, ANYUE, DAZU)
-        assert await broker("settle", "close", "--config", cfg, "--period", day) == 0
+        assert await broker(*close) == 0
         owed = sum(expected_claim(t) for t in sent)
         mine = await district_positions(setup, day)
         theirs = await district_positions(districts[ANYUE], day)

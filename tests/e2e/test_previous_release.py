@@ -36,6 +36,7 @@ from broker.cards.model import Scene, shanghai_day
 from broker.node.server import Node
 from broker.settlement.clearing.positions import positions
 from broker.settlement.clearing.session import open_sender
+from broker.settlement.days import day_end, window_end
 from broker.testbed import build as testbed
 from broker.testbed.demo_day import _trips
 from broker.testbed.operator_client import GateClient
@@ -134,8 +135,10 @@ async def test_a_settlement_day_between_this_release_and_the_previous_one(
     period = shanghai_day(await submit_day(mixed, now))
     dazu, anyue = mixed.setups[DAZU], mixed.setups[ANYUE]
 
-    # This release closes: fare rules and a batch go to the previous release, its ack back.
-    async with open_sender(dazu.config) as sender:
+    # This release closes (the next morning, by its clock): fare rules and a batch go to
+    # the previous release, its ack back.
+    morning = day_end(period) + timedelta(minutes=1)
+    async with open_sender(dazu.config, clock=lambda: morning) as sender:
         report = await sender.close(period)
     assert report.failures == []
     [sent] = report.batches
@@ -155,8 +158,11 @@ async def test_a_settlement_day_between_this_release_and_the_previous_one(
     )
     assert DAZU in closed.stdout
 
-    # This release proposes the day's position; the previous release agrees.
-    async with open_sender(dazu.config) as sender:
+    # This release proposes the day's position once its late window has closed and a close
+    # sealed the day; the previous release agrees.
+    later = window_end(period) + timedelta(minutes=1)
+    async with open_sender(dazu.config, clock=lambda: later) as sender:
+        assert (await sender.close(period)).batches == []  # seals the day: nothing new
         agreed = await sender.confirm(ANYUE, period)
         assert agreed.state == "settled"
         [ours] = positions(sender.store, period, DAZU)

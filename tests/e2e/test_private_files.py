@@ -20,6 +20,7 @@ import pytest
 
 from broker.node.server import Node
 from broker.testbed.build import build
+from broker.testbed.clock import DayClock
 from broker.testbed.demo_day import run_day
 from broker.testbed.operator_client import GateClient
 from tests.conftest import THREE
@@ -58,16 +59,16 @@ def open_directories(var: Path, files: dict[Path, int]) -> dict[Path, int]:
 async def run_demo_day(root: Path) -> tuple[dict[Path, int], dict[Path, int]]:
     """Build and start three districts, run a small demo day; the files seen while the
     nodes ran (after the day) and after they stopped."""
-    now = datetime.now(UTC)
-    setups = build(root, THREE, now, cards_per_district=40)
-    nodes = {code: await Node.start(s.config) for code, s in setups.items()}
+    clock = DayClock()
+    setups = build(root, THREE, clock(), cards_per_district=40)
+    nodes = {code: await Node.start(s.config, clock) for code, s in setups.items()}
     channels: dict[str, grpc.aio.Channel] = {}
     try:
         gates = {}
         for code, s in setups.items():
             channels[code] = s.operator_channel(nodes[code].address)
             gates[code] = GateClient(channels[code], s.operator_id)
-        report = await run_day(setups, channels, gates, now, seed=5, per_home=4)
+        report = await run_day(setups, channels, gates, clock, seed=5, per_home=4)
         assert report["trips"] > 0 and report["nets_sum_fen"] == 0
         running = database_files(root / "var")
     finally:

@@ -24,19 +24,30 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto.yikatong.v1 import gate_pb2, settlement_pb2, settlement_pb2_grpc, types_pb2
 from broker.cards.gb11643 import ssn_check_character
 from broker.cards.model import CardRef, Scene, shanghai_day
+from broker.settlement.days import day_end, window_end
 from broker.testbed.build import free_port
 from broker.testbed.operator_client import GateClient, open_channel
 from broker.trust.config import node_server_name
-from tests.runbook import blocks, file_block, run_block, start_block, stop_block
+from tests.conftest import unavailable
+from tests.runbook import (
+    ProcessClock,
+    blocks,
+    faketime_library,
+    file_block,
+    run_block,
+    start_block,
+    stop_block,
+)
 
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 DAZU, ANYUE = "500111", "512021"
@@ -51,7 +62,7 @@ PROCEDURES = {
     "serve": 1,
     "adding-a-neighbour": 2,
     "routine-renewal": 1,
-    "settlement-closing": 2,
+    "settlement-closing": 3,
     "operator-loses-access": 1,
 }
 
@@ -62,6 +73,7 @@ class District:
     peer: str
     home: Path
     port: int
+    clock: ProcessClock
 
     @property
     def env(self) -> dict[str, str]:
@@ -71,6 +83,7 @@ class District:
             "DISTRICT": self.code,
             "CONFIG": str(self.home / "node.toml"),
             "PEER": self.peer,
+            **self.clock.env,
         }
 
     @property
@@ -206,10 +219,21 @@ async def refused_within(d: District, card: CardRef, seconds: float) -> None:
         await ch.close()
 
 
-def test_the_runbooks_procedures_run_as_written_for_two_neighbours(tmp_path: Path):
+@pytest.fixture
+def process_clock(tmp_path: Path) -> ProcessClock:
+    library = faketime_library()
+    if library is None:
+        unavailable("libfaketime is not installed (apt-get install faketime)")
+    assert library is not None
+    return ProcessClock(library, tmp_path / "faketime")
+
+
+def test_the_runbooks_procedures_run_as_written_for_two_neighbours(
+    tmp_path: Path, process_clock: ProcessClock
+):
     assert {name: len(blocks(OPERATIONS, name)) for name in PROCEDURES} == PROCEDURES
-    dazu = District(DAZU, ANYUE, tmp_path / DAZU, free_port())
-    anyue = District(ANYUE, DAZU, tmp_path / ANYUE, free_port())
+    dazu = District(DAZU, ANYUE, tmp_path / DAZU, free_port(), process_clock)
+    anyue = District(ANYUE, DAZU, tmp_path / ANYUE, free_port(), process_clock)
     pair = (dazu, anyue)
     other = {DAZU: anyue, ANYUE: dazu}
 
@@ -244,12 +268,20 @@ def test_the_runbooks_procedures_run_as_written_for_two_neighbours(tmp_path: Pat
             out, _ = run("routine-renewal", 0, d)
             assert "0 certificate(s) renewed" in out  # a fresh district: nothing due
 
+        # The processes' clock (libfaketime) moves to the next morning, then past the window.
+        day = date.fromisoformat(period)
+        process_clock.move_to(day_end(day) + timedelta(minutes=1))
         for d in pair:  # Dazu sends its batch; Anyue has nothing of Dazu's to send
             out, _ = run("settlement-closing", 0, d, PERIOD=period)
             assert (ANYUE in out) if d is dazu else ("nothing new to send" in out)
+        process_clock.move_to(window_end(day) + timedelta(minutes=1))
+        for d in pair:  # the sealing close: nothing new on either side
             out, _ = run("settlement-closing", 1, d, PERIOD=period)
+            assert "nothing new to send" in out, out
+        for d in pair:
+            out, _ = run("settlement-closing", 2, d, PERIOD=period)
             assert "settled" in out, out
-        out, _ = run("settlement-closing", 1, dazu, PERIOD=period)
+        out, _ = run("settlement-closing", 2, dazu, PERIOD=period)
         assert "2.00" in out  # the free ride Anyue reimburses: 200 fen, agreed both sides
 
         run("operator-loses-access", 0, dazu, OPERATOR=OPERATOR)

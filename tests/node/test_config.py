@@ -343,3 +343,19 @@ def test_an_override_is_checked_even_when_the_file_is_fine(tmp_path: Path):
     text = with_key("peering.deadline_ms", "300")
     with pytest.raises(ConfigError, match="YIKATONG_PEER_DEADLINE_MS"):
         load_config(write(tmp_path, text), env={"YIKATONG_PEER_DEADLINE_MS": "0"})
+
+
+def test_the_duplicate_window_is_5_seconds_unless_set_and_0_turns_it_off(tmp_path: Path):
+    assert load_config(write(tmp_path, MINIMAL), env={}).settlement.duplicate_window_s == 5
+    off = load_config(write(tmp_path, with_key("settlement.duplicate_window_s", "0")), env={})
+    assert off.settlement.duplicate_window_s == 0
+    wide = load_config(write(tmp_path, with_key("settlement.duplicate_window_s", "30")), env={})
+    assert wide.settlement.duplicate_window_s == 30
+    again = load_config(write(tmp_path, render_config(wide)), env={})
+    assert again.settlement == wide.settlement  # a window set is rendered, and read back
+
+
+@pytest.mark.parametrize("value", ["-1", "601"])
+def test_a_duplicate_window_out_of_range_is_refused_naming_the_key(tmp_path: Path, value):
+    with pytest.raises(ConfigError, match=r"^settlement\.duplicate_window_s must be from 0 to 600"):
+        load_config(write(tmp_path, with_key("settlement.duplicate_window_s", value)), env={})

@@ -5,15 +5,18 @@ Storing judged trips is tested beside the ledger (tests/settlement/ledger/).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import tomllib
 from dataclasses import replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
 from broker.cards.model import CardRef, Entitlement, Scene
 from broker.fares.rules import FareSchedule, parse_fares
-from broker.settlement.trips import Outcome, Reason, Trip, judge
+from broker.settlement.trips import CORRECTABLE, Outcome, Reason, Trip, judge
 from broker.testbed.build import SAMPLE_FARES
 
 NOW = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
@@ -126,3 +129,53 @@ def test_no_grace_means_the_new_table_from_midnight_exactly():
     assert not schedule.in_force("sample-1", CHANGE + timedelta(seconds=1), timedelta(0))
     assert schedule.in_force("sample-1", CHANGE - timedelta(seconds=1), timedelta(0))
     assert schedule.in_force("sample-2", CHANGE, timedelta(0))
+
+
+def test_a_trip_without_a_gate_id_keeps_the_digest_the_previous_release_stored():
+    """The previous release hashed these twelve fields; its stored digests must still match."""
+    t = trip()
+    fields = ["bus-01", "t-000001", "512021", "C5120210000001", "1", ""]
+    fields += [t.occurred_at.isoformat(), "200", "0", "200", "2", "sample-1"]
+    assert t.digest() == hashlib.sha256("\x00".join(fields).encode()).hexdigest()
+    assert trip(gate_id="gate-3").digest() != t.digest()
+    assert trip(gate_id="gate-3").digest() != trip(gate_id="gate-4").digest()
+
+
+def test_the_presentment_digest_is_who_which_card_where_when_and_at_which_gate():
+    t = trip(gate_id="gate-3")
+    for change in (
+        {"operator_id": "bus-02"},
+        {"trip_id": "t-000002"},
+        {"card": CardRef("512021", "C5120210000002")},
+        {"card": CardRef("500153", "C5120210000001")},
+        {"scene": Scene.MUSEUM},
+        {"place_id": "route-9"},
+        {"occurred_at": t.occurred_at + timedelta(seconds=1)},
+        {"gate_id": "gate-4"},
+        {"gate_id": ""},
+    ):
+        assert replace(t, **change).presentment_digest() != t.presentment_digest(), change
+    # What a dispute can be about leaves it as it was; so does the instant's time zone.
+    corrected = replace(
+        t,
+        applied_entitlement=None,
+        gross_fare_fen=300,
+        charged_fen=300,
+        concession_fen=0,
+        fare_version="sample-2",
+        occurred_at=t.occurred_at.astimezone(timezone(timedelta(hours=8))),
+    )
+    assert corrected.presentment_digest() == t.presentment_digest()
+
+
+def test_every_field_is_either_correctable_or_in_the_presentment_digest():
+    identity = {"operator_id", "trip_id", "card", "scene", "place_id", "occurred_at", "gate_id"}
+    fields = {f.name for f in dataclasses.fields(Trip)}
+    assert CORRECTABLE | identity == fields and not CORRECTABLE & identity
+
+
+def test_every_reason_code_is_listed_in_the_wire_contract():
+    proto = Path(__file__).resolve().parents[2] / "proto" / "yikatong" / "v1" / "settlement.proto"
+    result = proto.read_text().split("message TripResult", 1)[1]
+    listed = result.split("string reason = 3;", 1)[0]
+    assert [r.value for r in Reason if r.value not in listed] == []

@@ -125,6 +125,8 @@ def test_lengths_count_characters_not_bytes():
         ({"occurred_at": None}, "occurred_at"),
         ({"applied_entitlement": 99}, "applied_entitlement"),
         ({"place_id": "p" * 65}, "place_id"),
+        ({"gate_id": "g" * 65}, "gate_id"),
+        ({"gate_id": "gate\n3"}, "gate_id"),
     ],
 )
 def test_each_malformed_field_is_named_with_the_line_index(changes, field):
@@ -261,3 +263,16 @@ def test_a_signed_document_needs_all_three_parts(missing):
 def test_an_empty_signed_document_is_refused():
     with pytest.raises(InvalidArgument):
         signed_from_wire(settlement_pb2.SignedDocument())
+
+
+def test_a_gate_id_is_carried_and_one_of_64_characters_is_allowed():
+    got = trip_from_wire(record(gate_id="闸" * 64), "bus-01", 0)
+    assert isinstance(got, Trip)
+    assert got.gate_id == "闸" * 64
+
+
+def test_a_trip_without_a_gate_id_has_an_empty_one():
+    """Clients of the previous release send no gate id: their trips are valid without one."""
+    got = trip_from_wire(record(), "bus-01", 0)
+    assert isinstance(got, Trip)
+    assert got.gate_id == ""

@@ -40,7 +40,9 @@ async def day(cluster: Cluster, now: datetime) -> AsyncIterator[dict[str, Any]]:
         )
         gates[code] = GateClient(channels[code], s.operator_id)
     try:
-        yield await run_day(cluster.setups, channels, gates, now, seed=5, per_home=PER_HOME)
+        yield await run_day(
+            cluster.setups, channels, gates, cluster.clock, seed=5, per_home=PER_HOME
+        )
     finally:
         for ch in channels.values():
             await ch.close()
@@ -58,6 +60,7 @@ async def test_the_days_positions_agree_pairwise_and_net_to_zero(
         assert mine["receivable_fen"] == theirs["payable_fen"]
         assert mine["net_fen"] == -theirs["net_fen"]
         assert mine["open_disputes"] == 0  # every line was priced by the gate itself
+    assert {r["state"] for rows in day["positions"].values() for r in rows} == {"settled"}
     nets = day["multilateral_net_fen"]
     assert set(nets) == set(THREE)
     for code, rows in day["positions"].items():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from broker.core.db import Db
 from broker.core.signing import Signed
 from broker.settlement.clearing.batch import Spool, Totals, decode_verdicts
@@ -21,12 +23,14 @@ def store_ack(
     ack: Signed,
     accepted: int,
     verdicts: Spool,
+    by_operator: Mapping[str, tuple[int, int]] | None = None,
 ) -> None:
     """Record a home district's acknowledgement of batch ``seq``, in one transaction.
 
     The batch becomes ``acked`` with the signed acknowledgement; every verdict on
     a line is kept; a close's refused lines (other than over a cap) open disputes,
-    and a representment's verdict settles the dispute it carried.
+    and a representment's verdict settles the dispute it carried. ``by_operator``
+    is the batch's (lines, claim) per operator as sent, kept for the statements.
     """
     with db.write():
         db.execute(
@@ -46,6 +50,15 @@ def store_ack(
                 day,
                 seq,
             ),
+        )
+        db.executemany(
+            "INSERT INTO out_batch_operators (counterparty, period, seq, operator_id, lines, "
+            "claimed_fen) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (counterparty, period, seq, operator_id) DO NOTHING",
+            [
+                (counterparty, day, seq, op, n, claimed)
+                for op, (n, claimed) in sorted((by_operator or {}).items())
+            ],
         )
         for chunk in verdicts.chunks():
             block = decode_verdicts(chunk)
@@ -89,8 +102,8 @@ def store_ack(
             }
             for op, trip in db.all(
                 "SELECT operator_id, trip_id FROM disputes WHERE counterparty = ? AND "
-                "represent_seq = ?",
-                (counterparty, seq),
+                "period = ? AND represent_seq = ?",
+                (counterparty, day, seq),
             ):
                 code = refused.get((op, trip))
                 # A representment carries one line: the batch's accepted claim is the line's.

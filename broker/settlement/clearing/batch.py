@@ -6,6 +6,11 @@ need one big message) followed by a signed trailer. The trailer's ``digest``
 is SHA-256 over the chunks as sent, each prefixed with its length, so the
 signature covers every byte of every line. Acknowledgements travel the same
 way (verdict chunks, then the signed ack).
+
+A line's fields are protobuf fields (``BatchLine``), so a line grows by
+appending one: ``gate_id`` (14) came after the first release, whose lines
+decode with it empty, and an empty one encodes to no bytes at all, so lines
+without a gate are byte for byte what that release sent.
 """
 
 from __future__ import annotations
@@ -79,6 +84,7 @@ def _line_to_wire(line: Line) -> settlement_pb2.BatchLine:
         fare_version=t.fare_version,
         scheme=line.scheme,
         claimed_fen=line.claimed_fen,
+        gate_id=t.gate_id,
     )
     msg.occurred_at.FromDatetime(t.occurred_at)
     return msg
@@ -127,6 +133,7 @@ def decode_lines(chunk: bytes) -> list[Line]:
                     Entitlement(m.applied_entitlement) if m.applied_entitlement else None
                 ),
                 fare_version=m.fare_version,
+                gate_id=m.gate_id,
             )
         except ValueError as exc:
             raise DocumentRefused("a line holds an unknown scene or entitlement") from exc

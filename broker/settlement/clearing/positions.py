@@ -14,7 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 
-from broker.settlement.clearing.store import ClearingStore
+from broker.core.db import Db
+from broker.core.signing import Signed, parse
+from broker.settlement.clearing.store import ClearingStore, unb64
+from broker.settlement.ledger.store import is_sealed
 
 
 @dataclass(frozen=True)
@@ -22,7 +25,9 @@ class Position:
     counterparty: str
     receivable_fen: int
     payable_fen: int
-    state: str  # open | acked | settled
+    # provisional (no close since the late window closed) | open (a batch unacknowledged)
+    # | acked (ready to confirm) | settled (figures from the signed documents both agreed)
+    state: str
     open_disputes: int = 0
     pending_batches: int = 0
 
@@ -50,19 +55,59 @@ def position(store: ClearingStore, counterparty: str, period: date) -> Position:
         "AND state IN ('open', 'represented', 'final')",
         (counterparty, day),
     )
-    settled = store.db.one(
-        "SELECT state FROM positions WHERE counterparty = ? AND period = ?", (counterparty, day)
-    )
     pending = int(out[1]) if out else 0
-    state = "settled" if settled else ("open" if pending else "acked")
+    receivable, payable = (int(out[0]) if out else 0), (int(inbound[0]) if inbound else 0)
+    agreed = settled_day(store.db, counterparty, period)
+    legacy = store.db.one(  # settled by a release that kept only the figures
+        "SELECT receivable_fen, payable_fen FROM positions WHERE counterparty = ? "
+        "AND period = ? AND state = 'settled'",
+        (counterparty, day),
+    )
+    if agreed is not None:
+        receivable, payable = settled_figures(agreed)
+        state = "settled"
+    elif legacy is not None:
+        receivable, payable = int(legacy[0]), int(legacy[1])
+        state = "settled"
+    elif not is_sealed(store.trips, period):
+        state = "provisional"
+    else:
+        state = "open" if pending else "acked"
     return Position(
         counterparty,
-        int(out[0]) if out else 0,
-        int(inbound[0]) if inbound else 0,
+        receivable,
+        payable,
         state,
         int(disputes[0]) if disputes else 0,
         pending,
     )
+
+
+@dataclass(frozen=True)
+class SettledDay:
+    """The two signed position documents both districts agreed on."""
+
+    own: Signed
+    theirs: Signed
+
+
+def settled_day(db: Db, counterparty: str, period: date) -> SettledDay | None:
+    """The stored agreement of ``period`` with ``counterparty``, if it is SETTLED."""
+    rows = db.all(
+        "SELECT side, document, key_id, signature FROM position_documents "
+        "WHERE counterparty = ? AND period = ?",
+        (counterparty, period.isoformat()),
+    )
+    docs = {str(r[0]): Signed(str(r[1]).encode(), str(r[2]), unb64(str(r[3]))) for r in rows}
+    if "own" not in docs or "theirs" not in docs:
+        return None
+    return SettledDay(docs["own"], docs["theirs"])
+
+
+def settled_figures(day: SettledDay) -> tuple[int, int]:
+    """(receivable, payable) in fen as this side signed them."""
+    doc = parse(day.own.document, "day-position")
+    return doc.integer("receivable_fen"), doc.integer("payable_fen")
 
 
 def positions(store: ClearingStore, period: date, own: str) -> list[Position]:
@@ -72,8 +117,9 @@ def positions(store: ClearingStore, period: date, own: str) -> list[Position]:
         str(r[0])
         for r in store.db.all(
             "SELECT counterparty FROM out_batches WHERE period = ? "
-            "UNION SELECT sender FROM in_batches WHERE period = ?",
-            (day, day),
+            "UNION SELECT sender FROM in_batches WHERE period = ? "
+            "UNION SELECT counterparty FROM position_documents WHERE period = ?",
+            (day, day, day),
         )
     } - {own}
     return [position(store, c, period) for c in sorted(names)]

@@ -37,7 +37,20 @@ from broker.settlement.clearing.batch import (
     decode_lines,
     encode_verdicts,
 )
-from broker.settlement.clearing.positions import position
+from broker.settlement.clearing.confirm import (
+    addressed,
+    mirrors,
+    position_doc,
+    refuse_if_settled,
+    require_ready,
+    store_settled,
+)
+from broker.settlement.clearing.positions import (
+    Position,
+    SettledDay,
+    settled_day,
+    settled_figures,
+)
 from broker.settlement.clearing.store import ClearingStore, b64, unb64
 from broker.settlement.clearing.verify import CAP_EXCEEDED, OK, CapCounter, LineChecker
 from broker.settlement.ledger.common import TRIP_COLUMNS, trip_from_row
@@ -167,6 +180,7 @@ class Receiver:
             if held[0] != header["digest"]:
                 raise Conflict(f"batch {sender}/{period}/{seq} was received with other content")
             return self._stored_ack(sender, period, seq, held)
+        refuse_if_settled(self._db, sender, period)
         return self._verify_and_ack(sender, period, seq, kind, header, spool)
 
     def _stored_ack(self, sender: str, period: date, seq: int, held: tuple[Any, ...]) -> Ack:
@@ -202,10 +216,12 @@ class Receiver:
                     pending.get((op, trip)) or self._previous(sender, op, trip)
                 ),
                 representment=kind == "represent",
+                presented=lambda op, trip: self._presented(sender, op, trip),
             )
             line_no = 0
             for chunk in spool.chunks():
                 rows = []
+                firsts = []  # first presentments: what a representment must match
                 for line in decode_lines(chunk):
                     totals.add(line)
                     code, accepted = checker.check(line)
@@ -238,6 +254,10 @@ class Receiver:
                                 accepted,
                             )
                         )
+                        if attempt == 1:
+                            firsts.append(
+                                (sender, t.operator_id, t.trip_id, t.presentment_digest())
+                            )
                     line_no += 1
                 # Written per chunk, so a duplicate later in the same batch is seen.
                 self._db.executemany(
@@ -248,6 +268,11 @@ class Receiver:
                     "claimed_fen = excluded.claimed_fen, "
                     "accepted_claim_fen = excluded.accepted_claim_fen",
                     rows,
+                )
+                self._db.executemany(
+                    "INSERT INTO in_line_presentments (sender, operator_id, trip_id, digest) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (sender, operator_id, trip_id) DO NOTHING",
+                    firsts,
                 )
                 pending.clear()
             stated = {k: header.get(k) for k in totals.as_doc()}
@@ -319,6 +344,15 @@ class Receiver:
         )
         return (str(row[0]), int(row[1])) if row else None
 
+    def _presented(self, sender: str, operator_id: str, trip_id: str) -> str | None:
+        """The digest of a line's first presentment (None for lines of the previous release)."""
+        row = self._db.one(
+            "SELECT digest FROM in_line_presentments WHERE sender = ? AND operator_id = ? "
+            "AND trip_id = ?",
+            (sender, operator_id, trip_id),
+        )
+        return str(row[0]) if row else None
+
     def _sync_own_usage(self) -> None:
         """Count this district's own operators' concessions to its own card-holders against caps."""
         mark = int(self._store.meta("own_usage_seq", "0"))
@@ -350,47 +384,38 @@ class Receiver:
     # ------------------------------------------------------------ day confirmation
 
     def confirm(self, sender: str, signed: Signed) -> Signed:
-        """Compare the sender's view of a day's bilateral position with ours; equal is SETTLED."""
+        """Compare the sender's view of a day's bilateral position with ours; equal is SETTLED.
+
+        The same readiness checks as the sender's apply to this side. A day
+        already SETTLED is answered from the figures both signed then (agreed if
+        the sender's are the same; Ed25519 signs the same document the same way).
+        """
         theirs = verify(signed, self._keys_of(sender), Purpose.POSITION)
-        if theirs.get("type") != "position" or theirs.get("from") != sender:
-            raise DocumentRefused("not a position document of the calling district")
         try:
             period = date.fromisoformat(theirs.text("period"))
         except ValueError as exc:
             raise DocumentRefused("day-position document: field 'period' is not a date") from exc
-        with self._db.write():
-            mine = position(self._store, sender, period)
-            agreed = (
-                theirs.get("receivable_fen") == mine.payable_fen
-                and theirs.get("payable_fen") == mine.receivable_fen
+        if not addressed(theirs, sender, self._district, period):
+            raise DocumentRefused(
+                "not a position document of the calling district addressed to this district"
             )
-            if agreed:
-                self._db.execute(
-                    "INSERT INTO positions (counterparty, period, receivable_fen, payable_fen, "
-                    "state, confirmed_at) VALUES (?, ?, ?, ?, 'settled', ?) "
-                    "ON CONFLICT (counterparty, period) DO UPDATE SET "
-                    "receivable_fen = excluded.receivable_fen, payable_fen = excluded.payable_fen, "
-                    "state = 'settled', confirmed_at = excluded.confirmed_at",
-                    (
-                        sender,
-                        period.isoformat(),
-                        mine.receivable_fen,
-                        mine.payable_fen,
-                        utc_text(self._clock()),
-                    ),
+        with self._db.write():
+            agreed = settled_day(self._db, sender, period)
+            if agreed is not None:  # answered from the signed figures, whatever is asked
+                receivable, payable = settled_figures(agreed)
+                mine = Position(sender, receivable, payable, "settled")
+            else:
+                mine = require_ready(self._store, sender, period, self._clock())
+            same = mirrors(theirs, mine)
+            reply = self._signer.sign(
+                {**position_doc(self._district, sender, period, mine), "agreed": same},
+                Purpose.POSITION,
+            )
+            if same and agreed is None:
+                store_settled(
+                    self._db, sender, period, mine, SettledDay(reply, signed), self._clock()
                 )
-        return self._signer.sign(
-            {
-                "type": "position",
-                "from": self._district,
-                "to": sender,
-                "period": period.isoformat(),
-                "receivable_fen": mine.receivable_fen,
-                "payable_fen": mine.payable_fen,
-                "agreed": agreed,
-            },
-            Purpose.POSITION,
-        )
+        return reply
 
 
 def _table_doc(doc: Mapping[str, Any], version: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any
 
@@ -41,13 +41,22 @@ from broker.settlement.clearing.batch import (
     chunked,
     decode_lines,
     decode_verdicts,
-    encode_lines,
 )
-from broker.settlement.clearing.positions import Position, position
-from broker.settlement.clearing.store import ClearingStore, b64, unb64
+from broker.settlement.clearing.confirm import (
+    addressed,
+    mirrors,
+    position_doc,
+    require_ready,
+    store_settled,
+)
+from broker.settlement.clearing.disputes import build_represent, resolve
+from broker.settlement.clearing.positions import Position, SettledDay, position, settled_day
+from broker.settlement.clearing.store import ClearingStore, next_seq, unb64
 from broker.settlement.clearing.verify import CAP_EXCEEDED, claim
 from broker.settlement.config import SettlementSettings
+from broker.settlement.days import require_ended, window_end
 from broker.settlement.ledger.common import TRIP_COLUMNS, trip_from_row
+from broker.settlement.ledger.store import seal_day
 from broker.settlement.statements import scheme_of
 from broker.settlement.trips import Trip
 from broker.settlement.wire import signed_to_wire
@@ -138,11 +147,23 @@ class Sender:
 
     # ------------------------------------------------------------ close
 
-    def plan_close(self, period: date) -> int | None:
+    def plan_close(self, period: date, force: bool = False) -> int | None:
         """Fix what the next close of ``period`` covers; ``None`` if nothing is new.
 
         Resumes (returns the last close) while a batch of it is not acknowledged.
+        A day that has not ended is refused unless ``force``. A close after the
+        day's late window first seals the day in the ledger (no trip of it is
+        accepted after that) and covers everything up to the sealing watermark.
         """
+        now = self._clock()
+        if not force:
+            require_ended(period, now, "close")
+        if now < window_end(period):
+            return self._plan(period, None)
+        with self.store.trips.write():  # the ledger's write lock, held to the end of the plan
+            return self._plan(period, seal_day(self.store.trips, period, now))
+
+    def _plan(self, period: date, sealed_at: int | None) -> int | None:
         day = period.isoformat()
         with self._db.write():
             # Resume while a batch to a peer is unacknowledged (one to a non-peer waits apart).
@@ -160,10 +181,13 @@ class Sender:
             close_no, low = (int(last[0]), int(last[1])) if last else (0, 0)
             if pending and pending[0]:
                 return close_no
-            if self.store.trips is self._db:
-                self._db.lock_trips()  # PostgreSQL: no trip write in flight below the watermark
-            top = self.store.trips.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
-            high = int(top[0]) if top else 0
+            if sealed_at is not None:
+                high = sealed_at
+            else:
+                if self.store.trips is self._db:
+                    self._db.lock_trips()  # PostgreSQL: no trip write in flight below the mark
+                top = self.store.trips.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
+                high = int(top[0]) if top else 0
             homes = self.store.trips.all(
                 "SELECT DISTINCT issuer_region FROM trips WHERE settlement_day = ? "
                 "AND outcome = 'accepted' AND ingest_seq > ? AND ingest_seq <= ? "
@@ -184,24 +208,17 @@ class Sender:
                 self._db.execute(
                     "INSERT INTO out_batches (counterparty, period, seq, kind, lo, hi, state, "
                     "created_at) VALUES (?, ?, ?, 'close', ?, ?, 'built', ?)",
-                    (home, day, self._next_seq(home, day), low, high, now),
+                    (home, day, next_seq(self._db, home, day), low, high, now),
                 )
         crash.point("close_planned")
         return close_no
 
-    def _next_seq(self, counterparty: str, day: str) -> int:
-        row = self._db.one(
-            "SELECT coalesce(max(seq), 0) FROM out_batches WHERE counterparty = ? AND period = ?",
-            (counterparty, day),
-        )
-        return (int(row[0]) if row else 0) + 1
-
-    async def close(self, period: date) -> CloseReport:
+    async def close(self, period: date, force: bool = False) -> CloseReport:
         """Close ``period``: fix the batches, then publish fare rules to and send every
         unacknowledged batch to each home district. One that cannot be reached (or is
         not a peer) holds up no other: its batches stay ``built``, reported as failures.
         """
-        close_no = await asyncio.to_thread(self.plan_close, period)
+        close_no = await asyncio.to_thread(self.plan_close, period, force)
         report = CloseReport(period.isoformat(), close_no)
         rows = self._db.all(
             "SELECT counterparty, seq FROM out_batches WHERE period = ? AND state = 'built' "
@@ -261,9 +278,10 @@ class Sender:
         row = self._batch_row(counterparty, day, seq)
         kind, created_at = str(row[0]), str(row[4])
         totals = Totals()
+        by_operator: dict[str, tuple[int, int]] = {}  # (lines, claim) as sent, per operator
         digest = Digest()
         source = self._lines(counterparty, period, row)
-        chunks = chunked(_counting(source, totals))
+        chunks = chunked(_counting(source, totals, by_operator))
 
         def next_chunk() -> tuple[bytes, int] | None:
             return next(chunks, None)
@@ -340,6 +358,7 @@ class Sender:
                 ack,
                 accepted,
                 verdicts,
+                by_operator,
             )
         except grpc.aio.AioRpcError as exc:
             raise PeerUnavailable(
@@ -383,117 +402,67 @@ class Sender:
     def _build_represent(
         self, counterparty: str, operator_id: str, trip_id: str, corrections: Mapping[str, Any]
     ) -> tuple[int, date]:
-        with self._db.write():
-            dispute = self._db.one(
-                "SELECT period, state FROM disputes WHERE counterparty = ? AND operator_id = ? "
-                "AND trip_id = ?",
-                (counterparty, operator_id, trip_id),
-            )
-            if dispute is None:
-                raise SettlementStateError(f"no dispute for {operator_id}/{trip_id}")
-            if dispute[1] != "open":
-                raise SettlementStateError(
-                    f"dispute {operator_id}/{trip_id} is {dispute[1]}: a line is represented once"
-                )
-            row = self.store.trips.one(
-                f"SELECT {TRIP_COLUMNS} FROM trips WHERE operator_id = ? AND trip_id = ?",
-                (operator_id, trip_id),
-            )
-            if row is None:
-                raise SettlementStateError(f"trip {operator_id}/{trip_id} is not in the ledger")
-            trip = replace(trip_from_row(row), **corrections)
-            day = str(dispute[0])
-            seq = self._next_seq(counterparty, day)
-            payload = b64(encode_lines([line_for(trip, self.cfg, self._fares)]))
-            self._db.execute(
-                "INSERT INTO out_batches (counterparty, period, seq, kind, lo, hi, payload, "
-                "state, created_at) VALUES (?, ?, ?, 'represent', 0, 0, ?, 'built', ?)",
-                (counterparty, day, seq, payload, utc_text(self._clock())),
-            )
-            self._db.execute(
-                "UPDATE disputes SET state = 'represented', represent_seq = ?, updated_at = ? "
-                "WHERE counterparty = ? AND operator_id = ? AND trip_id = ?",
-                (seq, utc_text(self._clock()), counterparty, operator_id, trip_id),
-            )
-        return seq, date.fromisoformat(day)
+        return build_represent(
+            self.store,
+            lambda trip: line_for(trip, self.cfg, self._fares),
+            utc_text(self._clock()),
+            counterparty,
+            operator_id,
+            trip_id,
+            corrections,
+        )
 
     def resolve(self, counterparty: str, operator_id: str, trip_id: str, note: str) -> None:
         """Close a dispute by hand (after a final rejection, or instead of representing)."""
-        if not note.strip():
-            raise SettlementStateError("a resolution needs a note")
-        with self._db.write():
-            n = self._db.execute(
-                "UPDATE disputes SET state = 'resolved', note = ?, updated_at = ? "
-                "WHERE counterparty = ? AND operator_id = ? AND trip_id = ? "
-                "AND state IN ('open', 'final')",
-                (note, utc_text(self._clock()), counterparty, operator_id, trip_id),
-            )
-        if n != 1:
-            raise SettlementStateError(
-                f"no open or finally rejected dispute for {operator_id}/{trip_id}"
-            )
+        resolve(self._db, utc_text(self._clock()), counterparty, operator_id, trip_id, note)
 
     # ------------------------------------------------------------ day confirmation
 
     async def confirm(self, counterparty: str, period: date) -> Position:
-        """Agree the day's bilateral position with ``counterparty``; equal views are SETTLED."""
-        mine = position(self.store, counterparty, period)
-        if mine.pending_batches or mine.open_disputes:
-            raise SettlementStateError(
-                f"{counterparty} {period}: {mine.pending_batches} batch(es) unacknowledged, "
-                f"{mine.open_disputes} dispute(s) not resolved"
-            )
+        """Agree the day's bilateral position with ``counterparty``; equal views are SETTLED.
+
+        A day already SETTLED is reported from the two signed documents stored
+        then, without asking anyone; one that may not be confirmed yet is refused
+        (:func:`broker.settlement.clearing.confirm.require_ready`).
+        """
+        if await asyncio.to_thread(settled_day, self._db, counterparty, period) is not None:
+            return position(self.store, counterparty, period)
+        mine = require_ready(self.store, counterparty, period, self._clock())
         signed = self._signer.sign(
-            {
-                "type": "position",
-                "from": self._own,
-                "to": counterparty,
-                "period": period.isoformat(),
-                "receivable_fen": mine.receivable_fen,
-                "payable_fen": mine.payable_fen,
-            },
-            Purpose.POSITION,
+            position_doc(self._own, counterparty, period, mine), Purpose.POSITION
         )
         try:
-            reply = await self._stub(counterparty).ConfirmDay(
-                signed_to_wire(signed),
-                timeout=60,
-            )
+            reply = await self._stub(counterparty).ConfirmDay(signed_to_wire(signed), timeout=60)
         except grpc.aio.AioRpcError as exc:
-            raise PeerUnavailable(counterparty, f"ConfirmDay: {exc.code().name}") from exc
-        theirs = verify(
-            Signed(reply.document, reply.key_id, reply.signature),
-            self._keys_of(counterparty),
-            Purpose.POSITION,
-        )
-        agreed = (
-            theirs.get("type") == "position"
-            and theirs.get("agreed") is True
-            and theirs.get("receivable_fen") == mine.payable_fen
-            and theirs.get("payable_fen") == mine.receivable_fen
-        )
-        if not agreed:
+            raise PeerUnavailable(
+                counterparty, f"ConfirmDay: {exc.code().name} {exc.details()}"
+            ) from exc
+        answer = Signed(reply.document, reply.key_id, reply.signature)
+        theirs = verify(answer, self._keys_of(counterparty), Purpose.POSITION)
+        if not addressed(theirs, counterparty, self._own, period):
+            raise DocumentRefused(
+                f"position from {counterparty} is not about {period} between it and this district"
+            )
+        if theirs.get("agreed") is not True or not mirrors(theirs, mine):
             return mine
         crash.point("position_agreed")
-        with self._db.write():
-            self._db.execute(
-                "INSERT INTO positions (counterparty, period, receivable_fen, payable_fen, state, "
-                "confirmed_at) VALUES (?, ?, ?, ?, 'settled', ?) "
-                "ON CONFLICT (counterparty, period) DO UPDATE SET state = 'settled', "
-                "receivable_fen = excluded.receivable_fen, payable_fen = excluded.payable_fen, "
-                "confirmed_at = excluded.confirmed_at",
-                (
-                    counterparty,
-                    period.isoformat(),
-                    mine.receivable_fen,
-                    mine.payable_fen,
-                    utc_text(self._clock()),
-                ),
-            )
+        await asyncio.to_thread(
+            store_settled,
+            self._db,
+            counterparty,
+            period,
+            mine,
+            SettledDay(signed, answer),
+            self._clock(),
+        )
         return position(self.store, counterparty, period)
 
 
-def _counting(lines: Iterator[Line], totals: Totals) -> Iterator[Line]:
+def _counting(
+    lines: Iterator[Line], totals: Totals, by_operator: dict[str, tuple[int, int]]
+) -> Iterator[Line]:
     for line in lines:
         totals.add(line)
+        n, claimed = by_operator.get(line.trip.operator_id, (0, 0))
+        by_operator[line.trip.operator_id] = (n + 1, claimed + line.claimed_fen)
         yield line

@@ -20,7 +20,6 @@ from broker.settlement.clearing.receiver import Ack, Receiver
 from broker.settlement.clearing.reports import operator_statement
 from broker.settlement.clearing.store import ClearingStore
 from broker.settlement.config import SettlementSettings
-from broker.settlement.ledger import open_ledger
 from broker.settlement.statements import StatementLine
 from broker.trust.store import TrustStore, bundle_keys
 
@@ -40,7 +39,6 @@ class ClearingService:
         self._cfg = cfg
         self._fares = fares
         self.store = ClearingStore.open(cfg)
-        self._ledger = open_ledger(cfg.ledger.path, cfg.ledger.url, cfg.ledger.schema)  # reads
         self.receiver = Receiver(
             cfg.district,
             self.store,
@@ -71,7 +69,6 @@ class ClearingService:
             operator_statement,
             self._cfg,
             self._fares,
-            self._ledger,
             self.store,
             period,
             operator_id,
@@ -79,5 +76,4 @@ class ClearingService:
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
-        self._ledger.close()
         self.store.close()

@@ -18,9 +18,15 @@ from broker.trust.store import TrustStore, bundle_keys
 
 @asynccontextmanager
 async def open_sender(
-    cfg: SettlementSettings, progress: Callable[[str, int], None] = lambda what, n: None
+    cfg: SettlementSettings,
+    progress: Callable[[str, int], None] = lambda what, n: None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> AsyncIterator[Sender]:
-    """Trust material, peer channels, the clearing store and the settlement key of ``cfg``."""
+    """Trust material, peer channels, the clearing store and the settlement key of ``cfg``.
+
+    ``clock`` is the sender's time: it decides whether a day has ended and its
+    late window closed (the demo and the end-to-end tests run a day on their own).
+    """
     if cfg.settlement.key_file is None:
         raise ConfigError("[settlement] key_file is not set: this node cannot sign batches")
     trust = TrustStore(cfg)
@@ -34,7 +40,7 @@ async def open_sender(
             load_fares(cfg.fares.file) if cfg.fares.file else None,
             channels.channel,
             bundle_keys(lambda: trust.current),
-            lambda: datetime.now(UTC),
+            clock,
             progress,
         )
     finally:

@@ -11,12 +11,17 @@ Outbound (this district as the place of travel): ``day_closes`` fixes, per
 close of a day, the ledger watermark (``ingest_seq``) the close covers;
 ``out_batches`` one row per batch sent (state ``built`` → ``acked``);
 ``out_verdicts`` the lines the home district did not accept as sent;
+``out_batch_operators`` each acknowledged batch's lines and claim per operator, as sent;
 ``disputes`` rejected lines (``open`` → ``represented`` → ``accepted`` |
 ``final`` → ``resolved``). Inbound (this district as home): ``in_batches``
 with the stored acknowledgement (a resent batch gets it again),
-``in_lines`` one row per line received, ``cap_usage`` one row per concession
+``in_lines`` one row per line received, ``in_line_presentments`` the digest
+of each first presentment's card, place, time and gate (a representment must
+have the same, :meth:`broker.settlement.trips.Trip.presentment_digest`),
+``cap_usage`` one row per concession
 counted against a cap, ``published_fares`` the peers' fare rules by version.
-``positions`` holds each day's bilateral position and whether it is SETTLED.
+``positions`` marks each SETTLED day, and ``position_documents`` keeps both
+signed position documents of it (the day's figures from then on).
 """
 
 from __future__ import annotations
@@ -81,6 +86,31 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)
 
 MIGRATIONS = (
     Migration(1, "baseline: closes, batches, verdicts, disputes, fares, positions", BASELINE),
+    Migration(
+        2,
+        "position documents: both signed views of each SETTLED day",
+        "CREATE TABLE IF NOT EXISTS position_documents (counterparty TEXT NOT NULL, "
+        "period TEXT NOT NULL, side TEXT NOT NULL, document TEXT NOT NULL, "
+        "key_id TEXT NOT NULL, signature TEXT NOT NULL, stored_at TEXT NOT NULL, "
+        "PRIMARY KEY (counterparty, period, side))",
+    ),
+    Migration(
+        3,
+        "presentments: what made each received line the trip it is, for its representment",
+        # A table of its own rather than a column of in_lines: the previous
+        # release's rows stay as they were; its lines simply have no digest.
+        "CREATE TABLE IF NOT EXISTS in_line_presentments (sender TEXT NOT NULL, "
+        "operator_id TEXT NOT NULL, trip_id TEXT NOT NULL, digest TEXT NOT NULL, "
+        "PRIMARY KEY (sender, operator_id, trip_id))",
+    ),
+    Migration(
+        4,
+        "claims as sent per operator: statements show what was acknowledged, not a recount",
+        "CREATE TABLE IF NOT EXISTS out_batch_operators (counterparty TEXT NOT NULL, "
+        "period TEXT NOT NULL, seq INTEGER NOT NULL, operator_id TEXT NOT NULL, "
+        "lines BIGINT NOT NULL, claimed_fen BIGINT NOT NULL, "
+        "PRIMARY KEY (counterparty, period, seq, operator_id))",
+    ),
 )
 
 
@@ -157,3 +187,12 @@ class ClearingStore:
         rows = self.db.all(sql + " ORDER BY counterparty, operator_id, trip_id", args)
         names = [c.strip() for c in cols.split(",")]
         return [dict(zip(names, r, strict=True)) for r in rows]
+
+
+def next_seq(db: Db, counterparty: str, day: str) -> int:
+    """The next batch sequence to ``counterparty`` for ``day`` (inside a write)."""
+    row = db.one(
+        "SELECT coalesce(max(seq), 0) FROM out_batches WHERE counterparty = ? AND period = ?",
+        (counterparty, day),
+    )
+    return (int(row[0]) if row else 0) + 1

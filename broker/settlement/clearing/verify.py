@@ -3,15 +3,18 @@
 A line is checked against what the home district knows, in this order (the
 first failure is the code): the card is this district's (``WRONG_DISTRICT``)
 and the trip is of the batch's day (``WRONG_DAY``); the card is known
-(``UNKNOWN_CARD``) and was ACTIVE at the time of travel (``CARD_NOT_ACTIVE``,
-from the registry's status history); the applied entitlement is one the
-holder had that day (``ENTITLEMENT_MISMATCH``); the fare version was
+(``UNKNOWN_CARD``) and a gate may still have held an ACTIVE answer about it
+from its cache at the time of travel (``CARD_NOT_ACTIVE``: ACTIVE as the
+registry had recorded it at some instant of the home's advertised TTL before
+the trip), and the applied entitlement is one such an answer gave (age on the
+day of travel, flags as recorded; ``ENTITLEMENT_MISMATCH``); the fare version was
 published by the sender and in force when the trip occurred, or within
 ``[fares] changeover_grace_s`` of a change (``UNPUBLISHED_FARES``); the
 amounts and scheme are what those rules give (``PRICE_MISMATCH``); the claim
 is what the agreement gives (``CLAIM_MISMATCH``). Before all but the first, the trip must not have
 been received before (``DUPLICATE``; a representment must follow a first
-rejection, ``NOT_DISPUTED``). A concession over a cap of its scheme (per card-holder,
+rejection, ``NOT_DISPUTED``, and be the same trip: the same card, place, time
+and gate, ``NOT_SAME_TRIP``). A concession over a cap of its scheme (per card-holder,
 per month and per year, counted across every district, this district's own
 operators included) keeps its fare but loses its concession claim
 (``CAP_EXCEEDED``).
@@ -46,6 +49,7 @@ REJECTIONS = frozenset(
         "CLAIM_MISMATCH",
         "DUPLICATE",
         "NOT_DISPUTED",
+        "NOT_SAME_TRIP",
     }
 )
 
@@ -110,6 +114,9 @@ class LineChecker:
     caps: CapCounter
     previous: Callable[[str, str], tuple[str, int] | None]  # (operator, trip) → (code, attempt)
     representment: bool = False
+    # (operator, trip) → the first presentment's Trip.presentment_digest (None: stored by
+    # the previous release, which kept none).
+    presented: Callable[[str, str], str | None] = lambda _op, _trip: None
     _cards: dict[str, CardRow | None] = field(default_factory=dict)
 
     def _card(self, number: str) -> CardRow | None:
@@ -129,6 +136,9 @@ class LineChecker:
         if self.representment:
             if before is None or before[0] not in REJECTIONS or before[1] != 1:
                 return "NOT_DISPUTED", 0
+            first = self.presented(t.operator_id, t.trip_id)
+            if first is not None and first != t.presentment_digest():
+                return "NOT_SAME_TRIP", 0  # another card, place, time or gate: not a correction
         elif before is not None:
             return "DUPLICATE", 0
         if day != self.period:
@@ -136,9 +146,16 @@ class LineChecker:
         card = self._card(t.card.card_number)
         if card is None:
             return "UNKNOWN_CARD", 0
-        if self.registry.status_at(t.card.card_number, t.occurred_at) is not CardStatus.ACTIVE:
+        # The home bears the risk of the TTL it advertised: any answer a gate may still have
+        # held from its cache at the time of travel, as the registry had recorded it, will do.
+        since = self.registry.oldest_answer_in_force(t.occurred_at)
+        answers = self.registry.answers_between(t.card.card_number, since, t.occurred_at)
+        active = [a for a in answers if a.status is CardStatus.ACTIVE]
+        if not active:
             return "CARD_NOT_ACTIVE", 0
-        held = entitlements_for(card.birth_date, card.disabled, card.student, day)
+        held = {
+            e for a in active for e in entitlements_for(card.birth_date, a.disabled, a.student, day)
+        }
         if t.applied_entitlement is not None and t.applied_entitlement not in held:
             return "ENTITLEMENT_MISMATCH", 0
         table = self.fare_table(t.fare_version)

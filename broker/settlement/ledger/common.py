@@ -27,9 +27,13 @@ def resubmitted(stored: tuple[str, str, str, str], trip: Trip) -> Judgement:
     return CONFLICT
 
 
+# Read as ``SELECT {TRIP_COLUMNS} FROM trips``: the gate id lives in ``trip_gates``
+# (ledger migration 3), so the rows the previous release wrote stay as they were.
 TRIP_COLUMNS = (
     "operator_id, trip_id, issuer_region, card_number, scene, place_id, occurred_at, "
-    "gross_fare_fen, charged_fen, concession_fen, applied_entitlement, fare_version"
+    "gross_fare_fen, charged_fen, concession_fen, applied_entitlement, fare_version, "
+    "coalesce((SELECT gate_id FROM trip_gates WHERE trip_gates.operator_id = trips.operator_id "
+    "AND trip_gates.trip_id = trips.trip_id), '') AS gate_id"
 )
 
 
@@ -50,4 +54,5 @@ def trip_from_row(row: tuple[Any, ...]) -> Trip:
         concession_fen=int(row[9]),
         applied_entitlement=Entitlement(row[10]) if row[10] else None,
         fare_version=row[11],
+        gate_id=row[12] or "",
     )

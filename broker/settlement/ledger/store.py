@@ -17,13 +17,15 @@ table (:meth:`broker.core.db.Db.lock_trips`).
 
 from __future__ import annotations
 
-from datetime import date, datetime
+import zlib
+from collections import defaultdict
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from broker.cards.model import shanghai_day
-from broker.core.db import Db, Migration, migrate
+from broker.core.db import Db, Migration, migrate, utc_text
 from broker.settlement.ledger.common import TRIP_COLUMNS, resubmitted, trip_from_row
-from broker.settlement.trips import Judgement, Outcome, Reason, Trip
+from broker.settlement.trips import DEFAULT_DUPLICATE_WINDOW, Judgement, Outcome, Reason, Trip
 
 _TRIPS = """
 CREATE TABLE IF NOT EXISTS trips (
@@ -61,6 +63,22 @@ MIGRATIONS = (
             instant="timestamptz", day="date", money="bigint", seq="bigserial NOT NULL UNIQUE"
         ),
     ),
+    Migration(
+        2,
+        "sealed days: a day closed after its late window takes no more trips",
+        "CREATE TABLE IF NOT EXISTS sealed_days (settlement_day TEXT PRIMARY KEY, "
+        "watermark BIGINT NOT NULL, sealed_at TEXT NOT NULL)",
+    ),
+    Migration(
+        3,
+        "gate ids: the gate of each trip that has one; taps looked up by card and time",
+        # A table of its own, not a column of trips: every row the previous
+        # release wrote reads back exactly as it was (tests/e2e/test_db_fixtures.py).
+        "CREATE TABLE IF NOT EXISTS trip_gates (operator_id TEXT NOT NULL, "
+        "trip_id TEXT NOT NULL, gate_id TEXT NOT NULL, PRIMARY KEY (operator_id, trip_id));\n"
+        "CREATE INDEX IF NOT EXISTS trips_card_time ON trips (operator_id, card_number, "
+        "occurred_at)",
+    ),
 )
 
 # Every column but ingest_seq, which PostgreSQL's sequence fills.
@@ -73,13 +91,25 @@ _MARKS = ", ".join("?" * 18)
 _CONFLICT = " ON CONFLICT (operator_id, trip_id) DO NOTHING"
 _INSERT = f"INSERT INTO trips ({_COLUMNS}) VALUES ({_MARKS})" + _CONFLICT
 _INSERT_SEQ = f"INSERT INTO trips ({_COLUMNS}, ingest_seq) VALUES ({_MARKS}, ?)" + _CONFLICT
+_GATE = "INSERT INTO trip_gates (operator_id, trip_id, gate_id) VALUES (?, ?, ?)" + _CONFLICT
+# After a batch redone row by row: the gate of a trip stored now or before with this content
+# (the digest counts the gate), never of another trip stored under the same id.
+_GATE_IF_STORED = (
+    "INSERT INTO trip_gates (operator_id, trip_id, gate_id) SELECT ?, ?, ? WHERE EXISTS "
+    "(SELECT 1 FROM trips WHERE operator_id = ? AND trip_id = ? AND digest = ?)" + _CONFLICT
+)
+_CARDS_PER_QUERY = 500
+# What makes two trips the same tap, with the instant: operator, card, gate and place.
+_Tap = tuple[str, str, str, str, str]
 
 
 class SqlLedger:
     """Thread-safe; meant to be driven from one writer thread (see broker.settlement.intake)."""
 
-    def __init__(self, db: Db) -> None:
+    def __init__(self, db: Db, duplicate_window: timedelta = DEFAULT_DUPLICATE_WINDOW) -> None:
+        """``duplicate_window``: see :meth:`_not_again` (``[settlement] duplicate_window_s``)."""
         self._db = db
+        self._window = duplicate_window
         migrate(db, "ledger", MIGRATIONS)
 
     def close(self) -> None:
@@ -94,8 +124,10 @@ class SqlLedger:
         is known the batch is redone row by row to answer each resubmission.
         """
         when = self._db.instant(received_at)
-        rows = [self._row(t, v, when) for t, v in judged]
         with self._db.write():
+            judged = self._unsealed(judged)
+            judged = self._not_again(judged)
+            rows = [self._row(t, v, when) for t, v in judged]
             insert = _INSERT
             if self._db.dialect == "sqlite":
                 row = self._db.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
@@ -105,10 +137,127 @@ class SqlLedger:
             self._db.execute("SAVEPOINT fresh")
             if self._db.executemany(insert, rows) == len(rows):
                 self._db.execute("RELEASE fresh")
+                self._db.executemany(
+                    _GATE, [(t.operator_id, t.trip_id, t.gate_id) for t, _ in judged if t.gate_id]
+                )
                 return [v for _, v in judged]
             self._db.execute("ROLLBACK TO fresh")
             self._db.execute("RELEASE fresh")
-            return [self._one(insert, r, t, v) for r, (t, v) in zip(rows, judged, strict=True)]
+            out = [self._one(insert, r, t, v) for r, (t, v) in zip(rows, judged, strict=True)]
+            self._db.executemany(
+                _GATE_IF_STORED,
+                [
+                    (t.operator_id, t.trip_id, t.gate_id, t.operator_id, t.trip_id, t.digest())
+                    for t, _ in judged
+                    if t.gate_id
+                ],
+            )
+            return out
+
+    def _unsealed(self, judged: list[tuple[Trip, Judgement]]) -> list[tuple[Trip, Judgement]]:
+        """Inside the write: a trip of a sealed day is too late, whatever intake's clock said.
+
+        Sealed means a close ran after the day's late window (and so before any
+        confirmation): the day's figures are final and no new trip may change them.
+        """
+        if not judged:
+            return judged
+        if self._db.dialect == "postgres":  # a sealing close holds EXCLUSIVE until it commits
+            self._db.execute("LOCK TABLE trips IN ROW EXCLUSIVE MODE")
+        first = min(shanghai_day(t.occurred_at) for t, _ in judged).isoformat()
+        sealed = {
+            str(r[0])
+            for r in self._db.all(
+                "SELECT settlement_day FROM sealed_days WHERE settlement_day >= ?", (first,)
+            )
+        }
+        if not sealed:
+            return judged
+        out = []
+        for t, v in judged:
+            day = shanghai_day(t.occurred_at).isoformat()
+            if v.outcome is Outcome.ACCEPTED and day in sealed:
+                v = Judgement(Outcome.REJECTED, Reason.TOO_LATE, f"day {day} is closed for good")
+            out.append((t, v))
+        return out
+
+    def _not_again(self, judged: list[tuple[Trip, Judgement]]) -> list[tuple[Trip, Judgement]]:
+        """Inside the write: the same tap accepted under another trip id is a suspected duplicate.
+
+        The same operator, card, gate and place with ``occurred_at`` at most the
+        duplicate window apart (either way) of an accepted trip, stored or earlier
+        in this batch, is refused ``suspected_duplicate``: a gate that uploads a
+        tap twice under two ids would otherwise bill it twice. A trip without a
+        gate id cannot be told from a second tap and is never refused; a window
+        of 0 turns the check off. A trip id already stored is never compared with
+        itself (a resubmission gets its stored outcome, :meth:`record`).
+        """
+        window = self._window
+        gated = [t for t, v in judged if t.gate_id and v.outcome is Outcome.ACCEPTED]
+        if window <= timedelta(0) or not gated:
+            return judged
+        seen = self._accepted_taps(gated, window)
+        out = []
+        for t, v in judged:
+            if t.gate_id and v.outcome is Outcome.ACCEPTED:
+                taps = seen[_tap_of(t)]
+                first = next(
+                    (
+                        (other, at)
+                        for at, other in taps
+                        if other != t.trip_id and abs(at - t.occurred_at) <= window
+                    ),
+                    None,
+                )
+                if first is None:
+                    taps.append((t.occurred_at, t.trip_id))
+                else:
+                    apart = abs(first[1] - t.occurred_at).total_seconds()
+                    v = Judgement(
+                        Outcome.REJECTED,
+                        Reason.SUSPECTED_DUPLICATE,
+                        f"the same tap as trip {first[0]} ({apart:g} s apart at this gate)",
+                    )
+            out.append((t, v))
+        return out
+
+    def _accepted_taps(
+        self, gated: list[Trip], window: timedelta
+    ) -> defaultdict[_Tap, list[tuple[datetime, str]]]:
+        """Stored accepted trips with a gate near ``gated``'s: ``(occurred_at, trip_id)`` by tap.
+
+        Read per operator and some hundreds of cards at a time, over the batch's
+        time span widened by the window (index ``trips_card_time``).
+        """
+        taps: defaultdict[_Tap, list[tuple[datetime, str]]] = defaultdict(list)
+        by_operator: dict[str, list[Trip]] = defaultdict(list)
+        for t in gated:
+            by_operator[t.operator_id].append(t)
+        for operator_id in sorted(by_operator):
+            if self._db.dialect == "postgres":
+                # Writers on other replicas: the second of two taps waits for the first's commit.
+                key = zlib.crc32(f"{self._db.schema()}/taps/{operator_id}".encode()) - 2**31
+                self._db.execute("SELECT pg_advisory_xact_lock(?)", (key,))
+            trips = by_operator[operator_id]
+            cards = sorted({t.card.card_number for t in trips})
+            for i in range(0, len(cards), _CARDS_PER_QUERY):
+                some = cards[i : i + _CARDS_PER_QUERY]
+                chosen = [t for t in trips if t.card.card_number in set(some)]
+                lo = min(t.occurred_at for t in chosen) - window
+                hi = max(t.occurred_at for t in chosen) + window
+                rows = self._db.all(
+                    "SELECT t.trip_id, t.issuer_region, t.card_number, g.gate_id, t.place_id, "
+                    "t.occurred_at FROM trips t JOIN trip_gates g ON g.operator_id = t.operator_id "
+                    "AND g.trip_id = t.trip_id WHERE t.operator_id = ? AND t.card_number IN "
+                    f"({', '.join('?' * len(some))}) AND t.occurred_at >= ? "
+                    "AND t.occurred_at <= ? AND t.outcome = 'accepted'",
+                    (operator_id, *some, self._db.instant(lo), self._db.instant(hi)),
+                )
+                for trip_id, region, number, gate, place, at in rows:
+                    if isinstance(at, str):
+                        at = datetime.fromisoformat(at)
+                    taps[(operator_id, region, number, gate, place)].append((at, trip_id))
+        return taps
 
     def _one(
         self, insert: str, row: tuple[object, ...], trip: Trip, verdict: Judgement
@@ -171,15 +320,62 @@ class SqlLedger:
         return self._db.one("SELECT 1") == (1,)
 
 
+def seal_day(db: Db, period: date, now: datetime) -> int:
+    """Close ``period`` to new trips for good; the ledger watermark that covers all of them.
+
+    Call it inside ``db.write()`` on the ledger's database: on SQLite that holds
+    the write lock, on PostgreSQL the table lock taken here waits for trip writes
+    in flight and keeps new ones out until commit, so every trip of the day is
+    at or below the watermark read here, and any later one is refused
+    ``too_late`` (:meth:`SqlLedger.record`).
+    """
+    db.lock_trips()
+    db.execute(
+        "INSERT INTO sealed_days (settlement_day, watermark, sealed_at) VALUES (?, 0, ?) "
+        "ON CONFLICT (settlement_day) DO NOTHING",
+        (period.isoformat(), utc_text(now)),
+    )
+    row = db.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
+    top = int(row[0]) if row else 0
+    db.execute(
+        "UPDATE sealed_days SET watermark = ? WHERE settlement_day = ? AND watermark < ?",
+        (top, period.isoformat(), top),
+    )
+    return top
+
+
+def is_sealed(db: Db, period: date) -> bool:
+    """Whether a close after the late window of ``period`` has run (:func:`seal_day`)."""
+    return (
+        db.one("SELECT 1 FROM sealed_days WHERE settlement_day = ?", (period.isoformat(),))
+        is not None
+    )
+
+
+def _tap_of(trip: Trip) -> _Tap:
+    return (
+        trip.operator_id,
+        trip.card.issuer_region,
+        trip.card.card_number,
+        trip.gate_id,
+        trip.place_id,
+    )
+
+
 class SqliteLedger(SqlLedger):
     """The ledger in an embedded SQLite file (the default)."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(Db.sqlite(path))
+    def __init__(self, path: Path, duplicate_window: timedelta = DEFAULT_DUPLICATE_WINDOW) -> None:
+        super().__init__(Db.sqlite(path), duplicate_window)
 
 
 class PostgresLedger(SqlLedger):
     """The ledger in a PostgreSQL schema, for districts that run a database server."""
 
-    def __init__(self, url: str, schema: str = "yikatong") -> None:
-        super().__init__(Db.postgres(url, schema))
+    def __init__(
+        self,
+        url: str,
+        schema: str = "yikatong",
+        duplicate_window: timedelta = DEFAULT_DUPLICATE_WINDOW,
+    ) -> None:
+        super().__init__(Db.postgres(url, schema), duplicate_window)

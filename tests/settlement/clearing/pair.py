@@ -54,6 +54,9 @@ OPERATOR = "transit-01"
 DAY = date(2026, 3, 10)
 AT = datetime(2026, 3, 10, 2, 0, tzinfo=UTC)  # 10:00 in Shanghai, on DAY
 NOW = datetime(2026, 3, 11, 1, 0, tzinfo=UTC)  # every clock: the next morning
+# DAY's late window closes at 2026-03-14 00:05 in Shanghai (its end + 72 h + 5 min):
+# a close after that seals the day, and only then may it be confirmed.
+SETTLE_AT = datetime(2026, 3, 13, 16, 10, tzinfo=UTC)
 ISSUED = datetime(2026, 1, 1, tzinfo=UTC)  # when the registries learnt of their cards
 # The sample rules with tight caps: free senior bus rides 2 a month and 3 a year,
 # half-fare senior bus rides 1 a month.
@@ -301,6 +304,10 @@ class World:
         self.alter_ack: dict[str, Callable[[Signed], Signed]] = {}
         self.channels: list[Loopback] = []
         self.spools: list[Spool] = []
+        self.now = NOW  # every district's clock; a test moves it on
+
+    def clock(self) -> datetime:
+        return self.now
 
     def __getitem__(self, code: str) -> District:
         return self.districts[code]
@@ -323,7 +330,7 @@ class World:
             self.keys,
             d.cfg.agreement,
             d.fares,
-            lambda: NOW,
+            self.clock,
         )
         return rx
 
@@ -335,7 +342,7 @@ class World:
             self.channels.append(ch)
             return ch
 
-        return Sender(d.cfg, d.store, d.signer, d.fares, channel, self.keys, lambda: NOW)
+        return Sender(d.cfg, d.store, d.signer, d.fares, channel, self.keys, self.clock)
 
     def batch(
         self, lines: list[Line], signer: Signer | None = None, **header: Any

@@ -283,12 +283,8 @@ def test_a_representments_verdict_opens_no_new_dispute_and_settles_only_its_own(
     assert got["t-1"][2] == "represented"  # its own batch (seq 3) is not acked yet
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store_ack matches disputes by (counterparty, represent_seq) without the period: "
-    "a representment of another day with the same seq is settled by this ack",
-)
 def test_a_representments_ack_leaves_another_days_representment_alone(db: Db):
+    """Sequences restart each day: an ack of day A's representment 2 leaves day B's alone."""
     represented(db, "t-0", seq=2, day=DAY)
     represented(db, "t-7", seq=2, day=OTHER_DAY)  # seq numbers restart each day
     built(db, 2, kind="represent", day=DAY)

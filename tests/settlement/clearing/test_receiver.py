@@ -9,6 +9,7 @@ with SERVING's real settlement key; every expected figure is written out by hand
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,20 +19,29 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker._proto.yikatong.v1 import settlement_pb2, types_pb2
 from broker.cards.model import Entitlement
-from broker.core.errors import BrokerError, Conflict, DocumentRefused
+from broker.core.errors import BrokerError, Conflict, DocumentRefused, SettlementStateError
 from broker.core.signing import Purpose, Signed, Signer, unsigned_body, verify
 from broker.fares.rules import fares_document
-from broker.settlement.clearing.batch import Digest, Spool, decode_verdicts
+from broker.settlement.clearing.batch import (
+    Digest,
+    Spool,
+    decode_lines,
+    decode_verdicts,
+    encode_lines,
+)
 from broker.settlement.clearing.positions import position
 from broker.settlement.clearing.receiver import Receiver
-from broker.settlement.trips import ACCEPT
+from broker.settlement.trips import ACCEPT, Trip
+from broker.settlement.wire import trip_from_wire
 from tests.settlement.clearing.pair import (
     AT,
     CAPPED_FARES,
     DAY,
     HOME,
     NOW,
+    OPERATOR,
     SERVING,
+    SETTLE_AT,
     THIRD,
     World,
     card,
@@ -417,8 +427,15 @@ def position_doc(world: World, receivable: int, payable: int, **extra: Any) -> S
     )
 
 
+def after_the_window(world: World) -> None:
+    """Move every clock past DAY's late window and seal the day in HOME's ledger."""
+    world.now = SETTLE_AT
+    assert world.sender(HOME).plan_close(DAY) is None  # nothing of HOME's own to send
+
+
 def test_equal_views_of_the_day_settle_it(world: World, home: Receiver) -> None:
     home.receive(SERVING, *world.batch(MIXED))
+    after_the_window(world)
     reply = home.confirm(SERVING, position_doc(world, 400, 0))
     doc = verify(reply, world.keys(HOME), Purpose.POSITION)
     assert (doc["key_id"], doc["purpose"]) == (world[HOME].signer.key_id, "day-position")
@@ -439,6 +456,7 @@ def test_views_that_differ_are_answered_but_not_settled(
     world: World, home: Receiver, receivable: int, payable: int
 ) -> None:
     home.receive(SERVING, *world.batch(MIXED))
+    after_the_window(world)
     reply = home.confirm(SERVING, position_doc(world, receivable, payable))
     doc = verify(reply, world.keys(HOME), Purpose.POSITION)
     assert doc["agreed"] is False and doc["payable_fen"] == 400
@@ -451,6 +469,7 @@ def test_views_that_differ_are_answered_but_not_settled(
     [
         ({"type": "ack"}, "not a position document"),
         ({"from": THIRD}, "not a position document"),
+        ({"to": THIRD}, "not a position document"),
         ({"period": "yesterday"}, "field 'period' is not a date"),
     ],
 )
@@ -460,3 +479,183 @@ def test_a_position_not_from_the_caller_or_without_its_day_is_refused(
     with pytest.raises(DocumentRefused, match=match):
         home.confirm(SERVING, position_doc(world, 0, 0, **extra))
     assert count(world, "positions") == 0
+
+
+def test_a_day_whose_late_window_is_open_is_not_confirmed(world: World, home: Receiver) -> None:
+    """Before DAY's end + 72 h + 5 min the home's figures are provisional: FAILED_PRECONDITION."""
+    home.receive(SERVING, *world.batch(MIXED))
+    world.now = SETTLE_AT - timedelta(minutes=6)  # 2026-03-14 00:04 in Shanghai
+    with pytest.raises(SettlementStateError, match=r"provisional until .* 2026-03-14T00:05\+08:00"):
+        home.confirm(SERVING, position_doc(world, 400, 0))
+    assert count(world, "positions") == count(world, "position_documents") == 0
+
+
+def test_a_day_without_a_close_after_its_window_is_not_confirmed(
+    world: World, home: Receiver
+) -> None:
+    """The window has closed, but no close of HOME's has sealed the day: a trip could still land."""
+    home.receive(SERVING, *world.batch(MIXED))
+    world.now = SETTLE_AT
+    with pytest.raises(SettlementStateError, match="no close has run since"):
+        home.confirm(SERVING, position_doc(world, 400, 0))
+    assert count(world, "position_documents") == 0
+
+
+def test_the_homes_own_unacknowledged_batch_holds_the_confirmation(world: World) -> None:
+    """HOME's operators carried SERVING's card-holders too; HOME's batch is not acknowledged."""
+    world[HOME].record(trip(card(SERVING, "plain"), "h-1"))
+    world.now = SETTLE_AT
+    world.down.add(SERVING)
+    assert world.sender(HOME).plan_close(DAY) == 1  # sealed, batch built, not sent
+    with pytest.raises(SettlementStateError, match="1 batch"):
+        world.receiver(HOME).confirm(SERVING, position_doc(world, 0, 0))
+    assert count(world, "position_documents") == 0
+
+
+def test_a_settled_day_takes_no_batch_and_answers_again_with_the_same_document(
+    world: World, home: Receiver
+) -> None:
+    home.receive(SERVING, *world.batch(MIXED))
+    after_the_window(world)
+    first = home.confirm(SERVING, position_doc(world, 400, 0))
+    assert count(world, "position_documents") == 2  # ours and theirs
+    again = home.confirm(SERVING, position_doc(world, 400, 0))
+    assert again == first  # the stored document, byte for byte
+    late = [line(trip(card(HOME, "plain"), "late-1"))]
+    with pytest.raises(SettlementStateError, match="SETTLED"):
+        home.receive(SERVING, *world.batch(late, seq=2))
+    assert count(world, "in_batches") == 1
+    p = position(world[HOME].home_store, SERVING, DAY)
+    assert (p.state, p.payable_fen) == ("settled", 400)
+
+
+# ---------------------------------------------------------------- a representment is the same trip
+
+
+def gated(trip_id: str = "m-1", entitlement: Entitlement | None = None, **changes: Any) -> Trip:
+    """A trip of HOME's plain card-holder at gate-3 (``changes`` applied after)."""
+    base = trip(card(HOME, "plain"), trip_id, entitlement)
+    return replace(base, **{"gate_id": "gate-3", **changes})
+
+
+def presented(world: World, trip_id: str) -> Any:
+    return world[HOME].home_store.db.one(
+        "SELECT digest FROM in_line_presentments WHERE trip_id = ?", (trip_id,)
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"card": card(HOME, "senior")},
+        {"place_id": "route-9"},
+        {"occurred_at": AT + timedelta(minutes=1)},
+        {"gate_id": "gate-4"},
+        {"gate_id": ""},
+    ],
+    ids=["card", "place", "occurred_at", "gate", "no-gate"],
+)
+def test_a_representment_of_another_card_place_time_or_gate_is_not_the_same_trip(
+    world: World, home: Receiver, changes: dict[str, Any]
+) -> None:
+    wrong = gated(entitlement=Entitlement.SENIOR_65)  # not a senior: ENTITLEMENT_MISMATCH
+    home.receive(SERVING, *world.batch([line(wrong)]))
+    first = presented(world, "m-1")
+    assert first == (wrong.presentment_digest(),)
+    other = line(gated(**changes))  # otherwise a good line, priced right
+    ack = home.receive(SERVING, *world.batch([other], seq=2, kind="represent"))
+    [verdict] = decode_verdicts(ack.chunks[0])
+    assert (verdict.code, verdict.accepted_claim_fen) == ("NOT_SAME_TRIP", 0)
+    doc = ack_doc(world, ack.signed)
+    assert (doc["rejected"], doc["accepted_claim_fen"]) == (1, 0)
+    stored = world[HOME].home_store.db.one(
+        "SELECT code, attempt, seq FROM in_lines WHERE trip_id = 'm-1'"
+    )
+    assert stored == ("NOT_SAME_TRIP", 2, 2)  # final: no representment after it
+    assert presented(world, "m-1") == first  # still the first presentment's
+    again = home.receive(SERVING, *world.batch([line(gated())], seq=3, kind="represent"))
+    assert decode_verdicts(again.chunks[0])[0].code == "NOT_DISPUTED"
+    assert position(world[HOME].home_store, SERVING, DAY).payable_fen == 0
+
+
+@pytest.mark.parametrize(
+    ("entitlement", "code", "claim"),
+    [(None, "ACCEPTED", 200), (Entitlement.SENIOR_60, "ENTITLEMENT_MISMATCH", 0)],
+)
+def test_a_representment_changing_only_the_entitlement_and_amounts_is_judged_as_before(
+    world: World, home: Receiver, entitlement: Entitlement | None, code: str, claim: int
+) -> None:
+    home.receive(SERVING, *world.batch([line(gated(entitlement=Entitlement.SENIOR_65))]))
+    corrected = [line(gated(entitlement=entitlement))]  # other amounts, fare and claim
+    ack = home.receive(SERVING, *world.batch(corrected, seq=2, kind="represent"))
+    assert ack_doc(world, ack.signed)["accepted_claim_fen"] == claim
+    stored = world[HOME].home_store.db.one("SELECT code, attempt FROM in_lines")
+    assert stored == (code, 2)
+
+
+def test_a_line_received_by_the_previous_release_has_no_digest_and_its_representment_is_judged(
+    world: World, home: Receiver
+) -> None:
+    """The previous release kept no digest: its lines' representments are judged as they were."""
+    home.receive(SERVING, *world.batch([line(gated(entitlement=Entitlement.SENIOR_65))]))
+    world[HOME].home_store.db.execute("DELETE FROM in_line_presentments")
+    moved = [line(gated(occurred_at=AT + timedelta(minutes=1)))]
+    ack = home.receive(SERVING, *world.batch(moved, seq=2, kind="represent"))
+    assert ack.chunks == []  # every line accepted
+    assert ack_doc(world, ack.signed)["accepted_claim_fen"] == 200
+
+
+def test_a_line_without_a_gate_id_as_the_previous_release_sent_it_is_read(
+    world: World, home: Receiver
+) -> None:
+    """No field 14: the bytes the previous release sent, decoded with an empty gate id."""
+    t = trip(card(HOME, "plain"), "p-1")
+    old = settlement_pb2.BatchLine(
+        operator_id=t.operator_id,
+        trip_id=t.trip_id,
+        card=types_pb2.CardRef(issuer_region=HOME, card_number=t.card.card_number),
+        scene=types_pb2.SCENE_BUS,
+        gross_fare_fen=200,
+        charged_fen=200,
+        fare_version="sample-1",
+        claimed_fen=200,
+    )
+    old.occurred_at.FromDatetime(AT)
+    chunk = settlement_pb2.BatchLines(lines=[old]).SerializeToString()
+    assert decode_lines(chunk) == [line(t)]
+    assert encode_lines([line(t)]) == chunk  # and a line without a gate is still sent so
+    assert encode_lines([line(replace(t, gate_id="gate-3"))]) != chunk
+    spool = world.spool(chunk)
+    totals = {"lines": 1, "gross_fen": 200, "charged_fen": 200, "claimed_fen": 200}
+    ack = home.receive(SERVING, spool, trailer_for(world, spool, **totals))
+    assert ack_doc(world, ack.signed)["accepted_claim_fen"] == 200
+    assert presented(world, "p-1") == (t.presentment_digest(),)
+
+
+async def test_a_gate_id_travels_from_the_wire_through_the_ledger_and_a_close_to_the_home(
+    world: World,
+) -> None:
+    msg = settlement_pb2.TripRecord(
+        operator_id=OPERATOR,
+        trip_id="g-1",
+        card=types_pb2.CardRef(issuer_region=HOME, card_number=card(HOME, "plain").card_number),
+        scene=types_pb2.SCENE_BUS,
+        gross_fare_fen=200,
+        charged_fen=0,
+        concession_fen=200,
+        applied_entitlement=types_pb2.ENTITLEMENT_SENIOR_65,  # not a senior: disputed
+        fare_version="sample-1",
+        gate_id="gate-3",
+    )
+    msg.occurred_at.FromDatetime(AT)
+    sent = trip_from_wire(msg, OPERATOR, 0)
+    assert isinstance(sent, Trip) and sent.gate_id == "gate-3"
+    world[SERVING].record(sent)
+    assert world[SERVING].ledger.accepted_trips(DAY) == [sent]
+    sender = world.sender(SERVING)
+    await sender.close(DAY)
+    assert presented(world, "g-1") == (sent.presentment_digest(),)  # the gate counted
+    assert presented(world, "g-1") != (replace(sent, gate_id="").presentment_digest(),)
+    full_fare = {"applied_entitlement": None, "charged_fen": 200, "concession_fen": 0}
+    result = await sender.represent(HOME, OPERATOR, "g-1", full_fare)
+    assert (result.rejected, result.accepted_claim_fen) == (0, 200)  # the same trip, gate and all

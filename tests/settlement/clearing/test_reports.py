@@ -1,4 +1,4 @@
-"""Operators' statements with the home districts' acceptance (broker.settlement.clearing.reports).
+"""Operators' statements, each part labelled (broker.settlement.clearing.reports).
 
 SERVING's two operators carry card-holders of HOME, THIRD and SERVING itself;
 the day is closed against the home districts' real Receivers over a loopback
@@ -9,7 +9,7 @@ district are written out by hand.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,15 +17,17 @@ from typing import Any
 import pytest
 
 from broker.cards.model import Entitlement, Scene
-from broker.settlement.clearing.reports import operator_statement, with_acceptance
-from broker.settlement.statements import StatementLine
+from broker.fares.agreements import Agreement
+from broker.settlement.clearing.reports import operator_statement
 from tests.settlement.clearing.pair import (
     AT,
     CAPPED_FARES,
     DAY,
     HOME,
+    NOW,
     OPERATOR,
     SERVING,
+    SETTLE_AT,
     THIRD,
     World,
     card,
@@ -60,7 +62,8 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 def statement(world: World, operator_id: str | None = None) -> dict[str, dict[str, Any]]:
     d = world[SERVING]
-    lines = operator_statement(d.cfg, d.fares, d.ledger, d.store, DAY, operator_id)
+    d.ledger  # noqa: B018 - the ledger file exists (the trips were recorded through it)
+    lines = operator_statement(d.cfg, d.fares, d.store, DAY, operator_id)
     return {line.home_district: asdict(line) for line in lines}
 
 
@@ -129,33 +132,101 @@ async def test_a_ride_over_a_cap_loses_its_concession_but_is_not_a_refused_trip(
         world.close()
 
 
-async def test_a_supplementary_close_not_yet_acknowledged_holds_acceptance_back(
+def parts(line: dict[str, Any]) -> dict[str, int]:
+    """Where each part of the claim stands."""
+    names = ("claimed", "not_batched", "in_batch", "accepted", "disputed", "settled")
+    return {n: line[f"{n}_fen"] for n in names}
+
+
+async def test_a_supplementary_batch_not_yet_acknowledged_is_labelled_in_a_batch(
     world: World,
 ) -> None:
+    """What the first batch's acknowledgement accepted stays accepted meanwhile."""
     sender = world.sender(SERVING)
     await sender.close(DAY)
     world[SERVING].record(trip(card(HOME, "plain"), "late-1", at=AT + timedelta(hours=3)))
+    got = statement(world)[HOME]
+    assert parts(got) == {  # the late trip: accepted in the ledger, in no batch yet
+        "claimed": 9625,
+        "not_batched": 200,
+        "in_batch": 0,
+        "accepted": 9425 - 400,
+        "disputed": 400,
+        "settled": 0,
+    }
     assert sender.plan_close(DAY) == 2
-    got = statement(world)
-    assert figures(got[HOME]) == (6, 9625, 0, 0)
-    assert figures(got[THIRD]) == (1, 133, 133, 0)  # THIRD's batches are all acknowledged
+    got = statement(world)[HOME]
+    assert (got["not_batched_fen"], got["in_batch_fen"], got["accepted_fen"]) == (0, 200, 9025)
+    assert figures(statement(world)[THIRD]) == (1, 133, 133, 0)  # all acknowledged
     await sender.close(DAY)
     assert figures(statement(world)[HOME]) == (6, 9625, 9625 - 400, 2)
+    assert statement(world)[HOME]["in_batch_fen"] == 0
+
+
+async def test_terms_changed_after_the_close_do_not_move_what_was_acknowledged(
+    world: World,
+) -> None:
+    """The acknowledged part is the claim as sent; only trips in no batch use today's terms."""
+    await world.sender(SERVING).close(DAY)
+    before = statement(world)[HOME]
+    world[SERVING].cfg = replace(  # the agreement with HOME renegotiated: no concession share
+        world[SERVING].cfg,
+        agreements=tuple(
+            Agreement(a.district, a.collect_through_home, {}) if a.district == HOME else a
+            for a in world[SERVING].cfg.agreements
+        ),
+    )
+    world[SERVING].record(trip(card(HOME, "senior"), "s-2", Entitlement.SENIOR_65, at=AT))
+    after = statement(world)[HOME]
+    assert after["accepted_fen"] == before["accepted_fen"] == 9425 - 400
+    assert after["claimed_fen"] == before["claimed_fen"] + 0  # s-2: 0 charged, no share now
+    assert (after["not_batched_fen"], after["trips"]) == (0, 6)
+
+
+async def test_disputed_claims_leave_the_dispute_when_resolved_or_won(world: World) -> None:
+    sender = world.sender(SERVING)
+    await sender.close(DAY)
+    assert statement(world)[HOME]["disputed_fen"] == 400  # x-1 and m-1
+    await sender.represent(
+        HOME,
+        OPERATOR,
+        "m-1",
+        {"applied_entitlement": None, "charged_fen": 200, "concession_fen": 0},
+    )
+    assert statement(world)[HOME]["disputed_fen"] == 200
+    sender.resolve(HOME, OPERATOR, "x-1", "written off")
+    assert statement(world)[HOME]["disputed_fen"] == 0
+
+
+async def test_a_settled_day_labels_what_was_accepted_settled(world: World) -> None:
+    sender = world.sender(SERVING)
+    await sender.close(DAY)
+    for trip_id in ("x-1", "m-1"):
+        sender.resolve(HOME, OPERATOR, trip_id, "written off")
+    assert statement(world)[HOME]["settled_fen"] == 0
+    world.now = SETTLE_AT
+    await sender.close(DAY)
+    for other in (HOME, THIRD):
+        await world.sender(other).close(DAY)
+    assert (await sender.confirm(HOME, DAY)).state == "settled"
+    got = statement(world)
+    assert parts(got[HOME]) == {
+        "claimed": 9425,
+        "not_batched": 0,
+        "in_batch": 0,
+        "accepted": 9025,
+        "disputed": 0,
+        "settled": 9025,
+    }
+    assert got[THIRD]["settled_fen"] == 0  # not confirmed with THIRD
 
 
 async def test_another_days_refusals_do_not_count(world: World) -> None:
     sender = world.sender(SERVING)
     next_day = DAY + timedelta(days=1)
     world[SERVING].record(trip(card(HOME, "lost"), "x-2", at=AT + timedelta(days=1)))
+    world.now = NOW + timedelta(days=1)  # the next day has ended too
     await sender.close(next_day)
     assert figures(statement(world)[HOME]) == (5, 9425, 0, 0)  # DAY itself not closed yet
     await sender.close(DAY)
     assert figures(statement(world)[HOME]) == (5, 9425, 9425 - 400, 2)
-
-
-def test_with_acceptance_leaves_homes_without_acknowledged_batches_alone(world: World) -> None:
-    """The lines are filled in place; a home with no batch keeps what the caller gave."""
-    lines = [StatementLine(HOME, trips=1, claimed_fen=500, accepted_fen=7, rejected_trips=3)]
-    out = with_acceptance(lines, world[SERVING].store, DAY, None)
-    assert out is lines
-    assert (lines[0].accepted_fen, lines[0].rejected_trips) == (7, 3)

@@ -9,6 +9,7 @@ are written out by hand.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -20,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker.cards.model import Entitlement, Scene
 from broker.core.errors import DocumentRefused, PeerUnavailable, SettlementStateError
-from broker.core.signing import Purpose, Signed, Signer, unsigned_body
+from broker.core.signing import Purpose, Signed, Signer, unsigned_body, verify
 from broker.settlement.clearing.positions import position
 from broker.settlement.clearing.sender import BatchResult, Sender, line_for
-from broker.settlement.trips import Judgement, Outcome, Reason
+from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason
 from tests.settlement.clearing.pair import (
     AT,
     DAY,
@@ -31,6 +32,7 @@ from tests.settlement.clearing.pair import (
     NOW,
     OPERATOR,
     SERVING,
+    SETTLE_AT,
     THIRD,
     World,
     card,
@@ -379,20 +381,111 @@ async def test_a_day_is_confirmed_only_when_nothing_is_pending_or_disputed(
     world: World, sender: Sender
 ) -> None:
     await close_with_disputes(world, sender)
-    with pytest.raises(SettlementStateError, match="3 dispute"):
+    with pytest.raises(SettlementStateError, match=r"provisional until .*2026-03-14T00:05\+08:00"):
+        await sender.confirm(HOME, DAY)
+    world.now = SETTLE_AT
+    with pytest.raises(SettlementStateError, match="no close has run since"):
+        await sender.confirm(HOME, DAY)
+    world[SERVING].record(trip(card(HOME, "plain"), "late-1"))  # arrived inside the window
+    assert sender.plan_close(DAY) == 2  # the sealing close covers it
+    with pytest.raises(SettlementStateError, match=r"1 batch.*3 dispute"):
         await sender.confirm(HOME, DAY)
     for trip_id in ("x-1", "m-1", "m-2"):
         sender.resolve(HOME, OPERATOR, trip_id, "written off")
-    world[SERVING].record(trip(card(HOME, "plain"), "late-1"))
-    assert sender.plan_close(DAY) == 2
-    with pytest.raises(SettlementStateError, match="1 batch"):
-        await sender.confirm(HOME, DAY)
     await sender.close(DAY)
+    with pytest.raises(SettlementStateError, match="no close has run since"):
+        await sender.confirm(HOME, DAY)  # the home has not sealed its side of the day
+    assert world.sender(HOME).plan_close(DAY) is None
     settled = await sender.confirm(HOME, DAY)
     assert (settled.state, settled.receivable_fen, settled.payable_fen) == ("settled", 200, 0)
     row = world[SERVING].store.db.one("SELECT receivable_fen, payable_fen, state FROM positions")
     assert row == (200, 0, "settled")
     assert position(world[HOME].store, SERVING, DAY).state == "settled"
+
+
+async def settled_day(world: World, sender: Sender) -> None:
+    """DAY with one plain trip, closed, sealed on both sides and confirmed (200 receivable)."""
+    world[SERVING].record(trip(card(HOME, "plain"), "p-1"))
+    await sender.close(DAY)
+    world.now = SETTLE_AT
+    await sender.close(DAY)
+    await world.sender(HOME).close(DAY)
+    assert (await sender.confirm(HOME, DAY)).state == "settled"
+
+
+async def test_a_late_trip_cannot_change_a_settled_day(world: World, sender: Sender) -> None:
+    """Still inside the 72 h by the gate's clock or not: the sealed ledger refuses it too_late."""
+    await settled_day(world, sender)
+    [late] = world[SERVING].ledger.record(
+        [(trip(card(HOME, "plain"), "late-1", at=AT + timedelta(hours=1)), ACCEPT)], SETTLE_AT
+    )
+    assert (late.outcome.value, late.reason.value) == ("rejected", "too_late")
+    assert sender.plan_close(DAY) is None  # nothing accepted to send
+    p = position(world[SERVING].store, HOME, DAY)
+    assert (p.state, p.receivable_fen, p.payable_fen) == ("settled", 200, 0)
+    # a trip recorded before the seal is still answered with its stored outcome
+    [again] = world[SERVING].ledger.record([(trip(card(HOME, "plain"), "p-1"), ACCEPT)], SETTLE_AT)
+    assert again.outcome.value == "accepted"
+
+
+async def test_confirm_of_a_settled_day_reports_the_stored_documents_without_asking(
+    world: World, sender: Sender
+) -> None:
+    await settled_day(world, sender)
+    world.down.add(HOME)  # every node stopped
+    calls = len(world.channels)
+    again = await sender.confirm(HOME, DAY)
+    assert (again.state, again.receivable_fen, again.payable_fen) == ("settled", 200, 0)
+    assert len(world.channels) == calls  # no channel was even opened
+    stored = world[SERVING].store.db.all(
+        "SELECT side, document FROM position_documents ORDER BY side"
+    )
+    own, theirs = (json.loads(doc) for _, doc in stored)
+    assert [side for side, _ in stored] == ["own", "theirs"]
+    assert (own["from"], own["receivable_fen"], theirs["from"], theirs["payable_fen"]) == (
+        SERVING,
+        200,
+        HOME,
+        200,
+    )
+
+
+async def test_an_unsettled_day_is_not_reported_settled_while_the_home_is_down(
+    world: World, sender: Sender
+) -> None:
+    world[SERVING].record(trip(card(HOME, "plain"), "p-1"))
+    world.now = SETTLE_AT
+    await sender.close(DAY)
+    world.down.add(HOME)
+    with pytest.raises(PeerUnavailable):
+        await sender.confirm(HOME, DAY)
+    assert position(world[SERVING].store, HOME, DAY).state == "acked"
+    assert world[SERVING].store.db.all("SELECT * FROM position_documents") == []
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"period": "2026-03-11"}, {"to": THIRD}, {"from": THIRD}, {"type": "ack"}],
+)
+async def test_a_reply_about_another_day_or_pair_is_refused(
+    world: World, sender: Sender, change: dict[str, str]
+) -> None:
+    """The reply must be the home's, to us, about this day: anything else settles nothing."""
+    world[SERVING].record(trip(card(HOME, "plain"), "p-1"))
+    world.now = SETTLE_AT
+    await sender.close(DAY)
+    await world.sender(HOME).close(DAY)
+    home = world.receiver(HOME)
+    real = home.confirm
+
+    def lying(caller: str, signed: Signed) -> Signed:
+        doc = {**unsigned_body(verify(real(caller, signed), world.keys(HOME), Purpose.POSITION))}
+        return world[HOME].signer.sign({**doc, **change}, Purpose.POSITION)
+
+    home.confirm = lying  # type: ignore[method-assign,assignment]
+    with pytest.raises(DocumentRefused, match="not about 2026-03-10"):
+        await sender.confirm(HOME, DAY)
+    assert world[SERVING].store.db.all("SELECT * FROM position_documents") == []
 
 
 async def test_a_bad_acknowledgement_from_one_home_does_not_hold_up_the_others(

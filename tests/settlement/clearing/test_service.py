@@ -24,7 +24,10 @@ from broker.core.signing import Purpose, Signed, Signer, unsigned_body, verify
 from broker.fares.rules import fares_document, load_fares
 from broker.settlement.clearing.batch import Line
 from broker.settlement.clearing.service import ClearingService
+from broker.settlement.clearing.store import ClearingStore
+from broker.settlement.days import window_end
 from broker.settlement.ledger import open_ledger
+from broker.settlement.ledger.store import seal_day
 from broker.settlement.trips import ACCEPT, Trip
 from broker.testbed.build import DistrictSetup
 from broker.trust.store import TrustStore
@@ -40,8 +43,9 @@ class Node:
         cfg = self.anyue.config
         self.registry = Registry(cfg.registry.path)
         assert cfg.fares.file is not None
+        self.now = now  # the service's clock; a test moves it on
         self.service = ClearingService(
-            cfg, self.registry, TrustStore(cfg), load_fares(cfg.fares.file), lambda: now
+            cfg, self.registry, TrustStore(cfg), load_fares(cfg.fares.file), lambda: self.now
         )
         self.dazu_signer = Signer.from_file(self.dazu.paths.settlement_key)
         self.anyue_keys = Signer.from_file(self.anyue.paths.settlement_key).public_keys()
@@ -119,6 +123,13 @@ async def test_the_receivers_answers_come_back_awaited_from_its_worker_thread(no
         },
         Purpose.POSITION,
     )
+    node.now = window_end(node.period) + timedelta(minutes=1)
+    store = ClearingStore.open(node.anyue.config)
+    try:
+        with store.trips.write():  # ANYUE's sealing close (nothing of its own to send)
+            seal_day(store.trips, node.period, node.now)
+    finally:
+        store.close()
     reply = await node.service.confirm(DAZU, position)
     assert verify(reply, node.anyue_keys, Purpose.POSITION)["agreed"] is True
     assert len(seen) == 3 and len(set(seen)) == 1

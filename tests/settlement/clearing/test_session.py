@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from broker.cards.model import Scene, shanghai_day
-from broker.core.errors import ConfigError
+from broker.core.errors import ConfigError, SettlementStateError
 from broker.settlement.clearing.session import open_sender
 from broker.settlement.clearing.store import clearing_path
 from broker.settlement.config import SettlementKeyConfig
@@ -55,7 +55,8 @@ async def test_the_sender_is_of_the_config_and_its_channels_and_store_close_afte
     cfg = districts[DAZU].config
     async with open_sender(cfg) as sender:
         assert sender.cfg is cfg
-        assert sender.plan_close(shanghai_day(now)) is None  # the store is open: nothing to do
+        yesterday = shanghai_day(now) - timedelta(days=1)
+        assert sender.plan_close(yesterday) is None  # the store is open: nothing to do
         channel = sender._channel(ANYUE)  # the peer channel its calls to ANYUE go out on
         assert channel.get_state() is not SHUTDOWN
     assert channel.get_state() is SHUTDOWN
@@ -95,7 +96,10 @@ async def test_the_opened_sender_closes_a_day_with_a_running_peer(
     finally:
         ledger.close()
     progress: list[tuple[str, int]] = []
-    async with open_sender(dazu.config, lambda what, n: progress.append((what, n))) as sender:
+    tomorrow = now + timedelta(days=1)  # the sender's clock: the day has ended
+    async with open_sender(
+        dazu.config, lambda what, n: progress.append((what, n)), lambda: tomorrow
+    ) as sender:
         assert await sender.publish_fares(ANYUE) == ["sample-1"]
         report = await sender.close(shanghai_day(when))
     assert report.failures == []
@@ -103,3 +107,16 @@ async def test_the_opened_sender_closes_a_day_with_a_running_peer(
         (ANYUE, 1, 200)
     ]
     assert progress == [("lines sent", 1)]
+
+
+async def test_the_opened_sender_runs_on_the_wall_clock_unless_given_one(
+    districts: dict[str, DistrictSetup], now: datetime
+) -> None:
+    """Today has not ended by the wall clock: a close of it is refused, saying when it ends."""
+    today = shanghai_day(now)
+    async with open_sender(districts[DAZU].config) as sender:
+        with pytest.raises(SettlementStateError, match="has not ended; it ends at"):
+            sender.plan_close(today)
+        assert sender.plan_close(today, force=True) is None  # forced: nothing to send
+    async with open_sender(districts[DAZU].config, clock=lambda: now + timedelta(days=1)) as s:
+        assert s.plan_close(today) is None

@@ -109,7 +109,8 @@ def test_on_sqlite_the_tables_are_a_file_of_their_own_and_trips_are_read_from_th
     )
     assert store.db is not store.trips
     assert store.db.dialect == store.trips.dialect == "sqlite"
-    assert tables(ledger_file) == {"trips", "schema_migrations"}  # and no clearing table
+    # and no clearing table (a sealed day is the ledger's: trip writes check it)
+    assert tables(ledger_file) == {"trips", "sealed_days", "trip_gates", "schema_migrations"}
     assert {"out_batches", "disputes", "in_batches", "positions", "meta"} <= tables(clearing_file)
     assert "trips" not in tables(clearing_file)
     ledger = open_ledger(cfg.ledger.path, None)

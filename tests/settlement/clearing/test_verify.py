@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from broker.cards.csv_import import CardRow
-from broker.cards.model import Entitlement, Scene
+from broker.cards.model import CardRef, Entitlement, Scene
 from broker.cards.registry import Registry
 from broker.core.db import Db, migrate
 from broker.fares.agreements import Agreement
@@ -393,3 +393,151 @@ def test_a_line_priced_by_a_table_no_longer_in_force_is_refused(home: Home) -> N
     assert checker.check(line(trip(ref, "t-1"))) == ("UNPUBLISHED_FARES", 0)
     # Without the newer table, the same line is accepted: the refusal is the newer one's doing.
     assert home.checker(older).check(line(trip(ref, "t-2"))) == (OK, 200)
+
+
+# ---------------------------------------------------------------- the answer the gate was given
+
+
+def ttl_card(home: Home, name: str, *, student: bool = False) -> CardRef:
+    """A card of HOME's registry since ISSUED, with HOME advertising a TTL of 120 s since then."""
+    number = f"C512021{name}"
+    born, until = date(2008, 6, 1), date(2030, 1, 1)
+    home.registry.upsert(
+        [CardRow(number, f"h-{name}", born, "active", False, student, until)], ISSUED
+    )
+    home.registry.record_advertised_ttl(120, ISSUED)
+    return replace(card(HOME, "plain"), card_number=number)
+
+
+def change(home: Home, ref: CardRef, changed: datetime, recorded: datetime, **fields: Any) -> None:
+    stored = home.registry.lookup(ref.card_number)
+    assert stored is not None
+    new = replace(stored, changed_at=changed, recorded_at=recorded, **fields)
+    home.registry.upsert([new], recorded + timedelta(minutes=5))  # imported a little later
+
+
+@pytest.mark.parametrize(
+    ("lost_before", "code"),
+    [
+        (timedelta(seconds=60), OK),  # a gate may still have held an ACTIVE answer
+        (timedelta(seconds=119), OK),
+        (timedelta(seconds=121), "CARD_NOT_ACTIVE"),
+        (timedelta(seconds=200), "CARD_NOT_ACTIVE"),  # every cached answer had run out
+    ],
+)
+def test_a_card_lost_within_the_advertised_ttl_before_the_trip_is_the_homes_risk(
+    home: Home, lost_before: timedelta, code: str
+) -> None:
+    ref = ttl_card(home, "LOST01")
+    change(home, ref, AT - lost_before, AT - lost_before, status="lost")
+    assert home.checker().check(line(trip(ref, "t-1"))) == (code, 200 if code == OK else 0)
+
+
+def test_a_loss_recorded_after_the_trip_does_not_count_from_when_it_was_reported(
+    home: Home,
+) -> None:
+    """The home's data-entry delay is not moved onto the operator that let the card through."""
+    ref = ttl_card(home, "LATE01")
+    change(home, ref, AT - timedelta(days=1), AT + timedelta(hours=1), status="lost")
+    assert home.checker().check(line(trip(ref, "t-1"))) == (OK, 200)
+    later = AT + timedelta(hours=1, seconds=200)  # the loss known for longer than the TTL
+    assert home.checker().check(line(trip(ref, "t-2", at=later))) == ("CARD_NOT_ACTIVE", 0)
+
+
+@pytest.mark.parametrize(
+    ("removed_before", "code"),
+    [
+        (timedelta(days=30), "ENTITLEMENT_MISMATCH"),
+        (timedelta(seconds=200), "ENTITLEMENT_MISMATCH"),
+        (timedelta(seconds=60), OK),  # a cached answer still said STUDENT
+    ],
+)
+def test_a_concession_counts_if_a_cached_answer_may_still_have_granted_it(
+    home: Home, removed_before: timedelta, code: str
+) -> None:
+    ref = ttl_card(home, "STUD01", student=True)
+    change(home, ref, AT - removed_before, AT - removed_before, student=False)
+    student = trip(ref, "t-1", Entitlement.STUDENT)
+    assert home.checker().check(line(student)) == (code, 133 if code == OK else 0)
+    assert home.checker().check(line(trip(ref, "t-2"))) == (OK, 200)  # full fare: still fine
+
+
+def test_a_flag_granted_only_after_the_trip_is_not_a_concession_then(home: Home) -> None:
+    ref = ttl_card(home, "STUD02")
+    change(home, ref, AT - timedelta(days=2), AT + timedelta(minutes=1), student=True)
+    student = trip(ref, "t-1", Entitlement.STUDENT)
+    assert home.checker().check(line(student)) == ("ENTITLEMENT_MISMATCH", 0)
+
+
+def test_a_ttl_advertised_after_the_trip_does_not_rejudge_it(home: Home) -> None:
+    near = ttl_card(home, "NEAR01")  # lost 60 s before the trip: accepted under 120 s
+    change(home, near, AT - timedelta(seconds=60), AT - timedelta(seconds=60), status="lost")
+    far = ttl_card(home, "FAR001")  # lost 200 s before: refused under 120 s
+    change(home, far, AT - timedelta(seconds=200), AT - timedelta(seconds=200), status="lost")
+    for ttl in (10, 600):
+        assert home.registry.record_advertised_ttl(ttl, AT + timedelta(hours=2))
+        assert home.checker().check(line(trip(near, f"n-{ttl}"))) == (OK, 200)
+        assert home.checker().check(line(trip(far, f"f-{ttl}"))) == ("CARD_NOT_ACTIVE", 0)
+    # A trip well after the change is judged by the TTL of 600 s.
+    after = AT + timedelta(hours=3)
+    found, lost = after - timedelta(seconds=300), after - timedelta(seconds=200)
+    change(home, far, found, found, status="active")
+    change(home, far, lost, lost, status="lost")
+    assert home.checker().check(line(trip(far, "f-after", at=after))) == (OK, 200)
+
+
+# ---------------------------------------------------------------- a representment is the same trip
+
+
+def first_presentment() -> Line:
+    """HOME's plain card-holder at gate-3, priced for an entitlement the holder lacks."""
+    t = trip(card(HOME, "plain"), "m-1", Entitlement.SENIOR_65)
+    return line(replace(t, gate_id="gate-3"))
+
+
+def representing(home: Home, first: Line) -> LineChecker:
+    """A checker of a representment, the first presentment rejected and its digest kept."""
+    checker = home.checker(previous=lambda op, tid: ("ENTITLEMENT_MISMATCH", 1), representment=True)
+    checker.presented = lambda op, tid: first.trip.presentment_digest()
+    return checker
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"card": card(HOME, "senior")},
+        {"place_id": "route-9"},
+        {"occurred_at": AT + timedelta(seconds=1)},
+        {"gate_id": "gate-4"},
+        {"gate_id": ""},
+        {"scene": Scene.SCENIC_AREA},
+    ],
+)
+def test_a_representment_of_another_trip_is_not_the_same_trip(
+    home: Home, changes: dict[str, Any]
+) -> None:
+    first = first_presentment()
+    fixed = replace(first.trip, applied_entitlement=None, charged_fen=200, concession_fen=0)
+    other = line(replace(fixed, **changes))
+    assert representing(home, first).check(other) == ("NOT_SAME_TRIP", 0)
+    assert "NOT_SAME_TRIP" in REJECTIONS
+
+
+def test_a_representment_correcting_the_price_is_the_same_trip(home: Home) -> None:
+    first = first_presentment()
+    fixed = replace(first.trip, applied_entitlement=None, charged_fen=200, concession_fen=0)
+    assert representing(home, first).check(line(fixed)) == (OK, 200)
+
+
+def test_without_a_stored_digest_a_representment_is_judged_as_before(home: Home) -> None:
+    """Lines received by the previous release have no digest: nothing to compare."""
+    first = first_presentment()
+    moved = replace(
+        first.trip,
+        occurred_at=AT + timedelta(seconds=1),
+        applied_entitlement=None,
+        charged_fen=200,
+        concession_fen=0,
+    )
+    checker = home.checker(previous=lambda op, tid: ("ENTITLEMENT_MISMATCH", 1), representment=True)
+    assert checker.check(line(moved)) == (OK, 200)  # presented: None, the default

@@ -8,10 +8,17 @@ so every test taking it runs on SQLite and on PostgreSQL.
 from __future__ import annotations
 
 import dataclasses
+import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
 
 from broker.cards.model import CardRef, Entitlement, Scene
+from broker.core.db import Db
+from broker.settlement.ledger import Ledger, open_ledger
 from broker.settlement.ledger.common import CONFLICT, TRIP_COLUMNS, resubmitted, trip_from_row
 from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason, Trip
 
@@ -80,9 +87,22 @@ def test_the_same_instant_in_another_time_zone_is_other_content():
 # ---------------------------------------------------------------- TRIP_COLUMNS / trip_from_row
 
 
+def column_names(columns: str) -> list[str]:
+    """The name of each column of a select list: a column's own, or an expression's alias."""
+    names, depth, current = [], 0, ""
+    for ch in columns + ",":
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            names.append(current.strip().rsplit(" AS ", 1)[-1])
+            current = ""
+        else:
+            current += ch
+    return names
+
+
 def test_trip_columns_follow_the_trip_fields_in_order():
     """trip_from_row reads by position: the columns must list Trip's fields, card split in two."""
-    columns = [c.strip() for c in TRIP_COLUMNS.split(",")]
+    columns = column_names(TRIP_COLUMNS)
     fields = [f.name for f in dataclasses.fields(Trip)]
     card = fields.index("card")
     assert columns == [*fields[:card], "issuer_region", "card_number", *fields[card + 1 :]]
@@ -103,6 +123,7 @@ def test_a_row_as_sqlite_returns_it_comes_back_as_the_trip():
         200,
         2,
         "sample-1",
+        "",
     )
     back = trip_from_row(row)
     assert back == t and back.digest() == t.digest()
@@ -114,18 +135,19 @@ def test_a_row_with_an_aware_datetime_comes_back_in_utc():
     t = trip()
     local = t.occurred_at.astimezone(timezone(timedelta(hours=8)))
     row = ("bus-01", "t-000001", "512021", "C5120210000001", 1, "", local)
-    back = trip_from_row((*row, 200, 0, 200, 2, "sample-1"))
+    back = trip_from_row((*row, 200, 0, 200, 2, "sample-1", ""))
     assert back.occurred_at.utcoffset() == timedelta(0)
     assert back.digest() == t.digest()  # so that a resubmission still matches
 
 
 def test_a_row_without_entitlement_comes_back_with_none_and_enums():
     row = ("op", "t", "512021", "C5120210000001", 3, "hall", "2026-11-28T00:00:00+08:00")
-    back = trip_from_row((*row, 0, 0, 0, 0, "v1"))
+    back = trip_from_row((*row, 0, 0, 0, 0, "v1", "gate-7"))
     assert back.applied_entitlement is None  # 0 is "no entitlement applied"
     assert back.scene is Scene.MUSEUM
     assert back.occurred_at == datetime(2026, 11, 27, 16, 0, tzinfo=UTC)
     assert (back.gross_fare_fen, back.charged_fen, back.concession_fen) == (0, 0, 0)
+    assert back.gate_id == "gate-7"
 
 
 # ---------------------------------------------------------------- both stores (ledger_factory)
@@ -224,4 +246,108 @@ def test_accepted_trips_come_in_time_order(ledger_factory):
     ledger.record([(t, ACCEPT) for t in trips], NOW)
     got = ledger.accepted_trips(date(2026, 11, 28))
     assert [t.trip_id for t in got] == ["t-000003", "t-000002", "t-000001"]
+    ledger.close()
+
+
+# ---------------------------------------------------------------- gate ids and duplicate taps
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def windowed(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[[timedelta], Ledger]]:
+    """Opens the ledger under test with a duplicate window, on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield lambda window: open_ledger(tmp_path / "ledger.sqlite3", None, "x", window)
+        return
+    url = request.getfixturevalue("postgres_url")
+    schema = f"yk_test_{secrets.token_hex(4)}"
+    yield lambda window: open_ledger(None, url, schema, window)
+    raw = Db.postgres(url, schema)
+    raw.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    raw.close()
+
+
+def tap(n: int, seconds: float = 0, gate: str = "gate-3", **changes: object) -> Trip:
+    """Trip ``n`` at gate-3 of route-9, ``seconds`` after the first tap (five minutes ago)."""
+    at = NOW - timedelta(minutes=5) + timedelta(seconds=seconds)
+    return trip(n, **{"gate_id": gate, "place_id": "route-9", "occurred_at": at, **changes})
+
+
+def test_a_gate_id_is_stored_and_read_back_and_without_one_reads_back_empty(ledger_factory):
+    ledger = ledger_factory()
+    ledger.record([(tap(1), ACCEPT), (trip(2), ACCEPT)], NOW)
+    assert {(t.trip_id, t.gate_id) for t in ledger.accepted_trips(date(2026, 11, 28))} == {
+        ("t-000001", "gate-3"),
+        ("t-000002", ""),
+    }
+    assert ledger.record([(tap(1), ACCEPT)], NOW) == [ACCEPT]  # the same trip, gate and all
+    assert ledger.record([(tap(1, gate="gate-4"), ACCEPT)], NOW) == [CONFLICT]
+    assert ledger.record([(replace(tap(1), gate_id=""), ACCEPT)], NOW) == [CONFLICT]
+    ledger.close()
+
+
+def test_the_same_tap_under_a_new_trip_id_is_a_suspected_duplicate_across_requests(
+    windowed,
+):
+    ledger = windowed(timedelta(seconds=5))
+    assert ledger.record([(tap(1), ACCEPT)], NOW) == [ACCEPT]
+    [again] = ledger.record([(tap(2, seconds=3), ACCEPT)], NOW)
+    assert (again.outcome, again.reason) == (Outcome.REJECTED, Reason.SUSPECTED_DUPLICATE)
+    assert again.detail == "the same tap as trip t-000001 (3 s apart at this gate)"
+    assert "C5120210000001" not in again.detail
+    [earlier] = ledger.record([(tap(3, seconds=-5), ACCEPT)], NOW)  # the window's far edge
+    assert earlier.reason is Reason.SUSPECTED_DUPLICATE
+    # Each id keeps the outcome it was stored with, however often it is sent again.
+    assert ledger.record([(tap(2, seconds=3), ACCEPT)], NOW) == [again]
+    assert ledger.outcome("bus-01", "t-000002") == again
+    assert ledger.record([(tap(1), ACCEPT)], NOW) == [ACCEPT]
+    assert [t.trip_id for t in ledger.accepted_trips(date(2026, 11, 28))] == ["t-000001"]
+    ledger.close()
+
+
+def test_the_same_tap_twice_in_one_request_is_refused_the_second_time(windowed):
+    ledger = windowed(timedelta(seconds=5))
+    got = ledger.record(
+        [(tap(1), ACCEPT), (tap(2, seconds=1), ACCEPT), (tap(1), ACCEPT), (tap(3, 9), ACCEPT)],
+        NOW,
+    )
+    assert [(j.outcome, j.reason) for j in got] == [
+        (Outcome.ACCEPTED, Reason.OK),
+        (Outcome.REJECTED, Reason.SUSPECTED_DUPLICATE),
+        (Outcome.ACCEPTED, Reason.OK),  # the same trip id again: a resubmission, not a tap
+        (Outcome.ACCEPTED, Reason.OK),
+    ]
+    assert ledger.count() == 3
+    ledger.close()
+
+
+def test_other_taps_near_in_time_are_accepted(windowed):
+    """Outside the window, another gate, place, card or operator, or no gate id: another tap."""
+    ledger = windowed(timedelta(seconds=5))
+    ledger.record([(tap(1), ACCEPT)], NOW)
+    others = [
+        tap(2, seconds=5.001),
+        tap(3, seconds=-6),
+        tap(4, gate="gate-4"),
+        tap(5, place_id="route-10"),
+        tap(6, card=CardRef("512021", "C5120210000002")),
+        tap(7, operator_id="bus-02"),
+    ]
+    assert ledger.record([(t, ACCEPT) for t in others], NOW) == [ACCEPT] * len(others)
+    ungated = [replace(tap(n), gate_id="") for n in (8, 9)]  # cannot be told from a second tap
+    assert ledger.record([(t, ACCEPT) for t in ungated], NOW) == [ACCEPT, ACCEPT]
+    ledger.close()
+
+
+def test_a_rejected_tap_is_not_one_a_later_trip_duplicates(windowed):
+    ledger = windowed(timedelta(seconds=5))
+    ledger.record([(tap(1), BAD_AMOUNTS), (tap(2, seconds=1), ACCEPT)], NOW)
+    assert ledger.outcome("bus-01", "t-000002") == ACCEPT
+    ledger.close()
+
+
+def test_a_window_of_zero_turns_the_check_off(windowed):
+    ledger = windowed(timedelta(0))
+    assert ledger.record([(tap(1), ACCEPT), (tap(2), ACCEPT)], NOW) == [ACCEPT, ACCEPT]
     ledger.close()

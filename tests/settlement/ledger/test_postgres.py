@@ -36,8 +36,9 @@ def schemas(postgres_url: str) -> Iterator[Callable[..., str]]:
             conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 
-def raw(url: str, sql: str) -> list[tuple[object, ...]]:
+def raw(url: str, sql: str, schema: str = "public") -> list[tuple[object, ...]]:
     with psycopg.connect(url) as conn:
+        conn.execute(f"SET search_path TO {schema}")
         return [tuple(r) for r in conn.execute(sql).fetchall()]
 
 
@@ -73,7 +74,12 @@ def test_open_ledger_with_a_url_opens_postgres_in_the_schema(postgres_url, schem
         postgres_url,
         f"SELECT table_name FROM information_schema.tables WHERE table_schema = '{name}'",
     )
-    assert sorted(tables) == [("schema_migrations",), ("trips",)]
+    assert sorted(tables) == [
+        ("schema_migrations",),
+        ("sealed_days",),
+        ("trip_gates",),
+        ("trips",),
+    ]
 
 
 def test_two_schemas_on_one_database_are_two_ledgers(postgres_url, schemas):
@@ -112,7 +118,7 @@ def test_rows_are_typed_and_read_back_through_trip_columns(postgres_url, schemas
     [(day, occurred)] = raw(postgres_url, f"SELECT settlement_day, occurred_at FROM {name}.trips")
     assert day == date(2026, 11, 28)  # the Shanghai day, though it is the 27th in UTC
     assert occurred == t.occurred_at
-    [row] = raw(postgres_url, f"SELECT {TRIP_COLUMNS} FROM {name}.trips")
+    [row] = raw(postgres_url, f"SELECT {TRIP_COLUMNS} FROM trips", name)
     back = trip_from_row(row)
     assert back == t
     assert back.occurred_at.utcoffset() == timedelta(0)

@@ -119,6 +119,7 @@ class BatchLine(_message.Message):
     FARE_VERSION_FIELD_NUMBER: _builtins.int
     SCHEME_FIELD_NUMBER: _builtins.int
     CLAIMED_FEN_FIELD_NUMBER: _builtins.int
+    GATE_ID_FIELD_NUMBER: _builtins.int
     operator_id: _builtins.str
     trip_id: _builtins.str
     scene: _types_pb2.Scene.ValueType
@@ -132,6 +133,10 @@ class BatchLine(_message.Message):
     """The concession scheme of the applied entitlement ("" when none)."""
     claimed_fen: _builtins.int
     """charged (if collected through home) + round-half-up(concession × share_bp / 10000)."""
+    gate_id: _builtins.str
+    """The gate the trip was taken at, as the operator submitted it ("" when
+    none: lines of the previous release have none).
+    """
     @_builtins.property
     def card(self) -> _types_pb2.CardRef: ...
     @_builtins.property
@@ -152,10 +157,11 @@ class BatchLine(_message.Message):
         fare_version: _builtins.str = ...,
         scheme: _builtins.str = ...,
         claimed_fen: _builtins.int = ...,
+        gate_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_entitlement", b"applied_entitlement", "card", b"card", "charged_fen", b"charged_fen", "claimed_fen", b"claimed_fen", "concession_fen", b"concession_fen", "fare_version", b"fare_version", "gross_fare_fen", b"gross_fare_fen", "occurred_at", b"occurred_at", "operator_id", b"operator_id", "place_id", b"place_id", "scene", b"scene", "scheme", b"scheme", "trip_id", b"trip_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_entitlement", b"applied_entitlement", "card", b"card", "charged_fen", b"charged_fen", "claimed_fen", b"claimed_fen", "concession_fen", b"concession_fen", "fare_version", b"fare_version", "gate_id", b"gate_id", "gross_fare_fen", b"gross_fare_fen", "occurred_at", b"occurred_at", "operator_id", b"operator_id", "place_id", b"place_id", "scene", b"scene", "scheme", b"scheme", "trip_id", b"trip_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -233,7 +239,9 @@ class LineVerdict(_message.Message):
     """ACCEPTED lines are not listed. CAP_EXCEEDED keeps the fare, loses the
     concession claim; the others reject the line: UNKNOWN_CARD,
     CARD_NOT_ACTIVE, ENTITLEMENT_MISMATCH, UNPUBLISHED_FARES, PRICE_MISMATCH,
-    CLAIM_MISMATCH, DUPLICATE, WRONG_DISTRICT, WRONG_DAY, NOT_DISPUTED.
+    CLAIM_MISMATCH, DUPLICATE, WRONG_DISTRICT, WRONG_DAY, NOT_DISPUTED,
+    NOT_SAME_TRIP (a representment whose card, place, time or gate differs
+    from the line it represents).
     """
     accepted_claim_fen: _builtins.int
     """The claim the receiver accepts for this line (0 when rejected)."""
@@ -322,6 +330,7 @@ class TripRecord(_message.Message):
     CONCESSION_FEN_FIELD_NUMBER: _builtins.int
     APPLIED_ENTITLEMENT_FIELD_NUMBER: _builtins.int
     FARE_VERSION_FIELD_NUMBER: _builtins.int
+    GATE_ID_FIELD_NUMBER: _builtins.int
     operator_id: _builtins.str
     """Must equal the operator id of the caller's certificate."""
     trip_id: _builtins.str
@@ -335,6 +344,11 @@ class TripRecord(_message.Message):
     applied_entitlement: _types_pb2.Entitlement.ValueType
     fare_version: _builtins.str
     """Version of this district's fare rules the gate priced by."""
+    gate_id: _builtins.str
+    """The gate (reader) the card was presented at; at most 64 printable
+    characters, optional. With it, the same tap uploaded again under another
+    trip_id is refused suspected_duplicate; without it that cannot be told.
+    """
     @_builtins.property
     def card(self) -> _types_pb2.CardRef: ...
     @_builtins.property
@@ -353,10 +367,11 @@ class TripRecord(_message.Message):
         concession_fen: _builtins.int = ...,
         applied_entitlement: _types_pb2.Entitlement.ValueType = ...,
         fare_version: _builtins.str = ...,
+        gate_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_entitlement", b"applied_entitlement", "card", b"card", "charged_fen", b"charged_fen", "concession_fen", b"concession_fen", "fare_version", b"fare_version", "gross_fare_fen", b"gross_fare_fen", "occurred_at", b"occurred_at", "operator_id", b"operator_id", "place_id", b"place_id", "scene", b"scene", "trip_id", b"trip_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_entitlement", b"applied_entitlement", "card", b"card", "charged_fen", b"charged_fen", "concession_fen", b"concession_fen", "fare_version", b"fare_version", "gate_id", b"gate_id", "gross_fare_fen", b"gross_fare_fen", "occurred_at", b"occurred_at", "operator_id", b"operator_id", "place_id", b"place_id", "scene", b"scene", "trip_id", b"trip_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -397,7 +412,9 @@ class TripResult(_message.Message):
     reason: _builtins.str
     """A code: ok, malformed, operator_mismatch, unknown_district, bad_amounts,
     in_future, too_late, unknown_fare_version, price_mismatch,
-    duplicate_content_differs.
+    duplicate_content_differs, suspected_duplicate (the same operator, card,
+    gate and place within [settlement] duplicate_window_s of an accepted trip
+    under another trip_id).
     """
     detail: _builtins.str
     """Plain words, naming the offending field; never a card number."""
@@ -497,6 +514,10 @@ class StatementLine(_message.Message):
     CLAIMED_FEN_FIELD_NUMBER: _builtins.int
     ACCEPTED_FEN_FIELD_NUMBER: _builtins.int
     REJECTED_TRIPS_FIELD_NUMBER: _builtins.int
+    IN_BATCH_FEN_FIELD_NUMBER: _builtins.int
+    DISPUTED_FEN_FIELD_NUMBER: _builtins.int
+    SETTLED_FEN_FIELD_NUMBER: _builtins.int
+    NOT_BATCHED_FEN_FIELD_NUMBER: _builtins.int
     home_district: _builtins.str
     trips: _builtins.int
     gross_fen: _builtins.int
@@ -508,6 +529,20 @@ class StatementLine(_message.Message):
     """Of the claim, what the home district has accepted in its acknowledgements."""
     rejected_trips: _builtins.int
     """Trips whose lines the home district rejected (in dispute or resolved)."""
+    in_batch_fen: _builtins.int
+    """Each part of claimed_fen by where it stands. In a batch not yet acknowledged
+    (claimed under the agreement in force now: nothing of it is stored yet).
+    """
+    disputed_fen: _builtins.int
+    """Claims of rejected lines still in dispute (open, represented, or finally
+    rejected and not yet resolved).
+    """
+    settled_fen: _builtins.int
+    """accepted_fen, once the day is SETTLED with the home district; else 0."""
+    not_batched_fen: _builtins.int
+    """Trips accepted after the last close: in no batch yet (claimed under the
+    agreement in force now). The rest of claimed_fen was acknowledged: as sent.
+    """
     def __init__(
         self,
         *,
@@ -519,10 +554,14 @@ class StatementLine(_message.Message):
         claimed_fen: _builtins.int = ...,
         accepted_fen: _builtins.int = ...,
         rejected_trips: _builtins.int = ...,
+        in_batch_fen: _builtins.int = ...,
+        disputed_fen: _builtins.int = ...,
+        settled_fen: _builtins.int = ...,
+        not_batched_fen: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_fen", b"accepted_fen", "charged_fen", b"charged_fen", "claimed_fen", b"claimed_fen", "concession_fen", b"concession_fen", "gross_fen", b"gross_fen", "home_district", b"home_district", "rejected_trips", b"rejected_trips", "trips", b"trips"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_fen", b"accepted_fen", "charged_fen", b"charged_fen", "claimed_fen", b"claimed_fen", "concession_fen", b"concession_fen", "disputed_fen", b"disputed_fen", "gross_fen", b"gross_fen", "home_district", b"home_district", "in_batch_fen", b"in_batch_fen", "not_batched_fen", b"not_batched_fen", "rejected_trips", b"rejected_trips", "settled_fen", b"settled_fen", "trips", b"trips"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
