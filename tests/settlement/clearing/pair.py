@@ -1,7 +1,8 @@
 """Districts that clear with each other on disk, and an exchange between them without a network.
 
 Shared by the unit tests of ``broker/settlement/clearing``. Each :class:`District`
-has a SQLite ledger and clearing store under ``tmp_path``, a registry holding the
+has a SQLite ledger and clearing store under ``tmp_path`` (or, with ``ledger_url``,
+a PostgreSQL schema of its own, dropped on close), a registry holding the
 same kinds of card (:data:`KINDS`), an Ed25519 settlement key, the testbed's
 sample fare rules and the sample agreement with every other district.
 :class:`Loopback` stands in for a ``grpc.aio`` channel: a :class:`Sender`'s stub
@@ -16,6 +17,7 @@ half, 33.33 % student), not computed with the broker's functions.
 
 from __future__ import annotations
 
+import secrets
 import tomllib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from broker._proto.yikatong.v1 import settlement_pb2
@@ -32,6 +35,7 @@ from broker.cards.config import PrivacyConfig, RegistryConfig
 from broker.cards.csv_import import CardRow
 from broker.cards.model import CardRef, Entitlement, Scene
 from broker.cards.registry import Registry
+from broker.core.db import Db
 from broker.core.signing import PublicKey, Purpose, Signed, Signer
 from broker.fares.agreements import Agreement
 from broker.fares.rules import FareSchedule, parse_fares
@@ -163,8 +167,16 @@ def registry_rows(district: str) -> list[CardRow]:
 class District:
     """One district's clearing material on disk, each part opened when first used."""
 
-    def __init__(self, root: Path, code: str, peers: Iterable[str]) -> None:
+    def __init__(
+        self, root: Path, code: str, peers: Iterable[str], ledger_url: str | None = None
+    ) -> None:
         peers = list(peers)
+        # SQLite files under root, or a PostgreSQL schema of this district's own.
+        ledger = (
+            LedgerConfig(url=ledger_url, schema=f"ykc_{secrets.token_hex(4)}_{code}")
+            if ledger_url
+            else LedgerConfig(path=root / "ledger.sqlite3")
+        )
         self.code = code
         self.signer = Signer(ed25519.Ed25519PrivateKey.generate())
         self.fares = sample_fares(code)
@@ -177,7 +189,7 @@ class District:
             registry=RegistryConfig(root / "registry.sqlite3"),
             privacy=PrivacyConfig(root / "hash.key"),
             peers=tuple(PeerConfig(p, "127.0.0.1:9", None, node_server_name(p)) for p in peers),
-            ledger=LedgerConfig(path=root / "ledger.sqlite3"),
+            ledger=ledger,
             agreements=tuple(Agreement(p, **SAMPLE_AGREEMENT) for p in peers),
         )
         self._opened: list[Registry | Ledger | ClearingStore] = []
@@ -194,7 +206,9 @@ class District:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return self._open(open_ledger(self.cfg.ledger.path, None))
+        return self._open(
+            open_ledger(self.cfg.ledger.path, self.cfg.ledger.url, self.cfg.ledger.schema)
+        )
 
     @cached_property
     def store(self) -> ClearingStore:
@@ -213,6 +227,10 @@ class District:
     def close(self) -> None:
         for thing in reversed(self._opened):
             thing.close()
+        if self.cfg.ledger.url:
+            db = Db.postgres(self.cfg.ledger.url, self.cfg.ledger.schema)
+            db.execute(f"DROP SCHEMA IF EXISTS {self.cfg.ledger.schema} CASCADE")
+            db.close()
 
 
 class Loopback:
@@ -296,9 +314,13 @@ class Loopback:
 class World:
     """Districts peered with each other, each with a Receiver; Senders talk over Loopbacks."""
 
-    def __init__(self, root: Path, codes: Iterable[str] = (SERVING, HOME)) -> None:
+    def __init__(
+        self, root: Path, codes: Iterable[str] = (SERVING, HOME), ledger_url: str | None = None
+    ) -> None:
         codes = list(codes)
-        self.districts = {c: District(root / c, c, [o for o in codes if o != c]) for c in codes}
+        self.districts = {
+            c: District(root / c, c, [o for o in codes if o != c], ledger_url) for c in codes
+        }
         self._receivers: dict[str, Receiver] = {}
         self.down: set[str] = set()
         self.alter_ack: dict[str, Callable[[Signed], Signed]] = {}
@@ -405,3 +427,8 @@ def signed_batch(
     for name in drop:
         del header[name]
     return spool, signer.sign(header, Purpose.BATCH)
+
+
+def backend_url(request: pytest.FixtureRequest) -> str | None:
+    """For a fixture parametrized ``["sqlite", "postgres"]``: the PostgreSQL URL, or None."""
+    return str(request.getfixturevalue("postgres_url")) if request.param == "postgres" else None

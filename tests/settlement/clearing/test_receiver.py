@@ -44,6 +44,7 @@ from tests.settlement.clearing.pair import (
     SETTLE_AT,
     THIRD,
     World,
+    backend_url,
     card,
     line,
     sample_fares,
@@ -51,9 +52,9 @@ from tests.settlement.clearing.pair import (
 )
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
+@pytest.fixture(params=["sqlite", "postgres"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path, ledger_url=backend_url(request))
     yield w
     w.close()
 

@@ -30,6 +30,7 @@ from tests.settlement.clearing.pair import (
     SETTLE_AT,
     THIRD,
     World,
+    backend_url,
     card,
     sample_fares,
     trip,
@@ -38,9 +39,9 @@ from tests.settlement.clearing.pair import (
 SCENIC = "scenic-02"  # a second operator of SERVING
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path, (SERVING, HOME, THIRD))
+@pytest.fixture(params=["sqlite", "postgres"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path, (SERVING, HOME, THIRD), backend_url(request))
     w[SERVING].record(
         trip(card(HOME, "plain"), "p-1"),  # 200
         trip(card(HOME, "senior"), "s-1", Entitlement.SENIOR_65),  # 200

@@ -35,6 +35,7 @@ from tests.settlement.clearing.pair import (
     SETTLE_AT,
     THIRD,
     World,
+    backend_url,
     card,
     trip,
 )
@@ -42,9 +43,9 @@ from tests.settlement.clearing.pair import (
 FULL_FARE = {"applied_entitlement": None, "charged_fen": 200, "concession_fen": 0}
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
+@pytest.fixture(params=["sqlite", "postgres"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path, ledger_url=backend_url(request))
     yield w
     w.close()
 
