@@ -218,6 +218,8 @@ async def test_the_home_node_killed_before_it_commits_an_ack_gets_the_batch_agai
         anyue = await serve(anyue_cfg, crash_at=None)
         await healthy(districts, ANYUE, DAZU)
         assert await broker(*close) == 0
+        for config in (cfg, anyue_cfg):  # both sides: every trip in one batch, figures agree
+            assert await broker("settle", "check", "--config", config, "--period", day) == 0
         owed = sum(expected_claim(t) for t in sent)
         mine = await district_positions(setup, day)
         theirs = await district_positions(districts[ANYUE], day)
