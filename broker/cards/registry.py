@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from broker.cards.csv_import import CardRow
@@ -133,7 +133,7 @@ class Recorded:
 
 
 @dataclass(frozen=True, slots=True)
-class _Change:
+class CardChange:
     id: int
     status: str
     valid_until: date
@@ -148,7 +148,7 @@ class _Change:
         return max(self.changed_at, self.recorded_at)
 
 
-def _as_recorded(changes: list[_Change], at: datetime) -> Recorded:
+def _as_recorded(changes: list[CardChange], at: datetime) -> Recorded:
     seen = [c for c in changes if c.changed_at <= at and c.recorded_at <= at]
     if not seen:
         return Recorded(CardStatus.UNKNOWN, False, False)
@@ -297,7 +297,7 @@ class Registry:
             valid_until=date.fromisoformat(row[6]),
         )
 
-    def _changes(self, card_number: str, until: datetime) -> list[_Change]:
+    def _changes(self, card_number: str, until: datetime) -> list[CardChange]:
         """The card's changes the registry had, in effect, by ``until``."""
         text = utc_text(until)
         rows = self._db.all(
@@ -306,7 +306,7 @@ class Registry:
             (card_number, text, text),
         )
         return [
-            _Change(
+            CardChange(
                 int(r[0]),
                 r[1],
                 date.fromisoformat(r[2]),
@@ -326,6 +326,11 @@ class Registry:
         """The card's status as recorded at instant ``at``."""
         return self.as_recorded(card_number, at).status
 
+    def history(self, card_number: str) -> list[CardChange]:
+        """Every change of the card the registry holds (for :func:`answers_between`): a
+        batch's checker reads it once per card rather than once per line."""
+        return self._changes(card_number, datetime.max.replace(tzinfo=UTC))
+
     def answers_between(self, card_number: str, start: datetime, end: datetime) -> list[Recorded]:
         """Every answer the registry could have given about the card during ``[start, end]``.
 
@@ -334,9 +339,7 @@ class Registry:
         answer is given per stretch between changes, as of its first instant,
         so that a card valid at any instant of the stretch is ACTIVE in it.
         """
-        changes = self._changes(card_number, end)
-        starts = sorted({start} | {c.known_from for c in changes if start < c.known_from <= end})
-        return [_as_recorded(changes, at) for at in starts]
+        return answers_between(self._changes(card_number, end), start, end)
 
     # ------------------------------------------------------------ advertised TTL
 
@@ -359,13 +362,17 @@ class Registry:
             )
         return True
 
-    def _ttls(self) -> list[tuple[datetime, int]]:
+    def advertised_ttls(self) -> list[tuple[datetime, int]]:
+        """Every advertised TTL with the instant it applied from, oldest first.
+
+        A batch's checker reads them once (:func:`oldest_answer_in_force`), not per line.
+        """
         rows = self._db.all("SELECT since, ttl_seconds FROM advertised_ttl ORDER BY since")
         return [(datetime.fromisoformat(r[0]), int(r[1])) for r in rows]
 
     def advertised_ttl_at(self, at: datetime) -> int:
         """The TTL advertised at ``at``: before the first record, the first; 0 if none."""
-        ttls = self._ttls()
+        ttls = self.advertised_ttls()
         value = ttls[0][1] if ttls else 0
         for since, ttl in ttls:
             if since > at:
@@ -374,27 +381,39 @@ class Registry:
         return value
 
     def oldest_answer_in_force(self, at: datetime) -> datetime:
-        """The earliest instant whose answer a gate may still have held from its cache at ``at``.
-
-        An answer given at instant s may be cached for the TTL advertised at
-        s, so ``at`` minus the TTL advertised at ``at`` when it never changed;
-        when it was lowered shortly before ``at``, answers given under the
-        longer one may reach further back. TTLs recorded after ``at`` play no part.
-        """
-        ttls = self._ttls()
-        oldest = at
-        for i, (since, ttl) in enumerate(ttls):
-            # The period [since, next since) in which ``ttl`` applied; the first reaches back.
-            given = at - timedelta(seconds=ttl)
-            if i > 0:
-                given = max(given, since)
-            if i + 1 < len(ttls) and given >= ttls[i + 1][0]:
-                continue  # no answer of this period was still cached at ``at``
-            if given <= at:
-                oldest = min(oldest, given)
-        return oldest
+        """The earliest instant whose answer a gate may still have held from its cache at ``at``
+        (:func:`oldest_answer_in_force` over this registry's advertised TTLs)."""
+        return oldest_answer_in_force(self.advertised_ttls(), at)
 
     def count(self) -> int:
         """How many cards are registered."""
         row = self._db.one("SELECT count(*) FROM cards")
         return int(row[0]) if row else 0
+
+
+def oldest_answer_in_force(ttls: list[tuple[datetime, int]], at: datetime) -> datetime:
+    """The earliest instant whose answer a gate may still have held from its cache at ``at``.
+
+    An answer given at instant s may be cached for the TTL advertised at s
+    (``ttls``: :meth:`Registry.advertised_ttls`), so ``at`` minus the TTL
+    advertised at ``at`` when it never changed; when it was lowered shortly
+    before ``at``, answers given under the longer one may reach further back.
+    TTLs recorded after ``at`` play no part.
+    """
+    oldest = at
+    for i, (since, ttl) in enumerate(ttls):
+        # The period [since, next since) in which ``ttl`` applied; the first reaches back.
+        given = at - timedelta(seconds=ttl)
+        if i > 0:
+            given = max(given, since)
+        if i + 1 < len(ttls) and given >= ttls[i + 1][0]:
+            continue  # no answer of this period was still cached at ``at``
+        if given <= at:
+            oldest = min(oldest, given)
+    return oldest
+
+
+def answers_between(changes: list[CardChange], start: datetime, end: datetime) -> list[Recorded]:
+    """:meth:`Registry.answers_between` over a card's ``changes`` (:meth:`Registry.history`)."""
+    starts = sorted({start} | {c.known_from for c in changes if start < c.known_from <= end})
+    return [_as_recorded(changes, at) for at in starts]

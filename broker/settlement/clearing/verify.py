@@ -29,7 +29,12 @@ from datetime import date, datetime
 from broker.cards.csv_import import CardRow
 from broker.cards.entitlements import entitlements_for
 from broker.cards.model import CardStatus, shanghai_day
-from broker.cards.registry import Registry
+from broker.cards.registry import (
+    CardChange,
+    Registry,
+    answers_between,
+    oldest_answer_in_force,
+)
 from broker.core.db import Db
 from broker.fares.agreements import Agreement
 from broker.fares.rules import FareTable, cap_of
@@ -118,6 +123,8 @@ class LineChecker:
     # the previous release, which kept none).
     presented: Callable[[str, str], str | None] = lambda _op, _trip: None
     _cards: dict[str, CardRow | None] = field(default_factory=dict)
+    _ttls: list[tuple[datetime, int]] | None = None
+    _histories: dict[str, list[CardChange]] = field(default_factory=dict)  # card → its changes
 
     def _card(self, number: str) -> CardRow | None:
         if number not in self._cards:
@@ -125,6 +132,13 @@ class LineChecker:
                 self._cards.clear()
             self._cards[number] = self.registry.lookup(number)
         return self._cards[number]
+
+    def _history(self, number: str) -> list[CardChange]:
+        if number not in self._histories:
+            if len(self._histories) > 100_000:
+                self._histories.clear()
+            self._histories[number] = self.registry.history(number)
+        return self._histories[number]
 
     def check(self, line: Line) -> tuple[str, int]:
         """``(code, accepted claim in fen)`` for one line; records cap usage when accepted."""
@@ -148,8 +162,10 @@ class LineChecker:
             return "UNKNOWN_CARD", 0
         # The home bears the risk of the TTL it advertised: any answer a gate may still have
         # held from its cache at the time of travel, as the registry had recorded it, will do.
-        since = self.registry.oldest_answer_in_force(t.occurred_at)
-        answers = self.registry.answers_between(t.card.card_number, since, t.occurred_at)
+        if self._ttls is None:  # read once per batch: they change only when a node starts
+            self._ttls = self.registry.advertised_ttls()
+        since = oldest_answer_in_force(self._ttls, t.occurred_at)
+        answers = answers_between(self._history(t.card.card_number), since, t.occurred_at)
         active = [a for a in answers if a.status is CardStatus.ACTIVE]
         if not active:
             return "CARD_NOT_ACTIVE", 0
