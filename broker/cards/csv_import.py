@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 
 from broker.cards.gb11643 import parse_ssn
-from broker.cards.model import validate_card_number
+from broker.cards.model import shanghai_day, validate_card_number
 from broker.cards.privacy import Hasher
 from broker.core.errors import ImportRejected, InvalidArgument, RowError
 
@@ -57,7 +57,7 @@ def _flag(value: str, name: str) -> bool:
         raise ValueError(f"{name} must be true or false") from None
 
 
-def _instant(raw: dict[str, str], name: str) -> datetime | None:
+def _instant(raw: dict[str, str], name: str, today: date) -> datetime | None:
     value = (raw.get(name) or "").strip()
     if not value:
         return None
@@ -67,6 +67,8 @@ def _instant(raw: dict[str, str], name: str) -> datetime | None:
         raise ValueError(f"{name} must be an ISO 8601 instant with a UTC offset") from None
     if at.tzinfo is None or at.utcoffset() is None:
         raise ValueError(f"{name} has no UTC offset: write it as e.g. 2026-03-10T10:00:00+08:00")
+    if shanghai_day(at) > today:
+        raise ValueError(f"{name} is in the future ({value}): refused")
     return at
 
 
@@ -93,8 +95,8 @@ def parse_row(raw: dict[str, str], today: date, hasher: Hasher) -> CardRow:
         disabled=_flag(raw["disabled"], "disabled"),
         student=_flag(raw["student"], "student"),
         valid_until=valid_until,
-        changed_at=_instant(raw, "changed_at"),
-        recorded_at=_instant(raw, "recorded_at"),
+        changed_at=_instant(raw, "changed_at", today),
+        recorded_at=_instant(raw, "recorded_at", today),
     )
 
 

@@ -3,9 +3,12 @@
 Holds one row per card (the holder as a keyed hash, the birth date, status,
 flags, validity) and the full history of its changes, each with two instants:
 ``changed_at``, when it took effect (a loss: when it was reported), and
-``recorded_at``, when this district's registry wrote it. The card *as recorded
-at* an instant T is its latest change with ``changed_at`` ≤ T among those with
-``recorded_at`` ≤ T: what the home district could have answered at T. It also
+``recorded_at``, when this district's back office recorded it (the import
+file may say; else the import's instant), kept beside ``imported_at``, when
+this registry took it in. The card *as recorded at* an instant T is its
+latest change with ``changed_at`` ≤ T among those recorded *and* imported by
+T: what the home district could have answered at T (its answers change only
+at an import). It also
 keeps the recognition TTL the district advertised to its peers, with the
 instants it applied from. Together they let settlement judge a line by the
 answers a gate may still have held at the time of travel (see
@@ -74,7 +77,8 @@ CREATE TABLE IF NOT EXISTS card_history (
     student INTEGER NOT NULL,
     changed_at TEXT NOT NULL,
     recorded_at TEXT NOT NULL,
-    status_history_id INTEGER
+    status_history_id INTEGER,
+    imported_at TEXT
 );
 CREATE INDEX IF NOT EXISTS card_history_card ON card_history (card_number, changed_at);
 CREATE INDEX IF NOT EXISTS card_history_status_row ON card_history (status_history_id);
@@ -93,9 +97,9 @@ MIGRATIONS = (
 # card's flags of now: the previous release judged entitlements by those too.
 _COPY_STATUS_ROWS = (
     "INSERT INTO card_history (card_number, status, valid_until, disabled, student, "
-    "changed_at, recorded_at, status_history_id) "
+    "changed_at, recorded_at, status_history_id, imported_at) "
     "SELECT h.card_number, h.status, h.valid_until, coalesce(c.disabled, 0), "
-    "coalesce(c.student, 0), h.effective_at, h.effective_at, h.id "
+    "coalesce(c.student, 0), h.effective_at, h.effective_at, h.id, h.effective_at "
     "FROM card_status_history h LEFT JOIN cards c ON c.card_number = h.card_number "
     "WHERE h.id > ? ORDER BY h.id"
 )
@@ -258,8 +262,8 @@ class Registry:
                 if old is None or old[2:] != new[2:]:
                     self._db.execute(
                         "INSERT INTO card_history (card_number, status, valid_until, disabled, "
-                        "student, changed_at, recorded_at, status_history_id) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        "student, changed_at, recorded_at, status_history_id, imported_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             r.card_number,
                             r.status,
@@ -269,6 +273,7 @@ class Registry:
                             changed,
                             recorded,
                             status_row,
+                            when,
                         ),
                     )
         return ImportResult(len(rows), inserted, updated, changes, unchanged)
@@ -300,9 +305,13 @@ class Registry:
     def _changes(self, card_number: str, until: datetime) -> list[CardChange]:
         """The card's changes the registry had, in effect, by ``until``."""
         text = utc_text(until)
+        # Recorded: by the back office (recorded_at) *and* here (imported_at). The node's
+        # own answers change only at the import, so a back-dated recorded_at never moves
+        # the delay before it onto a neighbour's operator.
         rows = self._db.all(
-            "SELECT id, status, valid_until, disabled, student, changed_at, recorded_at "
-            "FROM card_history WHERE card_number = ? AND changed_at <= ? AND recorded_at <= ?",
+            "SELECT id, status, valid_until, disabled, student, changed_at, "
+            "max(recorded_at, coalesce(imported_at, recorded_at)) AS known "
+            "FROM card_history WHERE card_number = ? AND changed_at <= ? AND known <= ?",
             (card_number, text, text),
         )
         return [

@@ -117,6 +117,37 @@ class Trip:
 CORRECTABLE = frozenset(
     {"applied_entitlement", "gross_fare_fen", "charged_fen", "concession_fen", "fare_version"}
 )
+# What a representment may correct, by the home district's first rejection: only what the
+# dispute was about. A rejection of the card, the day or the claim itself corrects nothing
+# in the trip: its line may be presented again unchanged (the home fixed its records, or the
+# claim is recomputed under the agreement).
+CORRECTABLE_BY_CODE: dict[str, frozenset[str]] = {
+    "ENTITLEMENT_MISMATCH": frozenset(
+        {"applied_entitlement", "gross_fare_fen", "charged_fen", "concession_fen"}
+    ),
+    "PRICE_MISMATCH": CORRECTABLE,
+    "UNPUBLISHED_FARES": CORRECTABLE,
+}
+_CORRECTABLE_ORDER = (
+    "applied_entitlement",
+    "gross_fare_fen",
+    "charged_fen",
+    "concession_fen",
+    "fare_version",
+)
+
+
+def correctable_values(trip: Trip) -> str:
+    """The first presentment's correctable fields, as the home keeps them (no card data)."""
+    entitlement = trip.applied_entitlement.value if trip.applied_entitlement else 0
+    values = (entitlement, trip.gross_fare_fen, trip.charged_fen, trip.concession_fen)
+    return "|".join([*(str(v) for v in values), trip.fare_version])
+
+
+def corrected_fields(first: str, trip: Trip) -> set[str]:
+    """Which correctable fields ``trip`` changes against a first presentment's values."""
+    pairs = zip(first.split("|", 4), correctable_values(trip).split("|", 4), strict=True)
+    return {name for name, (a, b) in zip(_CORRECTABLE_ORDER, pairs, strict=True) if a != b}
 
 
 @dataclass(frozen=True, slots=True)

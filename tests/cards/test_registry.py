@@ -17,6 +17,7 @@ from broker.cards.model import CardStatus
 from broker.cards.privacy import Hasher
 from broker.cards.registry import MIGRATIONS, Recorded, Registry, derive_status
 from broker.core.db import Db, migrate, utc_text
+from broker.core.errors import ImportRejected
 
 T0 = datetime(2026, 1, 10, 2, 0, tzinfo=UTC)
 
@@ -130,7 +131,7 @@ def test_a_change_counts_from_when_it_took_effect_once_it_is_recorded(tmp_path: 
     reg.upsert([row("A00000001")], T0)
     reported, entered = T0 + timedelta(hours=1), T0 + timedelta(hours=5)
     lost = replace(row("A00000001", "lost"), changed_at=reported, recorded_at=entered)
-    assert reg.upsert([lost], T0 + timedelta(hours=6)).status_changes == 1
+    assert reg.upsert([lost], entered).status_changes == 1
     assert reg.status_at("A00000001", reported) is CardStatus.ACTIVE  # not yet recorded
     assert reg.status_at("A00000001", entered - timedelta(microseconds=1)) is CardStatus.ACTIVE
     assert reg.status_at("A00000001", entered) is CardStatus.LOST
@@ -153,7 +154,7 @@ def test_flags_have_a_history_of_their_own(tmp_path: Path):
 def test_a_row_with_only_recorded_at_took_effect_then(tmp_path: Path):
     reg = Registry(tmp_path / "r.sqlite3")
     entered = T0 + timedelta(hours=2)
-    reg.upsert([replace(row("A00000001"), recorded_at=entered)], T0 + timedelta(days=1))
+    reg.upsert([replace(row("A00000001"), recorded_at=entered)], entered)
     assert reg.status_at("A00000001", entered - timedelta(seconds=1)) is CardStatus.UNKNOWN
     assert reg.status_at("A00000001", entered) is CardStatus.ACTIVE
     reg.close()
@@ -278,12 +279,48 @@ def test_an_import_with_the_back_offices_instants_keeps_them(tmp_path: Path):
     ]
     rows = parse_import(lines, date(2026, 1, 10), hasher)
     reg = Registry(tmp_path / "r.sqlite3")
-    reg.upsert(rows, T0 + timedelta(days=1))
     reported = datetime(2026, 1, 10, 1, 0, tzinfo=UTC)  # 09:00 in Shanghai
     entered = datetime(2026, 1, 10, 4, 30, tzinfo=UTC)
+    reg.upsert(rows, entered)  # every replica imports it as the back office enters it
     assert reg.status_at("A00000001", entered - timedelta(microseconds=1)) is CardStatus.UNKNOWN
     assert reg.status_at("A00000001", entered) is CardStatus.LOST
     reg.close()
     with sqlite3.connect(tmp_path / "r.sqlite3") as raw:
         stored = raw.execute("SELECT changed_at, recorded_at FROM card_history").fetchall()
     assert stored == [(utc_text(reported), utc_text(entered))]
+
+
+def test_a_change_counts_only_from_its_import_here_however_early_it_was_recorded(
+    tmp_path: Path,
+):
+    """The node's answers change only when it imports the change: a back office that
+    recorded the loss at 10:00 but whose file this node took in at 12:00 answered ACTIVE
+    until 12:00, and that is the home's delay, not the neighbour's."""
+    reg = Registry(tmp_path / "r.sqlite3")
+    reg.upsert([row("A00000001")], T0)
+    recorded, imported = T0 + timedelta(hours=1), T0 + timedelta(hours=3)
+    lost = replace(row("A00000001", "lost"), changed_at=recorded, recorded_at=recorded)
+    reg.upsert([lost], imported)
+    assert reg.status_at("A00000001", imported - timedelta(microseconds=1)) is CardStatus.ACTIVE
+    assert reg.status_at("A00000001", imported) is CardStatus.LOST
+    with sqlite3.connect(tmp_path / "r.sqlite3") as raw:  # the back office's instants kept
+        kept = raw.execute(
+            "SELECT changed_at, recorded_at, imported_at FROM card_history WHERE status = 'lost'"
+        ).fetchall()
+    assert kept == [(utc_text(recorded), utc_text(recorded), utc_text(imported))]
+    reg.close()
+
+
+def test_an_instant_in_the_future_is_refused_with_its_row(tmp_path: Path):
+    hasher = Hasher(b"k" * 32)
+    first = "500111" + "19500101" + "123"
+    ssn = first + ssn_check_character(first)
+    lines = [
+        "card_number,ssn,status,disabled,student,valid_until,changed_at,recorded_at",
+        f"A00000001,{ssn},lost,false,false,2030-01-01,2026-01-11T09:00:00+08:00,",
+    ]
+    with pytest.raises(ImportRejected) as refused:
+        parse_import(lines, date(2026, 1, 10), hasher)
+    assert [(e.line, e.reason) for e in refused.value.errors] == [
+        (2, "changed_at is in the future (2026-01-11T09:00:00+08:00): refused")
+    ]

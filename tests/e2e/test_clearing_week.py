@@ -59,7 +59,9 @@ from tests.clearing_day import (
 )
 from tests.conftest import ANYUE, DAZU, RONGCHANG, THREE, Cluster
 
-TTL_S = 5  # what every district advertises as [recognition] cache_ttl_seconds here
+TTL_S = 10  # what every district advertises as [recognition] cache_ttl_seconds here: short
+# enough to wait out (gate caches expire on the monotonic clock, not the day clock), long enough
+# that a busy machine still makes its cached check within it
 NEW_BUS_FEN = 300  # sample-2's bus fare; sample-1's is 200
 # The gross fare of each scene under each version, as written in the fares files.
 GROSS = {

@@ -3,7 +3,8 @@
 For one settlement day, from this district's own stores (the place of travel's view):
 
 - every accepted trip of a neighbour's card-holder is in exactly one close batch
-  to that neighbour, or after the last close (not closed yet, listed apart);
+  to that neighbour, or after the last close (not closed yet, listed apart) — but
+  not once the day is sealed: then the next close owes it a batch;
 - every batch holds exactly the trips of its range, and its stored figures are
   those of its lines;
 - every acknowledged batch's signed acknowledgement (the home district's figures)
@@ -24,6 +25,7 @@ from typing import Any
 from broker.core.errors import DocumentRefused
 from broker.core.signing import parse
 from broker.settlement.clearing.store import ClearingStore
+from broker.settlement.ledger.store import is_sealed
 
 
 @dataclass
@@ -60,6 +62,7 @@ def check_day(store: ClearingStore, own: str, period: date) -> DayCheck:
     )
     top = store.db.one("SELECT max(watermark) FROM day_closes WHERE period = ?", (day,))
     watermark = int(top[0]) if top and top[0] is not None else 0
+    sealed = is_sealed(store.trips, period)  # then nothing may stay "not closed yet"
     out.accepted, out.batches = len(trips), len(batches)
     covered: Counter[tuple[str, str]] = Counter()
     per_batch: Counter[tuple[str, int]] = Counter()
@@ -76,8 +79,13 @@ def check_day(store: ClearingStore, own: str, period: date) -> DayCheck:
             out.problems.append(f"trip {operator}/{trip} is in {len(holders)} batches")
         elif holders:
             out.in_batches += 1
-        elif int(seq) > watermark:
+        elif int(seq) > watermark and not sealed:
             out.not_closed += 1
+        elif int(seq) > watermark:
+            out.problems.append(
+                f"trip {operator}/{trip} (to {home}) is in no batch, and the day is sealed: "
+                "run `broker settle close` for it"
+            )
         else:
             out.problems.append(f"trip {operator}/{trip} (to {home}) is in no batch")
     for b in batches:

@@ -32,6 +32,12 @@ def require_ready(store: ClearingStore, counterparty: str, period: date, now: da
             f"cannot confirm {period.isoformat()}: no close has run since its late window "
             "closed; run `broker settle close` for the day first"
         )
+    unbatched = unbatched_trips(store, counterparty, period)
+    if unbatched:
+        raise SettlementStateError(
+            f"cannot confirm {period.isoformat()} with {counterparty}: {unbatched} accepted "
+            "trip(s) of the day are in no batch yet; run `broker settle close` for the day"
+        )
     mine = position(store, counterparty, period)
     if mine.pending_batches or mine.open_disputes:
         raise SettlementStateError(
@@ -111,3 +117,17 @@ def refuse_if_settled(db: Db, counterparty: str, period: date) -> None:
             f"{period.isoformat()} is SETTLED between {counterparty} and this district: "
             "no batch for it is taken"
         )
+
+
+def unbatched_trips(store: ClearingStore, counterparty: str, period: date) -> int:
+    """Accepted trips of ``period`` by ``counterparty``'s card-holders after the last close."""
+    top = store.db.one(
+        "SELECT coalesce(max(watermark), 0) FROM day_closes WHERE period = ?",
+        (period.isoformat(),),
+    )
+    row = store.trips.one(
+        "SELECT count(*) FROM trips WHERE settlement_day = ? AND outcome = 'accepted' "
+        "AND issuer_region = ? AND ingest_seq > ?",
+        (store.trips.day(period), counterparty, int(top[0]) if top else 0),
+    )
+    return int(row[0]) if row else 0

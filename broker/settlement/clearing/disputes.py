@@ -23,7 +23,7 @@ from broker.core.errors import SettlementStateError
 from broker.settlement.clearing.batch import Line, encode_lines
 from broker.settlement.clearing.store import ClearingStore, b64, next_seq
 from broker.settlement.ledger.common import TRIP_COLUMNS, trip_from_row
-from broker.settlement.trips import CORRECTABLE, Trip
+from broker.settlement.trips import CORRECTABLE, CORRECTABLE_BY_CODE, Trip
 
 
 def build_represent(
@@ -49,7 +49,7 @@ def build_represent(
     db = store.db
     with db.write():
         dispute = db.one(
-            "SELECT period, state FROM disputes WHERE counterparty = ? AND operator_id = ? "
+            "SELECT period, state, code FROM disputes WHERE counterparty = ? AND operator_id = ? "
             "AND trip_id = ?",
             (counterparty, operator_id, trip_id),
         )
@@ -58,6 +58,14 @@ def build_represent(
         if dispute[1] != "open":
             raise SettlementStateError(
                 f"dispute {operator_id}/{trip_id} is {dispute[1]}: a line is represented once"
+            )
+        allowed = CORRECTABLE_BY_CODE.get(str(dispute[2]), frozenset())
+        beyond = sorted(set(corrections) - allowed)
+        if beyond:
+            may = ", ".join(sorted(allowed)) or "nothing (present it again unchanged)"
+            raise SettlementStateError(
+                f"the dispute is {dispute[2]}: a representment of it may correct {may}, "
+                f"not {', '.join(beyond)}"
             )
         row = store.trips.one(
             f"SELECT {TRIP_COLUMNS} FROM trips WHERE operator_id = ? AND trip_id = ?",

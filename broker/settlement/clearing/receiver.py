@@ -55,6 +55,7 @@ from broker.settlement.clearing.store import ClearingStore, b64, unb64
 from broker.settlement.clearing.verify import CAP_EXCEEDED, OK, CapCounter, LineChecker
 from broker.settlement.ledger.common import TRIP_COLUMNS, trip_from_row
 from broker.settlement.statements import scheme_of
+from broker.settlement.trips import correctable_values
 
 log = structlog.get_logger(__name__)
 
@@ -256,7 +257,13 @@ class Receiver:
                         )
                         if attempt == 1:
                             firsts.append(
-                                (sender, t.operator_id, t.trip_id, t.presentment_digest())
+                                (
+                                    sender,
+                                    t.operator_id,
+                                    t.trip_id,
+                                    t.presentment_digest(),
+                                    correctable_values(t),
+                                )
                             )
                     line_no += 1
                 # Written per chunk, so a duplicate later in the same batch is seen.
@@ -270,8 +277,9 @@ class Receiver:
                     rows,
                 )
                 self._db.executemany(
-                    "INSERT INTO in_line_presentments (sender, operator_id, trip_id, digest) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (sender, operator_id, trip_id) DO NOTHING",
+                    "INSERT INTO in_line_presentments (sender, operator_id, trip_id, digest, "
+                    "correctable) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (sender, operator_id, trip_id) DO NOTHING",
                     firsts,
                 )
                 pending.clear()
@@ -344,14 +352,17 @@ class Receiver:
         )
         return (str(row[0]), int(row[1])) if row else None
 
-    def _presented(self, sender: str, operator_id: str, trip_id: str) -> str | None:
-        """The digest of a line's first presentment (None for lines of the previous release)."""
+    def _presented(
+        self, sender: str, operator_id: str, trip_id: str
+    ) -> tuple[str, str | None] | None:
+        """A line's first presentment: its digest and correctable values (None for lines of
+        the previous release)."""
         row = self._db.one(
-            "SELECT digest FROM in_line_presentments WHERE sender = ? AND operator_id = ? "
-            "AND trip_id = ?",
+            "SELECT digest, correctable FROM in_line_presentments WHERE sender = ? "
+            "AND operator_id = ? AND trip_id = ?",
             (sender, operator_id, trip_id),
         )
-        return str(row[0]) if row else None
+        return (str(row[0]), None if row[1] is None else str(row[1])) if row else None
 
     def _sync_own_usage(self) -> None:
         """Count this district's own operators' concessions to its own card-holders against caps."""

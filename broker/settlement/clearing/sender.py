@@ -159,9 +159,12 @@ class Sender:
         if not force:
             require_ended(period, now, "close")
         if now < window_end(period):
-            return self._plan(period, None)
-        with self.store.trips.write():  # the ledger's write lock, held to the end of the plan
-            return self._plan(period, seal_day(self.store.trips, period, now))
+            planned = self._plan(period, None)
+        else:
+            with self.store.trips.write():  # the ledger's write lock, to the end of the plan
+                planned = self._plan(period, seal_day(self.store.trips, period, now))
+        crash.point("close_planned")
+        return planned
 
     def _plan(self, period: date, sealed_at: int | None) -> int | None:
         day = period.isoformat()
@@ -172,15 +175,17 @@ class Sender:
                 "AND kind = 'close' AND state = 'built'",
                 (day,),
             )
-            pending = [sum(1 for (c,) in waiting if self.cfg.peer(str(c)) is not None)]
+            pending = sum(1 for (c,) in waiting if self.cfg.peer(str(c)) is not None)
             last = self._db.one(
                 "SELECT close_no, watermark FROM day_closes WHERE period = ? "
                 "ORDER BY close_no DESC LIMIT 1",
                 (day,),
             )
             close_no, low = (int(last[0]), int(last[1])) if last else (0, 0)
-            if pending and pending[0]:
+            if pending and sealed_at is None:
                 return close_no
+            # The sealing close plans up to the seal even while an earlier batch waits:
+            # the ranges do not overlap, and no trip of the day can come after it.
             if sealed_at is not None:
                 high = sealed_at
             else:
@@ -210,7 +215,6 @@ class Sender:
                     "created_at) VALUES (?, ?, ?, 'close', ?, ?, 'built', ?)",
                     (home, day, next_seq(self._db, home, day), low, high, now),
                 )
-        crash.point("close_planned")
         return close_no
 
     async def close(self, period: date, force: bool = False) -> CloseReport:
@@ -240,7 +244,8 @@ class Sender:
                 for c, seq in rows:
                     if c == home:
                         report.batches.append(await self.send(home, period, int(seq)))
-            except (PeerUnavailable, DocumentRefused) as exc:  # one home holds up no other
+            except (PeerUnavailable, DocumentRefused, SettlementStateError) as exc:
+                # One home holds up no other.
                 log.warning("close_incomplete", district=home, error=str(exc))
                 report.failures.append(f"district {home}: {exc}")
         return report
@@ -361,9 +366,7 @@ class Sender:
                 by_operator,
             )
         except grpc.aio.AioRpcError as exc:
-            raise PeerUnavailable(
-                counterparty, f"ExchangeBatch: {exc.code().name} {exc.details()}"
-            ) from exc
+            raise _refusal(counterparty, "ExchangeBatch", exc) from exc
         finally:
             verdicts.close()
         crash.point("ack_stored")
@@ -434,9 +437,7 @@ class Sender:
         try:
             reply = await self._stub(counterparty).ConfirmDay(signed_to_wire(signed), timeout=60)
         except grpc.aio.AioRpcError as exc:
-            raise PeerUnavailable(
-                counterparty, f"ConfirmDay: {exc.code().name} {exc.details()}"
-            ) from exc
+            raise _refusal(counterparty, "ConfirmDay", exc) from exc
         answer = Signed(reply.document, reply.key_id, reply.signature)
         theirs = verify(answer, self._keys_of(counterparty), Purpose.POSITION)
         if not addressed(theirs, counterparty, self._own, period):
@@ -456,6 +457,14 @@ class Sender:
             self._clock(),
         )
         return position(self.store, counterparty, period)
+
+
+def _refusal(district: str, call: str, exc: grpc.aio.AioRpcError) -> Exception:
+    """A failed call as the close reports it: the home's refusal of a state (its reason
+    verbatim), or the home not reached."""
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+        return SettlementStateError(f"{district} refused {call}: {exc.details()}")
+    return PeerUnavailable(district, f"{call}: {exc.code().name} {exc.details()}")
 
 
 def _counting(

@@ -101,7 +101,7 @@ MIGRATIONS = (
         # release's rows stay as they were; its lines simply have no digest.
         "CREATE TABLE IF NOT EXISTS in_line_presentments (sender TEXT NOT NULL, "
         "operator_id TEXT NOT NULL, trip_id TEXT NOT NULL, digest TEXT NOT NULL, "
-        "PRIMARY KEY (sender, operator_id, trip_id))",
+        "correctable TEXT, PRIMARY KEY (sender, operator_id, trip_id))",
     ),
     Migration(
         4,

@@ -13,8 +13,10 @@ published by the sender and in force when the trip occurred, or within
 amounts and scheme are what those rules give (``PRICE_MISMATCH``); the claim
 is what the agreement gives (``CLAIM_MISMATCH``). Before all but the first, the trip must not have
 been received before (``DUPLICATE``; a representment must follow a first
-rejection, ``NOT_DISPUTED``, and be the same trip: the same card, place, time
-and gate, ``NOT_SAME_TRIP``). A concession over a cap of its scheme (per card-holder,
+rejection, ``NOT_DISPUTED``, be the same trip: the same card, place, time
+and gate, ``NOT_SAME_TRIP``, and correct only what the rejection was about,
+``CORRECTABLE_BY_CODE`` of :mod:`broker.settlement.trips`, ``BEYOND_DISPUTE``).
+A concession over a cap of its scheme (per card-holder,
 per month and per year, counted across every district, this district's own
 operators included) keeps its fare but loses its concession claim
 (``CAP_EXCEEDED``).
@@ -39,6 +41,7 @@ from broker.core.db import Db
 from broker.fares.agreements import Agreement
 from broker.fares.rules import FareTable, cap_of
 from broker.settlement.clearing.batch import Line
+from broker.settlement.trips import CORRECTABLE_BY_CODE, corrected_fields
 
 OK = "ACCEPTED"
 CAP_EXCEEDED = "CAP_EXCEEDED"
@@ -55,6 +58,7 @@ REJECTIONS = frozenset(
         "DUPLICATE",
         "NOT_DISPUTED",
         "NOT_SAME_TRIP",
+        "BEYOND_DISPUTE",
     }
 )
 
@@ -121,7 +125,7 @@ class LineChecker:
     representment: bool = False
     # (operator, trip) → the first presentment's Trip.presentment_digest (None: stored by
     # the previous release, which kept none).
-    presented: Callable[[str, str], str | None] = lambda _op, _trip: None
+    presented: Callable[[str, str], tuple[str, str | None] | None] = lambda _op, _trip: None
     _cards: dict[str, CardRow | None] = field(default_factory=dict)
     _ttls: list[tuple[datetime, int]] | None = None
     _histories: dict[str, list[CardChange]] = field(default_factory=dict)  # card → its changes
@@ -151,7 +155,13 @@ class LineChecker:
             if before is None or before[0] not in REJECTIONS or before[1] != 1:
                 return "NOT_DISPUTED", 0
             first = self.presented(t.operator_id, t.trip_id)
-            if first is not None and first != t.presentment_digest():
+            if first is not None and first[1] is not None:
+                beyond = corrected_fields(first[1], t) - CORRECTABLE_BY_CODE.get(
+                    before[0], frozenset()
+                )
+                if beyond:
+                    return "BEYOND_DISPUTE", 0  # corrects what the rejection was not about
+            if first is not None and first[0] != t.presentment_digest():
                 return "NOT_SAME_TRIP", 0  # another card, place, time or gate: not a correction
         elif before is not None:
             return "DUPLICATE", 0

@@ -197,9 +197,14 @@ class SqlLedger:
         if window <= timedelta(0) or not gated:
             return judged
         seen = self._accepted_taps(gated, window)
+        stored = self._stored_ids(gated)  # they keep their stored outcome: not a tap of this one
         out = []
         for t, v in judged:
-            if t.gate_id and v.outcome is Outcome.ACCEPTED:
+            if (
+                t.gate_id
+                and v.outcome is Outcome.ACCEPTED
+                and (t.operator_id, t.trip_id) not in stored
+            ):
                 taps = seen[_tap_of(t)]
                 first = next(
                     (
@@ -220,6 +225,23 @@ class SqlLedger:
                     )
             out.append((t, v))
         return out
+
+    def _stored_ids(self, trips: list[Trip]) -> set[tuple[str, str]]:
+        """Which of ``trips``' (operator, trip id) are stored already, with any outcome."""
+        found: set[tuple[str, str]] = set()
+        by_operator: dict[str, list[str]] = defaultdict(list)
+        for t in trips:
+            by_operator[t.operator_id].append(t.trip_id)
+        for operator_id, ids in by_operator.items():
+            for i in range(0, len(ids), _CARDS_PER_QUERY):
+                some = ids[i : i + _CARDS_PER_QUERY]
+                rows = self._db.all(
+                    f"SELECT trip_id FROM trips WHERE operator_id = ? AND trip_id IN "
+                    f"({', '.join('?' * len(some))})",
+                    (operator_id, *some),
+                )
+                found.update((operator_id, str(r[0])) for r in rows)
+        return found
 
     def _accepted_taps(
         self, gated: list[Trip], window: timedelta

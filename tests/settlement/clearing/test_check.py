@@ -15,8 +15,19 @@ import pytest
 from broker.node.config import render_config
 from broker.settlement.clearing.check import DayCheck, check_day
 from broker.settlement.clearing.sender import Sender
+from broker.settlement.ledger.store import seal_day
 from tests.helpers import run_cli
-from tests.settlement.clearing.pair import DAY, HOME, OPERATOR, SERVING, THIRD, World, card, trip
+from tests.settlement.clearing.pair import (
+    DAY,
+    HOME,
+    OPERATOR,
+    SERVING,
+    SETTLE_AT,
+    THIRD,
+    World,
+    card,
+    trip,
+)
 
 
 @pytest.fixture
@@ -56,6 +67,25 @@ async def test_a_trip_after_the_last_close_is_not_closed_yet_not_a_fault(
     world[SERVING].record(trip(card(HOME, "plain"), "late-1"))
     found = check(world)
     assert found.clean and found.not_closed == 1
+
+
+async def test_once_the_day_is_sealed_a_trip_after_the_last_close_is_a_fault(
+    world: World, sender: Sender
+) -> None:
+    """Sealed, nothing can follow it: a trip in no batch would never be cleared."""
+    await closed_day(world, sender)
+    world[SERVING].record(trip(card(HOME, "plain"), "late-1"))
+    with world[SERVING].store.trips.write():  # sealed without a close planning late-1
+        seal_day(world[SERVING].store.trips, DAY, SETTLE_AT)
+    found = check(world)
+    assert found.not_closed == 0
+    assert found.problems == [
+        f"trip {OPERATOR}/late-1 (to {HOME}) is in no batch, and the day is sealed: "
+        "run `broker settle close` for it"
+    ]
+    world.now = SETTLE_AT
+    await sender.close(DAY)  # the close puts it in a batch
+    assert check(world).clean
 
 
 async def test_a_batch_row_lost_leaves_its_trips_in_no_batch(world: World, sender: Sender) -> None:

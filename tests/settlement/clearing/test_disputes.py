@@ -112,12 +112,39 @@ def test_a_correction_of_the_entitlement_and_amounts_keeps_the_trip_whole(world:
         represent(world, FULL_FARE)
 
 
-def test_the_fare_version_and_gross_fare_may_be_corrected_too(world: World) -> None:
-    """A rejection may be about the rules priced by (UNPUBLISHED_FARES, PRICE_MISMATCH)."""
+def the_dispute_is(world: World, code: str) -> None:
+    world[SERVING].store.db.execute("UPDATE disputes SET code = ?", (code,))
+
+
+@pytest.mark.parametrize("code", ["PRICE_MISMATCH", "UNPUBLISHED_FARES"])
+def test_the_fare_version_and_gross_fare_may_be_corrected_when_the_price_was_disputed(
+    world: World, code: str
+) -> None:
+    """A rejection about the rules priced by lets the representment correct them."""
+    the_dispute_is(world, code)
     fixed = {"fare_version": "sample-2", "gross_fare_fen": 300, **FULL_FARE, "charged_fen": 300}
     represent(world, fixed)
     [sent] = built(world)
     assert (sent.trip.fare_version, sent.trip.gross_fare_fen) == ("sample-2", 300)
+
+
+def test_an_entitlement_dispute_does_not_correct_the_fare_version(world: World) -> None:
+    fixed = {"fare_version": "sample-2", "gross_fare_fen": 300, **FULL_FARE, "charged_fen": 300}
+    with pytest.raises(SettlementStateError, match="not fare_version"):
+        represent(world, fixed)
+    assert state(world) == ("open", None)
+
+
+@pytest.mark.parametrize("code", ["CARD_NOT_ACTIVE", "UNKNOWN_CARD", "CLAIM_MISMATCH"])
+def test_a_dispute_about_the_card_or_the_claim_corrects_nothing_in_the_trip(
+    world: World, code: str
+) -> None:
+    the_dispute_is(world, code)
+    with pytest.raises(SettlementStateError, match="may correct nothing"):
+        represent(world, FULL_FARE)
+    represent(world, {})  # presented again unchanged: the home may have fixed its records
+    [sent] = built(world)
+    assert sent.trip == FIRST
 
 
 def test_corrected_amounts_that_do_not_add_up_are_refused(world: World) -> None:

@@ -23,7 +23,8 @@ from broker.cards.model import Entitlement, Scene
 from broker.core.errors import DocumentRefused, PeerUnavailable, SettlementStateError
 from broker.core.signing import Purpose, Signed, Signer, unsigned_body, verify
 from broker.settlement.clearing.positions import position
-from broker.settlement.clearing.sender import BatchResult, Sender, line_for
+from broker.settlement.clearing.sender import BatchResult, CloseReport, Sender, line_for
+from broker.settlement.ledger.store import seal_day
 from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason
 from tests.settlement.clearing.pair import (
     AT,
@@ -412,6 +413,44 @@ async def settled_day(world: World, sender: Sender) -> None:
     await sender.close(DAY)
     await world.sender(HOME).close(DAY)
     assert (await sender.confirm(HOME, DAY)).state == "settled"
+
+
+async def test_the_sealing_close_covers_trips_after_a_batch_still_waiting(
+    world: World, sender: Sender
+) -> None:
+    """A batch left unacknowledged (home down) does not make the sealing close skip the trips
+    that came after it: else the day would settle without them, and their batch be refused."""
+    world[SERVING].record(trip(card(HOME, "plain"), "t-1"))
+    world.down.add(HOME)
+    assert (await sender.close(DAY)).failures  # batch 1 built, not sent
+    world[SERVING].record(trip(card(HOME, "plain"), "t-2"))  # inside the late window
+    world.down.clear()
+    world.now = SETTLE_AT
+    report = await sender.close(DAY)  # sends batch 1, and plans and sends batch 2
+    assert [(b.sequence, b.lines) for b in report.batches] == [(1, 1), (2, 1)]
+    assert world.sender(HOME).plan_close(DAY) is None
+    settled = await sender.confirm(HOME, DAY)
+    assert (settled.state, settled.receivable_fen) == ("settled", 400)
+    assert await sender.close(DAY) == CloseReport(DAY.isoformat(), None)  # nothing left over
+
+
+async def test_a_day_is_not_confirmed_while_an_accepted_trip_is_in_no_batch(
+    world: World, sender: Sender
+) -> None:
+    """Sealed by a close that planned nothing (its batch waited): the trip after it holds
+    the confirmation until a close puts it in a batch."""
+    world[SERVING].record(trip(card(HOME, "plain"), "t-1"))
+    await sender.close(DAY)
+    world.now = SETTLE_AT
+    assert world.sender(HOME).plan_close(DAY) is None
+    world[SERVING].record(trip(card(HOME, "plain"), "t-2"))
+    db = world[SERVING].store.trips
+    with db.write():  # the day sealed without a close planning t-2 (what the fix prevents)
+        seal_day(db, DAY, SETTLE_AT)
+    with pytest.raises(SettlementStateError, match="1 accepted trip"):
+        await sender.confirm(HOME, DAY)
+    await sender.close(DAY)
+    assert (await sender.confirm(HOME, DAY)).receivable_fen == 400
 
 
 async def test_a_late_trip_cannot_change_a_settled_day(world: World, sender: Sender) -> None:

@@ -33,6 +33,7 @@ from broker.settlement.clearing.verify import (
     LineChecker,
     claim,
 )
+from broker.settlement.trips import correctable_values
 from broker.testbed.build import SAMPLE_AGREEMENT, SAMPLE_FARES
 from tests.settlement.clearing.pair import (
     AT,
@@ -413,7 +414,7 @@ def change(home: Home, ref: CardRef, changed: datetime, recorded: datetime, **fi
     stored = home.registry.lookup(ref.card_number)
     assert stored is not None
     new = replace(stored, changed_at=changed, recorded_at=recorded, **fields)
-    home.registry.upsert([new], recorded + timedelta(minutes=5))  # imported a little later
+    home.registry.upsert([new], recorded)  # the back office feeds the registry at once
 
 
 @pytest.mark.parametrize(
@@ -498,7 +499,10 @@ def first_presentment() -> Line:
 def representing(home: Home, first: Line) -> LineChecker:
     """A checker of a representment, the first presentment rejected and its digest kept."""
     checker = home.checker(previous=lambda op, tid: ("ENTITLEMENT_MISMATCH", 1), representment=True)
-    checker.presented = lambda op, tid: first.trip.presentment_digest()
+    checker.presented = lambda op, tid: (
+        first.trip.presentment_digest(),
+        correctable_values(first.trip),
+    )
     return checker
 
 
@@ -527,6 +531,23 @@ def test_a_representment_correcting_the_price_is_the_same_trip(home: Home) -> No
     first = first_presentment()
     fixed = replace(first.trip, applied_entitlement=None, charged_fen=200, concession_fen=0)
     assert representing(home, first).check(line(fixed)) == (OK, 200)
+
+
+def test_a_representment_correcting_what_the_rejection_was_not_about_is_refused(
+    home: Home,
+) -> None:
+    """Rejected for the entitlement: the fare version it was priced by is not in dispute."""
+    first = first_presentment()
+    fixed = replace(first.trip, applied_entitlement=None, charged_fen=200, concession_fen=0)
+    repriced = line(replace(fixed, fare_version="sample-0"))
+    assert representing(home, first).check(repriced) == ("BEYOND_DISPUTE", 0)
+    assert "BEYOND_DISPUTE" in REJECTIONS
+    lost = home.checker(previous=lambda op, tid: ("CARD_NOT_ACTIVE", 1), representment=True)
+    lost.presented = lambda op, tid: (
+        first.trip.presentment_digest(),
+        correctable_values(first.trip),
+    )
+    assert lost.check(line(fixed)) == ("BEYOND_DISPUTE", 0)  # nothing of the trip was disputed
 
 
 def test_without_a_stored_digest_a_representment_is_judged_as_before(home: Home) -> None:

@@ -347,6 +347,19 @@ def test_a_rejected_tap_is_not_one_a_later_trip_duplicates(windowed):
     ledger.close()
 
 
+def test_a_stored_rejected_trip_sent_again_is_not_a_tap_a_new_trip_duplicates(windowed):
+    """The operator re-uploads its file with the bad line and, under a new id, the corrected
+    trip: the old id keeps its rejection, and is no tap the corrected trip repeats."""
+    ledger = windowed(timedelta(seconds=5))
+    assert ledger.record([(tap(1), BAD_AMOUNTS)], NOW) == [BAD_AMOUNTS]
+    assert ledger.record([(tap(1), ACCEPT), (tap(2, seconds=1), ACCEPT)], NOW) == [
+        BAD_AMOUNTS,
+        ACCEPT,
+    ]
+    assert ledger.outcome("bus-01", "t-000002") == ACCEPT
+    ledger.close()
+
+
 def test_a_window_of_zero_turns_the_check_off(windowed):
     ledger = windowed(timedelta(0))
     assert ledger.record([(tap(1), ACCEPT), (tap(2), ACCEPT)], NOW) == [ACCEPT, ACCEPT]

@@ -241,7 +241,10 @@ class LineVerdict(_message.Message):
     CARD_NOT_ACTIVE, ENTITLEMENT_MISMATCH, UNPUBLISHED_FARES, PRICE_MISMATCH,
     CLAIM_MISMATCH, DUPLICATE, WRONG_DISTRICT, WRONG_DAY, NOT_DISPUTED,
     NOT_SAME_TRIP (a representment whose card, place, time or gate differs
-    from the line it represents).
+    from the line it represents), BEYOND_DISPUTE (a representment correcting
+    what its first rejection was not about: an ENTITLEMENT_MISMATCH may
+    correct the entitlement and amounts, a PRICE_MISMATCH or UNPUBLISHED_FARES
+    also the fare version, any other rejection nothing).
     """
     accepted_claim_fen: _builtins.int
     """The claim the receiver accepts for this line (0 when rejected)."""
