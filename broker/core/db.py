@@ -31,13 +31,15 @@ a warning is logged and the file is opened all the same.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import socket
 import sqlite3
 import stat
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -302,6 +304,82 @@ class Db:
         if self.dialect == "postgres":
             self.execute("LOCK TABLE trips IN EXCLUSIVE MODE")
 
+    # ------------------------------------------------------------ locks between processes
+
+    def lock_key(self, name: str) -> int:
+        """The advisory-lock key of ``name`` in this schema (a signed 32-bit number)."""
+        return zlib.crc32(f"{self.schema()}/{name}".encode()) - 2**31
+
+    def lock_for_transaction(self, name: str) -> None:
+        """Inside :meth:`write`: hold the lock ``name`` until the transaction ends.
+
+        PostgreSQL: a transaction-scoped advisory lock, shared by every
+        connection to this schema (every replica). SQLite: ``BEGIN IMMEDIATE``
+        already keeps every other writer out.
+        """
+        if self.dialect == "postgres":
+            self.execute("SELECT pg_advisory_xact_lock(?)", (self.lock_key(name),))
+
+    @contextmanager
+    def held(self, name: str, on_wait: Callable[[str], None] = lambda who: None) -> Iterator[None]:
+        """Hold the lock ``name`` for the block, across processes (and hosts, on PostgreSQL).
+
+        When another holds it, ``on_wait`` is told who (as far as the database
+        knows), then this waits for it. The lock dies with its holder's process.
+        PostgreSQL: a session-level advisory lock; while it is held the
+        session's ``application_name`` says who holds it (``pg_stat_activity``).
+        SQLite: a POSIX lock on a byte of ``<database>-locks``; one process
+        should hold one such lock per database at a time (closing the file
+        drops all of the process's locks on it). Not inside :meth:`write`.
+        """
+        key = self.lock_key(name)
+        me = f"yikatong {name} (pid {os.getpid()} on {socket.gethostname()})"
+        if self.dialect == "sqlite":
+            row = self.one("PRAGMA database_list")  # the main database comes first
+            db_file = Path(str(row[2]) if row else "")
+            path = db_file.with_name(f"{db_file.name}-locks")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE_FILE)
+            try:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, key + 2**31)
+                except OSError:
+                    on_wait(f"another process on this host ({path})")
+                    fcntl.lockf(fd, fcntl.LOCK_EX, 1, key + 2**31)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+            return
+        got = self.one("SELECT pg_try_advisory_lock(?)", (key,))
+        if not (got and got[0]):
+            on_wait(self._holder(key))
+            self.execute("SELECT pg_advisory_lock(?)", (key,))
+        self.execute("SELECT set_config('application_name', ?, false)", (me,))
+        try:
+            yield
+        finally:
+            try:
+                self.execute("SELECT pg_advisory_unlock(?)", (key,))
+                self.execute("SELECT set_config('application_name', '', false)")
+            except Exception as exc:  # a lost connection took the lock with it
+                log.warning("advisory lock not released", lock=name, error=str(exc))
+
+    def _holder(self, key: int) -> str:
+        """Who holds advisory lock ``key`` (PostgreSQL shows a bigint key in two halves)."""
+        row = self.one(
+            "SELECT a.application_name, a.pid, a.client_addr, a.backend_start FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+            "AND l.granted AND l.objsubid = 1 AND l.classid::bigint = ? AND l.objid::bigint = ? "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            ((key >> 32) & 0xFFFFFFFF, key & 0xFFFFFFFF),
+        )
+        if row is None:
+            return "another session (gone meanwhile)"
+        app, pid, addr, since = row
+        return (
+            f"{app or 'another session'} [PostgreSQL pid {pid}, client {addr or 'local socket'}, "
+            f"connected {since.isoformat(timespec='seconds') if since else '?'}]"
+        )
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
@@ -406,6 +484,4 @@ def _ensure_table(db: Db, component: str) -> None:
 
 def _serialise(db: Db, component: str) -> None:
     """Inside :meth:`Db.write`: one migrating connection per schema at a time."""
-    if db.dialect == "postgres":
-        key = zlib.crc32(f"{db.schema()}/{component}".encode()) - 2**31
-        db.execute("SELECT pg_advisory_xact_lock(?)", (key,))
+    db.lock_for_transaction(component)

@@ -11,7 +11,9 @@ The tree::
     ├── ImportRejected         a registry import file was refused whole (carries every bad row)
     ├── DocumentRefused        a signed settlement document or batch fails its signature or digest
     ├── Conflict               other content under an identifier already used (a batch sequence)
-    └── SettlementStateError   a settlement step asked for in the wrong state
+    ├── LimitExceeded          an input is larger than a configured maximum (names the setting)
+    ├── SettlementStateError   a settlement step asked for in the wrong state
+    └── Busy                   too much work queued already: retry later (with a hint)
 
 Errors from foreign libraries (grpc, redis, sqlite3) are converted at the edge
 that calls them, with ``raise ... from exc``. The mapping from these errors to
@@ -106,5 +108,31 @@ class Conflict(BrokerError):
     """An identifier already used with other content (e.g. a batch sequence number)."""
 
 
+class LimitExceeded(BrokerError):
+    """An input is larger than a configured maximum; sent again unchanged, it is refused again.
+
+    Attributes:
+        setting: the configuration key of the maximum, e.g. ``settlement.max_batch_lines``.
+        maximum: its value.
+    """
+
+    def __init__(self, setting: str, maximum: int, what: str) -> None:
+        super().__init__(f"more than {maximum} {what} (the limit {setting})")
+        self.setting = setting
+        self.maximum = maximum
+
+
 class SettlementStateError(BrokerError):
     """A settlement step asked for when its preconditions do not hold."""
+
+
+class Busy(BrokerError):
+    """Too much work is queued already; the same request later will be served.
+
+    Attributes:
+        retry_after_s: a hint for the caller, in seconds.
+    """
+
+    def __init__(self, what: str, retry_after_s: float) -> None:
+        super().__init__(f"{what}; retry in {retry_after_s:g} s")
+        self.retry_after_s = retry_after_s

@@ -51,6 +51,8 @@ A node.toml looks like::
     key_file = "certs/500111/settlement.key"  # Ed25519; signs batches, acks, fare rules
     duplicate_window_s = 5                 # the same tap (operator, card, gate, place) under
                                            # another trip id this close: suspected_duplicate
+    max_batch_lines = 20000000             # a neighbour's batch holding more is refused as it
+    max_batch_bytes = 4000000000           # arrives (RESOURCE_EXHAUSTED), before it is spooled
 
     [[agreements]]                         # what a home district owes (broker/fares/agreements.py)
     district = "512021"
@@ -209,6 +211,8 @@ BOUNDS: Mapping[tuple[type[Any], str], Range] = {
     (PeeringConfig, "deadline_ms"): Range(1, 60_000),  # a gate waits 400 ms in all
     (FaresConfig, "changeover_grace_s"): Range(0, 3600),  # 0: no grace at a fare change
     (SettlementKeyConfig, "duplicate_window_s"): Range(0, 600),  # 0: no duplicate-tap check
+    (SettlementKeyConfig, "max_batch_lines"): Range(1, 1_000_000_000),
+    (SettlementKeyConfig, "max_batch_bytes"): Range(1, 1_000_000_000_000),  # 1 TB
     (RecognitionConfig, "cache_ttl_seconds"): Range(0, _DAY_S),  # 0: peers do not cache
     (RecognitionConfig, "unknown_ttl_seconds"): Range(0, _DAY_S),
     (CacheConfig, "local_max_entries"): Range(0, 10_000_000),  # 0: no in-process tier
@@ -347,6 +351,20 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             key_file=opt_path(settlement_t, "key_file"),
             duplicate_window_s=_int(
                 settlement_t, SettlementKeyConfig, "duplicate_window_s", 5, "settlement."
+            ),
+            max_batch_lines=_int(
+                settlement_t,
+                SettlementKeyConfig,
+                "max_batch_lines",
+                SettlementKeyConfig.max_batch_lines,
+                "settlement.",
+            ),
+            max_batch_bytes=_int(
+                settlement_t,
+                SettlementKeyConfig,
+                "max_batch_bytes",
+                SettlementKeyConfig.max_batch_bytes,
+                "settlement.",
             ),
         ),
         agreements=parse_agreements(doc.get("agreements", [])),

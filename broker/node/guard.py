@@ -23,17 +23,20 @@ from cryptography import x509
 
 from broker.core.errors import (
     BrokerError,
+    Busy,
     ConfigError,
     Conflict,
     DocumentRefused,
     ImportRejected,
     InvalidArgument,
+    LimitExceeded,
     PeerUnavailable,
     PermissionDenied,
     SettlementStateError,
     Unauthenticated,
 )
 from broker.node.metrics import Metrics
+from broker.node.streams import StreamRegistry
 from broker.trust.access import AccessPolicy, is_operator_method, require_operator
 from broker.trust.identity import Identity, bind_identity, unbind_identity
 from broker.trust.tls import CallerVerifier, check_tls_version, spiffe_ids
@@ -49,6 +52,8 @@ _STATUS: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
     (ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     (DocumentRefused, grpc.StatusCode.INVALID_ARGUMENT),
     (Conflict, grpc.StatusCode.ALREADY_EXISTS),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (SettlementStateError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
@@ -140,6 +145,8 @@ class AuthInterceptor:
     operator (a request's ``operator_id`` must be the caller's own), then
     run the handler. A refused caller gets PERMISSION_DENIED whatever it
     sent; a body that does not decode gets INVALID_ARGUMENT naming its type.
+    A streaming call is held in :attr:`streams` while it runs, and
+    :meth:`end_refused_streams` ends those whose callers a trust change refuses.
     """
 
     def __init__(
@@ -150,7 +157,9 @@ class AuthInterceptor:
         min_tls: str = "1.3",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         refusals: RefusalLog | None = None,
+        streams: StreamRegistry | None = None,
     ) -> None:
+        self.streams = streams or StreamRegistry()
         self._verifier = verifier
         self._policy = policy
         self._metrics = metrics
@@ -165,6 +174,25 @@ class AuthInterceptor:
             raise Unauthenticated("no client certificate")
         check_tls_version(auth.get("ssl_tls_version"), self._min_tls)
         return self._verifier.identify(pems[0], self._clock())
+
+    def end_refused_streams(self) -> int:
+        """End every stream whose caller the trust now in force refuses (at a trust reload).
+
+        The caller gets the refusal's status (PERMISSION_DENIED for a revoked
+        certificate) with its reason; how many streams were ended.
+        """
+        refused = self.streams.refused(self._verifier, self._clock())
+        for stream, exc in refused:
+            code, reason = outcome_of(exc)
+            log.warning(
+                "stream_ended_at_trust_change",
+                method=stream.method,
+                caller=stream.caller,
+                code=code.name,
+                reason=reason,
+            )
+            self.streams.end(stream, code, f"{reason}; the stream was ended at a trust change")
+        return len(refused)
 
     async def _fail(
         self, context: grpc.aio.ServicerContext, method: str, who: str, exc: BaseException
@@ -227,8 +255,9 @@ class AuthInterceptor:
                     return
                 token = bind_identity(ident)
                 try:
-                    async for item in inner(message, context):
-                        yield item
+                    with self.streams.track(method, who, _leaf_pem(context), context):
+                        async for item in inner(message, context):
+                            yield item
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
@@ -247,7 +276,10 @@ class AuthInterceptor:
                 message = self._admit(method, ident, request, decode, stream)
                 token = bind_identity(ident)
                 try:
-                    return await inner(message, context)
+                    if not stream:
+                        return await inner(message, context)
+                    with self.streams.track(method, who, _leaf_pem(context), context):
+                        return await inner(message, context)
                 finally:
                     unbind_identity(token)
             except grpc.aio.AbortError:
@@ -292,6 +324,11 @@ def _caller_of(context: grpc.aio.ServicerContext) -> str:
     except Exception:  # a certificate that does not parse is named by nothing
         return "-"
     return ids[0] if len(ids) == 1 else "-"
+
+
+def _leaf_pem(context: grpc.aio.ServicerContext) -> bytes:
+    """The certificate the caller presented (``_identify`` has judged it already)."""
+    return bytes(context.auth_context()["x509_pem_cert"][0])
 
 
 def _has_operator_id(message: Any) -> bool:

@@ -43,6 +43,7 @@ from broker.node.trust_api import TrustServicer
 from broker.peers.bundles import BundleRefresher
 from broker.peers.channels import PeerChannels
 from broker.peers.client import PeerClient
+from broker.settlement.clearing.sender import EXCHANGE_TIMEOUT_S
 from broker.settlement.clearing.service import ClearingService
 from broker.settlement.intake import TripIntake
 from broker.settlement.ledger import open_ledger
@@ -62,14 +63,23 @@ SERVICE_NAMES = (
 )
 
 
+# A call running when its connection is aged out may take this long to finish: an
+# exchange's deadline, so one started just before the GOAWAY is not cut off.
+STREAM_GRACE_MS = int(EXCHANGE_TIMEOUT_S * 1000)
+
+
 def server_options(cfg: NodeConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.so_reuseport", 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        # Connections are recycled, so a rotated-out or revoked caller cannot stay on one.
+        # Connections are recycled, so a rotated-out or revoked caller cannot stay on one:
+        # after the GOAWAY no new call starts on the old connection (the client opens a new
+        # one), and the calls on it get as long as the longest batch exchange to finish. A
+        # revoked caller's stream does not wait for that: it is ended at the next trust
+        # change (AuthInterceptor.end_refused_streams).
         ("grpc.max_connection_age_ms", cfg.tls.max_connection_age_s * 1000),
-        ("grpc.max_connection_age_grace_ms", 10_000),
+        ("grpc.max_connection_age_grace_ms", STREAM_GRACE_MS),
     ]
 
 
@@ -100,6 +110,7 @@ class Node:
     intake: TripIntake | None = None
     clearing: ClearingService | None = None
     refresher: BundleRefresher | None = None
+    guard: AuthInterceptor | None = None
     supervisor: Supervisor = field(default_factory=Supervisor)
     _components: dict[str, bool] = field(default_factory=dict)
 
@@ -154,7 +165,7 @@ class Node:
             if cfg.settlement.key_file is not None:
                 clearing = ClearingService(cfg, registry, trust, fares, clock)
             settlement_pb2_grpc.add_SettlementServicer_to_server(
-                SettlementServicer(intake, clearing), guarded
+                SettlementServicer(intake, clearing, cfg.settlement), guarded
             )
         health_servicer = ComponentHealth(cfg.district)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, guarded)
@@ -201,6 +212,7 @@ class Node:
             intake,
             clearing,
             refresher,
+            guard,
         )
         await node._report_trust()
         await node._check_components()
@@ -250,6 +262,8 @@ class Node:
             stale = forced or self.trust.changed() or self.trust.too_old()
             if stale and await asyncio.to_thread(self.trust.reload):
                 self.channels.sync()  # a new pinned name ends calls on the old one now
+                if self.guard is not None:  # and a revoked caller's stream ends now
+                    self.guard.end_refused_streams()
             await self._report_trust()
             # Health fails while this node's own certificate is expired: monitoring sees it.
             valid = self.trust.current.not_after > self._clock()

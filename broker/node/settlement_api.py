@@ -7,7 +7,8 @@ mapped to a status by the interceptor.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from datetime import date
 
@@ -16,9 +17,13 @@ import structlog
 
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
 from broker.core.errors import ConfigError, InvalidArgument
+from broker.core.signing import Signed
 from broker.settlement.clearing.batch import Spool
+from broker.settlement.clearing.receiver import Ack
 from broker.settlement.clearing.service import ClearingService
+from broker.settlement.config import SettlementKeyConfig
 from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, TripIntake
+from broker.settlement.trips import Judgement, Trip
 from broker.settlement.wire import result_to_wire, signed_from_wire, signed_to_wire, trip_from_wire
 from broker.trust.identity import current_identity
 
@@ -28,9 +33,15 @@ log = structlog.get_logger(__name__)
 class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
     """``yikatong.v1.Settlement``: operators submit trips; peer districts exchange batches."""
 
-    def __init__(self, intake: TripIntake, clearing: ClearingService | None) -> None:
+    def __init__(
+        self,
+        intake: TripIntake,
+        clearing: ClearingService | None,
+        settings: SettlementKeyConfig | None = None,
+    ) -> None:
         self._intake = intake
         self._clearing = clearing
+        self._settings = settings or SettlementKeyConfig()
 
     def _service(self) -> ClearingService:
         if self._clearing is None:
@@ -43,13 +54,11 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
         caller = current_identity()
         if len(request.trips) > MAX_TRIPS_PER_REQUEST:
             raise InvalidArgument("trips", f"at most {MAX_TRIPS_PER_REQUEST} per request")
-        items = [trip_from_wire(t, caller.operator_id, i) for i, t in enumerate(request.trips)]
+        # Converting 10,000 trips each way takes tens of ms: off the event loop, which
+        # answers the gates meanwhile (judging and writing run on the intake's writer).
+        items = await asyncio.to_thread(_trips_from_wire, request, caller.operator_id)
         verdicts = await self._intake.submit(items)
-        return settlement_pb2.SubmitTripsResponse(
-            results=[
-                result_to_wire(t.trip_id, v) for t, v in zip(request.trips, verdicts, strict=True)
-            ]
-        )
+        return await asyncio.to_thread(_results_to_wire, request, verdicts)
 
     async def GetTripOutcomes(
         self, request: settlement_pb2.GetTripOutcomesRequest, context: grpc.aio.ServicerContext
@@ -88,22 +97,24 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
         request_iterator: AsyncIterator[settlement_pb2.BatchPart],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[settlement_pb2.AckPart]:
+        """Spool a neighbour's batch as it arrives, within the maxima, then verify and answer it.
+
+        Each chunk is checked against ``[settlement] max_batch_lines`` and
+        ``max_batch_bytes`` before it is written: the one that would pass a
+        maximum refuses the call (RESOURCE_EXHAUSTED) and the spool is dropped.
+        """
         sender = current_identity().district
-        spool = Spool()
+        spool = Spool(self._settings.max_batch_lines, self._settings.max_batch_bytes)
         try:
-            trailer = None
-            async for part in request_iterator:
-                if trailer is not None:
-                    raise InvalidArgument("parts", "nothing may follow the trailer")
-                if part.HasField("trailer"):
-                    trailer = signed_from_wire(part.trailer)
-                else:
-                    spool.add(part.lines)
-            if trailer is None:
-                raise InvalidArgument("trailer", "the batch ended without its signed trailer")
-            ack = await self._service().receive(sender, spool, trailer)
-        finally:
+            trailer = await _spooled(request_iterator, spool)
+            receiving = asyncio.ensure_future(self._service().receive(sender, spool, trailer))
+        except BaseException:  # refused, or cancelled while spooling: no worker reads it yet
             spool.close()
+            raise
+        receiving.add_done_callback(_close_when_done(spool))
+        # A cancelled call cannot stop the worker thread reading the spool: the spool is
+        # closed when the worker is done (above), never under it.
+        ack = await asyncio.shield(receiving)
         for chunk in ack.chunks:
             yield settlement_pb2.AckPart(verdicts=chunk)
         yield settlement_pb2.AckPart(ack=signed_to_wire(ack.signed))
@@ -115,3 +126,41 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
             current_identity().district, signed_from_wire(request)
         )
         return signed_to_wire(reply)
+
+
+async def _spooled(parts: AsyncIterator[settlement_pb2.BatchPart], spool: Spool) -> Signed:
+    """Every chunk of a batch into ``spool``, as it arrives; the signed trailer that ends it."""
+    trailer = None
+    async for part in parts:
+        if trailer is not None:
+            raise InvalidArgument("parts", "nothing may follow the trailer")
+        if part.HasField("trailer"):
+            trailer = signed_from_wire(part.trailer)
+        else:
+            spool.add(part.lines)
+    if trailer is None:
+        raise InvalidArgument("trailer", "the batch ended without its signed trailer")
+    return trailer
+
+
+def _close_when_done(spool: Spool) -> Callable[[asyncio.Future[Ack]], None]:
+    def done(work: asyncio.Future[Ack]) -> None:
+        spool.close()
+        if not work.cancelled():
+            work.exception()  # retrieved: a call cancelled meanwhile never awaits it
+
+    return done
+
+
+def _trips_from_wire(
+    request: settlement_pb2.SubmitTripsRequest, operator_id: str
+) -> list[Trip | Judgement]:
+    return [trip_from_wire(t, operator_id, i) for i, t in enumerate(request.trips)]
+
+
+def _results_to_wire(
+    request: settlement_pb2.SubmitTripsRequest, verdicts: list[Judgement]
+) -> settlement_pb2.SubmitTripsResponse:
+    return settlement_pb2.SubmitTripsResponse(
+        results=[result_to_wire(t.trip_id, v) for t, v in zip(request.trips, verdicts, strict=True)]
+    )

@@ -50,10 +50,18 @@ class SettlementKeyConfig:
             apart, is refused ``suspected_duplicate`` (the same tap uploaded
             twice); 0 turns the check off. Trips without a gate id are never
             refused.
+        max_batch_lines: the most lines one batch from a neighbour may hold:
+            counted chunk by chunk as it arrives, the chunk that would pass it
+            is refused (``RESOURCE_EXHAUSTED``) before it is spooled. Twice a
+            10-million-trip day.
+        max_batch_bytes: the same for the bytes of its serialized lines (a line
+            is about 100-150 bytes): 200 bytes a line at the most lines.
     """
 
     key_file: Path | None = None
     duplicate_window_s: int = 5
+    max_batch_lines: int = 20_000_000
+    max_batch_bytes: int = 4_000_000_000
 
 
 class SettlementSettings(TrustSettings, Protocol):

@@ -230,6 +230,7 @@ def build(
     reload_interval_ms: int = 1000,
     max_connection_age_s: int = 300,
     bundle_refresh_s: int = 30,
+    max_bundle_age_s: int = TrustConfig.max_bundle_age_s,
     ledger_url: str | None = None,
     ledger_schema_prefix: str = "yk",
 ) -> dict[str, DistrictSetup]:
@@ -248,6 +249,8 @@ def build(
         reload_interval_ms: how often nodes re-read their trust files.
         max_connection_age_s: how long a connection lives before it is recycled.
         bundle_refresh_s: how often nodes fetch their peers' trust bundles.
+        max_bundle_age_s: a peer bundle older than this fails its health check (the demo,
+            whose day clock jumps days on, raises it).
         ledger_url: a PostgreSQL URL for every district's ledger (a schema each,
             ``<ledger_schema_prefix>_<code>``); ``None``: SQLite files.
     """
@@ -296,6 +299,7 @@ def build(
             trust=TrustConfig(
                 bundle_file=paths.bundle,
                 bundle_refresh_s=bundle_refresh_s,
+                max_bundle_age_s=max_bundle_age_s,
                 crl_state_file=root / "var" / code / "crl-state",
             ),
             fares=FaresConfig(fares_path),

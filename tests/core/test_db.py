@@ -9,11 +9,15 @@ in a schema of its own that is dropped afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta, timezone
@@ -526,6 +530,140 @@ def test_lock_trips_inside_a_postgres_write(pdb: Db):
         pdb.lock_trips()
         pdb.execute("INSERT INTO trips VALUES (?)", (1,))
     assert pdb.all("SELECT id FROM trips") == [(1,)]
+
+
+# --- locks between processes and replicas ------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def two_dbs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Db, Db]]:
+    """Two connections to one database, as two processes (replicas) would hold."""
+    if request.param == "sqlite":
+        a, b = Db.sqlite(tmp_path / "x.sqlite3"), Db.sqlite(tmp_path / "x.sqlite3")
+    else:
+        url, schema = request.getfixturevalue("postgres_url"), request.getfixturevalue("pg_schema")
+        a, b = Db.open(None, url, schema), Db.open(None, url, schema)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def _lock_in_child(db_file: Path, name: str, done: Path) -> subprocess.Popen[str]:
+    """A process that holds ``name`` of a SQLite file until ``done`` exists."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from broker.core.db import Db\n"
+        "db = Db.sqlite(Path(sys.argv[1]))\n"
+        "with db.held(sys.argv[2]):\n"
+        "    print('held', flush=True)\n"
+        "    while not Path(sys.argv[3]).exists():\n"
+        "        time.sleep(0.01)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script, str(db_file), name, str(done)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdout.readline() == "held\n"
+    return child
+
+
+def test_a_held_lock_makes_another_process_wait_and_says_who_holds_it(
+    two_dbs: tuple[Db, Db], tmp_path: Path
+):
+    a, b = two_dbs
+    waits: list[str] = []
+    entered = threading.Event()
+    child = None
+    holder: contextlib.AbstractContextManager[None]
+    if a.dialect == "sqlite":  # POSIX locks are per process: the holder is another one
+        child = _lock_in_child(tmp_path / "x.sqlite3", "close/2024-05-01", tmp_path / "done")
+        holder = contextlib.nullcontext()
+    else:
+        holder = a.held("close/2024-05-01")
+    with holder:
+
+        def second() -> None:
+            with b.held("close/2024-05-01", waits.append):
+                entered.set()
+
+        t = threading.Thread(target=second)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not waits and time.monotonic() < deadline:  # told, then waiting
+            time.sleep(0.01)
+        assert not entered.is_set()
+        if a.dialect == "postgres":
+            assert "yikatong close/2024-05-01 (pid" in waits[0], waits
+            assert "PostgreSQL pid" in waits[0]
+        else:
+            assert "another process on this host" in waits[0]
+        if child is not None:
+            (tmp_path / "done").touch()
+            assert child.wait(timeout=10) == 0
+            assert child.stdout is not None
+            child.stdout.close()
+    t.join(timeout=10)
+    assert entered.is_set() and len(waits) == 1
+
+
+def test_locks_of_other_names_do_not_wait_for_each_other(two_dbs: tuple[Db, Db]):
+    a, b = two_dbs
+    told: list[str] = []
+    with a.held("close/2024-05-01"), b.held("close/2024-05-02", told.append):
+        pass
+    assert told == []
+
+
+def test_a_lock_for_a_transaction_waits_for_the_other_transaction_to_end(
+    pdb: Db, postgres_url: str, pg_schema: str
+):
+    """PostgreSQL: the second replica's transaction waits at the lock until the first commits."""
+    other = Db.open(None, postgres_url, pg_schema)
+    other_pid = other.one("SELECT pg_backend_pid()")
+    order: list[str] = []
+    try:
+        with pdb.write():
+            pdb.lock_for_transaction("verify/512021")
+
+            def second() -> None:
+                with other.write():
+                    other.lock_for_transaction("verify/512021")
+                    order.append("second")
+
+            t = threading.Thread(target=second)
+            t.start()
+            _wait_for_lock_wait(postgres_url, other_pid[0] if other_pid else 0)
+            order.append("first")
+        t.join(timeout=10)
+        assert order == ["first", "second"]
+    finally:
+        other.close()
+
+
+def test_a_lock_for_a_transaction_is_harmless_on_sqlite(sdb: Db):
+    with sdb.write():
+        sdb.lock_for_transaction("verify/512021")
+        sdb.execute("INSERT INTO t VALUES (?, ?)", ("a", 1))
+    assert sdb.all("SELECT k FROM t") == [("a",)]
+
+
+def _wait_for_lock_wait(url: str, pid: int) -> None:
+    """Until the session of backend ``pid`` waits for an advisory lock."""
+    import psycopg
+
+    deadline = time.monotonic() + 10
+    with psycopg.connect(url, autocommit=True) as conn:
+        while not conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock' "
+            "AND wait_event = 'advisory'",
+            (pid,),
+        ).fetchone():
+            assert time.monotonic() < deadline, "nobody waits for the lock"
+            time.sleep(0.01)
 
 
 # --- placeholders ----------------------------------------------------------------------

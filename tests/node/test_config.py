@@ -355,6 +355,24 @@ def test_the_duplicate_window_is_5_seconds_unless_set_and_0_turns_it_off(tmp_pat
     assert again.settlement == wide.settlement  # a window set is rendered, and read back
 
 
+def test_batch_maxima_default_to_twice_a_10_million_line_day_and_are_read_back(tmp_path: Path):
+    cfg = load_config(write(tmp_path, MINIMAL), env={}).settlement
+    assert (cfg.max_batch_lines, cfg.max_batch_bytes) == (20_000_000, 4_000_000_000)
+    small = load_config(write(tmp_path, with_key("settlement.max_batch_lines", "3")), env={})
+    assert small.settlement.max_batch_lines == 3
+    again = load_config(write(tmp_path, render_config(small)), env={})
+    assert again.settlement == small.settlement
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("settlement.max_batch_lines", "0"), ("settlement.max_batch_bytes", "1000000000001")],
+)
+def test_a_batch_maximum_out_of_range_is_refused_naming_the_key(tmp_path: Path, key, value):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} must be from 1 to \d+"):
+        load_config(write(tmp_path, with_key(key, value)), env={})
+
+
 @pytest.mark.parametrize("value", ["-1", "601"])
 def test_a_duplicate_window_out_of_range_is_refused_naming_the_key(tmp_path: Path, value):
     with pytest.raises(ConfigError, match=r"^settlement\.duplicate_window_s must be from 0 to 600"):

@@ -18,11 +18,13 @@ from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc
 from broker.cards.model import CardRef
 from broker.core.errors import (
     BrokerError,
+    Busy,
     ConfigError,
     Conflict,
     DocumentRefused,
     ImportRejected,
     InvalidArgument,
+    LimitExceeded,
     PeerUnavailable,
     PermissionDenied,
     RowError,
@@ -64,6 +66,8 @@ CODE = grpc.StatusCode
         (ConfigError("no key"), CODE.FAILED_PRECONDITION),
         (SettlementStateError("not closed"), CODE.FAILED_PRECONDITION),
         (Conflict("sequence 1 reused"), CODE.ALREADY_EXISTS),
+        (Busy("40000 trips are waiting", 1.0), CODE.RESOURCE_EXHAUSTED),
+        (LimitExceeded("settlement.max_batch_lines", 3, "lines"), CODE.RESOURCE_EXHAUSTED),
     ],
 )
 def test_status_for_maps_each_broker_error_to_its_grpc_status(

@@ -19,6 +19,7 @@ from broker.core.errors import ConfigError
 from broker.node.config import load_config
 from broker.node.server import SERVICE_NAMES, Node, server_options
 from broker.peers.bundles import FAILURES_UNHEALTHY
+from broker.settlement.clearing.sender import EXCHANGE_TIMEOUT_S
 from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.testbed.build import DistrictSetup
 from broker.trust.store import CRL_HEALTH, peer_health_name
@@ -67,6 +68,14 @@ def test_server_options_refuse_to_share_the_port_and_bound_the_grace(tmp_path: P
     opts = options_for(tmp_path)
     assert opts["grpc.so_reuseport"] == 0  # a second node on the same port must fail, not share
     assert opts["grpc.max_connection_age_grace_ms"] > 0
+
+
+def test_the_connection_age_grace_lets_an_exchange_running_at_the_goaway_finish(
+    tmp_path: Path,
+) -> None:
+    """A stream started just before its connection's GOAWAY has its whole deadline left."""
+    grace = options_for(tmp_path, "max_connection_age_s = 2")["grpc.max_connection_age_grace_ms"]
+    assert grace >= EXCHANGE_TIMEOUT_S * 1000
 
 
 def operator_channel(node: Node, setup: DistrictSetup) -> grpc.aio.Channel:

@@ -167,8 +167,10 @@ async def test_peer_calls_refuse_a_broken_stream_or_an_incomplete_document(
     try:
         cases = [
             (await exchange(), "trailer:"),  # nothing at all
-            (await exchange(OUT.BatchPart(lines=b"x")), "trailer:"),  # lines, no trailer
+            (await exchange(OUT.BatchPart(lines=b"\n\x00")), "trailer:"),  # a line, no trailer
             (await exchange(OUT.BatchPart(trailer=SIGNED), OUT.BatchPart(lines=b"x")), "parts:"),
+            # framing that does not hold together is refused as it arrives, before the trailer
+            (await exchange(OUT.BatchPart(lines=b"x")), "a chunk of lines does not parse"),
             (
                 await exchange(
                     OUT.BatchPart(trailer=OUT.SignedDocument(document=b"{}", key_id="k1"))

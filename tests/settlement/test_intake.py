@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from datetime import date, datetime, timedelta
+from typing import Any
 
 import pytest
 
 from broker.cards.model import CardRef
+from broker.core.errors import Busy
 from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, TripIntake
 from broker.settlement.ledger import Ledger, SqliteLedger
 from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason, Trip
@@ -195,3 +197,47 @@ async def test_close_waits_for_the_writer_then_closes_the_ledger(ledger_factory)
     reopened = ledger_factory()
     assert reopened.count() == 1
     reopened.close()
+
+
+async def test_trips_are_judged_off_the_event_loop(ledger_factory, monkeypatch):
+    """Judging 10,000 trips takes tens of ms: it runs on the writer, not on the loop."""
+    import broker.settlement.intake as intake_module
+    from broker.settlement.trips import judge as real
+
+    judged_on: list[str] = []
+
+    def watching(*args: Any, **kwargs: Any) -> Judgement:
+        judged_on.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(intake_module, "judge", watching)
+    intake = intake_on(ledger_factory())
+    assert await intake.submit([trip(1), trip(2)]) == [ACCEPT, ACCEPT]
+    assert len(judged_on) == 2
+    assert all(name.startswith("ledger-writer") for name in judged_on)
+    intake.close()
+
+
+async def test_a_full_queue_refuses_more_at_once_and_loses_nothing(ledger_factory):
+    """Back-pressure: beyond the queue's bound a request is refused busy, with a retry hint,
+    while the ones queued before it are all recorded."""
+    watched = Watched(ledger_factory(), hold=True)
+    intake = TripIntake(watched, KNOWN, None, Clock(), max_queued=3)
+    first = asyncio.create_task(intake.submit([trip(1), trip(2)]))
+    assert await asyncio.to_thread(watched.entered.wait, 10)
+    with pytest.raises(Busy, match=r"2 trips are waiting to be recorded; retry in 1 s"):
+        await intake.submit([trip(3), trip(4)])
+    second = asyncio.create_task(intake.submit([trip(5)]))  # fits: 2 + 1 <= 3
+    await asyncio.sleep(0)
+    watched.release.set()
+    assert await first == [ACCEPT, ACCEPT] and await second == [ACCEPT]
+    assert watched.inner.count() == 3
+    assert await intake.submit([trip(3), trip(4)]) == [ACCEPT, ACCEPT]  # served later
+    intake.close()
+
+
+async def test_a_request_larger_than_the_queue_is_served_when_nothing_waits(ledger_factory):
+    """The bound holds back requests behind others, never one alone (it would never pass)."""
+    intake = TripIntake(ledger_factory(), KNOWN, None, Clock(), max_queued=1)
+    assert await intake.submit([trip(1), trip(2)]) == [ACCEPT, ACCEPT]
+    intake.close()

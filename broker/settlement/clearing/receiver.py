@@ -9,6 +9,14 @@ and the signed acknowledgement are committed in one transaction before the
 acknowledgement is sent. A batch sent again (same sequence, same digest)
 gets the stored acknowledgement again; other content under a used sequence
 is a :class:`Conflict`.
+
+Replicas of a district may share one PostgreSQL schema. Each verification
+holds one advisory lock of the home district for its whole transaction
+(cap counts are read and written under it, so two batches cannot both take
+a holder's last capped use), and looks for the batch again once it holds it
+(the same batch received by two replicas at once: the second gets the
+first's acknowledgement). The own-usage watermark is read before, under the
+brief lock a close takes (:meth:`broker.core.db.Db.lock_trips`).
 """
 
 from __future__ import annotations
@@ -172,19 +180,25 @@ class Receiver:
             raise DocumentRefused("batch-trailer document: field 'period' is not a date") from exc
         if kind not in ("close", "represent"):
             raise DocumentRefused("batch kind must be close or represent")
+        stored = self._stored_ack(sender, period, seq, header)
+        if stored is not None:
+            return stored
+        refuse_if_settled(self._db, sender, period)
+        return self._verify_and_ack(sender, period, seq, kind, header, spool)
+
+    def _stored_ack(
+        self, sender: str, period: date, seq: int, header: dict[str, Any]
+    ) -> Ack | None:
+        """The acknowledgement stored for this batch, if it was received before."""
         held = self._db.one(
             "SELECT digest, ack, ack_key_id, ack_signature FROM in_batches "
             "WHERE sender = ? AND period = ? AND seq = ?",
             (sender, period.isoformat(), seq),
         )
-        if held is not None:
-            if held[0] != header["digest"]:
-                raise Conflict(f"batch {sender}/{period}/{seq} was received with other content")
-            return self._stored_ack(sender, period, seq, held)
-        refuse_if_settled(self._db, sender, period)
-        return self._verify_and_ack(sender, period, seq, kind, header, spool)
-
-    def _stored_ack(self, sender: str, period: date, seq: int, held: tuple[Any, ...]) -> Ack:
+        if held is None:
+            return None
+        if held[0] != header["digest"]:
+            raise Conflict(f"batch {sender}/{period}/{seq} was received with other content")
         rows = self._db.all(
             "SELECT data FROM in_ack_chunks WHERE sender = ? AND period = ? AND seq = ? "
             "ORDER BY chunk_no",
@@ -202,8 +216,14 @@ class Receiver:
         accepted_claim = 0
         attempt = 2 if kind == "represent" else 1
         pending: dict[tuple[str, str], tuple[str, int]] = {}  # this chunk's lines, not yet written
+        high = self._ledger_watermark()
         with self._db.write():
-            self._sync_own_usage()
+            # One verification of this home's card-holders at a time, across replicas: caps.
+            self._db.lock_for_transaction(f"verify/{self._district}")
+            stored = self._stored_ack(sender, period, seq, header)  # another replica's, meanwhile
+            if stored is not None:
+                return stored
+            self._sync_own_usage(high)
             checker = LineChecker(
                 own_district=self._district,
                 sender=sender,
@@ -364,11 +384,26 @@ class Receiver:
         )
         return (str(row[0]), None if row[1] is None else str(row[1])) if row else None
 
-    def _sync_own_usage(self) -> None:
-        """Count this district's own operators' concessions to its own card-holders against caps."""
+    def _ledger_watermark(self) -> int:
+        """The ledger's highest ``ingest_seq``, every trip below it committed.
+
+        On PostgreSQL a trip takes its number before it commits: read under the
+        brief lock a close takes, in a transaction of its own, which waits for
+        the trip writes in flight. SQLite numbers trips in commit order.
+        """
+        trips = self._store.trips
+        if trips.dialect != "postgres":
+            top = trips.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
+            return int(top[0]) if top else 0
+        with trips.write():
+            trips.lock_trips()
+            top = trips.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
+        return int(top[0]) if top else 0
+
+    def _sync_own_usage(self, high: int) -> None:
+        """Count this district's own operators' concessions to its own card-holders against caps,
+        up to ledger watermark ``high``."""
         mark = int(self._store.meta("own_usage_seq", "0"))
-        top = self._store.trips.one("SELECT coalesce(max(ingest_seq), 0) FROM trips")
-        high = int(top[0]) if top else 0
         if high <= mark:
             return
         caps = CapCounter(self._db)

@@ -221,7 +221,21 @@ class Sender:
         """Close ``period``: fix the batches, then publish fare rules to and send every
         unacknowledged batch to each home district. One that cannot be reached (or is
         not a peer) holds up no other: its batches stay ``built``, reported as failures.
+
+        One close of a period runs at a time, on any host: a second one says which
+        close runs (``close_waiting``), waits for it to end, then goes on from there.
         """
+        day = period.isoformat()
+        lock = self._db.held(
+            f"close/{day}", lambda who: log.warning("close_waiting", period=day, running=who)
+        )
+        await asyncio.to_thread(lock.__enter__)
+        try:
+            return await self._close(period, force)
+        finally:
+            await asyncio.to_thread(lock.__exit__, None, None, None)
+
+    async def _close(self, period: date, force: bool) -> CloseReport:
         close_no = await asyncio.to_thread(self.plan_close, period, force)
         report = CloseReport(period.isoformat(), close_no)
         rows = self._db.all(

@@ -71,7 +71,12 @@ def claim(agreement: Agreement | None, charged: int, concession: int, scheme: st
 
 @dataclass
 class CapCounter:
-    """Uses of each capped scheme per card-holder, loaded from ``cap_usage`` as needed."""
+    """Uses of each capped scheme per card-holder, loaded from ``cap_usage`` as needed.
+
+    The counts are read once and then kept: use it inside the transaction that
+    holds the home district's verification lock (:class:`broker.settlement.clearing.receiver.
+    Receiver`), so no other replica counts the same holder meanwhile.
+    """
 
     db: Db
     counts: dict[tuple[str, str, str], int] = field(default_factory=dict)

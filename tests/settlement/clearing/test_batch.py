@@ -13,7 +13,7 @@ import pytest
 
 from broker._proto.yikatong.v1 import settlement_pb2
 from broker.cards.model import CardRef, Entitlement, Scene
-from broker.core.errors import DocumentRefused
+from broker.core.errors import DocumentRefused, LimitExceeded
 from broker.settlement.clearing.batch import (
     CHUNK_LINES,
     Digest,
@@ -22,6 +22,7 @@ from broker.settlement.clearing.batch import (
     Totals,
     Verdict,
     chunked,
+    count_lines,
     decode_lines,
     decode_verdicts,
     encode_lines,
@@ -247,3 +248,84 @@ def test_a_line_with_an_occurred_at_beyond_datetime_is_refused():
     msg.lines[0].occurred_at.seconds = 253_402_300_800  # year 10000
     with pytest.raises(DocumentRefused):
         decode_lines(msg.SerializeToString())
+
+
+# ---------------------------------------------------------------- counting and bounding
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 2000])
+def test_count_lines_counts_from_the_framing_what_decoding_finds(n: int):
+    chunk = encode_lines([line(i) for i in range(n)])
+    assert count_lines(chunk) == len(decode_lines(chunk)) == n
+
+
+def test_count_lines_handles_long_lines_and_skips_unknown_fields():
+    long = replace(line(1).trip, place_id="p" * 20_000)  # a 3-byte length prefix
+    msg = settlement_pb2.BatchLines.FromString(
+        encode_lines([Line(long, "senior-bus-free", 1), line(2)])
+    )
+    unknown = b"\x10\x05" + b"\x1a\x02ab" + b"\x25\x00\x00\x00\x00" + b"\x29" + bytes(8)
+    assert count_lines(msg.SerializeToString() + unknown) == 2  # fields 2, 3, 4, 5: not lines
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"x",
+        b"\n",
+        b"\n\x05abc",
+        b"\n\xff\xff",
+        b"\x0b\x0c",
+        encode_lines([line(1)])[:-1] + b"\n\x09",
+    ],
+    ids=["no-length", "no-size", "short", "open-varint", "group", "overrun"],
+)
+def test_count_lines_refuses_framing_that_does_not_hold_together(chunk: bytes):
+    with pytest.raises(DocumentRefused, match="does not parse"):
+        count_lines(chunk)
+
+
+def test_the_chunk_that_would_pass_the_line_limit_is_refused_and_never_written():
+    spool = Spool(max_lines=3, max_bytes=10**9)
+    first = encode_lines([line(1), line(2)])
+    spool.add(first)
+    size = spool.file.tell()
+    with pytest.raises(
+        LimitExceeded, match=r"more than 3 lines \(the limit settlement\.max_batch_lines\)"
+    ):
+        spool.add(encode_lines([line(3), line(4)]))
+    assert spool.file.tell() == size and spool.digest.chunks == 1 and spool.lines == 2
+    spool.add(encode_lines([line(5)]))  # exactly at the limit: taken
+    assert spool.lines == 3
+    assert [len(c) for c in spool.chunks()] == [len(first), len(encode_lines([line(5)]))]
+    spool.close()
+
+
+def test_the_chunk_that_would_pass_the_byte_limit_is_refused_and_never_written():
+    chunk = encode_lines([line(1)])
+    spool = Spool(max_lines=100, max_bytes=2 * len(chunk))
+    spool.add(chunk)
+    spool.add(chunk)
+    with pytest.raises(LimitExceeded) as info:
+        spool.add(chunk)
+    assert info.value.setting == "settlement.max_batch_bytes"
+    assert info.value.maximum == 2 * len(chunk)
+    assert spool.bytes == 2 * len(chunk) and spool.digest.chunks == 2
+    spool.close()
+
+
+def test_a_bounded_spool_refuses_a_chunk_of_more_than_chunk_lines():
+    spool = Spool(max_lines=10**6, max_bytes=10**9)
+    with pytest.raises(DocumentRefused, match=f"more than {CHUNK_LINES} lines"):
+        spool.add(encode_lines([line(i) for i in range(CHUNK_LINES + 1)]))
+    spool.close()
+
+
+def test_an_unbounded_spool_counts_nothing_and_closing_twice_is_harmless():
+    """The sender spools verdict chunks this way: not lines, never counted as lines."""
+    spool = Spool()
+    spool.add(b"\x0a\x00" * (CHUNK_LINES + 1))
+    assert spool.lines == 0 and not spool.closed
+    spool.close()
+    spool.close()
+    assert spool.closed
