@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
 from broker.core.errors import ConfigError
 from broker.node.config import load_config
-from broker.node.server import SERVICE_NAMES, Node, server_options
+from broker.node.server import SERVICE_NAMES, SWITCH_INTERVAL_S, Node, server_options
 from broker.peers.bundles import FAILURES_UNHEALTHY
 from broker.settlement.clearing.sender import EXCHANGE_TIMEOUT_S
 from broker.settlement.config import LedgerConfig, SettlementKeyConfig
@@ -103,7 +104,10 @@ async def test_a_started_node_serves_health_on_its_port_and_stop_closes_it(
 ) -> None:
     setup = districts[DAZU]
     assert set(OUR_SERVICES) <= set(SERVICE_NAMES)
+    sys.setswitchinterval(0.005)  # the interpreter's default
     node = await Node.start(setup.config)
+    # The loop takes the interpreter lock from the intake's threads after 0.5 ms, not 5.
+    assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S) == pytest.approx(0.0005)
     stopped = False
     ch = operator_channel(node, setup)
     try:
