@@ -216,6 +216,7 @@ class Receiver:
         accepted_claim = 0
         attempt = 2 if kind == "represent" else 1
         pending: dict[tuple[str, str], tuple[str, int]] = {}  # this chunk's lines, not yet written
+        known: dict[tuple[str, str], tuple[str, int]] = {}  # stored before: read per chunk
         high = self._ledger_watermark()
         with self._db.write():
             # One verification of this home's card-holders at a time, across replicas: caps.
@@ -233,9 +234,7 @@ class Receiver:
                 fares_in_force=self._fares_in_force(sender),
                 agreement=self._agreement(sender),
                 caps=CapCounter(self._db),
-                previous=lambda op, trip: (
-                    pending.get((op, trip)) or self._previous(sender, op, trip)
-                ),
+                previous=lambda op, trip: pending.get((op, trip)) or known.get((op, trip)),
                 representment=kind == "represent",
                 presented=lambda op, trip: self._presented(sender, op, trip),
             )
@@ -243,7 +242,11 @@ class Receiver:
             for chunk in spool.chunks():
                 rows = []
                 firsts = []  # first presentments: what a representment must match
-                for line in decode_lines(chunk):
+                lines = decode_lines(chunk)
+                known = self._previous(
+                    sender, [(x.trip.operator_id, x.trip.trip_id) for x in lines]
+                )
+                for line in lines:
                     totals.add(line)
                     code, accepted = checker.check(line)
                     accepted_claim += accepted
@@ -364,13 +367,25 @@ class Receiver:
         )
         return Ack(chunks, ack)
 
-    def _previous(self, sender: str, operator_id: str, trip_id: str) -> tuple[str, int] | None:
-        row = self._db.one(
-            "SELECT code, attempt FROM in_lines WHERE sender = ? AND operator_id = ? "
-            "AND trip_id = ?",
-            (sender, operator_id, trip_id),
-        )
-        return (str(row[0]), int(row[1])) if row else None
+    def _previous(
+        self, sender: str, keys: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[str, int]]:
+        """The stored (code, attempt) of the lines among ``keys`` received before: one query
+        per operator and 500 trip ids, not one per line."""
+        by_operator: dict[str, list[str]] = {}
+        for op, trip in keys:
+            by_operator.setdefault(op, []).append(trip)
+        found: dict[tuple[str, str], tuple[str, int]] = {}
+        for op, trips in by_operator.items():
+            for i in range(0, len(trips), 500):
+                some = trips[i : i + 500]
+                for trip, code, attempt in self._db.all(
+                    "SELECT trip_id, code, attempt FROM in_lines WHERE sender = ? "
+                    f"AND operator_id = ? AND trip_id IN ({', '.join('?' * len(some))})",
+                    (sender, op, *some),
+                ):
+                    found[(op, str(trip))] = (str(code), int(attempt))
+        return found
 
     def _presented(
         self, sender: str, operator_id: str, trip_id: str

@@ -27,10 +27,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from typing import Any
 
 from broker.cards.csv_import import CardRow
 from broker.cards.entitlements import entitlements_for
-from broker.cards.model import CardStatus, shanghai_day
+from broker.cards.model import CardStatus, Entitlement, shanghai_day
 from broker.cards.registry import (
     CardChange,
     Registry,
@@ -39,7 +40,7 @@ from broker.cards.registry import (
 )
 from broker.core.db import Db
 from broker.fares.agreements import Agreement
-from broker.fares.rules import FareTable, cap_of
+from broker.fares.rules import FareTable, Price, cap_of
 from broker.settlement.clearing.batch import Line
 from broker.settlement.trips import CORRECTABLE_BY_CODE, corrected_fields
 
@@ -134,6 +135,11 @@ class LineChecker:
     _cards: dict[str, CardRow | None] = field(default_factory=dict)
     _ttls: list[tuple[datetime, int]] | None = None
     _histories: dict[str, list[CardChange]] = field(default_factory=dict)  # card → its changes
+    # (card, day of the oldest answer, day of travel) → entitlements held, for unchanged cards
+    _answers: dict[tuple[str, date, date], frozenset[Entitlement] | None] = field(
+        default_factory=dict
+    )
+    _prices: dict[tuple[Any, ...], Price] = field(default_factory=dict)  # (version, …) → price
 
     def _card(self, number: str) -> CardRow | None:
         if number not in self._cards:
@@ -148,6 +154,35 @@ class LineChecker:
                 self._histories.clear()
             self._histories[number] = self.registry.history(number)
         return self._histories[number]
+
+    def _held(
+        self, card: CardRow, since: datetime, until: datetime, day: date
+    ) -> frozenset[Entitlement] | None:
+        """The entitlements an ACTIVE answer in [since, until] gave the holder (``None``: no
+        answer in it was ACTIVE). Lines of a card that did not change since before ``since``
+        all get the same answers for a day: worked out once per (card, day)."""
+        changes = self._history(card.card_number)
+        settled = all(c.known_from <= since for c in changes)
+        key = (card.card_number, shanghai_day(since), day)
+        if settled and key in self._answers:
+            return self._answers[key]
+        active = [
+            a for a in answers_between(changes, since, until) if a.status is CardStatus.ACTIVE
+        ]
+        held = (
+            frozenset(
+                e
+                for a in active
+                for e in entitlements_for(card.birth_date, a.disabled, a.student, day)
+            )
+            if active
+            else None
+        )
+        if settled:
+            if len(self._answers) > 100_000:
+                self._answers.clear()
+            self._answers[key] = held
+        return held
 
     def check(self, line: Line) -> tuple[str, int]:
         """``(code, accepted claim in fen)`` for one line; records cap usage when accepted."""
@@ -180,20 +215,19 @@ class LineChecker:
         if self._ttls is None:  # read once per batch: they change only when a node starts
             self._ttls = self.registry.advertised_ttls()
         since = oldest_answer_in_force(self._ttls, t.occurred_at)
-        answers = answers_between(self._history(t.card.card_number), since, t.occurred_at)
-        active = [a for a in answers if a.status is CardStatus.ACTIVE]
-        if not active:
+        held = self._held(card, since, t.occurred_at, day)
+        if held is None:
             return "CARD_NOT_ACTIVE", 0
-        held = {
-            e for a in active for e in entitlements_for(card.birth_date, a.disabled, a.student, day)
-        }
         if t.applied_entitlement is not None and t.applied_entitlement not in held:
             return "ENTITLEMENT_MISMATCH", 0
         table = self.fare_table(t.fare_version)
         if table is None or not self.fares_in_force(t.fare_version, t.occurred_at):
             return "UNPUBLISHED_FARES", 0
-        applied = [t.applied_entitlement] if t.applied_entitlement else []
-        price = table.price(t.operator_id, t.scene, t.place_id, applied)
+        key = (t.fare_version, t.operator_id, t.scene, t.place_id, t.applied_entitlement)
+        price = self._prices.get(key)
+        if price is None:
+            applied = [t.applied_entitlement] if t.applied_entitlement else []
+            price = self._prices[key] = table.price(t.operator_id, t.scene, t.place_id, applied)
         if (
             price.gross_fare_fen,
             price.charged_fen,
