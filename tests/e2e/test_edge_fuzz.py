@@ -74,6 +74,9 @@ class Background:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        # Closed here, not left to the collector: an unclosed loop's ResourceWarning would
+        # fail whichever later test happened to be running when it was collected.
+        self.loop.close()
 
 
 @dataclass
