@@ -21,6 +21,7 @@ import zlib
 from collections import defaultdict
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 from broker.cards.model import shanghai_day
 from broker.core.db import Db, Migration, migrate, utc_text
@@ -99,6 +100,7 @@ _GATE_IF_STORED = (
     "(SELECT 1 FROM trips WHERE operator_id = ? AND trip_id = ? AND digest = ?)" + _CONFLICT
 )
 _CARDS_PER_QUERY = 500
+Stored = tuple[str, str, str, str]  # a stored trip's digest, outcome, reason and detail
 # What makes two trips the same tap, with the instant: operator, card, gate and place.
 _Tap = tuple[str, str, str, str, str]
 
@@ -143,7 +145,7 @@ class SqlLedger:
                 return [v for _, v in judged]
             self._db.execute("ROLLBACK TO fresh")
             self._db.execute("RELEASE fresh")
-            out = [self._one(insert, r, t, v) for r, (t, v) in zip(rows, judged, strict=True)]
+            out = self._resubmission(insert, rows, judged)
             self._db.executemany(
                 _GATE_IF_STORED,
                 [
@@ -280,6 +282,57 @@ class SqlLedger:
                         at = datetime.fromisoformat(at)
                     taps[(operator_id, region, number, gate, place)].append((at, trip_id))
         return taps
+
+    def _resubmission(
+        self, insert: str, rows: list[tuple[object, ...]], judged: list[tuple[Trip, Judgement]]
+    ) -> list[Judgement]:
+        """A batch in which some ids are known: their stored outcomes read in one query per
+        operator and 500 ids, the new ones inserted in one ``executemany``. A writer that
+        stored one of them meanwhile (another replica) sends it row by row instead."""
+        stored = self._stored(judged)
+        out: list[Judgement] = []
+        fresh: list[tuple[object, ...]] = []
+        for row, (t, v) in zip(rows, judged, strict=True):
+            key = (t.operator_id, t.trip_id)
+            held = stored.get(key)
+            if held is not None:  # stored before, or earlier in this very batch
+                out.append(resubmitted(held, t))
+                continue
+            stored[key] = (str(row[2]), v.outcome.value, v.reason.value, v.detail)
+            fresh.append(row)
+            out.append(v)
+        if self._db.dialect == "sqlite":  # the new ones keep consecutive numbers
+            top = cast(int, fresh[0][-1]) - 1 if fresh else 0
+            fresh = [(*r[:-1], top + i + 1) for i, r in enumerate(fresh)]
+        self._db.execute("SAVEPOINT known")
+        if self._db.executemany(insert, fresh) == len(fresh):
+            self._db.execute("RELEASE known")
+            return out
+        self._db.execute("ROLLBACK TO known")
+        self._db.execute("RELEASE known")
+        return [self._one(insert, r, t, v) for r, (t, v) in zip(rows, judged, strict=True)]
+
+    def _stored(self, judged: list[tuple[Trip, Judgement]]) -> dict[tuple[str, str], Stored]:
+        """``(digest, outcome, reason, detail)`` of the trips among ``judged`` stored already."""
+        by_operator: dict[str, list[str]] = defaultdict(list)
+        for t, _ in judged:
+            by_operator[t.operator_id].append(t.trip_id)
+        found: dict[tuple[str, str], Stored] = {}
+        for operator_id, ids in by_operator.items():
+            for i in range(0, len(ids), _CARDS_PER_QUERY):
+                some = ids[i : i + _CARDS_PER_QUERY]
+                for trip_id, digest, outcome, reason, detail in self._db.all(
+                    "SELECT trip_id, digest, outcome, reason, detail FROM trips "
+                    f"WHERE operator_id = ? AND trip_id IN ({', '.join('?' * len(some))})",
+                    (operator_id, *some),
+                ):
+                    found[(operator_id, str(trip_id))] = (
+                        str(digest),
+                        str(outcome),
+                        str(reason),
+                        str(detail),
+                    )
+        return found
 
     def _one(
         self, insert: str, row: tuple[object, ...], trip: Trip, verdict: Judgement

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,3 +157,65 @@ def test_a_trip_write_in_flight_is_covered_by_the_seal_that_waits_for_it(
         for d in (sealer, watch):
             d.close()
         writer.close()
+
+
+def test_a_batch_of_known_and_new_trips_answers_each_and_numbers_the_new_in_order(
+    backend: Backend,
+) -> None:
+    """Stored ids get their stored outcome (or CONFLICT), new ones are inserted, the same new
+    id twice in one batch is stored once; new trips still take consecutive numbers."""
+    ledger = backend.ledger(kind(backend))
+    db = backend.db()
+    try:
+        assert ledger.record([(trip(1), ACCEPT), (trip(2), ACCEPT)], NOW) == [ACCEPT, ACCEPT]
+        changed = trip(2, charged_fen=150, concession_fen=50)
+        got = ledger.record(
+            [
+                (trip(3), ACCEPT),
+                (trip(1), ACCEPT),
+                (changed, ACCEPT),
+                (trip(4), ACCEPT),
+                (trip(3), ACCEPT),
+            ],
+            NOW,
+        )
+        assert [j.outcome for j in got] == [
+            Outcome.ACCEPTED,
+            Outcome.ACCEPTED,
+            Outcome.CONFLICT,
+            Outcome.ACCEPTED,
+            Outcome.ACCEPTED,
+        ]
+        seqs = [int(s) for (s,) in db.all("SELECT ingest_seq FROM trips ORDER BY ingest_seq")]
+        assert len(seqs) == 4
+        if backend.name == "sqlite":
+            assert seqs == list(range(seqs[0], seqs[0] + 4))
+    finally:
+        db.close()
+        ledger.close()
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # SQLite's lock keeps it out
+def test_a_trip_stored_by_another_writer_meanwhile_is_answered_row_by_row(
+    backend: Backend,
+) -> None:
+    """PostgreSQL (replicas): another writer commits one of the batch's new ids between the
+    read of the stored ones and the insert; that trip gets its stored outcome, none is lost."""
+    other = backend.ledger(kind(backend))
+    raced = trip(6, charged_fen=150, concession_fen=50)  # other content under the same id
+
+    class Raced(kind(backend)):  # type: ignore[misc]
+        def _stored(self, judged: list[tuple[Trip, Judgement]]) -> dict[Any, Any]:
+            found: dict[Any, Any] = super()._stored(judged)
+            other.record([(raced, ACCEPT)], NOW)  # commits at once, on its own connection
+            return found
+
+    ledger = backend.ledger(Raced)
+    try:
+        ledger.record([(trip(5), ACCEPT)], NOW)
+        got = ledger.record([(trip(5), ACCEPT), (trip(6), ACCEPT), (trip(7), ACCEPT)], NOW)
+        assert [j.outcome for j in got] == [Outcome.ACCEPTED, Outcome.CONFLICT, Outcome.ACCEPTED]
+        assert ledger.outcome("bus-01", trip(7).trip_id) == ACCEPT
+    finally:
+        ledger.close()
+        other.close()
