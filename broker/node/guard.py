@@ -210,15 +210,16 @@ class AuthInterceptor:
         """The handler with identity, access rights, decoding, error mapping and timing."""
         decode = decoder(method, handler.request_deserializer)
         raw = handler._replace(request_deserializer=None)
-        for kind, stream in (
-            ("unary_unary", False),
-            ("unary_stream", False),
-            ("stream_unary", True),
-            ("stream_stream", True),
+        for kind, stream, long_lived in (
+            ("unary_unary", False, False),
+            ("unary_stream", False, True),
+            ("stream_unary", True, True),
+            ("stream_stream", True, True),
         ):
             inner = getattr(handler, kind)
             if inner is not None:
-                return raw._replace(**{kind: self._wrap(method, inner, decode, stream)})
+                wrapped = self._wrap(method, inner, decode, stream, long_lived)
+                return raw._replace(**{kind: wrapped})
         return handler
 
     def _admit(
@@ -239,8 +240,16 @@ class AuthInterceptor:
         return message
 
     def _wrap(
-        self, method: str, inner: Callable[..., Any], decode: Callable[[bytes], Any], stream: bool
+        self,
+        method: str,
+        inner: Callable[..., Any],
+        decode: Callable[[bytes], Any],
+        stream: bool,
+        long_lived: bool,
     ) -> Callable[..., Any]:
+        """``stream``: the request is streamed; ``long_lived``: either side streams (such a
+        call, e.g. Health.Watch written as a coroutine that writes, is tracked so that a
+        revoked caller's is ended at the next trust change)."""
         recorder = self._metrics.recorder(method)
         if inspect.isasyncgenfunction(inner):
 
@@ -276,7 +285,7 @@ class AuthInterceptor:
                 message = self._admit(method, ident, request, decode, stream)
                 token = bind_identity(ident)
                 try:
-                    if not stream:
+                    if not long_lived:
                         return await inner(message, context)
                     with self.streams.track(method, who, _leaf_pem(context), context):
                         return await inner(message, context)

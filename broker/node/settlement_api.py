@@ -56,6 +56,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
             raise InvalidArgument("trips", f"at most {MAX_TRIPS_PER_REQUEST} per request")
         # Converting 10,000 trips each way takes tens of ms: off the event loop, which
         # answers the gates meanwhile (judging and writing run on the intake's writer).
+        self._intake.admit(len(request.trips))  # busy: refused before the work of decoding
         items = await asyncio.to_thread(_trips_from_wire, request, caller.operator_id)
         verdicts = await self._intake.submit(items)
         return await asyncio.to_thread(_results_to_wire, request, verdicts)

@@ -47,14 +47,19 @@ class TripIntake:
         self._grace = changeover_grace
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
 
+    def admit(self, n: int) -> None:
+        """Refuse at once, as busy, a request of ``n`` trips that would overfill the queue
+        (before it is decoded: a refused request should cost the node nothing)."""
+        if self._queued and self._queued + n > self._max_queued:
+            raise Busy(f"{self._queued} trips are waiting to be recorded", RETRY_AFTER_S)
+
     async def submit(self, items: Sequence[Trip | Judgement]) -> list[Judgement]:
         """Judge and durably record ``items``; a ``Judgement`` (a malformed line) passes through.
 
         Returns one judgement per item, in order, once the batch is committed.
         """
         n = len(items)
-        if self._queued and self._queued + n > self._max_queued:
-            raise Busy(f"{self._queued} trips are waiting to be recorded", RETRY_AFTER_S)
+        self.admit(n)
         self._queued += n
         try:
             now = self._clock()

@@ -7,6 +7,7 @@ real node to show the guard in place on every registered handler.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -520,3 +521,36 @@ def test_the_refusal_table_stays_bounded_whatever_callers_are_made_up() -> None:
         for i in range(MAX_TRACKED * 2 + 5):
             refusals.refused(CHECK, f"spiffe://x/{i}", CODE.PERMISSION_DENIED, "no")
     assert len(refusals._seen) <= MAX_TRACKED
+
+
+async def test_a_server_stream_written_as_a_coroutine_is_tracked_while_it_runs() -> None:
+    """Health.Watch is a coroutine that writes (grpc_health's aio servicer): it is a stream
+    all the same, tracked so that a revoked caller's is ended at the next trust change."""
+    guard = make_guard()
+    running, release = asyncio.Event(), asyncio.Event()
+
+    async def watch(request: Any, context: Any) -> None:
+        running.set()
+        await release.wait()
+
+    handler = grpc.unary_stream_rpc_method_handler(watch, request_deserializer=None)
+    behavior = guard.wrap("/grpc.health.v1.Health/Watch", handler).unary_stream
+    task = asyncio.create_task(behavior(b"", FakeContext()))
+    await asyncio.wait_for(running.wait(), 5)
+    assert len(guard.streams) == 1
+    release.set()
+    await asyncio.wait_for(task, 5)
+    assert len(guard.streams) == 0  # untracked when it ends
+
+
+async def test_a_unary_call_is_not_tracked() -> None:
+    guard = make_guard()
+    seen: list[int] = []
+
+    async def check(request: Any, context: Any) -> str:
+        seen.append(len(guard.streams))
+        return "answer"
+
+    behavior = guard.wrap(CHECK, grpc.unary_unary_rpc_method_handler(check)).unary_unary
+    assert await behavior(None, FakeContext()) == "answer"
+    assert seen == [0]

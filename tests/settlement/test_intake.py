@@ -241,3 +241,18 @@ async def test_a_request_larger_than_the_queue_is_served_when_nothing_waits(ledg
     intake = TripIntake(ledger_factory(), KNOWN, None, Clock(), max_queued=1)
     assert await intake.submit([trip(1), trip(2)]) == [ACCEPT, ACCEPT]
     intake.close()
+
+
+async def test_admit_says_busy_before_any_work_when_the_queue_is_full(ledger_factory):
+    """The node asks before decoding a request: refused, it costs nothing."""
+    watched = Watched(ledger_factory(), hold=True)
+    intake = TripIntake(watched, KNOWN, None, Clock(), max_queued=2)
+    intake.admit(5)  # nothing waits: any size passes
+    first = asyncio.create_task(intake.submit([trip(1), trip(2)]))
+    assert await asyncio.to_thread(watched.entered.wait, 10)
+    with pytest.raises(Busy):
+        intake.admit(1)
+    watched.release.set()
+    await first
+    intake.admit(2)
+    intake.close()

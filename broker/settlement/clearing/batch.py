@@ -251,7 +251,9 @@ class Spool:
         self._max_bytes = max_bytes
 
     def add(self, chunk: bytes) -> None:
-        if self._max_bytes is not None and self.bytes + len(chunk) > self._max_bytes:
+        # Each chunk costs its 8-byte length on disk too: empty chunks, which count no line,
+        # still use up the byte limit (a peer cannot spool them for ever).
+        if self._max_bytes is not None and self.bytes + 8 + len(chunk) > self._max_bytes:
             raise LimitExceeded("settlement.max_batch_bytes", self._max_bytes, "bytes of lines")
         if self._max_lines is not None:
             n = count_lines(chunk)
@@ -260,7 +262,7 @@ class Spool:
             if self.lines + n > self._max_lines:
                 raise LimitExceeded("settlement.max_batch_lines", self._max_lines, "lines")
             self.lines += n
-        self.bytes += len(chunk)
+        self.bytes += 8 + len(chunk)
         self.digest.update(chunk)
         self.file.write(len(chunk).to_bytes(8, "big"))
         self.file.write(chunk)

@@ -478,6 +478,8 @@ def _refusal(district: str, call: str, exc: grpc.aio.AioRpcError) -> Exception:
     verbatim), or the home not reached."""
     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
         return SettlementStateError(f"{district} refused {call}: {exc.details()}")
+    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # e.g. over its batch limits
+        return DocumentRefused(f"{district} refused {call}: {exc.details()}")
     return PeerUnavailable(district, f"{call}: {exc.code().name} {exc.details()}")
 
 

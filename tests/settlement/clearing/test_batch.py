@@ -303,15 +303,18 @@ def test_the_chunk_that_would_pass_the_line_limit_is_refused_and_never_written()
 
 def test_the_chunk_that_would_pass_the_byte_limit_is_refused_and_never_written():
     chunk = encode_lines([line(1)])
-    spool = Spool(max_lines=100, max_bytes=2 * len(chunk))
-    spool.add(chunk)
-    spool.add(chunk)
-    with pytest.raises(LimitExceeded) as info:
+    spooled = 8 + len(chunk)  # each chunk with its length on disk
+    spool = Spool(max_lines=100, max_bytes=2 * spooled)
+    try:
         spool.add(chunk)
-    assert info.value.setting == "settlement.max_batch_bytes"
-    assert info.value.maximum == 2 * len(chunk)
-    assert spool.bytes == 2 * len(chunk) and spool.digest.chunks == 2
-    spool.close()
+        spool.add(chunk)
+        with pytest.raises(LimitExceeded) as info:
+            spool.add(chunk)
+        assert info.value.setting == "settlement.max_batch_bytes"
+        assert info.value.maximum == 2 * spooled
+        assert spool.bytes == 2 * spooled and spool.digest.chunks == 2
+    finally:
+        spool.close()
 
 
 def test_a_bounded_spool_refuses_a_chunk_of_more_than_chunk_lines():
@@ -329,3 +332,17 @@ def test_an_unbounded_spool_counts_nothing_and_closing_twice_is_harmless():
     spool.close()
     spool.close()
     assert spool.closed
+
+
+def test_empty_chunks_use_up_the_byte_limit_too() -> None:
+    """An empty chunk counts no line: its 8 bytes on disk still count, so a peer cannot
+    spool them for ever."""
+    spool = Spool(max_lines=3, max_bytes=80)
+    try:
+        for _ in range(10):
+            spool.add(b"")
+        with pytest.raises(LimitExceeded, match=r"settlement\.max_batch_bytes"):
+            spool.add(b"")
+        assert spool.bytes == 80 and spool.digest.chunks == 10
+    finally:
+        spool.close()
