@@ -165,6 +165,7 @@ class Registry:
     """SQLite-backed card-holder registry of one district."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path  # another process (the home's verifier) opens its own connection
         self._db = Db.sqlite(path)
         migrate(self._db, "registry", MIGRATIONS)
         self._seed_districts(load_districts())

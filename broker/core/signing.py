@@ -284,6 +284,19 @@ class Signer:
         return {self.key_id: self._key.public_key()}
 
 
+def public_key_pems(keys: Mapping[str, PublicKey]) -> tuple[tuple[str, str], ...]:
+    """Verification keys as ``(key id, PEM)`` pairs (the inverse of :func:`parse_public_keys`)."""
+    return tuple(
+        (
+            kid,
+            key.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode(),
+        )
+        for kid, key in sorted(keys.items())
+    )
+
+
 def parse_public_keys(pairs: tuple[tuple[str, str], ...]) -> dict[str, PublicKey]:
     """``(key id, PEM)`` pairs from a trust bundle, as verification keys."""
     out: dict[str, PublicKey] = {}

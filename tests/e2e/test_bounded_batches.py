@@ -10,21 +10,20 @@ through a descriptor of their own.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import grpc
 import pytest
 
-from broker.core.signing import Signed
 from broker.node.server import Node
-from broker.settlement.clearing.batch import Line, Spool
-from broker.settlement.clearing.receiver import Ack
+from broker.settlement.clearing import crash
+from broker.settlement.clearing.batch import Line
 from broker.testbed import build as testbed
 from broker.testbed.clock import DayClock
-from tests.conftest import ANYUE, Cluster
+from tests.conftest import ANYUE, DAZU, Cluster
 from tests.e2e.raw_batches import (
     Feed,
     batch,
@@ -139,45 +138,38 @@ async def test_a_cancel_mid_spool_leaves_no_open_file(bounded: Cluster, now: dat
 
 
 async def test_a_cancel_while_the_batch_is_verified_never_closes_the_spool_under_the_worker(
-    bounded: Cluster, now: datetime, monkeypatch: pytest.MonkeyPatch
+    bounded: Cluster, now: datetime, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
-    """The worker thread is held before it reads the spool; the caller cancels meanwhile.
-    The spool stays open until the worker is done with it, then closes."""
-    clearing = bounded.nodes[ANYUE].clearing
-    assert clearing is not None
-    real = clearing.receiver.receive
-    entered, release = threading.Event(), threading.Event()
-    outcome: dict[str, object] = {}
-
-    def held(sender: str, spool: Spool, trailer: Signed) -> Ack:
-        entered.set()
-        release.wait(10)
-        try:
-            outcome["ack"] = real(sender, spool, trailer)
-        except BaseException as exc:
-            outcome["error"] = exc
-            raise
-        return outcome["ack"]  # type: ignore[return-value]
-
-    monkeypatch.setattr(clearing.receiver, "receive", held)
+    """The verifier process is held before it reads the spool; the caller cancels meanwhile.
+    The spool stays open until the verifier is done with it, which verifies and stores the
+    whole batch, then closes."""
+    release = tmp_path / "release"
+    monkeypatch.setenv(crash.PAUSE_ENV, "verify_started")  # the verifier inherits these
+    monkeypatch.setenv(crash.PAUSE_FILE_ENV, str(release))
+    reached = release.with_name(release.name + ".reached")
     parts = batch(
         lines_for(bounded, 3, now - timedelta(minutes=5)), dazu_signer(bounded), now, 1, 2
     )
     before = spool_files()
     feed = Feed(bounded)
     guard = bounded.nodes[ANYUE].guard
-    assert guard is not None
+    clearing = bounded.nodes[ANYUE].clearing
+    assert guard is not None and clearing is not None
     try:
         feed.send(*parts)
         feed.end()
-        await eventually(entered.is_set, "the worker did not start")
+        await eventually(reached.exists, "the verifier did not start", within=30)
         feed.call.cancel()
         await eventually(lambda: len(guard.streams) == 0, "the call did not end on the node")
-        assert set(spool_files().items()) - set(before.items()), "closed under the worker"
-        release.set()
-        await eventually(lambda: bool(outcome), "the worker did not finish", within=10)
-        assert "ack" in outcome, outcome  # every chunk was read from an open spool
+        assert set(spool_files().items()) - set(before.items()), "closed under the verifier"
+        release.touch()
+        stored = "SELECT lines FROM in_batches WHERE sender = ?"
+        await eventually(
+            lambda: clearing.store.db.one(stored, (DAZU,)) == (3,),
+            "the verifier did not store the batch",
+            within=10,
+        )
         await no_spool_file_left(before)
     finally:
-        release.set()
+        release.touch()
         await feed.close()

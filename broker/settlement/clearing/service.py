@@ -1,7 +1,8 @@
 """Clearing inside a running node: the home side of exchanges, off the event loop.
 
-Every database step runs on one worker thread of its own (the receiver's
-transactions are long for big batches; trip intake keeps its own writer).
+Received batches are verified in a process of its own (:mod:`broker.settlement.clearing.
+worker`: long Python work that would otherwise hold the interpreter lock against the
+gates); every other step runs on one worker thread (trip intake keeps its own writer).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from broker.settlement.clearing.batch import Spool
 from broker.settlement.clearing.receiver import Ack, Receiver
 from broker.settlement.clearing.reports import operator_statement
 from broker.settlement.clearing.store import ClearingStore
+from broker.settlement.clearing.worker import Verifier
 from broker.settlement.config import SettlementSettings
 from broker.settlement.statements import StatementLine
 from broker.trust.store import TrustStore, bundle_keys
@@ -51,6 +53,8 @@ class ClearingService:
             timedelta(seconds=cfg.fares.changeover_grace_s),
         )
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearing")
+        # Batches are verified in a process of their own (broker.settlement.clearing.worker).
+        self._verifier = Verifier(cfg, registry.path, bundle_keys(lambda: trust.current), clock)
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -59,7 +63,7 @@ class ClearingService:
         return await self._run(self.receiver.publish_fares, sender, signed)
 
     async def receive(self, sender: str, spool: Spool, trailer: Signed) -> Ack:
-        return await self._run(self.receiver.receive, sender, spool, trailer)
+        return await self._verifier.receive(sender, spool, trailer)
 
     async def confirm(self, sender: str, signed: Signed) -> Signed:
         return await self._run(self.receiver.confirm, sender, signed)
@@ -75,5 +79,6 @@ class ClearingService:
         )
 
     def close(self) -> None:
+        self._verifier.close()
         self._worker.shutdown(wait=True)
         self.store.close()

@@ -99,6 +99,7 @@ def spy(
 
 
 async def test_the_receivers_answers_come_back_awaited_from_its_worker_thread(node: Node) -> None:
+    """Fare rules and confirmations on the service's thread; batches in its worker process."""
     seen: list[str] = []
     for name in ("publish_fares", "receive", "confirm"):
         spy(node, name, seen)
@@ -132,7 +133,9 @@ async def test_the_receivers_answers_come_back_awaited_from_its_worker_thread(no
         store.close()
     reply = await node.service.confirm(DAZU, position)
     assert verify(reply, node.anyue_keys, Purpose.POSITION)["agreed"] is True
-    assert len(seen) == 3 and len(set(seen)) == 1
+    assert len(seen) == 2 and len(set(seen)) == 1  # receive ran in the worker process
+    row = node.service.store.db.one("SELECT lines FROM in_batches WHERE sender = ?", (DAZU,))
+    assert row == (1,)  # and committed what it verified, where this process reads it
     assert seen[0].startswith("clearing") and seen[0] != threading.current_thread().name
 
 
