@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 from collections.abc import Callable
@@ -9,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto.yikatong.v1 import (
     gate_pb2,
@@ -135,3 +137,23 @@ def run_cli(*args: str, clock: Callable[[], datetime] | None = None) -> str:
         if exc.code:
             raise RuntimeError(f"broker {' '.join(args)} failed: {err.getvalue()}") from exc
     return out.getvalue()
+
+
+async def wait_healthy(address: str, server: DistrictSetup, me: DistrictSetup) -> None:
+    """Until the node at ``address`` (``server``'s) answers its health SERVING to ``me``'s
+    node certificate; fails after 20 s (a node started as a process of its own)."""
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        ch = node_channel(address, server, me)
+        try:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=1
+            )
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        finally:
+            await ch.close()
+        assert asyncio.get_running_loop().time() < deadline, f"{address} never became healthy"
+        await asyncio.sleep(0.05)

@@ -17,9 +17,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto.yikatong.v1 import settlement_pb2
 from broker.cards.model import Scene, shanghai_day
@@ -38,7 +36,7 @@ from tests.clearing_day import (
     simulate_day,
 )
 from tests.conftest import ANYUE, DAZU, THREE, Cluster
-from tests.helpers import node_channel
+from tests.helpers import wait_healthy
 
 
 async def broker(
@@ -166,21 +164,7 @@ async def serve(config: str, crash_at: str | None) -> asyncio.subprocess.Process
 
 async def healthy(cluster_setups: dict[str, DistrictSetup], code: str, me: str) -> None:
     s = cluster_setups[code]
-    deadline = asyncio.get_running_loop().time() + 20
-    while True:
-        ch = node_channel(s.config.listen, s, cluster_setups[me])
-        try:
-            reply = await health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1
-            )
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        finally:
-            await ch.close()
-        assert asyncio.get_running_loop().time() < deadline, f"{code} never became healthy"
-        await asyncio.sleep(0.1)
+    await wait_healthy(s.config.listen, s, cluster_setups[me])
 
 
 async def test_the_home_node_killed_before_it_commits_an_ack_gets_the_batch_again(

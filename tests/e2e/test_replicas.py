@@ -23,10 +23,8 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psycopg
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto.yikatong.v1 import settlement_pb2, types_pb2
 from broker.cards.model import Scene, shanghai_day
@@ -40,7 +38,7 @@ from broker.testbed.operator_client import GateClient
 from broker.trust.config import PeerConfig
 from tests.clearing_day import operator_stub, record_for
 from tests.conftest import ANYUE, DAZU, RONGCHANG, THREE
-from tests.helpers import node_channel
+from tests.helpers import wait_healthy
 
 PAUSE = "YIKATONG_PAUSE_AT"
 
@@ -90,7 +88,7 @@ class Replicas:
             stderr=asyncio.subprocess.DEVNULL,
         )
         self.procs.append(proc)
-        await healthy(listen, self.setups[ANYUE], self.setups[DAZU])
+        await wait_healthy(listen, self.setups[ANYUE], self.setups[DAZU])
         return release
 
     async def start_both(self, pause_a: str | None = None) -> Path:
@@ -181,24 +179,6 @@ async def run(*args: str, env: dict[str, str], log: Path) -> tuple[int, str, int
 
 def read(path: Path) -> str:
     return path.read_text() if path.exists() else ""
-
-
-async def healthy(address: str, server: testbed.DistrictSetup, me: testbed.DistrictSetup) -> None:
-    deadline = asyncio.get_running_loop().time() + 20
-    while True:
-        ch = node_channel(address, server, me)
-        try:
-            reply = await health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=1
-            )
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.aio.AioRpcError:
-            pass
-        finally:
-            await ch.close()
-        assert asyncio.get_running_loop().time() < deadline, f"{address} never became healthy"
-        await asyncio.sleep(0.05)
 
 
 async def until(condition: Any, what: str) -> None:
