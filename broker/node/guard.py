@@ -286,18 +286,23 @@ class AuthInterceptor:
                 token = bind_identity(ident)
                 try:
                     if not long_lived:
-                        return await inner(message, context)
-                    with self.streams.track(method, who, _leaf_pem(context), context):
-                        return await inner(message, context)
+                        result = await inner(message, context)
+                    else:
+                        with self.streams.track(method, who, _leaf_pem(context), context):
+                            result = await inner(message, context)
                 finally:
                     unbind_identity(token)
             except grpc.aio.AbortError:
+                recorder.record(time.perf_counter_ns() - started)
                 raise
             except Exception as exc:
+                # recorded before the status goes out: abort sends it, and a caller that
+                # has its answer may read the metrics at once
+                recorder.record(time.perf_counter_ns() - started)
                 await self._fail(context, method, who, exc)
                 return None
-            finally:
-                recorder.record(time.perf_counter_ns() - started)
+            recorder.record(time.perf_counter_ns() - started)
+            return result
 
         return behavior
 
