@@ -34,7 +34,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from broker.core.errors import ConfigError
+from broker.core.errors import BrokerError, ConfigError
 from broker.trust.bundle import SignedBundle
 from broker.trust.identity import Identity, Role, parse_spiffe_id
 from broker.trust.pki import KeyPair, ca_id, load, locked
@@ -215,9 +215,18 @@ def leaf_certificates(paths: DistrictPaths) -> list[tuple[Identity, x509.Certifi
     for f in files:
         if not f.exists():
             continue
-        cert = x509.load_pem_x509_certificate(f.read_bytes())
-        out.append((identity_of(cert), cert))
+        out.append(_leaf(f))
     return out
+
+
+def _leaf(f: Path) -> tuple[Identity, x509.Certificate]:
+    """The certificate in ``f`` and whom it names; one that does not parse, or names no
+    SPIFFE identity, is an error that names the file (not a traceback)."""
+    try:
+        cert = x509.load_pem_x509_certificate(f.read_bytes())
+        return identity_of(cert), cert
+    except (ValueError, IndexError, x509.ExtensionNotFound, BrokerError) as exc:
+        raise CertOpsError(f"{f} is not a certificate of this store: {exc}") from None
 
 
 def current_certificate(paths: DistrictPaths, ident: Identity) -> x509.Certificate:

@@ -287,11 +287,6 @@ def test_rotate_ca_refuses_an_unknown_stage(root: Path):
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG broker/trust/certstore.py (leaf_certificates): an unreadable .pem under "
-    "operators/ raises ValueError, and `certs status` dies with a traceback",
-)
 def test_status_reports_an_unreadable_certificate_file_clearly(root: Path):
     junk = DistrictPaths(root, D).dir / "operators" / "junk.pem"
     junk.write_bytes(b"\x00 not a certificate")
@@ -299,6 +294,21 @@ def test_status_reports_an_unreadable_certificate_file_clearly(root: Path):
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)  # a reported error, not a crash
     assert "junk.pem" in flat(result.output)
+
+
+def test_status_reports_a_certificate_that_names_no_identity_clearly(root: Path):
+    """A valid certificate dropped among the operators' (the district's CA, copied by hand)
+    parses but names no SPIFFE identity: reported with its file, not a traceback."""
+    paths = DistrictPaths(root, D)
+    stray = paths.dir / "operators" / "stray-ca.pem"
+    stray.write_bytes(
+        paths.ca_cert.read_bytes().split(b"-----END CERTIFICATE-----")[0]
+        + b"-----END CERTIFICATE-----\n"
+    )
+    result = certs(root, "status", "--district", D)
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    assert "stray-ca.pem" in flat(result.output)
 
 
 # ------------------------------------------------------------------ rotate: distrusted keys
