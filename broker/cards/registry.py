@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+from broker.cards import status_log
 from broker.cards.csv_import import CardRow
 from broker.cards.districts import District, load_districts
 from broker.cards.model import CardStatus, shanghai_day
@@ -91,6 +92,7 @@ CREATE TABLE IF NOT EXISTS advertised_ttl (
 MIGRATIONS = (
     Migration(1, "baseline: districts, cards, card status history", BASELINE),
     Migration(2, "card history with flags and recording instants; advertised TTL", HISTORY),
+    status_log.MIGRATION,
 )
 
 # Status rows not yet in card_history (all of them, the first time), with the
@@ -170,6 +172,11 @@ class Registry:
         migrate(self._db, "registry", MIGRATIONS)
         self._seed_districts(load_districts())
         self._copy_status_rows()
+
+    @property
+    def db(self) -> Db:
+        """The registry's connection (:mod:`broker.cards.status_change`, :mod:`.status_log`)."""
+        return self._db
 
     def close(self) -> None:
         self._db.close()
@@ -276,6 +283,11 @@ class Registry:
                             status_row,
                             when,
                         ),
+                    )
+                    wire = derive_status(r.status, r.valid_until, shanghai_day(at))
+                    took_effect = r.changed_at or r.recorded_at or at
+                    status_log.append(
+                        self._db, r.card_number, wire, took_effect, r.recorded_at or at, at
                     )
         return ImportResult(len(rows), inserted, updated, changes, unchanged)
 

@@ -15,7 +15,6 @@ import signal
 import sys
 import tempfile
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -26,15 +25,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from broker.cards.csv_import import parse_import
-from broker.cards.model import shanghai_day
-from broker.cards.privacy import create_key_file, load_key_file
-from broker.cards.registry import Registry
+from broker.cards.privacy import create_key_file
 from broker.cli.certs import certs
 from broker.cli.output import err, fail, yuan
+from broker.cli.registry import registry
 from broker.cli.settle import settle
 from broker.cli.trust import trust
-from broker.core.errors import BrokerError, ImportRejected
+from broker.core.errors import BrokerError
 from broker.node import logs
 from broker.node.config import NodeConfig, load_config
 
@@ -124,6 +121,7 @@ def main() -> None:
 
 
 main.add_command(certs)
+main.add_command(registry)
 main.add_command(trust)
 main.add_command(settle)
 
@@ -175,39 +173,6 @@ def _exit_logged(event: str, **fields: object) -> NoReturn:
     """Log ``event`` as an error and exit 1: how ``serve`` fails when it logs JSON."""
     log.error(event, **fields)
     sys.exit(1)
-
-
-@main.group()
-def registry() -> None:
-    """The district's own card-holder registry."""
-
-
-@registry.command("import")
-@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
-def registry_import(csv_file: Path, config_path: Path) -> None:
-    """Import card-holders (upsert, never delete); a file with any bad row is refused whole."""
-    cfg = _config(config_path)
-    now = datetime.now(UTC)
-    try:
-        hasher = load_key_file(cfg.privacy.hash_key_file)
-        with csv_file.open(newline="", encoding="utf-8") as fh:
-            rows = parse_import(fh, shanghai_day(now), hasher)
-    except ImportRejected as exc:
-        for row_error in exc.errors:
-            err.print(f"{csv_file}:{row_error}")
-        fail(f"{csv_file}: {exc}")
-    except BrokerError as exc:
-        fail(str(exc))
-    store = Registry(cfg.registry.path)
-    try:
-        result = store.upsert(rows, now)
-    finally:
-        store.close()
-    click.echo(
-        f"imported {result.rows} rows: {result.inserted} new, {result.updated} updated, "
-        f"{result.unchanged} unchanged, {result.status_changes} status change(s) recorded"
-    )
 
 
 @main.group("hash-key")

@@ -1,0 +1,242 @@
+"""The home's log of card changes: what a peer that asked about a card is to be told.
+
+Every change of a card's status, validity or flags that the registry records
+(an import, ``broker registry set-status``) appends one event *in the same
+transaction* as the change, so neither exists without the other.
+
+Order and gaps: an event's sequence number comes from the one counter row of
+``status_log``, updated in that transaction. Writers of a registry are
+serialised (``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL the counter row's
+lock is held until commit), so numbers are assigned in commit order and
+without gaps: a subscriber that has seen ``n`` has seen everything up to
+``n``.
+
+Which history: the log has an *epoch*, a random id drawn when the log is
+created or reset (:func:`reset`), and every event carries a *chain* value,
+a hash over the previous event's chain and its own content. A subscriber's
+cursor is (epoch, seq, chain). A registry restored from an older copy keeps
+its epoch but not its chain: the event at the cursor's number, if there is
+one, has another chain (or there is none yet), and the subscriber is told to
+start again (:data:`RESTART`) rather than silently missing what the copy
+lost. So is a cursor older than the events kept (:func:`purge`).
+
+An event names a card by its number: the log is the home's, beside the
+registry that holds the numbers anyway; what crosses to a peer is that
+peer's own handle for the card, never the number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from broker.cards.model import CardStatus
+from broker.core.db import Db, Migration, utc_text
+
+_LOG_SQLITE = """
+CREATE TABLE IF NOT EXISTS status_log (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch TEXT NOT NULL,
+    head INTEGER NOT NULL,
+    chain TEXT NOT NULL,
+    reset_at TEXT NOT NULL
+);
+INSERT INTO status_log (id, epoch, head, chain, reset_at)
+    SELECT 1, lower(hex(randomblob(16))), 0, '', strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now')
+    WHERE NOT EXISTS (SELECT 1 FROM status_log);
+CREATE TABLE IF NOT EXISTS status_events (
+    seq INTEGER PRIMARY KEY,
+    card_number TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    changed_at TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    logged_at TEXT NOT NULL,
+    chain TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS status_events_logged ON status_events (logged_at)
+"""
+
+_LOG_POSTGRES = """
+CREATE TABLE IF NOT EXISTS status_log (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    epoch TEXT NOT NULL,
+    head BIGINT NOT NULL,
+    chain TEXT NOT NULL,
+    reset_at TEXT NOT NULL
+);
+INSERT INTO status_log (id, epoch, head, chain, reset_at)
+    SELECT 1, md5(random()::text || clock_timestamp()::text), 0, '',
+        to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"')
+    WHERE NOT EXISTS (SELECT 1 FROM status_log);
+CREATE TABLE IF NOT EXISTS status_events (
+    seq BIGINT PRIMARY KEY,
+    card_number TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    changed_at TEXT NOT NULL,
+    recorded_at TEXT NOT NULL,
+    logged_at TEXT NOT NULL,
+    chain TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS status_events_logged ON status_events (logged_at)
+"""
+
+MIGRATION = Migration(
+    3,
+    "status log: every card change as an event, numbered in commit order, for peers' caches",
+    _LOG_SQLITE,
+    _LOG_POSTGRES,
+)
+
+REFUSING: Final = frozenset({CardStatus.LOST, CardStatus.SUSPENDED, CardStatus.EXPIRED})
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """A position in one history of the log: after the event ``seq`` (0: before the first)."""
+
+    epoch: str
+    seq: int
+    chain: str
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEvent:
+    """One change: the card's wire status after it (for an ACTIVE card, only "ask again")."""
+
+    epoch: str
+    seq: int
+    card_number: str
+    status: CardStatus
+    changed_at: datetime
+    recorded_at: datetime
+    logged_at: datetime
+    chain: str
+
+    @property
+    def refuses(self) -> bool:
+        """A refusal a cache may write at once; otherwise the event only invalidates (it
+        carries no entitlements: the next check asks the home again)."""
+        return self.status in REFUSING
+
+    @property
+    def cursor(self) -> Cursor:
+        return Cursor(self.epoch, self.seq, self.chain)
+
+
+class Restart:
+    """What :func:`read` answers to a cursor it cannot continue from (another epoch, a
+    history that differs, or older than the events kept): drop every cached answer of this
+    home, and go on from :attr:`head`."""
+
+    __slots__ = ("head", "reason")
+
+    def __init__(self, head: Cursor, reason: str) -> None:
+        self.head = head
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Restart({self.reason!r}, head={self.head})"
+
+
+def _chain(previous: str, seq: int, card_number: str, status: CardStatus, changed_at: str) -> str:
+    data = f"{previous}|{seq}|{card_number}|{int(status)}|{changed_at}".encode()
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def append(
+    db: Db,
+    card_number: str,
+    status: CardStatus,
+    changed_at: datetime,
+    recorded_at: datetime,
+    now: datetime,
+) -> int:
+    """Log one change; call it inside ``db.write()``, in the transaction that makes the change.
+
+    Its sequence number, which it returns, is the counter's next: the
+    counter row is updated first, so a concurrent writer waits here until
+    this transaction ends.
+    """
+    db.execute("UPDATE status_log SET head = head + 1 WHERE id = 1")
+    row = db.one("SELECT head, chain FROM status_log WHERE id = 1")
+    if row is None:
+        raise RuntimeError("status_log has no counter row: the registry was not migrated")
+    seq, previous = int(row[0]), str(row[1])
+    changed = utc_text(changed_at)
+    chain = _chain(previous, seq, card_number, status, changed)
+    db.execute(
+        "INSERT INTO status_events (seq, card_number, status, changed_at, recorded_at, "
+        "logged_at, chain) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (seq, card_number, int(status), changed, utc_text(recorded_at), utc_text(now), chain),
+    )
+    db.execute("UPDATE status_log SET chain = ? WHERE id = 1", (chain,))
+    return seq
+
+
+def head(db: Db) -> Cursor:
+    """Where the log ends now: a new subscriber starts here."""
+    row = db.one("SELECT epoch, head, chain FROM status_log WHERE id = 1")
+    if row is None:
+        raise RuntimeError("status_log has no counter row: the registry was not migrated")
+    return Cursor(str(row[0]), int(row[1]), str(row[2]))
+
+
+def read(db: Db, after: Cursor | None, limit: int = 1000) -> list[StatusEvent] | Restart:
+    """The events after ``after``, oldest first, at most ``limit``; or :class:`Restart`.
+
+    ``None`` (a subscriber that has no cursor) is always told to restart.
+    """
+    now = head(db)
+    if after is None:
+        return Restart(now, "no cursor")
+    if after.epoch != now.epoch:
+        return Restart(now, "another epoch: the log was reset")
+    if after.seq > now.seq:
+        return Restart(now, "the cursor is past the end: the registry was restored")
+    if after.seq > 0:
+        at = db.one("SELECT chain FROM status_events WHERE seq = ?", (after.seq,))
+        if at is None:
+            return Restart(now, "older than the events kept")
+        if str(at[0]) != after.chain:
+            return Restart(now, "another history: the registry was restored")
+    elif now.seq > 0 and db.one("SELECT 1 FROM status_events WHERE seq = 1") is None:
+        return Restart(now, "older than the events kept")
+    rows = db.all(
+        "SELECT seq, card_number, status, changed_at, recorded_at, logged_at, chain "
+        "FROM status_events WHERE seq > ? ORDER BY seq LIMIT ?",
+        (after.seq, limit),
+    )
+    return [
+        StatusEvent(
+            now.epoch,
+            int(r[0]),
+            str(r[1]),
+            CardStatus(int(r[2])),
+            datetime.fromisoformat(r[3]),
+            datetime.fromisoformat(r[4]),
+            datetime.fromisoformat(r[5]),
+            str(r[6]),
+        )
+        for r in rows
+    ]
+
+
+def purge(db: Db, before: datetime) -> int:
+    """Drop the events logged before ``before`` (the retention); how many went. The counter
+    and the chain stay: numbering goes on, and a cursor older than what is kept restarts."""
+    with db.write():
+        return db.execute("DELETE FROM status_events WHERE logged_at < ?", (utc_text(before),))
+
+
+def reset(db: Db, epoch: str, now: datetime) -> Cursor:
+    """Start a new history under ``epoch`` (e.g. ``secrets.token_hex(16)``): every event is
+    dropped and numbering starts again; every subscriber restarts (and flushes)."""
+    with db.write():
+        db.execute("DELETE FROM status_events")
+        db.execute(
+            "UPDATE status_log SET epoch = ?, head = 0, chain = '', reset_at = ? WHERE id = 1",
+            (epoch, utc_text(now)),
+        )
+    return head(db)
