@@ -12,13 +12,14 @@ without gaps: a subscriber that has seen ``n`` has seen everything up to
 ``n``.
 
 Which history: the log has an *epoch*, a random id drawn when the log is
-created or reset (:func:`reset`), and every event carries a *chain* value,
-a hash over the previous event's chain and its own content. A subscriber's
-cursor is (epoch, seq, chain). A registry restored from an older copy keeps
-its epoch but not its chain: the event at the cursor's number, if there is
-one, has another chain (or there is none yet), and the subscriber is told to
-start again (:data:`RESTART`) rather than silently missing what the copy
-lost. So is a cursor older than the events kept (:func:`purge`).
+created or reset (:func:`reset`), and every event carries a *mark*, 128
+random bits of its own (random, not a hash of the event: marks are shown to
+peers, and a hash of a card number is guessable). A subscriber's cursor is
+(epoch, seq, mark). A registry restored from an older copy keeps its epoch
+but not its marks: the event at the cursor's number, if there is one, has
+another mark (or there is none yet), and the subscriber is told to start
+again (:class:`Restart`) rather than silently missing what the copy lost.
+So is a cursor older than the events kept (:func:`purge`).
 
 An event names a card by its number: the log is the home's, beside the
 registry that holds the numbers anyway; what crosses to a peer is that
@@ -27,7 +28,7 @@ peer's own handle for the card, never the number.
 
 from __future__ import annotations
 
-import hashlib
+import secrets
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -40,10 +41,10 @@ CREATE TABLE IF NOT EXISTS status_log (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     epoch TEXT NOT NULL,
     head INTEGER NOT NULL,
-    chain TEXT NOT NULL,
+    mark TEXT NOT NULL,
     reset_at TEXT NOT NULL
 );
-INSERT INTO status_log (id, epoch, head, chain, reset_at)
+INSERT INTO status_log (id, epoch, head, mark, reset_at)
     SELECT 1, lower(hex(randomblob(16))), 0, '', strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now')
     WHERE NOT EXISTS (SELECT 1 FROM status_log);
 CREATE TABLE IF NOT EXISTS status_events (
@@ -53,7 +54,7 @@ CREATE TABLE IF NOT EXISTS status_events (
     changed_at TEXT NOT NULL,
     recorded_at TEXT NOT NULL,
     logged_at TEXT NOT NULL,
-    chain TEXT NOT NULL
+    mark TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS status_events_logged ON status_events (logged_at)
 """
@@ -63,10 +64,10 @@ CREATE TABLE IF NOT EXISTS status_log (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     epoch TEXT NOT NULL,
     head BIGINT NOT NULL,
-    chain TEXT NOT NULL,
+    mark TEXT NOT NULL,
     reset_at TEXT NOT NULL
 );
-INSERT INTO status_log (id, epoch, head, chain, reset_at)
+INSERT INTO status_log (id, epoch, head, mark, reset_at)
     SELECT 1, md5(random()::text || clock_timestamp()::text), 0, '',
         to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"+00:00"')
     WHERE NOT EXISTS (SELECT 1 FROM status_log);
@@ -77,7 +78,7 @@ CREATE TABLE IF NOT EXISTS status_events (
     changed_at TEXT NOT NULL,
     recorded_at TEXT NOT NULL,
     logged_at TEXT NOT NULL,
-    chain TEXT NOT NULL
+    mark TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS status_events_logged ON status_events (logged_at)
 """
@@ -98,7 +99,7 @@ class Cursor:
 
     epoch: str
     seq: int
-    chain: str
+    mark: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +113,7 @@ class StatusEvent:
     changed_at: datetime
     recorded_at: datetime
     logged_at: datetime
-    chain: str
+    mark: str
 
     @property
     def refuses(self) -> bool:
@@ -122,7 +123,7 @@ class StatusEvent:
 
     @property
     def cursor(self) -> Cursor:
-        return Cursor(self.epoch, self.seq, self.chain)
+        return Cursor(self.epoch, self.seq, self.mark)
 
 
 class Restart:
@@ -140,11 +141,6 @@ class Restart:
         return f"Restart({self.reason!r}, head={self.head})"
 
 
-def _chain(previous: str, seq: int, card_number: str, status: CardStatus, changed_at: str) -> str:
-    data = f"{previous}|{seq}|{card_number}|{int(status)}|{changed_at}".encode()
-    return hashlib.sha256(data).hexdigest()[:32]
-
-
 def append(
     db: Db,
     card_number: str,
@@ -159,25 +155,24 @@ def append(
     counter row is updated first, so a concurrent writer waits here until
     this transaction ends.
     """
-    db.execute("UPDATE status_log SET head = head + 1 WHERE id = 1")
-    row = db.one("SELECT head, chain FROM status_log WHERE id = 1")
+    mark = secrets.token_hex(16)
+    db.execute("UPDATE status_log SET head = head + 1, mark = ? WHERE id = 1", (mark,))
+    row = db.one("SELECT head FROM status_log WHERE id = 1")
     if row is None:
         raise RuntimeError("status_log has no counter row: the registry was not migrated")
-    seq, previous = int(row[0]), str(row[1])
-    changed = utc_text(changed_at)
-    chain = _chain(previous, seq, card_number, status, changed)
+    seq = int(row[0])
     db.execute(
         "INSERT INTO status_events (seq, card_number, status, changed_at, recorded_at, "
-        "logged_at, chain) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (seq, card_number, int(status), changed, utc_text(recorded_at), utc_text(now), chain),
-    )
-    db.execute("UPDATE status_log SET chain = ? WHERE id = 1", (chain,))
+        "logged_at, mark) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (seq, card_number, int(status), utc_text(changed_at), utc_text(recorded_at),
+         utc_text(now), mark),
+    )  # fmt: skip
     return seq
 
 
 def head(db: Db) -> Cursor:
     """Where the log ends now: a new subscriber starts here."""
-    row = db.one("SELECT epoch, head, chain FROM status_log WHERE id = 1")
+    row = db.one("SELECT epoch, head, mark FROM status_log WHERE id = 1")
     if row is None:
         raise RuntimeError("status_log has no counter row: the registry was not migrated")
     return Cursor(str(row[0]), int(row[1]), str(row[2]))
@@ -196,15 +191,15 @@ def read(db: Db, after: Cursor | None, limit: int = 1000) -> list[StatusEvent] |
     if after.seq > now.seq:
         return Restart(now, "the cursor is past the end: the registry was restored")
     if after.seq > 0:
-        at = db.one("SELECT chain FROM status_events WHERE seq = ?", (after.seq,))
+        at = db.one("SELECT mark FROM status_events WHERE seq = ?", (after.seq,))
         if at is None:
             return Restart(now, "older than the events kept")
-        if str(at[0]) != after.chain:
+        if str(at[0]) != after.mark:
             return Restart(now, "another history: the registry was restored")
     elif now.seq > 0 and db.one("SELECT 1 FROM status_events WHERE seq = 1") is None:
         return Restart(now, "older than the events kept")
     rows = db.all(
-        "SELECT seq, card_number, status, changed_at, recorded_at, logged_at, chain "
+        "SELECT seq, card_number, status, changed_at, recorded_at, logged_at, mark "
         "FROM status_events WHERE seq > ? ORDER BY seq LIMIT ?",
         (after.seq, limit),
     )
@@ -225,7 +220,7 @@ def read(db: Db, after: Cursor | None, limit: int = 1000) -> list[StatusEvent] |
 
 def purge(db: Db, before: datetime) -> int:
     """Drop the events logged before ``before`` (the retention); how many went. The counter
-    and the chain stay: numbering goes on, and a cursor older than what is kept restarts."""
+    and the last mark stay: numbering goes on, and a cursor older than what is kept restarts."""
     with db.write():
         return db.execute("DELETE FROM status_events WHERE logged_at < ?", (utc_text(before),))
 
@@ -236,7 +231,7 @@ def reset(db: Db, epoch: str, now: datetime) -> Cursor:
     with db.write():
         db.execute("DELETE FROM status_events")
         db.execute(
-            "UPDATE status_log SET epoch = ?, head = 0, chain = '', reset_at = ? WHERE id = 1",
+            "UPDATE status_log SET epoch = ?, head = 0, mark = '', reset_at = ? WHERE id = 1",
             (epoch, utc_text(now)),
         )
     return head(db)

@@ -81,7 +81,7 @@ def test_no_cursor_or_another_epoch_restarts_at_the_head(tmp_path: Path):
     log_one(reg, "C1", CardStatus.LOST)
     head = status_log.head(reg.db)
     assert isinstance(none := status_log.read(reg.db, None), Restart) and none.head == head
-    other = status_log.read(reg.db, Cursor("f" * 32, 1, head.chain))
+    other = status_log.read(reg.db, Cursor("f" * 32, 1, head.mark))
     assert isinstance(other, Restart) and "epoch" in other.reason
     reg.close()
 
@@ -107,7 +107,7 @@ def test_two_registries_start_in_different_epochs(tmp_path: Path):
 
 
 def test_a_registry_restored_from_an_older_copy_is_another_history(tmp_path: Path):
-    """The copy keeps the epoch; the chain tells the difference, whether the cursor is past the
+    """The copy keeps the epoch; the mark tells the difference, whether the cursor is past the
     copy's end or the copy has since written other events under the same numbers."""
     path = tmp_path / "r.sqlite3"
     reg = Registry(path)
