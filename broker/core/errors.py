@@ -13,7 +13,8 @@ The tree::
     ├── Conflict               other content under an identifier already used (a batch sequence)
     ├── LimitExceeded          an input is larger than a configured maximum (names the setting)
     ├── SettlementStateError   a settlement step asked for in the wrong state
-    └── Busy                   too much work queued already: retry later (with a hint)
+    ├── Busy                   too much work queued already: retry later (with a hint)
+    └── Unavailable            a part of this node (a worker process, storage) is down: retry
 
 Errors from foreign libraries (grpc, redis, sqlite3) are converted at the edge
 that calls them, with ``raise ... from exc``. The mapping from these errors to
@@ -136,3 +137,10 @@ class Busy(BrokerError):
     def __init__(self, what: str, retry_after_s: float) -> None:
         super().__init__(f"{what}; retry in {retry_after_s:g} s")
         self.retry_after_s = retry_after_s
+
+
+class Unavailable(BrokerError):
+    """A part of this node (a worker process, its storage) stopped or cannot be reached now.
+
+    Nothing the caller was told was done is lost; the same request later may be served.
+    """

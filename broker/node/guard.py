@@ -34,6 +34,7 @@ from broker.core.errors import (
     PermissionDenied,
     SettlementStateError,
     Unauthenticated,
+    Unavailable,
 )
 from broker.node.metrics import Metrics
 from broker.node.streams import StreamRegistry
@@ -55,6 +56,7 @@ _STATUS: tuple[tuple[type[BrokerError], grpc.StatusCode], ...] = (
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (SettlementStateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
 
@@ -110,6 +112,10 @@ class RefusalLog:
         self._seen[key] = (now, 0)
 
 
+def _as_is(data: bytes) -> bytes:
+    return data
+
+
 def decoder(method: str, deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
     """How a method's raw request bytes become its message; failure is INVALID_ARGUMENT.
 
@@ -117,7 +123,7 @@ def decoder(method: str, deserialize: Callable[[bytes], Any] | None) -> Callable
     bytes and this guard decodes them only after the caller is authorized.
     """
     if deserialize is None:
-        return lambda data: data
+        return _as_is
     owner = getattr(deserialize, "__self__", None)
     descriptor = getattr(owner, "DESCRIPTOR", None)
     type_name = getattr(descriptor, "full_name", None) or f"the request of {method}"
@@ -145,6 +151,9 @@ class AuthInterceptor:
     operator (a request's ``operator_id`` must be the caller's own), then
     run the handler. A refused caller gets PERMISSION_DENIED whatever it
     sent; a body that does not decode gets INVALID_ARGUMENT naming its type.
+    A method named in ``undecoded`` (SubmitTrips) gets its raw bytes instead,
+    decoded elsewhere (the intake's worker process), and a handler may answer
+    with bytes serialized already.
     A streaming call is held in :attr:`streams` while it runs, and
     :meth:`end_refused_streams` ends those whose callers a trust change refuses.
     """
@@ -158,8 +167,13 @@ class AuthInterceptor:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         refusals: RefusalLog | None = None,
         streams: StreamRegistry | None = None,
+        undecoded: frozenset[str] = frozenset(),
     ) -> None:
+        """``undecoded``: methods (``/package.Service/Method``) whose handler takes the raw
+        request bytes and decodes them elsewhere (SubmitTrips: in the intake's worker
+        process); their request type may have no ``operator_id`` for this guard to check."""
         self.streams = streams or StreamRegistry()
+        self._undecoded = undecoded
         self._verifier = verifier
         self._policy = policy
         self._metrics = metrics
@@ -208,8 +222,15 @@ class AuthInterceptor:
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         """The handler with identity, access rights, decoding, error mapping and timing."""
-        decode = decoder(method, handler.request_deserializer)
-        raw = handler._replace(request_deserializer=None)
+        if method in self._undecoded:
+            if _takes_operator_id(handler.request_deserializer):
+                raise ConfigError(f"{method} names an operator: its request must be decoded")
+            decode: Callable[[bytes], Any] = _as_is
+        else:
+            decode = decoder(method, handler.request_deserializer)
+        raw = handler._replace(
+            request_deserializer=None, response_serializer=_encoder(handler.response_serializer)
+        )
         for kind, stream, long_lived in (
             ("unary_unary", False, False),
             ("unary_stream", False, True),
@@ -345,9 +366,26 @@ def _leaf_pem(context: grpc.aio.ServicerContext) -> bytes:
     return bytes(context.auth_context()["x509_pem_cert"][0])
 
 
+def _encoder(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A method's response serializer that passes bytes through: a handler may answer bytes
+    serialized already (by a worker process, e.g. SubmitTrips')."""
+    if serialize is None:
+        return None
+
+    def encode(message: Any) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)
+
+    return encode
+
+
 def _has_operator_id(message: Any) -> bool:
     descriptor = getattr(message, "DESCRIPTOR", None)
     return descriptor is not None and "operator_id" in descriptor.fields_by_name
+
+
+def _takes_operator_id(deserialize: Callable[[bytes], Any] | None) -> bool:
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    return descriptor is None or "operator_id" in descriptor.fields_by_name
 
 
 async def _decoded(requests: AsyncIterator[bytes], decode: Callable[[bytes], Any]) -> Any:

@@ -46,8 +46,7 @@ from broker.peers.channels import PeerChannels
 from broker.peers.client import PeerClient
 from broker.settlement.clearing.sender import EXCHANGE_TIMEOUT_S
 from broker.settlement.clearing.service import ClearingService
-from broker.settlement.intake import TripIntake
-from broker.settlement.ledger import open_ledger
+from broker.settlement.intake import IntakeSpec, TripIntake
 from broker.trust.access import AccessPolicy
 from broker.trust.store import TrustStore, peer_health_name
 from broker.trust.tls import CallerVerifier, ServerCertificates
@@ -55,6 +54,9 @@ from broker.trust.tls import CallerVerifier, ServerCertificates
 log = structlog.get_logger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
+
+# Methods whose request bytes the guard hands over undecoded (see AuthInterceptor).
+UNDECODED = frozenset({"/yikatong.v1.Settlement/SubmitTrips"})
 
 SERVICE_NAMES = (
     gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name,
@@ -120,8 +122,8 @@ class Node:
     @classmethod
     async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
         """Open the node's stores, bind its port and start serving."""
-        # The event loop answers gates while worker threads judge and write trips: let it
-        # take the interpreter lock after 0.5 ms of their work, not the default 5 ms.
+        # The event loop answers gates while worker threads (trust reloads, clearing steps)
+        # run: let it take the interpreter lock after 0.5 ms of their work, not the default 5.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         hasher = load_key_file(cfg.privacy.hash_key_file)
         trust = TrustStore(cfg, clock)
@@ -139,7 +141,14 @@ class Node:
         gate = GateService(cfg.district, home, peers, clock, fares)
         metrics = Metrics()
         policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers), cfg.access)
-        guard = AuthInterceptor(CallerVerifier(trust), policy, metrics, cfg.tls.min_version, clock)
+        guard = AuthInterceptor(
+            CallerVerifier(trust),
+            policy,
+            metrics,
+            cfg.tls.min_version,
+            clock,
+            undecoded=UNDECODED,  # SubmitTrips' bytes go to the intake's worker process
+        )
 
         server = grpc.aio.server(options=server_options(cfg))
         guarded = GuardedServer(server, guard)
@@ -160,14 +169,16 @@ class Node:
                     *(a.district for a in cfg.agreements),
                 }
             )
-            ledger = open_ledger(
+            spec = IntakeSpec(
                 cfg.ledger.path,
                 cfg.ledger.url,
                 cfg.ledger.schema,
-                timedelta(seconds=cfg.settlement.duplicate_window_s),
+                known,
+                fares,
+                duplicate_window=timedelta(seconds=cfg.settlement.duplicate_window_s),
+                changeover_grace=timedelta(seconds=cfg.fares.changeover_grace_s),
             )
-            grace = timedelta(seconds=cfg.fares.changeover_grace_s)
-            intake = TripIntake(ledger, known, fares, clock, changeover_grace=grace)
+            intake = TripIntake(spec, clock)
             if cfg.settlement.key_file is not None:
                 clearing = ClearingService(cfg, registry, trust, fares, clock)
             settlement_pb2_grpc.add_SettlementServicer_to_server(

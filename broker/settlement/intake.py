@@ -1,103 +1,262 @@
-"""Trip intake: judge each submitted trip and record it in the ledger, off the event loop.
+"""Trip intake in a process of its own, so that uploads never hold the node's interpreter lock.
 
-Judging and writing run on one writer thread; the queue in front of it is bounded
-(:data:`MAX_QUEUED_TRIPS`): beyond it a request is refused at once as busy, with a
-retry hint, rather than queued without end while gates wait on the same process.
+Decoding, validating, judging and recording 10,000 trips is tens of ms of Python
+work per request; on threads of the node's process it would hold the
+interpreter lock against the event loop that answers gates. So the node hands
+each ``SubmitTrips`` request over as its raw bytes, with the caller's operator
+id and the node clock's ``now``, to one worker process (spawned at the first
+request, niced), which has its own ledger connection, fare schedule and known
+districts (a :class:`TripDesk`), and gets the raw bytes of the answer back,
+sent only once the trips are committed.
+
+Back-pressure: the bytes and the requests handed over and not yet answered are
+bounded (:data:`MAX_QUEUED_BYTES`, :data:`MAX_QUEUED_REQUESTS`); beyond either,
+a request is refused at once as busy, with a retry hint, rather than queued
+without end while gates wait on the same node. A worker that dies (killed,
+crashed) fails the calls it held ``UNAVAILABLE``: what it had committed is
+kept and answered again on resubmission (its stored outcome), what it had not
+is not there; the next request starts a new worker.
+
+The node keeps a ledger connection of its own only for the health check's
+trivial query (:meth:`TripIntake.reachable`): it must neither start a worker
+nor wait behind uploads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
+import os
+import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
-from broker.core.errors import Busy
+from broker.core.errors import Busy, InvalidArgument, Unavailable
 from broker.fares.rules import CHANGEOVER_GRACE, FareSchedule
-from broker.settlement.ledger import Ledger
-from broker.settlement.trips import DEFAULT_LATE_WINDOW, Judgement, Trip, judge
+from broker.settlement.desk import MAX_TRIPS_PER_REQUEST, TripDesk
+from broker.settlement.ledger import Ledger, open_ledger
+from broker.settlement.trips import DEFAULT_DUPLICATE_WINDOW, DEFAULT_LATE_WINDOW
 
-MAX_TRIPS_PER_REQUEST = 10_000
-# Trips accepted into the writer's queue and not yet committed: beyond it a request is
-# refused RESOURCE_EXHAUSTED with a retry hint (back-pressure: the gate's checks come first).
-MAX_QUEUED_TRIPS = 4 * MAX_TRIPS_PER_REQUEST
+# A serialized trip is 70-100 bytes (tests/settlement/test_intake.py measures one): four
+# full requests waiting, about as many trips as the thread-based intake queued (40,000).
+MAX_QUEUED_BYTES = 4 * MAX_TRIPS_PER_REQUEST * 100
+MAX_QUEUED_REQUESTS = 64  # many small requests: each costs a round trip to the worker
 RETRY_AFTER_S = 1.0
+NICE = 10  # below the node's own threads: the gates come first
+
+__all__ = ["MAX_TRIPS_PER_REQUEST", "IntakeSpec", "TripIntake"]
+
+
+@dataclass(frozen=True)
+class IntakeSpec:
+    """What the worker needs to judge and record trips (passed to it once, when it starts)."""
+
+    ledger_path: Path | None
+    ledger_url: str | None
+    ledger_schema: str
+    known_districts: frozenset[str]
+    fares: FareSchedule | None
+    duplicate_window: timedelta = DEFAULT_DUPLICATE_WINDOW
+    late_window: timedelta = DEFAULT_LATE_WINDOW
+    changeover_grace: timedelta = CHANGEOVER_GRACE
+
+    def open_ledger(self) -> Ledger:
+        return open_ledger(
+            self.ledger_path, self.ledger_url, self.ledger_schema, self.duplicate_window
+        )
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """An :class:`InvalidArgument` from the worker (the only refusal a desk raises)."""
+
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Down:
+    """The worker's ledger was busy or unreachable (a lock timeout, a lost connection)."""
+
+
+_Answer = bytes | _Refused | _Down
 
 
 class TripIntake:
-    """Judges and records trips for one district; every write happens on one writer thread."""
+    """The node's side: hands requests to the worker process, bounded; one request at a time
+    is worked on there, in arrival order."""
 
     def __init__(
         self,
-        ledger: Ledger,
-        known_districts: frozenset[str],
-        fares: FareSchedule | None,
+        spec: IntakeSpec,
         clock: Callable[[], datetime],
-        late_window: timedelta = DEFAULT_LATE_WINDOW,
-        changeover_grace: timedelta = CHANGEOVER_GRACE,
-        max_queued: int = MAX_QUEUED_TRIPS,
+        max_queued_bytes: int = MAX_QUEUED_BYTES,
+        max_queued_requests: int = MAX_QUEUED_REQUESTS,
     ) -> None:
-        self._ledger = ledger
-        self._max_queued = max_queued
-        self._queued = 0  # trips of requests in the writer's queue or being written
-        self._known = known_districts
-        self._fares = fares
+        self._spec = spec
         self._clock = clock
-        self._late = late_window
-        self._grace = changeover_grace
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-writer")
+        self._max_bytes = max_queued_bytes
+        self._max_requests = max_queued_requests
+        self._bytes = 0  # of requests handed to the worker and not answered yet
+        self._requests = 0
+        # Opened (and migrated) here, at the node's start: a ledger that cannot be opened
+        # fails the start, not the first upload. Only the health check uses it.
+        self._ledger = spec.open_ledger()
+        self._pinger = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-ping")
+        self._pool: ProcessPoolExecutor | None = None
+        self._closed = False
 
-    def admit(self, n: int) -> None:
-        """Refuse at once, as busy, a request of ``n`` trips that would overfill the queue
-        (before it is decoded: a refused request should cost the node nothing)."""
-        if self._queued and self._queued + n > self._max_queued:
-            raise Busy(f"{self._queued} trips are waiting to be recorded", RETRY_AFTER_S)
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker process's id, if one runs (for tests and operators' tools)."""
+        processes = getattr(self._pool, "_processes", None) or {}
+        return next(iter(processes), None)
 
-    async def submit(self, items: Sequence[Trip | Judgement]) -> list[Judgement]:
-        """Judge and durably record ``items``; a ``Judgement`` (a malformed line) passes through.
+    def admit(self, size: int) -> None:
+        """Refuse at once, as busy, a request of ``size`` bytes that would overfill the queue.
 
-        Returns one judgement per item, in order, once the batch is committed.
+        A request alone always passes (it would never pass otherwise); the
+        bound holds back requests behind others.
         """
-        n = len(items)
-        self.admit(n)
-        self._queued += n
+        if not self._requests:
+            return
+        if self._requests >= self._max_requests or self._bytes + size > self._max_bytes:
+            raise Busy(
+                f"{self._requests} requests ({self._bytes} bytes) are waiting to be recorded",
+                RETRY_AFTER_S,
+            )
+
+    async def submit(self, body: bytes, operator_id: str) -> bytes:
+        """The serialized answer to a serialized ``SubmitTripsRequest`` from ``operator_id``,
+        once its trips are committed (:meth:`TripDesk.submit`)."""
+        self.admit(len(body))
+        return await self._run(len(body), _submit, body, operator_id, self._clock())
+
+    async def outcomes(self, operator_id: str, trip_ids: Sequence[str]) -> bytes:
+        """The serialized ``SubmitTripsResponse`` of stored outcomes (:meth:`TripDesk.outcomes`),
+        read by the worker behind the writes handed to it before."""
+        size = sum(len(t) for t in trip_ids)
+        self.admit(size)
+        return await self._run(size, _outcomes, operator_id, list(trip_ids))
+
+    async def _run(self, size: int, fn: Callable[..., _Answer], *args: Any) -> bytes:
+        if self._closed:
+            raise Unavailable("trip intake is closed (the node is stopping)")
+        pool = self._executor()
         try:
-            now = self._clock()
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._writer, self._judge_and_record, items, now)
-        finally:
-            self._queued -= n
+            work: Future[_Answer] = pool.submit(fn, *args)
+        except BrokenProcessPool as exc:
+            raise self._lost(pool) from exc
+        self._bytes += size
+        self._requests += 1
+        answer = asyncio.wrap_future(work)
+        # The count drops when the worker is done with it, not when the call gives up
+        # (a cancelled call's request is still worked on, unless it had not started).
+        answer.add_done_callback(lambda done: self._done(size, done))
+        try:
+            outcome = await asyncio.shield(answer)
+        except BrokenProcessPool as exc:
+            raise self._lost(pool) from exc
+        if isinstance(outcome, _Refused):
+            raise InvalidArgument(outcome.field, outcome.reason)
+        if isinstance(outcome, _Down):
+            raise Unavailable("storage is unavailable; retry later")
+        return outcome
 
-    def _judge_and_record(
-        self, items: Sequence[Trip | Judgement], now: datetime
-    ) -> list[Judgement]:
-        """On the writer thread, off the event loop: judging 10,000 trips takes a while."""
-        judged = [
-            (t, judge(t, now, self._known, self._fares, self._late, self._grace))
-            for t in items
-            if isinstance(t, Trip)
-        ]
-        stored = iter(self._ledger.record(judged, now))
-        return [next(stored) if isinstance(t, Trip) else t for t in items]
+    def _done(self, size: int, done: asyncio.Future[_Answer]) -> None:
+        self._bytes -= size
+        self._requests -= 1
+        if not done.cancelled():
+            done.exception()  # retrieved: a cancelled call never awaits it
 
-    async def outcomes(self, operator_id: str, trip_ids: Sequence[str]) -> list[Judgement | None]:
-        loop = asyncio.get_running_loop()
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=1,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start,
+                initargs=(self._spec,),
+            )
+        return self._pool
 
-        def read() -> list[Judgement | None]:
-            return [self._ledger.outcome(operator_id, t) for t in trip_ids]
-
-        return await loop.run_in_executor(self._writer, read)
+    def _lost(self, pool: ProcessPoolExecutor) -> Unavailable:
+        if self._pool is pool:
+            self._pool = None  # the next request starts a new worker
+            pool.shutdown(wait=False, cancel_futures=True)
+        return Unavailable(
+            "the trip intake process stopped before it answered; submit the trips again "
+            "(each one committed meanwhile gets its stored outcome)"
+        )
 
     async def reachable(self) -> bool:
-        """Whether the ledger answers a trivial query (on the writer thread, behind writes)."""
+        """Whether the ledger answers a trivial query (on the node's own connection)."""
         loop = asyncio.get_running_loop()
         try:
             return await asyncio.wait_for(
-                loop.run_in_executor(self._writer, self._ledger.ping), timeout=5
+                loop.run_in_executor(self._pinger, self._ledger.ping), timeout=5
             )
         except Exception:  # any failure is "not reachable"; the node logs the change
             return False
 
     def close(self) -> None:
-        self._writer.shutdown(wait=True)
+        """Stop the worker (after the request it is on) and close the node's connection."""
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._pinger.shutdown(wait=True)
         self._ledger.close()
+
+
+# ---------------------------------------------------------------- in the worker process
+
+_desk: TripDesk | None = None
+
+
+def _start(spec: IntakeSpec) -> None:
+    global _desk
+    os.nice(NICE)
+    _desk = TripDesk(
+        spec.open_ledger(),
+        spec.known_districts,
+        spec.fares,
+        spec.late_window,
+        spec.changeover_grace,
+    )
+
+
+def _submit(body: bytes, operator_id: str, now: datetime) -> _Answer:
+    assert _desk is not None
+    try:
+        return _desk.submit(body, operator_id, now)
+    except InvalidArgument as exc:
+        return _Refused(exc.field, exc.reason)
+    except Exception as exc:
+        if _storage_down(exc):
+            return _Down()
+        raise
+
+
+def _outcomes(operator_id: str, trip_ids: list[str]) -> _Answer:
+    assert _desk is not None
+    try:
+        return _desk.outcomes(operator_id, trip_ids)
+    except Exception as exc:
+        if _storage_down(exc):
+            return _Down()
+        raise
+
+
+def _storage_down(exc: BaseException) -> bool:
+    """SQLite's or PostgreSQL's OperationalError (busy, locked, connection lost)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return True
+    module = type(exc).__module__
+    return module.startswith("psycopg") and any(
+        c.__name__ == "OperationalError" for c in type(exc).__mro__
+    )

@@ -6,11 +6,12 @@ module); the rules themselves never see a protobuf message.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from broker._proto.yikatong.v1 import settlement_pb2
 from broker.cards.model import Entitlement
-from broker.cards.wire import card_from_wire, scene_from_wire
+from broker.cards.wire import card_from_wire, card_to_wire, scene_from_wire
 from broker.core.errors import InvalidArgument
 from broker.core.signing import Signed
 from broker.settlement.trips import Judgement, Outcome, Reason, Trip
@@ -99,6 +100,33 @@ def result_to_wire(trip_id: str, j: Judgement | None) -> settlement_pb2.TripResu
     return settlement_pb2.TripResult(
         trip_id=trip_id, outcome=_OUTCOMES[j.outcome], reason=j.reason.value, detail=j.detail
     )
+
+
+def trip_to_wire(t: Trip) -> settlement_pb2.TripRecord:
+    """A trip as an operator sends it (operators' tools, tests, benchmarks)."""
+    entitlement = t.applied_entitlement.value if t.applied_entitlement else 0
+    msg = settlement_pb2.TripRecord(
+        operator_id=t.operator_id,
+        trip_id=t.trip_id,
+        card=card_to_wire(t.card),
+        scene=t.scene.value,  # type: ignore[arg-type]
+        place_id=t.place_id,
+        gross_fare_fen=t.gross_fare_fen,
+        charged_fen=t.charged_fen,
+        concession_fen=t.concession_fen,
+        applied_entitlement=entitlement,  # type: ignore[arg-type]
+        fare_version=t.fare_version,
+        gate_id=t.gate_id,
+    )
+    msg.occurred_at.FromDatetime(t.occurred_at)
+    return msg
+
+
+def results_to_wire(trip_ids: Sequence[str], verdicts: Sequence[Judgement | None]) -> bytes:
+    """A serialized ``SubmitTripsResponse``: one result per trip id, in order."""
+    return settlement_pb2.SubmitTripsResponse(
+        results=[result_to_wire(t, j) for t, j in zip(trip_ids, verdicts, strict=True)]
+    ).SerializeToString()
 
 
 def signed_from_wire(msg: settlement_pb2.SignedDocument) -> Signed:

@@ -20,6 +20,7 @@ from broker.core.errors import (
     RowError,
     SettlementStateError,
     Unauthenticated,
+    Unavailable,
 )
 
 
@@ -37,7 +38,7 @@ def test_the_module_defines_the_documented_tree_and_nothing_else():
     documented = set(re.findall(r"[├└]── (\w+)", doc))
     defined = set(_exception_classes()) - {"BrokerError"}
     assert documented == defined
-    assert len(defined) == 11
+    assert len(defined) == 12
 
 
 def test_every_error_is_a_direct_child_of_broker_error():
@@ -65,6 +66,7 @@ def test_broker_error_is_an_ordinary_exception():
         DocumentRefused("signature does not verify"),
         Conflict("batch 3 already stored with other content"),
         SettlementStateError("day is not closed"),
+        Unavailable("the trip intake process stopped before it answered"),
     ],
 )
 def test_every_error_is_caught_as_a_broker_error(error: BrokerError):

@@ -15,7 +15,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc
+from broker._proto.yikatong.v1 import gate_pb2, gate_pb2_grpc, settlement_pb2, settlement_pb2_grpc
 from broker.cards.model import CardRef
 from broker.core.errors import (
     BrokerError,
@@ -31,6 +31,7 @@ from broker.core.errors import (
     RowError,
     SettlementStateError,
     Unauthenticated,
+    Unavailable,
 )
 from broker.node.guard import AuthInterceptor, GuardedServer, status_for
 from broker.node.metrics import Metrics
@@ -69,6 +70,7 @@ CODE = grpc.StatusCode
         (Conflict("sequence 1 reused"), CODE.ALREADY_EXISTS),
         (Busy("40000 trips are waiting", 1.0), CODE.RESOURCE_EXHAUSTED),
         (LimitExceeded("settlement.max_batch_lines", 3, "lines"), CODE.RESOURCE_EXHAUSTED),
+        (Unavailable("the intake process stopped"), CODE.UNAVAILABLE),
     ],
 )
 def test_status_for_maps_each_broker_error_to_its_grpc_status(
@@ -554,3 +556,58 @@ async def test_a_unary_call_is_not_tracked() -> None:
     behavior = guard.wrap(CHECK, grpc.unary_unary_rpc_method_handler(check)).unary_unary
     assert await behavior(None, FakeContext()) == "answer"
     assert seen == [0]
+
+
+# --- Methods whose bytes the guard passes through undecoded (SubmitTrips) -------------------
+
+SUBMIT = "/yikatong.v1.Settlement/SubmitTrips"
+
+
+def guard_with_undecoded(*methods: str) -> AuthInterceptor:
+    return AuthInterceptor(
+        cast(CallerVerifier, FakeVerifier()),
+        AccessPolicy(DAZU, frozenset({ANYUE})),
+        Metrics(),
+        "1.3",
+        lambda: datetime(2026, 11, 2, tzinfo=UTC),
+        undecoded=frozenset(methods),
+    )
+
+
+async def test_an_undecoded_method_gets_the_raw_bytes_after_authorization() -> None:
+    """SubmitTrips' body goes to the handler as bytes (its intake process decodes it); the
+    caller is still identified and authorized first, and the answer may be bytes already."""
+    seen: list[object] = []
+
+    class Settlement(settlement_pb2_grpc.SettlementServicer):
+        async def SubmitTrips(self, request: Any, context: Any) -> Any:
+            seen.append(request)
+            return b"\x0a\x00"  # serialized by the worker
+
+    server = RecordingServer()
+    guarded = GuardedServer(cast(grpc.aio.Server, server), guard_with_undecoded(SUBMIT))
+    settlement_pb2_grpc.add_SettlementServicer_to_server(Settlement(), guarded)  # type: ignore[abstract]
+    handler = server.registered["yikatong.v1.Settlement"]["SubmitTrips"]
+    garbage = b"\xff not a request"
+    assert await handler.unary_unary(garbage, FakeContext()) == b"\x0a\x00"
+    assert seen == [garbage]  # undecoded: refusing a bad body is the handler's
+    code, _ = await call_refused(handler.unary_unary, FakeContext(pem=b"peer-node"), garbage)
+    assert code == CODE.PERMISSION_DENIED and len(seen) == 1  # a peer node may not submit
+    encode = handler.response_serializer
+    assert encode(b"raw") == b"raw"  # bytes pass through
+    reply = settlement_pb2.SubmitTripsResponse(results=[settlement_pb2.TripResult(trip_id="t")])
+    assert encode(reply) == reply.SerializeToString()  # messages are serialized as ever
+    # a method the guard decodes is unchanged: its handler gets the message
+    other = server.registered["yikatong.v1.Settlement"]["GetTripOutcomes"]
+    assert other.request_deserializer is None
+
+
+def test_a_method_whose_request_names_an_operator_cannot_go_undecoded() -> None:
+    """The guard checks a request's operator_id against the caller's: it must decode it."""
+    server = RecordingServer()
+    guard = guard_with_undecoded("/yikatong.v1.Settlement/GetTripOutcomes")
+    with pytest.raises(ConfigError, match="names an operator"):
+        settlement_pb2_grpc.add_SettlementServicer_to_server(
+            settlement_pb2_grpc.SettlementServicer(),  # type: ignore[abstract]
+            GuardedServer(cast(grpc.aio.Server, server), guard),
+        )

@@ -21,7 +21,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc, types_pb2
 from broker.core.errors import ConfigError, InvalidArgument
 from broker.node.settlement_api import SettlementServicer
-from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, TripIntake
+from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, IntakeSpec, TripIntake
 from broker.trust import certops
 from broker.trust.identity import bind_identity, node_identity, operator_identity, unbind_identity
 from tests.conftest import ANYUE, DAZU, Cluster
@@ -198,11 +198,8 @@ async def test_peer_calls_refuse_a_broken_stream_or_an_incomplete_document(
 @pytest.fixture
 def no_clearing(tmp_path: Path) -> Iterator[SettlementServicer]:
     """The servicer of a node with a ledger but no settlement key (it takes trips only)."""
-    from broker.settlement.ledger import open_ledger
-
-    intake = TripIntake(
-        open_ledger(tmp_path / "ledger.sqlite3", None), frozenset({DAZU}), None, datetime.now
-    )
+    spec = IntakeSpec(tmp_path / "ledger.sqlite3", None, "yikatong", frozenset({DAZU}), None)
+    intake = TripIntake(spec, datetime.now)
     yield SettlementServicer(intake, None)
     intake.close()
 
@@ -223,7 +220,8 @@ async def test_a_node_that_does_not_clear_says_so_for_every_clearing_call(
             await no_clearing.GetStatement(
                 OUT.GetStatementRequest(operator_id="transit-01", period="x"), NO_CONTEXT
             )
-        taken = await no_clearing.GetTripOutcomes(outcomes_of("transit-01", "z"), NO_CONTEXT)
+        answer = await no_clearing.GetTripOutcomes(outcomes_of("transit-01", "z"), NO_CONTEXT)
+        taken = OUT.SubmitTripsResponse.FromString(answer)  # encoded by the intake's worker
         assert [r.outcome for r in taken.results] == [OUT.TRIP_OUTCOME_UNKNOWN]
     finally:
         unbind_identity(token)

@@ -1,26 +1,32 @@
-"""Trip intake (broker.settlement.intake): judge, record on one writer thread, answer after commit.
+"""Trip intake in its own process (broker.settlement.intake): raw bytes there and back,
+bounded, and what a worker that dies leaves behind.
 
-Every test runs on a real ledger, SQLite and PostgreSQL (``ledger_factory``).
+Real worker processes (spawned, niced) on real ledgers. The test hooks of
+broker.settlement.clearing.crash (``YIKATONG_PAUSE_AT`` / ``YIKATONG_CRASH_AT``)
+reach the worker through its environment, which it takes from this process
+when it is spawned (at the first request).
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from datetime import date, datetime, timedelta
-from typing import Any
+import os
+import signal
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 
-from broker.cards.model import CardRef
-from broker.core.errors import Busy
-from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, TripIntake
-from broker.settlement.ledger import Ledger, SqliteLedger
-from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason, Trip
-from tests.settlement.ledger.test_common import NOW, trip  # one trip factory for both
+from broker._proto.yikatong.v1 import settlement_pb2
+from broker.core.errors import Busy, InvalidArgument, Unavailable
+from broker.settlement.intake import MAX_QUEUED_BYTES, NICE, IntakeSpec, TripIntake
+from broker.settlement.ledger import SqliteLedger
+from broker.settlement.trips import Trip
+from broker.settlement.wire import trip_to_wire
+from tests.settlement.ledger.test_common import NOW, trip
 
 KNOWN = frozenset({"500111", "512021"})
-MALFORMED = Judgement(Outcome.REJECTED, Reason.MALFORMED, "trips[1].scene: must be one of ...")
+OUT = settlement_pb2
 
 
 class Clock:
@@ -31,228 +37,223 @@ class Clock:
         return self.at
 
 
-class Watched:
-    """A ledger that records which thread calls it and can hold ``record`` until released."""
-
-    def __init__(self, inner: Ledger, hold: bool = False) -> None:
-        self.inner = inner
-        self.threads: list[str] = []
-        self.entered = threading.Event()
-        self.release = threading.Event()
-        self.closed = False
-        if not hold:
-            self.release.set()
-
-    def record(
-        self, judged: list[tuple[Trip, Judgement]], received_at: datetime
-    ) -> list[Judgement]:
-        self.threads.append(threading.current_thread().name)
-        self.entered.set()
-        assert self.release.wait(10)
-        return self.inner.record(judged, received_at)
-
-    def outcome(self, operator_id: str, trip_id: str) -> Judgement | None:
-        self.threads.append(threading.current_thread().name)
-        return self.inner.outcome(operator_id, trip_id)
-
-    def accepted_trips(self, day: date, operator_id: str | None = None) -> list[Trip]:
-        return self.inner.accepted_trips(day, operator_id)
-
-    def count(self) -> int:
-        return self.inner.count()
-
-    def ping(self) -> bool:
-        return self.inner.ping()
-
-    def close(self) -> None:
-        self.closed = True
-        self.inner.close()
+def body(*trips: Trip) -> bytes:
+    return OUT.SubmitTripsRequest(trips=[trip_to_wire(t) for t in trips]).SerializeToString()
 
 
-def intake_on(ledger: Ledger, clock: Clock | None = None) -> TripIntake:
-    return TripIntake(ledger, KNOWN, None, clock or Clock())
+def reasons(data: bytes) -> list[str]:
+    return [r.reason for r in OUT.SubmitTripsResponse.FromString(data).results]
 
 
-async def test_judged_trips_are_answered_only_once_committed(ledger_factory):
-    """While the ledger write is held, no answer; once it returns, another connection sees it."""
-    watched = Watched(ledger_factory(), hold=True)
-    intake = intake_on(watched)
-    other = ledger_factory()  # a second connection: sees only what is committed
-    task = asyncio.create_task(intake.submit([trip(1), trip(2, charged_fen=10)]))
-    assert await asyncio.to_thread(watched.entered.wait, 10)
-    await asyncio.sleep(0.05)
-    assert not task.done()
-    assert other.count() == 0
-    watched.release.set()
-    got = await task
-    assert [j.outcome for j in got] == [Outcome.ACCEPTED, Outcome.REJECTED]
-    assert other.count() == 2
-    assert other.outcome("bus-01", "t-000001") == got[0]
-    assert other.outcome("bus-01", "t-000002") == got[1]
-    other.close()
-    intake.close()
+def spec_at(path: Path) -> IntakeSpec:
+    return IntakeSpec(path / "ledger.sqlite3", None, "yikatong", KNOWN, None)
 
 
-async def test_writes_and_reads_happen_on_the_one_writer_thread(ledger_factory):
-    watched = Watched(ledger_factory())
-    intake = intake_on(watched)
-    await intake.submit([trip(1)])
-    await intake.outcomes("bus-01", ["t-000001", "t-000002"])
-    await intake.submit([trip(3)])
-    assert len(watched.threads) >= 3  # two submits and a read at least: every one recorded
-    assert len(set(watched.threads)) == 1
-    assert watched.threads[0].startswith("ledger-writer")
-    assert watched.threads[0] != threading.current_thread().name
-    intake.close()
+def stored(path: Path) -> int:
+    ledger = SqliteLedger(path / "ledger.sqlite3")
+    try:
+        return ledger.count()
+    finally:
+        ledger.close()
 
 
-async def test_a_batch_with_bad_trips_keeps_its_good_ones_in_order(ledger_factory):
-    ledger = ledger_factory()
-    intake = intake_on(ledger)
-    items: list[Trip | Judgement] = [
-        trip(1),
-        MALFORMED,  # a line trip_from_wire refused: passes through, stored nowhere
-        trip(2, card=CardRef("500118", "C5001180000001")),  # no agreement with 500118
-        trip(3, occurred_at=NOW + timedelta(hours=1)),
-        trip(4),
-    ]
-    got = await intake.submit(items)
-    assert got[0] == ACCEPT and got[4] == ACCEPT
-    assert got[1] is MALFORMED
-    assert (got[2].reason, got[3].reason) == (Reason.UNKNOWN_DISTRICT, Reason.IN_FUTURE)
-    assert ledger.count() == 4  # rejected trips are stored too, with their reason
-    stored = await intake.outcomes("bus-01", ["t-000001", "t-000002", "t-000003", "t-000004"])
-    assert stored == [got[0], got[2], got[3], got[4]]
-    intake.close()
+async def reached(release: Path) -> None:
+    """Wait until the worker holds at the pause point (it creates ``<release>.reached``)."""
+    mark = release.with_name(release.name + ".reached")
+    for _ in range(1000):
+        if mark.exists():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the worker never reached the pause point")
 
 
-async def test_trips_are_judged_at_the_clocks_time(ledger_factory):
-    clock = Clock(NOW + timedelta(hours=72, minutes=6))
-    intake = intake_on(ledger_factory(), clock)
-    [late] = await intake.submit([trip(1)])  # occurred 72 h 11 min before the clock
-    assert late.reason is Reason.TOO_LATE
-    intake.close()
+@pytest.fixture
+def pause_at(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Hold the next worker spawned at a point; the release file lets it go on."""
+    release = tmp_path / "release"
+
+    def hold(point: str) -> Path:
+        monkeypatch.setenv("YIKATONG_PAUSE_AT", point)
+        monkeypatch.setenv("YIKATONG_PAUSE_FILE", str(release))
+        return release
+
+    return hold
 
 
-async def test_a_resubmission_answers_the_stored_outcome(ledger_factory):
-    clock = Clock()
-    intake = intake_on(ledger_factory(), clock)
-    first = await intake.submit([trip(1), trip(2, charged_fen=10)])
-    clock.at = NOW + timedelta(days=5)  # judged again now, both would be too late
-    again = await intake.submit([trip(1), trip(2, charged_fen=10)])
-    assert again == first
-    assert again[0] == ACCEPT and again[1].reason is Reason.BAD_AMOUNTS
-    intake.close()
+async def test_trips_are_recorded_by_a_niced_process_of_their_own(tmp_path: Path):
+    intake = TripIntake(spec_at(tmp_path), Clock())
+    try:
+        assert intake.worker_pid is None  # spawned at the first request, not before
+        assert await intake.reachable()  # the health check starts no worker
+        assert intake.worker_pid is None
+        got = await intake.submit(body(trip(1), trip(2, charged_fen=10)), "bus-01")
+        assert reasons(got) == ["ok", "bad_amounts"]
+        pid = intake.worker_pid
+        assert pid is not None and pid != os.getpid()
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + NICE
+        assert stored(tmp_path) == 2  # committed before the answer came back
+        asked = await intake.outcomes("bus-01", ["t-000002", "t-000404"])
+        assert reasons(asked) == ["bad_amounts", "unknown"]
+    finally:
+        intake.close()
+    assert not _alive(pid)  # close stops the worker (and reaps it)
+    with pytest.raises(Unavailable, match="closed"):
+        await intake.submit(body(trip(3)), "bus-01")
 
 
-async def test_a_resubmission_with_other_content_is_a_conflict_and_changes_nothing(ledger_factory):
-    intake = intake_on(ledger_factory())
-    [first] = await intake.submit([trip(1)])
-    [conflict] = await intake.submit([trip(1, place_id="route-9")])
-    assert conflict.outcome is Outcome.CONFLICT
-    assert conflict.reason is Reason.DUPLICATE_CONTENT_DIFFERS
-    assert await intake.outcomes("bus-01", ["t-000001"]) == [first]
-    intake.close()
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
-async def test_a_batch_of_only_refused_lines_or_nothing_stores_nothing(ledger_factory):
-    ledger = ledger_factory()
-    intake = intake_on(ledger)
-    assert await intake.submit([]) == []
-    assert await intake.submit([MALFORMED, MALFORMED]) == [MALFORMED, MALFORMED]
-    assert ledger.count() == 0
-    intake.close()
+async def test_trips_are_judged_at_the_nodes_clock_not_the_workers(tmp_path: Path):
+    clock = Clock(NOW + timedelta(hours=72, minutes=6))  # the trip occurred 72 h 11 min before
+    intake = TripIntake(spec_at(tmp_path), clock)
+    try:
+        assert reasons(await intake.submit(body(trip(1)), "bus-01")) == ["too_late"]
+        clock.at = NOW
+        assert reasons(await intake.submit(body(trip(2)), "bus-01")) == ["ok"]
+    finally:
+        intake.close()
 
 
-async def test_outcomes_answer_in_order_with_none_for_unknown_ids(ledger_factory):
-    intake = intake_on(ledger_factory())
-    await intake.submit([trip(1), trip(2, operator_id="museum-01")])
-    got = await intake.outcomes("bus-01", ["t-000404", "t-000001", "t-000002"])
-    assert got == [None, ACCEPT, None]  # t-000002 is another operator's
-    assert await intake.outcomes("bus-01", []) == []
-    intake.close()
+async def test_garbage_bytes_are_refused_naming_the_request_and_the_worker_serves_on(
+    tmp_path: Path,
+):
+    intake = TripIntake(spec_at(tmp_path), Clock())
+    try:
+        with pytest.raises(InvalidArgument) as info:
+            await intake.submit(b"\xff\x00garbage", "bus-01")
+        assert str(info.value) == "request: does not decode as yikatong.v1.SubmitTripsRequest"
+        assert reasons(await intake.submit(body(trip(1)), "bus-01")) == ["ok"]
+    finally:
+        intake.close()
 
 
-async def test_a_full_request_of_max_trips_is_recorded_in_one_submit(tmp_path):
-    """On SQLite only, to stay fast (a full request costs ~0.5 s per store)."""
-    ledger = SqliteLedger(tmp_path / "ledger.sqlite3")
-    intake = intake_on(ledger)
-    items: list[Trip | Judgement] = [trip(n) for n in range(MAX_TRIPS_PER_REQUEST)]
-    items[-1] = trip(MAX_TRIPS_PER_REQUEST - 1, charged_fen=10)  # the last one is bad
-    got = await intake.submit(items)
-    assert len(got) == MAX_TRIPS_PER_REQUEST
-    assert all(j == ACCEPT for j in got[:-1]) and got[-1].reason is Reason.BAD_AMOUNTS
-    assert ledger.count() == MAX_TRIPS_PER_REQUEST
-    intake.close()
+async def test_a_worker_killed_after_its_commit_loses_nothing_and_doubles_nothing(
+    tmp_path: Path, pause_at
+):
+    """kill -9 of the worker between its commit and its answer: the call fails UNAVAILABLE;
+    the next request starts a new worker, and the resubmission gets the stored outcomes."""
+    release = pause_at("intake_recorded")
+    intake = TripIntake(spec_at(tmp_path), Clock())
+    try:
+        request = body(trip(1), trip(2), trip(3, charged_fen=10))
+        call = asyncio.create_task(intake.submit(request, "bus-01"))
+        await reached(release)
+        first = intake.worker_pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(Unavailable, match="submit the trips again"):
+            await call
+        assert stored(tmp_path) == 3  # committed before it died: kept
+        release.touch()  # the new worker passes the point
+        again = await intake.submit(request, "bus-01")
+        assert reasons(again) == ["ok", "ok", "bad_amounts"]  # the stored outcomes
+        assert intake.worker_pid not in (None, first)
+        assert stored(tmp_path) == 3  # nothing doubled
+    finally:
+        release.touch()
+        intake.close()
 
 
-async def test_close_waits_for_the_writer_then_closes_the_ledger(ledger_factory):
-    watched = Watched(ledger_factory())
-    intake = intake_on(watched)
-    await intake.submit([trip(1)])
-    intake.close()
-    assert watched.closed
-    with pytest.raises(RuntimeError):
-        await intake.submit([trip(2)])  # no writer any more: nothing is written
-    reopened = ledger_factory()
-    assert reopened.count() == 1
-    reopened.close()
+async def test_a_worker_dead_before_its_commit_kept_nothing_of_the_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("YIKATONG_CRASH_AT", "intake_started")
+    intake = TripIntake(spec_at(tmp_path), Clock())
+    try:
+        with pytest.raises(Unavailable):
+            await intake.submit(body(trip(1)), "bus-01")
+        assert stored(tmp_path) == 0
+        monkeypatch.delenv("YIKATONG_CRASH_AT")  # the next worker is spawned without it
+        assert reasons(await intake.submit(body(trip(1)), "bus-01")) == ["ok"]
+        assert stored(tmp_path) == 1
+    finally:
+        intake.close()
 
 
-async def test_trips_are_judged_off_the_event_loop(ledger_factory, monkeypatch):
-    """Judging 10,000 trips takes tens of ms: it runs on the writer, not on the loop."""
-    import broker.settlement.intake as intake_module
-    from broker.settlement.trips import judge as real
-
-    judged_on: list[str] = []
-
-    def watching(*args: Any, **kwargs: Any) -> Judgement:
-        judged_on.append(threading.current_thread().name)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(intake_module, "judge", watching)
-    intake = intake_on(ledger_factory())
-    assert await intake.submit([trip(1), trip(2)]) == [ACCEPT, ACCEPT]
-    assert len(judged_on) == 2
-    assert all(name.startswith("ledger-writer") for name in judged_on)
-    intake.close()
-
-
-async def test_a_full_queue_refuses_more_at_once_and_loses_nothing(ledger_factory):
-    """Back-pressure: beyond the queue's bound a request is refused busy, with a retry hint,
-    while the ones queued before it are all recorded."""
-    watched = Watched(ledger_factory(), hold=True)
-    intake = TripIntake(watched, KNOWN, None, Clock(), max_queued=3)
-    first = asyncio.create_task(intake.submit([trip(1), trip(2)]))
-    assert await asyncio.to_thread(watched.entered.wait, 10)
-    with pytest.raises(Busy, match=r"2 trips are waiting to be recorded; retry in 1 s"):
-        await intake.submit([trip(3), trip(4)])
-    second = asyncio.create_task(intake.submit([trip(5)]))  # fits: 2 + 1 <= 3
-    await asyncio.sleep(0)
-    watched.release.set()
-    assert await first == [ACCEPT, ACCEPT] and await second == [ACCEPT]
-    assert watched.inner.count() == 3
-    assert await intake.submit([trip(3), trip(4)]) == [ACCEPT, ACCEPT]  # served later
-    intake.close()
+async def test_beyond_the_bound_a_request_is_refused_busy_and_the_queued_ones_are_kept(
+    tmp_path: Path, pause_at
+):
+    """Back-pressure: while the worker holds a request, one that would pass the bytes bound
+    is refused at once (RESOURCE_EXHAUSTED with a retry hint); one that fits waits its turn."""
+    release = pause_at("intake_started")
+    small, large = body(trip(1)), body(trip(2), trip(3), trip(4))
+    intake = TripIntake(spec_at(tmp_path), Clock(), max_queued_bytes=2 * len(small) + 1)
+    try:
+        first = asyncio.create_task(intake.submit(small, "bus-01"))
+        await reached(release)
+        with pytest.raises(Busy, match=r"1 requests \(\d+ bytes\) are waiting.*retry in 1 s"):
+            await intake.submit(large, "bus-01")
+        second = asyncio.create_task(intake.submit(body(trip(5)), "bus-01"))  # fits
+        await asyncio.sleep(0.05)
+        release.touch()
+        assert reasons(await first) == ["ok"] and reasons(await second) == ["ok"]
+        assert reasons(await intake.submit(large, "bus-01")) == ["ok"] * 3  # served later
+        assert stored(tmp_path) == 5
+    finally:
+        release.touch()
+        intake.close()
 
 
-async def test_a_request_larger_than_the_queue_is_served_when_nothing_waits(ledger_factory):
-    """The bound holds back requests behind others, never one alone (it would never pass)."""
-    intake = TripIntake(ledger_factory(), KNOWN, None, Clock(), max_queued=1)
-    assert await intake.submit([trip(1), trip(2)]) == [ACCEPT, ACCEPT]
-    intake.close()
+async def test_the_number_of_requests_waiting_is_bounded_too(tmp_path: Path, pause_at):
+    release = pause_at("intake_started")
+    intake = TripIntake(spec_at(tmp_path), Clock(), max_queued_requests=2)
+    try:
+        calls = [asyncio.create_task(intake.submit(body(trip(1)), "bus-01"))]
+        await reached(release)
+        calls.append(asyncio.create_task(intake.submit(body(trip(2)), "bus-01")))
+        await asyncio.sleep(0)
+        with pytest.raises(Busy):
+            await intake.submit(body(trip(3)), "bus-01")
+        release.touch()
+        assert [reasons(await c) for c in calls] == [["ok"], ["ok"]]
+    finally:
+        release.touch()
+        intake.close()
 
 
-async def test_admit_says_busy_before_any_work_when_the_queue_is_full(ledger_factory):
-    """The node asks before decoding a request: refused, it costs nothing."""
-    watched = Watched(ledger_factory(), hold=True)
-    intake = TripIntake(watched, KNOWN, None, Clock(), max_queued=2)
-    intake.admit(5)  # nothing waits: any size passes
-    first = asyncio.create_task(intake.submit([trip(1), trip(2)]))
-    assert await asyncio.to_thread(watched.entered.wait, 10)
-    with pytest.raises(Busy):
-        intake.admit(1)
-    watched.release.set()
-    await first
-    intake.admit(2)
-    intake.close()
+async def test_a_request_larger_than_the_bound_is_served_when_nothing_waits(tmp_path: Path):
+    intake = TripIntake(spec_at(tmp_path), Clock(), max_queued_bytes=1)
+    try:
+        assert reasons(await intake.submit(body(trip(1), trip(2)), "bus-01")) == ["ok", "ok"]
+    finally:
+        intake.close()
+
+
+async def test_a_cancelled_call_still_counts_until_the_worker_is_done_with_it(
+    tmp_path: Path, pause_at
+):
+    """A caller that gives up does not stop the work it handed over: the bound still counts
+    it, and its trips are recorded (an operator finds them with GetTripOutcomes)."""
+    release = pause_at("intake_started")
+    small = body(trip(1))
+    intake = TripIntake(spec_at(tmp_path), Clock(), max_queued_bytes=len(small) + 1)
+    try:
+        call = asyncio.create_task(intake.submit(small, "bus-01"))
+        await reached(release)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        with pytest.raises(Busy):
+            await intake.submit(small, "bus-01")
+        release.touch()
+        for _ in range(500):
+            if stored(tmp_path) == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert reasons(await intake.outcomes("bus-01", ["t-000001"])) == ["ok"]
+    finally:
+        release.touch()
+        intake.close()
+
+
+def test_the_default_bound_holds_four_full_requests():
+    """A serialized trip is 70-100 bytes: four requests of 10,000 fit the default bound."""
+    one = len(trip_to_wire(trip(1, gate_id="g-17", place_id="route-3")).SerializeToString())
+    assert 70 <= one <= 97
+    assert 4 * 10_000 * (one + 3) <= MAX_QUEUED_BYTES  # + the field's tag and length

@@ -21,6 +21,7 @@ from broker.settlement.wire import (
     signed_from_wire,
     signed_to_wire,
     trip_from_wire,
+    trip_to_wire,
 )
 
 CARD_NUMBER = "C5120210000001"
@@ -276,3 +277,25 @@ def test_a_trip_without_a_gate_id_has_an_empty_one():
     got = trip_from_wire(record(), "bus-01", 0)
     assert isinstance(got, Trip)
     assert got.gate_id == ""
+
+
+def test_a_trip_goes_to_the_wire_and_back_unchanged():
+    """trip_to_wire (operators' tools, tests, benchmarks) is trip_from_wire's inverse."""
+    msg = record(gate_id="g-7")
+    back = trip_from_wire(msg, "bus-01", 0)
+    assert isinstance(back, Trip)
+    assert trip_to_wire(back) == msg
+    assert trip_from_wire(trip_to_wire(back), "bus-01", 0) == back
+
+
+def test_results_are_encoded_in_order_with_unknown_for_none():
+    from broker.settlement.wire import results_to_wire
+
+    raw = results_to_wire(["a", "b"], [ACCEPT, None])
+    got = settlement_pb2.SubmitTripsResponse.FromString(raw).results
+    assert [(r.trip_id, r.outcome, r.reason) for r in got] == [
+        ("a", settlement_pb2.TRIP_OUTCOME_ACCEPTED, "ok"),
+        ("b", settlement_pb2.TRIP_OUTCOME_UNKNOWN, "unknown"),
+    ]
+    with pytest.raises(ValueError):
+        results_to_wire(["a"], [])
