@@ -236,7 +236,7 @@ def test_every_method_of_every_service_is_fuzzed() -> None:
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }
-    assert len(METHODS) == 13  # Gate 1, Recognition 1, Trust 1, Settlement 6, Health 3, Refl. 1
+    assert len(METHODS) == 14  # Gate 1, Recognition 2, Trust 1, Settlement 6, Health 3, Refl. 1
 
 
 @settings(

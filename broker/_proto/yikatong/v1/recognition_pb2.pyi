@@ -30,9 +30,17 @@ class RecognizeRequest(_message.Message):
     CARD_FIELD_NUMBER: _builtins.int
     SCENE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HANDLE_FIELD_NUMBER: _builtins.int
     scene: _types_pb2.Scene.ValueType
     request_id: _builtins.str
     """Caller-chosen id for tracing one request across districts."""
+    handle: _builtins.str
+    """The caller's own opaque name for this card (its cache key), exactly 32
+    lowercase hex characters. With it, the home tells this caller of the
+    card's status changes, by this handle, for as long as the answer may be
+    cached; a new handle for the same card replaces the old. Anything else is
+    not stored, and the answer is still given (without push).
+    """
     @_builtins.property
     def card(self) -> _types_pb2.CardRef: ...
     def __init__(
@@ -41,10 +49,11 @@ class RecognizeRequest(_message.Message):
         card: _types_pb2.CardRef | None = ...,
         scene: _types_pb2.Scene.ValueType = ...,
         request_id: _builtins.str = ...,
+        handle: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "request_id", b"request_id", "scene", b"scene"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "handle", b"handle", "request_id", b"request_id", "scene", b"scene"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -57,12 +66,22 @@ class RecognizeResponse(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     ENTITLEMENTS_FIELD_NUMBER: _builtins.int
     CACHE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    POSITION_FIELD_NUMBER: _builtins.int
     status: _types_pb2.CardStatus.ValueType
     cache_ttl_seconds: _builtins.int
-    """How long the caller may cache this answer."""
+    """How long the caller may cache this answer (never past the next midnight
+    in Asia/Shanghai: validity and age thresholds turn over then).
+    """
     @_builtins.property
     def entitlements(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Entitlement.ValueType]:
         """Present only when status is ACTIVE."""
+
+    @_builtins.property
+    def position(self) -> Global___LogPosition:
+        """Where the home's status log stood when this answer was read. A cached
+        entry written from a later position (a pushed change) is never
+        overwritten by this answer.
+        """
 
     def __init__(
         self,
@@ -70,11 +89,135 @@ class RecognizeResponse(_message.Message):
         status: _types_pb2.CardStatus.ValueType = ...,
         entitlements: _abc.Iterable[_types_pb2.Entitlement.ValueType] | None = ...,
         cache_ttl_seconds: _builtins.int = ...,
+        position: Global___LogPosition | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_ttl_seconds", b"cache_ttl_seconds", "entitlements", b"entitlements", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_ttl_seconds", b"cache_ttl_seconds", "entitlements", b"entitlements", "position", b"position", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecognizeResponse: _TypeAlias = RecognizeResponse  # noqa: Y015
+
+@_typing.final
+class LogPosition(_message.Message):
+    """A position in a home district's status log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    MARK_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.str
+    """Changes when the home's log is reset: positions of two epochs do not compare."""
+    seq: _builtins.int
+    """Gapless, in commit order; 0 is before the first change."""
+    mark: _builtins.str
+    """The random mark of the change at seq ("" at 0): tells a restored log apart."""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.str = ...,
+        seq: _builtins.int = ...,
+        mark: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "mark", b"mark", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogPosition: _TypeAlias = LogPosition  # noqa: Y015
+
+@_typing.final
+class WatchStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def after(self) -> Global___LogPosition:
+        """Resume after this position (the last one received). Unset: the home
+        answers with a restart.
+        """
+
+    def __init__(
+        self,
+        *,
+        after: Global___LogPosition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchStatusRequest: _TypeAlias = WatchStatusRequest  # noqa: Y015
+
+@_typing.final
+class StatusUpdate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESTART_FIELD_NUMBER: _builtins.int
+    CHANGE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def restart(self) -> Global___LogPosition:
+        """The cursor cannot be continued (none given, another epoch, a restored
+        log, or older than the changes kept): drop every cached answer of this
+        district, then go on from this position.
+        """
+
+    @_builtins.property
+    def change(self) -> Global___StatusChange:
+        """A change of a card this caller holds a handle for."""
+
+    @_builtins.property
+    def progress(self) -> Global___LogPosition:
+        """Nothing for this caller up to here: keep this position as the cursor."""
+
+    def __init__(
+        self,
+        *,
+        restart: Global___LogPosition | None = ...,
+        change: Global___StatusChange | None = ...,
+        progress: Global___LogPosition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "progress", b"progress", "restart", b"restart", "update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "progress", b"progress", "restart", b"restart", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["restart", "change", "progress"]  # noqa: Y015
+    _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
+
+Global___StatusUpdate: _TypeAlias = StatusUpdate  # noqa: Y015
+
+@_typing.final
+class StatusChange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    HANDLE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    handle: _builtins.str
+    """The caller's handle for the card (never its number)."""
+    status: _types_pb2.CardStatus.ValueType
+    """LOST, SUSPENDED or EXPIRED: refuse the card from now on. ACTIVE: only
+    ask again (a change carries no entitlements).
+    """
+    @_builtins.property
+    def position(self) -> Global___LogPosition: ...
+    def __init__(
+        self,
+        *,
+        position: Global___LogPosition | None = ...,
+        handle: _builtins.str = ...,
+        status: _types_pb2.CardStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "position", b"position", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusChange: _TypeAlias = StatusChange  # noqa: Y015

@@ -39,6 +39,11 @@ class RecognitionStub:
                 request_serializer=yikatong_dot_v1_dot_recognition__pb2.RecognizeRequest.SerializeToString,
                 response_deserializer=yikatong_dot_v1_dot_recognition__pb2.RecognizeResponse.FromString,
                 _registered_method=True)
+        self.WatchStatus = channel.unary_stream(
+                '/yikatong.v1.Recognition/WatchStatus',
+                request_serializer=yikatong_dot_v1_dot_recognition__pb2.WatchStatusRequest.SerializeToString,
+                response_deserializer=yikatong_dot_v1_dot_recognition__pb2.StatusUpdate.FromString,
+                _registered_method=True)
 
 
 class RecognitionServicer:
@@ -52,6 +57,17 @@ class RecognitionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchStatus(self, request, context):
+        """The status changes of the cards this caller asked about with a handle,
+        while the answer it was given may still be cached, from a cursor on; the
+        stream does not end by itself (connection ageing ends it: resume from the
+        last position received, and nothing is missed). Updates come in log
+        order, at least once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecognitionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +75,11 @@ def add_RecognitionServicer_to_server(servicer, server):
                     servicer.Recognize,
                     request_deserializer=yikatong_dot_v1_dot_recognition__pb2.RecognizeRequest.FromString,
                     response_serializer=yikatong_dot_v1_dot_recognition__pb2.RecognizeResponse.SerializeToString,
+            ),
+            'WatchStatus': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchStatus,
+                    request_deserializer=yikatong_dot_v1_dot_recognition__pb2.WatchStatusRequest.FromString,
+                    response_serializer=yikatong_dot_v1_dot_recognition__pb2.StatusUpdate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +109,33 @@ class Recognition:
             '/yikatong.v1.Recognition/Recognize',
             yikatong_dot_v1_dot_recognition__pb2.RecognizeRequest.SerializeToString,
             yikatong_dot_v1_dot_recognition__pb2.RecognizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/yikatong.v1.Recognition/WatchStatus',
+            yikatong_dot_v1_dot_recognition__pb2.WatchStatusRequest.SerializeToString,
+            yikatong_dot_v1_dot_recognition__pb2.StatusUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,13 @@ class RecognitionStub:
     """Answers only for cards issued by the called node's own district; a card
     of another region is INVALID_ARGUMENT.
     """
+    WatchStatus: _grpc.UnaryStreamMultiCallable[_recognition_pb2.WatchStatusRequest, _recognition_pb2.StatusUpdate]
+    """The status changes of the cards this caller asked about with a handle,
+    while the answer it was given may still be cached, from a cursor on; the
+    stream does not end by itself (connection ageing ends it: resume from the
+    last position received, and nothing is missed). Updates come in log
+    order, at least once.
+    """
 
 @_typing.type_check_only
 class RecognitionAsyncStub(RecognitionStub):
@@ -46,6 +53,13 @@ class RecognitionAsyncStub(RecognitionStub):
     Recognize: _aio.UnaryUnaryMultiCallable[_recognition_pb2.RecognizeRequest, _recognition_pb2.RecognizeResponse]  # type: ignore[assignment]
     """Answers only for cards issued by the called node's own district; a card
     of another region is INVALID_ARGUMENT.
+    """
+    WatchStatus: _aio.UnaryStreamMultiCallable[_recognition_pb2.WatchStatusRequest, _recognition_pb2.StatusUpdate]  # type: ignore[assignment]
+    """The status changes of the cards this caller asked about with a handle,
+    while the answer it was given may still be cached, from a cursor on; the
+    stream does not end by itself (connection ageing ends it: resume from the
+    last position received, and nothing is missed). Updates come in log
+    order, at least once.
     """
 
 class RecognitionServicer(metaclass=_abc_1.ABCMeta):
@@ -57,6 +71,19 @@ class RecognitionServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_recognition_pb2.RecognizeResponse, _abc.Awaitable[_recognition_pb2.RecognizeResponse]]:
         """Answers only for cards issued by the called node's own district; a card
         of another region is INVALID_ARGUMENT.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchStatus(
+        self,
+        request: _recognition_pb2.WatchStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_recognition_pb2.StatusUpdate], _abc.AsyncIterator[_recognition_pb2.StatusUpdate]]:
+        """The status changes of the cards this caller asked about with a handle,
+        while the answer it was given may still be cached, from a cursor on; the
+        stream does not end by itself (connection ageing ends it: resume from the
+        last position received, and nothing is missed). Updates come in log
+        order, at least once.
         """
 
 def add_RecognitionServicer_to_server(servicer: RecognitionServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

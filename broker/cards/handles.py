@@ -1,0 +1,91 @@
+"""Which peer asked about which card, under the peer's own name for it, and until when.
+
+When a peer district asks about one of this district's cards it may give a
+*handle*: its own opaque name for the card (its cache key). The home keeps
+(peer, card, handle, until) — ``until`` being the end of the time the answer
+may be cached — so that a change of the card reaches exactly the peers that
+may still hold an answer about it, named so that only that peer can tell
+which card it is. One live handle per (peer, card): a newer one replaces it.
+
+A handle is untrusted input: only exactly 32 lowercase hex characters are
+kept (:func:`valid_handle`); anything else is not stored, and the answer is
+still given, without push. Handles are never logged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from broker.core.db import Db, Migration, utc_text
+
+MIGRATION = Migration(
+    4,
+    "peers' handles: which peer asked about which card, by its own name for it, until when",
+    "CREATE TABLE IF NOT EXISTS peer_handles (peer TEXT NOT NULL, card_number TEXT NOT NULL, "
+    "handle TEXT NOT NULL, until TEXT NOT NULL, PRIMARY KEY (peer, card_number));\n"
+    "CREATE INDEX IF NOT EXISTS peer_handles_until ON peer_handles (until)",
+)
+
+_HANDLE = re.compile(r"[0-9a-f]{32}")
+
+
+def valid_handle(text: str) -> bool:
+    """Exactly 32 lowercase hex characters (what a gate's cache key is)."""
+    return len(text) == 32 and _HANDLE.fullmatch(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """A peer's name for one of this district's cards, live until ``until``."""
+
+    peer: str
+    card_number: str
+    handle: str
+    until: datetime
+
+
+def remember(db: Db, handles: Sequence[Handle]) -> None:
+    """Keep ``handles`` (valid ones: see :func:`valid_handle`), in one transaction.
+
+    For the same (peer, card), the later in ``handles`` wins, and a stored
+    one is replaced unless it lives longer under the same handle.
+    """
+    if not handles:
+        return
+    rows = [(h.peer, h.card_number, h.handle, utc_text(h.until)) for h in handles]
+    with db.write():
+        db.executemany(
+            "INSERT INTO peer_handles (peer, card_number, handle, until) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (peer, card_number) DO UPDATE SET handle = excluded.handle, "
+            "until = CASE WHEN peer_handles.handle = excluded.handle "
+            "AND peer_handles.until > excluded.until THEN peer_handles.until "
+            "ELSE excluded.until END",
+            rows,
+        )
+
+
+def live_handles(
+    db: Db, peer: str, card_numbers: Sequence[str], at: datetime
+) -> dict[str, tuple[str, datetime]]:
+    """``peer``'s handle for each of ``card_numbers`` that is live at ``at``, with its end."""
+    out: dict[str, tuple[str, datetime]] = {}
+    unique = sorted(set(card_numbers))
+    for start in range(0, len(unique), 500):
+        part = unique[start : start + 500]
+        marks = ", ".join("?" * len(part))
+        for card, handle, until in db.all(
+            f"SELECT card_number, handle, until FROM peer_handles "
+            f"WHERE peer = ? AND card_number IN ({marks}) AND until >= ?",
+            (peer, *part, utc_text(at)),
+        ):
+            out[str(card)] = (str(handle), datetime.fromisoformat(until))
+    return out
+
+
+def purge(db: Db, before: datetime) -> int:
+    """Forget handles that ended before ``before``; how many."""
+    with db.write():
+        return db.execute("DELETE FROM peer_handles WHERE until < ?", (utc_text(before),))

@@ -1,0 +1,220 @@
+"""The home's side of pushed status changes: handles kept as peers ask, changes fed to them.
+
+Why a peer never keeps an answer that a change has overtaken: a peer's
+handle is committed (:class:`HandleBook`) *before* the home reads its log's
+position and then the card for the answer. So a change either committed
+before that read — the answer already shows it, and its position is at or
+past the change — or committed after the handle, and then the feed finds
+the handle and sends the change. The peer's cache compares positions, so
+the change wins over the answer whichever arrives first.
+
+:class:`StatusFeed` follows the log (:mod:`broker.cards.status_log`) for every
+``WatchStatus`` stream of this node. It looks at the log's head every
+``poll_s`` (the log is written by other processes: ``broker registry
+set-status``, an import) and wakes the streams waiting for a change; each
+stream reads on from its own cursor and sends its peer only the changes of
+cards it holds a live handle for, and a progress position otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import structlog
+
+from broker.cards import handles as handle_store
+from broker.cards import status_log
+from broker.cards.handles import Handle
+from broker.cards.model import CardStatus
+from broker.cards.status_log import Cursor, Restart
+from broker.core.db import Db
+
+log = structlog.get_logger(__name__)
+
+POLL_S = 0.05
+READ_LIMIT = 1000
+EVENT_RETENTION = timedelta(hours=72)
+HOUSEKEEPING_S = 60.0
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A change of a card the peer holds ``handle`` for."""
+
+    position: Cursor
+    handle: str
+    status: CardStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Nothing for this peer up to ``position``."""
+
+    position: Cursor
+
+
+@dataclass(frozen=True, slots=True)
+class Rewind:
+    """The peer's cursor cannot be continued: it drops this home's answers, goes on from
+    ``position``."""
+
+    position: Cursor
+    reason: str
+
+
+Update = Change | Progress | Rewind
+
+
+class HandleBook:
+    """Keeps peers' handles, committing those given in one turn of the event loop together,
+    on a thread and a connection of its own (a commit never holds up the registry reads
+    that answer gates)."""
+
+    def __init__(self, registry_path: Path) -> None:
+        self._db = Db.sqlite(registry_path)
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: survives the process dying
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handles")
+        self._pending: list[tuple[Handle, asyncio.Future[None]]] = []
+        self.refused = 0  # handles given that were not kept (malformed)
+
+    async def remember(self, handle: Handle) -> None:
+        """Return once ``handle`` is committed (a failure to commit is raised)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((handle, done))
+        await done
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(
+            self._writer, handle_store.remember, self._db, [h for h, _ in batch]
+        )
+
+        def settle(result: asyncio.Future[None]) -> None:
+            exc = None if result.cancelled() else result.exception()
+            for _, waiter in batch:
+                if waiter.done():
+                    continue
+                if exc is not None:
+                    waiter.set_exception(exc)
+                else:
+                    waiter.set_result(None)
+
+        work.add_done_callback(settle)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._db.close()
+
+
+class StatusFeed:
+    """The log's changes, per peer, for the ``WatchStatus`` streams of one node."""
+
+    def __init__(
+        self,
+        registry_path: Path,
+        clock: Callable[[], datetime],
+        poll_s: float = POLL_S,
+        retention: timedelta = EVENT_RETENTION,
+    ) -> None:
+        """``retention``: how long changes are kept for peers that were away (and handles
+        past their end are dropped), tidied every minute or so by the poller."""
+        self._db = Db.sqlite(registry_path)
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-feed")
+        self._clock = clock
+        self._poll_s = poll_s
+        self._retention = retention
+        self._now: Cursor | None = None  # the head as last polled
+        self._changed = asyncio.Condition()
+        self._poller: asyncio.Task[None] | None = None
+
+    def head(self) -> Cursor:
+        """Where the log stands now (read on the caller's thread: one row)."""
+        return status_log.head(self._db)
+
+    async def updates(self, peer: str, after: Cursor | None) -> AsyncIterator[Update]:
+        """What ``peer`` is to be told from ``after`` on, without end."""
+        self._start()
+        cursor = after
+        while True:
+            got = await self._run(self._next, peer, cursor)
+            if isinstance(got, Rewind):
+                yield got
+                cursor = got.position
+                continue
+            if got:
+                for update in got:
+                    yield update
+                cursor = got[-1].position
+                continue
+            assert cursor is not None
+            await self._wait_past(cursor)
+
+    def _next(self, peer: str, cursor: Cursor | None) -> list[Update] | Rewind:
+        """On the reader thread: the next updates after ``cursor`` (empty: none yet)."""
+        got = status_log.read(self._db, cursor, READ_LIMIT)
+        if isinstance(got, Restart):
+            return Rewind(got.head, got.reason)
+        if not got:
+            return []
+        earliest = min(e.logged_at for e in got)
+        live = handle_store.live_handles(self._db, peer, [e.card_number for e in got], earliest)
+        out: list[Update] = []
+        for event in got:
+            held = live.get(event.card_number)
+            if held is not None and held[1] >= event.logged_at:
+                out.append(Change(event.cursor, held[0], event.status))
+        if not out or out[-1].position != got[-1].cursor:
+            out.append(Progress(got[-1].cursor))
+        return out
+
+    async def _wait_past(self, cursor: Cursor) -> None:
+        """Until the head is elsewhere than ``cursor`` (further on, or another history)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._now is not None and self._now != cursor)
+
+    def _start(self) -> None:
+        if self._poller is None:
+            self._poller = asyncio.ensure_future(self._poll())
+
+    async def _poll(self) -> None:
+        loop = asyncio.get_running_loop()
+        tidied = 0.0
+        while True:
+            try:
+                head = await self._run(status_log.head, self._db)
+                if head != self._now:
+                    async with self._changed:
+                        self._now = head
+                        self._changed.notify_all()
+                if loop.time() - tidied > HOUSEKEEPING_S:
+                    tidied = loop.time()
+                    await self._run(self._tidy)
+            except Exception as exc:  # the registry busy or gone for a moment: poll again
+                log.warning("status_feed_poll_failed", error=type(exc).__name__)
+            await asyncio.sleep(self._poll_s)
+
+    def _tidy(self) -> None:
+        now = self._clock()
+        status_log.purge(self._db, now - self._retention)
+        handle_store.purge(self._db, now)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
+
+    async def close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        self._reader.shutdown(wait=True)
+        self._db.close()

@@ -1,0 +1,172 @@
+"""The home's pushed changes (broker.gate.push): handles committed together, and each peer
+told of exactly the changes of the cards it holds live handles for, in order, resumable."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from broker.cards import status_log
+from broker.cards.csv_import import CardRow
+from broker.cards.handles import Handle, live_handles
+from broker.cards.model import CardStatus
+from broker.cards.registry import Registry
+from broker.cards.status_change import set_status
+from broker.gate.push import Change, HandleBook, Progress, Rewind, StatusFeed, Update
+
+T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
+DAZU, TONGNAN = "500111", "500223"
+H1, H2 = "1" * 32, "2" * 32
+
+
+def row(number: str) -> CardRow:
+    return CardRow(number, "h" * 32, date(1950, 1, 1), "active", False, False, date(2030, 1, 1))
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    reg = Registry(tmp_path / "r.sqlite3")
+    reg.upsert([row("A1"), row("A2"), row("A3")], T0)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+async def feed(registry: Registry) -> AsyncIterator[StatusFeed]:
+    f = StatusFeed(registry.path, clock=lambda: T0, poll_s=0.01)
+    yield f
+    await f.close()
+
+
+async def take(updates: AsyncIterator[Update], n: int) -> list[Update]:
+    out = []
+    async with asyncio.timeout(5):
+        async for u in updates:
+            out.append(u)
+            if len(out) == n:
+                break
+    return out
+
+
+async def test_handles_given_in_one_turn_are_all_committed_before_their_callers_go_on(
+    registry: Registry,
+):
+    book = HandleBook(registry.path)
+    try:
+        until = T0 + timedelta(minutes=2)
+        await asyncio.gather(
+            book.remember(Handle(DAZU, "A1", H1, until)),
+            book.remember(Handle(DAZU, "A2", H2, until)),
+            book.remember(Handle(TONGNAN, "A1", H2, until)),
+        )
+        assert live_handles(registry.db, DAZU, ["A1", "A2"], T0) == {
+            "A1": (H1, until),
+            "A2": (H2, until),
+        }
+    finally:
+        book.close()
+
+
+async def test_a_handle_that_cannot_be_committed_fails_its_caller(registry: Registry):
+    """The caller must not answer as if the peer would be told of changes."""
+    registry.db.execute(
+        "CREATE TRIGGER no_handles BEFORE INSERT ON peer_handles "
+        "BEGIN SELECT RAISE(ABORT, 'disk full, say'); END"
+    )
+    book = HandleBook(registry.path)
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            await book.remember(Handle(DAZU, "A1", H1, T0))
+    finally:
+        book.close()
+
+
+async def test_a_peer_is_told_only_of_its_cards_and_progress_past_the_others(
+    registry: Registry, feed: StatusFeed
+):
+    book = HandleBook(registry.path)
+    await book.remember(Handle(DAZU, "A1", H1, T0 + timedelta(minutes=2)))
+    await book.remember(Handle(TONGNAN, "A2", H2, T0 + timedelta(minutes=2)))
+    book.close()
+    start = feed.head()
+    set_status(registry, ["A2"], "lost", T0 + timedelta(seconds=10))  # Tongnan's card
+    set_status(registry, ["A1"], "lost", T0 + timedelta(seconds=20))
+    set_status(registry, ["A3"], "suspended", T0 + timedelta(seconds=30))  # nobody's
+    dazu = await take(feed.updates(DAZU, start), 2)
+    assert [type(u) for u in dazu] == [Change, Progress]
+    change = dazu[0]
+    assert isinstance(change, Change)
+    assert (change.handle, change.status, change.position.seq) == (
+        H1,
+        CardStatus.LOST,
+        start.seq + 2,
+    )
+    assert dazu[1].position == feed.head()
+    tongnan = await take(feed.updates(TONGNAN, start), 2)
+    assert [(type(u), getattr(u, "handle", None)) for u in tongnan] == [
+        (Change, H2),
+        (Progress, None),
+    ]
+
+
+async def test_a_handle_that_had_ended_when_the_change_was_logged_is_not_told(
+    registry: Registry, feed: StatusFeed
+):
+    book = HandleBook(registry.path)
+    await book.remember(Handle(DAZU, "A1", H1, T0 + timedelta(minutes=2)))
+    book.close()
+    start = feed.head()
+    set_status(registry, ["A1"], "lost", T0 + timedelta(minutes=3))
+    [only] = await take(feed.updates(DAZU, start), 1)
+    assert isinstance(only, Progress) and only.position == feed.head()
+
+
+async def test_a_stream_waits_for_the_next_change_and_a_new_one_resumes_where_it_stopped(
+    registry: Registry, feed: StatusFeed
+):
+    book = HandleBook(registry.path)
+    await book.remember(Handle(DAZU, "A1", H1, T0 + timedelta(hours=1)))
+    await book.remember(Handle(DAZU, "A2", H2, T0 + timedelta(hours=1)))
+    book.close()
+    stream = feed.updates(DAZU, feed.head())
+    waiting = asyncio.ensure_future(take(stream, 1))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()  # nothing yet: it waits, it does not end
+    set_status(registry, ["A1"], "lost", T0 + timedelta(minutes=1))
+    [first] = await waiting
+    assert isinstance(first, Change) and first.handle == H1
+    await stream.aclose()  # the peer went away (a connection aged out, say)
+    set_status(registry, ["A2"], "suspended", T0 + timedelta(minutes=2))
+    set_status(registry, ["A1"], "active", T0 + timedelta(minutes=3))
+    resumed = await take(feed.updates(DAZU, first.position), 2)
+    assert [(u.handle, u.status) for u in resumed if isinstance(u, Change)] == [
+        (H2, CardStatus.SUSPENDED),
+        (H1, CardStatus.ACTIVE),
+    ]
+
+
+async def test_no_cursor_a_reset_log_or_a_purged_one_rewinds_to_the_head(
+    registry: Registry, feed: StatusFeed
+):
+    [fresh] = await take(feed.updates(DAZU, None), 1)
+    assert isinstance(fresh, Rewind) and fresh.position == feed.head()
+    old = feed.head()
+    status_log.reset(registry.db, "e" * 32, T0)
+    [reset] = await take(feed.updates(DAZU, old), 1)
+    assert isinstance(reset, Rewind) and reset.position.epoch == "e" * 32
+
+
+async def test_a_stream_waiting_at_the_head_notices_a_reset(registry: Registry, feed: StatusFeed):
+    """The head moving *back* (a new epoch at 0) must wake a waiting stream, not strand it."""
+    stream = feed.updates(DAZU, feed.head())
+    waiting = asyncio.ensure_future(take(stream, 1))
+    await asyncio.sleep(0.1)
+    status_log.reset(registry.db, "e" * 32, T0)
+    [rewind] = await waiting
+    assert isinstance(rewind, Rewind)
+    await stream.aclose()
