@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from datetime import date
+from typing import Any
 
 import grpc
 import structlog
@@ -19,8 +20,9 @@ from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
 from broker.core.errors import ConfigError, InvalidArgument
 from broker.core.signing import Signed
 from broker.settlement.clearing.batch import Spool
-from broker.settlement.clearing.receiver import Ack
 from broker.settlement.clearing.service import ClearingService
+from broker.settlement.clearing.tail import Hint
+from broker.settlement.clearing.worker import Streamed
 from broker.settlement.config import SettlementKeyConfig
 from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, TripIntake
 from broker.settlement.wire import signed_from_wire, signed_to_wire
@@ -96,12 +98,22 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
         maximum refuses the call (RESOURCE_EXHAUSTED) and the spool is dropped.
         """
         sender = current_identity().district
+        service = self._service()  # a node that does not clear says so before anything
         spool = Spool(self._settings.max_batch_lines, self._settings.max_batch_bytes)
+        # The sender's word for which batch this is: then it is verified as it arrives.
+        hint = Hint.from_metadata(context.invocation_metadata())
+        streamed: Streamed | None = None
         try:
+            if hint is not None:
+                streamed = service.stream(sender, spool, hint)
             trailer = await _spooled(request_iterator, spool)
-            receiving = asyncio.ensure_future(self._service().receive(sender, spool, trailer))
-        except BaseException:  # refused, or cancelled while spooling: no worker reads it yet
-            spool.close()
+            receiving = asyncio.ensure_future(service.receive(sender, spool, trailer, streamed))
+        except BaseException:  # refused, or cancelled while spooling: nothing is committed
+            if streamed is None:
+                spool.close()  # no worker reads it yet
+            else:  # the worker reading it as it came stops; then the spool is closed
+                streamed.abandon()
+                streamed.work.add_done_callback(_close_when_done(spool))
             raise
         receiving.add_done_callback(_close_when_done(spool))
         # A cancelled call cannot stop the worker thread reading the spool: the spool is
@@ -135,8 +147,8 @@ async def _spooled(parts: AsyncIterator[settlement_pb2.BatchPart], spool: Spool)
     return trailer
 
 
-def _close_when_done(spool: Spool) -> Callable[[asyncio.Future[Ack]], None]:
-    def done(work: asyncio.Future[Ack]) -> None:
+def _close_when_done(spool: Spool) -> Callable[[asyncio.Future[Any]], None]:
+    def done(work: asyncio.Future[Any]) -> None:
         spool.close()
         if not work.cancelled():
             work.exception()  # retrieved: a call cancelled meanwhile never awaits it

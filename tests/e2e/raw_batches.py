@@ -61,13 +61,18 @@ def batch(
 class Feed:
     """An ExchangeBatch call from Dazu's node to Anyue's whose parts the test sends one by one."""
 
-    def __init__(self, cluster: Cluster, timeout: float = 60) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        timeout: float = 60,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> None:
         self.channel = node_channel(
             cluster.nodes[ANYUE].address, cluster.setups[ANYUE], cluster.setups[DAZU]
         )
         self._queue: asyncio.Queue[settlement_pb2.BatchPart | None] = asyncio.Queue()
         self.call = settlement_pb2_grpc.SettlementStub(self.channel).ExchangeBatch(
-            self._parts(), timeout=timeout
+            self._parts(), timeout=timeout, metadata=metadata
         )
 
     async def _parts(self) -> AsyncIterator[settlement_pb2.BatchPart]:

@@ -21,8 +21,7 @@ brief lock a close takes (:meth:`broker.core.db.Db.lock_trips`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -31,20 +30,11 @@ import structlog
 from broker.cards.model import shanghai_day
 from broker.cards.registry import Registry
 from broker.core.db import utc_text
-from broker.core.errors import Conflict, DocumentRefused
+from broker.core.errors import Conflict, DocumentRefused, SettlementStateError
 from broker.core.signing import PublicKey, Purpose, Signed, Signer, canonical, parse, verify
 from broker.fares.agreements import Agreement
 from broker.fares.rules import CHANGEOVER_GRACE, FareSchedule, FareTable, parse_fares
-from broker.settlement.clearing import crash
-from broker.settlement.clearing.batch import (
-    CHUNK_LINES,
-    Digest,
-    Spool,
-    Totals,
-    Verdict,
-    decode_lines,
-    encode_verdicts,
-)
+from broker.settlement.clearing.batch import Digest, Spool
 from broker.settlement.clearing.confirm import (
     addressed,
     mirrors,
@@ -59,23 +49,18 @@ from broker.settlement.clearing.positions import (
     settled_day,
     settled_figures,
 )
-from broker.settlement.clearing.store import ClearingStore, b64, unb64
-from broker.settlement.clearing.verify import CAP_EXCEEDED, OK, CapCounter, LineChecker
+from broker.settlement.clearing.received import Ack, BatchCheck, Previous
+from broker.settlement.clearing.store import ClearingStore, unb64
+from broker.settlement.clearing.tail import Hint, StreamEnded
+from broker.settlement.clearing.verify import CapCounter, LineChecker
 from broker.settlement.ledger.common import TRIP_COLUMNS, trip_from_row
 from broker.settlement.statements import scheme_of
-from broker.settlement.trips import correctable_values
 
 log = structlog.get_logger(__name__)
 
+__all__ = ["Ack", "KeysOf", "Receiver"]
+
 KeysOf = Callable[[str], Mapping[str, PublicKey]]
-
-
-@dataclass(frozen=True)
-class Ack:
-    """What goes back to the sender: verdict chunks, then the signed acknowledgement."""
-
-    chunks: list[bytes]
-    signed: Signed
 
 
 class Receiver:
@@ -162,15 +147,69 @@ class Receiver:
 
     def receive(self, sender: str, spool: Spool, trailer: Signed) -> Ack:
         """Verify a received batch and answer it; the answer is durable before it is returned."""
+        header, period, seq, kind = self.batch_header(sender, trailer, spool.digest)
+        stored = self._stored_ack(sender, period, seq, header)
+        if stored is not None:
+            return stored
+        refuse_if_settled(self._db, sender, period)
+        return self._verify_and_ack(sender, period, seq, kind, header, spool)
+
+    def receive_streamed(
+        self,
+        sender: str,
+        hint: Hint,
+        chunks: Iterable[bytes],
+        digest: Digest,
+        trailer: Callable[[], Signed],
+    ) -> Ack | None:
+        """Verify ``sender``'s batch as its chunks arrive, taking the sender's word
+        (``hint``) for which batch it is; commit only if its trailer checks out then and
+        names that batch, exactly as :meth:`receive` would have committed it.
+
+        ``chunks`` ends when the stream does (:class:`StreamEnded` if it broke off);
+        ``digest`` is over what it gave, ``trailer()`` the trailer then. ``None``: not
+        verified as it came (the stream broke off or stalled, the batch was received
+        before or its day settled, a chunk did not read, the word was wrong); nothing is
+        kept, and the caller verifies the whole spool with :meth:`receive`, which answers
+        as it always does. A trailer that does not check out is refused as there.
+        """
+        high = self._ledger_watermark()
+        try:
+            with self._db.write():
+                self._db.lock_for_transaction(f"verify/{self._district}")
+                if self._db.one(
+                    "SELECT 1 FROM in_batches WHERE sender = ? AND period = ? AND seq = ?",
+                    (sender, hint.period.isoformat(), hint.seq),
+                ):
+                    raise _Unverified  # :meth:`receive` answers with the stored one
+                refuse_if_settled(self._db, sender, hint.period)
+                self._sync_own_usage(high)
+                check = self.batch_check(sender, hint.period, hint.seq, hint.kind)
+                for chunk in chunks:
+                    try:
+                        check.add(chunk)
+                    except DocumentRefused as exc:  # refused there after the trailer's checks
+                        raise _Unverified from exc
+                header, period, seq, kind = self.batch_header(sender, trailer(), digest)
+                if Hint(period, seq, kind) != hint:
+                    raise _Unverified
+                ack = check.finish(self._district, header, self._signer, self._clock())
+        except (_Unverified, StreamEnded, SettlementStateError):
+            return None
+        self.log_received(sender, period, seq, check)
+        return ack
+
+    def batch_header(
+        self, sender: str, trailer: Signed, digest: Digest
+    ) -> tuple[dict[str, Any], date, int, str]:
+        """The signed header of ``sender``'s batch whose chunks hash to ``digest``, with its
+        period, sequence and kind; refused if it does not describe them."""
         header = verify(trailer, self._keys_of(sender), Purpose.BATCH)
         if header.get("type") != "batch" or header.get("from") != sender:
             raise DocumentRefused("trailer is not a batch header of the calling district")
         if header.get("to") != self._district:
             raise DocumentRefused(f"batch is addressed to {header.get('to')}, not this district")
-        if (
-            header.get("digest") != spool.digest.hexdigest()
-            or header.get("chunks") != spool.digest.chunks
-        ):
+        if header.get("digest") != digest.hexdigest() or header.get("chunks") != digest.chunks:
             raise DocumentRefused("batch digest does not match the chunks received")
         seq = header.integer("sequence")
         kind = header.text("kind")
@@ -180,11 +219,7 @@ class Receiver:
             raise DocumentRefused("batch-trailer document: field 'period' is not a date") from exc
         if kind not in ("close", "represent"):
             raise DocumentRefused("batch kind must be close or represent")
-        stored = self._stored_ack(sender, period, seq, header)
-        if stored is not None:
-            return stored
-        refuse_if_settled(self._db, sender, period)
-        return self._verify_and_ack(sender, period, seq, kind, header, spool)
+        return header, period, seq, kind
 
     def _stored_ack(
         self, sender: str, period: date, seq: int, header: dict[str, Any]
@@ -209,14 +244,6 @@ class Receiver:
     def _verify_and_ack(
         self, sender: str, period: date, seq: int, kind: str, header: dict[str, Any], spool: Spool
     ) -> Ack:
-        totals = Totals()
-        verdicts: list[Verdict] = []  # encoded into chunks as they fill
-        chunks: list[bytes] = []
-        counts = {"accepted": 0, "cap_exceeded": 0, "rejected": 0}
-        accepted_claim = 0
-        attempt = 2 if kind == "represent" else 1
-        pending: dict[tuple[str, str], tuple[str, int]] = {}  # this chunk's lines, not yet written
-        known: dict[tuple[str, str], tuple[str, int]] = {}  # stored before: read per chunk
         high = self._ledger_watermark()
         with self._db.write():
             # One verification of this home's card-holders at a time, across replicas: caps.
@@ -225,7 +252,18 @@ class Receiver:
             if stored is not None:
                 return stored
             self._sync_own_usage(high)
-            checker = LineChecker(
+            check = self.batch_check(sender, period, seq, kind)
+            for chunk in spool.chunks():
+                check.add(chunk)
+            ack = check.finish(self._district, header, self._signer, self._clock())
+        self.log_received(sender, period, seq, check)
+        return ack
+
+    def batch_check(self, sender: str, period: date, seq: int, kind: str) -> BatchCheck:
+        """The check of one batch's lines (inside the verification's transaction)."""
+
+        def checker(previous: Previous) -> LineChecker:
+            return LineChecker(
                 own_district=self._district,
                 sender=sender,
                 period=period,
@@ -234,158 +272,23 @@ class Receiver:
                 fares_in_force=self._fares_in_force(sender),
                 agreement=self._agreement(sender),
                 caps=CapCounter(self._db),
-                previous=lambda op, trip: pending.get((op, trip)) or known.get((op, trip)),
+                previous=previous,
                 representment=kind == "represent",
                 presented=lambda op, trip: self._presented(sender, op, trip),
             )
-            line_no = 0
-            for chunk in spool.chunks():
-                rows = []
-                firsts = []  # first presentments: what a representment must match
-                lines = decode_lines(chunk)
-                known = self._previous(
-                    sender, [(x.trip.operator_id, x.trip.trip_id) for x in lines]
-                )
-                for line in lines:
-                    totals.add(line)
-                    code, accepted = checker.check(line)
-                    accepted_claim += accepted
-                    t = line.trip
-                    if code == OK:
-                        counts["accepted"] += 1
-                    else:
-                        counts["cap_exceeded" if code == CAP_EXCEEDED else "rejected"] += 1
-                        verdicts.append(
-                            Verdict(
-                                line_no, t.operator_id, t.trip_id, code, accepted, line.claimed_fen
-                            )
-                        )
-                        if len(verdicts) == CHUNK_LINES:
-                            chunks.append(encode_verdicts(verdicts))
-                            verdicts = []
-                    if code not in ("DUPLICATE", "NOT_DISPUTED", "WRONG_DISTRICT"):
-                        pending[(t.operator_id, t.trip_id)] = (code, attempt)
-                        rows.append(
-                            (
-                                sender,
-                                t.operator_id,
-                                t.trip_id,
-                                period.isoformat(),
-                                seq,
-                                attempt,
-                                code,
-                                line.claimed_fen,
-                                accepted,
-                            )
-                        )
-                        if attempt == 1:
-                            firsts.append(
-                                (
-                                    sender,
-                                    t.operator_id,
-                                    t.trip_id,
-                                    t.presentment_digest(),
-                                    correctable_values(t),
-                                )
-                            )
-                    line_no += 1
-                # Written per chunk, so a duplicate later in the same batch is seen.
-                self._db.executemany(
-                    "INSERT INTO in_lines (sender, operator_id, trip_id, period, seq, attempt, "
-                    "code, claimed_fen, accepted_claim_fen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (sender, operator_id, trip_id) DO UPDATE SET "
-                    "seq = excluded.seq, attempt = excluded.attempt, code = excluded.code, "
-                    "claimed_fen = excluded.claimed_fen, "
-                    "accepted_claim_fen = excluded.accepted_claim_fen",
-                    rows,
-                )
-                self._db.executemany(
-                    "INSERT INTO in_line_presentments (sender, operator_id, trip_id, digest, "
-                    "correctable) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT (sender, operator_id, trip_id) DO NOTHING",
-                    firsts,
-                )
-                pending.clear()
-            stated = {k: header.get(k) for k in totals.as_doc()}
-            if stated != totals.as_doc():
-                raise DocumentRefused("batch totals do not match its lines")
-            if verdicts:
-                chunks.append(encode_verdicts(verdicts))
-            vdigest = Digest()
-            for c in chunks:
-                vdigest.update(c)
-            ack = self._signer.sign(
-                {
-                    "type": "ack",
-                    "from": self._district,
-                    "to": sender,
-                    "period": period.isoformat(),
-                    "sequence": seq,
-                    "kind": kind,
-                    "batch_digest": header["digest"],
-                    "lines": totals.lines,
-                    **counts,
-                    "claimed_fen": totals.claimed_fen,
-                    "accepted_claim_fen": accepted_claim,
-                    "verdicts_digest": vdigest.hexdigest(),
-                    "verdict_chunks": vdigest.chunks,
-                },
-                Purpose.ACK,
-            )
-            self._db.execute(
-                "INSERT INTO in_batches (sender, period, seq, kind, digest, lines, claimed_fen, "
-                "accepted_claim_fen, ack, ack_key_id, ack_signature, received_at) VALUES (?, ?, "
-                "?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    sender,
-                    period.isoformat(),
-                    seq,
-                    kind,
-                    header["digest"],
-                    totals.lines,
-                    totals.claimed_fen,
-                    accepted_claim,
-                    ack.document.decode(),
-                    ack.key_id,
-                    b64(ack.signature),
-                    utc_text(self._clock()),
-                ),
-            )
-            self._db.executemany(
-                "INSERT INTO in_ack_chunks (sender, period, seq, chunk_no, data) VALUES (?, ?, ?, "
-                "?, ?)",
-                [(sender, period.isoformat(), seq, i, b64(c)) for i, c in enumerate(chunks)],
-            )
-            crash.point("home_before_commit")
+
+        return BatchCheck(self._db, sender, period, seq, kind, checker)
+
+    @staticmethod
+    def log_received(sender: str, period: date, seq: int, check: BatchCheck) -> None:
         log.info(
             "batch_received",
             sender=sender,
             period=period.isoformat(),
             sequence=seq,
-            lines=totals.lines,
-            **counts,
+            lines=check.totals.lines,
+            **check.counts,
         )
-        return Ack(chunks, ack)
-
-    def _previous(
-        self, sender: str, keys: list[tuple[str, str]]
-    ) -> dict[tuple[str, str], tuple[str, int]]:
-        """The stored (code, attempt) of the lines among ``keys`` received before: one query
-        per operator and 500 trip ids, not one per line."""
-        by_operator: dict[str, list[str]] = {}
-        for op, trip in keys:
-            by_operator.setdefault(op, []).append(trip)
-        found: dict[tuple[str, str], tuple[str, int]] = {}
-        for op, trips in by_operator.items():
-            for i in range(0, len(trips), 500):
-                some = trips[i : i + 500]
-                for trip, code, attempt in self._db.all(
-                    "SELECT trip_id, code, attempt FROM in_lines WHERE sender = ? "
-                    f"AND operator_id = ? AND trip_id IN ({', '.join('?' * len(some))})",
-                    (sender, op, *some),
-                ):
-                    found[(op, str(trip))] = (str(code), int(attempt))
-        return found
 
     def _presented(
         self, sender: str, operator_id: str, trip_id: str
@@ -477,6 +380,10 @@ class Receiver:
                     self._db, sender, period, mine, SettledDay(reply, signed), self._clock()
                 )
         return reply
+
+
+class _Unverified(Exception):
+    """Not verified as the batch arrived: :meth:`Receiver.receive` verifies the spool."""
 
 
 def _table_doc(doc: Mapping[str, Any], version: str) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from broker.settlement.clearing.confirm import (
 from broker.settlement.clearing.disputes import build_represent, resolve
 from broker.settlement.clearing.positions import Position, SettledDay, position, settled_day
 from broker.settlement.clearing.store import ClearingStore, next_seq, unb64
+from broker.settlement.clearing.tail import Hint
 from broker.settlement.clearing.verify import CAP_EXCEEDED, claim
 from broker.settlement.config import SettlementSettings
 from broker.settlement.days import require_ended, window_end
@@ -333,7 +334,11 @@ class Sender:
         cut = listed = rejected = 0
         ack: Signed | None = None
         try:
-            call = self._stub(counterparty).ExchangeBatch(parts(), timeout=EXCHANGE_TIMEOUT_S)
+            # Which batch this is, in the metadata: the home may verify it as it arrives.
+            hint = Hint(period, seq, kind).metadata()
+            call = self._stub(counterparty).ExchangeBatch(
+                parts(), timeout=EXCHANGE_TIMEOUT_S, metadata=hint
+            )
             async for part in call:
                 if part.HasField("ack"):
                     ack = Signed(part.ack.document, part.ack.key_id, part.ack.signature)

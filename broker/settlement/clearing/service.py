@@ -20,7 +20,8 @@ from broker.settlement.clearing.batch import Spool
 from broker.settlement.clearing.receiver import Ack, Receiver
 from broker.settlement.clearing.reports import operator_statement
 from broker.settlement.clearing.store import ClearingStore
-from broker.settlement.clearing.worker import Verifier
+from broker.settlement.clearing.tail import Hint
+from broker.settlement.clearing.worker import Streamed, Verifier
 from broker.settlement.config import SettlementSettings
 from broker.settlement.statements import StatementLine
 from broker.trust.store import TrustStore, bundle_keys
@@ -62,7 +63,21 @@ class ClearingService:
     async def publish_fares(self, sender: str, signed: Signed) -> list[str]:
         return await self._run(self.receiver.publish_fares, sender, signed)
 
-    async def receive(self, sender: str, spool: Spool, trailer: Signed) -> Ack:
+    def stream(self, sender: str, spool: Spool, hint: Hint) -> Streamed:
+        """Start verifying ``sender``'s batch while ``spool`` fills (the sender's ``hint``
+        says which batch it is); :meth:`receive` then finishes it."""
+        return self._verifier.stream(sender, spool, hint)
+
+    async def receive(
+        self, sender: str, spool: Spool, trailer: Signed, streamed: Streamed | None = None
+    ) -> Ack:
+        """The acknowledgement of a whole spooled batch: from its verification as it arrived
+        (``streamed``) if that took, else from verifying the spool now."""
+        if streamed is not None:
+            streamed.end(sender, trailer)
+            ack = await streamed.work
+            if ack is not None:
+                return ack
         return await self._verifier.receive(sender, spool, trailer)
 
     async def confirm(self, sender: str, signed: Signed) -> Signed:

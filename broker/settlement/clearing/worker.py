@@ -24,6 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from broker.cards.registry import Registry
 from broker.core.errors import (
@@ -39,6 +40,7 @@ from broker.settlement.clearing import crash
 from broker.settlement.clearing.batch import Spool
 from broker.settlement.clearing.receiver import Ack, Receiver
 from broker.settlement.clearing.store import ClearingStore
+from broker.settlement.clearing.tail import End, EndPipe, Hint, Tail
 from broker.settlement.config import SettlementSettings
 
 NICE = 10  # below the node's own threads: the gates come first
@@ -68,6 +70,53 @@ class Refusal:
         return _REFUSALS.get(self.kind, DocumentRefused)(self.message)
 
 
+@dataclass(frozen=True)
+class StreamJob:
+    sender: str
+    path: str  # the spool, as this process can open it; still being written
+    end_path: str  # the node's pipe: how the stream ended (broker.settlement.clearing.tail)
+    hint: Hint
+
+
+class Streamed:
+    """A batch being verified as it arrives (:meth:`Verifier.stream`)."""
+
+    def __init__(
+        self,
+        work: asyncio.Future[Ack | None],
+        pipe: EndPipe,
+        keys_of: Callable[[str], Mapping[str, PublicKey]],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.work = work
+        self._pipe = pipe
+        self._keys_of = keys_of
+        self._clock = clock
+
+    def end(self, sender: str, trailer: Signed | None) -> None:
+        """Tell the worker how the stream ended: with ``trailer``, or broken off (``None``:
+        nothing of it is committed)."""
+        if trailer is None:
+            self._pipe.end(None)
+            return
+        try:
+            end = End(trailer, public_key_pems(self._keys_of(sender)), self._clock())
+        except BaseException:
+            self._pipe.end(None)
+            raise
+        self._pipe.end(end)
+
+    def abandon(self) -> None:
+        """The stream broke off: end it, and let the worker's outcome go unread."""
+        self.end("", None)
+        self.work.add_done_callback(_retrieved)
+
+
+def _retrieved(work: asyncio.Future[Ack | None]) -> None:
+    if not work.cancelled():
+        work.exception()
+
+
 class Verifier:
     """Runs :meth:`Receiver.receive` in the worker process; one batch at a time."""
 
@@ -94,17 +143,19 @@ class Verifier:
             )
         return self._pool
 
-    async def receive(self, sender: str, spool: Spool, trailer: Signed) -> Ack:
-        job = Job(
-            sender,
-            f"/proc/{os.getpid()}/fd/{spool.file.fileno()}",
-            trailer,
-            public_key_pems(self._keys_of(sender)),
-            self._clock(),
-        )
+    def stream(self, sender: str, spool: Spool, hint: Hint) -> Streamed:
+        """Start verifying ``sender``'s batch as ``spool`` fills (:mod:`broker.settlement.
+        clearing.tail`); the node says how the stream ended with :meth:`Streamed.end`."""
+        pipe = EndPipe()
+        job = StreamJob(sender, f"/proc/{os.getpid()}/fd/{spool.file.fileno()}", pipe.path, hint)
+        work = asyncio.ensure_future(self._outcome(_verify_streamed, job))
+        work.add_done_callback(lambda _: pipe.close())  # the worker is done with the read end
+        return Streamed(work, pipe, self._keys_of, self._clock)
+
+    async def _outcome(self, fn: Callable[[Any], Ack | Refusal | None], job: Any) -> Ack | None:
         pool = self._executor()
         try:
-            outcome = await asyncio.get_running_loop().run_in_executor(pool, _verify, job)
+            outcome = await asyncio.get_running_loop().run_in_executor(pool, fn, job)
         except BrokenProcessPool as exc:
             if self._pool is pool:
                 self._pool = None  # the next batch starts a new worker
@@ -114,6 +165,18 @@ class Verifier:
             ) from exc
         if isinstance(outcome, Refusal):
             raise outcome.error()
+        return outcome
+
+    async def receive(self, sender: str, spool: Spool, trailer: Signed) -> Ack:
+        job = Job(
+            sender,
+            f"/proc/{os.getpid()}/fd/{spool.file.fileno()}",
+            trailer,
+            public_key_pems(self._keys_of(sender)),
+            self._clock(),
+        )
+        outcome = await self._outcome(_verify, job)
+        assert outcome is not None
         return outcome
 
     def close(self) -> None:
@@ -143,6 +206,28 @@ def _start(cfg: SettlementSettings, registry_path: Path) -> None:
         lambda: _job.now if _job is not None else datetime.now().astimezone(),
         timedelta(seconds=cfg.fares.changeover_grace_s),
     )
+
+
+def _verify_streamed(job: StreamJob) -> Ack | Refusal | None:
+    global _job
+    assert _receiver is not None
+    crash.point("verify_started")  # test hook: before the spool is read
+    tail = Tail(job.path, job.end_path)
+
+    def trailer() -> Signed:
+        global _job
+        end = tail.end()
+        assert end is not None  # the chunks ended with the trailer
+        _job = Job(job.sender, job.path, end.trailer, end.keys, end.now)
+        return end.trailer
+
+    try:
+        return _receiver.receive_streamed(job.sender, job.hint, tail.chunks(), tail.digest, trailer)
+    except BrokerError as exc:
+        return Refusal(type(exc).__name__, str(exc))
+    finally:
+        tail.close()
+        _job = None
 
 
 def _verify(job: Job) -> Ack | Refusal:

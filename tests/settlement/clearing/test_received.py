@@ -1,0 +1,144 @@
+"""A batch checked chunk by chunk (broker.settlement.clearing.received), and verified as it
+arrives (Receiver.receive_streamed), on SQLite and PostgreSQL.
+
+The chunks are handed over as the node's verifier would hand them while the stream
+comes in; nothing is committed before the signed trailer checks out and names the
+batch the sender said it was sending. Every case where it does not is answered by
+:meth:`Receiver.receive` over the whole spool afterwards, as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from broker.core.errors import DocumentRefused
+from broker.core.signing import Signer
+from broker.settlement.clearing.batch import Spool, decode_verdicts
+from broker.settlement.clearing.receiver import Receiver
+from broker.settlement.clearing.tail import Hint, StreamEnded
+from tests.settlement.clearing.pair import DAY, HOME, SERVING, World, backend_url
+from tests.settlement.clearing.test_receiver import (
+    MIXED,
+    ack_doc,
+    count,
+    fares_doc,
+    nothing_stored,
+)
+
+HINT = Hint(DAY, 1, "close")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path, ledger_url=backend_url(request))
+    yield w
+    w.close()
+
+
+@pytest.fixture
+def home(world: World) -> Receiver:
+    rx = world.receiver(HOME)
+    assert rx.publish_fares(SERVING, fares_doc(world[SERVING].signer)) == ["sample-1"]
+    return rx
+
+
+def streamed(home: Receiver, spool: Spool, trailer: object, hint: Hint = HINT) -> object:
+    return home.receive_streamed(
+        SERVING,
+        hint,
+        list(spool.chunks()),
+        spool.digest,
+        lambda: trailer,  # type: ignore[arg-type, return-value]
+    )
+
+
+def test_a_batch_verified_as_it_arrives_is_stored_and_answered_as_a_whole_one_is(
+    world: World, home: Receiver
+) -> None:
+    spool, trailer = world.batch(MIXED)
+    ack = streamed(home, spool, trailer)
+    assert ack is not None
+    doc = ack_doc(world, ack.signed)  # type: ignore[attr-defined]
+    assert (doc["lines"], doc["accepted"], doc["rejected"], doc["cap_exceeded"]) == (5, 2, 3, 0)
+    assert (doc["claimed_fen"], doc["accepted_claim_fen"]) == (1000, 400)
+    verdicts = [v for c in ack.chunks for v in decode_verdicts(c)]  # type: ignore[attr-defined]
+    assert [(v.line_no, v.code) for v in verdicts] == [
+        (1, "CARD_NOT_ACTIVE"),
+        (3, "WRONG_DISTRICT"),
+        (4, "DUPLICATE"),
+    ]
+    # The same batch sent again, whole: the stored acknowledgement, byte for byte.
+    again = home.receive(SERVING, *world.batch(MIXED))
+    assert again.signed == ack.signed  # type: ignore[attr-defined]
+    assert again.chunks == ack.chunks  # type: ignore[attr-defined]
+    assert (count(world, "in_batches"), count(world, "in_lines")) == (1, 3)
+
+
+def test_a_trailer_whose_signature_fails_after_the_chunks_were_checked_commits_nothing(
+    world: World, home: Receiver
+) -> None:
+    stranger = Signer(ed25519.Ed25519PrivateKey.generate(), "stranger")
+    spool, trailer = world.batch(MIXED, signer=stranger)
+    with pytest.raises(DocumentRefused):
+        streamed(home, spool, trailer)
+    assert nothing_stored(world)
+    assert count(world, "in_line_presentments") == 0
+
+
+def test_totals_that_do_not_add_up_after_the_chunks_were_checked_commit_nothing(
+    world: World, home: Receiver
+) -> None:
+    spool, trailer = world.batch(MIXED, overrides={"claimed_fen": 1})
+    with pytest.raises(DocumentRefused, match="totals do not match"):
+        streamed(home, spool, trailer)
+    assert nothing_stored(world)
+
+
+def test_a_stream_that_breaks_off_commits_nothing(world: World, home: Receiver) -> None:
+    spool, trailer = world.batch(MIXED)
+    chunks = list(spool.chunks())
+
+    def broken() -> Iterator[bytes]:
+        yield from chunks
+        raise StreamEnded("the stream ended without a trailer")
+
+    assert home.receive_streamed(SERVING, HINT, broken(), spool.digest, lambda: trailer) is None
+    assert nothing_stored(world)
+    # Sent again, whole: verified from the start.
+    assert ack_doc(world, home.receive(SERVING, spool, trailer).signed)["accepted"] == 2
+
+
+@pytest.mark.parametrize(
+    "hint", [Hint(DAY, 2, "close"), Hint(DAY, 1, "represent")], ids=["seq", "kind"]
+)
+def test_a_wrong_word_for_the_batch_commits_nothing_and_leaves_it_to_the_whole_spool(
+    world: World, home: Receiver, hint: Hint
+) -> None:
+    spool, trailer = world.batch(MIXED)
+    assert streamed(home, spool, trailer, hint) is None
+    assert nothing_stored(world)
+    doc = ack_doc(world, home.receive(SERVING, spool, trailer).signed)
+    assert (doc["sequence"], doc["accepted"]) == (1, 2)
+
+
+def test_a_chunk_that_does_not_read_is_left_to_the_whole_spool_to_refuse(
+    world: World, home: Receiver
+) -> None:
+    spool = world.spool(b"\xff\xff garbage")
+    _, trailer = world.batch(MIXED)
+    assert streamed(home, spool, trailer) is None
+    assert nothing_stored(world)
+
+
+def test_a_batch_received_before_is_answered_from_the_store_not_again(
+    world: World, home: Receiver
+) -> None:
+    first = home.receive(SERVING, *world.batch(MIXED))
+    spool, trailer = world.batch(MIXED)
+    assert streamed(home, spool, trailer) is None  # the whole spool's answer: the stored one
+    assert home.receive(SERVING, spool, trailer).signed == first.signed
+    assert count(world, "in_batches") == 1
