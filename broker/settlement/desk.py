@@ -19,8 +19,8 @@ from broker.core.errors import InvalidArgument
 from broker.fares.rules import CHANGEOVER_GRACE, FareSchedule
 from broker.settlement.clearing import crash
 from broker.settlement.ledger import Ledger
-from broker.settlement.trips import DEFAULT_LATE_WINDOW, Judgement, Trip, judge
-from broker.settlement.wire import results_to_wire, trip_from_wire
+from broker.settlement.trips import DEFAULT_LATE_WINDOW, Judge, Judgement, Trip
+from broker.settlement.wire import results_to_wire, trips_from_wire
 
 MAX_TRIPS_PER_REQUEST = 10_000
 _REQUEST = settlement_pb2.SubmitTripsRequest
@@ -65,7 +65,7 @@ class TripDesk:
         wire = request.trips
         if len(wire) > MAX_TRIPS_PER_REQUEST:
             raise InvalidArgument("trips", f"at most {MAX_TRIPS_PER_REQUEST} per request")
-        items = [trip_from_wire(t, operator_id, i) for i, t in enumerate(wire)]
+        items = trips_from_wire(wire, operator_id)
         verdicts = self.record(items, now)
         crash.point("intake_recorded")  # test hook: committed, not answered
         return results_to_wire([t.trip_id for t in wire], verdicts)
@@ -75,10 +75,8 @@ class TripDesk:
 
         Returns one judgement per item, in order, once the batch is committed.
         """
-        known, fares, late, grace = self._known, self._fares, self._late, self._grace
-        judged = [
-            (t, judge(t, now, known, fares, late, grace)) for t in items if isinstance(t, Trip)
-        ]
+        judge = Judge(now, self._known, self._fares, self._late, self._grace)
+        judged = [(t, judge(t)) for t in items if isinstance(t, Trip)]
         if not judged:  # nothing to store: no transaction
             return [t for t in items if isinstance(t, Judgement)]
         stored = iter(self.ledger.record(judged, now))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from broker.cards.model import CardRef, Entitlement, Scene
-from broker.fares.rules import CHANGEOVER_GRACE, MAX_FARE_FEN, FareSchedule
+from broker.fares.rules import CHANGEOVER_GRACE, MAX_FARE_FEN, FareSchedule, FareTable
 
 DEFAULT_LATE_WINDOW = timedelta(hours=72)
 # The same tap at one gate uploaded twice under two trip ids lands this close.
@@ -70,22 +70,17 @@ class Trip:
         The gate id counts only when there is one, so a trip stored without
         one (by the previous release) keeps the digest it was stored with.
         """
-        fields = (
-            self.operator_id,
-            self.trip_id,
-            self.card.issuer_region,
-            self.card.card_number,
-            str(self.scene.value),
-            self.place_id,
-            self.occurred_at.isoformat(),
-            str(self.gross_fare_fen),
-            str(self.charged_fen),
-            str(self.concession_fen),
-            str(self.applied_entitlement.value if self.applied_entitlement else 0),
-            self.fare_version,
-            *((self.gate_id,) if self.gate_id else ()),
+        card, entitlement = self.card, self.applied_entitlement
+        text = (
+            f"{self.operator_id}\x00{self.trip_id}\x00{card.issuer_region}\x00"
+            f"{card.card_number}\x00{self.scene.value}\x00{self.place_id}\x00"
+            f"{self.occurred_at.isoformat()}\x00{self.gross_fare_fen}\x00{self.charged_fen}\x00"
+            f"{self.concession_fen}\x00{entitlement.value if entitlement else 0}\x00"
+            f"{self.fare_version}"
         )
-        return hashlib.sha256("\x00".join(fields).encode()).hexdigest()
+        if self.gate_id:
+            text += "\x00" + self.gate_id
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def presentment_digest(self) -> str:
         """Hash of what makes this the trip it is, and which no dispute can be about.
@@ -172,43 +167,109 @@ def judge(
 
     Its fare version must be the one in force when it occurred (or, within
     ``changeover_grace`` of a change, the one before): an operator cannot
-    price by an older, more generous table.
+    price by an older, more generous table. (:class:`Judge` judges many at one ``now``.)
     """
+    return Judge(now, known_districts, fares, late_window, changeover_grace)(trip)
 
-    def reject(reason: Reason, detail: str) -> Judgement:
-        return Judgement(Outcome.REJECTED, reason, detail)
 
-    if trip.card.issuer_region not in known_districts:
-        return reject(
-            Reason.UNKNOWN_DISTRICT, f"no agreement with district {trip.card.issuer_region}"
-        )
-    amounts = (trip.gross_fare_fen, trip.charged_fen, trip.concession_fen)
-    if any(a < 0 or a > MAX_FARE_FEN for a in amounts):
-        return reject(Reason.BAD_AMOUNTS, f"amounts must be 0-{MAX_FARE_FEN} fen")
-    if trip.charged_fen + trip.concession_fen != trip.gross_fare_fen:
-        return reject(Reason.BAD_AMOUNTS, "charged + concession must equal gross")
-    if trip.occurred_at > now + CLOCK_SKEW:
-        return reject(Reason.IN_FUTURE, "occurred_at is in the future")
-    if trip.occurred_at < now - late_window:
-        hours = int(late_window.total_seconds() // 3600)
-        return reject(Reason.TOO_LATE, f"occurred more than {hours} h ago")
-    if fares is not None:
-        table = fares.version(trip.fare_version)
+# Since 1901 Asia/Shanghai's offset has been a whole number of hours, changed only at whole
+# hours: the settlement day of an instant after 1970 is the same all through its UTC hour.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_HOUR = timedelta(hours=1)
+
+
+class Judge:
+    """:func:`judge` for many trips at one ``now``: the bounds worked out once, and what each
+    fare lookup answered remembered (the fare schedule is immutable), so that judging a
+    request of 10,000 trips costs little more than its comparisons."""
+
+    def __init__(
+        self,
+        now: datetime,
+        known_districts: frozenset[str],
+        fares: FareSchedule | None,
+        late_window: timedelta = DEFAULT_LATE_WINDOW,
+        changeover_grace: timedelta = CHANGEOVER_GRACE,
+    ) -> None:
+        self._known = known_districts
+        self._fares = fares
+        self._latest = now + CLOCK_SKEW
+        self._earliest = now - late_window
+        self._hours = int(late_window.total_seconds() // 3600)
+        self._grace = changeover_grace
+        self._tables: dict[str, FareTable | None] = {}
+        self._in_force: dict[tuple[str, int, int], bool] = {}
+        self._gross: dict[tuple[str, str, Scene, str], int] = {}
+
+    def __call__(self, trip: Trip) -> Judgement:
+        if trip.card.issuer_region not in self._known:
+            return Judgement(
+                Outcome.REJECTED,
+                Reason.UNKNOWN_DISTRICT,
+                f"no agreement with district {trip.card.issuer_region}",
+            )
+        gross, charged, concession = trip.gross_fare_fen, trip.charged_fen, trip.concession_fen
+        if not (
+            0 <= gross <= MAX_FARE_FEN
+            and 0 <= charged <= MAX_FARE_FEN
+            and 0 <= concession <= MAX_FARE_FEN
+        ):
+            return Judgement(
+                Outcome.REJECTED, Reason.BAD_AMOUNTS, f"amounts must be 0-{MAX_FARE_FEN} fen"
+            )
+        if charged + concession != gross:
+            return Judgement(
+                Outcome.REJECTED, Reason.BAD_AMOUNTS, "charged + concession must equal gross"
+            )
+        at = trip.occurred_at
+        if at > self._latest:
+            return Judgement(Outcome.REJECTED, Reason.IN_FUTURE, "occurred_at is in the future")
+        if at < self._earliest:
+            return Judgement(
+                Outcome.REJECTED, Reason.TOO_LATE, f"occurred more than {self._hours} h ago"
+            )
+        fares = self._fares
+        if fares is None:
+            return ACCEPT
+        version = trip.fare_version
+        try:
+            table = self._tables[version]
+        except KeyError:
+            table = self._tables[version] = fares.version(version)
         if table is None:
-            return reject(
+            return Judgement(
+                Outcome.REJECTED,
                 Reason.UNKNOWN_FARE_VERSION,
-                f"fare rules {trip.fare_version!r} were never published here",
+                f"fare rules {version!r} were never published here",
             )
-        if not fares.in_force(trip.fare_version, trip.occurred_at, changeover_grace):
-            return reject(
+        if not self._was_in_force(fares, version, at):
+            return Judgement(
+                Outcome.REJECTED,
                 Reason.UNKNOWN_FARE_VERSION,
-                f"fare rules {trip.fare_version} were not in force at "
-                f"{trip.occurred_at.isoformat(timespec='seconds')}",
+                f"fare rules {version} were not in force at {at.isoformat(timespec='seconds')}",
             )
-        rule = table.rule_for(trip.operator_id, trip.scene, trip.place_id)
-        gross = rule.gross_fare_fen if rule else 0
-        if gross != trip.gross_fare_fen:
-            return reject(
-                Reason.PRICE_MISMATCH, f"gross fare is {gross} fen under rules {trip.fare_version}"
+        key = (version, trip.operator_id, trip.scene, trip.place_id)
+        expected = self._gross.get(key)
+        if expected is None:
+            rule = table.rule_for(trip.operator_id, trip.scene, trip.place_id)
+            expected = self._gross[key] = rule.gross_fare_fen if rule else 0
+        if expected != gross:
+            return Judgement(
+                Outcome.REJECTED,
+                Reason.PRICE_MISMATCH,
+                f"gross fare is {expected} fen under rules {version}",
             )
-    return ACCEPT
+        return ACCEPT
+
+    def _was_in_force(self, fares: FareSchedule, version: str, at: datetime) -> bool:
+        """``fares.in_force(version, at, grace)``, which depends on ``at`` only through the
+        settlement days of ``at`` and of ``at - grace``: remembered by their UTC hours."""
+        since = at - _EPOCH  # exact (a float timestamp could round across an hour)
+        before = since - self._grace
+        if before < timedelta(0):
+            return fares.in_force(version, at, self._grace)
+        key = (version, since // _HOUR, before // _HOUR)
+        held = self._in_force.get(key)
+        if held is None:
+            held = self._in_force[key] = fares.in_force(version, at, self._grace)
+        return held

@@ -16,7 +16,7 @@ import pytest
 
 from broker.cards.model import CardRef, Entitlement, Scene
 from broker.fares.rules import FareSchedule, parse_fares
-from broker.settlement.trips import CORRECTABLE, Outcome, Reason, Trip, judge
+from broker.settlement.trips import CORRECTABLE, Judge, Outcome, Reason, Trip, judge
 from broker.testbed.build import SAMPLE_FARES
 
 NOW = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
@@ -179,3 +179,72 @@ def test_every_reason_code_is_listed_in_the_wire_contract():
     result = proto.read_text().split("message TripResult", 1)[1]
     listed = result.split("string reason = 3;", 1)[0]
     assert [r.value for r in Reason if r.value not in listed] == []
+
+
+def reference_digest(t: Trip) -> str:
+    """The digest as the release before the fast one wrote it: fields joined by NUL."""
+    fields = [
+        t.operator_id,
+        t.trip_id,
+        t.card.issuer_region,
+        t.card.card_number,
+        str(t.scene.value),
+        t.place_id,
+        t.occurred_at.isoformat(),
+        str(t.gross_fare_fen),
+        str(t.charged_fen),
+        str(t.concession_fen),
+        str(t.applied_entitlement.value if t.applied_entitlement else 0),
+        t.fare_version,
+        *((t.gate_id,) if t.gate_id else ()),
+    ]
+    return hashlib.sha256("\x00".join(fields).encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"gate_id": "g-7"},
+        {"applied_entitlement": None, "charged_fen": 200, "concession_fen": 0},
+        {"occurred_at": NOW.replace(microsecond=123456)},
+        {"occurred_at": NOW.astimezone(timezone(timedelta(hours=8)))},  # the same instant
+        {"scene": Scene.LIBRARY, "place_id": "路线-3", "fare_version": "v\x01"},
+        {"gross_fare_fen": 10**12, "charged_fen": -1, "concession_fen": 0},
+    ],
+)
+def test_the_digest_is_the_one_stored_before(changes):
+    t = trip(**changes)
+    assert t.digest() == reference_digest(t)
+
+
+def test_one_judge_for_many_trips_answers_as_judge_for_each():
+    """Judge remembers fare lookups by version and UTC hour: across a table change, the grace
+    after it and the hours around midnight, every answer is judge's own (which works each out)."""
+    schedule = week_of_two_tables()
+    grace = timedelta(seconds=600)
+    now = CHANGE + timedelta(hours=30)
+    many = Judge(now, KNOWN, schedule, changeover_grace=grace)
+    checked = 0
+    for minutes in range(-24 * 60, 24 * 60, 7):
+        at = CHANGE + timedelta(minutes=minutes, microseconds=minutes % 3)
+        for version, gross in (("sample-1", 200), ("sample-2", 250), ("made-up", 200)):
+            for place in ("", "route-9"):
+                t = trip(
+                    occurred_at=at,
+                    fare_version=version,
+                    gross_fare_fen=gross,
+                    charged_fen=gross,
+                    concession_fen=0,
+                    applied_entitlement=None,
+                    place_id=place,
+                )
+                expected = judge(t, now, KNOWN, schedule, changeover_grace=grace)
+                assert many(t) == expected, (at, version)
+                checked += 1
+    assert checked > 2000
+    edge = CHANGE - grace  # the grace's own edges, to the microsecond
+    for at in (edge - timedelta(microseconds=1), edge, CHANGE + grace, CHANGE + grace * 2):
+        t = trip(occurred_at=at, gross_fare_fen=200, charged_fen=200, concession_fen=0)
+        t = replace(t, applied_entitlement=None)
+        assert many(t) == judge(t, now, KNOWN, schedule, changeover_grace=grace)

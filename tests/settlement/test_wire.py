@@ -22,6 +22,7 @@ from broker.settlement.wire import (
     signed_to_wire,
     trip_from_wire,
     trip_to_wire,
+    trips_from_wire,
 )
 
 CARD_NUMBER = "C5120210000001"
@@ -299,3 +300,66 @@ def test_results_are_encoded_in_order_with_unknown_for_none():
     ]
     with pytest.raises(ValueError):
         results_to_wire(["a"], [])
+
+
+def test_the_fast_path_checks_what_the_cards_module_checks():
+    from broker.cards import model
+    from broker.settlement import wire
+
+    assert wire._REGION_OK.__self__.pattern == model._REGION_RE.pattern  # type: ignore[attr-defined]
+    assert wire._NUMBER_OK.__self__.pattern == model._CARD_RE.pattern  # type: ignore[attr-defined]
+
+
+VARIANTS: list[dict[str, Any]] = [
+    {},
+    {"gate_id": "g-7"},
+    {"gate_id": "g\x07"},
+    {"gate_id": "g" * 65},
+    {"operator_id": ""},
+    {"operator_id": "someone-else"},
+    {"trip_id": ""},
+    {"trip_id": "t" * 65},
+    {"trip_id": "t\n1"},
+    {"card": None},
+    {"card": types_pb2.CardRef(issuer_region="912021", card_number=CARD_NUMBER)},
+    {"card": types_pb2.CardRef(issuer_region="512021", card_number="c5120210000001")},
+    {"card": types_pb2.CardRef(issuer_region="512021", card_number="C51")},
+    {"scene": 0},
+    {"scene": 99},
+    {"scene": types_pb2.SCENE_LIBRARY},
+    {"occurred_at": None},
+    {"applied_entitlement": 0},
+    {"applied_entitlement": 77},
+    {"place_id": "p" * 65},
+    {"fare_version": "v" * 65},
+    {"place_id": "路线-3", "fare_version": "v\x01"},
+    {"gross_fare_fen": -5, "charged_fen": 10**12},
+]
+
+
+def test_trips_from_wire_answers_what_trip_from_wire_answers_for_each_record():
+    """The fast path takes a record only when trip_from_wire would make the same trip of it;
+    every other record gets trip_from_wire's own answer, its index in place."""
+    records = [
+        record(trip_id=f"t-{i}", **v) if "trip_id" not in v else record(**v)
+        for i, v in enumerate(VARIANTS)
+    ]
+    timed = []
+    for seconds, nanos in [
+        (0, 0),
+        (-1, 0),
+        (-62_135_596_801, 0),
+        (253_402_300_800, 0),
+        (5, -1),
+        (5, 10**9),
+        (1_764_316_500, 999_999_999),
+    ]:
+        msg = record(trip_id=f"ts-{seconds}-{nanos}")
+        msg.occurred_at.seconds, msg.occurred_at.nanos = seconds, nanos
+        timed.append(msg)
+    records += timed
+    got = trips_from_wire(records, "bus-01")
+    expected = [trip_from_wire(m, "bus-01", i) for i, m in enumerate(records)]
+    assert got == expected
+    assert sum(isinstance(t, Trip) for t in got) >= 8  # both paths were taken
+    assert trips_from_wire(records, "") == [trip_from_wire(m, "", i) for i, m in enumerate(records)]

@@ -19,14 +19,21 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import cast
 
 from broker.cards.model import shanghai_day
 from broker.core.db import Db, Migration, migrate, utc_text
 from broker.settlement.ledger.common import TRIP_COLUMNS, resubmitted, trip_from_row
-from broker.settlement.trips import DEFAULT_DUPLICATE_WINDOW, Judgement, Outcome, Reason, Trip
+from broker.settlement.trips import (
+    ACCEPT,
+    DEFAULT_DUPLICATE_WINDOW,
+    Judgement,
+    Outcome,
+    Reason,
+    Trip,
+)
 
 _TRIPS = """
 CREATE TABLE IF NOT EXISTS trips (
@@ -166,7 +173,10 @@ class SqlLedger:
             return judged
         if self._db.dialect == "postgres":  # a sealing close holds EXCLUSIVE until it commits
             self._db.execute("LOCK TABLE trips IN ROW EXCLUSIVE MODE")
-        first = min(shanghai_day(t.occurred_at) for t, _ in judged).isoformat()
+        try:  # shanghai_day never goes back as time goes on: the earliest trip's day is first
+            first = shanghai_day(min(t.occurred_at for t, _ in judged)).isoformat()
+        except TypeError:  # naive and aware instants mixed: shanghai_day refuses the naive one
+            first = min(shanghai_day(t.occurred_at) for t, _ in judged).isoformat()
         sealed = {
             str(r[0])
             for r in self._db.all(
@@ -348,24 +358,32 @@ class SqlLedger:
         return resubmitted((stored[0], stored[1], stored[2], stored[3]), trip)
 
     def _row(self, trip: Trip, verdict: Judgement, when: object) -> tuple[object, ...]:
+        at = trip.occurred_at
+        if self._db.dialect == "sqlite":
+            # utc_text (Db.instant) without its astimezone when the instant is in UTC already
+            instant: object = (
+                at.isoformat(timespec="microseconds") if at.tzinfo is UTC else utc_text(at)
+            )
+            day: object = shanghai_day(at).isoformat()
+        else:
+            instant, day = at.astimezone(UTC), shanghai_day(at)
+        entitlement = trip.applied_entitlement
         return (
             trip.operator_id,
             trip.trip_id,
             trip.digest(),
             trip.card.issuer_region,
             trip.card.card_number,
-            trip.scene.value,
+            int(trip.scene),
             trip.place_id,
-            self._db.instant(trip.occurred_at),
-            self._db.day(shanghai_day(trip.occurred_at)),
+            instant,
+            day,
             trip.gross_fare_fen,
             trip.charged_fen,
             trip.concession_fen,
-            trip.applied_entitlement.value if trip.applied_entitlement else 0,
+            int(entitlement) if entitlement else 0,
             trip.fare_version,
-            verdict.outcome.value,
-            verdict.reason.value,
-            verdict.detail,
+            *(_ACCEPTED if verdict is ACCEPT else _columns(verdict)),
             when,
         )
 
@@ -425,6 +443,13 @@ def is_sealed(db: Db, period: date) -> bool:
         db.one("SELECT 1 FROM sealed_days WHERE settlement_day = ?", (period.isoformat(),))
         is not None
     )
+
+
+_ACCEPTED = ("accepted", "ok", "")
+
+
+def _columns(verdict: Judgement) -> tuple[str, str, str]:
+    return (verdict.outcome.value, verdict.reason.value, verdict.detail)
 
 
 def _tap_of(trip: Trip) -> _Tap:

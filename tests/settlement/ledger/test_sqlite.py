@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from broker.core.db import utc_text
 from broker.core.errors import ConfigError
 from broker.settlement.ledger import SqliteLedger, open_ledger
 from broker.settlement.ledger.common import TRIP_COLUMNS, trip_from_row
@@ -56,6 +57,20 @@ def test_instants_are_stored_as_utc_text_and_rows_read_back_through_trip_columns
     back = trip_from_row(row)
     assert back == t  # every field, the instant compared across zones
     assert back.occurred_at.utcoffset() == timedelta(0)
+
+
+def test_instants_in_utc_already_are_stored_as_utc_text_too(tmp_path):
+    """The instant of a trip in UTC (every trip from the wire) skips a conversion: the text
+    is utc_text's, with the microseconds even when there are none."""
+    path = tmp_path / "ledger.sqlite3"
+    ledger = SqliteLedger(path)
+    whole = datetime(2026, 11, 28, 7, 55, tzinfo=UTC)
+    trips = [trip(1, occurred_at=whole), trip(2, occurred_at=whole.replace(microsecond=7))]
+    ledger.record([(t, ACCEPT) for t in trips], NOW)
+    ledger.close()
+    stored = raw(path, "SELECT occurred_at FROM trips ORDER BY trip_id")
+    assert [o for (o,) in stored] == [utc_text(t.occurred_at) for t in trips]
+    assert stored[0] == ("2026-11-28T07:55:00.000000+00:00",)
 
 
 def test_ingest_seq_grows_in_commit_order_and_survives_reopen(tmp_path):
