@@ -12,9 +12,12 @@ class RegistryConfig:
 
     Attributes:
         path: the registry's SQLite file (``YIKATONG_REGISTRY_PATH`` overrides it).
+        event_retention_hours: how long card changes are kept for peers' caches to catch
+            up after an outage; a peer away longer drops its answers and starts afresh.
     """
 
     path: Path = field(metadata={"env": "YIKATONG_REGISTRY_PATH"})
+    event_retention_hours: int = 72
 
 
 @dataclass(frozen=True)

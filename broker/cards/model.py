@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from broker.core.errors import InvalidArgument
@@ -63,6 +63,17 @@ class CardRef:
 
 
 @dataclass(frozen=True, slots=True)
+class LogPosition:
+    """A position in a home district's status log (:mod:`broker.cards.status_log`): after
+    the change numbered ``seq`` (0: before the first), whose random mark is ``mark``, in the
+    log's history ``epoch``. Positions of one epoch compare by ``seq``."""
+
+    epoch: str
+    seq: int
+    mark: str
+
+
+@dataclass(frozen=True, slots=True)
 class Recognition:
     """What a home district says about one of its cards.
 
@@ -70,11 +81,14 @@ class Recognition:
         status: the card's status now.
         entitlements: every entitlement that applies (empty unless ACTIVE).
         ttl_seconds: how long other districts may cache this answer.
+        position: where the home's status log stood when the answer was read
+            (``None`` from a home that does not push changes).
     """
 
     status: CardStatus
     entitlements: tuple[Entitlement, ...]
     ttl_seconds: int
+    position: LogPosition | None = None
 
 
 def validate_region(code: str, field: str = "card.issuer_region") -> str:
@@ -104,3 +118,11 @@ def shanghai_day(now: datetime) -> date:
     if now.tzinfo is None:
         raise ValueError("naive datetime: every instant must be timezone-aware")
     return now.astimezone(SHANGHAI).date()
+
+
+def seconds_to_shanghai_midnight(now: datetime) -> int:
+    """Whole seconds, rounded down, from ``now`` to the next midnight in Asia/Shanghai: how
+    long an answer of today may be kept, since validity and age thresholds turn over then."""
+    day = shanghai_day(now)
+    midnight = datetime.combine(day + timedelta(days=1), time(0), SHANGHAI)
+    return int((midnight - now).total_seconds())

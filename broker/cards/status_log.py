@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from broker.cards.model import CardStatus
+from broker.cards.model import CardStatus, LogPosition
 from broker.core.db import Db, Migration, utc_text
 
 _LOG_SQLITE = """
@@ -94,15 +94,6 @@ REFUSING: Final = frozenset({CardStatus.LOST, CardStatus.SUSPENDED, CardStatus.E
 
 
 @dataclass(frozen=True, slots=True)
-class Cursor:
-    """A position in one history of the log: after the event ``seq`` (0: before the first)."""
-
-    epoch: str
-    seq: int
-    mark: str
-
-
-@dataclass(frozen=True, slots=True)
 class StatusEvent:
     """One change: the card's wire status after it (for an ACTIVE card, only "ask again")."""
 
@@ -122,8 +113,8 @@ class StatusEvent:
         return self.status in REFUSING
 
     @property
-    def cursor(self) -> Cursor:
-        return Cursor(self.epoch, self.seq, self.mark)
+    def cursor(self) -> LogPosition:
+        return LogPosition(self.epoch, self.seq, self.mark)
 
 
 class Restart:
@@ -133,7 +124,7 @@ class Restart:
 
     __slots__ = ("head", "reason")
 
-    def __init__(self, head: Cursor, reason: str) -> None:
+    def __init__(self, head: LogPosition, reason: str) -> None:
         self.head = head
         self.reason = reason
 
@@ -170,15 +161,15 @@ def append(
     return seq
 
 
-def head(db: Db) -> Cursor:
+def head(db: Db) -> LogPosition:
     """Where the log ends now: a new subscriber starts here."""
     row = db.one("SELECT epoch, head, mark FROM status_log WHERE id = 1")
     if row is None:
         raise RuntimeError("status_log has no counter row: the registry was not migrated")
-    return Cursor(str(row[0]), int(row[1]), str(row[2]))
+    return LogPosition(str(row[0]), int(row[1]), str(row[2]))
 
 
-def read(db: Db, after: Cursor | None, limit: int = 1000) -> list[StatusEvent] | Restart:
+def read(db: Db, after: LogPosition | None, limit: int = 1000) -> list[StatusEvent] | Restart:
     """The events after ``after``, oldest first, at most ``limit``; or :class:`Restart`.
 
     ``None`` (a subscriber that has no cursor) is always told to restart.
@@ -190,13 +181,16 @@ def read(db: Db, after: Cursor | None, limit: int = 1000) -> list[StatusEvent] |
         return Restart(now, "another epoch: the log was reset")
     if after.seq > now.seq:
         return Restart(now, "the cursor is past the end: the registry was restored")
-    if after.seq > 0:
-        at = db.one("SELECT mark FROM status_events WHERE seq = ?", (after.seq,))
-        if at is None:
-            return Restart(now, "older than the events kept")
-        if str(at[0]) != after.mark:
-            return Restart(now, "another history: the registry was restored")
-    elif now.seq > 0 and db.one("SELECT 1 FROM status_events WHERE seq = 1") is None:
+    at = db.one("SELECT mark FROM status_events WHERE seq = ?", (after.seq,))
+    if at is not None and str(at[0]) != after.mark:
+        return Restart(now, "another history: the registry was restored")
+    # The cursor's own event may have gone with the retention while everything after it is
+    # kept (a peer that had seen all, then a change, then a purge): it goes on. What it
+    # must not do is skip one, so the next event must still be there.
+    if (
+        after.seq < now.seq
+        and db.one("SELECT 1 FROM status_events WHERE seq = ?", (after.seq + 1,)) is None
+    ):
         return Restart(now, "older than the events kept")
     rows = db.all(
         "SELECT seq, card_number, status, changed_at, recorded_at, logged_at, mark "
@@ -219,13 +213,18 @@ def read(db: Db, after: Cursor | None, limit: int = 1000) -> list[StatusEvent] |
 
 
 def purge(db: Db, before: datetime) -> int:
-    """Drop the events logged before ``before`` (the retention); how many went. The counter
-    and the last mark stay: numbering goes on, and a cursor older than what is kept restarts."""
+    """Drop the events logged before ``before`` (the retention), but never the last one;
+    how many went. Numbering goes on; a cursor older than what is kept restarts, and one at
+    the head (a peer that has seen everything, however long ago) stays good."""
     with db.write():
-        return db.execute("DELETE FROM status_events WHERE logged_at < ?", (utc_text(before),))
+        return db.execute(
+            "DELETE FROM status_events WHERE logged_at < ? "
+            "AND seq < (SELECT head FROM status_log WHERE id = 1)",
+            (utc_text(before),),
+        )
 
 
-def reset(db: Db, epoch: str, now: datetime) -> Cursor:
+def reset(db: Db, epoch: str, now: datetime) -> LogPosition:
     """Start a new history under ``epoch`` (e.g. ``secrets.token_hex(16)``): every event is
     dropped and numbering starts again; every subscriber restarts (and flushes)."""
     with db.write():

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from broker._proto.yikatong.v1 import recognition_pb2, types_pb2
-from broker.cards.model import CardRef, CardStatus, Entitlement, Recognition, Scene, card_ref
+from broker.cards.model import (
+    CardRef,
+    CardStatus,
+    Entitlement,
+    LogPosition,
+    Recognition,
+    Scene,
+    card_ref,
+)
 from broker.core.errors import InvalidArgument
 
 _STATUSES = {s.value for s in CardStatus}
@@ -31,11 +39,31 @@ def card_to_wire(ref: CardRef) -> types_pb2.CardRef:
 
 
 def recognition_to_wire(rec: Recognition) -> recognition_pb2.RecognizeResponse:
-    return recognition_pb2.RecognizeResponse(
+    msg = recognition_pb2.RecognizeResponse(
         status=rec.status.value,  # type: ignore[arg-type]
         entitlements=[e.value for e in rec.entitlements],  # type: ignore[misc]
         cache_ttl_seconds=rec.ttl_seconds,
     )
+    if rec.position is not None:
+        msg.position.CopyFrom(position_to_wire(rec.position))
+    return msg
+
+
+def position_to_wire(pos: LogPosition) -> recognition_pb2.LogPosition:
+    return recognition_pb2.LogPosition(epoch=pos.epoch, seq=pos.seq, mark=pos.mark)
+
+
+_TOKEN = frozenset("0123456789abcdef")
+
+
+def position_from_wire(msg: recognition_pb2.LogPosition, field: str) -> LogPosition:
+    """A position as a peer sent it: epoch and mark are a home's random hex tokens (at
+    most 64 characters; the mark is empty at 0), else ``InvalidArgument`` naming the field."""
+    if not 0 < len(msg.epoch) <= 64 or not set(msg.epoch) <= _TOKEN:
+        raise InvalidArgument(f"{field}.epoch", "must be the epoch the home gave, in hex")
+    if len(msg.mark) > 64 or not set(msg.mark) <= _TOKEN or (msg.seq > 0) != bool(msg.mark):
+        raise InvalidArgument(f"{field}.mark", "must be the mark the home gave with seq")
+    return LogPosition(msg.epoch, int(msg.seq), msg.mark)
 
 
 def recognition_from_wire(msg: recognition_pb2.RecognizeResponse) -> Recognition:
@@ -44,4 +72,10 @@ def recognition_from_wire(msg: recognition_pb2.RecognizeResponse) -> Recognition
     ents = tuple(Entitlement(e) for e in msg.entitlements if e in _ENTITLEMENTS)
     if status is not CardStatus.ACTIVE:
         ents = ()
-    return Recognition(status, ents, int(msg.cache_ttl_seconds))
+    position = None
+    if msg.HasField("position"):
+        try:
+            position = position_from_wire(msg.position, "position")
+        except InvalidArgument:
+            position = None  # an odd position: the answer stands, without ordering by it
+    return Recognition(status, ents, int(msg.cache_ttl_seconds), position)

@@ -10,7 +10,13 @@ from datetime import datetime
 
 from broker.cards.csv_import import CardRow
 from broker.cards.entitlements import entitlements_for
-from broker.cards.model import CardRef, CardStatus, Recognition, shanghai_day
+from broker.cards.model import (
+    CardRef,
+    CardStatus,
+    Recognition,
+    seconds_to_shanghai_midnight,
+    shanghai_day,
+)
 from broker.cards.registry import Registry, derive_status
 from broker.core.errors import InvalidArgument
 from broker.gate.config import RecognitionConfig
@@ -23,14 +29,18 @@ def recognise(record: CardRow | None, now: datetime, cfg: RecognitionConfig) -> 
     and returned only for an ACTIVE card: a gate has no use for the
     entitlements of a card it refuses.
     """
+    # No answer outlives the day it was given for: validity and age thresholds turn over at
+    # midnight in Asia/Shanghai.
+    today_left = seconds_to_shanghai_midnight(now)
     if record is None:
-        return Recognition(CardStatus.UNKNOWN, (), cfg.unknown_ttl_seconds)
+        return Recognition(CardStatus.UNKNOWN, (), min(cfg.unknown_ttl_seconds, today_left))
     day = shanghai_day(now)
+    ttl = min(cfg.cache_ttl_seconds, today_left)
     status = derive_status(record.status, record.valid_until, day)
     if status is not CardStatus.ACTIVE:
-        return Recognition(status, (), cfg.cache_ttl_seconds)
+        return Recognition(status, (), ttl)
     ents = entitlements_for(record.birth_date, record.disabled, record.student, day)
-    return Recognition(status, ents, cfg.cache_ttl_seconds)
+    return Recognition(status, ents, ttl)
 
 
 class HomeRecognizer:
@@ -47,11 +57,19 @@ class HomeRecognizer:
         self._registry = registry
         self._cfg = cfg
 
-    async def recognise(self, ref: CardRef, now: datetime) -> Recognition:
-        """Answer for ``ref``; a card of another region is ``InvalidArgument``."""
+    def require_own(self, ref: CardRef) -> None:
+        """A card of another region is ``InvalidArgument``: this node answers for its own."""
         if ref.issuer_region != self.district:
             raise InvalidArgument(
                 "card.issuer_region",
                 f"this node answers only for cards issued by {self.district}",
             )
+
+    def longest_ttl(self) -> int:
+        """The longest a peer may cache any answer of this home, in seconds."""
+        return max(self._cfg.cache_ttl_seconds, self._cfg.unknown_ttl_seconds)
+
+    async def recognise(self, ref: CardRef, now: datetime) -> Recognition:
+        """Answer for ``ref``; a card of another region is ``InvalidArgument``."""
+        self.require_own(ref)
         return recognise(self._registry.lookup(ref.card_number), now, self._cfg)

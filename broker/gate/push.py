@@ -31,8 +31,8 @@ import structlog
 from broker.cards import handles as handle_store
 from broker.cards import status_log
 from broker.cards.handles import Handle
-from broker.cards.model import CardStatus
-from broker.cards.status_log import Cursor, Restart
+from broker.cards.model import CardStatus, LogPosition
+from broker.cards.status_log import Restart
 from broker.core.db import Db
 
 log = structlog.get_logger(__name__)
@@ -48,7 +48,7 @@ T = TypeVar("T")
 class Change:
     """A change of a card the peer holds ``handle`` for."""
 
-    position: Cursor
+    position: LogPosition
     handle: str
     status: CardStatus
 
@@ -57,7 +57,7 @@ class Change:
 class Progress:
     """Nothing for this peer up to ``position``."""
 
-    position: Cursor
+    position: LogPosition
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +65,7 @@ class Rewind:
     """The peer's cursor cannot be continued: it drops this home's answers, goes on from
     ``position``."""
 
-    position: Cursor
+    position: LogPosition
     reason: str
 
 
@@ -134,15 +134,15 @@ class StatusFeed:
         self._clock = clock
         self._poll_s = poll_s
         self._retention = retention
-        self._now: Cursor | None = None  # the head as last polled
+        self._now: LogPosition | None = None  # the head as last polled
         self._changed = asyncio.Condition()
         self._poller: asyncio.Task[None] | None = None
 
-    def head(self) -> Cursor:
+    def head(self) -> LogPosition:
         """Where the log stands now (read on the caller's thread: one row)."""
         return status_log.head(self._db)
 
-    async def updates(self, peer: str, after: Cursor | None) -> AsyncIterator[Update]:
+    async def updates(self, peer: str, after: LogPosition | None) -> AsyncIterator[Update]:
         """What ``peer`` is to be told from ``after`` on, without end."""
         self._start()
         cursor = after
@@ -160,7 +160,7 @@ class StatusFeed:
             assert cursor is not None
             await self._wait_past(cursor)
 
-    def _next(self, peer: str, cursor: Cursor | None) -> list[Update] | Rewind:
+    def _next(self, peer: str, cursor: LogPosition | None) -> list[Update] | Rewind:
         """On the reader thread: the next updates after ``cursor`` (empty: none yet)."""
         got = status_log.read(self._db, cursor, READ_LIMIT)
         if isinstance(got, Restart):
@@ -178,7 +178,7 @@ class StatusFeed:
             out.append(Progress(got[-1].cursor))
         return out
 
-    async def _wait_past(self, cursor: Cursor) -> None:
+    async def _wait_past(self, cursor: LogPosition) -> None:
         """Until the head is elsewhere than ``cursor`` (further on, or another history)."""
         async with self._changed:
             await self._changed.wait_for(lambda: self._now is not None and self._now != cursor)

@@ -19,6 +19,7 @@ A node.toml looks like::
 
     [registry]
     path = "var/500111/registry.sqlite3"
+    event_retention_hours = 72             # card changes kept for peers that were away
 
     [privacy]
     hash_key_file = "certs/500111/hash.key"
@@ -203,6 +204,7 @@ _DAY_S = 86_400
 # The range of every integer field a node.toml sets, by section dataclass and field:
 # the sections belong to their concerns, what a file may say is the loader's to check.
 BOUNDS: Mapping[tuple[type[Any], str], Range] = {
+    (RegistryConfig, "event_retention_hours"): Range(1, 24 * 90),  # peers away longer flush
     (TLSConfig, "max_connection_age_s"): Range(1, _DAY_S),  # how long a revoked caller stays
     (TLSConfig, "reload_interval_ms"): Range(1, 3_600_000),  # 0 busy-loops the event loop
     (TrustConfig, "bundle_refresh_s"): Range(1, _DAY_S),  # how late peers' revocations arrive
@@ -303,7 +305,12 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
         district=district,
         listen=str(_req(doc, "listen", "")),
         tls=tls,
-        registry=RegistryConfig(path=path(_req(_section(doc, "registry"), "path", "registry."))),
+        registry=RegistryConfig(
+            path=path(_req(_section(doc, "registry"), "path", "registry.")),
+            event_retention_hours=_int(
+                _section(doc, "registry"), RegistryConfig, "event_retention_hours", 72, "registry."
+            ),
+        ),
         privacy=PrivacyConfig(
             hash_key_file=path(_req(_section(doc, "privacy"), "hash_key_file", "privacy."))
         ),

@@ -30,6 +30,7 @@ from broker.core.errors import ConfigError
 from broker.fares.rules import load_fares
 from broker.gate.cache import AnswerCache
 from broker.gate.home import HomeRecognizer
+from broker.gate.push import HandleBook, StatusFeed
 from broker.gate.recognizer import PeerRecognizer
 from broker.gate.service import GateService
 from broker.node.config import NodeConfig
@@ -118,6 +119,8 @@ class Node:
     guard: AuthInterceptor | None = None
     supervisor: Supervisor = field(default_factory=Supervisor)
     _components: dict[str, bool] = field(default_factory=dict)
+    book: HandleBook | None = None
+    feed: StatusFeed | None = None
 
     @classmethod
     async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
@@ -130,6 +133,11 @@ class Node:
         registry = Registry(cfg.registry.path)
         registry.record_advertised_ttl(cfg.recognition.cache_ttl_seconds, clock())
         home = HomeRecognizer(cfg.district, registry, cfg.recognition)
+        # Pushed status changes: peers' handles, and the feed of WatchStatus streams.
+        book = HandleBook(cfg.registry.path)
+        feed = StatusFeed(
+            cfg.registry.path, clock, retention=timedelta(hours=cfg.registry.event_retention_hours)
+        )
         cache = AnswerCache.from_config(cfg.cache, cfg.district)
         channels = PeerChannels(trust, cfg.peers)
         reload_now = asyncio.Event()
@@ -154,7 +162,7 @@ class Node:
         guarded = GuardedServer(server, guard)
         gate_pb2_grpc.add_GateServicer_to_server(GateServicer(gate), guarded)
         recognition_pb2_grpc.add_RecognitionServicer_to_server(
-            RecognitionServicer(home, hasher, clock), guarded
+            RecognitionServicer(home, hasher, clock, book, feed), guarded
         )
         trust_pb2_grpc.add_TrustServicer_to_server(
             TrustServicer(cfg.trust.bundle_file, clock), guarded
@@ -194,6 +202,8 @@ class Node:
         try:
             port = server.add_secure_port(cfg.listen, creds)
         except RuntimeError as exc:  # nothing opened above may outlive the failed start
+            book.close()
+            await feed.close()
             registry.close()
             await cache.close()
             await channels.close()
@@ -230,6 +240,8 @@ class Node:
             clearing,
             refresher,
             guard,
+            book=book,
+            feed=feed,
         )
         await node._report_trust()
         await node._check_components()
@@ -331,6 +343,10 @@ class Node:
         await self.server.stop(grace)
         await self.channels.close()
         await self.cache.close()
+        if self.feed is not None:
+            await self.feed.close()
+        if self.book is not None:
+            self.book.close()
         self.registry.close()
         if self.intake is not None:
             self.intake.close()

@@ -10,10 +10,9 @@ import pytest
 
 from broker.cards import status_log
 from broker.cards.csv_import import CardRow
-from broker.cards.model import CardStatus
+from broker.cards.model import CardStatus, LogPosition
 from broker.cards.registry import Registry
 from broker.cards.status_change import parse_card_numbers, set_status
-from broker.cards.status_log import Cursor
 from broker.core.errors import InvalidArgument
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
@@ -33,7 +32,7 @@ def reg(tmp_path: Path):
 
 def logged(reg: Registry, after: int) -> list[tuple[int, str, CardStatus]]:
     epoch = status_log.head(reg.db).epoch
-    got = status_log.read(reg.db, Cursor(epoch, 0, ""))
+    got = status_log.read(reg.db, LogPosition(epoch, 0, ""))
     assert isinstance(got, list)
     return [(e.seq, e.card_number, e.status) for e in got if e.seq > after]
 

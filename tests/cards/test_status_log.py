@@ -11,12 +11,12 @@ import pytest
 
 from broker.cards import status_log
 from broker.cards.csv_import import CardRow
-from broker.cards.model import CardStatus
+from broker.cards.model import CardStatus, LogPosition
 from broker.cards.registry import Registry
-from broker.cards.status_log import Cursor, Restart, StatusEvent
+from broker.cards.status_log import Restart, StatusEvent
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
-START = Cursor("", 0, "")
+START = LogPosition("", 0, "")
 
 
 def row(number: str, status: str = "active") -> CardRow:
@@ -28,14 +28,14 @@ def log_one(reg: Registry, number: str, status: CardStatus, at: datetime = T0) -
         return status_log.append(reg.db, number, status, at, at, at)
 
 
-def events(reg: Registry, after: Cursor) -> list[StatusEvent]:
+def events(reg: Registry, after: LogPosition) -> list[StatusEvent]:
     got = status_log.read(reg.db, after)
     assert isinstance(got, list), got
     return got
 
 
-def from_start(reg: Registry) -> Cursor:
-    return Cursor(status_log.head(reg.db).epoch, 0, "")
+def from_start(reg: Registry) -> LogPosition:
+    return LogPosition(status_log.head(reg.db).epoch, 0, "")
 
 
 def test_numbers_follow_each_other_and_a_cursor_reads_on_from_where_it_is(tmp_path: Path):
@@ -81,7 +81,7 @@ def test_no_cursor_or_another_epoch_restarts_at_the_head(tmp_path: Path):
     log_one(reg, "C1", CardStatus.LOST)
     head = status_log.head(reg.db)
     assert isinstance(none := status_log.read(reg.db, None), Restart) and none.head == head
-    other = status_log.read(reg.db, Cursor("f" * 32, 1, head.mark))
+    other = status_log.read(reg.db, LogPosition("f" * 32, 1, head.mark))
     assert isinstance(other, Restart) and "epoch" in other.reason
     reg.close()
 
@@ -130,6 +130,18 @@ def test_a_registry_restored_from_an_older_copy_is_another_history(tmp_path: Pat
     differs = status_log.read(reg.db, at_two)
     assert isinstance(differs, Restart) and "history" in differs.reason
     assert status_log.head(reg.db).epoch == at_three.epoch  # the epoch alone would not tell
+    reg.close()
+
+
+def test_retention_keeps_the_last_event_so_a_peer_that_saw_everything_goes_on(tmp_path: Path):
+    reg = Registry(tmp_path / "r.sqlite3")
+    log_one(reg, "C1", CardStatus.LOST, T0)
+    log_one(reg, "C2", CardStatus.LOST, T0)
+    at_head = status_log.head(reg.db)
+    assert status_log.purge(reg.db, T0 + timedelta(days=30)) == 1  # C1 only
+    assert events(reg, at_head) == []
+    log_one(reg, "C3", CardStatus.LOST, T0 + timedelta(days=30))
+    assert [e.card_number for e in events(reg, at_head)] == ["C3"]
     reg.close()
 
 

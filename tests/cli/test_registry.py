@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from broker.cards import status_log
-from broker.cards.model import CardStatus
+from broker.cards.model import CardStatus, LogPosition
 from broker.cards.registry import Registry
 from broker.cli.main import main
 from broker.node.config import load_config
@@ -49,7 +49,7 @@ def test_a_card_reported_lost_from_a_file_is_lost_and_logged(config: Path, tmp_p
     try:
         assert reg.lookup("A00000001").status == "lost"  # type: ignore[union-attr]
         assert reg.lookup("A00000002").status == "active"  # type: ignore[union-attr]
-        events = status_log.read(reg.db, status_log.Cursor(status_log.head(reg.db).epoch, 0, ""))
+        events = status_log.read(reg.db, LogPosition(status_log.head(reg.db).epoch, 0, ""))
         assert isinstance(events, list)
         last = events[-1]
         assert (last.card_number, last.status) == ("A00000001", CardStatus.LOST)

@@ -109,9 +109,27 @@ async def test_an_age_threshold_is_reached_on_the_shanghai_birthday(home: HomeRe
     """Born 1 April 1966: SENIOR_60 from 00:00 Shanghai time on 1 April 2026 (16:00 UTC the day
     before), not earlier."""
     before = await home.recognise(ref("TURNS60001"), LAST_OF_MARCH)
-    assert before == Recognition(CardStatus.ACTIVE, (), 77)
+    # ... and the answer without it is kept no longer than the day: 1 s, not 77
+    assert before == Recognition(CardStatus.ACTIVE, (), 1)
     on = await home.recognise(ref("TURNS60001"), FIRST_OF_APRIL)
     assert on == Recognition(CardStatus.ACTIVE, (E.SENIOR_60,), 77)
+
+
+@pytest.mark.parametrize(
+    ("at", "ttl"),
+    [
+        (datetime(2026, 3, 31, 15, 58, 0, tzinfo=UTC), 77),  # 23:58 in Shanghai: 120 s left
+        (datetime(2026, 3, 31, 15, 59, 0, tzinfo=UTC), 60),  # 23:59: a minute left
+        (datetime(2026, 3, 31, 16, 0, 0, tzinfo=UTC), 77),  # 00:00 on 1 April: a new day
+        (datetime(2026, 3, 31, 23, 59, 30, tzinfo=UTC), 77),  # 07:59 in Shanghai, not UTC's eve
+    ],
+)
+async def test_no_answer_may_be_cached_past_midnight_in_shanghai(
+    home: HomeRecognizer, at: datetime, ttl: int
+):
+    assert (await home.recognise(ref("SENIOR0001"), at)).ttl_seconds == ttl
+    unknown = await home.recognise(ref("NOSUCH0001"), datetime(2026, 3, 31, 15, 59, 58, tzinfo=UTC))
+    assert unknown.ttl_seconds == 2  # the short TTL is bounded the same way
 
 
 async def test_an_unknown_card_is_unknown_with_the_short_ttl(home: HomeRecognizer):

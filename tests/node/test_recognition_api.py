@@ -19,14 +19,16 @@ from structlog.testing import capture_logs
 
 from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc, types_pb2
 from broker.cards.entitlements import entitlements_for
+from broker.cards.handles import live_handles
 from broker.cards.model import shanghai_day
 from broker.cards.privacy import load_key_file
+from broker.cards.status_change import set_status
 from broker.gate.home import HomeRecognizer
 from broker.node.fields import is_trace_id
 from broker.node.recognition_api import RecognitionServicer
 from broker.testbed.build import SyntheticCard
 from broker.trust.identity import bind_identity, node_identity, unbind_identity
-from tests.conftest import ANYUE, DAZU, Cluster
+from tests.conftest import ANYUE, DAZU, RONGCHANG, Cluster
 from tests.helpers import node_channel
 
 
@@ -157,3 +159,99 @@ async def test_replaced_request_ids_are_counted_by_reason(cluster: Cluster, now:
     finally:
         unbind_identity(token)
     assert servicer.request_ids_replaced == {"empty": 1, "oversized": 1, "malformed": 3}
+
+
+# ---------------------------------------------------------------- pushed status changes
+
+HANDLE = "ab" * 16
+
+
+def watch(cluster: Cluster, me: str, after: recognition_pb2.LogPosition | None) -> Any:
+    """A WatchStatus stream from Dazu's node, as ``me``'s node; its channel closes with it."""
+    ch = node_channel(cluster.nodes[DAZU].address, cluster.setups[DAZU], cluster.setups[me])
+    req = recognition_pb2.WatchStatusRequest()
+    if after is not None:
+        req.after.CopyFrom(after)
+    return ch, recognition_pb2_grpc.RecognitionStub(ch).WatchStatus(req, timeout=10)
+
+
+async def test_a_peer_that_gave_a_handle_is_told_by_it_when_the_card_is_lost(
+    cluster: Cluster, now: datetime
+) -> None:
+    card = active_card(cluster, now)
+    req = request(card)
+    req.handle = HANDLE
+    answer = await recognize(cluster, req)
+    assert isinstance(answer, recognition_pb2.RecognizeResponse)
+    assert answer.HasField("position") and len(answer.position.epoch) == 32
+    ch, stream = watch(cluster, ANYUE, answer.position)
+    other_ch, other = watch(cluster, RONGCHANG, answer.position)  # never asked about it
+    try:
+        set_status(cluster.nodes[DAZU].registry, [card.ref.card_number], "lost", cluster.clock())
+        update = await stream.read()
+        assert update.WhichOneof("update") == "change"
+        assert (update.change.handle, update.change.status) == (HANDLE, types_pb2.CARD_STATUS_LOST)
+        assert update.change.position.seq == answer.position.seq + 1
+        assert card.ref.card_number not in str(update)
+        told = await other.read()
+        assert told.WhichOneof("update") == "progress"  # past it, without a word about it
+        assert told.progress == update.change.position
+    finally:
+        stream.cancel()
+        other.cancel()
+        await ch.close()
+        await other_ch.close()
+    again = await recognize(cluster, request(card))
+    assert isinstance(again, recognition_pb2.RecognizeResponse)
+    assert again.status == types_pb2.CARD_STATUS_LOST
+    assert again.position.seq == update.change.position.seq  # the answer shows the change
+
+
+@pytest.mark.parametrize("handle", ["AB" * 16, "ab" * 15, "ab" * 17, "zz" * 16, "ab" * 15 + "\n "])
+async def test_a_malformed_handle_is_answered_without_push_and_counted(
+    cluster: Cluster, now: datetime, handle: str
+) -> None:
+    node = cluster.nodes[DAZU]
+    servicer = RecognitionServicer(
+        HomeRecognizer(DAZU, node.registry, node.config.recognition),
+        load_key_file(cluster.setups[DAZU].paths.hash_key),
+        lambda: now,
+        node.book,
+        node.feed,
+    )
+    card = active_card(cluster, now)
+    req = request(card)
+    req.handle = handle
+    token = bind_identity(node_identity(ANYUE))
+    try:
+        answer = await servicer.Recognize(req, None)  # type: ignore[arg-type]
+    finally:
+        unbind_identity(token)
+    assert answer.status == types_pb2.CARD_STATUS_ACTIVE and answer.cache_ttl_seconds > 0
+    assert servicer.handles_refused == 1
+    assert live_handles(node.registry.db, ANYUE, [card.ref.card_number], now) == {}
+
+
+async def test_a_watch_without_a_cursor_restarts_at_the_head_and_an_odd_one_is_refused(
+    cluster: Cluster,
+) -> None:
+    ch, stream = watch(cluster, ANYUE, None)
+    try:
+        first = await stream.read()
+        assert first.WhichOneof("update") == "restart"
+        assert first.restart.epoch == cluster.nodes[DAZU].feed.head().epoch  # type: ignore[union-attr]
+    finally:
+        stream.cancel()
+        await ch.close()
+    for odd, field in [
+        (recognition_pb2.LogPosition(epoch="not hex!", seq=1, mark="ab"), "after.epoch"),
+        (recognition_pb2.LogPosition(epoch="ab" * 16, seq=3, mark=""), "after.mark"),
+    ]:
+        ch, stream = watch(cluster, ANYUE, odd)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stream.read()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (info.value.details() or "").startswith(field)
+        finally:
+            await ch.close()
