@@ -12,6 +12,7 @@ from broker.cards.model import (
     Scene,
     card_ref,
 )
+from broker.cards.updates import Change, Progress, Rewind, Update
 from broker.core.errors import InvalidArgument
 
 _STATUSES = {s.value for s in CardStatus}
@@ -79,3 +80,34 @@ def recognition_from_wire(msg: recognition_pb2.RecognizeResponse) -> Recognition
         except InvalidArgument:
             position = None  # an odd position: the answer stands, without ordering by it
     return Recognition(status, ents, int(msg.cache_ttl_seconds), position)
+
+
+def update_to_wire(update: Update) -> recognition_pb2.StatusUpdate:
+    if isinstance(update, Change):
+        return recognition_pb2.StatusUpdate(
+            change=recognition_pb2.StatusChange(
+                position=position_to_wire(update.position),
+                handle=update.handle,
+                status=update.status.value,  # type: ignore[arg-type]
+            )
+        )
+    if isinstance(update, Progress):
+        return recognition_pb2.StatusUpdate(progress=position_to_wire(update.position))
+    return recognition_pb2.StatusUpdate(restart=position_to_wire(update.position))
+
+
+def update_from_wire(msg: recognition_pb2.StatusUpdate) -> Update:
+    """A home's update, read defensively (``InvalidArgument`` naming the field): the handle
+    must be one of ours in form, and a change to a status we do not know is "ask again"."""
+    kind = msg.WhichOneof("update")
+    if kind == "change":
+        change = msg.change
+        if not (len(change.handle) == 32 and set(change.handle) <= _TOKEN):
+            raise InvalidArgument("change.handle", "must be 32 lowercase hex characters")
+        status = CardStatus(change.status) if change.status in _STATUSES else CardStatus.ACTIVE
+        return Change(position_from_wire(change.position, "change.position"), change.handle, status)
+    if kind == "progress":
+        return Progress(position_from_wire(msg.progress, "progress"))
+    if kind == "restart":
+        return Rewind(position_from_wire(msg.restart, "restart"))
+    raise InvalidArgument("update", "is empty")

@@ -1,11 +1,21 @@
 """Caching peer districts' answers: a bounded in-process tier in front of Redis.
 
-Keys are keyed hashes of (issuer_region, card_number) — see
-:mod:`broker.cards.privacy` — so neither tier ever holds a raw card number. The
-Redis tier is shared by every replica of a district; the in-process tier
-keeps each replica's hot cards a dictionary lookup away. An entry expires at
-the same instant in both tiers: a replica that fills its local tier from
-Redis keeps the entry only for the time Redis has left.
+Keys are ``<issuer district>:<keyed hash of the card>`` (see
+:mod:`broker.cards.privacy`), so neither tier ever holds a raw card number,
+and the hash alone is also this node's *handle* for the card at its home
+(the home pushes changes by it). The Redis tier is shared by every replica
+of a district; the in-process tier keeps each replica's hot cards a
+dictionary lookup away. An entry expires at the same instant in both tiers:
+a replica that fills its local tier from Redis keeps the entry only for the
+time Redis has left, and no entry outlives midnight in Asia/Shanghai.
+
+Every entry carries the home's log position of what it says (the answer's,
+or a pushed change's). A write never replaces an entry of a later position
+of the same epoch — in the local tier by comparison, in Redis by a Lua
+compare-and-set — so a slow ACTIVE answer that arrives after a pushed LOST
+cannot bring the card back. A pushed refusal is written as the answer (the
+card is refused at once, from cache); a pushed ACTIVE only invalidates: its
+entry is a *tombstone* that reads as a miss and still holds its position.
 
 Redis failures never fail a gate check: a slow or broken Redis counts as a
 miss (and is logged), and the node carries on asking peers.
@@ -16,61 +26,167 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from broker.cards.model import CardStatus, Entitlement, Recognition
+from broker.cards.model import (
+    CardStatus,
+    Entitlement,
+    LogPosition,
+    Recognition,
+    seconds_to_shanghai_midnight,
+)
 from broker.gate.config import CacheConfig
 
 log = structlog.get_logger(__name__)
 
+# A pushed change is kept at least this long, though no answer about the card is cached:
+# an answer in flight when it arrived must still find it (and lose to it).
+TOMBSTONE_MIN_S = 30
+_NO_SEQ = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What a tier holds for a card: the answer, or ``None`` for "ask again" (a tombstone);
+    and the home's log position it is as of (``epoch`` "" : an answer without one)."""
+
+    rec: Recognition | None
+    epoch: str = ""
+    seq: int = _NO_SEQ
+
+    @classmethod
+    def of(cls, rec: Recognition | None, position: LogPosition | None) -> Entry:
+        if position is None:
+            return cls(rec)
+        return cls(rec, position.epoch, position.seq)
+
+
+def may_replace(new: Entry, old: Entry | None) -> bool:
+    """Whether ``new`` may take the place of ``old`` (see the module docstring).
+
+    Positions of one epoch order the writes; an entry with a position is never replaced by
+    one without (a home that stopped sending them cannot undo a pushed change); across
+    epochs (the home's log was reset) the later write wins.
+    """
+    if old is None:
+        return True
+    if new.epoch == "":
+        return old.epoch == ""
+    if new.epoch != old.epoch:
+        return True
+    return new.seq >= old.seq
+
 
 class LocalTier:
-    """Bounded LRU of answers with per-entry expiry on the monotonic clock."""
+    """Bounded LRU of entries with per-entry expiry on the monotonic clock."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[float, Recognition]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[float, Entry]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str, now: float) -> Recognition | None:
+    def entry(self, key: str, now: float) -> Entry | None:
         item = self._entries.get(key)
         if item is None:
             return None
-        expires, rec = item
+        expires, entry = item
         if now >= expires:
             del self._entries[key]
             return None
         self._entries.move_to_end(key)
-        return rec
+        return entry
 
-    def put(self, key: str, rec: Recognition, ttl: float, now: float) -> None:
+    def get(self, key: str, now: float) -> Recognition | None:
+        """The cached answer (a tombstone reads as a miss)."""
+        entry = self.entry(key, now)
+        return entry.rec if entry is not None else None
+
+    def put(self, key: str, rec: Recognition, ttl: float, now: float) -> bool:
+        """Keep ``rec`` (with its position) unless a later entry is held; whether kept."""
+        return self.put_entry(key, Entry.of(rec, rec.position), ttl, now)
+
+    def put_entry(self, key: str, entry: Entry, ttl: float, now: float) -> bool:
         if self.max_entries <= 0 or ttl <= 0:
-            return
-        self._entries[key] = (now + ttl, rec)
+            return False
+        if not may_replace(entry, self.entry(key, now)):
+            return False
+        self._entries[key] = (now + ttl, entry)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+        return True
+
+    def expiry(self, key: str) -> float | None:
+        item = self._entries.get(key)
+        return item[0] if item is not None else None
 
     def discard(self, key: str) -> None:
         self._entries.pop(key, None)
 
+    def discard_if(self, key: str, entry: Entry) -> None:
+        """Forget ``key`` if it still holds ``entry``."""
+        item = self._entries.get(key)
+        if item is not None and item[1] is entry:
+            del self._entries[key]
 
-def encode(rec: Recognition, expires_at_ms: int) -> bytes:
-    """Compact Redis value: ``status|ent,ent|expires_at_ms``."""
-    ents = ",".join(str(e.value) for e in rec.entitlements)
-    return f"{rec.status.value}|{ents}|{expires_at_ms}".encode()
+    def drop_prefix(self, prefix: str) -> int:
+        """Forget every entry whose key starts with ``prefix`` (one district's); how many."""
+        gone = [k for k in self._entries if k.startswith(prefix)]
+        for k in gone:
+            del self._entries[k]
+        return len(gone)
 
 
-def decode(raw: bytes) -> tuple[Recognition, int]:
+def encode(entry: Entry, expires_at_ms: int) -> bytes:
+    """Compact Redis value: ``status|ent,ent|expires_at_ms|epoch|seq`` (status ``-``: a
+    tombstone). The Lua compare-and-set reads the last two fields."""
+    if entry.rec is None:
+        head = "-|"
+    else:
+        ents = ",".join(str(e.value) for e in entry.rec.entitlements)
+        head = f"{entry.rec.status.value}|{ents}"
+    return f"{head}|{expires_at_ms}|{entry.epoch}|{entry.seq}".encode()
+
+
+def decode(raw: bytes) -> tuple[Entry, int]:
     """Inverse of :func:`encode`; the answer's TTL is 0: the entry's expiry rules."""
-    status, ents, expires = raw.decode().split("|")
+    status, ents, expires, epoch, seq = raw.decode().split("|")
+    position = LogPosition(epoch, int(seq), "") if epoch else None
+    if status == "-":
+        return Entry(None, epoch, int(seq)), int(expires)
     entitlements = tuple(Entitlement(int(e)) for e in ents.split(",") if e)
-    return Recognition(CardStatus(int(status)), entitlements, 0), int(expires)
+    rec = Recognition(CardStatus(int(status)), entitlements, 0, position)
+    return Entry(rec, epoch, int(seq)), int(expires)
+
+
+# KEYS[1]: the entry; ARGV: value, px, epoch, seq, min px. Written unless the entry held has
+# a later position of the same epoch, or has one when the new has none (see may_replace).
+# With a min px (a tombstone), the entry keeps the longer of its life and that.
+_CAS = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local e, s = string.match(cur, '|([^|]*)|(-?%d+)$')
+  if e then
+    if ARGV[3] == '' and e ~= '' then return 0 end
+    if ARGV[3] ~= '' and e == ARGV[3] and tonumber(s) > tonumber(ARGV[4]) then return 0 end
+  end
+end
+local px = tonumber(ARGV[2])
+local least = tonumber(ARGV[5])
+if least > 0 then
+  local left = redis.call('PTTL', KEYS[1])
+  px = math.max(least, left)
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
+return 1
+"""
 
 
 class GetBatcher:
@@ -119,13 +235,14 @@ class GetBatcher:
 
 
 class RedisTier:
-    """Answers in Redis under ``yk:v1:<district>:rec:<card key>``, with a PX expiry."""
+    """Entries in Redis under ``yk:v2:<district>:rec:<issuer>:<card key>``, with a PX expiry."""
 
     def __init__(self, client: aioredis.Redis, district: str, timeout_s: float) -> None:
         self._client = client
         self._batcher = GetBatcher(client)
-        self._prefix = f"yk:v1:{district}:rec:"
+        self._prefix = f"yk:v2:{district}:rec:"
         self._timeout = timeout_s
+        self._cas = client.register_script(_CAS)
 
     def redis_key(self, key: str) -> str:
         return self._prefix + key
@@ -138,8 +255,8 @@ class RedisTier:
         except (RedisError, TimeoutError, OSError):
             return False
 
-    async def get(self, key: str) -> tuple[Recognition, int] | None:
-        """``(answer, expires_at_ms)`` or ``None`` on a miss or a Redis failure."""
+    async def get(self, key: str) -> tuple[Entry, int] | None:
+        """``(entry, expires_at_ms)`` or ``None`` on a miss or a Redis failure."""
         try:
             async with asyncio.timeout(self._timeout):
                 raw = await self._batcher.get(self.redis_key(key))
@@ -154,19 +271,71 @@ class RedisTier:
             log.warning("redis_value_malformed")
             return None
 
-    async def put(self, key: str, rec: Recognition, ttl_ms: int, expires_at_ms: int) -> None:
+    async def put(
+        self, key: str, entry: Entry, ttl_ms: int, expires_at_ms: int, least_ms: int = 0
+    ) -> bool | None:
+        """Compare-and-set (see ``_CAS``): whether written; ``None`` when Redis failed."""
+        value = encode(entry, expires_at_ms)
         try:
             async with asyncio.timeout(self._timeout):
-                await self._client.set(self.redis_key(key), encode(rec, expires_at_ms), px=ttl_ms)
+                done = await self._cas(
+                    keys=[self.redis_key(key)],
+                    args=[value, ttl_ms, entry.epoch, entry.seq, least_ms],
+                )
         except (RedisError, TimeoutError, OSError) as exc:
             log.warning("redis_set_failed", error=type(exc).__name__)
+            return None
+        return bool(done)
+
+    async def drop_prefix(self, prefix: str) -> int:
+        """Delete every entry whose key starts with ``prefix``; how many (SCAN, UNLINK)."""
+        gone = 0
+        try:
+            batch: list[str | bytes] = []
+            async for k in self._client.scan_iter(match=self.redis_key(prefix) + "*", count=1000):
+                batch.append(k)
+                if len(batch) >= 1000:
+                    gone += int(await self._client.unlink(*batch))
+                    batch = []
+            if batch:
+                gone += int(await self._client.unlink(*batch))
+        except (RedisError, OSError) as exc:
+            log.warning("redis_flush_failed", error=type(exc).__name__)
+        return gone
+
+    async def cursor(self, issuer: str) -> LogPosition | None:
+        """Where this district's processes last were in ``issuer``'s status log."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                raw = await self._client.get(self._cursor_key(issuer))
+        except (RedisError, TimeoutError, OSError) as exc:
+            log.warning("redis_get_failed", error=type(exc).__name__)
+            return None
+        if raw is None:
+            return None
+        try:
+            epoch, seq, mark = (raw.decode() if isinstance(raw, bytes) else raw).split("|")
+            return LogPosition(epoch, int(seq), mark)
+        except ValueError:
+            return None
+
+    async def save_cursor(self, issuer: str, position: LogPosition) -> None:
+        value = f"{position.epoch}|{position.seq}|{position.mark}"
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._client.set(self._cursor_key(issuer), value)
+        except (RedisError, TimeoutError, OSError) as exc:
+            log.warning("redis_set_failed", error=type(exc).__name__)
+
+    def _cursor_key(self, issuer: str) -> str:
+        return self._prefix.replace(":rec:", ":cursor:") + issuer
 
     async def close(self) -> None:
         await self._client.aclose()
 
 
 class AnswerCache:
-    """The two tiers together. Callers see one ``get`` and one ``put``."""
+    """The two tiers together. Callers see ``get``, ``put``, and ``apply`` for pushes."""
 
     def __init__(self, cfg: CacheConfig, remote: RedisTier | None) -> None:
         self._cfg = cfg
@@ -185,11 +354,12 @@ class AnswerCache:
         return cls(cfg, remote)
 
     def ttl_for(self, rec: Recognition) -> int:
-        """Seconds to keep an answer: the home district's TTL, bounded by ours."""
+        """Seconds to keep an answer: the home district's TTL, bounded by ours and by the
+        next midnight in Asia/Shanghai."""
         ttl = min(rec.ttl_seconds, self._cfg.max_ttl_seconds)
         if rec.status is CardStatus.UNKNOWN:
             ttl = min(ttl, self._cfg.unknown_ttl_seconds)
-        return max(ttl, 0)
+        return max(min(ttl, seconds_to_shanghai_midnight(datetime.now(UTC))), 0)
 
     def get_local(self, key: str) -> Recognition | None:
         """The in-process tier alone: no await, for the hot path."""
@@ -203,21 +373,60 @@ class AnswerCache:
         found = await self.remote.get(key)
         if found is None:
             return None
-        rec, expires_at_ms = found
+        entry, expires_at_ms = found
         left = expires_at_ms / 1000 - time.time()
         if left <= 0:
             return None
-        self.local.put(key, rec, left, time.monotonic())
-        return rec
+        self.local.put_entry(key, entry, left, time.monotonic())
+        return entry.rec
 
     async def put(self, key: str, rec: Recognition) -> None:
+        """Cache a home's answer, unless either tier holds a later position."""
         ttl = self.ttl_for(rec)
         if ttl <= 0:
             return
-        self.local.put(key, rec, ttl, time.monotonic())
+        entry = Entry.of(rec, rec.position)
+        kept = self.local.put_entry(key, entry, ttl, time.monotonic())
         if self.remote is not None:
             expires_at_ms = int(time.time() * 1000) + ttl * 1000
-            await self.remote.put(key, rec, ttl * 1000, expires_at_ms)
+            shared = await self.remote.put(key, entry, ttl * 1000, expires_at_ms)
+            if shared is False and kept:
+                # Redis holds a later change (pushed to another replica first): this
+                # replica must not answer from the older one meanwhile.
+                self.local.discard_if(key, entry)
+
+    async def apply(self, key: str, status: CardStatus, position: LogPosition) -> None:
+        """A change the home pushed: a refusal is the answer from now on; ACTIVE only makes
+        the next check ask again. Either way it is kept at least as long as the entry it
+        replaces (so no answer older than it can come back meanwhile)."""
+        refuses = status in (CardStatus.LOST, CardStatus.SUSPENDED, CardStatus.EXPIRED)
+        now = time.monotonic()
+        held = self.local.expiry(key)
+        least = min(TOMBSTONE_MIN_S, seconds_to_shanghai_midnight(datetime.now(UTC)))
+        ttl = max(least, (held - now) if held is not None else 0)
+        rec = Recognition(status, (), int(ttl), position) if refuses else None
+        entry = Entry.of(rec, position)
+        self.local.put_entry(key, entry, ttl, now)
+        if self.remote is not None and least > 0:
+            expires_at_ms = int(time.time() * 1000) + int(ttl * 1000)
+            await self.remote.put(key, entry, int(ttl * 1000), expires_at_ms, int(least * 1000))
+
+    async def flush(self, issuer: str) -> None:
+        """Forget every answer of ``issuer``'s cards in both tiers (its log was reset or
+        restored, or we lost track of it)."""
+        local = self.local.drop_prefix(f"{issuer}:")
+        remote = await self.remote.drop_prefix(f"{issuer}:") if self.remote is not None else 0
+        log.info("cache_flushed", district=issuer, local=local, redis=remote)
+
+    async def cursor(self, issuer: str) -> LogPosition | None:
+        """The shared cursor in ``issuer``'s status log (Redis), if any: a process that starts
+        resumes there, so changes made while the district's processes were away still reach
+        the answers they left in Redis."""
+        return await self.remote.cursor(issuer) if self.remote is not None else None
+
+    async def save_cursor(self, issuer: str, position: LogPosition) -> None:
+        if self.remote is not None:
+            await self.remote.save_cursor(issuer, position)
 
     async def close(self) -> None:
         if self.remote is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,8 +30,9 @@ import structlog
 from broker.cards import handles as handle_store
 from broker.cards import status_log
 from broker.cards.handles import Handle
-from broker.cards.model import CardStatus, LogPosition
+from broker.cards.model import LogPosition
 from broker.cards.status_log import Restart
+from broker.cards.updates import Change, Progress, Rewind, Update
 from broker.core.db import Db
 
 log = structlog.get_logger(__name__)
@@ -42,34 +42,6 @@ READ_LIMIT = 1000
 EVENT_RETENTION = timedelta(hours=72)
 HOUSEKEEPING_S = 60.0
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """A change of a card the peer holds ``handle`` for."""
-
-    position: LogPosition
-    handle: str
-    status: CardStatus
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    """Nothing for this peer up to ``position``."""
-
-    position: LogPosition
-
-
-@dataclass(frozen=True, slots=True)
-class Rewind:
-    """The peer's cursor cannot be continued: it drops this home's answers, goes on from
-    ``position``."""
-
-    position: LogPosition
-    reason: str
-
-
-Update = Change | Progress | Rewind
 
 
 class HandleBook:
@@ -146,18 +118,22 @@ class StatusFeed:
         """What ``peer`` is to be told from ``after`` on, without end."""
         self._start()
         cursor = after
+        greeted = False
         while True:
             got = await self._run(self._next, peer, cursor)
             if isinstance(got, Rewind):
                 yield got
-                cursor = got.position
+                cursor, greeted = got.position, True
                 continue
             if got:
                 for update in got:
                     yield update
-                cursor = got[-1].position
+                cursor, greeted = got[-1].position, True
                 continue
             assert cursor is not None
+            if not greeted:  # the cursor is good and current: say so, so the peer knows
+                yield Progress(cursor)
+                greeted = True
             await self._wait_past(cursor)
 
     def _next(self, peer: str, cursor: LogPosition | None) -> list[Update] | Rewind:

@@ -7,7 +7,7 @@ errors are never cached.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -38,10 +38,18 @@ class PeerRecognizer:
         self._on_failure = on_failure
         self._flights: SingleFlight[str, Recognition] = SingleFlight()
         self.peer_calls = 0
+        # A test hook: awaited between a peer's answer and its caching (an answer held in
+        # flight while the home pushes a change); None in service.
+        self.before_caching: Callable[[CardRef], Awaitable[None]] | None = None
+
+    def key(self, ref: CardRef) -> str:
+        """The card's cache key: its issuer and its keyed hash (the hash is also our handle
+        for it at its home, which names it so in the changes it pushes)."""
+        return f"{ref.issuer_region}:{self._hasher.card_key(ref)}"
 
     def cached(self, ref: CardRef) -> Recognition | None:
         """The in-process tier only: answered without leaving the event loop's turn."""
-        return self._cache.get_local(self._hasher.card_key(ref))
+        return self._cache.get_local(self.key(ref))
 
     async def recognise(
         self, ref: CardRef, scene: Scene, request_id: str
@@ -49,7 +57,7 @@ class PeerRecognizer:
         """The home district's answer, from Redis or a (shared) peer call."""
         if not self._client.configured(ref.issuer_region):
             raise PeerUnavailable(ref.issuer_region, "no peer agreement with this district")
-        key = self._hasher.card_key(ref)
+        key = self.key(ref)
         hit = await self._cache.get(key)
         if hit is not None:
             return hit, DecisionSource.CACHE
@@ -57,13 +65,20 @@ class PeerRecognizer:
         async def fetch() -> Recognition:
             self.peer_calls += 1
             try:
-                rec = await self._client.recognize(ref, scene, request_id)
+                rec = await self._client.recognize(ref, scene, request_id, handle=handle_of(key))
             except PeerUnavailable:
                 self._on_failure()  # the peer may have rotated: look at its bundle soon
                 raise
+            if self.before_caching is not None:
+                await self.before_caching(ref)
             await self._cache.put(key, rec)
             log.debug("peer_answer", district=ref.issuer_region, card=key, status=rec.status.name)
             return rec
 
         rec, _shared = await self._flights.do(key, fetch)
         return rec, DecisionSource.PEER
+
+
+def handle_of(key: str) -> str:
+    """Our handle for a card at its home: the keyed hash part of its cache key."""
+    return key.rsplit(":", 1)[1]

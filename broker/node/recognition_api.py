@@ -16,12 +16,12 @@ from broker.cards.privacy import Hasher
 from broker.cards.wire import (
     card_from_wire,
     position_from_wire,
-    position_to_wire,
     recognition_to_wire,
     scene_from_wire,
+    update_to_wire,
 )
 from broker.gate.home import HomeRecognizer
-from broker.gate.push import Change, HandleBook, Progress, StatusFeed, Update
+from broker.gate.push import HandleBook, StatusFeed
 from broker.node.fields import trace_id_or_new
 from broker.trust.identity import current_identity
 
@@ -117,17 +117,3 @@ class RecognitionServicer(recognition_pb2_grpc.RecognitionServicer):
         after = position_from_wire(request.after, "after") if request.HasField("after") else None
         async for update in self._feed.updates(caller.district, after):
             yield update_to_wire(update)
-
-
-def update_to_wire(update: Update) -> recognition_pb2.StatusUpdate:
-    if isinstance(update, Change):
-        return recognition_pb2.StatusUpdate(
-            change=recognition_pb2.StatusChange(
-                position=position_to_wire(update.position),
-                handle=update.handle,
-                status=update.status.value,  # type: ignore[arg-type]
-            )
-        )
-    if isinstance(update, Progress):
-        return recognition_pb2.StatusUpdate(progress=position_to_wire(update.position))
-    return recognition_pb2.StatusUpdate(restart=position_to_wire(update.position))

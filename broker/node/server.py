@@ -33,6 +33,7 @@ from broker.gate.home import HomeRecognizer
 from broker.gate.push import HandleBook, StatusFeed
 from broker.gate.recognizer import PeerRecognizer
 from broker.gate.service import GateService
+from broker.gate.watch import StatusWatcher
 from broker.node.config import NodeConfig
 from broker.node.gate_api import GateServicer
 from broker.node.guard import AuthInterceptor, GuardedServer
@@ -121,6 +122,7 @@ class Node:
     _components: dict[str, bool] = field(default_factory=dict)
     book: HandleBook | None = None
     feed: StatusFeed | None = None
+    watchers: dict[str, StatusWatcher] = field(default_factory=dict)
 
     @classmethod
     async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
@@ -142,9 +144,10 @@ class Node:
         channels = PeerChannels(trust, cfg.peers)
         reload_now = asyncio.Event()
         refresher = BundleRefresher(cfg, channels, trust, reload_now.set)
-        peers = PeerRecognizer(
-            PeerClient(channels, cfg.peering.deadline_ms), cache, hasher, on_failure=refresher.poke
-        )
+        peer_client = PeerClient(channels, cfg.peering.deadline_ms)
+        peers = PeerRecognizer(peer_client, cache, hasher, on_failure=refresher.poke)
+        # Each process follows each peer home's changes to the answers it caches.
+        watchers = {p.district: StatusWatcher(p.district, peer_client, cache) for p in cfg.peers}
         fares = load_fares(cfg.fares.file) if cfg.fares.file else None
         gate = GateService(cfg.district, home, peers, clock, fares)
         metrics = Metrics()
@@ -242,6 +245,7 @@ class Node:
             guard,
             book=book,
             feed=feed,
+            watchers=watchers,
         )
         await node._report_trust()
         await node._check_components()
@@ -249,6 +253,8 @@ class Node:
         node.supervisor.start("trust-watch", node._watch_trust)
         node.supervisor.start("bundle-refresh", refresher.run)
         node.supervisor.start("component-checks", node._watch_components)
+        for district, watcher in watchers.items():
+            node.supervisor.start(f"status-watch-{district}", watcher.run)
         return node
 
     async def _set_component(self, name: str, ok: bool) -> None:

@@ -36,16 +36,22 @@ class PeerChannels:
     def __init__(self, store: TrustStore, peers: tuple[PeerConfig, ...]) -> None:
         self._store = store
         self._peers = {p.district: p for p in peers}
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._names: dict[str, str] = {}  # the server name each open channel checks
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
+        self._names: dict[tuple[str, str], str] = {}  # the server name each channel checks
         self._generation = store.current.generation
         self._draining: set[asyncio.Task[None]] = set()
 
     def configured(self, district: str) -> bool:
         return district in self._peers
 
-    def channel(self, district: str) -> grpc.aio.Channel:
-        """The channel to ``district`` (which must be configured)."""
+    def channel(self, district: str, purpose: str = "calls") -> grpc.aio.Channel:
+        """The channel to ``district`` (which must be configured).
+
+        ``purpose`` "watch": a channel of its own, with its own connection (a
+        local subchannel pool) for the endless ``WatchStatus`` stream, whose
+        retries against a peer that is down must not put the gates' channel
+        into reconnect backoff.
+        """
         peer = self._peers[district]  # KeyError: not a configured peer
         snap = self._store.current
         if snap.generation != self._generation:
@@ -54,7 +60,7 @@ class PeerChannels:
         if not snap.trusted(district):
             reason = snap.problems.get(district, "no usable trust material")
             raise PeerUnavailable(district, f"is not trusted: {reason}")
-        ch = self._channels.get(district)
+        ch = self._channels.get((district, purpose))
         if ch is None:
             name = self.server_name(district)
             creds = grpc.ssl_channel_credentials(
@@ -73,10 +79,11 @@ class PeerChannels:
                     # A peer that comes back is used again within about a second.
                     ("grpc.initial_reconnect_backoff_ms", 200),
                     ("grpc.max_reconnect_backoff_ms", 2_000),
+                    ("grpc.use_local_subchannel_pool", int(purpose != "calls")),
                 ],
             )
-            self._channels[district] = ch
-            self._names[district] = name
+            self._channels[(district, purpose)] = ch
+            self._names[(district, purpose)] = name
         return ch
 
     def sync(self) -> None:
@@ -97,8 +104,8 @@ class PeerChannels:
 
     def _retire_all(self, snap: TrustSnapshot) -> None:
         """Replace every channel; one whose peer is no longer trusted as it was closes at once."""
-        for district, ch in self._channels.items():
-            same = snap.trusted(district) and self._names.get(district) == (
+        for (district, purpose), ch in self._channels.items():
+            same = snap.trusted(district) and self._names.get((district, purpose)) == (
                 snap.node_name(district) or self._peers[district].server_name
             )
             task = asyncio.ensure_future(ch.close(grace=DRAIN_GRACE_S if same else None))

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import AsyncIterator
 
 import grpc
 
 from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc
-from broker.cards.model import CardRef, Recognition, Scene
-from broker.cards.wire import card_to_wire, recognition_from_wire
+from broker.cards.model import CardRef, LogPosition, Recognition, Scene
+from broker.cards.updates import Update
+from broker.cards.wire import (
+    card_to_wire,
+    position_to_wire,
+    recognition_from_wire,
+    update_from_wire,
+)
 from broker.core.errors import PeerUnavailable
 from broker.peers.channels import PeerChannels
 
@@ -42,13 +49,18 @@ class PeerClient:
     def configured(self, district: str) -> bool:
         return self._channels.configured(district)
 
-    async def recognize(self, ref: CardRef, scene: Scene, request_id: str) -> Recognition:
+    async def recognize(
+        self, ref: CardRef, scene: Scene, request_id: str, handle: str = ""
+    ) -> Recognition:
+        """The home's answer; ``handle``: our name for the card, by which the home pushes
+        its changes to us (see broker.gate.push)."""
         district = ref.issuer_region
         stub = recognition_pb2_grpc.RecognitionStub(self._channels.channel(district))
         request = recognition_pb2.RecognizeRequest(
             card=card_to_wire(ref),
             scene=scene.value,  # type: ignore[arg-type]
             request_id=trace_id(request_id),
+            handle=handle,
         )
         try:
             response = await stub.Recognize(request, timeout=self._timeout)
@@ -59,3 +71,25 @@ class PeerClient:
                 reason = f"answered {exc.code().name}"
             raise PeerUnavailable(district, reason) from exc
         return recognition_from_wire(response)
+
+    async def watch_status(self, district: str, after: LogPosition | None) -> AsyncIterator[Update]:
+        """``district``'s updates about the cards we gave it handles for, from ``after`` on.
+
+        Endless while the stream lasts; its end, however it comes (connection
+        ageing, the peer down, a trust change), is a :class:`PeerUnavailable`,
+        and the caller resumes from the last position it applied. An update
+        that does not read is ``InvalidArgument`` (the caller cannot apply it).
+        """
+        stub = recognition_pb2_grpc.RecognitionStub(self._channels.channel(district, "watch"))
+        request = recognition_pb2.WatchStatusRequest()
+        if after is not None:
+            request.after.CopyFrom(position_to_wire(after))
+        call = stub.WatchStatus(request)
+        try:
+            async for message in call:
+                yield update_from_wire(message)
+        except grpc.aio.AioRpcError as exc:
+            raise PeerUnavailable(district, f"watch ended {exc.code().name}") from exc
+        finally:
+            call.cancel()
+        raise PeerUnavailable(district, "watch ended")

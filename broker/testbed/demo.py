@@ -181,5 +181,8 @@ async def run_demo(
     finally:
         for ch in channels.values():
             await ch.close()
+        # Every node's background loops first (each follows its peers' changes): a node
+        # stopping while the others still follow it would be, to them, a peer gone down.
+        await asyncio.gather(*(node.supervisor.stop() for node in nodes.values()))
         for node in nodes.values():
             await node.stop(grace=0.5)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
+import pytest
 import redis
 
-from broker.cards.model import CardRef, CardStatus, Entitlement, Recognition
+from broker.cards.model import CardRef, CardStatus, Entitlement, LogPosition, Recognition
 from broker.cards.privacy import Hasher
-from broker.gate.cache import AnswerCache, LocalTier, decode, encode
+from broker.gate.cache import AnswerCache, Entry, LocalTier, decode, encode, may_replace
 from broker.gate.config import CacheConfig
 
 HASHER = Hasher(b"s" * 32)
@@ -29,13 +31,39 @@ def test_local_tier_is_bounded_lru_with_expiry():
     assert tier.get("c", now=10.9) == ACTIVE
 
 
+def key_of(ref: CardRef) -> str:
+    return f"{ref.issuer_region}:{HASHER.card_key(ref)}"
+
+
+def at(seq: int, epoch: str = "e1") -> LogPosition:
+    return LogPosition(epoch, seq, "m" if seq else "")
+
+
 def test_redis_value_round_trips():
-    rec, expires = decode(encode(ACTIVE, 1_700_000_000_123))
-    assert (rec.status, rec.entitlements, expires) == (
-        ACTIVE.status,
-        ACTIVE.entitlements,
-        1_700_000_000_123,
-    )
+    entry, expires = decode(encode(Entry(ACTIVE), 1_700_000_000_123))
+    assert entry.rec is not None and expires == 1_700_000_000_123
+    assert (entry.rec.status, entry.rec.entitlements) == (ACTIVE.status, ACTIVE.entitlements)
+    positioned = Entry.of(replace(ACTIVE, position=at(7)), at(7))
+    back, _ = decode(encode(positioned, 1))
+    assert (back.epoch, back.seq) == ("e1", 7) and back.rec is not None
+    tomb, _ = decode(encode(Entry(None, "e1", 9), 1))
+    assert tomb == Entry(None, "e1", 9)
+
+
+@pytest.mark.parametrize(
+    ("new", "old", "replaces"),
+    [
+        (Entry(ACTIVE, "e1", 5), None, True),
+        (Entry(ACTIVE, "e1", 5), Entry(None, "e1", 6), False),  # a later push wins
+        (Entry(ACTIVE, "e1", 6), Entry(None, "e1", 6), True),  # read after it: shows it
+        (Entry(ACTIVE, "e1", 7), Entry(None, "e1", 6), True),
+        (Entry(ACTIVE), Entry(None, "e1", 6), False),  # no position cannot undo a push
+        (Entry(ACTIVE), Entry(ACTIVE), True),
+        (Entry(ACTIVE, "e2", 1), Entry(None, "e1", 6), True),  # a reset log: the later write
+    ],
+)
+def test_which_write_may_replace_which(new: Entry, old: Entry | None, replaces: bool):
+    assert may_replace(new, old) is replaces
 
 
 async def test_unknown_answers_are_cached_only_briefly():
@@ -45,9 +73,20 @@ async def test_unknown_answers_are_cached_only_briefly():
     assert cache.ttl_for(Recognition(CardStatus.ACTIVE, (), 5000)) == 100
 
 
+def test_local_tier_keeps_a_pushed_change_against_an_older_answer():
+    tier = LocalTier(max_entries=10)
+    assert tier.put_entry("k", Entry(None, "e1", 6), ttl=30, now=0)  # ACTIVE pushed: ask again
+    assert tier.get("k", now=1) is None  # a tombstone reads as a miss
+    assert not tier.put("k", replace(ACTIVE, position=at(5)), ttl=10, now=1)
+    assert tier.get("k", now=1) is None
+    assert tier.put("k", replace(ACTIVE, position=at(6)), ttl=10, now=1)
+    assert tier.get("k", now=1) == replace(ACTIVE, position=at(6))
+    assert tier.drop_prefix("k") == 1 and len(tier) == 0
+
+
 async def test_in_process_only_when_no_redis_is_configured():
     cache = AnswerCache.from_config(CacheConfig(redis_url=None), "500111")
-    key = HASHER.card_key(REF)
+    key = key_of(REF)
     await cache.put(key, ACTIVE)
     assert cache.remote is None
     assert await cache.get(key) == ACTIVE
@@ -57,7 +96,7 @@ async def test_replicas_share_answers_through_redis_under_hashed_keys(redis_db: 
     cfg = CacheConfig(redis_url=redis_db, unknown_ttl_seconds=3)
     replica_a = AnswerCache.from_config(cfg, "500111")
     replica_b = AnswerCache.from_config(cfg, "500111")
-    key = HASHER.card_key(REF)
+    key = key_of(REF)
     try:
         await replica_a.put(key, ACTIVE)
         assert replica_b.get_local(key) is None
@@ -65,15 +104,16 @@ async def test_replicas_share_answers_through_redis_under_hashed_keys(redis_db: 
         assert got is not None and got.status is CardStatus.ACTIVE
         assert got.entitlements == ACTIVE.entitlements
         assert replica_b.get_local(key) is not None  # filled from Redis
-        other = HASHER.card_key(CardRef("512021", "C5120210000002"))
+        other = key_of(CardRef("512021", "C5120210000002"))
         await replica_a.put(other, UNKNOWN)
         client = redis.Redis.from_url(redis_db)
-        keys = [k.decode() for k in client.scan_iter("yk:v1:500111:*")]
-        assert sorted(keys) == sorted([f"yk:v1:500111:rec:{key}", f"yk:v1:500111:rec:{other}"])
+        keys = [k.decode() for k in client.scan_iter("yk:v2:500111:*")]
+        assert sorted(keys) == sorted([f"yk:v2:500111:rec:{key}", f"yk:v2:500111:rec:{other}"])
         assert all(REF.card_number not in k for k in keys)
         assert all(REF.card_number.encode() not in (client.get(k) or b"") for k in keys)
-        assert 0 < client.pttl(f"yk:v1:500111:rec:{other}") <= 3000
-        assert 3000 < client.pttl(f"yk:v1:500111:rec:{key}") <= 120_000
+        assert 0 < client.pttl(f"yk:v2:500111:rec:{other}") <= 3000
+        assert client.pttl(f"yk:v2:500111:rec:{key}") <= 120_000
+        client.close()
     finally:
         await replica_a.close()
         await replica_b.close()
@@ -82,7 +122,7 @@ async def test_replicas_share_answers_through_redis_under_hashed_keys(redis_db: 
 async def test_a_dead_redis_is_a_miss_not_a_failure():
     cfg = CacheConfig(redis_url="redis://127.0.0.1:1/0", redis_timeout_ms=50, local_max_entries=0)
     cache = AnswerCache.from_config(cfg, "500111")
-    key = HASHER.card_key(REF)
+    key = key_of(REF)
     try:
         await cache.put(key, ACTIVE)
         assert await cache.get(key) is None
@@ -95,7 +135,7 @@ async def test_concurrent_redis_reads_share_round_trips(redis_db: str):
     writer = AnswerCache.from_config(cfg, "500111")
     reader = AnswerCache.from_config(cfg, "500111")
     refs = [CardRef("512021", f"C51202100{i:05d}") for i in range(40)]
-    keys = [HASHER.card_key(r) for r in refs]
+    keys = [key_of(r) for r in refs]
     client = redis.Redis.from_url(redis_db)
     try:
         for i, key in enumerate(keys[:30]):
@@ -111,3 +151,73 @@ async def test_concurrent_redis_reads_share_round_trips(redis_db: str):
     finally:
         await writer.close()
         await reader.close()
+
+
+async def test_a_late_answer_never_undoes_a_pushed_change_at_any_replica(redis_db: str):
+    """LOST pushed at position 8; an ACTIVE answer read at 7 arrives after it, at another
+    replica: Redis's compare-and-set refuses it, and both replicas refuse the card."""
+    cfg = CacheConfig(redis_url=redis_db)
+    pushed, late = AnswerCache.from_config(cfg, "500111"), AnswerCache.from_config(cfg, "500111")
+    key = key_of(REF)
+    try:
+        await pushed.apply(key, CardStatus.LOST, at(8))
+        await late.put(key, replace(ACTIVE, position=at(7)))
+        for replica in (pushed, late):
+            got = await replica.get(key)
+            assert got is not None and got.status is CardStatus.LOST
+        fresh = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111")
+        try:
+            got = await fresh.get(key)  # Redis alone
+            assert got is not None and got.status is CardStatus.LOST
+        finally:
+            await fresh.close()
+        await late.put(key, replace(ACTIVE, position=at(9)))  # read after a reactivation
+        got = await pushed.get(key)
+        assert got is not None and got.status is CardStatus.LOST  # its local tier: its own
+        fresh = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111")
+        try:
+            got = await fresh.get(key)
+            assert got is not None and got.status is CardStatus.ACTIVE
+        finally:
+            await fresh.close()
+    finally:
+        await pushed.close()
+        await late.close()
+
+
+async def test_a_pushed_active_only_invalidates_and_keeps_older_answers_out(redis_db: str):
+    cfg = CacheConfig(redis_url=redis_db)
+    cache = AnswerCache.from_config(cfg, "500111")
+    key = key_of(REF)
+    client = redis.Redis.from_url(redis_db)
+    try:
+        await cache.put(key, replace(ACTIVE, position=at(3)))
+        await cache.apply(key, CardStatus.ACTIVE, at(4))  # e.g. a flag changed at home
+        assert await cache.get(key) is None  # ask the home again
+        assert client.pttl(f"yk:v2:500111:rec:{key}") > 30_000  # kept as long as the answer
+        await cache.put(key, replace(ACTIVE, position=at(3)))  # a slow answer from before
+        assert await cache.get(key) is None
+        await cache.put(key, replace(ACTIVE, position=at(4)))
+        assert await cache.get(key) == replace(ACTIVE, position=at(4))
+    finally:
+        client.close()
+        await cache.close()
+
+
+async def test_a_flush_forgets_one_districts_answers_in_both_tiers(redis_db: str):
+    cfg = CacheConfig(redis_url=redis_db)
+    cache = AnswerCache.from_config(cfg, "500111")
+    anyue, tongnan = key_of(REF), key_of(CardRef("500223", "C5002230000001"))
+    try:
+        await cache.put(anyue, ACTIVE)
+        await cache.put(tongnan, ACTIVE)
+        await cache.flush("512021")
+        assert cache.get_local(anyue) is None and cache.get_local(tongnan) == ACTIVE
+        other = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111")
+        try:
+            assert await other.get(anyue) is None
+            assert await other.get(tongnan) is not None
+        finally:
+            await other.close()
+    finally:
+        await cache.close()

@@ -17,7 +17,8 @@ from broker.cards.handles import Handle, live_handles
 from broker.cards.model import CardStatus
 from broker.cards.registry import Registry
 from broker.cards.status_change import set_status
-from broker.gate.push import Change, HandleBook, Progress, Rewind, StatusFeed, Update
+from broker.cards.updates import Change, Progress, Rewind, Update
+from broker.gate.push import HandleBook, StatusFeed
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 DAZU, TONGNAN = "500111", "500223"
@@ -133,7 +134,9 @@ async def test_a_stream_waits_for_the_next_change_and_a_new_one_resumes_where_it
     await book.remember(Handle(DAZU, "A1", H1, T0 + timedelta(hours=1)))
     await book.remember(Handle(DAZU, "A2", H2, T0 + timedelta(hours=1)))
     book.close()
-    stream = feed.updates(DAZU, feed.head())
+    head = feed.head()
+    stream = feed.updates(DAZU, head)
+    assert await take(stream, 1) == [Progress(head)]  # the cursor is good: said at once
     waiting = asyncio.ensure_future(take(stream, 1))
     await asyncio.sleep(0.1)
     assert not waiting.done()  # nothing yet: it waits, it does not end
@@ -164,6 +167,7 @@ async def test_no_cursor_a_reset_log_or_a_purged_one_rewinds_to_the_head(
 async def test_a_stream_waiting_at_the_head_notices_a_reset(registry: Registry, feed: StatusFeed):
     """The head moving *back* (a new epoch at 0) must wake a waiting stream, not strand it."""
     stream = feed.updates(DAZU, feed.head())
+    await take(stream, 1)  # the greeting
     waiting = asyncio.ensure_future(take(stream, 1))
     await asyncio.sleep(0.1)
     status_log.reset(registry.db, "e" * 32, T0)

@@ -43,13 +43,17 @@ class FakeClient:
         self.districts = configured
         self.error = error
         self.calls: list[tuple[CardRef, Scene, str]] = []
+        self.handles: list[str] = []
         self.release: asyncio.Event | None = None
 
     def configured(self, district: str) -> bool:
         return district in self.districts
 
-    async def recognize(self, ref: CardRef, scene: Scene, request_id: str) -> Recognition:
+    async def recognize(
+        self, ref: CardRef, scene: Scene, request_id: str, handle: str = ""
+    ) -> Recognition:
         self.calls.append((ref, scene, request_id))
+        self.handles.append(handle)
         if self.release is not None:
             await self.release.wait()
         if self.error is not None:
@@ -181,15 +185,18 @@ async def test_an_answer_with_zero_ttl_is_not_cached():
     assert len(client.calls) == 2 and recognizer.cached(REF) is None
 
 
-async def test_the_cache_key_is_the_keyed_hash_not_the_card_number():
-    """The only entry is under Hasher.card_key(ref), which holds no card number."""
-    recognizer, cache = make(FakeClient())
+async def test_the_cache_key_is_the_issuer_and_the_keyed_hash_which_is_also_the_handle():
+    """The only entry is under ``<issuer>:<Hasher.card_key(ref)>``, which holds no card
+    number; the home is given the hash as our handle for the card, nothing else."""
+    client = FakeClient()
+    recognizer, cache = make(client)
     await recognizer.recognise(REF, Scene.BUS, "r1")
-    key = HASHER.card_key(REF)
-    assert REF.card_number not in key and PEER not in key
+    key = f"{PEER}:{HASHER.card_key(REF)}"
+    assert REF.card_number not in key
     assert len(cache.local) == 1
     assert cache.get_local(key) == ACTIVE
     assert cache.get_local(REF.card_number) is None
+    assert client.handles == [HASHER.card_key(REF)]
 
 
 @pytest.fixture
@@ -206,7 +213,7 @@ async def test_the_peer_answer_is_logged_without_the_card_number(all_levels: Non
         await recognizer.recognise(REF, Scene.BUS, "r1")
     answers = [e for e in events if e["event"] == "peer_answer"]
     assert len(answers) == 1
-    assert answers[0]["card"] == HASHER.card_key(REF)
+    assert answers[0]["card"] == f"{PEER}:{HASHER.card_key(REF)}"
     assert REF.card_number not in repr(events)
 
 
@@ -229,7 +236,7 @@ async def test_replicas_share_peer_answers_through_redis(redis_db: str):
         assert filled is not None and filled.entitlements == ACTIVE.entitlements
         with redis.Redis.from_url(redis_db) as client:
             keys = list(client.scan_iter("yk:*"))
-            assert keys == [f"yk:v1:{HERE}:rec:{HASHER.card_key(REF)}".encode()]
+            assert keys == [f"yk:v2:{HERE}:rec:{PEER}:{HASHER.card_key(REF)}".encode()]
             value = client.get(keys[0]) or b""
             assert REF.card_number.encode() not in keys[0] + value
     finally:
