@@ -114,12 +114,17 @@ class StatusFeed:
         """Where the log stands now (read on the caller's thread: one row)."""
         return status_log.head(self._db)
 
-    async def updates(self, peer: str, after: LogPosition | None) -> AsyncIterator[Update]:
-        """What ``peer`` is to be told from ``after`` on, without end."""
+    async def updates(
+        self, peer: str, after: LogPosition | None, lifetime_s: float | None = None
+    ) -> AsyncIterator[Update]:
+        """What ``peer`` is to be told from ``after`` on: without end, or until ``lifetime_s``
+        have passed and nothing is to be sent (the peer resumes from its cursor)."""
         self._start()
+        loop = asyncio.get_running_loop()
+        ends = None if lifetime_s is None else loop.time() + lifetime_s
         cursor = after
         greeted = False
-        while True:
+        while ends is None or loop.time() < ends:
             got = await self._run(self._next, peer, cursor)
             if isinstance(got, Rewind):
                 yield got
@@ -134,7 +139,11 @@ class StatusFeed:
             if not greeted:  # the cursor is good and current: say so, so the peer knows
                 yield Progress(cursor)
                 greeted = True
-            await self._wait_past(cursor)
+            left = None if ends is None else max(ends - loop.time(), 0.0)
+            try:
+                await asyncio.wait_for(self._wait_past(cursor), left)
+            except TimeoutError:
+                return
 
     def _next(self, peer: str, cursor: LogPosition | None) -> list[Update] | Rewind:
         """On the reader thread: the next updates after ``cursor`` (empty: none yet)."""

@@ -54,6 +54,7 @@ class StatusWatcher:
         self.cursor: LogPosition | None = None
         self.applied = 0  # changes applied to the cache
         self.flushes = 0
+        self.streams = 0  # streams opened (the first, and each resumption)
         self.connected = asyncio.Event()  # set while a stream is delivering
 
     async def run(self) -> None:
@@ -63,6 +64,7 @@ class StatusWatcher:
         delay, broken = 0.0, False
         while True:
             opened = loop.time()
+            self.streams += 1
             try:
                 async for update in self._client.watch_status(self.district, self.cursor):
                     await self._apply(update)

@@ -44,14 +44,18 @@ class RecognitionServicer(recognition_pb2_grpc.RecognitionServicer):
         clock: Callable[[], datetime],
         book: HandleBook | None = None,
         feed: StatusFeed | None = None,
+        watch_lifetime_s: float | None = None,
     ) -> None:
         """``book`` and ``feed``: this home pushes status changes to peers that give a handle
-        (both, or neither)."""
+        (both, or neither). ``watch_lifetime_s``: a ``WatchStatus`` stream ends after this
+        long (the connection's age; the grace that lets a long exchange finish must not
+        keep an endless stream on an old connection): the peer resumes from its cursor."""
         self._home = home
         self._hasher = hasher
         self._clock = clock
         self._book = book
         self._feed = feed
+        self._watch_lifetime_s = watch_lifetime_s
         self.request_ids_replaced: Counter[str] = Counter()
         self.handles_refused = 0  # handles given that were not 32 lowercase hex characters
         self._handles_failing = False
@@ -115,5 +119,5 @@ class RecognitionServicer(recognition_pb2_grpc.RecognitionServicer):
             raise NotImplementedError("this home does not push status changes")
         caller = current_identity()
         after = position_from_wire(request.after, "after") if request.HasField("after") else None
-        async for update in self._feed.updates(caller.district, after):
+        async for update in self._feed.updates(caller.district, after, self._watch_lifetime_s):
             yield update_to_wire(update)

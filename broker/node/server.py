@@ -165,7 +165,10 @@ class Node:
         guarded = GuardedServer(server, guard)
         gate_pb2_grpc.add_GateServicer_to_server(GateServicer(gate), guarded)
         recognition_pb2_grpc.add_RecognitionServicer_to_server(
-            RecognitionServicer(home, hasher, clock, book, feed), guarded
+            RecognitionServicer(
+                home, hasher, clock, book, feed, watch_lifetime_s=cfg.tls.max_connection_age_s
+            ),
+            guarded,
         )
         trust_pb2_grpc.add_TrustServicer_to_server(
             TrustServicer(cfg.trust.bundle_file, clock), guarded

@@ -205,3 +205,28 @@ async def test_a_reset_home_log_makes_the_peer_drop_that_districts_answers(r: Re
     assert r.node("r1").peers.cached(card) is None
     d = await r.cluster.gate("r1").check(card, Scene.BUS)
     assert d.allow and d.source == SRC.DECISION_SOURCE_PEER  # asked again
+
+
+async def test_streams_end_with_the_connections_age_and_resume_without_loss_or_flush(
+    tmp_path: Path, now: datetime, redis_db: str
+):
+    """With connections aged every 2 s at the home, its WatchStatus streams end with them
+    (the grace of a long exchange does not keep them): the peer resumes from its cursor each
+    time, drops nothing, and a change after several resumptions still arrives."""
+    setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=10, redis_url=redis_db)
+    home = setups[ANYUE].config
+    home = replace(home, tls=replace(home.tls, max_connection_age_s=2))
+    nodes = {ANYUE: await Node.start(home), "r1": await Node.start(setups[DAZU].config)}
+    c = Cluster({**setups, "r1": setups[DAZU]}, nodes)
+    try:
+        r = Replicas(c, setups, redis_db)
+        [card] = active_cards(setups, 1)
+        assert (await c.gate("r1").check(card, Scene.BUS)).allow
+        watcher = nodes["r1"].watchers[ANYUE]
+        await eventually(lambda: watcher.streams >= 3, bound=15)
+        flushes = watcher.flushes  # the first stream's (no cursor yet); none since
+        set_status(setups[ANYUE], [card.card_number], "lost")
+        await refused_within(r, ("r1",), card, BOUND_S)
+        assert watcher.flushes == flushes and watcher.applied == 1
+    finally:
+        await c.close()

@@ -8,6 +8,7 @@ and what it logs about the call. tests/e2e/test_request_ids.py plants an ID numb
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, MutableMapping
 from datetime import datetime
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 import structlog
+from cryptography import x509
 from structlog.testing import capture_logs
 
 from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc, types_pb2
@@ -27,6 +29,7 @@ from broker.gate.home import HomeRecognizer
 from broker.node.fields import is_trace_id
 from broker.node.recognition_api import RecognitionServicer
 from broker.testbed.build import SyntheticCard
+from broker.trust import certops
 from broker.trust.identity import bind_identity, node_identity, unbind_identity
 from tests.conftest import ANYUE, DAZU, RONGCHANG, Cluster
 from tests.helpers import node_channel
@@ -263,3 +266,27 @@ async def test_a_watch_without_a_cursor_restarts_at_the_head_and_an_odd_one_is_r
             assert (info.value.details() or "").startswith(field)
         finally:
             await ch.close()
+
+
+async def test_a_revoked_peers_watch_is_ended_at_the_next_trust_change(
+    cluster: Cluster, now: datetime
+) -> None:
+    """Anyue's node certificate is revoked by its own CA; Dazu learns it from Anyue's bundle
+    (fetched every second here) and ends the stream then, saying why."""
+    ch, stream = watch(cluster, ANYUE, None)
+    try:
+        first = await stream.read()
+        assert first.WhichOneof("update") == "restart"
+        anyue = cluster.setups[ANYUE].paths
+        serial = f"{x509.load_pem_x509_certificate(anyue.node_cert.read_bytes()).serial_number:x}"
+        certops.revoke(anyue, serial, now)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while await stream.read() is not grpc.aio.EOF:
+                pass  # a clean end would leave the loop, and fail: it must be refused
+        assert time.monotonic() - started < 10
+        assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "has been revoked" in (ended.value.details() or "")
+    finally:
+        stream.cancel()
+        await ch.close()
