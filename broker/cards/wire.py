@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 from broker._proto.yikatong.v1 import recognition_pb2, types_pb2
 from broker.cards.model import (
     CardRef,
@@ -111,3 +113,17 @@ def update_from_wire(msg: recognition_pb2.StatusUpdate) -> Update:
     if kind == "restart":
         return Rewind(position_from_wire(msg.restart, "restart"))
     raise InvalidArgument("update", "is empty")
+
+
+# google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def instant_from_wire(seconds: int, nanos: int, field: str) -> datetime:
+    """A Timestamp's instant (UTC), or ``InvalidArgument`` naming ``field``'s part."""
+    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+        raise InvalidArgument(f"{field}.seconds", "must be within years 1 to 9999")
+    if not 0 <= nanos <= 999_999_999:
+        raise InvalidArgument(f"{field}.nanos", "must be from 0 to 999999999")
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)

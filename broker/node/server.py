@@ -15,6 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from broker._proto.yikatong.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
     gate_pb2,
     gate_pb2_grpc,
     recognition_pb2,
@@ -34,6 +36,7 @@ from broker.gate.push import HandleBook, StatusFeed
 from broker.gate.recognizer import PeerRecognizer
 from broker.gate.service import GateService
 from broker.gate.watch import StatusWatcher
+from broker.node.admin_api import CardAdminServicer
 from broker.node.config import NodeConfig
 from broker.node.gate_api import GateServicer
 from broker.node.guard import AuthInterceptor, GuardedServer
@@ -65,6 +68,7 @@ SERVICE_NAMES = (
     recognition_pb2.DESCRIPTOR.services_by_name["Recognition"].full_name,
     trust_pb2.DESCRIPTOR.services_by_name["Trust"].full_name,
     settlement_pb2.DESCRIPTOR.services_by_name["Settlement"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["CardAdmin"].full_name,
     health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
     reflection.SERVICE_NAME,
 )
@@ -123,6 +127,7 @@ class Node:
     book: HandleBook | None = None
     feed: StatusFeed | None = None
     watchers: dict[str, StatusWatcher] = field(default_factory=dict)
+    admin: CardAdminServicer | None = None
 
     @classmethod
     async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
@@ -170,6 +175,8 @@ class Node:
             ),
             guarded,
         )
+        admin = CardAdminServicer(cfg.registry.path, clock)
+        admin_pb2_grpc.add_CardAdminServicer_to_server(admin, guarded)
         trust_pb2_grpc.add_TrustServicer_to_server(
             TrustServicer(cfg.trust.bundle_file, clock), guarded
         )
@@ -210,6 +217,7 @@ class Node:
         except RuntimeError as exc:  # nothing opened above may outlive the failed start
             book.close()
             await feed.close()
+            admin.close()
             registry.close()
             await cache.close()
             await channels.close()
@@ -219,7 +227,7 @@ class Node:
                 clearing.close()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         await server.start()
-        for name in ("", *SERVICE_NAMES[:4]):
+        for name in ("", *SERVICE_NAMES[:5]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "node_started",
@@ -249,6 +257,7 @@ class Node:
             book=book,
             feed=feed,
             watchers=watchers,
+            admin=admin,
         )
         await node._report_trust()
         await node._check_components()
@@ -312,7 +321,7 @@ class Node:
                     if valid
                     else health_pb2.HealthCheckResponse.NOT_SERVING
                 )
-                for name in ("", *SERVICE_NAMES[:4]):
+                for name in ("", *SERVICE_NAMES[:5]):
                     await self.health.set(name, status)
                 log.warning(
                     "node_certificate_state",
@@ -356,6 +365,8 @@ class Node:
             await self.feed.close()
         if self.book is not None:
             self.book.close()
+        if self.admin is not None:
+            self.admin.close()
         self.registry.close()
         if self.intake is not None:
             self.intake.close()

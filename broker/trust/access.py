@@ -62,6 +62,7 @@ DEFAULT_RULES: Mapping[str, tuple[str, ...]] = {
     "yikatong.v1.Settlement/PublishFares": ("peer-nodes",),
     "yikatong.v1.Settlement/ExchangeBatch": ("peer-nodes",),
     "yikatong.v1.Settlement/ConfirmDay": ("peer-nodes",),
+    "yikatong.v1.CardAdmin/*": ("own-admins",),
     "grpc.health.v1.Health/*": ("any",),
     "grpc.reflection.v1alpha.ServerReflection/*": ("any",),
     "grpc.reflection.v1.ServerReflection/*": ("any",),

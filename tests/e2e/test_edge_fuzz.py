@@ -30,17 +30,33 @@ from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker._proto.yikatong.v1 import gate_pb2, recognition_pb2, settlement_pb2, trust_pb2
+from broker._proto.yikatong.v1 import (
+    admin_pb2,
+    gate_pb2,
+    recognition_pb2,
+    settlement_pb2,
+    trust_pb2,
+)
 from broker.cards.model import Scene
 from broker.node.server import Node
 from broker.testbed import build as testbed
 from broker.testbed.build import DistrictSetup
+from broker.trust import certops, pki
 from broker.trust.config import node_server_name
+from broker.trust.identity import admin_identity
 from tests.conftest import ANYUE, DAZU
 
 pytestmark = pytest.mark.timeout(240)
 
-FILES = (gate_pb2, recognition_pb2, trust_pb2, settlement_pb2, health_pb2, reflection_pb2)
+FILES = (
+    gate_pb2,
+    recognition_pb2,
+    trust_pb2,
+    settlement_pb2,
+    admin_pb2,
+    health_pb2,
+    reflection_pb2,
+)
 NEVER = (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 
 
@@ -100,14 +116,19 @@ def sync_channel(address: str, server: DistrictSetup, cert: Path, key: Path) -> 
 @pytest.fixture(scope="module")
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Edge]:
     root = tmp_path_factory.mktemp("edge")
-    setups = testbed.build(root, (DAZU, ANYUE), datetime.now(UTC), cards_per_district=20)
+    now = datetime.now(UTC)
+    setups = testbed.build(root, (DAZU, ANYUE), now, cards_per_district=20)
     bg = Background()
     nodes = {code: bg.run(Node.start(s.config)) for code, s in setups.items()}
     dazu, anyue = setups[DAZU], setups[ANYUE]
     address = nodes[DAZU].address
+    ops = pki.issue(certops.active_ca(dazu.paths), admin_identity(DAZU, "ops-1"), now, 1)
+    (root / "admin.pem").write_bytes(ops.cert_pem())
+    (root / "admin.key").write_bytes(ops.key_pem())
     callers = {
         "operator": sync_channel(address, dazu, dazu.operator_cert, dazu.operator_key),
         "peer-node": sync_channel(address, dazu, anyue.paths.node_cert, anyue.paths.node_key),
+        "admin": sync_channel(address, dazu, root / "admin.pem", root / "admin.key"),
     }
     try:
         yield Edge(setups, address, callers)
@@ -233,10 +254,12 @@ def test_every_method_of_every_service_is_fuzzed() -> None:
         "yikatong.v1.Recognition",
         "yikatong.v1.Trust",
         "yikatong.v1.Settlement",
+        "yikatong.v1.CardAdmin",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }
-    assert len(METHODS) == 14  # Gate 1, Recognition 2, Trust 1, Settlement 6, Health 3, Refl. 1
+    # Gate 1, Recognition 2, Trust 1, Settlement 6, CardAdmin 1, Health 3, Reflection 1
+    assert len(METHODS) == 15
 
 
 @settings(
