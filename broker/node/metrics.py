@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -19,23 +18,50 @@ def percentile(ordered: Sequence[float], q: float) -> float:
 
 
 class LatencyRecorder:
-    """Keeps the most recent durations (nanoseconds) of one kind of call."""
+    """A fixed-size histogram of one kind of call's durations (nanoseconds in).
 
-    def __init__(self, keep: int = 500_000) -> None:
-        self._samples: deque[int] = deque(maxlen=keep)
+    Buckets grow by 1 % from 1 µs to about 20 minutes (2,100 counters, whatever
+    the traffic): a percentile is exact to within 1 % (the bucket's upper bound
+    is reported, never less than the value), and memory stays flat however
+    long the node runs (a history of samples grew by tens of MB under load).
+    """
+
+    FLOOR_NS = 1_000
+    GROWTH = 1.01
+    BUCKETS = 2_100
+
+    def __init__(self) -> None:
+        self._counts = [0] * (self.BUCKETS + 1)  # the last: anything longer
+        self._count = 0
+        self._log_growth = math.log(self.GROWTH)
 
     def record(self, nanos: int) -> None:
-        self._samples.append(nanos)
+        if nanos <= self.FLOOR_NS:
+            index = 0
+        else:
+            index = min(math.ceil(math.log(nanos / self.FLOOR_NS) / self._log_growth), self.BUCKETS)
+        self._counts[index] += 1
+        self._count += 1
 
     def reset(self) -> None:
-        self._samples.clear()
+        self._counts = [0] * (self.BUCKETS + 1)
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return self._count
 
     def percentile_us(self, q: float) -> float:
-        """The ``q``-th percentile in microseconds."""
-        return percentile(sorted(self._samples), q) / 1000
+        """The nearest-rank ``q``-th percentile in microseconds: the upper bound of the bucket
+        holding it (0.0 when nothing was recorded)."""
+        if not self._count:
+            return 0.0
+        rank = max(1, min(self._count, math.ceil(Fraction(str(q)) * self._count / 100)))
+        seen = 0
+        for index, n in enumerate(self._counts):
+            seen += n
+            if seen >= rank:
+                return self.FLOOR_NS * self.GROWTH**index / 1000
+        raise AssertionError("unreachable: the counts sum to the count")
 
 
 class Metrics:

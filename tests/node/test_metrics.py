@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker.node.metrics import LatencyRecorder, Metrics, percentile
 
@@ -49,22 +51,44 @@ def test_percentile_at_an_exact_odd_rank_is_that_rank(n: int, q: float) -> None:
     assert percentile(values, q) == nearest_rank(values, q)
 
 
-def test_a_recorder_keeps_only_the_most_recent_durations() -> None:
-    rec = LatencyRecorder(keep=3)
-    for nanos in (9_000_000, 1_000, 2_000, 3_000, 4_000):
-        rec.record(nanos)
-    assert len(rec) == 3
-    assert rec.percentile_us(0) == 2.0  # 9 ms and 1 µs, the oldest, were dropped
-    assert rec.percentile_us(100) == 4.0
+def close_to(got: float, exact: float) -> bool:
+    """Within the histogram's 1 %, never below."""
+    return exact <= got <= exact * 1.0101
 
 
-def test_a_recorder_reports_microseconds_from_unsorted_nanoseconds() -> None:
+def test_a_recorder_reports_microseconds_within_one_percent_never_less() -> None:
     rec = LatencyRecorder()
     for nanos in (5_000, 1_500, 3_000):
         rec.record(nanos)
-    assert rec.percentile_us(50) == 3.0
-    assert rec.percentile_us(100) == 5.0
-    assert rec.percentile_us(0) == 1.5
+    assert len(rec) == 3
+    assert close_to(rec.percentile_us(50), 3.0)
+    assert close_to(rec.percentile_us(100), 5.0)
+    assert close_to(rec.percentile_us(0), 1.5)
+
+
+@given(st.lists(st.integers(1, 10**12), min_size=1, max_size=300), st.sampled_from([50, 99, 100]))
+def test_a_recorders_percentile_is_the_exact_ones_within_one_percent(
+    values: list[int], q: float
+) -> None:
+    rec = LatencyRecorder()
+    for v in values:
+        rec.record(v)
+    exact = percentile(sorted(values), q) / 1000
+    got = rec.percentile_us(q)
+    if exact <= LatencyRecorder.FLOOR_NS / 1000:
+        assert got == LatencyRecorder.FLOOR_NS / 1000
+    elif exact * 1000 >= LatencyRecorder.FLOOR_NS * LatencyRecorder.GROWTH**LatencyRecorder.BUCKETS:
+        assert got >= exact / 1.0101  # beyond the last bound: the top bucket
+    else:
+        assert close_to(got, exact), (got, exact)
+
+
+def test_a_recorders_memory_does_not_grow_with_traffic() -> None:
+    rec = LatencyRecorder()
+    size = len(rec._counts)
+    for i in range(200_000):
+        rec.record(1_000 + i * 37)
+    assert len(rec) == 200_000 and len(rec._counts) == size
 
 
 def test_a_reset_recorder_is_empty() -> None:
