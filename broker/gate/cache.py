@@ -18,7 +18,8 @@ card is refused at once, from cache); a pushed ACTIVE only invalidates: its
 entry is a *tombstone* that reads as a miss and still holds its position.
 
 Redis failures never fail a gate check: a slow or broken Redis counts as a
-miss (and is logged), and the node carries on asking peers.
+miss, and the node carries on asking peers; it is logged when it starts
+failing, once a minute with a count while it does, and when it is back.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from broker.cards.model import (
     Recognition,
     seconds_to_shanghai_midnight,
 )
+from broker.core.quiet import StateLog
 from broker.gate.config import CacheConfig
 
 log = structlog.get_logger(__name__)
@@ -243,6 +245,9 @@ class RedisTier:
         self._prefix = f"yk:v2:{district}:rec:"
         self._timeout = timeout_s
         self._cas = client.register_script(_CAS)
+        # One line when Redis starts failing, a count a minute while it does, one when it
+        # is back: never a line per call (a gate check may touch it twice).
+        self.state = StateLog(log, "redis", district=district)
 
     def redis_key(self, key: str) -> str:
         return self._prefix + key
@@ -261,8 +266,9 @@ class RedisTier:
             async with asyncio.timeout(self._timeout):
                 raw = await self._batcher.get(self.redis_key(key))
         except (RedisError, TimeoutError, OSError) as exc:
-            log.warning("redis_get_failed", error=type(exc).__name__)
+            self.state.failed(type(exc).__name__)
             return None
+        self.state.ok()
         if raw is None:
             return None
         try:
@@ -283,8 +289,9 @@ class RedisTier:
                     args=[value, ttl_ms, entry.epoch, entry.seq, least_ms],
                 )
         except (RedisError, TimeoutError, OSError) as exc:
-            log.warning("redis_set_failed", error=type(exc).__name__)
+            self.state.failed(type(exc).__name__)
             return None
+        self.state.ok()
         return bool(done)
 
     async def drop_prefix(self, prefix: str) -> int:
@@ -300,7 +307,7 @@ class RedisTier:
             if batch:
                 gone += int(await self._client.unlink(*batch))
         except (RedisError, OSError) as exc:
-            log.warning("redis_flush_failed", error=type(exc).__name__)
+            self.state.failed(type(exc).__name__)
         return gone
 
     async def cursor(self, issuer: str) -> LogPosition | None:
@@ -309,7 +316,7 @@ class RedisTier:
             async with asyncio.timeout(self._timeout):
                 raw = await self._client.get(self._cursor_key(issuer))
         except (RedisError, TimeoutError, OSError) as exc:
-            log.warning("redis_get_failed", error=type(exc).__name__)
+            self.state.failed(type(exc).__name__)
             return None
         if raw is None:
             return None
@@ -325,7 +332,7 @@ class RedisTier:
             async with asyncio.timeout(self._timeout):
                 await self._client.set(self._cursor_key(issuer), value)
         except (RedisError, TimeoutError, OSError) as exc:
-            log.warning("redis_set_failed", error=type(exc).__name__)
+            self.state.failed(type(exc).__name__)
 
     def _cursor_key(self, issuer: str) -> str:
         return self._prefix.replace(":rec:", ":cursor:") + issuer

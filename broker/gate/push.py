@@ -34,6 +34,7 @@ from broker.cards.model import LogPosition
 from broker.cards.status_log import Restart
 from broker.cards.updates import Change, Progress, Rewind, Update
 from broker.core.db import Db
+from broker.core.quiet import StateLog
 
 log = structlog.get_logger(__name__)
 
@@ -175,6 +176,7 @@ class StatusFeed:
     async def _poll(self) -> None:
         loop = asyncio.get_running_loop()
         tidied = 0.0
+        state = StateLog(log, "status_feed_poll")
         while True:
             try:
                 head = await self._run(status_log.head, self._db)
@@ -185,8 +187,9 @@ class StatusFeed:
                 if loop.time() - tidied > HOUSEKEEPING_S:
                     tidied = loop.time()
                     await self._run(self._tidy)
+                state.ok()
             except Exception as exc:  # the registry busy or gone for a moment: poll again
-                log.warning("status_feed_poll_failed", error=type(exc).__name__)
+                state.failed(type(exc).__name__)
             await asyncio.sleep(self._poll_s)
 
     def _tidy(self) -> None:

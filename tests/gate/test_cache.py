@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import redis
+from structlog.testing import capture_logs
 
 from broker.cards.model import CardRef, CardStatus, Entitlement, LogPosition, Recognition
 from broker.cards.privacy import Hasher
@@ -124,8 +125,13 @@ async def test_a_dead_redis_is_a_miss_not_a_failure():
     cache = AnswerCache.from_config(cfg, "500111")
     key = key_of(REF)
     try:
-        await cache.put(key, ACTIVE)
-        assert await cache.get(key) is None
+        with capture_logs() as events:
+            await cache.put(key, ACTIVE)
+            assert await cache.get(key) is None
+            for _ in range(50):
+                assert await cache.get(key) is None
+        # one line for 52 failed calls: logged when it began failing, not per call
+        assert [e["event"] for e in events] == ["redis_failing"]
     finally:
         await cache.close()
 
