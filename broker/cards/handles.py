@@ -18,16 +18,35 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
-from broker.core.db import Db, Migration, utc_text
+from broker.core.db import Db, Migration, migrate, utc_text
 
-MIGRATION = Migration(
-    4,
-    "peers' handles: which peer asked about which card, by its own name for it, until when",
-    "CREATE TABLE IF NOT EXISTS peer_handles (peer TEXT NOT NULL, card_number TEXT NOT NULL, "
-    "handle TEXT NOT NULL, until TEXT NOT NULL, PRIMARY KEY (peer, card_number));\n"
-    "CREATE INDEX IF NOT EXISTS peer_handles_until ON peer_handles (until)",
+# A file of their own beside the registry, with its own write lock: keeping a handle
+# (a write on every Recognize that gives one) never waits for an import of the registry,
+# and an import never waits for them.
+MIGRATIONS = (
+    Migration(
+        1,
+        "peers' handles: which peer asked about which card, by its own name for it, until when",
+        "CREATE TABLE IF NOT EXISTS peer_handles (peer TEXT NOT NULL, card_number TEXT NOT NULL, "
+        "handle TEXT NOT NULL, until TEXT NOT NULL, PRIMARY KEY (peer, card_number));\n"
+        "CREATE INDEX IF NOT EXISTS peer_handles_until ON peer_handles (until)",
+    ),
 )
+
+
+def handles_path(registry: Path) -> Path:
+    """Where the handles of the registry at ``registry`` are kept."""
+    return registry.with_name(f"{registry.stem}-handles{registry.suffix}")
+
+
+def open_handles(registry: Path) -> Db:
+    """A connection to the handles file of ``registry`` (created and migrated if needed)."""
+    db = Db.sqlite(handles_path(registry))
+    migrate(db, "handles", MIGRATIONS)
+    return db
+
 
 _HANDLE = re.compile(r"[0-9a-f]{32}")
 
@@ -85,7 +104,16 @@ def live_handles(
     return out
 
 
-def purge(db: Db, before: datetime) -> int:
-    """Forget handles that ended before ``before``; how many."""
-    with db.write():
-        return db.execute("DELETE FROM peer_handles WHERE until < ?", (utc_text(before),))
+def purge(db: Db, before: datetime, chunk: int = 5000) -> int:
+    """Forget handles that ended before ``before``; how many (deleted in parts)."""
+    gone = 0
+    while True:
+        with db.write():
+            n = db.execute(
+                "DELETE FROM peer_handles WHERE rowid IN (SELECT rowid FROM peer_handles "
+                "WHERE until < ? LIMIT ?)",
+                (utc_text(before), chunk),
+            )
+        gone += n
+        if n < chunk:
+            return gone

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from broker.cards import handles, status_log
+from broker.cards import status_log
 from broker.cards.csv_import import CardRow
 from broker.cards.districts import District, load_districts
 from broker.cards.model import CardStatus, shanghai_day
@@ -93,7 +93,6 @@ MIGRATIONS = (
     Migration(1, "baseline: districts, cards, card status history", BASELINE),
     Migration(2, "card history with flags and recording instants; advertised TTL", HISTORY),
     status_log.MIGRATION,
-    handles.MIGRATION,
 )
 
 # Status rows not yet in card_history (all of them, the first time), with the

@@ -172,8 +172,14 @@ def head(db: Db) -> LogPosition:
 def read(db: Db, after: LogPosition | None, limit: int = 1000) -> list[StatusEvent] | Restart:
     """The events after ``after``, oldest first, at most ``limit``; or :class:`Restart`.
 
-    ``None`` (a subscriber that has no cursor) is always told to restart.
+    ``None`` (a subscriber that has no cursor) is always told to restart. Read in
+    one snapshot: a purge or a reset meanwhile cannot open a gap in what it returns.
     """
+    with db.snapshot():
+        return _read(db, after, limit)
+
+
+def _read(db: Db, after: LogPosition | None, limit: int) -> list[StatusEvent] | Restart:
     now = head(db)
     if after is None:
         return Restart(now, "no cursor")
@@ -212,16 +218,22 @@ def read(db: Db, after: LogPosition | None, limit: int = 1000) -> list[StatusEve
     ]
 
 
-def purge(db: Db, before: datetime) -> int:
+def purge(db: Db, before: datetime, chunk: int = 5000) -> int:
     """Drop the events logged before ``before`` (the retention), but never the last one;
     how many went. Numbering goes on; a cursor older than what is kept restarts, and one at
     the head (a peer that has seen everything, however long ago) stays good."""
-    with db.write():
-        return db.execute(
-            "DELETE FROM status_events WHERE logged_at < ? "
-            "AND seq < (SELECT head FROM status_log WHERE id = 1)",
-            (utc_text(before),),
-        )
+    gone = 0
+    while True:  # in parts: a writer waits for one part at most, never for all of them
+        with db.write():
+            n = db.execute(
+                "DELETE FROM status_events WHERE seq IN (SELECT seq FROM status_events "
+                "WHERE logged_at < ? AND seq < (SELECT head FROM status_log WHERE id = 1) "
+                "ORDER BY seq LIMIT ?)",
+                (utc_text(before), chunk),
+            )
+        gone += n
+        if n < chunk:
+            return gone
 
 
 def reset(db: Db, epoch: str, now: datetime) -> LogPosition:

@@ -238,6 +238,29 @@ class Db:
             finally:
                 self._depth = 0
 
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads that see one state of the database (a read transaction: on SQLite a
+        deferred ``BEGIN``, which takes no write lock; on PostgreSQL REPEATABLE READ)."""
+        with self._lock:
+            if self._depth:  # inside a write: already one state
+                yield
+                return
+            self._depth = 1
+            try:
+                if self.dialect == "sqlite":
+                    self._conn.execute("BEGIN")
+                    try:
+                        yield
+                    finally:
+                        self._conn.execute("COMMIT")
+                else:
+                    with self._conn.transaction():
+                        self._conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                        yield
+            finally:
+                self._depth = 0
+
     def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
         """Run one statement; the number of rows it changed."""
         with self._lock:

@@ -51,8 +51,7 @@ class HandleBook:
     that answer gates)."""
 
     def __init__(self, registry_path: Path) -> None:
-        self._db = Db.sqlite(registry_path)
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: survives the process dying
+        self._db = handle_store.open_handles(registry_path)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handles")
         self._pending: list[tuple[Handle, asyncio.Future[None]]] = []
         self.refused = 0  # handles given that were not kept (malformed)
@@ -101,9 +100,20 @@ class StatusFeed:
         retention: timedelta = EVENT_RETENTION,
     ) -> None:
         """``retention``: how long changes are kept for peers that were away (and handles
-        past their end are dropped), tidied every minute or so by the poller."""
+        past their end are dropped), tidied every minute or so by the poller.
+
+        Connections of its own, each used by one thread: the streams' reads (the log,
+        then the handles), the head (on the event loop: one row of a WAL file, which a
+        writer never blocks), and the tidying (its own thread, in parts).
+        """
         self._db = Db.sqlite(registry_path)
+        self._handles = handle_store.open_handles(registry_path)
+        self._head_db = Db.sqlite(registry_path)
+        self._house_db = Db.sqlite(registry_path)
+        self._house_handles = handle_store.open_handles(registry_path)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-feed")
+        self._house = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-tidy")
+        self._polls = 0
         self._clock = clock
         self._poll_s = poll_s
         self._retention = retention
@@ -112,8 +122,8 @@ class StatusFeed:
         self._poller: asyncio.Task[None] | None = None
 
     def head(self) -> LogPosition:
-        """Where the log stands now (read on the caller's thread: one row)."""
-        return status_log.head(self._db)
+        """Where the log stands now (on the event loop: one row, never behind a lock)."""
+        return status_log.head(self._head_db)
 
     async def updates(
         self, peer: str, after: LogPosition | None, lifetime_s: float | None = None
@@ -154,7 +164,9 @@ class StatusFeed:
         if not got:
             return []
         earliest = min(e.logged_at for e in got)
-        live = handle_store.live_handles(self._db, peer, [e.card_number for e in got], earliest)
+        # After the events: a handle committed before a change's event is seen here.
+        cards = [e.card_number for e in got]
+        live = handle_store.live_handles(self._handles, peer, cards, earliest)
         out: list[Update] = []
         for event in got:
             held = live.get(event.card_number)
@@ -165,9 +177,15 @@ class StatusFeed:
         return out
 
     async def _wait_past(self, cursor: LogPosition) -> None:
-        """Until the head is elsewhere than ``cursor`` (further on, or another history)."""
+        """Until a poll made after this call finds the head elsewhere than ``cursor``
+        (further on, or another history). A head polled before the stream read on past
+        it would look "elsewhere" at once: waiting for a later poll keeps that from
+        spinning."""
+        since = self._polls
         async with self._changed:
-            await self._changed.wait_for(lambda: self._now is not None and self._now != cursor)
+            await self._changed.wait_for(
+                lambda: self._polls > since and self._now is not None and self._now != cursor
+            )
 
     def _start(self) -> None:
         if self._poller is None:
@@ -176,17 +194,19 @@ class StatusFeed:
     async def _poll(self) -> None:
         loop = asyncio.get_running_loop()
         tidied = 0.0
+        tidy: asyncio.Future[None] | None = None
         state = StateLog(log, "status_feed_poll")
         while True:
             try:
-                head = await self._run(status_log.head, self._db)
-                if head != self._now:
-                    async with self._changed:
-                        self._now = head
-                        self._changed.notify_all()
-                if loop.time() - tidied > HOUSEKEEPING_S:
+                head = status_log.head(self._head_db)
+                async with self._changed:
+                    self._now = head
+                    self._polls += 1
+                    self._changed.notify_all()
+                if loop.time() - tidied > HOUSEKEEPING_S and (tidy is None or tidy.done()):
                     tidied = loop.time()
-                    await self._run(self._tidy)
+                    tidy = loop.run_in_executor(self._house, self._tidy)
+                    tidy.add_done_callback(_tidied)
                 state.ok()
             except Exception as exc:  # the registry busy or gone for a moment: poll again
                 state.failed(type(exc).__name__)
@@ -194,8 +214,8 @@ class StatusFeed:
 
     def _tidy(self) -> None:
         now = self._clock()
-        status_log.purge(self._db, now - self._retention)
-        handle_store.purge(self._db, now)
+        status_log.purge(self._house_db, now - self._retention)
+        handle_store.purge(self._house_handles, now)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
@@ -205,4 +225,11 @@ class StatusFeed:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
         self._reader.shutdown(wait=True)
-        self._db.close()
+        self._house.shutdown(wait=True)
+        for db in (self._db, self._handles, self._head_db, self._house_db, self._house_handles):
+            db.close()
+
+
+def _tidied(done: asyncio.Future[None]) -> None:
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.warning("status_log_tidy_failed", error=type(exc).__name__)

@@ -9,11 +9,33 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.cards.handles import Handle, live_handles, purge, remember, valid_handle
-from broker.cards.registry import Registry
+from broker.cards.handles import (
+    Handle,
+    handles_path,
+    live_handles,
+    open_handles,
+    purge,
+    remember,
+    valid_handle,
+)
+from broker.core.db import Db
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 H1, H2 = "0123456789abcdef" * 2, "fedcba9876543210" * 2
+
+
+class Handles:
+    """The handles file beside a registry at ``<dir>/r.sqlite3``."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.db: Db = open_handles(tmp_path / "r.sqlite3")
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def test_handles_live_in_a_file_of_their_own_beside_the_registry(tmp_path: Path):
+    assert handles_path(tmp_path / "registry.sqlite3") == tmp_path / "registry-handles.sqlite3"
 
 
 @pytest.mark.parametrize(
@@ -32,7 +54,7 @@ def test_a_handle_is_exactly_what_a_cache_key_looks_like(text: str):
 def test_a_new_handle_replaces_the_peers_old_one_and_peers_do_not_see_each_other(
     tmp_path: Path,
 ):
-    reg = Registry(tmp_path / "r.sqlite3")
+    reg = Handles(tmp_path)
     remember(reg.db, [Handle("500111", "A1", H1, T0 + timedelta(minutes=2))])
     remember(
         reg.db,
@@ -50,7 +72,7 @@ def test_a_new_handle_replaces_the_peers_old_one_and_peers_do_not_see_each_other
 
 
 def test_the_same_handle_given_again_never_shortens_its_life(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+    reg = Handles(tmp_path)
     later = T0 + timedelta(minutes=10)
     remember(reg.db, [Handle("500111", "A1", H1, later)])
     remember(reg.db, [Handle("500111", "A1", H1, T0 + timedelta(minutes=2))])
@@ -59,7 +81,7 @@ def test_the_same_handle_given_again_never_shortens_its_life(tmp_path: Path):
 
 
 def test_a_handle_past_its_end_is_not_live_and_is_purged(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+    reg = Handles(tmp_path)
     remember(
         reg.db, [Handle("500111", "A1", H1, T0), Handle("500111", "A2", H2, T0 + timedelta(1))]
     )
@@ -70,8 +92,16 @@ def test_a_handle_past_its_end_is_not_live_and_is_purged(tmp_path: Path):
     reg.close()
 
 
+def test_purging_in_parts_takes_every_ended_handle(tmp_path: Path):
+    reg = Handles(tmp_path)
+    remember(reg.db, [Handle("500111", f"C{i}", H1, T0) for i in range(7)])
+    assert purge(reg.db, T0 + timedelta(seconds=1), chunk=2) == 7
+    assert live_handles(reg.db, "500111", [f"C{i}" for i in range(7)], T0) == {}
+    reg.close()
+
+
 def test_many_cards_are_looked_up_in_parts(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+    reg = Handles(tmp_path)
     cards = [f"C{i:05d}" for i in range(1200)]
     remember(reg.db, [Handle("500111", c, H1, T0) for c in cards[::2]])
     assert sorted(live_handles(reg.db, "500111", cards, T0)) == cards[::2]

@@ -833,3 +833,22 @@ def test_two_replicas_migrating_one_postgres_schema_at_once_apply_each_step_once
     assert versions == [4, 4]
     rows = _pg_read(postgres_url, pg_schema, "SELECT version FROM schema_migrations ORDER BY 1")
     assert rows == [(1,), (2,), (3,), (4,)]
+
+
+def test_a_snapshot_reads_one_state_while_another_connection_writes(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    reader, writer = Db.sqlite(path), Db.sqlite(path)
+    try:
+        writer.script("CREATE TABLE t (x INTEGER)")
+        with writer.write():
+            writer.execute("INSERT INTO t VALUES (1)")
+        with reader.snapshot():
+            first = reader.one("SELECT count(*) FROM t")
+            with writer.write():  # another connection commits meanwhile: no lock is held
+                writer.execute("INSERT INTO t VALUES (2)")
+            again = reader.one("SELECT count(*) FROM t")
+        assert first == again == (1,)
+        assert reader.one("SELECT count(*) FROM t") == (2,)
+    finally:
+        reader.close()
+        writer.close()

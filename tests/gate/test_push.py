@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -13,11 +14,12 @@ import pytest
 
 from broker.cards import status_log
 from broker.cards.csv_import import CardRow
-from broker.cards.handles import Handle, live_handles
+from broker.cards.handles import Handle, live_handles, open_handles
 from broker.cards.model import CardStatus
 from broker.cards.registry import Registry
 from broker.cards.status_change import set_status
 from broker.cards.updates import Change, Progress, Rewind, Update
+from broker.core.db import Db
 from broker.gate.push import HandleBook, StatusFeed
 
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
@@ -65,7 +67,10 @@ async def test_handles_given_in_one_turn_are_all_committed_before_their_callers_
             book.remember(Handle(DAZU, "A2", H2, until)),
             book.remember(Handle(TONGNAN, "A1", H2, until)),
         )
-        assert live_handles(registry.db, DAZU, ["A1", "A2"], T0) == {
+        handles = open_handles(registry.path)
+        got = live_handles(handles, DAZU, ["A1", "A2"], T0)
+        handles.close()
+        assert got == {
             "A1": (H1, until),
             "A2": (H2, until),
         }
@@ -75,10 +80,12 @@ async def test_handles_given_in_one_turn_are_all_committed_before_their_callers_
 
 async def test_a_handle_that_cannot_be_committed_fails_its_caller(registry: Registry):
     """The caller must not answer as if the peer would be told of changes."""
-    registry.db.execute(
+    handles = open_handles(registry.path)
+    handles.execute(
         "CREATE TRIGGER no_handles BEFORE INSERT ON peer_handles "
         "BEGIN SELECT RAISE(ABORT, 'disk full, say'); END"
     )
+    handles.close()
     book = HandleBook(registry.path)
     try:
         with pytest.raises(sqlite3.IntegrityError):
@@ -174,3 +181,23 @@ async def test_a_stream_waiting_at_the_head_notices_a_reset(registry: Registry, 
     [rewind] = await waiting
     assert isinstance(rewind, Rewind)
     await stream.aclose()
+
+
+async def test_neither_the_head_nor_a_handle_waits_for_a_writer_of_the_registry(
+    registry: Registry, feed: StatusFeed
+):
+    """An import holding the registry's write lock (for seconds, on a big file) must not
+    hold up a Recognize: the head is read without a lock, handles have their own file."""
+    importing = Db.sqlite(registry.path)
+    importing.execute("BEGIN IMMEDIATE")
+    book = HandleBook(registry.path)
+    try:
+        started = time.monotonic()
+        head = feed.head()
+        await book.remember(Handle(DAZU, "A1", H1, T0))
+        assert time.monotonic() - started < 1.0  # the busy timeout is 5 s
+        assert head.seq > 0
+    finally:
+        importing.execute("ROLLBACK")
+        importing.close()
+        book.close()

@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc, types_pb2
 from broker.cards.entitlements import entitlements_for
-from broker.cards.handles import live_handles
+from broker.cards.handles import live_handles, open_handles
 from broker.cards.model import shanghai_day
 from broker.cards.privacy import load_key_file
 from broker.cards.status_change import set_status
@@ -240,7 +240,11 @@ async def test_a_malformed_handle_is_answered_without_push_and_counted(
         unbind_identity(token)
     assert answer.status == types_pb2.CARD_STATUS_ACTIVE and answer.cache_ttl_seconds > 0
     assert servicer.handles_refused == 1
-    assert live_handles(node.registry.db, ANYUE, [card.ref.card_number], now) == {}
+    handles = open_handles(node.registry.path)
+    try:
+        assert live_handles(handles, ANYUE, [card.ref.card_number], now) == {}
+    finally:
+        handles.close()
 
 
 async def test_a_watch_without_a_cursor_restarts_at_the_head_and_an_odd_one_is_refused(
