@@ -37,6 +37,14 @@ class Hasher:
         msg = f"card\x00{ref.issuer_region}\x00{ref.card_number}".encode()
         return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:32]
 
+    def card_handle(self, ref: CardRef) -> str:
+        """This district's name for another district's card in its cache and at the card's
+        home (which pushes the card's changes by it): HMAC in a domain of its own, 128 bits,
+        so the home, which knows the number behind it, learns nothing about the
+        :meth:`card_key` this district's logs name the card by."""
+        msg = f"handle\x00{ref.issuer_region}\x00{ref.card_number}".encode()
+        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:32]
+
     def holder_key(self, ssn: str) -> str:
         """Stable opaque id of a card-holder (follows the person across reissued cards)."""
         msg = f"holder\x00{ssn}".encode()

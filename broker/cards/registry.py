@@ -284,6 +284,9 @@ class Registry:
                             when,
                         ),
                     )
+                if old is None or old[1:] != new[1:]:
+                    # Peers that asked are told (a birth date corrected changes the
+                    # entitlements their cached answers carry, too); in this transaction.
                     wire = derive_status(r.status, r.valid_until, shanghai_day(at))
                     took_effect = r.changed_at or r.recorded_at or at
                     status_log.append(

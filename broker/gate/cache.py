@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -47,8 +48,9 @@ from broker.gate.config import CacheConfig
 log = structlog.get_logger(__name__)
 
 # A pushed change is kept at least this long, though no answer about the card is cached:
-# an answer in flight when it arrived must still find it (and lose to it).
-TOMBSTONE_MIN_S = 30
+# an answer in flight when it arrived must still find it (and lose to it). A peer call
+# may take up to 60 s ([peering] deadline_ms at its largest), plus clock skew.
+TOMBSTONE_MIN_S = 65
 _NO_SEQ = -1
 
 
@@ -344,13 +346,25 @@ class RedisTier:
 class AnswerCache:
     """The two tiers together. Callers see ``get``, ``put``, and ``apply`` for pushes."""
 
-    def __init__(self, cfg: CacheConfig, remote: RedisTier | None) -> None:
+    def __init__(
+        self,
+        cfg: CacheConfig,
+        remote: RedisTier | None,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        """``wall``: the node's clock, for the midnight every entry ends by."""
         self._cfg = cfg
         self.local = LocalTier(cfg.local_max_entries)
         self.remote = remote
+        self._wall = wall
 
     @classmethod
-    def from_config(cls, cfg: CacheConfig, district: str) -> AnswerCache:
+    def from_config(
+        cls,
+        cfg: CacheConfig,
+        district: str,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> AnswerCache:
         remote = None
         if cfg.redis_url:
             timeout = cfg.redis_timeout_ms / 1000
@@ -358,7 +372,7 @@ class AnswerCache:
                 cfg.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
             )
             remote = RedisTier(client, district, timeout)
-        return cls(cfg, remote)
+        return cls(cfg, remote, wall)
 
     def ttl_for(self, rec: Recognition) -> int:
         """Seconds to keep an answer: the home district's TTL, bounded by ours and by the
@@ -366,21 +380,29 @@ class AnswerCache:
         ttl = min(rec.ttl_seconds, self._cfg.max_ttl_seconds)
         if rec.status is CardStatus.UNKNOWN:
             ttl = min(ttl, self._cfg.unknown_ttl_seconds)
-        return max(min(ttl, seconds_to_shanghai_midnight(datetime.now(UTC))), 0)
+        return max(min(ttl, seconds_to_shanghai_midnight(self._wall())), 0)
 
     def get_local(self, key: str) -> Recognition | None:
         """The in-process tier alone: no await, for the hot path."""
         return self.local.get(key, time.monotonic())
 
     async def get(self, key: str) -> Recognition | None:
-        """Local tier, then Redis (filling the local tier for the time Redis has left)."""
-        rec = self.get_local(key)
-        if rec is not None or self.remote is None:
-            return rec
+        """Local tier, then Redis (filling the local tier for the time Redis has left).
+
+        A tombstone here (a pushed change) also stands against Redis: an entry there
+        older than it (its write lost the race, or failed) is a miss.
+        """
+        held = self.local.entry(key, time.monotonic())
+        if held is not None and held.rec is not None:
+            return held.rec
+        if self.remote is None:
+            return None
         found = await self.remote.get(key)
         if found is None:
             return None
         entry, expires_at_ms = found
+        if held is not None and not may_replace(entry, held):
+            return None
         left = expires_at_ms / 1000 - time.time()
         if left <= 0:
             return None
@@ -409,7 +431,7 @@ class AnswerCache:
         refuses = status in (CardStatus.LOST, CardStatus.SUSPENDED, CardStatus.EXPIRED)
         now = time.monotonic()
         held = self.local.expiry(key)
-        least = min(TOMBSTONE_MIN_S, seconds_to_shanghai_midnight(datetime.now(UTC)))
+        least = min(TOMBSTONE_MIN_S, seconds_to_shanghai_midnight(self._wall()))
         ttl = max(least, (held - now) if held is not None else 0)
         rec = Recognition(status, (), int(ttl), position) if refuses else None
         entry = Entry.of(rec, position)

@@ -43,9 +43,10 @@ class PeerRecognizer:
         self.before_caching: Callable[[CardRef], Awaitable[None]] | None = None
 
     def key(self, ref: CardRef) -> str:
-        """The card's cache key: its issuer and its keyed hash (the hash is also our handle
-        for it at its home, which names it so in the changes it pushes)."""
-        return f"{ref.issuer_region}:{self._hasher.card_key(ref)}"
+        """The card's cache key: its issuer and our handle for it (a keyed hash of its own
+        domain, which its home names it by in the changes it pushes; the logs use
+        :meth:`Hasher.card_key`, which the home never sees)."""
+        return f"{ref.issuer_region}:{self._hasher.card_handle(ref)}"
 
     def cached(self, ref: CardRef) -> Recognition | None:
         """The in-process tier only: answered without leaving the event loop's turn."""
@@ -72,7 +73,12 @@ class PeerRecognizer:
             if self.before_caching is not None:
                 await self.before_caching(ref)
             await self._cache.put(key, rec)
-            log.debug("peer_answer", district=ref.issuer_region, card=key, status=rec.status.name)
+            log.debug(
+                "peer_answer",
+                district=ref.issuer_region,
+                card=self._hasher.card_key(ref),
+                status=rec.status.name,
+            )
             return rec
 
         rec, _shared = await self._flights.do(key, fetch)

@@ -20,6 +20,7 @@ the last position applied, at once the first time and then with backoff.
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 
 import structlog
 
@@ -66,11 +67,13 @@ class StatusWatcher:
             opened = loop.time()
             self.streams += 1
             try:
-                async for update in self._client.watch_status(self.district, self.cursor):
-                    await self._apply(update)
-                    if broken:
-                        log.info("status_watch_resumed", district=self.district)
-                    delay, broken = 0.0, False
+                stream = self._client.watch_status(self.district, self.cursor)
+                async with aclosing(stream):  # its call is cancelled however this ends
+                    async for update in stream:
+                        await self._apply(update)
+                        if broken:
+                            log.info("status_watch_resumed", district=self.district)
+                        delay, broken = 0.0, False
             except PeerUnavailable as exc:
                 if not broken and self.cursor is None:  # never followed yet: the peer may
                     log.info("status_watch_waiting", district=self.district, reason=exc.reason)

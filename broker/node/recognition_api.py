@@ -27,6 +27,11 @@ from broker.trust.identity import current_identity
 
 log = structlog.get_logger(__name__)
 
+# A handle lives past the answer's TTL by this much: the peer counts the TTL from when the
+# answer reaches it (a peer call may take up to 60 s), and the clocks of the writer of a
+# change and of this node may differ a little.
+REACH_MARGIN = timedelta(seconds=65)
+
 
 class RecognitionServicer(recognition_pb2_grpc.RecognitionServicer):
     """``yikatong.v1.Recognition``: peers ask about this district's cards.
@@ -98,7 +103,7 @@ class RecognitionServicer(recognition_pb2_grpc.RecognitionServicer):
         if not valid_handle(handle):
             self.handles_refused += 1
             return None
-        until = now + timedelta(seconds=self._home.longest_ttl())
+        until = now + timedelta(seconds=self._home.longest_ttl()) + REACH_MARGIN
         try:
             await self._book.remember(Handle(peer, card_number, handle, until))
         except Exception as exc:  # the registry busy or failing: answer, but not for caching

@@ -145,7 +145,7 @@ class Node:
         feed = StatusFeed(
             cfg.registry.path, clock, retention=timedelta(hours=cfg.registry.event_retention_hours)
         )
-        cache = AnswerCache.from_config(cfg.cache, cfg.district)
+        cache = AnswerCache.from_config(cfg.cache, cfg.district, clock)
         channels = PeerChannels(trust, cfg.peers)
         reload_now = asyncio.Event()
         refresher = BundleRefresher(cfg, channels, trust, reload_now.set)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import grpc
 
@@ -72,7 +72,9 @@ class PeerClient:
             raise PeerUnavailable(district, reason) from exc
         return recognition_from_wire(response)
 
-    async def watch_status(self, district: str, after: LogPosition | None) -> AsyncIterator[Update]:
+    async def watch_status(
+        self, district: str, after: LogPosition | None
+    ) -> AsyncGenerator[Update, None]:
         """``district``'s updates about the cards we gave it handles for, from ``after`` on.
 
         Endless while the stream lasts; its end, however it comes (connection

@@ -166,12 +166,15 @@ def test_the_import_logs_every_change_it_records_and_nothing_else(tmp_path: Path
     reg.upsert([row("A1", "lost"), row("A2")], T0 + timedelta(hours=1))  # A2 unchanged
     flagged = CardRow("A2", "h" * 32, date(1950, 1, 1), "active", True, False, date(2030, 1, 1))
     reg.upsert([flagged], T0 + timedelta(hours=2))
+    corrected = CardRow("A1", "h" * 32, date(1960, 1, 1), "lost", False, False, date(2030, 1, 1))
+    reg.upsert([corrected], T0 + timedelta(hours=3))  # a birth date corrected
     got = [(e.seq, e.card_number, e.status) for e in events(reg, from_start(reg))]
     assert got == [
         (1, "A1", CardStatus.ACTIVE),  # new cards: a cached UNKNOWN must go
         (2, "A2", CardStatus.ACTIVE),
         (3, "A1", CardStatus.LOST),
         (4, "A2", CardStatus.ACTIVE),  # a flag changed: invalidate, no entitlements in it
+        (5, "A1", CardStatus.LOST),  # entitlements follow the birth date: told as well
     ]
     reg.close()
 

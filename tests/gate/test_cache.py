@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import pytest
 import redis
@@ -15,6 +17,13 @@ from broker.gate.cache import AnswerCache, Entry, LocalTier, decode, encode, may
 from broker.gate.config import CacheConfig
 
 HASHER = Hasher(b"s" * 32)
+
+
+def NOON() -> datetime:
+    """Noon in Shanghai: far from the midnight every entry ends by."""
+    return datetime(2026, 3, 1, 4, 0, tzinfo=UTC)
+
+
 REF = CardRef("512021", "C5120210000001")
 ACTIVE = Recognition(CardStatus.ACTIVE, (Entitlement.SENIOR_60, Entitlement.DISABLED), 120)
 UNKNOWN = Recognition(CardStatus.UNKNOWN, (), 600)
@@ -68,7 +77,7 @@ def test_which_write_may_replace_which(new: Entry, old: Entry | None, replaces: 
 
 
 async def test_unknown_answers_are_cached_only_briefly():
-    cache = AnswerCache(CacheConfig(unknown_ttl_seconds=7, max_ttl_seconds=100), None)
+    cache = AnswerCache(CacheConfig(unknown_ttl_seconds=7, max_ttl_seconds=100), None, NOON)
     assert cache.ttl_for(UNKNOWN) == 7
     assert cache.ttl_for(Recognition(CardStatus.ACTIVE, (), 60)) == 60
     assert cache.ttl_for(Recognition(CardStatus.ACTIVE, (), 5000)) == 100
@@ -86,7 +95,7 @@ def test_local_tier_keeps_a_pushed_change_against_an_older_answer():
 
 
 async def test_in_process_only_when_no_redis_is_configured():
-    cache = AnswerCache.from_config(CacheConfig(redis_url=None), "500111")
+    cache = AnswerCache.from_config(CacheConfig(redis_url=None), "500111", wall=NOON)
     key = key_of(REF)
     await cache.put(key, ACTIVE)
     assert cache.remote is None
@@ -95,8 +104,8 @@ async def test_in_process_only_when_no_redis_is_configured():
 
 async def test_replicas_share_answers_through_redis_under_hashed_keys(redis_db: str):
     cfg = CacheConfig(redis_url=redis_db, unknown_ttl_seconds=3)
-    replica_a = AnswerCache.from_config(cfg, "500111")
-    replica_b = AnswerCache.from_config(cfg, "500111")
+    replica_a = AnswerCache.from_config(cfg, "500111", wall=NOON)
+    replica_b = AnswerCache.from_config(cfg, "500111", wall=NOON)
     key = key_of(REF)
     try:
         await replica_a.put(key, ACTIVE)
@@ -122,7 +131,7 @@ async def test_replicas_share_answers_through_redis_under_hashed_keys(redis_db: 
 
 async def test_a_dead_redis_is_a_miss_not_a_failure():
     cfg = CacheConfig(redis_url="redis://127.0.0.1:1/0", redis_timeout_ms=50, local_max_entries=0)
-    cache = AnswerCache.from_config(cfg, "500111")
+    cache = AnswerCache.from_config(cfg, "500111", wall=NOON)
     key = key_of(REF)
     try:
         with capture_logs() as events:
@@ -138,8 +147,8 @@ async def test_a_dead_redis_is_a_miss_not_a_failure():
 
 async def test_concurrent_redis_reads_share_round_trips(redis_db: str):
     cfg = CacheConfig(redis_url=redis_db, local_max_entries=0)
-    writer = AnswerCache.from_config(cfg, "500111")
-    reader = AnswerCache.from_config(cfg, "500111")
+    writer = AnswerCache.from_config(cfg, "500111", wall=NOON)
+    reader = AnswerCache.from_config(cfg, "500111", wall=NOON)
     refs = [CardRef("512021", f"C51202100{i:05d}") for i in range(40)]
     keys = [key_of(r) for r in refs]
     client = redis.Redis.from_url(redis_db)
@@ -163,7 +172,10 @@ async def test_a_late_answer_never_undoes_a_pushed_change_at_any_replica(redis_d
     """LOST pushed at position 8; an ACTIVE answer read at 7 arrives after it, at another
     replica: Redis's compare-and-set refuses it, and both replicas refuse the card."""
     cfg = CacheConfig(redis_url=redis_db)
-    pushed, late = AnswerCache.from_config(cfg, "500111"), AnswerCache.from_config(cfg, "500111")
+    pushed, late = (
+        AnswerCache.from_config(cfg, "500111", wall=NOON),
+        AnswerCache.from_config(cfg, "500111", wall=NOON),
+    )
     key = key_of(REF)
     try:
         await pushed.apply(key, CardStatus.LOST, at(8))
@@ -171,7 +183,7 @@ async def test_a_late_answer_never_undoes_a_pushed_change_at_any_replica(redis_d
         for replica in (pushed, late):
             got = await replica.get(key)
             assert got is not None and got.status is CardStatus.LOST
-        fresh = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111")
+        fresh = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111", wall=NOON)
         try:
             got = await fresh.get(key)  # Redis alone
             assert got is not None and got.status is CardStatus.LOST
@@ -180,7 +192,7 @@ async def test_a_late_answer_never_undoes_a_pushed_change_at_any_replica(redis_d
         await late.put(key, replace(ACTIVE, position=at(9)))  # read after a reactivation
         got = await pushed.get(key)
         assert got is not None and got.status is CardStatus.LOST  # its local tier: its own
-        fresh = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111")
+        fresh = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111", wall=NOON)
         try:
             got = await fresh.get(key)
             assert got is not None and got.status is CardStatus.ACTIVE
@@ -193,7 +205,7 @@ async def test_a_late_answer_never_undoes_a_pushed_change_at_any_replica(redis_d
 
 async def test_a_pushed_active_only_invalidates_and_keeps_older_answers_out(redis_db: str):
     cfg = CacheConfig(redis_url=redis_db)
-    cache = AnswerCache.from_config(cfg, "500111")
+    cache = AnswerCache.from_config(cfg, "500111", wall=NOON)
     key = key_of(REF)
     client = redis.Redis.from_url(redis_db)
     try:
@@ -212,14 +224,14 @@ async def test_a_pushed_active_only_invalidates_and_keeps_older_answers_out(redi
 
 async def test_a_flush_forgets_one_districts_answers_in_both_tiers(redis_db: str):
     cfg = CacheConfig(redis_url=redis_db)
-    cache = AnswerCache.from_config(cfg, "500111")
+    cache = AnswerCache.from_config(cfg, "500111", wall=NOON)
     anyue, tongnan = key_of(REF), key_of(CardRef("500223", "C5002230000001"))
     try:
         await cache.put(anyue, ACTIVE)
         await cache.put(tongnan, ACTIVE)
         await cache.flush("512021")
         assert cache.get_local(anyue) is None and cache.get_local(tongnan) == ACTIVE
-        other = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111")
+        other = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111", wall=NOON)
         try:
             assert await other.get(anyue) is None
             assert await other.get(tongnan) is not None
@@ -227,3 +239,31 @@ async def test_a_flush_forgets_one_districts_answers_in_both_tiers(redis_db: str
             await other.close()
     finally:
         await cache.close()
+
+
+async def test_no_entry_outlives_midnight_in_shanghai():
+    def late() -> datetime:
+        return datetime(2026, 3, 1, 15, 59, 0, tzinfo=UTC)  # 23:59 in Shanghai
+
+    cache = AnswerCache(CacheConfig(max_ttl_seconds=3600), None, late)
+    assert cache.ttl_for(ACTIVE) == 60  # not 120: the day ends in a minute
+
+
+async def test_a_local_tombstone_stands_against_an_older_entry_in_redis(redis_db: str):
+    """A pushed change applied here whose Redis write failed (or lost a race): the older
+    answer still in Redis is a miss for this process, not an answer."""
+    cfg = CacheConfig(redis_url=redis_db)
+    here = AnswerCache.from_config(cfg, "500111", wall=NOON)
+    other = AnswerCache.from_config(cfg, "500111", wall=NOON)
+    key = key_of(REF)
+    try:
+        await other.put(key, replace(ACTIVE, position=at(3)))
+        here.local.put_entry(key, Entry(None, "e1", 4), ttl=60, now=time.monotonic())
+        assert await here.get(key) is None
+        await other.put(key, replace(ACTIVE, position=at(5)))  # read after the change
+        got = await here.get(key)
+        assert got is not None and got.status is CardStatus.ACTIVE
+        assert got.position is not None and got.position.seq == 5
+    finally:
+        await here.close()
+        await other.close()

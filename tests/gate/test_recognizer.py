@@ -185,18 +185,20 @@ async def test_an_answer_with_zero_ttl_is_not_cached():
     assert len(client.calls) == 2 and recognizer.cached(REF) is None
 
 
-async def test_the_cache_key_is_the_issuer_and_the_keyed_hash_which_is_also_the_handle():
-    """The only entry is under ``<issuer>:<Hasher.card_key(ref)>``, which holds no card
-    number; the home is given the hash as our handle for the card, nothing else."""
+async def test_the_cache_key_is_the_issuer_and_the_handle_a_hash_the_logs_never_use():
+    """The only entry is under ``<issuer>:<Hasher.card_handle(ref)>``, which holds no card
+    number; the home is given that handle, nothing else, and it differs from the card_key
+    this district's logs name the card by (the home knows the number behind the handle)."""
     client = FakeClient()
     recognizer, cache = make(client)
     await recognizer.recognise(REF, Scene.BUS, "r1")
-    key = f"{PEER}:{HASHER.card_key(REF)}"
+    key = f"{PEER}:{HASHER.card_handle(REF)}"
     assert REF.card_number not in key
     assert len(cache.local) == 1
     assert cache.get_local(key) == ACTIVE
     assert cache.get_local(REF.card_number) is None
-    assert client.handles == [HASHER.card_key(REF)]
+    assert client.handles == [HASHER.card_handle(REF)]
+    assert HASHER.card_handle(REF) != HASHER.card_key(REF)
 
 
 @pytest.fixture
@@ -213,7 +215,7 @@ async def test_the_peer_answer_is_logged_without_the_card_number(all_levels: Non
         await recognizer.recognise(REF, Scene.BUS, "r1")
     answers = [e for e in events if e["event"] == "peer_answer"]
     assert len(answers) == 1
-    assert answers[0]["card"] == f"{PEER}:{HASHER.card_key(REF)}"
+    assert answers[0]["card"] == HASHER.card_key(REF)  # the logs' name, never the handle
     assert REF.card_number not in repr(events)
 
 
@@ -236,7 +238,7 @@ async def test_replicas_share_peer_answers_through_redis(redis_db: str):
         assert filled is not None and filled.entitlements == ACTIVE.entitlements
         with redis.Redis.from_url(redis_db) as client:
             keys = list(client.scan_iter("yk:*"))
-            assert keys == [f"yk:v2:{HERE}:rec:{PEER}:{HASHER.card_key(REF)}".encode()]
+            assert keys == [f"yk:v2:{HERE}:rec:{PEER}:{HASHER.card_handle(REF)}".encode()]
             value = client.get(keys[0]) or b""
             assert REF.card_number.encode() not in keys[0] + value
     finally:
