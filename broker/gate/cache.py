@@ -170,10 +170,17 @@ def decode(raw: bytes) -> tuple[Entry, int]:
     return Entry(rec, epoch, int(seq)), int(expires)
 
 
-# KEYS[1]: the entry; ARGV: value, px, epoch, seq, min px. Written unless the entry held has
-# a later position of the same epoch, or has one when the new has none (see may_replace).
+# KEYS[1]: the entry, KEYS[2]: its home's floor; ARGV: value, px, epoch, seq, min px.
+# Written unless the entry held has a later position of the same epoch, or has one when
+# the new has none (see may_replace), or the new one's position is below the home's floor
+# (another epoch, or before the position a flush of that home's answers was made at).
 # With a min px (a tombstone), the entry keeps the longer of its life and that.
 _CAS = """
+local floor = redis.call('GET', KEYS[2])
+if floor and ARGV[3] ~= '' then
+  local fe, fs = string.match(floor, '^([^|]*)|(%d+)$')
+  if fe and (fe ~= ARGV[3] or tonumber(ARGV[4]) < tonumber(fs)) then return 0 end
+end
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local e, s = string.match(cur, '|([^|]*)|(-?%d+)$')
@@ -191,6 +198,10 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
 return 1
 """
+
+
+class TierFailed(Exception):
+    """Redis could not answer (its failure is logged by the tier's StateLog)."""
 
 
 class GetBatcher:
@@ -287,7 +298,7 @@ class RedisTier:
         try:
             async with asyncio.timeout(self._timeout):
                 done = await self._cas(
-                    keys=[self.redis_key(key)],
+                    keys=[self.redis_key(key), self._floor_key(key.split(":", 1)[0])],
                     args=[value, ttl_ms, entry.epoch, entry.seq, least_ms],
                 )
         except (RedisError, TimeoutError, OSError) as exc:
@@ -296,8 +307,23 @@ class RedisTier:
         self.state.ok()
         return bool(done)
 
-    async def drop_prefix(self, prefix: str) -> int:
-        """Delete every entry whose key starts with ``prefix``; how many (SCAN, UNLINK)."""
+    async def set_floor(self, issuer: str, position: LogPosition) -> bool:
+        """No entry of ``issuer``'s below ``position`` (or of another epoch) is written from
+        now on (see ``_CAS``); whether Redis took it."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._client.set(self._floor_key(issuer), f"{position.epoch}|{position.seq}")
+        except (RedisError, TimeoutError, OSError) as exc:
+            self.state.failed(type(exc).__name__)
+            return False
+        return True
+
+    def _floor_key(self, issuer: str) -> str:
+        return self._prefix.replace(":rec:", ":floor:") + issuer
+
+    async def drop_prefix(self, prefix: str) -> int | None:
+        """Delete every entry whose key starts with ``prefix``: how many, ``None`` when Redis
+        failed (SCAN, UNLINK)."""
         gone = 0
         try:
             batch: list[str | bytes] = []
@@ -310,16 +336,18 @@ class RedisTier:
                 gone += int(await self._client.unlink(*batch))
         except (RedisError, OSError) as exc:
             self.state.failed(type(exc).__name__)
+            return None
         return gone
 
     async def cursor(self, issuer: str) -> LogPosition | None:
-        """Where this district's processes last were in ``issuer``'s status log."""
+        """Where this district's processes last were in ``issuer``'s status log (``None``:
+        nowhere yet); :class:`TierFailed` when Redis cannot say."""
         try:
             async with asyncio.timeout(self._timeout):
                 raw = await self._client.get(self._cursor_key(issuer))
         except (RedisError, TimeoutError, OSError) as exc:
             self.state.failed(type(exc).__name__)
-            return None
+            raise TierFailed(type(exc).__name__) from exc
         if raw is None:
             return None
         try:
@@ -329,6 +357,7 @@ class RedisTier:
             return None
 
     async def save_cursor(self, issuer: str, position: LogPosition) -> None:
+        """Best effort: a cursor left behind only makes a process that starts re-apply."""
         value = f"{position.epoch}|{position.seq}|{position.mark}"
         try:
             async with asyncio.timeout(self._timeout):
@@ -357,6 +386,9 @@ class AnswerCache:
         self.local = LocalTier(cfg.local_max_entries)
         self.remote = remote
         self._wall = wall
+        # Per home: no answer below this position (or of another epoch) is cached here,
+        # nor read from Redis (set when the home's answers were all dropped).
+        self.floors: dict[str, LogPosition] = {}
 
     @classmethod
     def from_config(
@@ -403,6 +435,8 @@ class AnswerCache:
         entry, expires_at_ms = found
         if held is not None and not may_replace(entry, held):
             return None
+        if self._below_floor(key, entry):
+            return None
         left = expires_at_ms / 1000 - time.time()
         if left <= 0:
             return None
@@ -415,6 +449,8 @@ class AnswerCache:
         if ttl <= 0:
             return
         entry = Entry.of(rec, rec.position)
+        if self._below_floor(key, entry):
+            return  # read before this home's answers were dropped: it may miss a change
         kept = self.local.put_entry(key, entry, ttl, time.monotonic())
         if self.remote is not None:
             expires_at_ms = int(time.time() * 1000) + ttl * 1000
@@ -424,10 +460,17 @@ class AnswerCache:
                 # replica must not answer from the older one meanwhile.
                 self.local.discard_if(key, entry)
 
-    async def apply(self, key: str, status: CardStatus, position: LogPosition) -> None:
+    def _below_floor(self, key: str, entry: Entry) -> bool:
+        floor = self.floors.get(key.split(":", 1)[0])
+        if floor is None or entry.epoch == "":
+            return False
+        return entry.epoch != floor.epoch or entry.seq < floor.seq
+
+    async def apply(self, key: str, status: CardStatus, position: LogPosition) -> bool:
         """A change the home pushed: a refusal is the answer from now on; ACTIVE only makes
         the next check ask again. Either way it is kept at least as long as the entry it
-        replaces (so no answer older than it can come back meanwhile)."""
+        replaces (so no answer older than it can come back meanwhile). False when Redis
+        failed to take it (the caller must see that Redis is repaired)."""
         refuses = status in (CardStatus.LOST, CardStatus.SUSPENDED, CardStatus.EXPIRED)
         now = time.monotonic()
         held = self.local.expiry(key)
@@ -438,14 +481,26 @@ class AnswerCache:
         self.local.put_entry(key, entry, ttl, now)
         if self.remote is not None and least > 0:
             expires_at_ms = int(time.time() * 1000) + int(ttl * 1000)
-            await self.remote.put(key, entry, int(ttl * 1000), expires_at_ms, int(least * 1000))
+            done = await self.remote.put(
+                key, entry, int(ttl * 1000), expires_at_ms, int(least * 1000)
+            )
+            return done is not None
+        return True
 
-    async def flush(self, issuer: str) -> None:
-        """Forget every answer of ``issuer``'s cards in both tiers (its log was reset or
-        restored, or we lost track of it)."""
-        local = self.local.drop_prefix(f"{issuer}:")
-        remote = await self.remote.drop_prefix(f"{issuer}:") if self.remote is not None else 0
-        log.info("cache_flushed", district=issuer, local=local, redis=remote)
+    async def flush(self, issuer: str, floor: LogPosition, local: bool = True) -> bool:
+        """Forget every answer of ``issuer``'s cards (its log was reset or restored, or we
+        lost track of it), and from now on cache none read before ``floor``: first the
+        floor, then the entries, so no answer in flight slips in behind the flush. In the
+        in-process tier too unless ``local`` is False. False when Redis failed."""
+        self.floors[issuer] = floor
+        dropped = self.local.drop_prefix(f"{issuer}:") if local else 0
+        remote: int | None = 0
+        if self.remote is not None:
+            remote = None
+            if await self.remote.set_floor(issuer, floor):
+                remote = await self.remote.drop_prefix(f"{issuer}:")
+        log.info("cache_flushed", district=issuer, local=dropped, redis=remote)
+        return remote is not None
 
     async def cursor(self, issuer: str) -> LogPosition | None:
         """The shared cursor in ``issuer``'s status log (Redis), if any: a process that starts

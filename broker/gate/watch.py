@@ -13,8 +13,14 @@ afresh (its in-process tier is empty anyway).
 
 A rewind from the home (no cursor, a reset or restored log, a cursor older
 than the changes it keeps), or an update that does not read, drops every
-answer of that district in both tiers. A stream that ends is resumed from
+answer of that district in both tiers, after setting a floor below which
+no answer read earlier may be cached. A stream that ends is resumed from
 the last position applied, at once the first time and then with backoff.
+
+Redis failing meanwhile never holds back the in-process tier: changes are
+applied there and followed on; Redis is marked as possibly stale, the
+cursor is no longer saved there, and once Redis answers again that home's
+answers in it are dropped (and the cursor saved again).
 """
 
 from __future__ import annotations
@@ -27,13 +33,14 @@ import structlog
 from broker.cards.model import LogPosition
 from broker.cards.updates import Change, Rewind, Update
 from broker.core.errors import InvalidArgument, PeerUnavailable
-from broker.gate.cache import AnswerCache
+from broker.gate.cache import AnswerCache, TierFailed
 from broker.peers.client import PeerClient
 
 log = structlog.get_logger(__name__)
 
 FIRST_RETRY_S = 0.05
 MAX_RETRY_S = 2.0
+REPAIR_S = 1.0
 
 
 class StatusWatcher:
@@ -46,12 +53,18 @@ class StatusWatcher:
         cache: AnswerCache,
         first_retry_s: float = FIRST_RETRY_S,
         max_retry_s: float = MAX_RETRY_S,
+        repair_s: float = REPAIR_S,
     ) -> None:
         self.district = district
         self._client = client
         self._cache = cache
         self._first = first_retry_s
         self._max = max_retry_s
+        self._repair_s = repair_s
+        # Redis may hold answers a change did not reach (it failed meanwhile): repaired by
+        # dropping that home's answers there once it answers again.
+        self.redis_dirty = False
+        self.repairs = 0
         self.cursor: LogPosition | None = None
         self.applied = 0  # changes applied to the cache
         self.flushes = 0
@@ -59,8 +72,19 @@ class StatusWatcher:
         self.connected = asyncio.Event()  # set while a stream is delivering
 
     async def run(self) -> None:
-        """Forever: follow, apply, resume."""
-        self.cursor = await self._cache.cursor(self.district)
+        """Forever: follow, apply, resume (and repair Redis after it failed)."""
+        try:
+            self.cursor = await self._cache.cursor(self.district)
+        except TierFailed:  # Redis cannot say where we were: start afresh, repair it later
+            self.cursor, self.redis_dirty = None, True
+        repair = asyncio.ensure_future(self._repair())
+        try:
+            await self._follow()
+        finally:
+            repair.cancel()
+            await asyncio.gather(repair, return_exceptions=True)
+
+    async def _follow(self) -> None:
         loop = asyncio.get_running_loop()
         delay, broken = 0.0, False
         while True:
@@ -82,7 +106,8 @@ class StatusWatcher:
                 broken = True
             except InvalidArgument as exc:  # an update we cannot apply: start afresh
                 log.warning("status_update_unreadable", district=self.district, field=exc.field)
-                await self._flush()
+                if self.cursor is not None:
+                    await self._flush(self.cursor)
                 self.cursor = None
             self.connected.clear()
             if loop.time() - opened > self._max:
@@ -93,15 +118,30 @@ class StatusWatcher:
     async def _apply(self, update: Update) -> None:
         self.connected.set()
         if isinstance(update, Rewind):
-            await self._flush()
+            await self._flush(update.position)
         elif isinstance(update, Change):
-            await self._cache.apply(
-                f"{self.district}:{update.handle}", update.status, update.position
-            )
+            key = f"{self.district}:{update.handle}"
+            if not await self._cache.apply(key, update.status, update.position):
+                self.redis_dirty = True  # the in-process tier has it; Redis may not
             self.applied += 1
         self.cursor = update.position
-        await self._cache.save_cursor(self.district, update.position)
+        if not self.redis_dirty:  # never past a change Redis may have missed
+            await self._cache.save_cursor(self.district, update.position)
 
-    async def _flush(self) -> None:
-        await self._cache.flush(self.district)
+    async def _flush(self, floor: LogPosition) -> None:
+        if not await self._cache.flush(self.district, floor):
+            self.redis_dirty = True
         self.flushes += 1
+
+    async def _repair(self) -> None:
+        """While Redis may hold answers this process could not correct (it failed while a
+        change or a flush was applied), try every ``repair_s`` to drop that home's answers
+        there; then the cursor is saved again."""
+        while True:
+            await asyncio.sleep(self._repair_s)
+            if not self.redis_dirty or self.cursor is None:
+                continue
+            if await self._cache.flush(self.district, self.cursor, local=False):
+                self.redis_dirty = False
+                self.repairs += 1
+                await self._cache.save_cursor(self.district, self.cursor)

@@ -22,8 +22,11 @@ import redis
 
 from broker._proto.yikatong.v1 import gate_pb2
 from broker.cards import status_log
-from broker.cards.model import CardRef, Scene
+from broker.cards.model import CardRef, CardStatus, Scene
+from broker.cards.privacy import load_key_file
 from broker.cards.registry import Registry
+from broker.gate.cache import AnswerCache
+from broker.gate.config import CacheConfig
 from broker.node.server import Node
 from broker.testbed import build as testbed
 from tests.conftest import ANYUE, DAZU, Cluster
@@ -154,6 +157,15 @@ async def test_a_slow_active_answer_arriving_after_the_lost_change_never_lets_th
     for name in ("r1", "r2"):
         d = await r.cluster.gate(name).check(card, Scene.BUS)
         assert not d.allow and d.source == SRC.DECISION_SOURCE_CACHE, name
+    # Redis itself (not only each replica's own tier, which its own stream updated): the
+    # late ACTIVE lost the compare-and-set there too.
+    hasher = load_key_file(r.setups[DAZU].paths.hash_key)
+    shared = AnswerCache.from_config(CacheConfig(redis_url=r.redis_url, local_max_entries=0), DAZU)
+    try:
+        got = await shared.get(f"{ANYUE}:{hasher.card_handle(card)}")
+        assert got is not None and got.status is CardStatus.LOST
+    finally:
+        await shared.close()
 
 
 async def test_a_peer_that_never_asked_about_a_card_is_told_nothing_of_it(r: Replicas):

@@ -229,7 +229,7 @@ async def test_a_flush_forgets_one_districts_answers_in_both_tiers(redis_db: str
     try:
         await cache.put(anyue, ACTIVE)
         await cache.put(tongnan, ACTIVE)
-        await cache.flush("512021")
+        assert await cache.flush("512021", at(7))
         assert cache.get_local(anyue) is None and cache.get_local(tongnan) == ACTIVE
         other = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111", wall=NOON)
         try:
@@ -267,3 +267,30 @@ async def test_a_local_tombstone_stands_against_an_older_entry_in_redis(redis_db
     finally:
         await here.close()
         await other.close()
+
+
+async def test_after_a_flush_no_answer_read_before_its_floor_is_cached_by_anyone(redis_db: str):
+    """The watcher of one process dropped Anyue's answers at position 10 (its cursor could
+    not go on): an answer read before that, still in flight here or in another process,
+    may miss a change, so neither tier keeps it; one read since, or of an old home that
+    sends no position, is kept."""
+    cfg = CacheConfig(redis_url=redis_db)
+    here = AnswerCache.from_config(cfg, "500111", wall=NOON)
+    other = AnswerCache.from_config(cfg, "500111", wall=NOON)  # no floor of its own
+    redis_only = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111", wall=NOON)
+    key = key_of(REF)
+    try:
+        assert await here.flush("512021", at(10))
+        for stale in (at(9), LogPosition("e0", 99, "m")):  # before the floor; an old epoch
+            await here.put(key, replace(ACTIVE, position=stale))
+            assert here.get_local(key) is None
+            await other.put(key, replace(ACTIVE, position=stale))
+            assert await redis_only.get(key) is None  # Redis refused it (the floor)
+        await other.put(key, replace(ACTIVE, position=at(10)))
+        assert (await redis_only.get(key)) is not None
+        tongnan = key_of(CardRef("500223", "C5002230000001"))
+        await here.put(tongnan, replace(ACTIVE, position=at(1)))  # another home: no floor
+        assert here.get_local(tongnan) is not None
+    finally:
+        for c in (here, other, redis_only):
+            await c.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from broker.cards.model import CardStatus, LogPosition, Recognition
 from broker.cards.updates import Change, Progress, Rewind, Update
@@ -103,3 +103,52 @@ async def test_a_change_older_than_the_answer_held_does_not_replace_it():
     await play(Script([Change(at(4), H, CardStatus.LOST)]), cache)
     got = cache.get_local(f"{HOME}:{H}")
     assert got is not None and got.status is CardStatus.ACTIVE
+
+
+async def test_redis_failing_never_holds_back_this_process_and_is_repaired_when_back(
+    redis_db: str,
+):
+    """Redis is down while a loss is pushed: the in-process tier refuses the card at once,
+    the cursor is not saved past it, and when Redis answers again that home's answers
+    there (which the loss could not reach) are dropped and the cursor saved."""
+    dead = CacheConfig(redis_url="redis://127.0.0.1:1/0", redis_timeout_ms=50)
+    cache = AnswerCache.from_config(dead, "500111")
+    working = AnswerCache.from_config(CacheConfig(redis_url=redis_db), "500111")
+    stale_key = f"{HOME}:{'1e' * 16}"
+    await working.put(stale_key, Recognition(CardStatus.ACTIVE, (), 120, at(1)))
+    script = Script([Progress(at(1)), Change(at(2), H, CardStatus.LOST)])
+    watcher = StatusWatcher(HOME, script, cache, first_retry_s=0.001, repair_s=0.05)  # type: ignore[arg-type]
+    dead_tier = cache.remote
+    task = asyncio.ensure_future(watcher.run())
+    try:
+        async with asyncio.timeout(5):
+            await script.done.wait()
+        got = cache.get_local(f"{HOME}:{H}")
+        assert got is not None and got.status is CardStatus.LOST
+        assert watcher.redis_dirty and watcher.cursor == at(2)
+        assert await working.cursor(HOME) is None  # never saved while Redis was down
+        cache.remote = working.remote  # Redis is back
+        await until(lambda: watcher.repairs > 0)
+        assert not watcher.redis_dirty
+        assert await working.cursor(HOME) == at(2)
+        fresh = AnswerCache.from_config(
+            CacheConfig(redis_url=redis_db, local_max_entries=0), "500111"
+        )
+        try:
+            assert await fresh.get(stale_key) is None  # dropped: it could have been stale
+        finally:
+            await fresh.close()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        cache.remote = dead_tier
+        await cache.close()
+        await working.close()
+
+
+async def until(holds: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while True:
+            if holds():
+                return
+            await asyncio.sleep(0.01)

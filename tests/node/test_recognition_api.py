@@ -294,3 +294,29 @@ async def test_a_revoked_peers_watch_is_ended_at_the_next_trust_change(
     finally:
         stream.cancel()
         await ch.close()
+
+
+async def test_a_handle_that_cannot_be_kept_makes_the_answer_uncacheable(
+    cluster: Cluster, now: datetime
+) -> None:
+    """The home could not promise to push this card's changes: the peer is answered, but
+    told not to cache the answer (TTL 0), and the failure is logged once, not per call."""
+    handles = open_handles(cluster.nodes[DAZU].registry.path)
+    handles.execute(
+        "CREATE TRIGGER no_handles BEFORE INSERT ON peer_handles "
+        "BEGIN SELECT RAISE(ABORT, 'disk full, say'); END"
+    )
+    handles.close()
+    card = active_card(cluster, now)
+    req = request(card)
+    req.handle = HANDLE
+    with capture_logs() as events:
+        first = await recognize(cluster, req)
+        second = await recognize(cluster, req)
+    for answer in (first, second):
+        assert isinstance(answer, recognition_pb2.RecognizeResponse)
+        assert answer.status == types_pb2.CARD_STATUS_ACTIVE and answer.cache_ttl_seconds == 0
+    assert [e["event"] for e in events if e["event"].startswith("handles_")] == ["handles_not_kept"]
+    without = await recognize(cluster, request(card))  # no handle asked for: cached as ever
+    assert isinstance(without, recognition_pb2.RecognizeResponse)
+    assert without.cache_ttl_seconds > 0
