@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import TextIO
 
 import click
 
+from broker.cards import status_log
 from broker.cards.csv_import import parse_import
 from broker.cards.model import shanghai_day
 from broker.cards.privacy import load_key_file
@@ -109,3 +111,18 @@ def registry_set_status(
         lines = ", ".join(str(p) for p in result.unknown)
         err.print(f"{len(result.unknown)} card number(s) not in this registry (lines {lines})")
         sys.exit(1)
+
+
+@registry.command("reset-log")
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path))
+def registry_reset_log(config_path: Path) -> None:
+    """Start a new history of the status log (a new epoch): after restoring the registry
+    from a copy, so that every peer drops its cached answers of this district and asks
+    again, whatever changes the copy lacks. Run it with the nodes stopped or running."""
+    cfg = _config(config_path)
+    store = Registry(cfg.registry.path)
+    try:
+        head = status_log.reset(store.db, secrets.token_hex(16), datetime.now(UTC))
+    finally:
+        store.close()
+    click.echo(f"status log reset: epoch {head.epoch}; peers will drop this district's answers")

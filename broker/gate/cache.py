@@ -51,6 +51,9 @@ log = structlog.get_logger(__name__)
 # an answer in flight when it arrived must still find it (and lose to it). A peer call
 # may take up to 60 s ([peering] deadline_ms at its largest), plus clock skew.
 TOMBSTONE_MIN_S = 65
+# How long an answer of a home whose changes are not being followed now is kept (the
+# stream is down, refused, or not yet open): what a lost card may still be let in for.
+UNFOLLOWED_TTL_S = 10
 _NO_SEQ = -1
 
 
@@ -389,6 +392,10 @@ class AnswerCache:
         # Per home: no answer below this position (or of another epoch) is cached here,
         # nor read from Redis (set when the home's answers were all dropped).
         self.floors: dict[str, LogPosition] = {}
+        # Homes whose changes this process is following now (broker.gate.watch): an answer
+        # from any other that could be pushed is kept only briefly, since no push would
+        # reach it.
+        self.following: set[str] = set()
 
     @classmethod
     def from_config(
@@ -446,6 +453,8 @@ class AnswerCache:
     async def put(self, key: str, rec: Recognition) -> None:
         """Cache a home's answer, unless either tier holds a later position."""
         ttl = self.ttl_for(rec)
+        if rec.position is not None and key.split(":", 1)[0] not in self.following:
+            ttl = min(ttl, UNFOLLOWED_TTL_S)
         if ttl <= 0:
             return
         entry = Entry.of(rec, rec.position)

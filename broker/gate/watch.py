@@ -110,6 +110,7 @@ class StatusWatcher:
                     await self._flush(self.cursor)
                 self.cursor = None
             self.connected.clear()
+            self._cache.following.discard(self.district)
             if loop.time() - opened > self._max:
                 delay = 0.0  # a stream that lasted (aged out, say): resume at once
             await asyncio.sleep(delay)
@@ -117,6 +118,7 @@ class StatusWatcher:
 
     async def _apply(self, update: Update) -> None:
         self.connected.set()
+        self._cache.following.add(self.district)
         if isinstance(update, Rewind):
             await self._flush(update.position)
         elif isinstance(update, Change):

@@ -103,3 +103,18 @@ def test_nothing_to_set_is_an_error(config: Path):
     )
     assert result.exit_code == 1
     assert "no card numbers" in result.output
+
+
+def test_reset_log_starts_a_new_epoch(config: Path):
+    reg = registry_of(config)
+    before = status_log.head(reg.db)
+    reg.close()
+    result = CliRunner().invoke(main, ["registry", "reset-log", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    reg = registry_of(config)
+    try:
+        after = status_log.head(reg.db)
+    finally:
+        reg.close()
+    assert after.epoch != before.epoch and after.seq == 0
+    assert after.epoch in result.output

@@ -294,3 +294,24 @@ async def test_after_a_flush_no_answer_read_before_its_floor_is_cached_by_anyone
     finally:
         for c in (here, other, redis_only):
             await c.close()
+
+
+async def test_an_answer_no_push_could_reach_is_kept_only_briefly(redis_db: str):
+    """While this process is not following Anyue's changes (its stream down or refused), an
+    answer that a push could have corrected is kept 10 s, not its 120 s; an answer of a home
+    that sends no position (an older release, which pushes nothing) is kept as long as ever."""
+    cfg = CacheConfig(redis_url=redis_db)
+    cache = AnswerCache.from_config(cfg, "500111", wall=NOON)
+    client = redis.Redis.from_url(redis_db)
+    key, old_home = key_of(REF), key_of(CardRef("500223", "C5002230000001"))
+    try:
+        await cache.put(key, replace(ACTIVE, position=at(3)))
+        assert 0 < client.pttl(f"yk:v2:500111:rec:{key}") <= 10_000
+        await cache.put(old_home, ACTIVE)
+        assert client.pttl(f"yk:v2:500111:rec:{old_home}") > 100_000
+        cache.following.add("512021")
+        await cache.put(key, replace(ACTIVE, position=at(3)))
+        assert client.pttl(f"yk:v2:500111:rec:{key}") > 100_000
+    finally:
+        client.close()
+        await cache.close()
