@@ -44,6 +44,10 @@ def handles_path(registry: Path) -> Path:
 def open_handles(registry: Path) -> Db:
     """A connection to the handles file of ``registry`` (created and migrated if needed)."""
     db = Db.sqlite(handles_path(registry))
+    # NORMAL, not FULL: a handle survives the process dying (WAL), not a power cut. A home
+    # that loses power loses its streams with it; the handles it then lacks only leave
+    # peers on the TTL alone, as before pushes. An fsync per Recognize cost ~0.3 ms here.
+    db.execute("PRAGMA synchronous=NORMAL")
     migrate(db, "handles", MIGRATIONS)
     return db
 
