@@ -24,7 +24,7 @@ import hashlib
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from typing import IO, Any
 
 from google.protobuf.message import DecodeError
@@ -113,6 +113,21 @@ def chunked(lines: Iterable[Line], size: int = CHUNK_LINES) -> Iterator[tuple[by
         yield encode_lines(block), len(block)
 
 
+_SCENES = {s.value: s for s in Scene}
+_ENTITLEMENTS = {e.value: e for e in Entitlement}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Timestamp's valid range (0001-01-01 to 9999-12-31): outside it, ToDatetime refuses.
+_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+
+
+def _occurred(ts: Any) -> datetime:
+    """``ts.ToDatetime(tzinfo=UTC)``, without its checks and calls for a valid timestamp."""
+    seconds, nanos = ts.seconds, ts.nanos
+    if 0 <= nanos < 1_000_000_000 and _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+        return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+    return ts.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+
+
 def decode_lines(chunk: bytes) -> list[Line]:
     """The lines of a received chunk; a chunk that does not parse refuses the batch."""
     try:
@@ -122,21 +137,30 @@ def decode_lines(chunk: bytes) -> list[Line]:
     if len(msg.lines) > CHUNK_LINES:
         raise DocumentRefused(f"a chunk holds more than {CHUNK_LINES} lines")
     out = []
+    cards: dict[tuple[str, str], CardRef] = {}  # one CardRef per card of the chunk
     for m in msg.lines:
+        scene = _SCENES.get(m.scene)
+        entitlement = _ENTITLEMENTS.get(m.applied_entitlement) if m.applied_entitlement else None
+        if scene is None or (m.applied_entitlement and entitlement is None):
+            raise DocumentRefused("a line holds an unknown scene or entitlement")
+        c = m.card
+        key = (c.issuer_region, c.card_number)
+        card = cards.get(key)
+        if card is None:
+            card = cards[key] = CardRef(*key)
         try:
+            occurred = _occurred(m.occurred_at)
             trip = Trip(
                 operator_id=m.operator_id,
                 trip_id=m.trip_id,
-                card=CardRef(m.card.issuer_region, m.card.card_number),
-                scene=Scene(m.scene),
+                card=card,
+                scene=scene,
                 place_id=m.place_id,
-                occurred_at=m.occurred_at.ToDatetime(tzinfo=UTC),
+                occurred_at=occurred,
                 gross_fare_fen=m.gross_fare_fen,
                 charged_fen=m.charged_fen,
                 concession_fen=m.concession_fen,
-                applied_entitlement=(
-                    Entitlement(m.applied_entitlement) if m.applied_entitlement else None
-                ),
+                applied_entitlement=entitlement,
                 fare_version=m.fare_version,
                 gate_id=m.gate_id,
             )

@@ -13,9 +13,10 @@ difference here.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from broker.core.db import Db, utc_text
@@ -32,7 +33,7 @@ from broker.settlement.clearing.batch import (
 )
 from broker.settlement.clearing.store import b64
 from broker.settlement.clearing.verify import CAP_EXCEEDED, OK, LineChecker
-from broker.settlement.trips import correctable_values
+from broker.settlement.trips import Trip
 
 Previous = Callable[[str, str], tuple[str, int] | None]  # (operator, trip) → (code, attempt)
 
@@ -128,12 +129,16 @@ class BatchCheck:
                             sender,
                             t.operator_id,
                             t.trip_id,
-                            t.presentment_digest(),
-                            correctable_values(t),
+                            presentment_digest(t),
+                            correctable(t),
                         )
                     )
             self._line_no += 1
         # Written per chunk, so a duplicate later in the same batch is seen.
+        self._write(rows, firsts)
+        self._pending.clear()
+
+    def _write(self, rows: list[tuple[Any, ...]], firsts: list[tuple[Any, ...]]) -> None:
         self._db.executemany(
             "INSERT INTO in_lines (sender, operator_id, trip_id, period, seq, attempt, "
             "code, claimed_fen, accepted_claim_fen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -149,7 +154,6 @@ class BatchCheck:
             "ON CONFLICT (sender, operator_id, trip_id) DO NOTHING",
             firsts,
         )
-        self._pending.clear()
 
     def finish(self, own: str, header: dict[str, Any], signer: Signer, now: datetime) -> Ack:
         """Check the totals against the signed header, sign the acknowledgement and write it
@@ -209,6 +213,25 @@ class BatchCheck:
         )
         crash.point("home_before_commit")
         return Ack(chunks, ack)
+
+
+def presentment_digest(t: Trip) -> str:
+    """:meth:`Trip.presentment_digest`, inline: the same text hashed, for every first line."""
+    at = t.occurred_at if t.occurred_at.tzinfo is UTC else t.occurred_at.astimezone(UTC)
+    c = t.card
+    text = (
+        f"{t.operator_id}\x00{t.trip_id}\x00{c.issuer_region}\x00{c.card_number}\x00"
+        f"{t.scene.value}\x00{t.place_id}\x00{at.isoformat()}"
+    )
+    if t.gate_id:
+        text = f"{text}\x00{t.gate_id}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def correctable(t: Trip) -> str:
+    """:func:`broker.settlement.trips.correctable_values`, inline."""
+    entitlement = t.applied_entitlement.value if t.applied_entitlement else 0
+    return f"{entitlement}|{t.gross_fare_fen}|{t.charged_fen}|{t.concession_fen}|{t.fare_version}"
 
 
 def previous_lines(

@@ -270,6 +270,7 @@ class Receiver:
                 registry=self._registry,
                 fare_table=self._fare_table(sender),
                 fares_in_force=self._fares_in_force(sender),
+                changeover_grace=self._grace,
                 agreement=self._agreement(sender),
                 caps=CapCounter(self._db),
                 previous=previous,

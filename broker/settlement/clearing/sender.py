@@ -51,12 +51,13 @@ from broker.settlement.clearing.confirm import (
 )
 from broker.settlement.clearing.disputes import build_represent, resolve
 from broker.settlement.clearing.positions import Position, SettledDay, position, settled_day
+from broker.settlement.clearing.rows import RowEncoder, counting, row_chunks, scheme_by
 from broker.settlement.clearing.store import ClearingStore, next_seq, unb64
 from broker.settlement.clearing.tail import Hint
 from broker.settlement.clearing.verify import CAP_EXCEEDED, claim
 from broker.settlement.config import SettlementSettings
 from broker.settlement.days import require_ended, window_end
-from broker.settlement.ledger.common import TRIP_COLUMNS, trip_from_row
+from broker.settlement.ledger.common import TRIP_COLUMNS
 from broker.settlement.ledger.store import seal_day
 from broker.settlement.statements import scheme_of
 from broker.settlement.trips import Trip
@@ -277,20 +278,28 @@ class Sender:
             raise SettlementStateError(f"no batch {counterparty}/{day}/{seq}")
         return row
 
-    def _lines(self, counterparty: str, period: date, row: tuple[Any, ...]) -> Iterator[Line]:
+    def _chunks(
+        self,
+        counterparty: str,
+        period: date,
+        row: tuple[Any, ...],
+        totals: Totals,
+        by_operator: dict[str, tuple[int, int]],
+    ) -> Iterator[tuple[bytes, int]]:
+        """The batch's chunks, counted into ``totals`` and ``by_operator`` as they are cut."""
         kind, lo, hi, payload = row[0], int(row[1]), int(row[2]), row[3]
         if kind == "represent":
-            yield from decode_lines(unb64(payload))
-            return
-        day = period.isoformat()
-        for block in self.store.trips.stream(
+            lines = iter(decode_lines(unb64(payload)))
+            return chunked(counting(lines, totals, by_operator))
+        # A close: the ledger's rows encoded as they are read (no Trip or message per line).
+        blocks = self.store.trips.stream(
             f"SELECT {TRIP_COLUMNS} FROM trips WHERE settlement_day = ? AND issuer_region = ? "
             "AND outcome = 'accepted' AND ingest_seq > ? AND ingest_seq <= ? "
             "ORDER BY occurred_at, operator_id, trip_id",
-            (day, counterparty, lo, hi),
-        ):
-            for r in block:
-                yield line_for(trip_from_row(r), self.cfg, self._fares)
+            (period.isoformat(), counterparty, lo, hi),
+        )
+        encoder = RowEncoder(scheme_by(self._fares), self.cfg.agreement)
+        return row_chunks(blocks, encoder, totals, by_operator)
 
     async def send(self, counterparty: str, period: date, seq: int) -> BatchResult:
         """Send one batch (again, if it was sent before) and store the acknowledgement."""
@@ -300,8 +309,7 @@ class Sender:
         totals = Totals()
         by_operator: dict[str, tuple[int, int]] = {}  # (lines, claim) as sent, per operator
         digest = Digest()
-        source = self._lines(counterparty, period, row)
-        chunks = chunked(_counting(source, totals, by_operator))
+        chunks = self._chunks(counterparty, period, row, totals, by_operator)
 
         def next_chunk() -> tuple[bytes, int] | None:
             return next(chunks, None)
@@ -486,13 +494,3 @@ def _refusal(district: str, call: str, exc: grpc.aio.AioRpcError) -> Exception:
     if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # e.g. over its batch limits
         return DocumentRefused(f"{district} refused {call}: {exc.details()}")
     return PeerUnavailable(district, f"{call}: {exc.code().name} {exc.details()}")
-
-
-def _counting(
-    lines: Iterator[Line], totals: Totals, by_operator: dict[str, tuple[int, int]]
-) -> Iterator[Line]:
-    for line in lines:
-        totals.add(line)
-        n, claimed = by_operator.get(line.trip.operator_id, (0, 0))
-        by_operator[line.trip.operator_id] = (n + 1, claimed + line.claimed_fen)
-        yield line

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from broker.cards.csv_import import CardRow
 from broker.cards.entitlements import entitlements_for
-from broker.cards.model import CardStatus, Entitlement, shanghai_day
+from broker.cards.model import SHANGHAI, CardStatus, Entitlement, shanghai_day
 from broker.cards.registry import (
     CardChange,
     Registry,
@@ -40,7 +40,7 @@ from broker.cards.registry import (
 )
 from broker.core.db import Db
 from broker.fares.agreements import Agreement
-from broker.fares.rules import FareTable, Price, cap_of
+from broker.fares.rules import CapScheme, FareTable, Price, cap_of
 from broker.settlement.clearing.batch import Line
 from broker.settlement.trips import CORRECTABLE_BY_CODE, corrected_fields
 
@@ -81,6 +81,13 @@ class CapCounter:
 
     db: Db
     counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    _periods: dict[date, tuple[str, str]] = field(default_factory=dict)  # day → (month, year)
+
+    def _month_year(self, day: date) -> tuple[str, str]:
+        found = self._periods.get(day)
+        if found is None:
+            found = self._periods[day] = (day.strftime("%Y-%m"), str(day.year))
+        return found
 
     def used(self, holder: str, scheme: str, period_key: str, column: str) -> int:
         key = (holder, scheme, period_key)
@@ -96,13 +103,13 @@ class CapCounter:
     def allows(
         self, holder: str, scheme: str, day: date, per_month: int | None, per_year: int | None
     ) -> bool:
-        month, year = day.strftime("%Y-%m"), str(day.year)
+        month, year = self._month_year(day)
         if per_month is not None and self.used(holder, scheme, month, "month") >= per_month:
             return False
         return per_year is None or self.used(holder, scheme, year, "year") < per_year
 
     def count(self, source: str, holder: str, scheme: str, day: date, occurred: str) -> None:
-        month, year = day.strftime("%Y-%m"), str(day.year)
+        month, year = self._month_year(day)
         self.used(holder, scheme, month, "month")
         self.used(holder, scheme, year, "year")
         if self.db.execute(
@@ -132,6 +139,14 @@ class LineChecker:
     # (operator, trip) → the first presentment's Trip.presentment_digest (None: stored by
     # the previous release, which kept none).
     presented: Callable[[str, str], tuple[str, str | None] | None] = lambda _op, _trip: None
+    # With the changeover grace the sender's rules are judged by, ``fares_in_force`` is
+    # asked once per version and pair of days (it depends on an instant only through the
+    # Shanghai days of it and of it less the grace), not once per line.
+    changeover_grace: timedelta | None = None
+    _bounds: tuple[datetime, datetime] | None = None  # the period's first and next instants
+    _in_force: dict[tuple[str, date, date], bool] = field(default_factory=dict)
+    _known_by: dict[str, datetime | None] = field(default_factory=dict)  # card → last known_from
+    _caps: dict[tuple[str, str], CapScheme | None] = field(default_factory=dict)  # by version
     _cards: dict[str, CardRow | None] = field(default_factory=dict)
     _ttls: list[tuple[datetime, int]] | None = None
     _histories: dict[str, list[CardChange]] = field(default_factory=dict)  # card → its changes
@@ -152,8 +167,29 @@ class LineChecker:
         if number not in self._histories:
             if len(self._histories) > 100_000:
                 self._histories.clear()
-            self._histories[number] = self.registry.history(number)
+                self._known_by.clear()
+            changes = self._histories[number] = self.registry.history(number)
+            self._known_by[number] = max((c.known_from for c in changes), default=None)
         return self._histories[number]
+
+    def _day_of(self, at: datetime) -> date:
+        """:func:`shanghai_day`, without the time-zone arithmetic for instants of the period."""
+        if self._bounds is None:  # in UTC: instants of one tzinfo compare without offsets
+            start = datetime.combine(self.period, time(), SHANGHAI).astimezone(UTC)
+            end = datetime.combine(self.period + timedelta(days=1), time(), SHANGHAI)
+            self._bounds = (start, end.astimezone(UTC))
+        start, end = self._bounds
+        return self.period if start <= at < end else shanghai_day(at)
+
+    def _fares_in_force(self, version: str, at: datetime) -> bool:
+        grace = self.changeover_grace
+        if grace is None:
+            return self.fares_in_force(version, at)
+        key = (version, self._day_of(at), self._day_of(at - grace))
+        found = self._in_force.get(key)
+        if found is None:
+            found = self._in_force[key] = self.fares_in_force(version, at)
+        return found
 
     def _held(
         self, card: CardRow, since: datetime, until: datetime, day: date
@@ -162,8 +198,9 @@ class LineChecker:
         answer in it was ACTIVE). Lines of a card that did not change since before ``since``
         all get the same answers for a day: worked out once per (card, day)."""
         changes = self._history(card.card_number)
-        settled = all(c.known_from <= since for c in changes)
-        key = (card.card_number, shanghai_day(since), day)
+        known_by = self._known_by[card.card_number]
+        settled = known_by is None or known_by <= since  # no change known after ``since``
+        key = (card.card_number, self._day_of(since), day)
         if settled and key in self._answers:
             return self._answers[key]
         active = [
@@ -187,7 +224,7 @@ class LineChecker:
     def check(self, line: Line) -> tuple[str, int]:
         """``(code, accepted claim in fen)`` for one line; records cap usage when accepted."""
         t = line.trip
-        day = shanghai_day(t.occurred_at)
+        day = self._day_of(t.occurred_at)
         if t.card.issuer_region != self.own_district:
             return "WRONG_DISTRICT", 0
         before = self.previous(t.operator_id, t.trip_id)
@@ -214,14 +251,18 @@ class LineChecker:
         # held from its cache at the time of travel, as the registry had recorded it, will do.
         if self._ttls is None:  # read once per batch: they change only when a node starts
             self._ttls = self.registry.advertised_ttls()
-        since = oldest_answer_in_force(self._ttls, t.occurred_at)
+        if len(self._ttls) == 1 and self._ttls[0][1] >= 0:
+            # One TTL ever advertised: the oldest answer in force was given that long before.
+            since = t.occurred_at - timedelta(seconds=self._ttls[0][1])
+        else:
+            since = oldest_answer_in_force(self._ttls, t.occurred_at)
         held = self._held(card, since, t.occurred_at, day)
         if held is None:
             return "CARD_NOT_ACTIVE", 0
         if t.applied_entitlement is not None and t.applied_entitlement not in held:
             return "ENTITLEMENT_MISMATCH", 0
         table = self.fare_table(t.fare_version)
-        if table is None or not self.fares_in_force(t.fare_version, t.occurred_at):
+        if table is None or not self._fares_in_force(t.fare_version, t.occurred_at):
             return "UNPUBLISHED_FARES", 0
         key = (t.fare_version, t.operator_id, t.scene, t.place_id, t.applied_entitlement)
         price = self._prices.get(key)
@@ -245,7 +286,10 @@ class LineChecker:
         if claim(self.agreement, t.charged_fen, t.concession_fen, line.scheme) != line.claimed_fen:
             return "CLAIM_MISMATCH", 0
         if line.scheme and t.concession_fen:
-            cap = cap_of(table, line.scheme)
+            cap_key = (t.fare_version, line.scheme)
+            if cap_key not in self._caps:
+                self._caps[cap_key] = cap_of(table, line.scheme)
+            cap = self._caps[cap_key]
             if cap is not None:
                 if not self.caps.allows(
                     card.holder_key, line.scheme, day, cap.per_month, cap.per_year

@@ -10,16 +10,22 @@ batch the sender said it was sending. Every case where it does not is answered b
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from broker.cards.model import SHANGHAI, CardRef, Entitlement, Scene
 from broker.core.errors import DocumentRefused
 from broker.core.signing import Signer
 from broker.settlement.clearing.batch import Spool, decode_verdicts
+from broker.settlement.clearing.received import correctable, presentment_digest
 from broker.settlement.clearing.receiver import Receiver
 from broker.settlement.clearing.tail import Hint, StreamEnded
+from broker.settlement.trips import Trip, correctable_values
 from tests.settlement.clearing.pair import DAY, HOME, SERVING, World, backend_url
 from tests.settlement.clearing.test_receiver import (
     MIXED,
@@ -142,3 +148,32 @@ def test_a_batch_received_before_is_answered_from_the_store_not_again(
     assert streamed(home, spool, trailer) is None  # the whole spool's answer: the stored one
     assert home.receive(SERVING, spool, trailer).signed == first.signed
     assert count(world, "in_batches") == 1
+
+
+texts = st.text(max_size=10)
+trips = st.builds(
+    Trip,
+    operator_id=texts,
+    trip_id=texts,
+    card=st.builds(CardRef, texts, texts),
+    scene=st.sampled_from(list(Scene)),
+    place_id=texts,
+    occurred_at=st.datetimes(
+        min_value=datetime(1, 1, 2),
+        max_value=datetime(9999, 12, 30),
+        timezones=st.sampled_from([UTC, timezone(timedelta(hours=8)), SHANGHAI]),
+    ),
+    gross_fare_fen=st.integers(0, 10**6),
+    charged_fen=st.integers(0, 10**6),
+    concession_fen=st.integers(0, 10**6),
+    applied_entitlement=st.one_of(st.none(), st.sampled_from(list(Entitlement))),
+    fare_version=texts,
+    gate_id=texts,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(t=trips)
+def test_a_first_presentment_is_kept_with_the_trips_own_digest_and_values(t: Trip) -> None:
+    assert presentment_digest(t) == t.presentment_digest()
+    assert correctable(t) == correctable_values(t)
