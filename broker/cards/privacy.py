@@ -16,8 +16,8 @@ import secrets
 from pathlib import Path
 
 from broker.cards.model import CardRef
-from broker.core.db import make_private_dirs
 from broker.core.errors import ConfigError
+from broker.core.files import make_private_dirs
 
 KEY_BYTES = 32
 

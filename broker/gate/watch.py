@@ -33,7 +33,8 @@ import structlog
 from broker.cards.model import LogPosition
 from broker.cards.updates import Change, Rewind, Update
 from broker.core.errors import InvalidArgument, PeerUnavailable
-from broker.gate.cache import AnswerCache, TierFailed
+from broker.gate.cache import AnswerCache
+from broker.gate.redis_tier import TierFailed
 from broker.peers.client import PeerClient
 
 log = structlog.get_logger(__name__)

@@ -443,7 +443,11 @@ def _plain(value: Any) -> Any:
 def render_config(cfg: NodeConfig) -> str:
     """The TOML text that :func:`load_config` reads back as ``cfg`` (paths made absolute)."""
     doc = _plain(cfg)
-    doc["access"] = {k: list(v) for k, v in cfg.access.items()}
+    # Only what differs from the defaults: a rule for a service a previous release does not
+    # have (or a principal it does not know) would stop that release reading the file.
+    doc["access"] = {k: list(v) for k, v in cfg.access.items() if DEFAULT_RULES.get(k) != v}
+    if cfg.registry.event_retention_hours == RegistryConfig.event_retention_hours:
+        doc["registry"].pop("event_retention_hours", None)
     if cfg.ledger.url is None:
         doc["ledger"].pop("schema", None)  # only PostgreSQL has schemas
     if cfg.fares.file is None:

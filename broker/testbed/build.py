@@ -27,7 +27,7 @@ from broker.cards.gb11643 import ssn_check_character
 from broker.cards.model import CardRef, shanghai_day
 from broker.cards.privacy import create_key_file, load_key_file
 from broker.cards.registry import Registry
-from broker.core.db import make_private_dirs
+from broker.core.files import make_private_dirs
 from broker.fares.agreements import Agreement
 from broker.fares.config import FaresConfig
 from broker.gate.config import CacheConfig, RecognitionConfig

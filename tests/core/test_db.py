@@ -27,7 +27,7 @@ from zoneinfo import ZoneInfo
 import pytest
 import structlog.testing
 
-from broker.core.db import Db, Migration, make_private_dirs, migrate, schema_version, utc_text
+from broker.core.db import Db, Migration, migrate, schema_version, utc_text
 from broker.core.errors import ConfigError
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS t (k TEXT PRIMARY KEY, v BIGINT NOT NULL)"
@@ -179,16 +179,6 @@ def test_an_existing_directory_open_to_others_is_left_as_it_is_with_a_warning(tm
     with structlog.testing.capture_logs() as logs:
         Db.sqlite(shared / "a.sqlite3").close()
     assert [e for e in logs if e["log_level"] == "warning"] == []
-
-
-def test_make_private_dirs_chmods_only_what_it_creates(tmp_path: Path):
-    top = tmp_path / "top"
-    top.mkdir()
-    top.chmod(0o755)
-    with umask(0):
-        make_private_dirs(top / "a" / "b")
-        make_private_dirs(top / "a" / "b")  # already there: nothing to do
-    assert (mode(top), mode(top / "a"), mode(top / "a" / "b")) == (0o755, 0o700, 0o700)
 
 
 def test_a_db_may_be_used_from_another_thread(tmp_path: Path):

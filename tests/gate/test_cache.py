@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
 
-import pytest
 import redis
 from structlog.testing import capture_logs
 
 from broker.cards.model import CardRef, CardStatus, Entitlement, LogPosition, Recognition
 from broker.cards.privacy import Hasher
-from broker.gate.cache import AnswerCache, Entry, LocalTier, decode, encode, may_replace
+from broker.gate.cache import AnswerCache, LocalTier
 from broker.gate.config import CacheConfig
+from broker.gate.entries import Entry
 
 HASHER = Hasher(b"s" * 32)
 
@@ -47,33 +46,6 @@ def key_of(ref: CardRef) -> str:
 
 def at(seq: int, epoch: str = "e1") -> LogPosition:
     return LogPosition(epoch, seq, "m" if seq else "")
-
-
-def test_redis_value_round_trips():
-    entry, expires = decode(encode(Entry(ACTIVE), 1_700_000_000_123))
-    assert entry.rec is not None and expires == 1_700_000_000_123
-    assert (entry.rec.status, entry.rec.entitlements) == (ACTIVE.status, ACTIVE.entitlements)
-    positioned = Entry.of(replace(ACTIVE, position=at(7)), at(7))
-    back, _ = decode(encode(positioned, 1))
-    assert (back.epoch, back.seq) == ("e1", 7) and back.rec is not None
-    tomb, _ = decode(encode(Entry(None, "e1", 9), 1))
-    assert tomb == Entry(None, "e1", 9)
-
-
-@pytest.mark.parametrize(
-    ("new", "old", "replaces"),
-    [
-        (Entry(ACTIVE, "e1", 5), None, True),
-        (Entry(ACTIVE, "e1", 5), Entry(None, "e1", 6), False),  # a later push wins
-        (Entry(ACTIVE, "e1", 6), Entry(None, "e1", 6), True),  # read after it: shows it
-        (Entry(ACTIVE, "e1", 7), Entry(None, "e1", 6), True),
-        (Entry(ACTIVE), Entry(None, "e1", 6), False),  # no position cannot undo a push
-        (Entry(ACTIVE), Entry(ACTIVE), True),
-        (Entry(ACTIVE, "e2", 1), Entry(None, "e1", 6), True),  # a reset log: the later write
-    ],
-)
-def test_which_write_may_replace_which(new: Entry, old: Entry | None, replaces: bool):
-    assert may_replace(new, old) is replaces
 
 
 async def test_unknown_answers_are_cached_only_briefly():
@@ -143,29 +115,6 @@ async def test_a_dead_redis_is_a_miss_not_a_failure():
         assert [e["event"] for e in events] == ["redis_failing"]
     finally:
         await cache.close()
-
-
-async def test_concurrent_redis_reads_share_round_trips(redis_db: str):
-    cfg = CacheConfig(redis_url=redis_db, local_max_entries=0)
-    writer = AnswerCache.from_config(cfg, "500111", wall=NOON)
-    reader = AnswerCache.from_config(cfg, "500111", wall=NOON)
-    refs = [CardRef("512021", f"C51202100{i:05d}") for i in range(40)]
-    keys = [key_of(r) for r in refs]
-    client = redis.Redis.from_url(redis_db)
-    try:
-        for i, key in enumerate(keys[:30]):
-            await writer.put(key, ACTIVE if i % 2 else UNKNOWN)
-        before = client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
-        got = await asyncio.gather(*(reader.get(k) for k in keys))
-        after = client.info("commandstats")["cmdstat_mget"]["calls"]
-        assert [g.status if g else None for g in got] == [
-            (CardStatus.ACTIVE if i % 2 else CardStatus.UNKNOWN) if i < 30 else None
-            for i in range(40)
-        ]
-        assert 1 <= after - before < 40  # coalesced, not one round trip per read
-    finally:
-        await writer.close()
-        await reader.close()
 
 
 async def test_a_late_answer_never_undoes_a_pushed_change_at_any_replica(redis_db: str):
