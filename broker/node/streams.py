@@ -60,6 +60,10 @@ class StreamRegistry:
     def __len__(self) -> int:
         return len(self._live)
 
+    def count(self, method: str) -> int:
+        """How many calls of ``method`` (a full method name) are in flight."""
+        return sum(1 for s in self._live if s.method == method)
+
     @contextlib.contextmanager
     def track(
         self, method: str, caller: str, leaf_pem: bytes, context: grpc.aio.ServicerContext

@@ -86,6 +86,13 @@ class Supervisor:
         """The names of the loops running now."""
         return [name for name, task in self._tasks.items() if not task.done()]
 
+    async def stop_one(self, name: str) -> None:
+        """Stop the loop ``name`` (not restarted); nothing if there is none."""
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def stop(self) -> None:
         for task in self._tasks.values():
             task.cancel()

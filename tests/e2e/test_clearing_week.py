@@ -385,9 +385,12 @@ async def test_a_week_with_a_fare_change_a_lost_card_and_a_representment(week: W
     assert "sample-1" in results[0].detail
     by_day[d2].append(SentTrip(DAZU, wrong, False))  # the home will reject it
 
-    # A Dazu gate asks Anyue about a card (PEER) and keeps the answer for the TTL.
+    # A Dazu gate asks Anyue about a card (PEER) and keeps the answer for the TTL. Dazu's
+    # node then stops following Anyue's changes (its stream down, as in an outage): the
+    # loss below does not reach it, and the answer it holds is the one in force.
     dazu_gate, anyue_gate = trips.gates[DAZU], trips.gates[ANYUE]
     first = await dazu_gate.check(lost_card.ref, Scene.BUS)
+    await cluster.nodes[DAZU].supervisor.stop_one(f"status-watch-{ANYUE}")
     asked = monotonic_time.monotonic()
     assert first.allow and first.source == gate_pb2.DECISION_SOURCE_PEER
     # Anyue's back office reports the card lost; its registry records it now.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import structlog.testing
 
@@ -109,3 +110,24 @@ async def test_two_loops_of_one_name_are_refused() -> None:
             sup.start("a", loop)
     finally:
         await sup.stop()
+
+
+async def test_stop_one_stops_that_loop_only_and_for_good() -> None:
+    runs: dict[str, int] = {"a": 0, "b": 0}
+
+    def loop_of(name: str) -> Any:
+        async def loop() -> None:
+            runs[name] += 1
+            await asyncio.Event().wait()
+
+        return loop
+
+    sup = Supervisor(initial_backoff_s=0.01)
+    sup.start("a", loop_of("a"))
+    sup.start("b", loop_of("b"))
+    await asyncio.sleep(0.05)
+    await sup.stop_one("a")
+    await sup.stop_one("nothing")  # no such loop: nothing happens
+    await asyncio.sleep(0.05)
+    assert sup.running() == ["b"] and runs == {"a": 1, "b": 1}
+    await sup.stop()
