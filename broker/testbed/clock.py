@@ -26,3 +26,10 @@ class DayClock:
         if offset < self._offset:
             raise ValueError(f"the day clock does not go back (to {at.isoformat()})")
         self._offset = offset
+
+    def reach(self, at: datetime) -> None:
+        """Be at ``at`` or later: jump there, or stay if the clock is past it already (in
+        the first minutes after a midnight, "the next morning" of a day's trips made half
+        an hour ago is already here)."""
+        if at > self():
+            self.move_to(at)

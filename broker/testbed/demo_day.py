@@ -97,7 +97,7 @@ async def run_day(
         again = await stubs[code].SubmitTrips(settlement_pb2.SubmitTripsRequest(trips=trips[:5]))
         submitted += len(trips)
         duplicates += len(again.results)
-    clock.move_to(day_end(period) + timedelta(minutes=1))  # the next morning
+    clock.reach(day_end(period) + timedelta(minutes=1))  # the next morning
     for s in setups.values():
         async with open_sender(s.config, clock=clock) as sender:
             await sender.close(period)
@@ -108,7 +108,7 @@ async def run_day(
         late += len(trips)
         async with open_sender(s.config, clock=clock) as sender:
             await sender.close(period)
-    clock.move_to(window_end(period) + timedelta(minutes=1))  # the late window has closed
+    clock.reach(window_end(period) + timedelta(minutes=1))  # the late window has closed
     for s in setups.values():  # the close that seals the day everywhere (nothing new)
         async with open_sender(s.config, clock=clock) as sender:
             await sender.close(period)

@@ -50,7 +50,7 @@ async def test_a_day_closes_exchanges_and_reconciles(day_cluster: Cluster, now: 
     }
     assert len(days) == 1, "the simulated trips straddle midnight; rerun"
     period = days.pop().isoformat()
-    cluster.clock.move_to(after_day(period))  # the nodes and the commands: the next morning
+    cluster.clock.reach(after_day(period))  # the nodes and the commands: the next morning
     await close_all(cluster, period)
 
     views = await assert_positions_match(cluster.setups, trips, period)
@@ -105,7 +105,7 @@ async def test_a_day_closes_exchanges_and_reconciles(day_cluster: Cluster, now: 
         obj={"clock": cluster.clock},
     )
     assert refused.exit_code == 1 and "provisional until" in " ".join(refused.output.split())
-    cluster.clock.move_to(after_window(period))
+    cluster.clock.reach(after_window(period))
     await close_all(cluster, period, expect="nothing new to send")  # seals the day everywhere
     for code in THREE:
         await cli(
@@ -137,7 +137,7 @@ async def test_a_trip_after_close_goes_in_a_supplementary_batch(day_cluster: Clu
     trips = await simulate_day(cluster, now, per_pair=3)
     period = shanghai_day(now - timedelta(minutes=10)).isoformat()
     dazu = cluster.setups[DAZU]
-    cluster.clock.move_to(after_day(period))
+    cluster.clock.reach(after_day(period))
     close = ("settle", "close", "--config", str(dazu.config_path), "--period", period)
     await cli(*close, clock=cluster.clock)
     before = await district_positions(dazu, period)

@@ -214,7 +214,7 @@ async def test_a_cap_exceeded_across_two_districts_is_caught(tight_caps, cluster
     assert rc.concession_fen == 200 and rc.charged_fen == 0
     await submit(cluster, RONGCHANG, [rc])
     period = shanghai_day(base).isoformat()
-    cluster.clock.move_to(after_day(period))
+    cluster.clock.reach(after_day(period))
     dz = await cli(
         "settle",
         "close",
@@ -254,7 +254,7 @@ async def test_a_rejected_line_is_represented_once_then_final(cluster: Cluster, 
         r.applied_entitlement = Entitlement.SENIOR_65.value  # type: ignore[assignment]
     await submit(cluster, DAZU, wrong)
     period = shanghai_day(when).isoformat()
-    cluster.clock.move_to(after_day(period))
+    cluster.clock.reach(after_day(period))
     await cli("settle", "close", "--config", cfg, "--period", period, clock=cluster.clock)
     assert (await district_positions(s, period))["positions"][0]["open_disputes"] == 2
 
@@ -359,7 +359,7 @@ async def test_thousands_of_rejected_lines_travel_in_chunks_and_all_become_dispu
     finally:
         ledger.close()
     period = shanghai_day(when).isoformat()
-    cluster.clock.move_to(after_day(period))
+    cluster.clock.reach(after_day(period))
     out = await cli(
         "settle", "close", "--config", str(s.config_path), "--period", period, clock=cluster.clock
     )

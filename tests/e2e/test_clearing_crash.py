@@ -80,7 +80,7 @@ async def test_the_closing_process_killed_at_each_state_change_resumes(
     cfg = {code: str(cluster.setups[code].config_path) for code in THREE}
     crash = point if point != "position_agreed" else None
     clock = cluster.clock
-    clock.move_to(after_day(day))
+    clock.reach(after_day(day))
     assert await broker(
         "settle", "close", "--config", cfg[DAZU], "--period", day, crash_at=crash, clock=clock
     ) == (-signal.SIGKILL if crash else 0)
@@ -114,7 +114,7 @@ async def test_the_closing_process_killed_at_each_state_change_resumes(
                     )
                     == 0
                 )
-        clock.move_to(after_window(day))
+        clock.reach(after_window(day))
         for code in THREE:  # the closes after the late window seal the day everywhere
             assert (
                 await broker("settle", "close", "--config", cfg[code], "--period", day, clock=clock)

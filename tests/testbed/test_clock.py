@@ -30,3 +30,12 @@ def test_it_never_goes_back() -> None:
     with pytest.raises(ValueError, match="does not go back"):
         clock.move_to(datetime.now(UTC) + timedelta(days=1))
     assert clock() > datetime.now(UTC) + timedelta(days=1)
+
+
+def test_reach_jumps_forward_or_stays_when_the_clock_is_past_it_already():
+    clock = DayClock()
+    clock.reach(datetime.now(UTC) - timedelta(minutes=20))  # already past: no error
+    assert abs(clock() - datetime.now(UTC)) < timedelta(seconds=1)
+    ahead = datetime.now(UTC) + timedelta(days=1)
+    clock.reach(ahead)
+    assert clock() >= ahead
