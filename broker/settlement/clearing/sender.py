@@ -314,11 +314,15 @@ class Sender:
         def next_chunk() -> tuple[bytes, int] | None:
             return next(chunks, None)
 
+        first = await asyncio.to_thread(next_chunk)  # before the call: a big day sorts first
+
         async def parts() -> AsyncIterator[settlement_pb2.BatchPart]:
-            while (item := await asyncio.to_thread(next_chunk)) is not None:
+            item = first
+            while item is not None:
                 digest.update(item[0])
                 self._progress("lines sent", totals.lines)
                 yield settlement_pb2.BatchPart(lines=item[0])
+                item = await asyncio.to_thread(next_chunk)
             signed = self._signer.sign(
                 {
                     "type": "batch",

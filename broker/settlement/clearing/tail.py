@@ -30,7 +30,7 @@ from broker.settlement.clearing.batch import Digest
 
 HINT_KEY = "yk-batch"  # gRPC metadata: "<period>/<sequence>/<kind>"
 POLL_S = 0.02  # how long the verifier waits for the node between looks at the spool
-STALL_S = 10.0
+STALL_S = 60.0  # a sender sends its first chunk before its call opens, then keeps going
 _HEAD = 8
 
 
