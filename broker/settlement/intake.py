@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.core.errors import Busy, InvalidArgument, Unavailable
+from broker.core.logs import configure_from_env
 from broker.fares.rules import CHANGEOVER_GRACE, FareSchedule
 from broker.settlement.desk import MAX_TRIPS_PER_REQUEST, TripDesk
 from broker.settlement.ledger import Ledger, open_ledger
@@ -220,6 +221,7 @@ _desk: TripDesk | None = None
 
 def _start(spec: IntakeSpec) -> None:
     global _desk
+    configure_from_env()  # log as the node does, to stderr
     os.nice(NICE)
     _desk = TripDesk(
         spec.open_ledger(),

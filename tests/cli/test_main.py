@@ -362,3 +362,17 @@ def test_grpc_core_is_quieted_before_grpc_is_first_imported(
     )
     assert done.returncode == 0, done.stderr
     assert f"GRPC_VERBOSITY at the first import of grpc: {seen}" in done.stdout
+
+
+def test_demo_json_as_a_process_prints_nothing_but_json_on_stdout():
+    """The node's worker processes (intake, verification) log to stderr like the node:
+    what a script reads from ``broker demo --json`` parses whole."""
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "demo", "--checks", "200", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["checks"] == 200 and summary["mismatches"] == 0

@@ -34,6 +34,7 @@ from broker.core.errors import (
     PeerUnavailable,
     SettlementStateError,
 )
+from broker.core.logs import configure_from_env
 from broker.core.signing import PublicKey, Signed, Signer, parse_public_keys, public_key_pems
 from broker.fares.rules import load_fares
 from broker.settlement.clearing import crash
@@ -193,6 +194,7 @@ _job: Job | None = None
 
 def _start(cfg: SettlementSettings, registry_path: Path) -> None:
     global _receiver
+    configure_from_env()  # log as the node does, to stderr
     os.nice(NICE)
     assert cfg.settlement.key_file is not None
     _receiver = Receiver(
