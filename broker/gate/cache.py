@@ -107,9 +107,15 @@ class LocalTier:
         if item is not None and item[1] is entry:
             del self._entries[key]
 
-    def drop_prefix(self, prefix: str) -> int:
-        """Forget every entry whose key starts with ``prefix`` (one district's); how many."""
-        gone = [k for k in self._entries if k.startswith(prefix)]
+    def drop_prefix(self, prefix: str, keep: LogPosition | None = None) -> int:
+        """Forget every entry whose key starts with ``prefix`` (one district's), but those
+        read at exactly ``keep`` (what the home's log stood at when it said to drop the
+        rest: nothing can have changed since they were read); how many."""
+        gone = [
+            k
+            for k, (_, e) in self._entries.items()
+            if k.startswith(prefix) and (keep is None or (e.epoch, e.seq) != (keep.epoch, keep.seq))
+        ]
         for k in gone:
             del self._entries[k]
         return len(gone)
@@ -236,18 +242,23 @@ class AnswerCache:
             return done is not None
         return True
 
-    async def flush(self, issuer: str, floor: LogPosition, local: bool = True) -> bool:
+    async def flush(
+        self, issuer: str, floor: LogPosition, local: bool = True, keep_floor: bool = True
+    ) -> bool:
         """Forget every answer of ``issuer``'s cards (its log was reset or restored, or we
-        lost track of it), and from now on cache none read before ``floor``: first the
-        floor, then the entries, so no answer in flight slips in behind the flush. In the
-        in-process tier too unless ``local`` is False. False when Redis failed."""
+        lost track of it) but those read at ``floor`` itself (unless ``keep_floor`` is
+        False: a change after it could not be applied), and from now on cache none read
+        before it: first the floor, then the entries, so no answer in flight slips in
+        behind the flush. In the in-process tier too unless ``local`` is False. False when
+        Redis failed."""
         self.floors[issuer] = floor
-        dropped = self.local.drop_prefix(f"{issuer}:") if local else 0
+        keep = floor if keep_floor else None
+        dropped = self.local.drop_prefix(f"{issuer}:", keep=keep) if local else 0
         remote: int | None = 0
         if self.remote is not None:
             remote = None
             if await self.remote.set_floor(issuer, floor):
-                remote = await self.remote.drop_prefix(f"{issuer}:")
+                remote = await self.remote.drop_prefix(f"{issuer}:", keep=keep)
         log.info("cache_flushed", district=issuer, local=dropped, redis=remote)
         return remote is not None
 

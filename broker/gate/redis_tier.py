@@ -73,6 +73,21 @@ return 1
 """
 
 
+# KEYS: entries; ARGV[1]: the value ending ("|epoch|seq") of those to keep. Unlinks the rest.
+_DROP = """
+local gone = 0
+local keep = ARGV[1]
+for _, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  if v and string.sub(v, -string.len(keep)) ~= keep then
+    redis.call('UNLINK', key)
+    gone = gone + 1
+  end
+end
+return gone
+"""
+
+
 class TierFailed(Exception):
     """Redis could not answer (its failure is logged by the tier's StateLog)."""
 
@@ -131,6 +146,7 @@ class RedisTier:
         self._prefix = f"yk:v2:{district}:rec:"
         self._timeout = timeout_s
         self._cas = client.register_script(_CAS)
+        self._drop = client.register_script(_DROP)
         # One line when Redis starts failing, a count a minute while it does, one when it
         # is back: never a line per call (a gate check may touch it twice).
         self.state = StateLog(log, "redis", district=district)
@@ -194,19 +210,20 @@ class RedisTier:
     def _floor_key(self, issuer: str) -> str:
         return self._prefix.replace(":rec:", ":floor:") + issuer
 
-    async def drop_prefix(self, prefix: str) -> int | None:
-        """Delete every entry whose key starts with ``prefix``: how many, ``None`` when Redis
-        failed (SCAN, UNLINK)."""
+    async def drop_prefix(self, prefix: str, keep: LogPosition | None = None) -> int | None:
+        """Delete every entry whose key starts with ``prefix`` but those read at exactly
+        ``keep``: how many, ``None`` when Redis failed (SCAN, then a script per batch)."""
         gone = 0
+        tail = f"|{keep.epoch}|{keep.seq}" if keep is not None else "\n"  # "\n": no value ends so
         try:
             batch: list[str | bytes] = []
             async for k in self._client.scan_iter(match=self.redis_key(prefix) + "*", count=1000):
                 batch.append(k)
                 if len(batch) >= 1000:
-                    gone += int(await self._client.unlink(*batch))
+                    gone += int(await self._drop(keys=batch, args=[tail]))
                     batch = []
             if batch:
-                gone += int(await self._client.unlink(*batch))
+                gone += int(await self._drop(keys=batch, args=[tail]))
         except (RedisError, OSError) as exc:
             self.state.failed(type(exc).__name__)
             return None

@@ -107,8 +107,8 @@ class StatusWatcher:
                 broken = True
             except InvalidArgument as exc:  # an update we cannot apply: start afresh
                 log.warning("status_update_unreadable", district=self.district, field=exc.field)
-                if self.cursor is not None:
-                    await self._flush(self.cursor)
+                if self.cursor is not None:  # a change after the cursor may be missed
+                    await self._flush(self.cursor, keep_floor=False)
                 self.cursor = None
             self.connected.clear()
             self._cache.following.discard(self.district)
@@ -131,8 +131,8 @@ class StatusWatcher:
         if not self.redis_dirty:  # never past a change Redis may have missed
             await self._cache.save_cursor(self.district, update.position)
 
-    async def _flush(self, floor: LogPosition) -> None:
-        if not await self._cache.flush(self.district, floor):
+    async def _flush(self, floor: LogPosition, keep_floor: bool = True) -> None:
+        if not await self._cache.flush(self.district, floor, keep_floor=keep_floor):
             self.redis_dirty = True
         self.flushes += 1
 

@@ -193,7 +193,9 @@ async def wide_cluster(
     """The three districts, Dazu's node.toml granting its operator methods to ``param`` too."""
     dazu = districts[DAZU]
     doc = tomllib.loads(dazu.config_path.read_text())
-    doc.setdefault("access", {}).update({key: ["own-operators", request.param] for key in OPERATOR_METHODS})
+    doc.setdefault("access", {}).update(
+        {key: ["own-operators", request.param] for key in OPERATOR_METHODS}
+    )
     wide = tmp_path / "dazu-wide.toml"
     wide.write_text(tomli_w.dumps(doc))
     setups = {**districts, DAZU: replace(dazu, config=load_config(wide, env={}))}

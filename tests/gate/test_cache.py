@@ -264,3 +264,26 @@ async def test_an_answer_no_push_could_reach_is_kept_only_briefly(redis_db: str)
     finally:
         client.close()
         await cache.close()
+
+
+async def test_a_flush_keeps_what_was_read_at_its_floor_itself(redis_db: str):
+    """A process that starts asks its peer's log from nowhere and is told to go on from the
+    head: answers it cached meanwhile, read at that very head, cannot have missed anything
+    and are kept (in both tiers); any other of that home's is dropped."""
+    cfg = CacheConfig(redis_url=redis_db)
+    cache = AnswerCache.from_config(cfg, "500111", wall=NOON)
+    redis_only = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111", wall=NOON)
+    cache.following.add("512021")
+    at_head, older = key_of(REF), key_of(CardRef("512021", "C5120210000009"))
+    try:
+        await cache.put(at_head, replace(ACTIVE, position=at(10)))
+        await cache.put(older, replace(ACTIVE, position=at(9)))
+        assert await cache.flush("512021", at(10))
+        assert cache.get_local(at_head) is not None and cache.get_local(older) is None
+        assert await redis_only.get(at_head) is not None
+        assert await redis_only.get(older) is None
+        assert await cache.flush("512021", LogPosition("e2", 0, ""))  # a reset log: all go
+        assert cache.get_local(at_head) is None and await redis_only.get(at_head) is None
+    finally:
+        await cache.close()
+        await redis_only.close()
