@@ -19,7 +19,7 @@ cards it holds a live handle for, and a progress position otherwise.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -127,7 +127,7 @@ class StatusFeed:
 
     async def updates(
         self, peer: str, after: LogPosition | None, lifetime_s: float | None = None
-    ) -> AsyncIterator[Update]:
+    ) -> AsyncGenerator[Update, None]:
         """What ``peer`` is to be told from ``after`` on: without end, or until ``lifetime_s``
         have passed and nothing is to be sent (the peer resumes from its cursor)."""
         self._start()

@@ -235,7 +235,7 @@ async def test_a_malformed_handle_is_answered_without_push_and_counted(
     req.handle = handle
     token = bind_identity(node_identity(ANYUE))
     try:
-        answer = await servicer.Recognize(req, None)  # type: ignore[arg-type]
+        answer = await servicer.Recognize(req, None)
     finally:
         unbind_identity(token)
     assert answer.status == types_pb2.CARD_STATUS_ACTIVE and answer.cache_ttl_seconds > 0

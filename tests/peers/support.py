@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -141,6 +142,11 @@ class FakeRecognition(recognition_pb2_grpc.RecognitionServicer):
         if self.abort is not None:
             await context.abort(self.abort, "refused by the test")
         return self.answer
+
+    async def WatchStatus(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        """An older peer that pushes nothing."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this peer does not push")
+        yield  # never reached (abort raises): what makes this a stream
 
 
 class FakeTrust(trust_pb2_grpc.TrustServicer):
