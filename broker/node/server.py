@@ -215,6 +215,7 @@ class Node:
         try:
             port = server.add_secure_port(cfg.listen, creds)
         except RuntimeError as exc:  # nothing opened above may outlive the failed start
+            await server.stop(None)  # else its finalizer runs on a loop long closed
             book.close()
             await feed.close()
             admin.close()

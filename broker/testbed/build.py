@@ -118,10 +118,30 @@ def import_first_bundles(cfg: NodeConfig, exchange: Path) -> None:
 
 
 def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket() as s:
+    """A TCP port on loopback that was free a moment ago, below the range the kernel hands
+    to outgoing connections: a port from that range (what binding port 0 gives) could be
+    taken by one of the many connections a test opens before the node binds it."""
+    first_ephemeral = _ephemeral_start()
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10_000, first_ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # nothing free down there: any the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_start() -> int:
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32_768
+    return max(low, 10_001)
 
 
 @dataclass(frozen=True)
