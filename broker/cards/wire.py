@@ -116,13 +116,13 @@ def update_from_wire(msg: recognition_pb2.StatusUpdate) -> Update:
 
 
 # google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
-_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
+TIMESTAMP_MIN_S, TIMESTAMP_MAX_S = -62_135_596_800, 253_402_300_799
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def instant_from_wire(seconds: int, nanos: int, field: str) -> datetime:
     """A Timestamp's instant (UTC), or ``InvalidArgument`` naming ``field``'s part."""
-    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
+    if not TIMESTAMP_MIN_S <= seconds <= TIMESTAMP_MAX_S:
         raise InvalidArgument(f"{field}.seconds", "must be within years 1 to 9999")
     if not 0 <= nanos <= 999_999_999:
         raise InvalidArgument(f"{field}.nanos", "must be from 0 to 999999999")

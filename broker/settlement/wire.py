@@ -13,7 +13,13 @@ from typing import Any
 
 from broker._proto.yikatong.v1 import settlement_pb2
 from broker.cards.model import CardRef, Entitlement, Scene
-from broker.cards.wire import card_from_wire, card_to_wire, scene_from_wire
+from broker.cards.wire import (
+    TIMESTAMP_MAX_S,
+    card_from_wire,
+    card_to_wire,
+    instant_from_wire,
+    scene_from_wire,
+)
 from broker.core.errors import InvalidArgument
 from broker.core.signing import Signed
 from broker.settlement.trips import Judgement, Outcome, Reason, Trip
@@ -74,7 +80,9 @@ def trip_from_wire(
             card=card,
             scene=scene,
             place_id=place,
-            occurred_at=_instant(msg.occurred_at.seconds, msg.occurred_at.nanos),
+            occurred_at=instant_from_wire(
+                msg.occurred_at.seconds, msg.occurred_at.nanos, "occurred_at"
+            ),
             gross_fare_fen=msg.gross_fare_fen,
             charged_fen=msg.charged_fen,
             concession_fen=msg.concession_fen,
@@ -128,7 +136,7 @@ def _valid_trip(msg: settlement_pb2.TripRecord, operator_id: str, regions: set[s
         return None
     at = msg.occurred_at
     seconds, nanos = at.seconds, at.nanos
-    if not (0 <= seconds <= _MAX_SECONDS and 0 <= nanos <= 999_999_999):
+    if not (0 <= seconds <= TIMESTAMP_MAX_S and 0 <= nanos <= 999_999_999):
         return None  # before 1970 (rare) or out of range: the slow path says which
     return Trip(
         operator_id,
@@ -144,18 +152,6 @@ def _valid_trip(msg: settlement_pb2.TripRecord, operator_id: str, regions: set[s
         version,
         gate,
     )
-
-
-# google.protobuf.Timestamp's own range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
-_MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
-
-
-def _instant(seconds: int, nanos: int) -> datetime:
-    if not _MIN_SECONDS <= seconds <= _MAX_SECONDS:
-        raise InvalidArgument("occurred_at.seconds", "must be within years 1 to 9999")
-    if not 0 <= nanos <= 999_999_999:
-        raise InvalidArgument("occurred_at.nanos", "must be from 0 to 999999999")
-    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 def result_to_wire(trip_id: str, j: Judgement | None) -> settlement_pb2.TripResult:
