@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -66,15 +67,21 @@ async def warm_up(cluster: Cluster, now: datetime) -> None:
         await feed.close()
 
 
-async def test_a_named_batch_is_verified_as_it_arrives_and_answered(
-    cluster: Cluster, now: datetime
-):
+async def named_batch(cluster: Cluster, now: datetime) -> tuple[Hint, list[Any], Feed]:
+    """Five lines of Dazu's, sequence 1, in chunks of 2, and a call named for them (the
+    node warmed up first). The call opens when its first part is sent."""
     await warm_up(cluster, now)
     when = now - timedelta(minutes=5)
     hint = Hint(shanghai_day(when), 1, "close")
     parts = batch(lines_for(cluster, 5, when), dazu_signer(cluster), now, 1, 2)
+    return hint, parts, Feed(cluster, metadata=hint.metadata())
+
+
+async def test_a_named_batch_is_verified_as_it_arrives_and_answered(
+    cluster: Cluster, now: datetime
+):
+    _, parts, feed = await named_batch(cluster, now)
     before, open_pipes = spool_files(), pipes()
-    feed = Feed(cluster, metadata=hint.metadata())
     try:
         feed.send(*parts[:-1])
         await new_spool_file(before)
@@ -93,12 +100,8 @@ async def test_a_named_batch_is_verified_as_it_arrives_and_answered(
 async def test_a_cancel_mid_stream_commits_nothing_and_leaves_no_open_file(
     cluster: Cluster, now: datetime
 ):
-    await warm_up(cluster, now)
-    when = now - timedelta(minutes=5)
-    hint = Hint(shanghai_day(when), 1, "close")
-    parts = batch(lines_for(cluster, 5, when), dazu_signer(cluster), now, 1, 2)
+    hint, parts, feed = await named_batch(cluster, now)
     before, open_pipes = spool_files(), pipes()
-    feed = Feed(cluster, metadata=hint.metadata())
     try:
         feed.send(*parts[:2])  # 4 of 5 lines: the verifier checks them meanwhile
         await new_spool_file(before)
