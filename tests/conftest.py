@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -279,6 +280,30 @@ def ledger_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[o
     yield lambda: open_ledger(None, url, schema)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def registry_at(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Where a registry under test lives: ``registry_at(name)`` is a ``[registry]`` section
+    for a SQLite file, or for a PostgreSQL schema of its own (dropped afterwards); the same
+    suite runs on both."""
+    from broker.cards.config import RegistryConfig
+
+    if request.param == "sqlite":
+        yield lambda name="r": RegistryConfig(tmp_path / f"{name}.sqlite3")
+        return
+    import secrets
+
+    import psycopg
+
+    url = request.getfixturevalue("postgres_url")
+    prefix = f"yk_reg_{secrets.token_hex(4)}"
+    yield lambda name="r": RegistryConfig(None, url=url, schema=f"{prefix}_{name}")
+    with psycopg.connect(url, autocommit=True) as conn:
+        for (schema,) in conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname LIKE %s", (f"{prefix}%",)
+        ).fetchall():
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

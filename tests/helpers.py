@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import sqlite3
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto.yikatong.v1 import (
@@ -25,6 +28,8 @@ from broker.cards.model import CardRef, shanghai_day
 from broker.cards.privacy import load_key_file
 from broker.cards.registry import Registry
 from broker.cli.main import main
+from broker.core.db import Db
+from broker.node.config import NodeConfig
 from broker.testbed.build import DistrictSetup
 from broker.trust import pki
 from broker.trust.config import node_server_name
@@ -107,7 +112,7 @@ def import_lines(setup: DistrictSetup, lines: list[str], now: datetime) -> None:
     """Upsert card rows (CSV lines after the header) into a district's registry."""
     header = "card_number,ssn,status,disabled,student,valid_until"
     rows = parse_import([header, *lines], shanghai_day(now), load_key_file(setup.paths.hash_key))
-    reg = Registry(setup.config.registry.path)
+    reg = Registry(setup.config.registry)
     try:
         reg.upsert(rows, now)
     finally:
@@ -157,3 +162,24 @@ async def wait_healthy(address: str, server: DistrictSetup, me: DistrictSetup) -
             await ch.close()
         assert asyncio.get_running_loop().time() < deadline, f"{address} never became healthy"
         await asyncio.sleep(0.05)
+
+
+def registry_file(cfg: NodeConfig) -> Path:
+    """The SQLite file of a node's registry (the testbed's districts keep theirs in one)."""
+    assert cfg.registry.path is not None, "this node's registry is on PostgreSQL"
+    return cfg.registry.path
+
+
+def refuse_rows(db: Db, table: str, column: str, value: str) -> type[Exception]:
+    """Make the database refuse new rows of ``table`` whose ``column`` is ``value`` (a disk
+    full, say); the error a write then raises."""
+    if db.dialect == "sqlite":
+        db.execute(
+            f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} "
+            f"WHEN NEW.{column} = '{value}' BEGIN SELECT RAISE(ABORT, 'disk full, say'); END"
+        )
+        return sqlite3.IntegrityError
+    db.execute(  # NOT VALID: rows already there stay
+        f"ALTER TABLE {table} ADD CONSTRAINT refuse_{table} CHECK ({column} <> '{value}') NOT VALID"
+    )
+    return psycopg.errors.CheckViolation

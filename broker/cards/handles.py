@@ -20,34 +20,49 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from broker.cards.config import RegistryConfig
 from broker.core.db import Db, Migration, migrate, utc_text
 
-# A file of their own beside the registry, with its own write lock: keeping a handle
-# (a write on every Recognize that gives one) never waits for an import of the registry,
-# and an import never waits for them.
+# SQLite: a file of their own beside the registry, with its own write lock: keeping a
+# handle (a write on every Recognize that gives one) never waits for an import of the
+# registry, and an import never waits for them. PostgreSQL: a table in the registry's
+# schema (row locks: the two never wait for each other there either).
+_TABLE = (
+    "CREATE TABLE IF NOT EXISTS peer_handles (peer TEXT NOT NULL, card_number TEXT NOT NULL, "
+    "handle TEXT NOT NULL, until TEXT{collate} NOT NULL, PRIMARY KEY (peer, card_number));\n"
+    "CREATE INDEX IF NOT EXISTS peer_handles_until ON peer_handles (until)"
+)
 MIGRATIONS = (
     Migration(
         1,
         "peers' handles: which peer asked about which card, by its own name for it, until when",
-        "CREATE TABLE IF NOT EXISTS peer_handles (peer TEXT NOT NULL, card_number TEXT NOT NULL, "
-        "handle TEXT NOT NULL, until TEXT NOT NULL, PRIMARY KEY (peer, card_number));\n"
-        "CREATE INDEX IF NOT EXISTS peer_handles_until ON peer_handles (until)",
+        _TABLE.format(collate=""),
+        _TABLE.format(collate=' COLLATE "C"'),  # sortable UTC text, compared byte by byte
     ),
 )
 
 
 def handles_path(registry: Path) -> Path:
-    """Where the handles of the registry at ``registry`` are kept."""
+    """Where the handles of the registry at ``registry`` are kept (SQLite)."""
     return registry.with_name(f"{registry.stem}-handles{registry.suffix}")
 
 
-def open_handles(registry: Path) -> Db:
-    """A connection to the handles file of ``registry`` (created and migrated if needed)."""
-    db = Db.sqlite(handles_path(registry))
-    # NORMAL, not FULL: a handle survives the process dying (WAL), not a power cut. A home
-    # that loses power loses its streams with it; the handles it then lacks only leave
-    # peers on the TTL alone, as before pushes. An fsync per Recognize cost ~0.3 ms here.
-    db.execute("PRAGMA synchronous=NORMAL")
+def open_handles(where: RegistryConfig | Path) -> Db:
+    """A connection to the handles of the registry ``where`` names (the ``[registry]``
+    section, or its SQLite file), created and migrated if needed."""
+    cfg = where if isinstance(where, RegistryConfig) else RegistryConfig(where)
+    # A handle need not survive a power cut: a home that loses power loses its streams
+    # with it, and the handles it then lacks only leave peers on the TTL alone, as before
+    # pushes. SQLite: NORMAL, not FULL (an fsync per Recognize cost ~0.3 ms here), so a
+    # handle survives the process dying (WAL). PostgreSQL: the commit does not wait for
+    # the flush (``synchronous_commit``), this connection's only.
+    if cfg.url:
+        db = Db.postgres(cfg.url, cfg.schema, "registry")
+        db.execute("SET synchronous_commit = off")
+    else:
+        assert cfg.path is not None
+        db = Db.sqlite(handles_path(cfg.path))
+        db.execute("PRAGMA synchronous=NORMAL")
     migrate(db, "handles", MIGRATIONS)
     return db
 
@@ -114,8 +129,8 @@ def purge(db: Db, before: datetime, chunk: int = 5000) -> int:
     while True:
         with db.write():
             n = db.execute(
-                "DELETE FROM peer_handles WHERE rowid IN (SELECT rowid FROM peer_handles "
-                "WHERE until < ? LIMIT ?)",
+                "DELETE FROM peer_handles WHERE (peer, card_number) IN (SELECT peer, card_number "
+                "FROM peer_handles WHERE until < ? LIMIT ?)",
                 (utc_text(before), chunk),
             )
         gone += n

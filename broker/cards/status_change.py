@@ -16,7 +16,7 @@ from typing import Final
 
 from broker.cards import status_log
 from broker.cards.model import shanghai_day
-from broker.cards.registry import Registry, derive_status
+from broker.cards.registry import Registry, derive_status, insert_status_row
 from broker.core.db import utc_text
 from broker.core.errors import InvalidArgument
 
@@ -90,12 +90,7 @@ def set_status(
                 "UPDATE cards SET status = ?, updated_at = ? WHERE card_number = ?",
                 (status, recorded, number),
             )
-            db.execute(
-                "INSERT INTO card_status_history (card_number, status, valid_until, "
-                "effective_at) VALUES (?, ?, ?, ?)",
-                (number, status, row[1], changed),
-            )
-            previous_release_row = db.one("SELECT last_insert_rowid()")
+            previous_release_row = insert_status_row(db, number, status, row[1], changed)
             db.execute(
                 "INSERT INTO card_history (card_number, status, valid_until, disabled, student, "
                 "changed_at, recorded_at, status_history_id, imported_at) "
@@ -108,13 +103,15 @@ def set_status(
                     row[3],
                     changed,
                     recorded,
-                    previous_release_row[0] if previous_release_row else None,
+                    previous_release_row,
                     recorded,
                 ),
             )
             wire = derive_status(status, date.fromisoformat(row[1]), shanghai_day(now))
             seqs.append(status_log.append(db, number, wire, effective, now, now))
             done += 1
+        if seqs:
+            status_log.announce(db)
     return StatusChangeResult(
         done, unchanged, tuple(unknown), seqs[0] if seqs else None, seqs[-1] if seqs else None
     )

@@ -4,6 +4,11 @@ Every change of a card's status, validity or flags that the registry records
 (an import, ``broker registry set-status``) appends one event *in the same
 transaction* as the change, so neither exists without the other.
 
+On PostgreSQL (a registry shared by replicas on several hosts) a commit of new
+events is announced with ``NOTIFY`` (:func:`announce`), so the feeds of every
+replica read on at once; they poll the head too, less often, in case a
+notification is lost with a connection.
+
 Order and gaps: an event's sequence number comes from the one counter row of
 ``status_log``, updated in that transaction. Writers of a registry are
 serialised (``BEGIN IMMEDIATE`` on SQLite; on PostgreSQL the counter row's
@@ -140,7 +145,8 @@ def append(
     recorded_at: datetime,
     now: datetime,
 ) -> int:
-    """Log one change; call it inside ``db.write()``, in the transaction that makes the change.
+    """Log one change; call it inside ``db.write()``, in the transaction that makes the change
+    (and :func:`announce` the changes there once they are all logged).
 
     Its sequence number, which it returns, is the counter's next: the
     counter row is updated first, so a concurrent writer waits here until
@@ -159,6 +165,19 @@ def append(
          utc_text(now), mark),
     )  # fmt: skip
     return seq
+
+
+def channel(db: Db) -> str:
+    """The PostgreSQL channel on which commits of new events are announced (one per schema:
+    the registries of several districts may share a database)."""
+    return f"yk_status_{db.lock_key('status_log') & 0xFFFFFFFF:08x}"
+
+
+def announce(db: Db) -> None:
+    """After :func:`append` or a reset, in the same transaction: on PostgreSQL, wake the
+    feeds of every replica when it commits (``NOTIFY``; they poll too, in case one is
+    lost). SQLite: nothing (feeds poll a local file)."""
+    db.notify(channel(db))
 
 
 def head(db: Db) -> LogPosition:
@@ -245,4 +264,5 @@ def reset(db: Db, epoch: str, now: datetime) -> LogPosition:
             "UPDATE status_log SET epoch = ?, head = 0, mark = '', reset_at = ? WHERE id = 1",
             (epoch, utc_text(now)),
         )
+        announce(db)
     return head(db)

@@ -52,7 +52,7 @@ def registry_import(csv_file: Path, config_path: Path) -> None:
         fail(f"{csv_file}: {exc}")
     except BrokerError as exc:
         fail(str(exc))
-    store = Registry(cfg.registry.path)
+    store = Registry(cfg.registry)
     try:
         result = store.upsert(rows, now)
     finally:
@@ -97,7 +97,7 @@ def registry_set_status(
     numbers = parse_card_numbers(cards_file.read())
     if not numbers:
         fail("no card numbers given (one per line, from --cards FILE or stdin)")
-    store = Registry(cfg.registry.path)
+    store = Registry(cfg.registry)
     try:
         with broker_errors():
             result = set_status(store, numbers, status, clock(), changed_at)
@@ -120,7 +120,7 @@ def registry_reset_log(config_path: Path) -> None:
     from a copy, so that every peer drops its cached answers of this district and asks
     again, whatever changes the copy lacks. Run it with the nodes stopped or running."""
     cfg = _config(config_path)
-    store = Registry(cfg.registry.path)
+    store = Registry(cfg.registry)
     try:
         head = status_log.reset(store.db, secrets.token_hex(16), datetime.now(UTC))
     finally:

@@ -107,16 +107,17 @@ class Db:
         return Db(_connect_sqlite(path, busy_timeout_ms), "sqlite")
 
     @staticmethod
-    def postgres(url: str, schema: str) -> Db:
-        """A PostgreSQL connection whose tables live in ``schema`` (created if missing)."""
+    def postgres(url: str, schema: str, purpose: str = "ledger") -> Db:
+        """A PostgreSQL connection whose tables live in ``schema`` (created if missing);
+        ``purpose`` names the database in the error raised when it cannot be reached."""
         import psycopg
 
         if not _SCHEMA_RE.fullmatch(schema):
-            raise ConfigError("ledger schema must be a lower-case SQL identifier")
+            raise ConfigError(f"schema {schema!r} must be a lower-case SQL identifier")
         try:
             conn = psycopg.connect(url, autocommit=True)
         except psycopg.OperationalError as exc:
-            raise ConfigError(f"cannot reach the ledger database: {exc}") from exc
+            raise ConfigError(f"cannot reach the {purpose} database: {exc}") from exc
         try:
             with conn.transaction():  # replicas starting at once create the schema once
                 key = zlib.crc32(f"schema/{schema}".encode()) - 2**31
@@ -258,6 +259,32 @@ class Db:
     def schema(self) -> str:
         row = self.one("SELECT current_schema()") if self.dialect == "postgres" else None
         return str(row[0]) if row else "main"
+
+    # ------------------------------------------------------------ notifications (PostgreSQL)
+
+    def notify(self, channel: str) -> None:
+        """PostgreSQL: tell this channel's listeners when the current transaction commits
+        (notifications of one transaction to one channel arrive as one). SQLite: nothing."""
+        if self.dialect == "postgres":
+            self.execute("SELECT pg_notify(?, '')", (channel,))
+
+    def listen(self, channel: str) -> None:
+        """PostgreSQL: receive this channel's notifications on this connection (keep it for
+        that alone: :meth:`wait_notified` holds it while it waits)."""
+        if self.dialect != "postgres":
+            raise ConfigError("notifications need PostgreSQL")
+        from psycopg import sql
+
+        with self._lock:
+            self._conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+
+    def wait_notified(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a notification on a channel this connection
+        listens to; whether one came. A lost connection raises."""
+        with self._lock:
+            for _ in self._conn.notifies(timeout=timeout, stop_after=1):
+                return True
+        return False
 
     def lock_trips(self) -> None:
         """Inside :meth:`write`: wait for trip writers in flight, keep new ones out until commit.

@@ -11,7 +11,9 @@ the change wins over the answer whichever arrives first.
 :class:`StatusFeed` follows the log (:mod:`broker.cards.status_log`) for every
 ``WatchStatus`` stream of this node. It looks at the log's head every
 ``poll_s`` (the log is written by other processes: ``broker registry
-set-status``, an import) and wakes the streams waiting for a change; each
+set-status``, an import, and on PostgreSQL by other hosts; there ``NOTIFY``
+wakes it as a change commits, and the poll is the fallback) and wakes the
+streams waiting for a change; each
 stream reads on from its own cursor and sends its peer only the changes of
 cards it holds a live handle for, and a progress position otherwise.
 """
@@ -19,6 +21,8 @@ cards it holds a live handle for, and a progress position otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -29,8 +33,10 @@ import structlog
 
 from broker.cards import handles as handle_store
 from broker.cards import status_log
+from broker.cards.config import RegistryConfig
 from broker.cards.handles import Handle
 from broker.cards.model import LogPosition
+from broker.cards.registry import connect
 from broker.cards.status_log import Restart
 from broker.cards.updates import Change, Progress, Rewind, Update
 from broker.core.db import Db
@@ -39,6 +45,9 @@ from broker.core.quiet import StateLog
 log = structlog.get_logger(__name__)
 
 POLL_S = 0.05
+PG_POLL_S = 0.5  # PostgreSQL: NOTIFY wakes the feed; this is the fallback
+LISTEN_WAIT_S = 0.25  # how often the listener looks whether the feed is closing
+LISTEN_RETRY_S = 1.0
 READ_LIMIT = 1000
 EVENT_RETENTION = timedelta(hours=72)
 HOUSEKEEPING_S = 60.0
@@ -50,8 +59,8 @@ class HandleBook:
     on a thread and a connection of its own (a commit never holds up the registry reads
     that answer gates)."""
 
-    def __init__(self, registry_path: Path) -> None:
-        self._db = handle_store.open_handles(registry_path)
+    def __init__(self, where: RegistryConfig | Path) -> None:
+        self._db = handle_store.open_handles(where)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="handles")
         self._pending: list[tuple[Handle, asyncio.Future[None]]] = []
         self.refused = 0  # handles given that were not kept (malformed)
@@ -94,35 +103,51 @@ class StatusFeed:
 
     def __init__(
         self,
-        registry_path: Path,
+        where: RegistryConfig | Path,
         clock: Callable[[], datetime],
-        poll_s: float = POLL_S,
+        poll_s: float | None = None,
         retention: timedelta = EVENT_RETENTION,
     ) -> None:
-        """``retention``: how long changes are kept for peers that were away (and handles
-        past their end are dropped), tidied every minute or so by the poller.
+        """``where``: the ``[registry]`` section (or its SQLite file). ``poll_s``: how often
+        the head is read (default: :data:`POLL_S` on SQLite; :data:`PG_POLL_S` on
+        PostgreSQL, where ``NOTIFY`` wakes the feed as a change commits). ``retention``:
+        how long changes are kept for peers that were away (and handles past their end are
+        dropped), tidied every minute or so by the poller.
 
         Connections of its own, each used by one thread: the streams' reads (the log,
-        then the handles), the head (on the event loop: one row of a WAL file, which a
-        writer never blocks), and the tidying (its own thread, in parts).
+        then the handles), the head (SQLite: on the event loop, one row of a WAL file,
+        which a writer never blocks; PostgreSQL: on a thread, a round trip), the tidying
+        (its own thread, in parts) and, on PostgreSQL, the listener.
         """
-        self._db = Db.sqlite(registry_path)
-        self._handles = handle_store.open_handles(registry_path)
-        self._head_db = Db.sqlite(registry_path)
-        self._house_db = Db.sqlite(registry_path)
-        self._house_handles = handle_store.open_handles(registry_path)
+        self._where = where if isinstance(where, RegistryConfig) else RegistryConfig(where)
+        self._remote = self._where.on_postgres
+        self._db = connect(self._where)
+        self._handles = handle_store.open_handles(self._where)
+        self._head_db = connect(self._where)
+        self._house_db = connect(self._where)
+        self._house_handles = handle_store.open_handles(self._where)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-feed")
         self._house = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-tidy")
+        self._header = ThreadPoolExecutor(max_workers=1, thread_name_prefix="status-head")
         self._polls = 0
         self._clock = clock
-        self._poll_s = poll_s
+        self._poll_s = poll_s if poll_s is not None else (PG_POLL_S if self._remote else POLL_S)
         self._retention = retention
         self._now: LogPosition | None = None  # the head as last polled
         self._changed = asyncio.Condition()
         self._poller: asyncio.Task[None] | None = None
+        self._woken = asyncio.Event()  # set by the listener: a change was announced
+        self._stopping = threading.Event()
+        self._listener: threading.Thread | None = None
+        self.notified = 0  # notifications received (PostgreSQL)
 
-    def head(self) -> LogPosition:
-        """Where the log stands now (on the event loop: one row, never behind a lock)."""
+    async def head(self) -> LogPosition:
+        """Where the log stands now (SQLite: read on the event loop, one row never behind a
+        lock; PostgreSQL: on a thread of its own)."""
+        if self._remote:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._header, status_log.head, self._head_db
+            )
         return status_log.head(self._head_db)
 
     async def updates(
@@ -190,6 +215,47 @@ class StatusFeed:
     def _start(self) -> None:
         if self._poller is None:
             self._poller = asyncio.ensure_future(self._poll())
+            if self._remote:
+                loop = asyncio.get_running_loop()
+                self._listener = threading.Thread(
+                    target=self._listen, args=(loop,), name="status-listen", daemon=True
+                )
+                self._listener.start()
+
+    def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On its own thread (PostgreSQL): wake the poller whenever a change is announced;
+        after any failure, connect again (the poller reads the head meanwhile anyway)."""
+        state = StateLog(log, "status_feed_listen")
+        while not self._stopping.is_set():
+            db: Db | None = None
+            try:
+                db = connect(self._where)
+                db.listen(status_log.channel(db))
+                state.ok()
+                self._wake(loop)  # what committed before the LISTEN: read it now
+                while not self._stopping.is_set():
+                    if db.wait_notified(LISTEN_WAIT_S):
+                        self.notified += 1
+                        self._wake(loop)
+            except Exception as exc:  # the database away: poll alone until it is back
+                state.failed(type(exc).__name__)
+                self._stopping.wait(LISTEN_RETRY_S)
+            finally:
+                if db is not None:
+                    with contextlib.suppress(Exception):  # already gone with the connection
+                        db.close()
+
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.call_soon_threadsafe(self._woken.set)
+        except RuntimeError:  # the loop closed: the feed is closing
+            self._stopping.set()
+
+    async def _pause(self) -> None:
+        """Until the next poll: ``poll_s``, or sooner when a change is announced."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._woken.wait(), self._poll_s)
+        self._woken.clear()
 
     async def _poll(self) -> None:
         loop = asyncio.get_running_loop()
@@ -198,7 +264,7 @@ class StatusFeed:
         state = StateLog(log, "status_feed_poll")
         while True:
             try:
-                head = status_log.head(self._head_db)
+                head = await self.head()
                 async with self._changed:
                     self._now = head
                     self._polls += 1
@@ -210,7 +276,7 @@ class StatusFeed:
                 state.ok()
             except Exception as exc:  # the registry busy or gone for a moment: poll again
                 state.failed(type(exc).__name__)
-            await asyncio.sleep(self._poll_s)
+            await self._pause()
 
     def _tidy(self) -> None:
         now = self._clock()
@@ -221,11 +287,15 @@ class StatusFeed:
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
     async def close(self) -> None:
+        self._stopping.set()
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.join)
         self._reader.shutdown(wait=True)
         self._house.shutdown(wait=True)
+        self._header.shutdown(wait=True)
         for db in (self._db, self._handles, self._head_db, self._house_db, self._house_handles):
             db.close()
 

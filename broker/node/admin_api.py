@@ -18,6 +18,7 @@ import grpc
 import structlog
 
 from broker._proto.yikatong.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from broker.cards.config import RegistryConfig
 from broker.cards.registry import Registry
 from broker.cards.status_change import StatusChangeResult, set_status
 from broker.cards.wire import instant_from_wire
@@ -37,8 +38,8 @@ _STATUSES = {
 class CardAdminServicer(admin_pb2_grpc.CardAdminServicer):
     """``yikatong.v1.CardAdmin``."""
 
-    def __init__(self, registry_path: Path, clock: Callable[[], datetime]) -> None:
-        self._path = registry_path
+    def __init__(self, where: RegistryConfig | Path, clock: Callable[[], datetime]) -> None:
+        self._where = where
         self._clock = clock
         self._registry: Registry | None = None  # opened on the first call, on the thread
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="card-admin")
@@ -82,7 +83,7 @@ class CardAdminServicer(admin_pb2_grpc.CardAdminServicer):
         self, numbers: list[str], status: str, now: datetime, changed_at: datetime | None
     ) -> StatusChangeResult:
         if self._registry is None:
-            self._registry = Registry(self._path)
+            self._registry = Registry(self._where)
         return set_status(self._registry, numbers, status, now, changed_at)
 
     def close(self) -> None:

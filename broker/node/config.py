@@ -20,6 +20,8 @@ A node.toml looks like::
     [registry]
     path = "var/500111/registry.sqlite3"
     event_retention_hours = 72             # card changes kept for peers that were away
+    # url = "postgresql://yikatong@db.example/registry"   PostgreSQL instead of SQLite
+    # schema = "registry"                    (replicas on several hosts share it)
 
     [privacy]
     hash_key_file = "certs/500111/hash.key"
@@ -90,7 +92,7 @@ by ``fares.config``, ``[ledger]`` and ``[settlement]`` by
 ``[access]`` by ``trust.access``. Relative paths are relative to the config
 file's directory. Environment overrides (each optional) are declared on the
 field they override (``metadata={"env": ...}``): ``YIKATONG_LISTEN``,
-``YIKATONG_REDIS_URL``, ``YIKATONG_REGISTRY_PATH``,
+``YIKATONG_REDIS_URL``, ``YIKATONG_REGISTRY_PATH``, ``YIKATONG_REGISTRY_URL``,
 ``YIKATONG_PEER_DEADLINE_MS``, ``YIKATONG_LEDGER_URL``; an empty value
 clears an optional one.
 
@@ -228,6 +230,15 @@ def _int(table: Mapping[str, Any], section: type[Any], key: str, default: int, w
     return BOUNDS[(section, key)].check(table.get(key, default), f"{where}{key}")
 
 
+def _registry(table: Mapping[str, Any], path: Path | None) -> RegistryConfig:
+    url = str(table["url"]) if table.get("url") else None
+    if path is None and url is None:
+        raise ConfigError("registry.path (SQLite) or registry.url (PostgreSQL) is required")
+    schema = str(table.get("schema", RegistryConfig.schema))  # checked where it is opened
+    hours = _int(table, RegistryConfig, "event_retention_hours", 72, "registry.")
+    return RegistryConfig(path, hours, url, schema)
+
+
 def _code(value: Any, where: str) -> str:
     try:
         return validate_region(str(value), where)
@@ -305,12 +316,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
         district=district,
         listen=str(_req(doc, "listen", "")),
         tls=tls,
-        registry=RegistryConfig(
-            path=path(_req(_section(doc, "registry"), "path", "registry.")),
-            event_retention_hours=_int(
-                _section(doc, "registry"), RegistryConfig, "event_retention_hours", 72, "registry."
-            ),
-        ),
+        registry=_registry(_section(doc, "registry"), opt_path(_section(doc, "registry"), "path")),
         privacy=PrivacyConfig(
             hash_key_file=path(_req(_section(doc, "privacy"), "hash_key_file", "privacy."))
         ),
@@ -450,6 +456,8 @@ def render_config(cfg: NodeConfig) -> str:
         doc["registry"].pop("event_retention_hours", None)
     if cfg.ledger.url is None:
         doc["ledger"].pop("schema", None)  # only PostgreSQL has schemas
+    if cfg.registry.url is None:
+        doc["registry"].pop("schema", None)
     if cfg.fares.file is None:
         doc.pop("fares", None)  # no rules, nothing priced: the grace means nothing
     if cfg.settlement == SettlementKeyConfig():

@@ -137,13 +137,13 @@ class Node:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
         hasher = load_key_file(cfg.privacy.hash_key_file)
         trust = TrustStore(cfg, clock)
-        registry = Registry(cfg.registry.path)
+        registry = Registry(cfg.registry)
         registry.record_advertised_ttl(cfg.recognition.cache_ttl_seconds, clock())
         home = HomeRecognizer(cfg.district, registry, cfg.recognition)
         # Pushed status changes: peers' handles, and the feed of WatchStatus streams.
-        book = HandleBook(cfg.registry.path)
+        book = HandleBook(cfg.registry)
         feed = StatusFeed(
-            cfg.registry.path, clock, retention=timedelta(hours=cfg.registry.event_retention_hours)
+            cfg.registry, clock, retention=timedelta(hours=cfg.registry.event_retention_hours)
         )
         cache = AnswerCache.from_config(cfg.cache, cfg.district, clock)
         channels = PeerChannels(trust, cfg.peers)
@@ -175,7 +175,7 @@ class Node:
             ),
             guarded,
         )
-        admin = CardAdminServicer(cfg.registry.path, clock)
+        admin = CardAdminServicer(cfg.registry, clock)
         admin_pb2_grpc.add_CardAdminServicer_to_server(admin, guarded)
         trust_pb2_grpc.add_TrustServicer_to_server(
             TrustServicer(cfg.trust.bundle_file, clock), guarded

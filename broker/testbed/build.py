@@ -343,7 +343,7 @@ def build(
         write_import_file(import_path, [row for _, row in pairs])
         with import_path.open() as fh:
             rows = parse_import(fh, today, load_key_file(paths.hash_key))
-        registry = Registry(loaded.registry.path)
+        registry = Registry(loaded.registry)
         try:
             registry.upsert(rows, now - timedelta(days=30))  # cards issued before the trips
         finally:

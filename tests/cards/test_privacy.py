@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from broker.cards.model import CardRef, Scene
 from broker.cards.privacy import KEY_BYTES, create_key_file, load_key_file
 from tests.conftest import ANYUE, DAZU, Cluster
-from tests.helpers import import_lines, ssn_for
+from tests.helpers import import_lines, registry_file, ssn_for
 
 
 @pytest.fixture
@@ -54,9 +54,9 @@ async def test_no_card_or_id_number_in_any_log_event_or_the_registry_file(
     for secret in [*numbers, secret_ssn, "19500101"]:
         assert secret not in text
     for code in (DAZU, ANYUE):
-        raw = cluster.setups[code].config.registry.path.read_bytes()
+        raw = registry_file(cluster.setups[code].config).read_bytes()
         assert secret_ssn.encode() not in raw
-        wal = cluster.setups[code].config.registry.path.with_name("registry.sqlite3-wal")
+        wal = registry_file(cluster.setups[code].config).with_name("registry.sqlite3-wal")
         if wal.exists():
             assert secret_ssn.encode() not in wal.read_bytes()
 

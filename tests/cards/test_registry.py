@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import sqlite3
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from broker.cards.config import RegistryConfig
 from broker.cards.csv_import import CardRow, parse_import
 from broker.cards.districts import load_districts
 from broker.cards.gb11643 import ssn_check_character
@@ -19,6 +21,7 @@ from broker.cards.registry import MIGRATIONS, Recorded, Registry, derive_status
 from broker.core.db import Db, migrate, utc_text
 from broker.core.errors import ImportRejected
 
+RegistryAt = Callable[..., RegistryConfig]
 T0 = datetime(2026, 1, 10, 2, 0, tzinfo=UTC)
 
 
@@ -26,8 +29,8 @@ def row(number: str, status: str = "active", valid_until: date = date(2030, 1, 1
     return CardRow(number, "h" * 32, date(1950, 1, 1), status, False, False, valid_until)
 
 
-def test_upsert_never_deletes_and_counts_what_changed(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_upsert_never_deletes_and_counts_what_changed(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     first = reg.upsert([row("A00000001"), row("A00000002")], T0)
     assert (first.inserted, first.updated, first.status_changes) == (2, 0, 2)
     second = reg.upsert([row("A00000001", "lost")], T0 + timedelta(days=1))
@@ -41,8 +44,8 @@ def test_upsert_never_deletes_and_counts_what_changed(tmp_path: Path):
     reg.close()
 
 
-def test_status_at_answers_for_any_instant_in_the_past(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_status_at_answers_for_any_instant_in_the_past(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     reg.upsert([row("A00000001")], T0)
     reg.upsert([row("A00000001", "lost")], T0 + timedelta(days=3))
     reg.upsert([row("A00000001", "active", date(2026, 1, 20))], T0 + timedelta(days=5))
@@ -70,8 +73,8 @@ def test_derive_status_puts_lost_and_suspended_before_expiry():
     assert derive_status("active", today, today) is CardStatus.ACTIVE
 
 
-def test_district_table_is_seeded_from_the_reference_data(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_district_table_is_seeded_from_the_reference_data(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     codes = {d.code: d for d in reg.districts()}
     reg.close()
     for code in ("500111", "500151", "500152", "500153", "500118", "512021"):
@@ -125,9 +128,9 @@ def test_a_column_a_newer_release_added_to_cards_does_not_stop_this_one(tmp_path
 # ---------------------------------------------------------------- recorded history and TTL
 
 
-def test_a_change_counts_from_when_it_took_effect_once_it_is_recorded(tmp_path: Path):
+def test_a_change_counts_from_when_it_took_effect_once_it_is_recorded(registry_at: RegistryAt):
     """As recorded at T: the latest change in effect by T among those recorded by T."""
-    reg = Registry(tmp_path / "r.sqlite3")
+    reg = Registry(registry_at())
     reg.upsert([row("A00000001")], T0)
     reported, entered = T0 + timedelta(hours=1), T0 + timedelta(hours=5)
     lost = replace(row("A00000001", "lost"), changed_at=reported, recorded_at=entered)
@@ -138,8 +141,8 @@ def test_a_change_counts_from_when_it_took_effect_once_it_is_recorded(tmp_path: 
     reg.close()
 
 
-def test_flags_have_a_history_of_their_own(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_flags_have_a_history_of_their_own(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     student = replace(row("A00000001"), student=True)
     reg.upsert([student], T0)
     ends = T0 + timedelta(days=10)
@@ -151,8 +154,8 @@ def test_flags_have_a_history_of_their_own(tmp_path: Path):
     reg.close()
 
 
-def test_a_row_with_only_recorded_at_took_effect_then(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_a_row_with_only_recorded_at_took_effect_then(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     entered = T0 + timedelta(hours=2)
     reg.upsert([replace(row("A00000001"), recorded_at=entered)], entered)
     assert reg.status_at("A00000001", entered - timedelta(seconds=1)) is CardStatus.UNKNOWN
@@ -160,8 +163,8 @@ def test_a_row_with_only_recorded_at_took_effect_then(tmp_path: Path):
     reg.close()
 
 
-def test_answers_between_give_one_answer_per_stretch_as_recorded(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_answers_between_give_one_answer_per_stretch_as_recorded(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     reg.upsert([row("A00000001")], T0)
     minute = timedelta(minutes=1)
     reg.upsert([row("A00000001", "lost")], T0 + 2 * minute)
@@ -199,8 +202,8 @@ def test_the_advertised_ttl_is_recorded_when_it_changes_and_read_for_any_instant
     reg.close()
 
 
-def test_answers_given_under_a_longer_ttl_reach_back_further(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_answers_given_under_a_longer_ttl_reach_back_further(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     reg.record_advertised_ttl(120, T0)
     lowered = T0 + timedelta(hours=1)
     reg.record_advertised_ttl(30, lowered)
@@ -291,22 +294,21 @@ def test_an_import_with_the_back_offices_instants_keeps_them(tmp_path: Path):
 
 
 def test_a_change_counts_only_from_its_import_here_however_early_it_was_recorded(
-    tmp_path: Path,
+    registry_at: RegistryAt,
 ):
     """The node's answers change only when it imports the change: a back office that
     recorded the loss at 10:00 but whose file this node took in at 12:00 answered ACTIVE
     until 12:00, and that is the home's delay, not the neighbour's."""
-    reg = Registry(tmp_path / "r.sqlite3")
+    reg = Registry(registry_at())
     reg.upsert([row("A00000001")], T0)
     recorded, imported = T0 + timedelta(hours=1), T0 + timedelta(hours=3)
     lost = replace(row("A00000001", "lost"), changed_at=recorded, recorded_at=recorded)
     reg.upsert([lost], imported)
     assert reg.status_at("A00000001", imported - timedelta(microseconds=1)) is CardStatus.ACTIVE
     assert reg.status_at("A00000001", imported) is CardStatus.LOST
-    with sqlite3.connect(tmp_path / "r.sqlite3") as raw:  # the back office's instants kept
-        kept = raw.execute(
-            "SELECT changed_at, recorded_at, imported_at FROM card_history WHERE status = 'lost'"
-        ).fetchall()
+    kept = reg.db.all(  # the back office's instants kept
+        "SELECT changed_at, recorded_at, imported_at FROM card_history WHERE status = 'lost'"
+    )
     assert kept == [(utc_text(recorded), utc_text(recorded), utc_text(imported))]
     reg.close()
 

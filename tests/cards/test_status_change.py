@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import sqlite3
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from broker.cards import status_log
+from broker.cards.config import RegistryConfig
 from broker.cards.csv_import import CardRow
 from broker.cards.model import CardStatus, LogPosition
 from broker.cards.registry import Registry
 from broker.cards.status_change import parse_card_numbers, set_status
 from broker.core.errors import InvalidArgument
+from tests.helpers import refuse_rows
 
+RegistryAt = Callable[..., RegistryConfig]
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 
 
@@ -23,8 +25,8 @@ def row(number: str, status: str = "active", valid_until: date = date(2030, 1, 1
 
 
 @pytest.fixture
-def reg(tmp_path: Path):
-    r = Registry(tmp_path / "r.sqlite3")
+def reg(registry_at: RegistryAt):
+    r = Registry(registry_at())
     r.upsert([row("A1"), row("A2"), row("A3", valid_until=date(2026, 1, 31))], T0)
     yield r
     r.close()
@@ -76,13 +78,10 @@ def test_the_change_and_its_event_commit_together_or_not_at_all(reg: Registry):
     """A failure in the middle (here the database refusing the second card's event) leaves
     every card as it was, no history row and no event: the log never tells of a change the
     registry does not have, nor misses one it has."""
-    reg.db.execute(
-        "CREATE TRIGGER refuse_a2 BEFORE INSERT ON status_events WHEN NEW.card_number = 'A2' "
-        "BEGIN SELECT RAISE(ABORT, 'disk full, say'); END"
-    )
+    refused = refuse_rows(reg.db, "status_events", "card_number", "A2")
     head = status_log.head(reg.db)
     history = reg.history("A1")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(refused):
         set_status(reg, ["A1", "A2"], "lost", T0 + timedelta(hours=1))
     assert reg.lookup("A1").status == "active"  # type: ignore[union-attr]
     assert reg.history("A1") == history

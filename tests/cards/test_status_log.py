@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import shutil
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from broker.cards import status_log
+from broker.cards.config import RegistryConfig
 from broker.cards.csv_import import CardRow
 from broker.cards.model import CardStatus, LogPosition
 from broker.cards.registry import Registry
 from broker.cards.status_log import Restart, StatusEvent
 
+RegistryAt = Callable[..., RegistryConfig]
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 START = LogPosition("", 0, "")
 
@@ -38,8 +41,8 @@ def from_start(reg: Registry) -> LogPosition:
     return LogPosition(status_log.head(reg.db).epoch, 0, "")
 
 
-def test_numbers_follow_each_other_and_a_cursor_reads_on_from_where_it_is(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_numbers_follow_each_other_and_a_cursor_reads_on_from_where_it_is(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     assert status_log.head(reg.db).seq == 0
     seqs = [log_one(reg, f"C{i}", CardStatus.LOST) for i in range(1, 4)]
     assert seqs == [1, 2, 3]
@@ -55,8 +58,8 @@ def test_numbers_follow_each_other_and_a_cursor_reads_on_from_where_it_is(tmp_pa
     reg.close()
 
 
-def test_an_active_card_is_only_an_invalidation(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_an_active_card_is_only_an_invalidation(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     log_one(reg, "C1", CardStatus.ACTIVE)
     log_one(reg, "C2", CardStatus.EXPIRED)
     active, expired = events(reg, from_start(reg))
@@ -64,8 +67,10 @@ def test_an_active_card_is_only_an_invalidation(tmp_path: Path):
     reg.close()
 
 
-def test_a_transaction_that_fails_after_its_event_leaves_no_event_and_no_gap(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_a_transaction_that_fails_after_its_event_leaves_no_event_and_no_gap(
+    registry_at: RegistryAt,
+):
+    reg = Registry(registry_at())
     log_one(reg, "C1", CardStatus.LOST)
     with pytest.raises(RuntimeError), reg.db.write():
         status_log.append(reg.db, "C2", CardStatus.LOST, T0, T0, T0)
@@ -76,8 +81,8 @@ def test_a_transaction_that_fails_after_its_event_leaves_no_event_and_no_gap(tmp
     reg.close()
 
 
-def test_no_cursor_or_another_epoch_restarts_at_the_head(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_no_cursor_or_another_epoch_restarts_at_the_head(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     log_one(reg, "C1", CardStatus.LOST)
     head = status_log.head(reg.db)
     assert isinstance(none := status_log.read(reg.db, None), Restart) and none.head == head
@@ -86,8 +91,8 @@ def test_no_cursor_or_another_epoch_restarts_at_the_head(tmp_path: Path):
     reg.close()
 
 
-def test_a_reset_starts_a_new_history_and_every_old_cursor_restarts(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_a_reset_starts_a_new_history_and_every_old_cursor_restarts(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     log_one(reg, "C1", CardStatus.LOST)
     old = status_log.head(reg.db)
     new = status_log.reset(reg.db, "a" * 32, T0)
@@ -133,8 +138,10 @@ def test_a_registry_restored_from_an_older_copy_is_another_history(tmp_path: Pat
     reg.close()
 
 
-def test_retention_keeps_the_last_event_so_a_peer_that_saw_everything_goes_on(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_retention_keeps_the_last_event_so_a_peer_that_saw_everything_goes_on(
+    registry_at: RegistryAt,
+):
+    reg = Registry(registry_at())
     log_one(reg, "C1", CardStatus.LOST, T0)
     log_one(reg, "C2", CardStatus.LOST, T0)
     at_head = status_log.head(reg.db)
@@ -145,8 +152,8 @@ def test_retention_keeps_the_last_event_so_a_peer_that_saw_everything_goes_on(tm
     reg.close()
 
 
-def test_retention_drops_old_events_and_a_cursor_before_them_restarts(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_retention_drops_old_events_and_a_cursor_before_them_restarts(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     log_one(reg, "C1", CardStatus.LOST, T0)
     log_one(reg, "C2", CardStatus.LOST, T0 + timedelta(hours=1))
     first = events(reg, from_start(reg))[0].cursor
@@ -160,8 +167,8 @@ def test_retention_drops_old_events_and_a_cursor_before_them_restarts(tmp_path: 
     reg.close()
 
 
-def test_the_import_logs_every_change_it_records_and_nothing_else(tmp_path: Path):
-    reg = Registry(tmp_path / "r.sqlite3")
+def test_the_import_logs_every_change_it_records_and_nothing_else(registry_at: RegistryAt):
+    reg = Registry(registry_at())
     reg.upsert([row("A1"), row("A2")], T0)
     reg.upsert([row("A1", "lost"), row("A2")], T0 + timedelta(hours=1))  # A2 unchanged
     flagged = CardRow("A2", "h" * 32, date(1950, 1, 1), "active", True, False, date(2030, 1, 1))
@@ -179,8 +186,8 @@ def test_the_import_logs_every_change_it_records_and_nothing_else(tmp_path: Path
     reg.close()
 
 
-def _writer(path: str, name: str, n: int) -> None:
-    reg = Registry(Path(path))
+def _writer(where: RegistryConfig, name: str, n: int) -> None:
+    reg = Registry(where)
     try:
         for i in range(n):
             log_one(reg, f"{name}{i}", CardStatus.LOST)
@@ -188,9 +195,9 @@ def _writer(path: str, name: str, n: int) -> None:
         reg.close()
 
 
-def _reader(path: str, stop_at: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
+def _reader(where: RegistryConfig, stop_at: int, out: mp.Queue) -> None:  # type: ignore[type-arg]
     """Follows the log as it grows: every read must go on exactly from its cursor."""
-    reg = Registry(Path(path))
+    reg = Registry(where)
     try:
         cursor = from_start(reg)
         seen: list[int] = []
@@ -203,11 +210,14 @@ def _reader(path: str, stop_at: int, out: mp.Queue) -> None:  # type: ignore[typ
         reg.close()
 
 
-def test_two_processes_writing_at_once_leave_no_gap_a_follower_could_fall_into(tmp_path: Path):
+def test_two_processes_writing_at_once_leave_no_gap_a_follower_could_fall_into(
+    registry_at: RegistryAt,
+):
     """Numbers are taken in the writing transaction, so no later number commits before an
-    earlier one: a follower reading as they write sees 1, 2, 3, … and nothing skipped."""
-    path = str(tmp_path / "r.sqlite3")
-    Registry(Path(path)).close()
+    earlier one: a follower reading as they write sees 1, 2, 3, … and nothing skipped (on
+    PostgreSQL too, where the counter row's lock orders the writers)."""
+    path = registry_at()
+    Registry(path).close()
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     procs = [ctx.Process(target=_writer, args=(path, name, 60)) for name in ("A", "B")]
@@ -221,7 +231,7 @@ def test_two_processes_writing_at_once_leave_no_gap_a_follower_could_fall_into(t
     seen = out.get(timeout=60)
     follower.join(10)
     assert seen == list(range(1, 121))
-    reg = Registry(Path(path))
+    reg = Registry(path)
     cards = [e.card_number for e in events(reg, from_start(reg))]
     assert sorted(cards) == sorted([f"A{i}" for i in range(60)] + [f"B{i}" for i in range(60)])
     reg.close()

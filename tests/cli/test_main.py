@@ -150,7 +150,7 @@ def test_registry_import_good_file_then_bad_file_changes_nothing(tmp_path: Path)
     assert "line 3:" in result.output and "line 4:" in result.output
     assert "line 2:" not in result.output
     assert ssn() not in result.output
-    reg = Registry(load_config(config, env={}).registry.path)
+    reg = Registry(load_config(config, env={}).registry)
     try:
         card = reg.lookup("A00000001")
         assert card is not None and card.status == "active"  # the bad file changed nothing

@@ -31,7 +31,7 @@ def config(tmp_path: Path) -> Path:
 
 
 def registry_of(config: Path) -> Registry:
-    return Registry(load_config(config, env={}).registry.path)
+    return Registry(load_config(config, env={}).registry)
 
 
 def test_a_card_reported_lost_from_a_file_is_lost_and_logged(config: Path, tmp_path: Path):

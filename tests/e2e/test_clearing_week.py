@@ -395,7 +395,7 @@ async def test_a_week_with_a_fare_change_a_lost_card_and_a_representment(week: W
     assert first.allow and first.source == gate_pb2.DECISION_SOURCE_PEER
     # Anyue's back office reports the card lost; its registry records it now.
     lost_at = clock()
-    anyue_registry = Registry(cluster.setups[ANYUE].config.registry.path)
+    anyue_registry = Registry(cluster.setups[ANYUE].config.registry)
     try:
         row = anyue_registry.lookup(lost_card.ref.card_number)
         assert row is not None and row.status == "active"

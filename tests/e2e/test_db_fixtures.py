@@ -31,6 +31,7 @@ from broker.settlement.config import LedgerConfig
 from broker.settlement.ledger import open_ledger
 from broker.trust.config import TLSConfig
 from tests.e2e import previous_release
+from tests.helpers import registry_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "db-v0"
 MANIFEST: dict[str, dict[str, int]] = json.loads((FIXTURES / "manifest.json").read_text())
@@ -80,8 +81,8 @@ def counts(rows: dict[str, list[tuple[Any, ...]]]) -> dict[str, int]:
 
 def open_everything(cfg: NodeConfig) -> dict[str, int]:
     """Open each database the way a node does, and read every row through the code's own API."""
-    numbers = [r[0] for r in sqlite_rows(cfg.registry.path)["cards"]]  # card_number first
-    registry = Registry(cfg.registry.path)
+    numbers = [r[0] for r in sqlite_rows(registry_file(cfg))["cards"]]  # card_number first
+    registry = Registry(cfg.registry)
     try:
         assert all(registry.lookup(n) is not None for n in numbers)
         read = {"cards": len(numbers), "districts": len(registry.districts())}
@@ -138,7 +139,7 @@ def test_the_fixtures_hold_a_whole_settlement_day():
 def test_sqlite_databases_of_the_previous_release_open_and_every_row_reads(
     sqlite_copy: NodeConfig,
 ):
-    root = sqlite_copy.registry.path.parent
+    root = registry_file(sqlite_copy).parent
     before = {name: sqlite_rows(root / name) for name in SQLITE_FILES}
     assert {name: counts(rows) for name, rows in before.items()} == {
         name: MANIFEST[name] for name in SQLITE_FILES
@@ -229,7 +230,7 @@ def read_by_previous_release(tree: Path, cfg: NodeConfig) -> dict[str, Any]:
     done = previous_release.run(
         tree,
         PREVIOUS_READER,
-        str(cfg.registry.path.parent),
+        str(registry_file(cfg).parent),
         path,
         cfg.ledger.url or "",
         cfg.ledger.schema,
@@ -248,7 +249,7 @@ def assert_read_whole(read: dict[str, Any], ledger_manifest: dict[str, int]) -> 
 def test_the_previous_release_opens_migrated_sqlite_databases_and_reads_every_row(
     sqlite_copy: NodeConfig, previous_tree: Path
 ):
-    root = sqlite_copy.registry.path.parent
+    root = registry_file(sqlite_copy).parent
     open_everything(sqlite_copy)  # this release migrates them
     for name, component in (
         ("registry.sqlite3", "registry"),

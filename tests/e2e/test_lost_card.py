@@ -206,7 +206,7 @@ async def test_a_reset_home_log_makes_the_peer_drop_that_districts_answers(r: Re
     with redis.Redis.from_url(r.redis_url) as client:
         assert list(client.scan_iter(f"yk:v2:{DAZU}:rec:{ANYUE}:*"))
     before = {n: r.node(n).watchers[ANYUE].flushes for n in ("r1", "r2")}  # 1 at start
-    registry = Registry(r.setups[ANYUE].config.registry.path)
+    registry = Registry(r.setups[ANYUE].config.registry)
     try:
         status_log.reset(registry.db, "f" * 32, datetime.now().astimezone())
     finally:

@@ -4,24 +4,24 @@ told of exactly the changes of the cards it holds live handles for, in order, re
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
 from broker.cards import status_log
+from broker.cards.config import RegistryConfig
 from broker.cards.csv_import import CardRow
 from broker.cards.handles import Handle, live_handles, open_handles
 from broker.cards.model import CardStatus
-from broker.cards.registry import Registry
+from broker.cards.registry import Registry, connect
 from broker.cards.status_change import set_status
 from broker.cards.updates import Change, Progress, Rewind, Update
-from broker.core.db import Db
 from broker.gate.push import HandleBook, StatusFeed
+from tests.helpers import refuse_rows
 
+RegistryAt = Callable[..., RegistryConfig]
 T0 = datetime(2026, 3, 1, 2, 0, tzinfo=UTC)
 DAZU, TONGNAN = "500111", "500223"
 H1, H2 = "1" * 32, "2" * 32
@@ -32,8 +32,8 @@ def row(number: str) -> CardRow:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry(tmp_path / "r.sqlite3")
+def registry(registry_at: RegistryAt) -> Iterator[Registry]:
+    reg = Registry(registry_at())
     reg.upsert([row("A1"), row("A2"), row("A3")], T0)
     yield reg
     reg.close()
@@ -41,7 +41,7 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
 
 @pytest.fixture
 async def feed(registry: Registry) -> AsyncIterator[StatusFeed]:
-    f = StatusFeed(registry.path, clock=lambda: T0, poll_s=0.01)
+    f = StatusFeed(registry.where, clock=lambda: T0, poll_s=0.01)
     yield f
     await f.close()
 
@@ -59,7 +59,7 @@ async def take(updates: AsyncIterator[Update], n: int) -> list[Update]:
 async def test_handles_given_in_one_turn_are_all_committed_before_their_callers_go_on(
     registry: Registry,
 ):
-    book = HandleBook(registry.path)
+    book = HandleBook(registry.where)
     try:
         until = T0 + timedelta(minutes=2)
         await asyncio.gather(
@@ -67,7 +67,7 @@ async def test_handles_given_in_one_turn_are_all_committed_before_their_callers_
             book.remember(Handle(DAZU, "A2", H2, until)),
             book.remember(Handle(TONGNAN, "A1", H2, until)),
         )
-        handles = open_handles(registry.path)
+        handles = open_handles(registry.where)
         got = live_handles(handles, DAZU, ["A1", "A2"], T0)
         handles.close()
         assert got == {
@@ -80,15 +80,12 @@ async def test_handles_given_in_one_turn_are_all_committed_before_their_callers_
 
 async def test_a_handle_that_cannot_be_committed_fails_its_caller(registry: Registry):
     """The caller must not answer as if the peer would be told of changes."""
-    handles = open_handles(registry.path)
-    handles.execute(
-        "CREATE TRIGGER no_handles BEFORE INSERT ON peer_handles "
-        "BEGIN SELECT RAISE(ABORT, 'disk full, say'); END"
-    )
+    handles = open_handles(registry.where)
+    refused = refuse_rows(handles, "peer_handles", "card_number", "A1")
     handles.close()
-    book = HandleBook(registry.path)
+    book = HandleBook(registry.where)
     try:
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(refused):
             await book.remember(Handle(DAZU, "A1", H1, T0))
     finally:
         book.close()
@@ -97,11 +94,11 @@ async def test_a_handle_that_cannot_be_committed_fails_its_caller(registry: Regi
 async def test_a_peer_is_told_only_of_its_cards_and_progress_past_the_others(
     registry: Registry, feed: StatusFeed
 ):
-    book = HandleBook(registry.path)
+    book = HandleBook(registry.where)
     await book.remember(Handle(DAZU, "A1", H1, T0 + timedelta(minutes=2)))
     await book.remember(Handle(TONGNAN, "A2", H2, T0 + timedelta(minutes=2)))
     book.close()
-    start = feed.head()
+    start = await feed.head()
     set_status(registry, ["A2"], "lost", T0 + timedelta(seconds=10))  # Tongnan's card
     set_status(registry, ["A1"], "lost", T0 + timedelta(seconds=20))
     set_status(registry, ["A3"], "suspended", T0 + timedelta(seconds=30))  # nobody's
@@ -114,7 +111,7 @@ async def test_a_peer_is_told_only_of_its_cards_and_progress_past_the_others(
         CardStatus.LOST,
         start.seq + 2,
     )
-    assert dazu[1].position == feed.head()
+    assert dazu[1].position == await feed.head()
     tongnan = await take(feed.updates(TONGNAN, start), 2)
     assert [(type(u), getattr(u, "handle", None)) for u in tongnan] == [
         (Change, H2),
@@ -125,23 +122,23 @@ async def test_a_peer_is_told_only_of_its_cards_and_progress_past_the_others(
 async def test_a_handle_that_had_ended_when_the_change_was_logged_is_not_told(
     registry: Registry, feed: StatusFeed
 ):
-    book = HandleBook(registry.path)
+    book = HandleBook(registry.where)
     await book.remember(Handle(DAZU, "A1", H1, T0 + timedelta(minutes=2)))
     book.close()
-    start = feed.head()
+    start = await feed.head()
     set_status(registry, ["A1"], "lost", T0 + timedelta(minutes=3))
     [only] = await take(feed.updates(DAZU, start), 1)
-    assert isinstance(only, Progress) and only.position == feed.head()
+    assert isinstance(only, Progress) and only.position == await feed.head()
 
 
 async def test_a_stream_waits_for_the_next_change_and_a_new_one_resumes_where_it_stopped(
     registry: Registry, feed: StatusFeed
 ):
-    book = HandleBook(registry.path)
+    book = HandleBook(registry.where)
     await book.remember(Handle(DAZU, "A1", H1, T0 + timedelta(hours=1)))
     await book.remember(Handle(DAZU, "A2", H2, T0 + timedelta(hours=1)))
     book.close()
-    head = feed.head()
+    head = await feed.head()
     stream = feed.updates(DAZU, head)
     assert await take(stream, 1) == [Progress(head)]  # the cursor is good: said at once
     waiting = asyncio.ensure_future(take(stream, 1))
@@ -164,8 +161,8 @@ async def test_no_cursor_a_reset_log_or_a_purged_one_rewinds_to_the_head(
     registry: Registry, feed: StatusFeed
 ):
     [fresh] = await take(feed.updates(DAZU, None), 1)
-    assert isinstance(fresh, Rewind) and fresh.position == feed.head()
-    old = feed.head()
+    assert isinstance(fresh, Rewind) and fresh.position == await feed.head()
+    old = await feed.head()
     status_log.reset(registry.db, "e" * 32, T0)
     [reset] = await take(feed.updates(DAZU, old), 1)
     assert isinstance(reset, Rewind) and reset.position.epoch == "e" * 32
@@ -173,7 +170,7 @@ async def test_no_cursor_a_reset_log_or_a_purged_one_rewinds_to_the_head(
 
 async def test_a_stream_waiting_at_the_head_notices_a_reset(registry: Registry, feed: StatusFeed):
     """The head moving *back* (a new epoch at 0) must wake a waiting stream, not strand it."""
-    stream = feed.updates(DAZU, feed.head())
+    stream = feed.updates(DAZU, await feed.head())
     await take(stream, 1)  # the greeting
     waiting = asyncio.ensure_future(take(stream, 1))
     await asyncio.sleep(0.1)
@@ -187,13 +184,19 @@ async def test_neither_the_head_nor_a_handle_waits_for_a_writer_of_the_registry(
     registry: Registry, feed: StatusFeed
 ):
     """An import holding the registry's write lock (for seconds, on a big file) must not
-    hold up a Recognize: the head is read without a lock, handles have their own file."""
-    importing = Db.sqlite(registry.path)
-    importing.execute("BEGIN IMMEDIATE")
-    book = HandleBook(registry.path)
+    hold up a Recognize: the head is read without a lock, handles have their own file (on
+    PostgreSQL: their own rows, and the head is read from a snapshot)."""
+    importing = connect(registry.where)
+    if importing.dialect == "sqlite":
+        importing.execute("BEGIN IMMEDIATE")
+    else:  # the locks an import holds: the log's counter row, and cards' rows
+        importing.execute("BEGIN")
+        importing.execute("UPDATE status_log SET head = head WHERE id = 1")
+        importing.execute("LOCK TABLE cards IN EXCLUSIVE MODE")
+    book = HandleBook(registry.where)
     try:
         started = time.monotonic()
-        head = feed.head()
+        head = await feed.head()
         await book.remember(Handle(DAZU, "A1", H1, T0))
         assert time.monotonic() - started < 1.0  # the busy timeout is 5 s
         assert head.seq > 0

@@ -60,7 +60,7 @@ async def test_an_admin_reports_cards_lost_and_the_change_is_logged_for_peers(
     assert isinstance(got, admin_pb2.SetCardStatusResponse), got
     assert (got.changed, got.unchanged, list(got.unknown)) == (2, 0, [2])
     assert (got.first_seq, got.last_seq) == (before + 1, before + 2)
-    reg = Registry(cluster.setups[DAZU].config.registry.path)
+    reg = Registry(cluster.setups[DAZU].config.registry)
     try:
         assert all(reg.lookup(n).status == "lost" for n in numbers)  # type: ignore[union-attr]
     finally:
@@ -81,7 +81,7 @@ async def test_only_this_districts_admins_may_call_it(cluster: Cluster, now: dat
         got = await call(ch, request(active_numbers(cluster, 1)))
         assert isinstance(got, grpc.aio.AioRpcError)
         assert got.code() == grpc.StatusCode.PERMISSION_DENIED
-    reg = Registry(dazu.config.registry.path)
+    reg = Registry(dazu.config.registry)
     try:
         assert reg.lookup(active_numbers(cluster, 1)[0]).status == "active"  # type: ignore[union-attr]
     finally:

@@ -186,6 +186,7 @@ def test_env_overrides_are_declared_on_their_fields_and_documented():
             "YIKATONG_LISTEN",
             "YIKATONG_REDIS_URL",
             "YIKATONG_REGISTRY_PATH",
+            "YIKATONG_REGISTRY_URL",
             "YIKATONG_PEER_DEADLINE_MS",
             "YIKATONG_LEDGER_URL",
         }

@@ -254,7 +254,7 @@ async def test_a_watch_without_a_cursor_restarts_at_the_head_and_an_odd_one_is_r
     try:
         first = await stream.read()
         assert first.WhichOneof("update") == "restart"
-        assert first.restart.epoch == cluster.nodes[DAZU].feed.head().epoch  # type: ignore[union-attr]
+        assert first.restart.epoch == (await cluster.nodes[DAZU].feed.head()).epoch  # type: ignore[union-attr]
     finally:
         stream.cancel()
         await ch.close()

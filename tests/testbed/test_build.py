@@ -35,6 +35,7 @@ from broker.trust.certops import read_bundle
 from broker.trust.config import node_server_name
 from broker.trust.identity import node_identity, operator_identity
 from broker.trust.tls import spiffe_ids
+from tests.helpers import registry_file
 
 DAZU, ANYUE = "500111", "512021"
 CARDS = 25
@@ -79,7 +80,7 @@ def test_each_registry_holds_exactly_its_synthetic_cards(two: dict[str, District
     for code, s in two.items():
         assert len(s.cards) == CARDS
         assert {c.ref.issuer_region for c in s.cards} == {code}
-        reg = Registry(s.config.registry.path)
+        reg = Registry(s.config.registry)
         try:
             assert reg.count() == CARDS
             for card in s.cards:
@@ -244,7 +245,7 @@ def test_each_districts_var_directory_is_private_whatever_the_umask(tmp_path: Pa
     for d in (var, *(var / code for code in setups)):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
     for s in setups.values():
-        assert stat.S_IMODE(s.config.registry.path.stat().st_mode) == 0o600
+        assert stat.S_IMODE(registry_file(s.config).stat().st_mode) == 0o600
 
 
 def test_free_port_returns_a_loopback_port_that_can_be_bound():

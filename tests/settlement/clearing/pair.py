@@ -200,7 +200,7 @@ class District:
 
     @cached_property
     def registry(self) -> Registry:
-        registry = Registry(self.cfg.registry.path)
+        registry = Registry(self.cfg.registry)
         registry.upsert(registry_rows(self.code), ISSUED)
         return self._open(registry)
 

@@ -41,7 +41,7 @@ class Node:
     def __init__(self, districts: dict[str, DistrictSetup], now: datetime) -> None:
         self.anyue, self.dazu = districts[ANYUE], districts[DAZU]
         cfg = self.anyue.config
-        self.registry = Registry(cfg.registry.path)
+        self.registry = Registry(cfg.registry)
         assert cfg.fares.file is not None
         self.now = now  # the service's clock; a test moves it on
         self.service = ClearingService(
