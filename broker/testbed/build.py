@@ -253,6 +253,7 @@ def build(
     max_bundle_age_s: int = TrustConfig.max_bundle_age_s,
     ledger_url: str | None = None,
     ledger_schema_prefix: str = "yk",
+    registry_url: str | None = None,
 ) -> dict[str, DistrictSetup]:
     """Create every district's CA, node and operator certificates, config and registry.
 
@@ -273,6 +274,9 @@ def build(
             whose day clock jumps days on, raises it).
         ledger_url: a PostgreSQL URL for every district's ledger (a schema each,
             ``<ledger_schema_prefix>_<code>``); ``None``: SQLite files.
+        registry_url: a PostgreSQL URL for every district's registry, status log and
+            handles (a schema each, ``<ledger_schema_prefix>_reg_<code>``); ``None``:
+            SQLite files.
     """
     rng = random.Random(seed)
     today = shanghai_day(now)
@@ -301,7 +305,11 @@ def build(
                 reload_interval_ms=reload_interval_ms,
                 max_connection_age_s=max_connection_age_s,
             ),
-            registry=RegistryConfig(root / "var" / code / "registry.sqlite3"),
+            registry=RegistryConfig(
+                None if registry_url else root / "var" / code / "registry.sqlite3",
+                url=registry_url,
+                schema=f"{ledger_schema_prefix}_reg_{code}" if registry_url else "registry",
+            ),
             privacy=PrivacyConfig(paths.hash_key),
             peers=tuple(
                 PeerConfig(

@@ -4,10 +4,13 @@ told of exactly the changes of the cards it holds live handles for, in order, re
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
+import psycopg
 import pytest
 
 from broker.cards import status_log
@@ -204,3 +207,75 @@ async def test_neither_the_head_nor_a_handle_waits_for_a_writer_of_the_registry(
         importing.execute("ROLLBACK")
         importing.close()
         book.close()
+
+
+# ---------------------------------------------------------------- PostgreSQL: NOTIFY, not the poll
+
+
+@pytest.fixture
+def pg_registry(postgres_url: str) -> Iterator[Registry]:
+    schema = f"yk_push_{secrets.token_hex(4)}"
+    reg = Registry(RegistryConfig(None, url=postgres_url, schema=schema))
+    reg.upsert([row("A1"), row("A2")], T0)
+    yield reg
+    reg.close()
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+async def changed_within(feed: StatusFeed, registry: Registry, card: str, bound: float) -> None:
+    """A change of ``card`` (committed by another connection, as another host would) reaches
+    a stream waiting at the head within ``bound`` seconds."""
+    stream = feed.updates(DAZU, await feed.head())
+    try:
+        await take(stream, 1)  # the greeting: the stream now waits for a change
+        waiting = asyncio.ensure_future(take(stream, 1))
+        await asyncio.sleep(0.1)
+        set_status(registry, [card], "lost", T0 + timedelta(minutes=1))
+        async with asyncio.timeout(bound):
+            [got] = await waiting
+        assert isinstance(got, Change) and got.status is CardStatus.LOST
+    finally:
+        await stream.aclose()
+
+
+async def test_on_postgresql_a_change_wakes_the_feed_at_once_not_at_the_next_poll(
+    pg_registry: Registry,
+):
+    book = HandleBook(pg_registry.where)
+    await book.remember(Handle(DAZU, "A1", H1, T0 + timedelta(hours=1)))
+    book.close()
+    feed = StatusFeed(pg_registry.where, clock=lambda: T0, poll_s=60)  # a poll would be late
+    try:
+        started = time.monotonic()
+        await changed_within(feed, pg_registry, "A1", 5.0)
+        assert time.monotonic() - started < 5.0
+        assert feed.notified >= 1
+    finally:
+        await feed.close()
+
+
+async def test_on_postgresql_the_listener_comes_back_after_its_connection_is_killed(
+    pg_registry: Registry, postgres_url: str
+):
+    book = HandleBook(pg_registry.where)
+    await book.remember(Handle(DAZU, "A2", H2, T0 + timedelta(hours=1)))
+    book.close()
+    feed = StatusFeed(pg_registry.where, clock=lambda: T0, poll_s=60)
+    try:
+        await take(feed.updates(DAZU, await feed.head()), 1)  # the listener is started
+        channel = status_log.channel(pg_registry.db)
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            killed: list[tuple[Any, ...]] = []
+            for _ in range(100):  # until it listens (5 s at most), then kill its backend
+                killed = admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query = %s",
+                    (f'LISTEN "{channel}"',),
+                ).fetchall()
+                if killed:
+                    break
+                await asyncio.sleep(0.05)
+            assert killed, "the feed never listened"
+        await changed_within(feed, pg_registry, "A2", 5.0)  # it listens again
+    finally:
+        await feed.close()

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from broker.cards.config import RegistryConfig
 from broker.cards.registry import Registry
 from broker.core.errors import (
     BrokerError,
@@ -124,7 +125,7 @@ class Verifier:
     def __init__(
         self,
         cfg: SettlementSettings,
-        registry_path: Path,
+        registry_path: RegistryConfig | Path,
         keys_of: Callable[[str], Mapping[str, PublicKey]],
         clock: Callable[[], datetime],
     ) -> None:
@@ -192,14 +193,14 @@ _receiver: Receiver | None = None
 _job: Job | None = None
 
 
-def _start(cfg: SettlementSettings, registry_path: Path) -> None:
+def _start(cfg: SettlementSettings, registry_path: RegistryConfig | Path) -> None:
     global _receiver
     configure_from_env()  # log as the node does, to stderr
     os.nice(NICE)
     assert cfg.settlement.key_file is not None
     _receiver = Receiver(
         cfg.district,
-        ClearingStore.open(cfg),
+        ClearingStore.open(cfg).for_verification(),
         Signer.from_file(cfg.settlement.key_file),
         Registry(registry_path),
         lambda district: parse_public_keys(_job.keys) if _job is not None else {},
