@@ -5,7 +5,9 @@
 decoded, checked (:class:`broker.settlement.clearing.verify.LineChecker`) and
 written before the next chunk is read, so a duplicate later in the same batch
 is seen, and nothing of the batch is held in memory but its running totals and
-the verdicts not yet encoded. :meth:`BatchCheck.finish` compares the totals with
+the verdicts of the chunk of verdicts being filled (each full one is written to
+``in_ack_chunks`` at once, and read back from there as it is sent:
+:class:`AckChunks`). :meth:`BatchCheck.finish` compares the totals with
 the signed header, signs the acknowledgement and writes it; the caller commits.
 Whether the chunks come from a complete spool or as they arrive makes no
 difference here.
@@ -14,7 +16,7 @@ difference here.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
@@ -31,7 +33,7 @@ from broker.settlement.clearing.batch import (
     decode_lines,
     encode_verdicts,
 )
-from broker.settlement.clearing.store import b64
+from broker.settlement.clearing.store import b64, unb64
 from broker.settlement.clearing.verify import CAP_EXCEEDED, OK, LineChecker
 from broker.settlement.trips import Trip
 
@@ -41,12 +43,62 @@ Previous = Callable[[str, str], tuple[str, int] | None]  # (operator, trip) → 
 _NOT_STORED = frozenset({"DUPLICATE", "NOT_DISPUTED", "WRONG_DISTRICT"})
 
 
+class AckChunks:
+    """The verdict chunks of a stored acknowledgement, read from ``in_ack_chunks`` a few at a
+    time as they are sent: a big batch's verdicts are never all in one process's memory.
+
+    Read through ``db``; an instance that crossed a process (the verifier's answer to the
+    node) has none until :meth:`bound` gives it the node's own connection.
+    """
+
+    PAGE = 16  # chunks per query
+
+    def __init__(self, db: Db | None, sender: str, period: str, seq: int, count: int) -> None:
+        self._db = db
+        self.key = (sender, period, seq)
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[bytes]:
+        db = self._db
+        if db is None:
+            raise RuntimeError("acknowledgement chunks read without a database")
+        for start in range(0, self.count, self.PAGE):
+            for (data,) in db.all(
+                "SELECT data FROM in_ack_chunks WHERE sender = ? AND period = ? AND seq = ? "
+                "AND chunk_no >= ? AND chunk_no < ? ORDER BY chunk_no",
+                (*self.key, start, start + self.PAGE),
+            ):
+                yield unb64(data)
+
+    def bound(self, db: Db) -> AckChunks:
+        return AckChunks(db, *self.key, self.count)
+
+    def __eq__(self, other: object) -> bool:
+        """The chunks of the same stored acknowledgement (whatever reads them)."""
+        if not isinstance(other, AckChunks):
+            return NotImplemented
+        return (self.key, self.count) == (other.key, other.count)
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.count))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (AckChunks, (None, *self.key, self.count))  # a connection does not cross
+
+
 @dataclass(frozen=True)
 class Ack:
     """What goes back to the sender: verdict chunks, then the signed acknowledgement."""
 
-    chunks: list[bytes]
+    chunks: AckChunks
     signed: Signed
+
+    def bound(self, db: Db) -> Ack:
+        """This acknowledgement with its chunks read through ``db``."""
+        return Ack(self.chunks.bound(db), self.signed)
 
 
 class BatchCheck:
@@ -71,7 +123,7 @@ class BatchCheck:
         self.counts = {"accepted": 0, "cap_exceeded": 0, "rejected": 0}
         self.accepted_claim = 0
         self._verdicts: list[Verdict] = []  # encoded into chunks as they fill
-        self._chunks: list[bytes] = []
+        self._vdigest = Digest()  # over the verdict chunks written so far
         self._pending: dict[tuple[str, str], tuple[str, int]] = {}  # this chunk's lines
         self._known: dict[tuple[str, str], tuple[str, int]] = {}  # stored before: per chunk
         self._line_no = 0
@@ -106,8 +158,7 @@ class BatchCheck:
                     )
                 )
                 if len(self._verdicts) == CHUNK_LINES:
-                    self._chunks.append(encode_verdicts(self._verdicts))
-                    self._verdicts = []
+                    self._store_verdicts()
             if code not in _NOT_STORED:
                 self._pending[(t.operator_id, t.trip_id)] = (code, attempt)
                 rows.append(
@@ -155,6 +206,17 @@ class BatchCheck:
             firsts,
         )
 
+    def _store_verdicts(self) -> None:
+        """Encode the verdicts held into the next chunk and write it (in the transaction)."""
+        chunk = encode_verdicts(self._verdicts)
+        self._verdicts = []
+        self._db.execute(
+            "INSERT INTO in_ack_chunks (sender, period, seq, chunk_no, data) VALUES (?, ?, ?, "
+            "?, ?)",
+            (self._sender, self._period, self._seq, self._vdigest.chunks, b64(chunk)),
+        )
+        self._vdigest.update(chunk)
+
     def finish(self, own: str, header: dict[str, Any], signer: Signer, now: datetime) -> Ack:
         """Check the totals against the signed header, sign the acknowledgement and write it
         (inside the caller's transaction, which commits it)."""
@@ -162,13 +224,9 @@ class BatchCheck:
         stated = {k: header.get(k) for k in totals.as_doc()}
         if stated != totals.as_doc():
             raise DocumentRefused("batch totals do not match its lines")
-        chunks = self._chunks
         if self._verdicts:
-            chunks.append(encode_verdicts(self._verdicts))
-            self._verdicts = []
-        vdigest = Digest()
-        for c in chunks:
-            vdigest.update(c)
+            self._store_verdicts()
+        vdigest = self._vdigest
         ack = signer.sign(
             {
                 "type": "ack",
@@ -206,13 +264,8 @@ class BatchCheck:
                 utc_text(now),
             ),
         )
-        self._db.executemany(
-            "INSERT INTO in_ack_chunks (sender, period, seq, chunk_no, data) VALUES (?, ?, ?, "
-            "?, ?)",
-            [(self._sender, self._period, self._seq, i, b64(c)) for i, c in enumerate(chunks)],
-        )
         crash.point("home_before_commit")
-        return Ack(chunks, ack)
+        return Ack(AckChunks(self._db, self._sender, self._period, self._seq, vdigest.chunks), ack)
 
 
 def presentment_digest(t: Trip) -> str:

@@ -49,7 +49,7 @@ from broker.settlement.clearing.positions import (
     settled_day,
     settled_figures,
 )
-from broker.settlement.clearing.received import Ack, BatchCheck, Previous
+from broker.settlement.clearing.received import Ack, AckChunks, BatchCheck, Previous
 from broker.settlement.clearing.store import ClearingStore, unb64
 from broker.settlement.clearing.tail import Hint, StreamEnded
 from broker.settlement.clearing.verify import CapCounter, LineChecker
@@ -234,12 +234,12 @@ class Receiver:
             return None
         if held[0] != header["digest"]:
             raise Conflict(f"batch {sender}/{period}/{seq} was received with other content")
-        rows = self._db.all(
-            "SELECT data FROM in_ack_chunks WHERE sender = ? AND period = ? AND seq = ? "
-            "ORDER BY chunk_no",
+        top = self._db.one(
+            "SELECT count(*) FROM in_ack_chunks WHERE sender = ? AND period = ? AND seq = ?",
             (sender, period.isoformat(), seq),
         )
-        return Ack([unb64(r[0]) for r in rows], Signed(held[1].encode(), held[2], unb64(held[3])))
+        chunks = AckChunks(self._db, sender, period.isoformat(), seq, int(top[0]) if top else 0)
+        return Ack(chunks, Signed(held[1].encode(), held[2], unb64(held[3])))
 
     def _verify_and_ack(
         self, sender: str, period: date, seq: int, kind: str, header: dict[str, Any], spool: Spool

@@ -14,6 +14,7 @@ from datetime import date, datetime, timedelta
 from typing import TypeVar
 
 from broker.cards.registry import Registry
+from broker.core.db import Db
 from broker.core.signing import Signed, Signer
 from broker.fares.rules import FareSchedule
 from broker.settlement.clearing.batch import Spool
@@ -56,6 +57,7 @@ class ClearingService:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearing")
         # Batches are verified in a process of their own (broker.settlement.clearing.worker).
         self._verifier = Verifier(cfg, registry.path, bundle_keys(lambda: trust.current), clock)
+        self._chunks_db: Db | None = None
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -77,8 +79,16 @@ class ClearingService:
             streamed.end(sender, trailer)
             ack = await streamed.work
             if ack is not None:
-                return ack
-        return await self._verifier.receive(sender, spool, trailer)
+                return ack.bound(self._reader())
+        ack = await self._verifier.receive(sender, spool, trailer)
+        return ack.bound(self._reader())
+
+    def _reader(self) -> Db:
+        """A connection of its own for reading stored acknowledgements' chunks as they are
+        sent (on the event loop: it never waits behind this service's worker thread)."""
+        if self._chunks_db is None:
+            self._chunks_db = self.store.reader(self._cfg)
+        return self._chunks_db
 
     async def confirm(self, sender: str, signed: Signed) -> Signed:
         return await self._run(self.receiver.confirm, sender, signed)
@@ -97,3 +107,5 @@ class ClearingService:
         self._verifier.close()
         self._worker.shutdown(wait=True)
         self.store.close()
+        if self._chunks_db is not None:
+            self._chunks_db.close()

@@ -190,17 +190,19 @@ class Verifier:
 # ---------------------------------------------------------------- in the worker process
 
 _receiver: Receiver | None = None
+_store: ClearingStore | None = None
 _job: Job | None = None
 
 
 def _start(cfg: SettlementSettings, registry_path: RegistryConfig | Path) -> None:
-    global _receiver
+    global _receiver, _store
     configure_from_env()  # log as the node does, to stderr
     os.nice(NICE)
     assert cfg.settlement.key_file is not None
+    _store = ClearingStore.open(cfg).for_verification()
     _receiver = Receiver(
         cfg.district,
-        ClearingStore.open(cfg).for_verification(),
+        _store,
         Signer.from_file(cfg.settlement.key_file),
         Registry(registry_path),
         lambda district: parse_public_keys(_job.keys) if _job is not None else {},
@@ -231,6 +233,7 @@ def _verify_streamed(job: StreamJob) -> Ack | Refusal | None:
     finally:
         tail.close()
         _job = None
+        _checkpoint_soon()
 
 
 def _verify(job: Job) -> Ack | Refusal:
@@ -246,3 +249,11 @@ def _verify(job: Job) -> Ack | Refusal:
     finally:
         spool.close()
         _job = None
+        _checkpoint_soon()
+
+
+def _checkpoint_soon() -> None:
+    """The batch's log into the file once the answer is on its way (the answer is
+    durable already): the next batch waits for it, the node's answer does not."""
+    assert _store is not None
+    _store.checkpoint_soon()

@@ -9,6 +9,7 @@ batch the sender said it was sending. Every case where it does not is answered b
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -21,12 +22,21 @@ from hypothesis import strategies as st
 from broker.cards.model import SHANGHAI, CardRef, Entitlement, Scene
 from broker.core.errors import DocumentRefused
 from broker.core.signing import Signer
-from broker.settlement.clearing.batch import Spool, decode_verdicts
-from broker.settlement.clearing.received import correctable, presentment_digest
-from broker.settlement.clearing.receiver import Receiver
+from broker.settlement.clearing.batch import CHUNK_LINES, Spool, decode_verdicts
+from broker.settlement.clearing.received import AckChunks, correctable, presentment_digest
+from broker.settlement.clearing.receiver import Ack, Receiver
 from broker.settlement.clearing.tail import Hint, StreamEnded
 from broker.settlement.trips import Trip, correctable_values
-from tests.settlement.clearing.pair import DAY, HOME, SERVING, World, backend_url
+from tests.settlement.clearing.pair import (
+    DAY,
+    HOME,
+    SERVING,
+    World,
+    backend_url,
+    card,
+    line,
+    trip,
+)
 from tests.settlement.clearing.test_receiver import (
     MIXED,
     ack_doc,
@@ -80,7 +90,7 @@ def test_a_batch_verified_as_it_arrives_is_stored_and_answered_as_a_whole_one_is
     # The same batch sent again, whole: the stored acknowledgement, byte for byte.
     again = home.receive(SERVING, *world.batch(MIXED))
     assert again.signed == ack.signed  # type: ignore[attr-defined]
-    assert again.chunks == ack.chunks  # type: ignore[attr-defined]
+    assert list(again.chunks) == list(ack.chunks)  # type: ignore[attr-defined]
     assert (count(world, "in_batches"), count(world, "in_lines")) == (1, 3)
 
 
@@ -148,6 +158,32 @@ def test_a_batch_received_before_is_answered_from_the_store_not_again(
     assert streamed(home, spool, trailer) is None  # the whole spool's answer: the stored one
     assert home.receive(SERVING, spool, trailer).signed == first.signed
     assert count(world, "in_batches") == 1
+
+
+def test_the_verdicts_are_written_chunk_by_chunk_and_read_back_from_the_store_as_sent(
+    world: World, home: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More refused lines than a chunk of verdicts holds: each full chunk is stored as it
+    fills, and the acknowledgement's chunks are read from the store a page at a time,
+    by whichever connection is given them (a pickled acknowledgement carries none)."""
+    lost = card(HOME, "lost")
+    refused = [line(trip(lost, f"x-{i}")) for i in range(CHUNK_LINES + 1)]
+    spool, trailer = world.batch(refused)
+    ack = streamed(home, spool, trailer)
+    assert isinstance(ack, Ack)
+    doc = ack_doc(world, ack.signed)
+    assert doc["verdict_chunks"] == len(ack.chunks) == count(world, "in_ack_chunks") == 2
+    monkeypatch.setattr(AckChunks, "PAGE", 1)  # one query per chunk
+    chunks = list(ack.chunks)
+    assert [len(decode_verdicts(c)) for c in chunks] == [CHUNK_LINES, 1]
+    verdicts = [v for c in chunks for v in decode_verdicts(c)]
+    assert [v.line_no for v in verdicts] == list(range(CHUNK_LINES + 1))
+    assert {v.code for v in verdicts} == {"CARD_NOT_ACTIVE"}
+    carried = pickle.loads(pickle.dumps(ack))  # from the verifier's process to the node's
+    assert carried == ack
+    with pytest.raises(RuntimeError, match="without a database"):
+        list(carried.chunks)
+    assert list(carried.bound(world[HOME].home_store.db).chunks) == chunks
 
 
 texts = st.text(max_size=10)

@@ -112,7 +112,7 @@ def test_lines_are_priced_only_by_rules_the_sender_published(world: World) -> No
     rx = world.receiver(HOME)
     spool, trailer = world.batch([MIXED[0]])
     ack = rx.receive(SERVING, spool, trailer)
-    (verdict,) = decode_verdicts(ack.chunks[0])
+    (verdict,) = decode_verdicts(next(iter(ack.chunks)))
     assert verdict.code == "UNPUBLISHED_FARES"
 
 
@@ -235,7 +235,7 @@ def test_lines_sent_again_under_a_new_sequence_are_duplicates(world: World, home
     ack = home.receive(SERVING, *world.batch(MIXED[:3], seq=2))
     doc = ack_doc(world, ack.signed)
     assert (doc["accepted"], doc["rejected"], doc["accepted_claim_fen"]) == (0, 3, 0)
-    assert {v.code for v in decode_verdicts(ack.chunks[0])} == {"DUPLICATE"}
+    assert {v.code for v in decode_verdicts(next(iter(ack.chunks)))} == {"DUPLICATE"}
     assert position(world[HOME].home_store, SERVING, DAY).payable_fen == 400
 
 
@@ -361,7 +361,7 @@ def test_an_empty_batch_is_acknowledged_with_nothing_owed(world: World, home: Re
     ack = home.receive(SERVING, spool, trailer_for(world, spool))
     doc = ack_doc(world, ack.signed)
     assert (doc["lines"], doc["accepted_claim_fen"], doc["verdict_chunks"]) == (0, 0, 0)
-    assert ack.chunks == []
+    assert list(ack.chunks) == []
 
 
 def test_a_representment_is_checked_once_against_the_first_rejection(
@@ -369,7 +369,7 @@ def test_a_representment_is_checked_once_against_the_first_rejection(
 ) -> None:
     wrong = line(trip(card(HOME, "plain"), "m-1", Entitlement.SENIOR_65))  # not a senior
     ack = home.receive(SERVING, *world.batch([wrong]))
-    assert decode_verdicts(ack.chunks[0])[0].code == "ENTITLEMENT_MISMATCH"
+    assert decode_verdicts(next(iter(ack.chunks)))[0].code == "ENTITLEMENT_MISMATCH"
     fixed = [line(trip(card(HOME, "plain"), "m-1"))]
     ack = home.receive(SERVING, *world.batch(fixed, seq=2, kind="represent"))
     doc = ack_doc(world, ack.signed)
@@ -380,10 +380,10 @@ def test_a_representment_is_checked_once_against_the_first_rejection(
     assert stored == ("ACCEPTED", 2, 2)
     # Once only; and a line never rejected cannot be represented.
     again = home.receive(SERVING, *world.batch(fixed, seq=3, kind="represent"))
-    assert decode_verdicts(again.chunks[0])[0].code == "NOT_DISPUTED"
+    assert decode_verdicts(next(iter(again.chunks)))[0].code == "NOT_DISPUTED"
     fresh = [line(trip(card(HOME, "plain"), "new-1"))]
     never = home.receive(SERVING, *world.batch(fresh, seq=4, kind="represent"))
-    assert decode_verdicts(never.chunks[0])[0].code == "NOT_DISPUTED"
+    assert decode_verdicts(next(iter(never.chunks)))[0].code == "NOT_DISPUTED"
     assert position(world[HOME].home_store, SERVING, DAY).payable_fen == 200
 
 
@@ -565,7 +565,7 @@ def test_a_representment_of_another_card_place_time_or_gate_is_not_the_same_trip
     assert first == (wrong.presentment_digest(),)
     other = line(gated(**changes))  # otherwise a good line, priced right
     ack = home.receive(SERVING, *world.batch([other], seq=2, kind="represent"))
-    [verdict] = decode_verdicts(ack.chunks[0])
+    [verdict] = decode_verdicts(next(iter(ack.chunks)))
     assert (verdict.code, verdict.accepted_claim_fen) == ("NOT_SAME_TRIP", 0)
     doc = ack_doc(world, ack.signed)
     assert (doc["rejected"], doc["accepted_claim_fen"]) == (1, 0)
@@ -575,7 +575,7 @@ def test_a_representment_of_another_card_place_time_or_gate_is_not_the_same_trip
     assert stored == ("NOT_SAME_TRIP", 2, 2)  # final: no representment after it
     assert presented(world, "m-1") == first  # still the first presentment's
     again = home.receive(SERVING, *world.batch([line(gated())], seq=3, kind="represent"))
-    assert decode_verdicts(again.chunks[0])[0].code == "NOT_DISPUTED"
+    assert decode_verdicts(next(iter(again.chunks)))[0].code == "NOT_DISPUTED"
     assert position(world[HOME].home_store, SERVING, DAY).payable_fen == 0
 
 
@@ -602,7 +602,7 @@ def test_a_line_received_by_the_previous_release_has_no_digest_and_its_represent
     world[HOME].home_store.db.execute("DELETE FROM in_line_presentments")
     moved = [line(gated(occurred_at=AT + timedelta(minutes=1)))]
     ack = home.receive(SERVING, *world.batch(moved, seq=2, kind="represent"))
-    assert ack.chunks == []  # every line accepted
+    assert list(ack.chunks) == []  # every line accepted
     assert ack_doc(world, ack.signed)["accepted_claim_fen"] == 200
 
 

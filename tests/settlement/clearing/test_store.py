@@ -147,6 +147,49 @@ def test_a_bad_postgres_schema_name_is_refused_before_connecting(tmp_path: Path)
         ClearingStore.open(cfg)
 
 
+# ---------------------------------------------------------------- the verifier's connection
+
+
+def test_the_verifiers_sqlite_connection_has_a_bounded_cache_and_checkpoints_after_answering(
+    tmp_path: Path,
+):
+    """A batch's commit leaves its pages in the write-ahead log (no checkpoint inside the
+    commit, however big); :meth:`checkpoint_soon` copies them into the file afterwards."""
+    cfg = node_config(tmp_path, {"path": "var/ledger.sqlite3"})
+    store = ClearingStore.open(cfg).for_verification(cache_kib=4096)
+    assert store.db.one("PRAGMA cache_size") == (-4096,)
+    assert store.db.one("PRAGMA wal_autocheckpoint") == (0,)
+    clearing_file = tmp_path / "var/ledger-clearing.sqlite3"
+    empty = clearing_file.stat().st_size
+    with store.db.write():  # over the default checkpoint's 1,000 pages
+        for i in range(6000):
+            store.set_meta(f"n{i}", "x" * 1000)
+    assert clearing_file.stat().st_size == empty  # committed, and all in the log
+    thread = store.checkpoint_soon()
+    assert thread is not None
+    thread.join(timeout=30)
+    assert clearing_file.stat().st_size > 6000 * 1000
+    assert store.meta("n5999") == "x" * 1000
+    store.close()
+
+
+def test_on_postgres_the_verifiers_connection_is_left_as_it_is(pg_config: NodeConfig):
+    store = ClearingStore.open(pg_config).for_verification()
+    assert store.checkpoint_soon() is None
+    store.set_meta("a", "b")
+    assert store.meta("a") == "b"
+    store.close()
+
+
+def test_a_reader_sees_what_the_store_committed(config: NodeConfig):
+    store = ClearingStore.open(config)
+    reader = ClearingStore.reader(config)
+    store.set_meta("seen", "yes")
+    assert reader.one("SELECT value FROM meta WHERE name = 'seen'") == ("yes",)
+    reader.close()
+    store.close()
+
+
 # ---------------------------------------------------------------- meta
 
 
