@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from broker.core.db import Db
 from broker.core.signing import Signed
-from broker.settlement.clearing.batch import Spool, Totals, decode_verdicts
+from broker.settlement.clearing.batch import Spool, Totals, verdict_rows
 from broker.settlement.clearing.store import b64
 from broker.settlement.clearing.verify import CAP_EXCEEDED
 
@@ -61,25 +61,15 @@ def store_ack(
             ],
         )
         for chunk in verdicts.chunks():
-            block = decode_verdicts(chunk)
+            block = verdict_rows(chunk)  # (line_no, operator, trip, code, accepted, claimed)
             db.executemany(
                 "INSERT INTO out_verdicts (counterparty, period, seq, line_no, operator_id, "
                 "trip_id, code, claimed_fen, accepted_claim_fen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, "
                 "?) "
                 "ON CONFLICT (counterparty, period, seq, line_no) DO NOTHING",
                 [
-                    (
-                        counterparty,
-                        day,
-                        seq,
-                        v.line_no,
-                        v.operator_id,
-                        v.trip_id,
-                        v.code,
-                        v.claimed_fen,
-                        v.accepted_claim_fen,
-                    )
-                    for v in block
+                    (counterparty, day, seq, n, op, trip, code, claimed_fen, accepted_fen)
+                    for n, op, trip, code, accepted_fen, claimed_fen in block
                 ],
             )
             if kind == "close":
@@ -88,17 +78,17 @@ def store_ack(
                     "state, updated_at) VALUES (?, ?, ?, ?, ?, 'open', ?) "
                     "ON CONFLICT (counterparty, operator_id, trip_id) DO NOTHING",
                     [
-                        (counterparty, day, v.operator_id, v.trip_id, v.code, now)
-                        for v in block
-                        if v.code != CAP_EXCEEDED
+                        (counterparty, day, op, trip, code, now)
+                        for _, op, trip, code, _, _ in block
+                        if code != CAP_EXCEEDED
                     ],
                 )
         if kind == "represent":
             refused = {
-                (v.operator_id, v.trip_id): v.code
+                (op, trip): code
                 for chunk in verdicts.chunks()
-                for v in decode_verdicts(chunk)
-                if v.code != CAP_EXCEEDED
+                for _, op, trip, code, _, _ in verdict_rows(chunk)
+                if code != CAP_EXCEEDED
             }
             for op, trip in db.all(
                 "SELECT operator_id, trip_id FROM disputes WHERE counterparty = ? AND "

@@ -124,7 +124,7 @@ def _occurred(ts: Any) -> datetime:
     """``ts.ToDatetime(tzinfo=UTC)``, without its checks and calls for a valid timestamp."""
     seconds, nanos = ts.seconds, ts.nanos
     if 0 <= nanos < 1_000_000_000 and _MIN_SECONDS <= seconds <= _MAX_SECONDS:
-        return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+        return _EPOCH + timedelta(0, seconds, nanos // 1000)  # positional: a third faster
     return ts.ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
 
 
@@ -150,19 +150,19 @@ def decode_lines(chunk: bytes) -> list[Line]:
             card = cards[key] = CardRef(*key)
         try:
             occurred = _occurred(m.occurred_at)
-            trip = Trip(
-                operator_id=m.operator_id,
-                trip_id=m.trip_id,
-                card=card,
-                scene=scene,
-                place_id=m.place_id,
-                occurred_at=occurred,
-                gross_fare_fen=m.gross_fare_fen,
-                charged_fen=m.charged_fen,
-                concession_fen=m.concession_fen,
-                applied_entitlement=entitlement,
-                fare_version=m.fare_version,
-                gate_id=m.gate_id,
+            trip = Trip(  # positional, in field order: faster than by keyword, per line
+                m.operator_id,
+                m.trip_id,
+                card,
+                scene,
+                m.place_id,
+                occurred,
+                m.gross_fare_fen,
+                m.charged_fen,
+                m.concession_fen,
+                entitlement,
+                m.fare_version,
+                m.gate_id,
             )
         except ValueError as exc:
             raise DocumentRefused("a line holds an unknown scene or entitlement") from exc
@@ -186,15 +186,24 @@ def encode_verdicts(verdicts: Iterable[Verdict]) -> bytes:
     ).SerializeToString(deterministic=True)
 
 
-def decode_verdicts(chunk: bytes) -> list[Verdict]:
+VerdictRow = tuple[int, str, str, str, int, int]  # a Verdict's fields, in its order
+
+
+def verdict_rows(chunk: bytes) -> list[VerdictRow]:
+    """The verdicts of a chunk as plain tuples (no object per verdict: a big batch's
+    acknowledgement is read line by line at the end of its close)."""
     try:
         msg = settlement_pb2.LineVerdicts.FromString(chunk)
     except DecodeError as exc:
         raise DocumentRefused("a chunk of verdicts does not parse") from exc
     return [
-        Verdict(v.line_no, v.operator_id, v.trip_id, v.code, v.accepted_claim_fen, v.claimed_fen)
+        (v.line_no, v.operator_id, v.trip_id, v.code, v.accepted_claim_fen, v.claimed_fen)
         for v in msg.verdicts
     ]
+
+
+def decode_verdicts(chunk: bytes) -> list[Verdict]:
+    return [Verdict(*row) for row in verdict_rows(chunk)]
 
 
 def _varint(buf: bytes, at: int) -> tuple[int, int]:

@@ -40,7 +40,7 @@ from broker.settlement.clearing.batch import (
     Totals,
     chunked,
     decode_lines,
-    decode_verdicts,
+    verdict_rows,
 )
 from broker.settlement.clearing.confirm import (
     addressed,
@@ -356,10 +356,10 @@ class Sender:
                     ack = Signed(part.ack.document, part.ack.key_id, part.ack.signature)
                     continue
                 verdicts.add(part.verdicts)
-                for v in decode_verdicts(part.verdicts):
-                    cut += v.claimed_fen - v.accepted_claim_fen
+                for _, _, _, code, accepted_fen, claimed_fen in verdict_rows(part.verdicts):
+                    cut += claimed_fen - accepted_fen
                     listed += 1
-                    rejected += v.code != CAP_EXCEEDED
+                    rejected += code != CAP_EXCEEDED
             if ack is None:
                 raise DocumentRefused(f"{counterparty} sent no acknowledgement")
             doc = verify(ack, self._keys_of(counterparty), Purpose.ACK)

@@ -155,6 +155,18 @@ class LineChecker:
         default_factory=dict
     )
     _prices: dict[tuple[Any, ...], Price] = field(default_factory=dict)  # (version, …) → price
+    _ttl: timedelta | None = None  # the one advertised TTL, when there is one
+    _claims: dict[tuple[int, int, str], int] = field(default_factory=dict)  # the agreement's
+
+    def _claim(self, charged: int, concession: int, scheme: str) -> int:
+        """:func:`claim` under this batch's agreement, worked out once per set of amounts."""
+        key = (charged, concession, scheme)
+        found = self._claims.get(key)
+        if found is None:
+            if len(self._claims) > 100_000:
+                self._claims.clear()
+            found = self._claims[key] = claim(self.agreement, charged, concession, scheme)
+        return found
 
     def _card(self, number: str) -> CardRow | None:
         if number not in self._cards:
@@ -253,7 +265,9 @@ class LineChecker:
             self._ttls = self.registry.advertised_ttls()
         if len(self._ttls) == 1 and self._ttls[0][1] >= 0:
             # One TTL ever advertised: the oldest answer in force was given that long before.
-            since = t.occurred_at - timedelta(seconds=self._ttls[0][1])
+            if self._ttl is None:
+                self._ttl = timedelta(seconds=self._ttls[0][1])
+            since = t.occurred_at - self._ttl
         else:
             since = oldest_answer_in_force(self._ttls, t.occurred_at)
         held = self._held(card, since, t.occurred_at, day)
@@ -283,7 +297,7 @@ class LineChecker:
             line.scheme,
         ):
             return "PRICE_MISMATCH", 0
-        if claim(self.agreement, t.charged_fen, t.concession_fen, line.scheme) != line.claimed_fen:
+        if self._claim(t.charged_fen, t.concession_fen, line.scheme) != line.claimed_fen:
             return "CLAIM_MISMATCH", 0
         if line.scheme and t.concession_fen:
             cap_key = (t.fare_version, line.scheme)
@@ -294,7 +308,7 @@ class LineChecker:
                 if not self.caps.allows(
                     card.holder_key, line.scheme, day, cap.per_month, cap.per_year
                 ):
-                    return CAP_EXCEEDED, claim(self.agreement, t.charged_fen, 0, "")
+                    return CAP_EXCEEDED, self._claim(t.charged_fen, 0, "")
                 source = f"{self.sender}|{t.operator_id}|{t.trip_id}"
                 self.caps.count(
                     source, card.holder_key, line.scheme, day, t.occurred_at.isoformat()

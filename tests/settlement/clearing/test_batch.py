@@ -27,6 +27,7 @@ from broker.settlement.clearing.batch import (
     decode_verdicts,
     encode_lines,
     encode_verdicts,
+    verdict_rows,
 )
 from broker.settlement.trips import Trip
 
@@ -203,6 +204,17 @@ def test_verdicts_round_trip():
     assert decode_verdicts(encode_verdicts([])) == []
 
 
+def test_verdict_rows_are_each_verdicts_fields_in_order():
+    verdicts = [
+        Verdict(0, "bus-01", "t-1", "PRICE_MISMATCH", 0, 150),
+        Verdict(7, "museum-01", "t-2", "CAP_EXCEEDED", 50, 150),
+    ]
+    assert verdict_rows(encode_verdicts(verdicts)) == [
+        (0, "bus-01", "t-1", "PRICE_MISMATCH", 0, 150),
+        (7, "museum-01", "t-2", "CAP_EXCEEDED", 50, 150),
+    ]
+
+
 # ---------------------------------------------------------------- garbage
 
 
@@ -219,6 +231,8 @@ def test_garbage_bytes_in_a_chunk_of_lines_are_refused(chunk):
 def test_garbage_bytes_in_a_chunk_of_verdicts_are_refused(chunk):
     with pytest.raises(DocumentRefused, match="does not parse"):
         decode_verdicts(chunk)
+    with pytest.raises(DocumentRefused, match="does not parse"):
+        verdict_rows(chunk)
 
 
 def test_a_truncated_chunk_is_refused():
