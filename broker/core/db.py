@@ -107,6 +107,13 @@ class Db:
         return Db(_connect_sqlite(path, busy_timeout_ms), "sqlite")
 
     @staticmethod
+    def memory() -> Db:
+        """A SQLite database in this process's memory, gone when closed (nothing on disk)."""
+        return Db(
+            sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None), "sqlite"
+        )
+
+    @staticmethod
     def postgres(url: str, schema: str, purpose: str = "ledger") -> Db:
         """A PostgreSQL connection whose tables live in ``schema`` (created if missing);
         ``purpose`` names the database in the error raised when it cannot be reached."""

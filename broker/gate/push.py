@@ -2,8 +2,9 @@
 
 Why a peer never keeps an answer that a change has overtaken: a peer's
 handle is committed (:class:`HandleBook`) *before* the home reads its log's
-position and then the card for the answer. So a change either committed
-before that read — the answer already shows it, and its position is at or
+position together with the card for the answer (one statement:
+:meth:`broker.cards.registry.Registry.lookup_with_position`). So a change
+either committed before that read — the answer already shows it, and its position is at or
 past the change — or committed after the handle, and then the feed finds
 the handle and sends the change. The peer's cache compares positions, so
 the change wins over the answer whichever arrives first.

@@ -77,10 +77,12 @@ class RecognitionServicer(recognition_pb2_grpc.RecognitionServicer):
         now = self._clock()
         self._home.require_own(ref)
         kept = await self._keep_handle(caller.district, ref.card_number, request.handle, now)
-        # The log's position is read after the handle is committed and before the card: a
-        # change the answer does not show is then one the feed will send (broker.gate.push).
-        position = await self._feed.head() if self._feed is not None else None
-        rec = replace(await self._home.recognise(ref, now), position=position)
+        # The log's position is read after the handle is committed, with the card: a change
+        # the answer does not show is then one the feed will send (broker.gate.push).
+        if self._feed is not None:
+            rec = await self._home.recognise_with_position(ref, now)
+        else:
+            rec = await self._home.recognise(ref, now)
         if kept is False:
             rec = replace(rec, ttl_seconds=0)  # no push for it: the peer must not cache it
         log.debug(

@@ -26,6 +26,7 @@ from broker._proto.yikatong.v1 import (
     trust_pb2,
     trust_pb2_grpc,
 )
+from broker.cards.mirror import CardCopy
 from broker.cards.privacy import load_key_file
 from broker.cards.registry import Registry
 from broker.core.errors import ConfigError
@@ -128,6 +129,7 @@ class Node:
     feed: StatusFeed | None = None
     watchers: dict[str, StatusWatcher] = field(default_factory=dict)
     admin: CardAdminServicer | None = None
+    home: HomeRecognizer | None = None
 
     @classmethod
     async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
@@ -139,7 +141,12 @@ class Node:
         trust = TrustStore(cfg, clock)
         registry = Registry(cfg.registry)
         registry.record_advertised_ttl(cfg.recognition.cache_ttl_seconds, clock())
-        home = HomeRecognizer(cfg.district, registry, cfg.recognition)
+        copy = None
+        if cfg.registry.on_postgres:  # gates read a copy in memory, kept current by the log
+            copy = CardCopy(cfg.registry)
+            await asyncio.to_thread(copy.load)
+            copy.start()
+        home = HomeRecognizer(cfg.district, registry, cfg.recognition, copy)
         # Pushed status changes: peers' handles, and the feed of WatchStatus streams.
         book = HandleBook(cfg.registry)
         feed = StatusFeed(
@@ -219,6 +226,7 @@ class Node:
             book.close()
             await feed.close()
             admin.close()
+            home.close()
             registry.close()
             await cache.close()
             await channels.close()
@@ -258,6 +266,7 @@ class Node:
             book=book,
             feed=feed,
             watchers=watchers,
+            home=home,
             admin=admin,
         )
         await node._report_trust()
@@ -368,6 +377,8 @@ class Node:
             self.book.close()
         if self.admin is not None:
             self.admin.close()
+        if self.home is not None:
+            self.home.close()
         self.registry.close()
         if self.intake is not None:
             self.intake.close()

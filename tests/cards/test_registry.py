@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from broker.cards import status_log
 from broker.cards.config import RegistryConfig
 from broker.cards.csv_import import CardRow, parse_import
 from broker.cards.districts import load_districts
 from broker.cards.gb11643 import ssn_check_character
 from broker.cards.model import CardStatus
 from broker.cards.privacy import Hasher
-from broker.cards.registry import MIGRATIONS, Recorded, Registry, derive_status
+from broker.cards.registry import Recorded, Registry, derive_status
+from broker.cards.registry_schema import MIGRATIONS
 from broker.core.db import Db, migrate, utc_text
 from broker.core.errors import ImportRejected
 
@@ -326,3 +328,18 @@ def test_an_instant_in_the_future_is_refused_with_its_row(tmp_path: Path):
     assert [(e.line, e.reason) for e in refused.value.errors] == [
         (2, "changed_at is in the future (2026-01-11T09:00:00+08:00): refused")
     ]
+
+
+def test_a_card_and_the_logs_position_are_read_together(registry_at: RegistryAt):
+    reg = Registry(registry_at())
+    try:
+        reg.upsert([row("A00000001")], T0)
+        position, card = reg.lookup_with_position("A00000001")
+        assert position == status_log.head(reg.db) and position.seq == 1
+        assert card == reg.lookup("A00000001")
+        reg.upsert([row("A00000001", "lost")], T0 + timedelta(hours=1))
+        position, card = reg.lookup_with_position("A00000001")
+        assert position.seq == 2 and card is not None and card.status == "lost"
+        assert reg.lookup_with_position("B00000001") == (position, None)  # not ours
+    finally:
+        reg.close()

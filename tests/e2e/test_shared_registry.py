@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc, types_pb2
+from broker._proto.yikatong.v1 import gate_pb2, recognition_pb2, recognition_pb2_grpc, types_pb2
 from broker.cards import status_log
 from broker.cards.model import CardRef, Scene
 from broker.cards.registry import Registry
@@ -123,3 +123,22 @@ async def test_the_other_replica_tells_a_peer_of_a_card_it_asked_the_first_about
     finally:
         await ch.close()
     await s.refused_at_dazu(card)
+
+
+async def test_the_homes_own_gates_read_a_copy_that_follows_the_registry(s: Shared):
+    """Each replica's gates read its copy of the cards in memory (no round trip per check),
+    and the copy follows a change made on another host as the peers do."""
+    card = s.active_cards(1)[0]
+    for name in ("a1", "a2"):
+        d = await s.cluster.gate(name).check(card, Scene.BUS)
+        assert d.allow and d.source == gate_pb2.DecisionSource.DECISION_SOURCE_HOME
+        home = s.cluster.nodes[name].home
+        assert home is not None and home.copy is not None and home.copy.loads == 1
+    set_status(s.setups[ANYUE], [card.card_number], "lost")
+    for name in ("a1", "a2"):
+        for _ in range(int(BOUND_S / 0.02)):
+            if not (await s.cluster.gate(name).check(card, Scene.BUS)).allow:
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError(f"{name} still allows its own lost card")
