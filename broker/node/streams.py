@@ -25,10 +25,13 @@ from typing import Any
 import grpc
 import structlog
 
-from broker.core.errors import BrokerError
+from broker.core.errors import BrokerError, Busy
 from broker.trust.tls import CallerVerifier
 
 log = structlog.get_logger(__name__)
+
+PER_CALLER = 256  # streams of one method one caller may hold open at once
+RETRY_S = 5.0
 
 
 @dataclass(eq=False)
@@ -51,9 +54,17 @@ class Stream:
 
 
 class StreamRegistry:
-    """The streaming calls in flight on one server. Used on the event loop only."""
+    """The streaming calls in flight on one server. Used on the event loop only.
 
-    def __init__(self) -> None:
+    One caller may hold at most ``per_caller`` calls of one method at once (a
+    peer district runs one ``WatchStatus`` per process and home, one
+    ``ExchangeBatch`` per close): more is a caller gone wrong, or one trying to
+    wear the node down, and the next is refused ``RESOURCE_EXHAUSTED`` until
+    one ends.
+    """
+
+    def __init__(self, per_caller: int = PER_CALLER) -> None:
+        self._per_caller = per_caller
         self._live: set[Stream] = set()
         self._ending: set[asyncio.Future[None]] = set()
 
@@ -68,7 +79,11 @@ class StreamRegistry:
     def track(
         self, method: str, caller: str, leaf_pem: bytes, context: grpc.aio.ServicerContext
     ) -> Iterator[Stream]:
-        """Hold the call in the registry while its handler runs (in the handler's task)."""
+        """Hold the call in the registry while its handler runs (in the handler's task);
+        :class:`Busy` when the caller holds ``per_caller`` calls of ``method`` already."""
+        held = sum(1 for s in self._live if s.method == method and s.caller == caller)
+        if held >= self._per_caller:
+            raise Busy(f"{held} calls of {method} by this caller are open already", RETRY_S)
         stream = Stream(method, caller, leaf_pem, context, asyncio.current_task())
         self._live.add(stream)
         try:

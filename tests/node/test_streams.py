@@ -15,7 +15,7 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from broker.core.errors import PermissionDenied
+from broker.core.errors import Busy, PermissionDenied
 from broker.node.streams import Stream, StreamRegistry
 from broker.trust.tls import CallerVerifier
 
@@ -119,3 +119,23 @@ async def test_ending_a_stream_that_finished_meanwhile_is_harmless():
     for _ in range(3):
         await asyncio.sleep(0)
     assert len(streams) == 0
+
+
+async def test_one_caller_holds_a_bounded_number_of_streams_of_one_method():
+    streams = StreamRegistry(per_caller=2)
+    with (
+        streams.track(METHOD, "spiffe://a", b"p", as_context(Context())),
+        streams.track(METHOD, "spiffe://a", b"p", as_context(Context())),
+    ):
+        with (
+            pytest.raises(Busy, match="2 calls of"),
+            streams.track(METHOD, "spiffe://a", b"p", as_context(Context())),
+        ):
+            pass  # pragma: no cover - refused before
+        # another caller, or another method of the same caller, is not held up
+        with streams.track(METHOD, "spiffe://b", b"p", as_context(Context())):
+            assert len(streams) == 3
+        with streams.track("/yikatong.v1.Other/Watch", "spiffe://a", b"p", as_context(Context())):
+            assert len(streams) == 3
+    with streams.track(METHOD, "spiffe://a", b"p", as_context(Context())):  # room again
+        assert len(streams) == 1
