@@ -76,9 +76,12 @@ class PeerChannels:
                     ("grpc.default_authority", name),
                     ("grpc.keepalive_time_ms", 30_000),
                     ("grpc.keepalive_timeout_ms", 5_000),
-                    # A peer that comes back is used again within about a second.
-                    ("grpc.initial_reconnect_backoff_ms", 200),
-                    ("grpc.max_reconnect_backoff_ms", 2_000),
+                    # A peer that comes back is used again within a second: the channel
+                    # tries to reconnect at least every half second (and the breaker's
+                    # probe, broker.peers.client, goes every half second).
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 500),
+                    ("grpc.min_reconnect_backoff_ms", 100),
                     ("grpc.use_local_subchannel_pool", int(purpose != "calls")),
                 ],
             )

@@ -19,6 +19,7 @@ import pytest
 
 from broker._proto.yikatong.v1 import recognition_pb2, types_pb2
 from broker.cards.model import CardRef, CardStatus, Entitlement, Recognition, Scene
+from broker.core.breaker import PROBE_S, THRESHOLD, State
 from broker.core.errors import PeerUnavailable
 from broker.node.fields import is_trace_id
 from broker.peers.channels import PeerChannels
@@ -164,7 +165,7 @@ async def test_a_peer_nobody_answers_for_is_unavailable(tmp_path: Path, now: dat
 
 
 async def test_a_peer_that_comes_back_is_asked_again(net: Net):
-    """A failure is per call: the next call on the same client succeeds."""
+    """One failure does not open the breaker: the next call on the same client succeeds."""
     net.server.recognition.abort = grpc.StatusCode.UNAVAILABLE
     with pytest.raises(PeerUnavailable):
         await net.client.recognize(CARD, Scene.BUS, "r")
@@ -179,3 +180,41 @@ def test_configured_reports_only_the_configured_peers(net: Net):
     assert not net.client.configured(HOME)  # its own district is not a peer
     assert not net.client.configured(OTHER)
     assert net.client.deadline_ms == DEADLINE_MS
+
+
+async def test_a_frozen_peer_is_skipped_at_once_after_three_timeouts_then_probed(net: Net):
+    """Three calls wait out the deadline; the next ones are refused at once, without a call;
+    half a second on, one probe goes, and its success puts the peer back in use."""
+    net.server.recognition.delay = 10.0  # frozen
+    for _ in range(THRESHOLD):
+        with pytest.raises(PeerUnavailable, match="did not answer within"):
+            await net.client.recognize(CARD, Scene.BUS, "r")
+    asked = len(net.server.recognition.requests)
+    started = time.monotonic()
+    for _ in range(20):
+        with pytest.raises(PeerUnavailable, match="not asked: it failed") as caught:
+            await net.client.recognize(CARD, Scene.BUS, "r")
+    assert time.monotonic() - started < DEADLINE_MS / 1000  # 20 refusals, none waited
+    assert caught.value.district == PEER
+    assert len(net.server.recognition.requests) == asked  # nothing was sent
+    assert net.client.breaker(PEER).state is State.OPEN
+    net.server.recognition.delay = 0.0  # back
+    net.server.recognition.answer = answer(types_pb2.CARD_STATUS_ACTIVE, ttl=3)
+    await asyncio.sleep(PROBE_S)
+    got = await net.client.recognize(CARD, Scene.BUS, "r")  # the probe
+    assert got.status is CardStatus.ACTIVE
+    assert net.client.breaker(PEER).state is State.CLOSED
+    assert (await net.client.recognize(CARD, Scene.BUS, "r")).status is CardStatus.ACTIVE
+
+
+async def test_a_failed_probe_keeps_the_peer_skipped_for_another_half_second(net: Net):
+    net.server.recognition.abort = grpc.StatusCode.UNAVAILABLE
+    for _ in range(THRESHOLD):
+        with pytest.raises(PeerUnavailable, match="answered UNAVAILABLE"):
+            await net.client.recognize(CARD, Scene.BUS, "r")
+    await asyncio.sleep(PROBE_S)
+    with pytest.raises(PeerUnavailable, match="answered UNAVAILABLE"):  # the probe, failed
+        await net.client.recognize(CARD, Scene.BUS, "r")
+    with pytest.raises(PeerUnavailable, match="not asked"):
+        await net.client.recognize(CARD, Scene.BUS, "r")
+    assert net.client.breaker(PEER).state is State.OPEN
