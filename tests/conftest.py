@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -57,41 +58,57 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if _pings("redis://127.0.0.1:6379/15"):
         yield "redis://127.0.0.1:6379/15"  # a database of its own on a shared server
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
-        unavailable("no Redis reachable and no redis-server binary to start one")
+    started = _start_redis(tmp_path_factory.mktemp("redis"))
+    if started is None:
+        unavailable("no Redis reachable, and no redis-server binary that starts")
         return
-    port = testbed.free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while not _pings(url):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            unavailable("a private redis-server did not start")
-        time.sleep(0.05)
+    url, proc = started
     try:
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def _start_redis(workdir: Path) -> tuple[str, subprocess.Popen[bytes]] | None:
+    """A redis-server of our own on a free port (``None``: no binary, or it did not start)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = testbed.free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not _pings(url):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            return None
+        time.sleep(0.05)
+    return url, proc
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """A Redis server of this test's own, (url, pid): one a test may freeze (SIGSTOP) or kill."""
+    started = _start_redis(tmp_path / "redis")
+    if started is None:
+        unavailable("no redis-server binary to start a private Redis")
+        return
+    url, proc = started
+    try:
+        yield url, proc.pid
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGCONT)
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture

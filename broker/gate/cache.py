@@ -24,9 +24,11 @@ failing, once a minute with a count while it does, and when it is back.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
@@ -51,6 +53,8 @@ TOMBSTONE_MIN_S = 65
 # How long an answer of a home whose changes are not being followed now is kept (the
 # stream is down, refused, or not yet open): what a lost card may still be let in for.
 UNFOLLOWED_TTL_S = 10
+# Writes to Redis waiting behind the requests that made them (broker.gate.cache.WriteBehind).
+WRITE_QUEUE = 10_000
 
 
 class LocalTier:
@@ -121,6 +125,67 @@ class LocalTier:
         return len(gone)
 
 
+class WriteBehind:
+    """Writes to Redis off the request path: a bounded queue, drained by one task.
+
+    A gate check that asked a peer answers as soon as the answer is in this
+    process's tier; sharing it with the other replicas follows. When the queue
+    is full (Redis slow, and the breaker not yet open) a write is dropped and
+    counted: the answer is still cached here, and another replica that misses
+    it asks the peer itself.
+    """
+
+    def __init__(self, limit: int = WRITE_QUEUE) -> None:
+        self._limit = limit
+        self._jobs: deque[Callable[[], Awaitable[None]]] = deque()
+        self._ready: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._idle: asyncio.Event | None = None
+        self.dropped = 0
+
+    def submit(self, job: Callable[[], Awaitable[None]]) -> None:
+        if len(self._jobs) >= self._limit:
+            self.dropped += 1
+            return
+        if self._task is None:
+            self._ready, self._idle = asyncio.Event(), asyncio.Event()
+            self._task = asyncio.ensure_future(self._drain())
+        assert self._ready is not None and self._idle is not None
+        self._jobs.append(job)
+        self._idle.clear()
+        self._ready.set()
+
+    async def _drain(self) -> None:
+        assert self._ready is not None and self._idle is not None
+        while True:
+            await self._ready.wait()
+            while self._jobs:
+                job = self._jobs.popleft()
+                try:
+                    await job()
+                except Exception as exc:  # a write that failed is a write not made
+                    log.debug("cache_write_failed", error=type(exc).__name__)
+            self._ready.clear()
+            self._idle.set()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    async def settled(self) -> None:
+        """Until every write submitted so far is done (or dropped)."""
+        if self._idle is not None:
+            await self._idle.wait()
+
+    async def close(self, drain_s: float = 1.0) -> None:
+        """Finish what is queued (``drain_s`` at most), then stop."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.settled(), drain_s)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
 class AnswerCache:
     """The two tiers together. Callers see ``get``, ``put``, and ``apply`` for pushes."""
 
@@ -142,6 +207,7 @@ class AnswerCache:
         # from any other that could be pushed is kept only briefly, since no push would
         # reach it.
         self.following: set[str] = set()
+        self.writes = WriteBehind()
 
     @classmethod
     def from_config(
@@ -197,7 +263,8 @@ class AnswerCache:
         return entry.rec
 
     async def put(self, key: str, rec: Recognition) -> None:
-        """Cache a home's answer, unless either tier holds a later position."""
+        """Cache a home's answer, unless either tier holds a later position: in this
+        process's tier at once, in Redis behind the request (:class:`WriteBehind`)."""
         ttl = self.ttl_for(rec)
         if rec.position is not None and key.split(":", 1)[0] not in self.following:
             ttl = min(ttl, UNFOLLOWED_TTL_S)
@@ -209,11 +276,17 @@ class AnswerCache:
         kept = self.local.put_entry(key, entry, ttl, time.monotonic())
         if self.remote is not None:
             expires_at_ms = int(time.time() * 1000) + ttl * 1000
-            shared = await self.remote.put(key, entry, ttl * 1000, expires_at_ms)
-            if shared is False and kept:
-                # Redis holds a later change (pushed to another replica first): this
-                # replica must not answer from the older one meanwhile.
-                self.local.discard_if(key, entry)
+            self.writes.submit(lambda: self._share(key, entry, ttl, expires_at_ms, kept))
+
+    async def _share(
+        self, key: str, entry: Entry, ttl: int, expires_at_ms: int, kept: bool
+    ) -> None:
+        assert self.remote is not None
+        shared = await self.remote.put(key, entry, ttl * 1000, expires_at_ms)
+        if shared is False and kept:
+            # Redis holds a later change (pushed to another replica first): this replica
+            # must not answer from the older one meanwhile.
+            self.local.discard_if(key, entry)
 
     def _below_floor(self, key: str, entry: Entry) -> bool:
         floor = self.floors.get(key.split(":", 1)[0])
@@ -273,5 +346,6 @@ class AnswerCache:
             await self.remote.save_cursor(issuer, position)
 
     async def close(self) -> None:
+        await self.writes.close()
         if self.remote is not None:
             await self.remote.close()

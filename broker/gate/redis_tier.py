@@ -4,6 +4,11 @@ Keys are ``yk:v2:<district>:rec:<issuer>:<handle>`` (no card number), with a
 PX expiry; per home, a floor key and the district's cursor in its status
 log sit beside them. A failure is logged by the tier's :class:`StateLog`
 (when it starts, a count a minute, when it ends), never per call.
+
+A frozen Redis would make every call wait out the tier's timeout: behind a
+:class:`broker.core.breaker.Breaker`, after three failures in a row calls
+fail at once (a read is a miss, a write is not made), and one call every
+half second probes whether Redis is back.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from broker.cards.model import CardStatus, Entitlement, LogPosition, Recognition
+from broker.core.breaker import Breaker
 from broker.core.quiet import StateLog
 from broker.gate.entries import Entry
 
@@ -150,6 +156,19 @@ class RedisTier:
         # One line when Redis starts failing, a count a minute while it does, one when it
         # is back: never a line per call (a gate check may touch it twice).
         self.state = StateLog(log, "redis", district=district)
+        self.breaker = Breaker()
+
+    def _refused(self) -> bool:
+        """Whether the breaker refuses a call now (it then fails at once, without waiting)."""
+        return not self.breaker.allow()
+
+    def _failed(self, exc: BaseException) -> None:
+        self.state.failed(type(exc).__name__)
+        self.breaker.failed()
+
+    def _ok(self) -> None:
+        self.state.ok()
+        self.breaker.succeeded()
 
     def redis_key(self, key: str) -> str:
         return self._prefix + key
@@ -164,13 +183,15 @@ class RedisTier:
 
     async def get(self, key: str) -> tuple[Entry, int] | None:
         """``(entry, expires_at_ms)`` or ``None`` on a miss or a Redis failure."""
+        if self._refused():
+            return None
         try:
             async with asyncio.timeout(self._timeout):
                 raw = await self._batcher.get(self.redis_key(key))
         except (RedisError, TimeoutError, OSError) as exc:
-            self.state.failed(type(exc).__name__)
+            self._failed(exc)
             return None
-        self.state.ok()
+        self._ok()
         if raw is None:
             return None
         try:
@@ -183,6 +204,8 @@ class RedisTier:
         self, key: str, entry: Entry, ttl_ms: int, expires_at_ms: int, least_ms: int = 0
     ) -> bool | None:
         """Compare-and-set (see ``_CAS``): whether written; ``None`` when Redis failed."""
+        if self._refused():
+            return None
         value = encode(entry, expires_at_ms)
         try:
             async with asyncio.timeout(self._timeout):
@@ -191,20 +214,23 @@ class RedisTier:
                     args=[value, ttl_ms, entry.epoch, entry.seq, least_ms],
                 )
         except (RedisError, TimeoutError, OSError) as exc:
-            self.state.failed(type(exc).__name__)
+            self._failed(exc)
             return None
-        self.state.ok()
+        self._ok()
         return bool(done)
 
     async def set_floor(self, issuer: str, position: LogPosition) -> bool:
         """No entry of ``issuer``'s below ``position`` (or of another epoch) is written from
         now on (see ``_CAS``); whether Redis took it."""
+        if self._refused():
+            return False
         try:
             async with asyncio.timeout(self._timeout):
                 await self._client.set(self._floor_key(issuer), f"{position.epoch}|{position.seq}")
         except (RedisError, TimeoutError, OSError) as exc:
-            self.state.failed(type(exc).__name__)
+            self._failed(exc)
             return False
+        self._ok()
         return True
 
     def _floor_key(self, issuer: str) -> str:
@@ -215,6 +241,8 @@ class RedisTier:
         ``keep``: how many, ``None`` when Redis failed (SCAN, then a script per batch)."""
         gone = 0
         tail = f"|{keep.epoch}|{keep.seq}" if keep is not None else "\n"  # "\n": no value ends so
+        if self._refused():
+            return None
         try:
             batch: list[str | bytes] = []
             async for k in self._client.scan_iter(match=self.redis_key(prefix) + "*", count=1000):
@@ -225,19 +253,23 @@ class RedisTier:
             if batch:
                 gone += int(await self._drop(keys=batch, args=[tail]))
         except (RedisError, OSError) as exc:
-            self.state.failed(type(exc).__name__)
+            self._failed(exc)
             return None
+        self._ok()
         return gone
 
     async def cursor(self, issuer: str) -> LogPosition | None:
         """Where this district's processes last were in ``issuer``'s status log (``None``:
         nowhere yet); :class:`TierFailed` when Redis cannot say."""
+        if self._refused():
+            raise TierFailed("breaker open")
         try:
             async with asyncio.timeout(self._timeout):
                 raw = await self._client.get(self._cursor_key(issuer))
         except (RedisError, TimeoutError, OSError) as exc:
-            self.state.failed(type(exc).__name__)
+            self._failed(exc)
             raise TierFailed(type(exc).__name__) from exc
+        self._ok()
         if raw is None:
             return None
         try:
@@ -249,11 +281,15 @@ class RedisTier:
     async def save_cursor(self, issuer: str, position: LogPosition) -> None:
         """Best effort: a cursor left behind only makes a process that starts re-apply."""
         value = f"{position.epoch}|{position.seq}|{position.mark}"
+        if self._refused():
+            return
         try:
             async with asyncio.timeout(self._timeout):
                 await self._client.set(self._cursor_key(issuer), value)
         except (RedisError, TimeoutError, OSError) as exc:
-            self.state.failed(type(exc).__name__)
+            self._failed(exc)
+            return
+        self._ok()
 
     def _cursor_key(self, issuer: str) -> str:
         return self._prefix.replace(":rec:", ":cursor:") + issuer

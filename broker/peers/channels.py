@@ -81,7 +81,6 @@ class PeerChannels:
                     # probe, broker.peers.client, goes every half second).
                     ("grpc.initial_reconnect_backoff_ms", 100),
                     ("grpc.max_reconnect_backoff_ms", 500),
-                    ("grpc.min_reconnect_backoff_ms", 100),
                     ("grpc.use_local_subchannel_pool", int(purpose != "calls")),
                 ],
             )

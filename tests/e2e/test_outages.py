@@ -10,23 +10,32 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
-from datetime import datetime
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from broker._proto.yikatong.v1 import gate_pb2
 from broker.cards.model import CardRef, Scene
-from broker.core.breaker import PROBE_S, THRESHOLD
+from broker.cards.registry import Registry
+from broker.cards.status_change import set_status
+from broker.core.breaker import PROBE_S, THRESHOLD, Breaker, State
 from broker.node.server import Node
 from broker.testbed import build as testbed
 from tests.conftest import ANYUE, DAZU, Cluster
 from tests.helpers import wait_healthy
 
 SRC = gate_pb2.DecisionSource
+
+
+def state(b: Breaker) -> State:
+    """Read afresh (mypy keeps an earlier ``is`` check's narrowing across awaits)."""
+    return b.state
 
 
 class Outage:
@@ -99,3 +108,64 @@ async def test_a_frozen_peer_is_skipped_at_once_and_used_again_soon_after_it_is_
     print(f"peer used again {again * 1000:.0f} ms after it was back")
     assert d.source == SRC.DECISION_SOURCE_PEER
     assert again < 1.0 + PROBE_S + deadline_s  # CI's loose bound; the figure is printed
+
+
+# ---------------------------------------------------------------- a frozen Redis
+
+
+async def test_a_frozen_redis_slows_no_gate_and_a_lost_card_still_reaches_every_replica(
+    tmp_path: Path, now: datetime, private_redis: tuple[str, int]
+):
+    """Redis frozen (SIGSTOP): after three timeouts its breaker opens and checks stop
+    waiting for it; a card set lost meanwhile is refused at both replicas (each follows the
+    home itself, into its own tier); once Redis is back its breaker closes."""
+    url, redis_pid = private_redis
+    setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=200, redis_url=url)
+    cfg = setups[DAZU].config
+    nodes = {
+        ANYUE: await Node.start(setups[ANYUE].config),
+        "r1": await Node.start(cfg),
+        "r2": await Node.start(replace(cfg, listen="127.0.0.1:0")),
+    }
+    c = Cluster({**setups, "r1": setups[DAZU], "r2": setups[DAZU]}, nodes)
+    registry = Registry(setups[ANYUE].config.registry)
+    try:
+        for name in ("r1", "r2"):
+            async with asyncio.timeout(5):
+                await nodes[name].watchers[ANYUE].connected.wait()
+        cards = iter([x.ref for x in setups[ANYUE].cards if x.status == "active"])
+        lost = next(cards)
+        for name in ("r1", "r2"):
+            assert (await c.gate(name).check(lost, Scene.BUS)).allow
+        os.kill(redis_pid, signal.SIGSTOP)
+        tier = nodes["r1"].cache.remote
+        assert tier is not None
+        timeout_s = cfg.cache.redis_timeout_ms / 1000
+        for _ in range(THRESHOLD):  # each waits for Redis once (the read; the write is behind)
+            assert (await c.gate("r1").check(next(cards), Scene.BUS)).allow
+        assert tier.breaker.state is State.OPEN
+        took = []
+        for _ in range(10):
+            started = time.monotonic()
+            assert (await c.gate("r1").check(next(cards), Scene.BUS)).allow  # asked the peer
+            took.append(time.monotonic() - started)
+        assert statistics.median(took) < timeout_s  # Redis is not waited for any more
+        assert tier.breaker.refused > 0
+        set_status(registry, [lost.card_number], "lost", datetime.now(UTC))
+        for name in ("r1", "r2"):
+            for _ in range(150):
+                if not (await c.gate(name).check(lost, Scene.BUS)).allow:
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError(f"{name} still allows the lost card with Redis frozen")
+        os.kill(redis_pid, signal.SIGCONT)
+        for _ in range(150):  # the next probe finds it back
+            await c.gate("r1").check(next(cards), Scene.BUS)
+            if state(tier.breaker) is State.CLOSED:
+                break
+            await asyncio.sleep(0.02)
+        assert state(tier.breaker) is State.CLOSED
+    finally:
+        registry.close()
+        await c.close()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -11,7 +13,7 @@ from structlog.testing import capture_logs
 
 from broker.cards.model import CardRef, CardStatus, Entitlement, LogPosition, Recognition
 from broker.cards.privacy import Hasher
-from broker.gate.cache import AnswerCache, LocalTier
+from broker.gate.cache import AnswerCache, LocalTier, WriteBehind
 from broker.gate.config import CacheConfig
 from broker.gate.entries import Entry
 
@@ -70,6 +72,7 @@ async def test_in_process_only_when_no_redis_is_configured():
     cache = AnswerCache.from_config(CacheConfig(redis_url=None), "500111", wall=NOON)
     key = key_of(REF)
     await cache.put(key, ACTIVE)
+    await cache.writes.settled()
     assert cache.remote is None
     assert await cache.get(key) == ACTIVE
 
@@ -81,6 +84,7 @@ async def test_replicas_share_answers_through_redis_under_hashed_keys(redis_db: 
     key = key_of(REF)
     try:
         await replica_a.put(key, ACTIVE)
+        await replica_a.writes.settled()
         assert replica_b.get_local(key) is None
         got = await replica_b.get(key)
         assert got is not None and got.status is CardStatus.ACTIVE
@@ -88,6 +92,7 @@ async def test_replicas_share_answers_through_redis_under_hashed_keys(redis_db: 
         assert replica_b.get_local(key) is not None  # filled from Redis
         other = key_of(CardRef("512021", "C5120210000002"))
         await replica_a.put(other, UNKNOWN)
+        await replica_a.writes.settled()
         client = redis.Redis.from_url(redis_db)
         keys = [k.decode() for k in client.scan_iter("yk:v2:500111:*")]
         assert sorted(keys) == sorted([f"yk:v2:500111:rec:{key}", f"yk:v2:500111:rec:{other}"])
@@ -108,6 +113,7 @@ async def test_a_dead_redis_is_a_miss_not_a_failure():
     try:
         with capture_logs() as events:
             await cache.put(key, ACTIVE)
+            await cache.writes.settled()
             assert await cache.get(key) is None
             for _ in range(50):
                 assert await cache.get(key) is None
@@ -129,6 +135,7 @@ async def test_a_late_answer_never_undoes_a_pushed_change_at_any_replica(redis_d
     try:
         await pushed.apply(key, CardStatus.LOST, at(8))
         await late.put(key, replace(ACTIVE, position=at(7)))
+        await late.writes.settled()
         for replica in (pushed, late):
             got = await replica.get(key)
             assert got is not None and got.status is CardStatus.LOST
@@ -159,12 +166,14 @@ async def test_a_pushed_active_only_invalidates_and_keeps_older_answers_out(redi
     client = redis.Redis.from_url(redis_db)
     try:
         await cache.put(key, replace(ACTIVE, position=at(3)))
+        await cache.writes.settled()
         await cache.apply(key, CardStatus.ACTIVE, at(4))  # e.g. a flag changed at home
         assert await cache.get(key) is None  # ask the home again
         assert client.pttl(f"yk:v2:500111:rec:{key}") > 30_000  # kept as long as the answer
         await cache.put(key, replace(ACTIVE, position=at(3)))  # a slow answer from before
         assert await cache.get(key) is None
         await cache.put(key, replace(ACTIVE, position=at(4)))
+        await cache.writes.settled()
         assert await cache.get(key) == replace(ACTIVE, position=at(4))
     finally:
         client.close()
@@ -177,7 +186,9 @@ async def test_a_flush_forgets_one_districts_answers_in_both_tiers(redis_db: str
     anyue, tongnan = key_of(REF), key_of(CardRef("500223", "C5002230000001"))
     try:
         await cache.put(anyue, ACTIVE)
+        await cache.writes.settled()
         await cache.put(tongnan, ACTIVE)
+        await cache.writes.settled()
         assert await cache.flush("512021", at(7))
         assert cache.get_local(anyue) is None and cache.get_local(tongnan) == ACTIVE
         other = AnswerCache.from_config(replace(cfg, local_max_entries=0), "500111", wall=NOON)
@@ -207,6 +218,7 @@ async def test_a_local_tombstone_stands_against_an_older_entry_in_redis(redis_db
     key = key_of(REF)
     try:
         await other.put(key, replace(ACTIVE, position=at(3)))
+        await other.writes.settled()
         here.local.put_entry(key, Entry(None, "e1", 4), ttl=60, now=time.monotonic())
         assert await here.get(key) is None
         await other.put(key, replace(ACTIVE, position=at(5)))  # read after the change
@@ -232,10 +244,13 @@ async def test_after_a_flush_no_answer_read_before_its_floor_is_cached_by_anyone
         assert await here.flush("512021", at(10))
         for stale in (at(9), LogPosition("e0", 99, "m")):  # before the floor; an old epoch
             await here.put(key, replace(ACTIVE, position=stale))
+            await here.writes.settled()
             assert here.get_local(key) is None
             await other.put(key, replace(ACTIVE, position=stale))
+            await other.writes.settled()
             assert await redis_only.get(key) is None  # Redis refused it (the floor)
         await other.put(key, replace(ACTIVE, position=at(10)))
+        await other.writes.settled()
         assert (await redis_only.get(key)) is not None
         tongnan = key_of(CardRef("500223", "C5002230000001"))
         await here.put(tongnan, replace(ACTIVE, position=at(1)))  # another home: no floor
@@ -255,11 +270,14 @@ async def test_an_answer_no_push_could_reach_is_kept_only_briefly(redis_db: str)
     key, old_home = key_of(REF), key_of(CardRef("500223", "C5002230000001"))
     try:
         await cache.put(key, replace(ACTIVE, position=at(3)))
+        await cache.writes.settled()
         assert 0 < client.pttl(f"yk:v2:500111:rec:{key}") <= 10_000
         await cache.put(old_home, ACTIVE)
+        await cache.writes.settled()
         assert client.pttl(f"yk:v2:500111:rec:{old_home}") > 100_000
         cache.following.add("512021")
         await cache.put(key, replace(ACTIVE, position=at(3)))
+        await cache.writes.settled()
         assert client.pttl(f"yk:v2:500111:rec:{key}") > 100_000
     finally:
         client.close()
@@ -277,7 +295,9 @@ async def test_a_flush_keeps_what_was_read_at_its_floor_itself(redis_db: str):
     at_head, older = key_of(REF), key_of(CardRef("512021", "C5120210000009"))
     try:
         await cache.put(at_head, replace(ACTIVE, position=at(10)))
+        await cache.writes.settled()
         await cache.put(older, replace(ACTIVE, position=at(9)))
+        await cache.writes.settled()
         assert await cache.flush("512021", at(10))
         assert cache.get_local(at_head) is not None and cache.get_local(older) is None
         assert await redis_only.get(at_head) is not None
@@ -287,3 +307,44 @@ async def test_a_flush_keeps_what_was_read_at_its_floor_itself(redis_db: str):
     finally:
         await cache.close()
         await redis_only.close()
+
+
+async def test_writes_behind_the_request_are_bounded_and_a_full_queue_drops_the_newest():
+    writes = WriteBehind(limit=2)
+    gate = asyncio.Event()
+    done: list[int] = []
+
+    def job(i: int) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            await gate.wait()
+            done.append(i)
+
+        return run
+
+    for i in range(5):
+        writes.submit(job(i))
+    assert (len(writes), writes.dropped) == (2, 3)  # the newest three found it full
+    await asyncio.sleep(0)  # the drain takes the first and waits on it
+    assert len(writes) == 1
+    writes.submit(job(5))  # room again
+    gate.set()
+    await asyncio.wait_for(writes.settled(), 5)
+    assert done == [0, 1, 5]
+    await writes.close()
+
+
+async def test_a_write_that_fails_does_not_stop_the_ones_after_it():
+    writes = WriteBehind()
+    done: list[str] = []
+
+    async def fails() -> None:
+        raise ConnectionError("redis went away")
+
+    async def works() -> None:
+        done.append("after")
+
+    writes.submit(fails)
+    writes.submit(works)
+    await asyncio.wait_for(writes.settled(), 5)
+    assert done == ["after"]
+    await writes.close()

@@ -53,6 +53,7 @@ async def test_concurrent_redis_reads_share_round_trips(redis_db: str):
     try:
         for i, key in enumerate(keys[:30]):
             await writer.put(key, ACTIVE if i % 2 else UNKNOWN)
+            await writer.writes.settled()
         before = client.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
         got = await asyncio.gather(*(reader.get(k) for k in keys))
         after = client.info("commandstats")["cmdstat_mget"]["calls"]
