@@ -67,6 +67,7 @@ def open_handles(where: RegistryConfig | Path) -> Db:
     return db
 
 
+PER_STATEMENT = 500  # handles written by one statement (4 parameters each)
 _HANDLE = re.compile(r"[0-9a-f]{32}")
 
 
@@ -86,23 +87,36 @@ class Handle:
 
 
 def remember(db: Db, handles: Sequence[Handle]) -> None:
-    """Keep ``handles`` (valid ones: see :func:`valid_handle`), in one transaction.
+    """Keep ``handles`` (valid ones: see :func:`valid_handle`), all or none.
 
     For the same (peer, card), the later in ``handles`` wins, and a stored
-    one is replaced unless it lives longer under the same handle.
+    one is replaced unless it lives longer under the same handle. One
+    statement for up to :data:`PER_STATEMENT` of them (one round trip to
+    PostgreSQL, atomic by itself); more are written in one transaction.
     """
-    if not handles:
+    latest = {(h.peer, h.card_number): h for h in handles}  # the later wins
+    rows = [(h.peer, h.card_number, h.handle, utc_text(h.until)) for h in latest.values()]
+    if not rows:
         return
-    rows = [(h.peer, h.card_number, h.handle, utc_text(h.until)) for h in handles]
+    parts = [rows[i : i + PER_STATEMENT] for i in range(0, len(rows), PER_STATEMENT)]
+    if len(parts) == 1:
+        _upsert(db, parts[0])
+        return
     with db.write():
-        db.executemany(
-            "INSERT INTO peer_handles (peer, card_number, handle, until) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (peer, card_number) DO UPDATE SET handle = excluded.handle, "
-            "until = CASE WHEN peer_handles.handle = excluded.handle "
-            "AND peer_handles.until > excluded.until THEN peer_handles.until "
-            "ELSE excluded.until END",
-            rows,
-        )
+        for part in parts:
+            _upsert(db, part)
+
+
+def _upsert(db: Db, rows: list[tuple[str, str, str, str]]) -> None:
+    values = ", ".join(["(?, ?, ?, ?)"] * len(rows))
+    db.execute(
+        f"INSERT INTO peer_handles (peer, card_number, handle, until) VALUES {values} "
+        "ON CONFLICT (peer, card_number) DO UPDATE SET handle = excluded.handle, "
+        "until = CASE WHEN peer_handles.handle = excluded.handle "
+        "AND peer_handles.until > excluded.until THEN peer_handles.until "
+        "ELSE excluded.until END",
+        [v for row in rows for v in row],
+    )
 
 
 def live_handles(
