@@ -34,6 +34,7 @@ from broker.core.errors import Conflict, DocumentRefused, SettlementStateError
 from broker.core.signing import PublicKey, Purpose, Signed, Signer, canonical, parse, verify
 from broker.fares.agreements import Agreement
 from broker.fares.rules import CHANGEOVER_GRACE, FareSchedule, FareTable, parse_fares
+from broker.settlement.clearing import staged
 from broker.settlement.clearing.batch import Digest, Spool
 from broker.settlement.clearing.confirm import (
     addressed,
@@ -174,30 +175,90 @@ class Receiver:
         as it always does. A trailer that does not check out is refused as there.
         """
         high = self._ledger_watermark()
+        day = hint.period.isoformat()
+
+        def begin() -> Ack | None:
+            if self._db.one(
+                "SELECT 1 FROM in_batches WHERE sender = ? AND period = ? AND seq = ?",
+                (sender, day, hint.seq),
+            ):
+                raise _Unverified  # :meth:`receive` answers with the stored one
+            refuse_if_settled(self._db, sender, hint.period)
+            self._sync_own_usage(high)
+            return None
+
+        def add(check: BatchCheck, chunk: bytes) -> None:
+            try:
+                check.add(chunk)
+            except DocumentRefused as exc:  # refused there after the trailer's checks
+                raise _Unverified from exc
+
+        def finish(check: BatchCheck) -> Ack:
+            header, period, seq, kind = self.batch_header(sender, trailer(), digest)
+            if Hint(period, seq, kind) != hint:
+                raise _Unverified
+            return check.finish(self._district, header, self._signer, self._clock())
+
         try:
-            with self._db.write():
-                self._db.lock_for_transaction(f"verify/{self._district}")
-                if self._db.one(
-                    "SELECT 1 FROM in_batches WHERE sender = ? AND period = ? AND seq = ?",
-                    (sender, hint.period.isoformat(), hint.seq),
-                ):
-                    raise _Unverified  # :meth:`receive` answers with the stored one
-                refuse_if_settled(self._db, sender, hint.period)
-                self._sync_own_usage(high)
-                check = self.batch_check(sender, hint.period, hint.seq, hint.kind)
-                for chunk in chunks:
-                    try:
-                        check.add(chunk)
-                    except DocumentRefused as exc:  # refused there after the trailer's checks
-                        raise _Unverified from exc
-                header, period, seq, kind = self.batch_header(sender, trailer(), digest)
-                if Hint(period, seq, kind) != hint:
-                    raise _Unverified
-                ack = check.finish(self._district, header, self._signer, self._clock())
+            ack, check = self._verify(
+                sender, hint.period, hint.seq, hint.kind, begin, chunks, add, finish
+            )
         except (_Unverified, StreamEnded, SettlementStateError):
             return None
-        self.log_received(sender, period, seq, check)
+        if check is not None:
+            self.log_received(sender, hint.period, hint.seq, check)
         return ack
+
+    def _verify(
+        self,
+        sender: str,
+        period: date,
+        seq: int,
+        kind: str,
+        begin: Callable[[], Ack | None],
+        chunks: Iterable[bytes],
+        add: Callable[[BatchCheck, bytes], None],
+        finish: Callable[[BatchCheck], Ack],
+    ) -> tuple[Ack, BatchCheck | None]:
+        """Check ``chunks`` and acknowledge the batch, under the home's verification lock:
+        ``begin()`` first (an answer already stored ends it there), ``finish`` in the
+        transaction that commits. A close on SQLite is committed in parts
+        (:mod:`broker.settlement.clearing.staged`), each part's log copied into the file
+        behind it, and unmade if anything fails after the first."""
+        parts = staged.in_parts(self._db, kind)
+        day, lines = period.isoformat(), iter(chunks)
+        check: BatchCheck | None = None
+        try:
+            while True:
+                with self._db.write():
+                    # One verification of this home's card-holders at a time, across
+                    # replicas: caps.
+                    self._db.lock_for_transaction(f"verify/{self._district}")
+                    if check is None:
+                        if self._db.dialect == "sqlite":
+                            staged.unmake(self._db)  # the parts of a batch a verifier died in
+                        stored = begin()
+                        if stored is not None:
+                            return stored, None
+                        check = self.batch_check(sender, period, seq, kind)
+                        if parts:
+                            staged.mark(self._db, sender, day, seq, utc_text(self._clock()))
+                    limit = check.totals.lines + staged.PART_LINES if parts else None
+                    for chunk in lines:
+                        add(check, chunk)
+                        if limit is not None and check.totals.lines >= limit:
+                            break  # this part is committed; the next one follows
+                    else:
+                        if parts:  # a confirmation may have settled the day meanwhile
+                            refuse_if_settled(self._db, sender, period)
+                            staged.done(self._db, sender, day, seq)
+                        return finish(check), check
+                self._store.checkpoint_soon()
+        except BaseException:
+            if parts and check is not None:  # parts may be committed: none of them stays
+                with self._db.write():
+                    staged.unmake(self._db)
+            raise
 
     def batch_header(
         self, sender: str, trailer: Signed, digest: Digest
@@ -245,18 +306,21 @@ class Receiver:
         self, sender: str, period: date, seq: int, kind: str, header: dict[str, Any], spool: Spool
     ) -> Ack:
         high = self._ledger_watermark()
-        with self._db.write():
-            # One verification of this home's card-holders at a time, across replicas: caps.
-            self._db.lock_for_transaction(f"verify/{self._district}")
+
+        def begin() -> Ack | None:
             stored = self._stored_ack(sender, period, seq, header)  # another replica's, meanwhile
-            if stored is not None:
-                return stored
-            self._sync_own_usage(high)
-            check = self.batch_check(sender, period, seq, kind)
-            for chunk in spool.chunks():
-                check.add(chunk)
-            ack = check.finish(self._district, header, self._signer, self._clock())
-        self.log_received(sender, period, seq, check)
+            if stored is None:
+                self._sync_own_usage(high)
+            return stored
+
+        def finish(check: BatchCheck) -> Ack:
+            return check.finish(self._district, header, self._signer, self._clock())
+
+        ack, check = self._verify(
+            sender, period, seq, kind, begin, spool.chunks(), BatchCheck.add, finish
+        )
+        if check is not None:
+            self.log_received(sender, period, seq, check)
         return ack
 
     def batch_check(self, sender: str, period: date, seq: int, kind: str) -> BatchCheck:

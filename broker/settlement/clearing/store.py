@@ -112,6 +112,12 @@ MIGRATIONS = (
         "lines BIGINT NOT NULL, claimed_fen BIGINT NOT NULL, "
         "PRIMARY KEY (counterparty, period, seq, operator_id))",
     ),
+    Migration(
+        5,
+        "batches being verified: a big close is committed in parts, unmade unless acknowledged",
+        "CREATE TABLE IF NOT EXISTS in_pending (sender TEXT NOT NULL, period TEXT NOT NULL, "
+        "seq INTEGER NOT NULL, started_at TEXT NOT NULL, PRIMARY KEY (sender, period, seq))",
+    ),
 )
 
 
@@ -133,9 +139,12 @@ def clearing_path(ledger_path: Path) -> Path:
 class ClearingStore:
     """The clearing tables (``db``) and read access to the ledger's ``trips`` (``trips``)."""
 
-    def __init__(self, db: Db, trips: Db) -> None:
+    def __init__(self, db: Db, trips: Db, path: Path | None = None) -> None:
         self.db = db
         self.trips = trips
+        self.path = path  # the SQLite file of ``db`` (PostgreSQL: none)
+        self._checkpointer: Db | None = None
+        self._checkpointing: threading.Thread | None = None
         migrate(db, "clearing", MIGRATIONS)
 
     @staticmethod
@@ -146,8 +155,9 @@ class ClearingStore:
             return ClearingStore(db, db)
         assert cfg.ledger.path is not None  # open_ledger refused a config with neither
         # A million-line verification holds the clearing file's write lock a while.
-        db = Db.sqlite(clearing_path(cfg.ledger.path), busy_timeout_ms=120_000)
-        return ClearingStore(db, Db.sqlite(cfg.ledger.path))
+        path = clearing_path(cfg.ledger.path)
+        db = Db.sqlite(path, busy_timeout_ms=120_000)
+        return ClearingStore(db, Db.sqlite(cfg.ledger.path), path)
 
     def for_verification(self, cache_kib: int = VERIFIER_CACHE_KIB) -> ClearingStore:
         """This store, tuned for the home's verifier: on SQLite, a page cache of ``cache_kib``
@@ -163,14 +173,21 @@ class ClearingStore:
         return self
 
     def checkpoint_soon(self) -> threading.Thread | None:
-        """Copy the write-ahead log into the SQLite file on a thread of its own (the
-        verifier's, once it answered): the next batch's transaction waits for it."""
-        if self.db.dialect != "sqlite":
+        """Copy the write-ahead log into the SQLite file, on a thread and a connection of
+        their own (the verifier's, after each committed part of a batch and once it
+        answered): whatever ``db`` does meanwhile. ``None`` when there is nothing to do
+        (PostgreSQL) or a copy is still under way (the next one takes what it left)."""
+        if self.path is None or self.db.dialect != "sqlite":
             return None
+        if self._checkpointing is not None and self._checkpointing.is_alive():
+            return None
+        if self._checkpointer is None:
+            self._checkpointer = Db.sqlite(self.path)
         thread = threading.Thread(
-            target=self.db.one, args=("PRAGMA wal_checkpoint(PASSIVE)",), daemon=True
+            target=self._checkpointer.one, args=("PRAGMA wal_checkpoint(PASSIVE)",), daemon=True
         )
         thread.start()
+        self._checkpointing = thread
         return thread
 
     @staticmethod
@@ -182,6 +199,10 @@ class ClearingStore:
         return Db.sqlite(clearing_path(cfg.ledger.path))
 
     def close(self) -> None:
+        if self._checkpointing is not None:
+            self._checkpointing.join()
+        if self._checkpointer is not None:
+            self._checkpointer.close()
         self.db.close()
         if self.trips is not self.db:
             self.trips.close()
