@@ -83,12 +83,15 @@ class Recognition:
         ttl_seconds: how long other districts may cache this answer.
         position: where the home's status log stood when the answer was read
             (``None`` from a home that does not push changes).
+        max_stale_seconds: how long past ``ttl_seconds`` the home still honours it
+            (served ``STALE`` when the home cannot be asked).
     """
 
     status: CardStatus
     entitlements: tuple[Entitlement, ...]
     ttl_seconds: int
     position: LogPosition | None = None
+    max_stale_seconds: int = 0
 
 
 def validate_region(code: str, field: str = "card.issuer_region") -> str:

@@ -46,6 +46,7 @@ def recognition_to_wire(rec: Recognition) -> recognition_pb2.RecognizeResponse:
         status=rec.status.value,  # type: ignore[arg-type]
         entitlements=[e.value for e in rec.entitlements],  # type: ignore[misc]
         cache_ttl_seconds=rec.ttl_seconds,
+        max_stale_seconds=rec.max_stale_seconds,
     )
     if rec.position is not None:
         msg.position.CopyFrom(position_to_wire(rec.position))
@@ -81,7 +82,9 @@ def recognition_from_wire(msg: recognition_pb2.RecognizeResponse) -> Recognition
             position = position_from_wire(msg.position, "position")
         except InvalidArgument:
             position = None  # an odd position: the answer stands, without ordering by it
-    return Recognition(status, ents, int(msg.cache_ttl_seconds), position)
+    return Recognition(
+        status, ents, int(msg.cache_ttl_seconds), position, int(msg.max_stale_seconds)
+    )
 
 
 def update_to_wire(update: Update) -> recognition_pb2.StatusUpdate:

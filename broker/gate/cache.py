@@ -38,6 +38,7 @@ from broker.cards.model import (
     CardStatus,
     LogPosition,
     Recognition,
+    Scene,
     seconds_to_shanghai_midnight,
 )
 from broker.gate.config import CacheConfig
@@ -125,6 +126,19 @@ class LocalTier:
         return len(gone)
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _stale(entry: Entry | None, now_ms: int, limit_s: int) -> tuple[Recognition, bool] | None:
+    """``entry``'s answer as a stale one, if it is at most ``limit_s`` past its freshness."""
+    if entry is None or entry.rec is None or entry.fresh_until_ms == 0:
+        return None
+    if now_ms >= entry.fresh_until_ms + limit_s * 1000:
+        return None
+    return entry.rec, True
+
+
 class WriteBehind:
     """Writes to Redis off the request path: a bounded queue, drained by one task.
 
@@ -208,6 +222,7 @@ class AnswerCache:
         # reach it.
         self.following: set[str] = set()
         self.writes = WriteBehind()
+        self._mono: Callable[[], float] = time.monotonic  # the in-process tier's clock
 
     @classmethod
     def from_config(
@@ -233,50 +248,77 @@ class AnswerCache:
             ttl = min(ttl, self._cfg.unknown_ttl_seconds)
         return max(min(ttl, seconds_to_shanghai_midnight(self._wall())), 0)
 
+    def stale_limit(self, scene: Scene) -> int:
+        """Seconds past its TTL an answer may be served at ``scene`` (``[cache]``)."""
+        return self._cfg.stale_limit(scene)
+
     def get_local(self, key: str) -> Recognition | None:
-        """The in-process tier alone: no await, for the hot path."""
-        return self.local.get(key, time.monotonic())
+        """A fresh answer from the in-process tier alone: no await, for the hot path."""
+        entry = self.local.entry(key, self._mono())
+        if entry is None or entry.rec is None or not entry.fresh(_now_ms()):
+            return None
+        return entry.rec
 
     async def get(self, key: str) -> Recognition | None:
-        """Local tier, then Redis (filling the local tier for the time Redis has left).
+        """A fresh answer from either tier (see :meth:`lookup`)."""
+        found = await self.lookup(key, 0)
+        return found[0] if found is not None and not found[1] else None
+
+    async def lookup(self, key: str, stale_limit_s: int) -> tuple[Recognition, bool] | None:
+        """``(answer, stale)``: a fresh answer, or one past its TTL by at most
+        ``stale_limit_s`` (and within what its home allows: the entry's life); local
+        tier first, then Redis (filling the local tier for the time Redis has left), where
+        another replica may hold a fresher one.
 
         A tombstone here (a pushed change) also stands against Redis: an entry there
         older than it (its write lost the race, or failed) is a miss.
         """
-        held = self.local.entry(key, time.monotonic())
-        if held is not None and held.rec is not None:
-            return held.rec
+        now_ms = _now_ms()
+        held = self.local.entry(key, self._mono())
+        if held is not None and held.rec is not None and held.fresh(now_ms):
+            return held.rec, False
+        stale = _stale(held, now_ms, stale_limit_s)
         if self.remote is None:
-            return None
+            return stale
         found = await self.remote.get(key)
         if found is None:
-            return None
+            return stale
         entry, expires_at_ms = found
         if held is not None and not may_replace(entry, held):
-            return None
+            return stale
         if self._below_floor(key, entry):
-            return None
+            return stale
         left = expires_at_ms / 1000 - time.time()
         if left <= 0:
-            return None
-        self.local.put_entry(key, entry, left, time.monotonic())
-        return entry.rec
+            return stale
+        self.local.put_entry(key, entry, left, self._mono())
+        if entry.rec is not None and entry.fresh(now_ms):
+            return entry.rec, False
+        return _stale(entry, now_ms, stale_limit_s)
 
     async def put(self, key: str, rec: Recognition) -> None:
         """Cache a home's answer, unless either tier holds a later position: in this
         process's tier at once, in Redis behind the request (:class:`WriteBehind`)."""
         ttl = self.ttl_for(rec)
-        if rec.position is not None and key.split(":", 1)[0] not in self.following:
+        followed = rec.position is None or key.split(":", 1)[0] in self.following
+        if not followed:
             ttl = min(ttl, UNFOLLOWED_TTL_S)
         if ttl <= 0:
             return
-        entry = Entry.of(rec, rec.position)
+        # Then stale, as long as its home allows and some scene would serve it: not an
+        # UNKNOWN (asked again soon), nor an answer no push could reach.
+        stale = 0
+        if followed and rec.status is not CardStatus.UNKNOWN:
+            stale = min(rec.max_stale_seconds, self._cfg.longest_stale)
+        hold = max(min(ttl + stale, seconds_to_shanghai_midnight(self._wall())), ttl)
+        now_ms = _now_ms()
+        entry = Entry.of(rec, rec.position, now_ms + ttl * 1000 if hold > ttl else 0)
         if self._below_floor(key, entry):
             return  # read before this home's answers were dropped: it may miss a change
-        kept = self.local.put_entry(key, entry, ttl, time.monotonic())
+        kept = self.local.put_entry(key, entry, hold, self._mono())
         if self.remote is not None:
-            expires_at_ms = int(time.time() * 1000) + ttl * 1000
-            self.writes.submit(lambda: self._share(key, entry, ttl, expires_at_ms, kept))
+            expires_at_ms = now_ms + hold * 1000
+            self.writes.submit(lambda: self._share(key, entry, hold, expires_at_ms, kept))
 
     async def _share(
         self, key: str, entry: Entry, ttl: int, expires_at_ms: int, kept: bool
@@ -300,7 +342,7 @@ class AnswerCache:
         replaces (so no answer older than it can come back meanwhile). False when Redis
         failed to take it (the caller must see that Redis is repaired)."""
         refuses = status in (CardStatus.LOST, CardStatus.SUSPENDED, CardStatus.EXPIRED)
-        now = time.monotonic()
+        now = self._mono()
         held = self.local.expiry(key)
         least = min(TOMBSTONE_MIN_S, seconds_to_shanghai_midnight(self._wall()))
         ttl = max(least, (held - now) if held is not None else 0)

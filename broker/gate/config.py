@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
+
+from broker.cards.model import Scene
+
+# A bus ride is cheap and its risk small; a scenic area or a museum admits once a day.
+STALE_BY_SCENE: Final = {"bus": 600, "scenic_area": 1800, "museum": 1800, "library": 3600}
+SCENE_NAMES: Final = frozenset(s.name.lower() for s in Scene if s is not Scene.UNSPECIFIED)
 
 
 @dataclass(frozen=True)
@@ -13,10 +21,20 @@ class RecognitionConfig:
         cache_ttl_seconds: TTL advertised with answers about known cards.
         unknown_ttl_seconds: TTL advertised with ``UNKNOWN`` answers (short, so a
             newly issued card is recognised soon).
+        max_stale_seconds: how long past its TTL this home honours an answer about a
+            known card (a peer that cannot reach it serves the answer ``STALE``
+            meanwhile): the home settles trips by the answers it gave within TTL +
+            this before travel, and pushes changes to the peer for as long.
     """
 
     cache_ttl_seconds: int = 120
     unknown_ttl_seconds: int = 10
+    max_stale_seconds: int = 600
+
+    @property
+    def reach_seconds(self) -> int:
+        """How long after it was given an answer about a known card may still be used."""
+        return self.cache_ttl_seconds + self.max_stale_seconds
 
 
 @dataclass(frozen=True)
@@ -31,6 +49,9 @@ class CacheConfig:
             whatever the peer advertises.
         max_ttl_seconds: upper bound on any cached answer.
         redis_timeout_ms: a Redis call slower than this counts as a miss.
+        max_stale_seconds: per scene (``bus``, ``scenic_area``, ``museum``,
+            ``library``), how long past its TTL an answer may be served ``STALE``
+            (never longer than its home allows); a scene not listed: not at all.
     """
 
     redis_url: str | None = field(default=None, metadata={"env": "YIKATONG_REDIS_URL"})
@@ -38,3 +59,15 @@ class CacheConfig:
     unknown_ttl_seconds: int = 10
     max_ttl_seconds: int = 3600
     redis_timeout_ms: int = 50
+    max_stale_seconds: Mapping[str, int] = field(
+        default_factory=lambda: dict(STALE_BY_SCENE), hash=False
+    )
+
+    def stale_limit(self, scene: Scene) -> int:
+        """Seconds past its TTL an answer may be served at ``scene``."""
+        return self.max_stale_seconds.get(scene.name.lower(), 0)
+
+    @property
+    def longest_stale(self) -> int:
+        """The longest any scene may serve an answer past its TTL (how long one is kept)."""
+        return max(self.max_stale_seconds.values(), default=0)

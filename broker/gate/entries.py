@@ -18,17 +18,25 @@ NO_SEQ = -1
 @dataclass(frozen=True, slots=True)
 class Entry:
     """What a tier holds for a card: the answer, or ``None`` for "ask again" (a tombstone);
-    and the home's log position it is as of (``epoch`` "" : an answer without one)."""
+    the home's log position it is as of (``epoch`` "" : an answer without one); and until
+    when (wall clock, ms) it is fresh — after that, until the entry expires, it may only be
+    served ``STALE`` (0: fresh for as long as it is held)."""
 
     rec: Recognition | None
     epoch: str = ""
     seq: int = NO_SEQ
+    fresh_until_ms: int = 0
 
     @classmethod
-    def of(cls, rec: Recognition | None, position: LogPosition | None) -> Entry:
+    def of(
+        cls, rec: Recognition | None, position: LogPosition | None, fresh_until_ms: int = 0
+    ) -> Entry:
         if position is None:
-            return cls(rec)
-        return cls(rec, position.epoch, position.seq)
+            return cls(rec, fresh_until_ms=fresh_until_ms)
+        return cls(rec, position.epoch, position.seq, fresh_until_ms)
+
+    def fresh(self, now_ms: int) -> bool:
+        return self.fresh_until_ms == 0 or now_ms < self.fresh_until_ms
 
 
 def may_replace(new: Entry, old: Entry | None) -> bool:

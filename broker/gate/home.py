@@ -40,11 +40,12 @@ def recognise(record: CardRow | None, now: datetime, cfg: RecognitionConfig) -> 
         return Recognition(CardStatus.UNKNOWN, (), min(cfg.unknown_ttl_seconds, today_left))
     day = shanghai_day(now)
     ttl = min(cfg.cache_ttl_seconds, today_left)
+    stale = max(min(cfg.max_stale_seconds, today_left - ttl), 0)
     status = derive_status(record.status, record.valid_until, day)
     if status is not CardStatus.ACTIVE:
-        return Recognition(status, (), ttl)
+        return Recognition(status, (), ttl, max_stale_seconds=stale)
     ents = entitlements_for(record.birth_date, record.disabled, record.student, day)
-    return Recognition(status, ents, ttl)
+    return Recognition(status, ents, ttl, max_stale_seconds=stale)
 
 
 class HomeRecognizer:
@@ -95,8 +96,9 @@ class HomeRecognizer:
             )
 
     def longest_ttl(self) -> int:
-        """The longest a peer may cache any answer of this home, in seconds."""
-        return max(self._cfg.cache_ttl_seconds, self._cfg.unknown_ttl_seconds)
+        """The longest a peer may use any answer of this home, in seconds (fresh, then
+        stale)."""
+        return max(self._cfg.reach_seconds, self._cfg.unknown_ttl_seconds)
 
     async def recognise(self, ref: CardRef, now: datetime) -> Recognition:
         """Answer for ``ref`` (a gate's); a card of another region is ``InvalidArgument``."""

@@ -28,25 +28,30 @@ log = structlog.get_logger(__name__)
 
 
 def encode(entry: Entry, expires_at_ms: int) -> bytes:
-    """Compact Redis value: ``status|ent,ent|expires_at_ms|epoch|seq`` (status ``-``: a
-    tombstone). The Lua compare-and-set reads the last two fields."""
+    """Compact Redis value: ``status|ent,ent|expires_at_ms|fresh_until_ms|epoch|seq``
+    (status ``-``: a tombstone). The Lua compare-and-set reads the last two fields."""
     if entry.rec is None:
         head = "-|"
     else:
         ents = ",".join(str(e.value) for e in entry.rec.entitlements)
         head = f"{entry.rec.status.value}|{ents}"
-    return f"{head}|{expires_at_ms}|{entry.epoch}|{entry.seq}".encode()
+    tail = f"{expires_at_ms}|{entry.fresh_until_ms}|{entry.epoch}|{entry.seq}"
+    return f"{head}|{tail}".encode()
 
 
 def decode(raw: bytes) -> tuple[Entry, int]:
-    """Inverse of :func:`encode`; the answer's TTL is 0: the entry's expiry rules."""
-    status, ents, expires, epoch, seq = raw.decode().split("|")
+    """Inverse of :func:`encode`; the answer's TTL is 0: the entry's expiry rules. A value
+    of the previous release (no ``fresh_until_ms``) is fresh for as long as it is held."""
+    fields = raw.decode().split("|")
+    if len(fields) == 5:
+        fields.insert(3, "0")
+    status, ents, expires, fresh, epoch, seq = fields
     position = LogPosition(epoch, int(seq), "") if epoch else None
     if status == "-":
-        return Entry(None, epoch, int(seq)), int(expires)
+        return Entry(None, epoch, int(seq), int(fresh)), int(expires)
     entitlements = tuple(Entitlement(int(e)) for e in ents.split(",") if e)
     rec = Recognition(CardStatus(int(status)), entitlements, 0, position)
-    return Entry(rec, epoch, int(seq)), int(expires)
+    return Entry(rec, epoch, int(seq), int(fresh)), int(expires)
 
 
 # KEYS[1]: the entry, KEYS[2]: its home's floor; ARGV: value, px, epoch, seq, min px.

@@ -23,6 +23,10 @@ class SingleFlight(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._inflight)
 
+    def busy(self, key: K) -> bool:
+        """Whether a call for ``key`` is in flight."""
+        return key in self._inflight
+
     async def do(self, key: K, call: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
         """Return ``(result, shared)``; ``shared`` is true when another caller's call was joined."""
         task = self._inflight.get(key)

@@ -29,6 +29,8 @@ A node.toml looks like::
     [recognition]                          # what this node tells its peers
     cache_ttl_seconds = 120
     unknown_ttl_seconds = 10
+    max_stale_seconds = 600                # past the TTL, a peer that cannot reach us may
+                                           # still use an answer this long (STALE)
 
     [cache]                                # how this node caches its peers' answers
     redis_url = ""                         # empty: in-process tier only
@@ -36,6 +38,9 @@ A node.toml looks like::
     unknown_ttl_seconds = 10               # an UNKNOWN answer is cached at most this long
     max_ttl_seconds = 3600                 # any answer at most this long
     redis_timeout_ms = 50                  # a slower Redis call counts as a miss
+    max_stale_seconds = { bus = 600, scenic_area = 1800, museum = 1800, library = 3600 }
+                                           # per scene: how long past its TTL an answer
+                                           # may be used, STALE, when its home is away
 
     [peering]
     deadline_ms = 300                      # then the offline policy decides
@@ -119,7 +124,7 @@ from broker.cards.model import validate_region
 from broker.core.errors import ConfigError, InvalidArgument
 from broker.fares.agreements import Agreement, parse_agreements
 from broker.fares.config import FaresConfig
-from broker.gate.config import CacheConfig, RecognitionConfig
+from broker.gate.config import SCENE_NAMES, STALE_BY_SCENE, CacheConfig, RecognitionConfig
 from broker.peers.config import PeeringConfig
 from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.trust.access import DEFAULT_RULES, validate_rules
@@ -218,6 +223,7 @@ BOUNDS: Mapping[tuple[type[Any], str], Range] = {
     (SettlementKeyConfig, "max_batch_lines"): Range(1, 1_000_000_000),
     (SettlementKeyConfig, "max_batch_bytes"): Range(1, 1_000_000_000_000),  # 1 TB
     (RecognitionConfig, "cache_ttl_seconds"): Range(0, _DAY_S),  # 0: peers do not cache
+    (RecognitionConfig, "max_stale_seconds"): Range(0, _DAY_S),  # 0: no stale answers
     (RecognitionConfig, "unknown_ttl_seconds"): Range(0, _DAY_S),
     (CacheConfig, "local_max_entries"): Range(0, 10_000_000),  # 0: no in-process tier
     (CacheConfig, "unknown_ttl_seconds"): Range(0, _DAY_S),  # 0: UNKNOWN is not cached
@@ -237,6 +243,20 @@ def _registry(table: Mapping[str, Any], path: Path | None) -> RegistryConfig:
     schema = str(table.get("schema", RegistryConfig.schema))  # checked where it is opened
     hours = _int(table, RegistryConfig, "event_retention_hours", 72, "registry.")
     return RegistryConfig(path, hours, url, schema)
+
+
+def _stale_by_scene(table: Mapping[str, Any]) -> dict[str, int]:
+    given = table.get("max_stale_seconds", STALE_BY_SCENE)
+    if not isinstance(given, Mapping):
+        raise ConfigError("cache.max_stale_seconds must be a table of scene = seconds")
+    out = {}
+    for scene, seconds in given.items():
+        if scene not in SCENE_NAMES:
+            raise ConfigError(
+                f"cache.max_stale_seconds.{scene}: not a scene ({', '.join(sorted(SCENE_NAMES))})"
+            )
+        out[str(scene)] = Range(0, _DAY_S).check(seconds, f"cache.max_stale_seconds.{scene}")
+    return out
 
 
 def _code(value: Any, where: str) -> str:
@@ -331,6 +351,9 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             unknown_ttl_seconds=_int(
                 rec_t, RecognitionConfig, "unknown_ttl_seconds", 10, "recognition."
             ),
+            max_stale_seconds=_int(
+                rec_t, RecognitionConfig, "max_stale_seconds", 600, "recognition."
+            ),
         ),
         cache=CacheConfig(
             redis_url=str(cache_t.get("redis_url", "")) or None,
@@ -338,6 +361,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             unknown_ttl_seconds=_int(cache_t, CacheConfig, "unknown_ttl_seconds", 10, "cache."),
             max_ttl_seconds=_int(cache_t, CacheConfig, "max_ttl_seconds", 3600, "cache."),
             redis_timeout_ms=_int(cache_t, CacheConfig, "redis_timeout_ms", 50, "cache."),
+            max_stale_seconds=_stale_by_scene(cache_t),
         ),
         access=access,
         trust=TrustConfig(

@@ -140,7 +140,8 @@ class Node:
         hasher = load_key_file(cfg.privacy.hash_key_file)
         trust = TrustStore(cfg, clock)
         registry = Registry(cfg.registry)
-        registry.record_advertised_ttl(cfg.recognition.cache_ttl_seconds, clock())
+        # What settlement judges by: how long an answer may be used (TTL, then stale).
+        registry.record_advertised_ttl(cfg.recognition.reach_seconds, clock())
         copy = None
         if cfg.registry.on_postgres:  # gates read a copy in memory, kept current by the log
             copy = CardCopy(cfg.registry)

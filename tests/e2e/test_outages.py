@@ -169,3 +169,55 @@ async def test_a_frozen_redis_slows_no_gate_and_a_lost_card_still_reaches_every_
     finally:
         registry.close()
         await c.close()
+
+
+# ---------------------------------------------------------------- a home away past the TTL
+
+
+async def test_a_home_away_past_the_ttl_is_answered_stale_within_its_bound_then_offline(
+    tmp_path: Path, now: datetime
+):
+    """Anyue advertises a 1 s TTL and honours its answers 3 s past it; Dazu serves them
+    STALE up to 1 s past at a bus, 600 s at a museum. Anyue stops: fresh from cache for
+    1 s, then STALE (at the bus only for its first second), then the offline policy; once
+    Anyue is back, its answers are used again within a second."""
+    setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=50)
+    home_cfg = setups[ANYUE].config
+    home_cfg = replace(
+        home_cfg,
+        recognition=replace(home_cfg.recognition, cache_ttl_seconds=1, max_stale_seconds=3),
+    )
+    cfg = setups[DAZU].config
+    cfg = replace(cfg, cache=replace(cfg.cache, max_stale_seconds={"bus": 1, "museum": 600}))
+    nodes = {ANYUE: await Node.start(home_cfg), DAZU: await Node.start(cfg)}
+    c = Cluster(setups, nodes)
+    card = next(x.ref for x in setups[ANYUE].cards if x.status == "active")
+    gate = c.gate(DAZU)
+
+    async def source(scene: Scene) -> int:
+        d = await gate.check(card, scene)
+        assert d.allow == (d.source != SRC.DECISION_SOURCE_OFFLINE_POLICY)
+        return int(d.source)
+
+    try:
+        assert await source(Scene.MUSEUM) == SRC.DECISION_SOURCE_PEER
+        answered = time.monotonic()
+        await nodes.pop(ANYUE).stop(grace=0)
+        assert await source(Scene.BUS) == SRC.DECISION_SOURCE_CACHE
+        await asyncio.sleep(max(answered + 1.2 - time.monotonic(), 0))  # past the TTL
+        assert await source(Scene.MUSEUM) == SRC.DECISION_SOURCE_STALE
+        assert await source(Scene.BUS) == SRC.DECISION_SOURCE_STALE
+        await asyncio.sleep(max(answered + 2.3 - time.monotonic(), 0))  # 1.3 s past it
+        assert await source(Scene.BUS) == SRC.DECISION_SOURCE_OFFLINE_POLICY
+        assert await source(Scene.MUSEUM) == SRC.DECISION_SOURCE_STALE
+        await asyncio.sleep(max(answered + 4.3 - time.monotonic(), 0))  # past what Anyue allows
+        assert await source(Scene.MUSEUM) == SRC.DECISION_SOURCE_OFFLINE_POLICY
+        nodes[ANYUE] = await Node.start(home_cfg)
+        back = time.monotonic()
+        while await source(Scene.MUSEUM) == SRC.DECISION_SOURCE_OFFLINE_POLICY:
+            assert time.monotonic() - back < 3.0, "Anyue's answers were not used again"
+            await asyncio.sleep(0.02)
+        print(f"home used again {(time.monotonic() - back) * 1000:.0f} ms after it was back")
+        assert time.monotonic() - back < 1.0 + PROBE_S
+    finally:
+        await c.close()

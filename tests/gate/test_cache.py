@@ -8,14 +8,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
+import pytest
 import redis
 from structlog.testing import capture_logs
 
-from broker.cards.model import CardRef, CardStatus, Entitlement, LogPosition, Recognition
+from broker.cards.model import CardRef, CardStatus, Entitlement, LogPosition, Recognition, Scene
 from broker.cards.privacy import Hasher
+from broker.gate import cache as cache_module
 from broker.gate.cache import AnswerCache, LocalTier, WriteBehind
 from broker.gate.config import CacheConfig
 from broker.gate.entries import Entry
+from broker.gate.redis_tier import decode, encode
 
 HASHER = Hasher(b"s" * 32)
 
@@ -348,3 +351,76 @@ async def test_a_write_that_fails_does_not_stop_the_ones_after_it():
     await asyncio.wait_for(writes.settled(), 5)
     assert done == ["after"]
     await writes.close()
+
+
+# ---------------------------------------------------------------- stale while revalidate
+
+
+class Later:
+    """The clocks a cache judges freshness and expiry by, moved on together by a test."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, cache: AnswerCache) -> None:
+        self.offset_ms = 0
+        real = cache_module._now_ms
+        monkeypatch.setattr(cache_module, "_now_ms", lambda: real() + self.offset_ms)
+        monkeypatch.setattr(cache, "_mono", lambda: time.monotonic() + self.offset_ms / 1000)
+
+
+STALE_OK = replace(ACTIVE, ttl_seconds=60, position=at(3), max_stale_seconds=300)
+
+
+async def test_past_its_ttl_an_answer_is_stale_within_both_limits_then_gone(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    cache = AnswerCache(CacheConfig(max_stale_seconds={"bus": 120, "museum": 900}), None, NOON)
+    cache.following.add("512021")
+    clock = Later(monkeypatch, cache)
+    key = key_of(REF)
+    await cache.put(key, STALE_OK)
+    assert await cache.lookup(key, 120) == (STALE_OK, False) and cache.get_local(key) == STALE_OK
+    clock.offset_ms = 61_000  # past the TTL
+    assert cache.get_local(key) is None and await cache.get(key) is None  # not fresh
+    assert await cache.lookup(key, cache.stale_limit(Scene.BUS)) == (STALE_OK, True)
+    clock.offset_ms = 60_000 + 121_000  # past the bus's limit, within the home's
+    assert await cache.lookup(key, cache.stale_limit(Scene.BUS)) is None
+    assert await cache.lookup(key, cache.stale_limit(Scene.MUSEUM)) == (STALE_OK, True)
+    assert await cache.lookup(key, cache.stale_limit(Scene.LIBRARY)) is None  # not listed
+    clock.offset_ms = 60_000 + 301_000  # past what the home allows
+    assert await cache.lookup(key, cache.stale_limit(Scene.MUSEUM)) is None
+
+
+@pytest.mark.parametrize(
+    ("rec", "followed"),
+    [
+        (replace(UNKNOWN, ttl_seconds=5, max_stale_seconds=300, position=at(3)), True),
+        (STALE_OK, False),  # no push could reach it: not kept past its (short) TTL
+    ],
+)
+async def test_some_answers_are_never_served_stale(
+    monkeypatch: pytest.MonkeyPatch, rec: Recognition, followed: bool
+):
+    cache = AnswerCache(CacheConfig(), None, NOON)
+    if followed:
+        cache.following.add("512021")
+    clock = Later(monkeypatch, cache)
+    await cache.put(key_of(REF), rec)
+    clock.offset_ms = 11_000
+    assert await cache.lookup(key_of(REF), 3600) is None
+
+
+async def test_no_answer_is_kept_stale_past_midnight_in_shanghai(monkeypatch: pytest.MonkeyPatch):
+    before_midnight = datetime(2026, 3, 1, 15, 58, tzinfo=UTC)  # 23:58 in Shanghai
+    cache = AnswerCache(CacheConfig(), None, lambda: before_midnight)
+    cache.following.add("512021")
+    await cache.put(key_of(REF), STALE_OK)
+    expires = cache.local.expiry(key_of(REF))
+    assert expires is not None and expires - time.monotonic() <= 120  # 60 s fresh, 60 stale
+
+
+def test_a_value_the_previous_release_wrote_to_redis_reads_as_fresh_while_held():
+    old = f"{int(CardStatus.ACTIVE)}|3|1767225600000|e1|4".encode()
+    entry, expires = decode(old)
+    assert (entry.fresh_until_ms, expires, entry.seq) == (0, 1767225600000, 4)
+    assert entry.fresh(10**15)
+    new = replace(entry, fresh_until_ms=1767225500000)
+    assert decode(encode(new, expires)) == (new, expires)

@@ -24,7 +24,7 @@ from tests.helpers import ssn_for
 HOME = "500111"
 OTHER = "512021"
 HASHER = Hasher(b"h" * 32)
-CFG = RecognitionConfig(cache_ttl_seconds=77, unknown_ttl_seconds=3)
+CFG = RecognitionConfig(cache_ttl_seconds=77, unknown_ttl_seconds=3, max_stale_seconds=0)
 # 12:00 in Shanghai on 31 March 2026.
 NOW = datetime(2026, 3, 31, 4, 0, tzinfo=UTC)
 # The last instant of 31 March in Shanghai, and the first of 1 April (still 31 March in UTC).
@@ -174,3 +174,16 @@ def test_recognise_uses_the_given_config_ttls():
     row = CardRow("LOSTROW001", "k", date(1980, 1, 1), "lost", False, False, date(2030, 1, 1))
     assert recognise(row, NOW, cfg).ttl_seconds == 5
     assert recognise(None, NOW, cfg).ttl_seconds == 1
+
+
+def test_a_home_honours_its_answers_past_their_ttl_but_never_past_midnight(
+    registry: Registry,
+):
+    cfg = RecognitionConfig(cache_ttl_seconds=120, unknown_ttl_seconds=3, max_stale_seconds=600)
+    card = registry.lookup("SENIOR0001")
+    noon = recognise(card, NOW, cfg)
+    assert (noon.ttl_seconds, noon.max_stale_seconds) == (120, 600)
+    late = recognise(card, FIRST_OF_APRIL - timedelta(seconds=300), cfg)  # 5 min to midnight
+    assert (late.ttl_seconds, late.max_stale_seconds) == (120, 180)  # both end at midnight
+    assert recognise(None, NOW, cfg).max_stale_seconds == 0  # UNKNOWN: asked again soon
+    assert cfg.reach_seconds == 720

@@ -295,3 +295,18 @@ async def test_a_lapsed_revocation_list_turns_crl_health_not_serving_and_only_th
             assert await health_of(node, service) == SERVING, service
     finally:
         await node.stop(grace=0.2)
+
+
+async def test_a_node_records_how_long_its_answers_may_be_used_for_settlement(
+    districts: dict[str, DistrictSetup],
+) -> None:
+    """TTL, then stale: a trip let through on a stale answer is judged by that answer."""
+    cfg = districts[DAZU].config
+    cfg = replace(
+        cfg, recognition=replace(cfg.recognition, cache_ttl_seconds=90, max_stale_seconds=300)
+    )
+    node = await Node.start(cfg)
+    try:
+        assert node.registry.advertised_ttls()[-1][1] == 390
+    finally:
+        await node.stop(grace=0.1)

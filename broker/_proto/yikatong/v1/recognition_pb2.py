@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from broker._proto.yikatong.v1 import types_pb2 as yikatong_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dyikatong/v1/recognition.proto\x12\x0byikatong.v1\x1a\x17yikatong/v1/types.proto\"}\n\x10RecognizeRequest\x12\"\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x14.yikatong.v1.CardRef\x12!\n\x05scene\x18\x02 \x01(\x0e\x32\x12.yikatong.v1.Scene\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06handle\x18\x04 \x01(\t\"\xb3\x01\n\x11RecognizeResponse\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.yikatong.v1.CardStatus\x12.\n\x0c\x65ntitlements\x18\x02 \x03(\x0e\x32\x18.yikatong.v1.Entitlement\x12\x19\n\x11\x63\x61\x63he_ttl_seconds\x18\x03 \x01(\r\x12*\n\x08position\x18\x04 \x01(\x0b\x32\x18.yikatong.v1.LogPosition\"7\n\x0bLogPosition\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04mark\x18\x03 \x01(\t\"=\n\x12WatchStatusRequest\x12\'\n\x05\x61\x66ter\x18\x01 \x01(\x0b\x32\x18.yikatong.v1.LogPosition\"\xa0\x01\n\x0cStatusUpdate\x12+\n\x07restart\x18\x01 \x01(\x0b\x32\x18.yikatong.v1.LogPositionH\x00\x12+\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x19.yikatong.v1.StatusChangeH\x00\x12,\n\x08progress\x18\x03 \x01(\x0b\x32\x18.yikatong.v1.LogPositionH\x00\x42\x08\n\x06update\"s\n\x0cStatusChange\x12*\n\x08position\x18\x01 \x01(\x0b\x32\x18.yikatong.v1.LogPosition\x12\x0e\n\x06handle\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.yikatong.v1.CardStatus2\xa6\x01\n\x0bRecognition\x12J\n\tRecognize\x12\x1d.yikatong.v1.RecognizeRequest\x1a\x1e.yikatong.v1.RecognizeResponse\x12K\n\x0bWatchStatus\x12\x1f.yikatong.v1.WatchStatusRequest\x1a\x19.yikatong.v1.StatusUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dyikatong/v1/recognition.proto\x12\x0byikatong.v1\x1a\x17yikatong/v1/types.proto\"}\n\x10RecognizeRequest\x12\"\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x14.yikatong.v1.CardRef\x12!\n\x05scene\x18\x02 \x01(\x0e\x32\x12.yikatong.v1.Scene\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06handle\x18\x04 \x01(\t\"\xce\x01\n\x11RecognizeResponse\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.yikatong.v1.CardStatus\x12.\n\x0c\x65ntitlements\x18\x02 \x03(\x0e\x32\x18.yikatong.v1.Entitlement\x12\x19\n\x11\x63\x61\x63he_ttl_seconds\x18\x03 \x01(\r\x12*\n\x08position\x18\x04 \x01(\x0b\x32\x18.yikatong.v1.LogPosition\x12\x19\n\x11max_stale_seconds\x18\x05 \x01(\r\"7\n\x0bLogPosition\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04mark\x18\x03 \x01(\t\"=\n\x12WatchStatusRequest\x12\'\n\x05\x61\x66ter\x18\x01 \x01(\x0b\x32\x18.yikatong.v1.LogPosition\"\xa0\x01\n\x0cStatusUpdate\x12+\n\x07restart\x18\x01 \x01(\x0b\x32\x18.yikatong.v1.LogPositionH\x00\x12+\n\x06\x63hange\x18\x02 \x01(\x0b\x32\x19.yikatong.v1.StatusChangeH\x00\x12,\n\x08progress\x18\x03 \x01(\x0b\x32\x18.yikatong.v1.LogPositionH\x00\x42\x08\n\x06update\"s\n\x0cStatusChange\x12*\n\x08position\x18\x01 \x01(\x0b\x32\x18.yikatong.v1.LogPosition\x12\x0e\n\x06handle\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.yikatong.v1.CardStatus2\xa6\x01\n\x0bRecognition\x12J\n\tRecognize\x12\x1d.yikatong.v1.RecognizeRequest\x1a\x1e.yikatong.v1.RecognizeResponse\x12K\n\x0bWatchStatus\x12\x1f.yikatong.v1.WatchStatusRequest\x1a\x19.yikatong.v1.StatusUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOGNIZEREQUEST']._serialized_start=71
   _globals['_RECOGNIZEREQUEST']._serialized_end=196
   _globals['_RECOGNIZERESPONSE']._serialized_start=199
-  _globals['_RECOGNIZERESPONSE']._serialized_end=378
-  _globals['_LOGPOSITION']._serialized_start=380
-  _globals['_LOGPOSITION']._serialized_end=435
-  _globals['_WATCHSTATUSREQUEST']._serialized_start=437
-  _globals['_WATCHSTATUSREQUEST']._serialized_end=498
-  _globals['_STATUSUPDATE']._serialized_start=501
-  _globals['_STATUSUPDATE']._serialized_end=661
-  _globals['_STATUSCHANGE']._serialized_start=663
-  _globals['_STATUSCHANGE']._serialized_end=778
-  _globals['_RECOGNITION']._serialized_start=781
-  _globals['_RECOGNITION']._serialized_end=947
+  _globals['_RECOGNIZERESPONSE']._serialized_end=405
+  _globals['_LOGPOSITION']._serialized_start=407
+  _globals['_LOGPOSITION']._serialized_end=462
+  _globals['_WATCHSTATUSREQUEST']._serialized_start=464
+  _globals['_WATCHSTATUSREQUEST']._serialized_end=525
+  _globals['_STATUSUPDATE']._serialized_start=528
+  _globals['_STATUSUPDATE']._serialized_end=688
+  _globals['_STATUSCHANGE']._serialized_start=690
+  _globals['_STATUSCHANGE']._serialized_end=805
+  _globals['_RECOGNITION']._serialized_start=808
+  _globals['_RECOGNITION']._serialized_end=974
 # @@protoc_insertion_point(module_scope)

@@ -67,10 +67,18 @@ class RecognizeResponse(_message.Message):
     ENTITLEMENTS_FIELD_NUMBER: _builtins.int
     CACHE_TTL_SECONDS_FIELD_NUMBER: _builtins.int
     POSITION_FIELD_NUMBER: _builtins.int
+    MAX_STALE_SECONDS_FIELD_NUMBER: _builtins.int
     status: _types_pb2.CardStatus.ValueType
     cache_ttl_seconds: _builtins.int
     """How long the caller may cache this answer (never past the next midnight
     in Asia/Shanghai: validity and age thresholds turn over then).
+    """
+    max_stale_seconds: _builtins.int
+    """How long past cache_ttl_seconds the home still honours this answer: a
+    caller that cannot reach the home may use it until then, marked STALE
+    (never past the next midnight in Asia/Shanghai). The home settles trips
+    by the answers it gave within TTL + max_stale_seconds before travel, and
+    keeps pushing the card's changes to the caller for as long.
     """
     @_builtins.property
     def entitlements(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Entitlement.ValueType]:
@@ -90,10 +98,11 @@ class RecognizeResponse(_message.Message):
         entitlements: _abc.Iterable[_types_pb2.Entitlement.ValueType] | None = ...,
         cache_ttl_seconds: _builtins.int = ...,
         position: Global___LogPosition | None = ...,
+        max_stale_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_ttl_seconds", b"cache_ttl_seconds", "entitlements", b"entitlements", "position", b"position", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_ttl_seconds", b"cache_ttl_seconds", "entitlements", b"entitlements", "max_stale_seconds", b"max_stale_seconds", "position", b"position", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
