@@ -178,7 +178,8 @@ class StatusFeed:
                 greeted = True
             left = None if ends is None else max(ends - loop.time(), 0.0)
             try:
-                await asyncio.wait_for(self._wait_past(cursor), left)
+                async with asyncio.timeout(left):  # not wait_for: see _pause
+                    await self._wait_past(cursor)
             except TimeoutError:
                 return
 
@@ -246,16 +247,23 @@ class StatusFeed:
                     with contextlib.suppress(Exception):  # already gone with the connection
                         db.close()
 
+    def poke(self) -> None:
+        """Read the head now, not at the next poll (on the event loop)."""
+        self._woken.set()
+
     def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            loop.call_soon_threadsafe(self._woken.set)
+            loop.call_soon_threadsafe(self.poke)
         except RuntimeError:  # the loop closed: the feed is closing
             self._stopping.set()
 
     async def _pause(self) -> None:
         """Until the next poll: ``poll_s``, or sooner when a change is announced."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for may swallow a cancellation that
+        # comes as the event is set (a notification), and close() would wait forever.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._woken.wait(), self._poll_s)
+            async with asyncio.timeout(self._poll_s):
+                await self._woken.wait()
         self._woken.clear()
 
     async def _poll(self) -> None:

@@ -311,8 +311,11 @@ class Node:
         interval = self.config.tls.reload_interval_ms / 1000
         serving = True
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for may swallow a cancellation that
+            # comes as the event is set, and the node's stop would wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reload_now.wait(), timeout=interval)
+                async with asyncio.timeout(interval):
+                    await self._reload_now.wait()
             forced = self._reload_now.is_set()
             self._reload_now.clear()
             # Parsing certificates holds the GIL for milliseconds: only when a file changed

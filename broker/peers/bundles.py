@@ -176,5 +176,6 @@ class BundleRefresher:
             self._wake.clear()
             for peer in self._peers:
                 await self.refresh(peer)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see Node._watch_trust
+                async with asyncio.timeout(self._interval):
+                    await self._wake.wait()

@@ -228,7 +228,9 @@ async def test_recognize_answers_only_for_own_cards_and_only_status_entitlements
             "entitlements",
             "cache_ttl_seconds",
             "position",
+            "max_stale_seconds",
         }
+        assert resp.max_stale_seconds == 600 or near_midnight  # [recognition]'s default
         # where the home's log stood: random tokens and a count, nothing about the holder
         assert {f.name for f, _ in resp.position.ListFields()} <= {"epoch", "seq", "mark"}
         assert len(resp.position.epoch) == 32 and len(resp.position.mark) in (0, 32)

@@ -84,7 +84,13 @@ async def test_a_nodejs_client_calls_check_recognize_health_and_reflection(
     assert got["check_tls12"]["error"] == "PERMISSION_DENIED"
     assert "TLSv1.2 is below the minimum TLS 1.3" in got["check_tls12"]["details"]
     assert got["recognize"]["status"] == "CARD_STATUS_ACTIVE"
-    assert set(got["recognize"]) == {"status", "entitlements", "cache_ttl_seconds", "position"}
+    assert set(got["recognize"]) == {
+        "status",
+        "entitlements",
+        "cache_ttl_seconds",
+        "position",
+        "max_stale_seconds",
+    }
     assert set(got["recognize"]["position"]) <= {"epoch", "seq", "mark"}  # nothing of the holder
     assert got["health"] == {"status": "SERVING"}
     assert {"yikatong.v1.Gate", "yikatong.v1.Recognition", "grpc.health.v1.Health"} <= set(

@@ -279,3 +279,16 @@ async def test_on_postgresql_the_listener_comes_back_after_its_connection_is_kil
         await changed_within(feed, pg_registry, "A2", 5.0)  # it listens again
     finally:
         await feed.close()
+
+
+async def test_a_feed_closed_as_it_is_woken_still_closes(registry: Registry):
+    """The wake and the close in one turn of the loop: the poller must not take the wake
+    and lose the cancellation (asyncio.wait_for on 3.11 did), or close() waits forever."""
+    feed = StatusFeed(registry.where, clock=lambda: T0, poll_s=60)
+    stream = feed.updates(DAZU, await feed.head())
+    await take(stream, 1)  # the poller runs, and waits for its next poll
+    await asyncio.sleep(0.05)
+    feed.poke()
+    async with asyncio.timeout(5):
+        await feed.close()
+    await stream.aclose()
