@@ -56,7 +56,7 @@ class ClearingService:
         )
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clearing")
         # Batches are verified in a process of their own (broker.settlement.clearing.worker).
-        self._verifier = Verifier(cfg, registry.path, bundle_keys(lambda: trust.current), clock)
+        self._verifier = Verifier(cfg, registry.where, bundle_keys(lambda: trust.current), clock)
         self._chunks_db: Db | None = None
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
