@@ -50,6 +50,17 @@ class Scene(enum.IntEnum):
     LIBRARY = 4
 
 
+class DecisionSource(enum.IntEnum):
+    """Where a gate's decision came from; values equal the wire enum
+    ``yikatong.v1.DecisionSource``. Here, not in ``gate``: settlement reads it from trips."""
+
+    HOME = 1
+    CACHE = 2
+    PEER = 3
+    STALE = 4
+    OFFLINE_POLICY = 5
+
+
 @dataclass(frozen=True, slots=True)
 class CardRef:
     """A card as read from its chip: issuing region and card number."""

@@ -10,6 +10,14 @@ from broker.cards.model import Scene
 
 # A bus ride is cheap and its risk small; a scenic area or a museum admits once a day.
 STALE_BY_SCENE: Final = {"bus": 600, "scenic_area": 1800, "museum": 1800, "library": 3600}
+# Refused unless a district chooses otherwise (a bus that keeps moving on the standard fare,
+# say): a trip let through unverified is settled as its agreement says.
+OFFLINE_BY_SCENE: Final = {
+    "bus": "deny",
+    "scenic_area": "deny",
+    "museum": "deny",
+    "library": "deny",
+}
 SCENE_NAMES: Final = frozenset(s.name.lower() for s in Scene if s is not Scene.UNSPECIFIED)
 
 
@@ -71,3 +79,16 @@ class CacheConfig:
     def longest_stale(self) -> int:
         """The longest any scene may serve an answer past its TTL (how long one is kept)."""
         return max(self.max_stale_seconds.values(), default=0)
+
+
+@dataclass(frozen=True)
+class OfflineConfig:
+    """``[offline]``: what a gate does with a card it cannot verify (its home cannot be
+    asked and nothing usable is cached), per scene: ``deny``, or ``allow_standard_fare``
+    (through at the full fare, no concession; the trip is marked unverified). A scene not
+    listed: ``deny``."""
+
+    policy: Mapping[str, str] = field(default_factory=lambda: dict(OFFLINE_BY_SCENE), hash=False)
+
+    def for_scene(self, scene: Scene) -> str:
+        return self.policy.get(scene.name.lower(), "deny")

@@ -1,27 +1,20 @@
 """The gate decision: may this card pass here, and with which entitlements?
 
-A pure rule: ``allow`` is true exactly when the card is ACTIVE, entitlements
-travel only with an ACTIVE card, and a reason never carries a card number.
+A pure rule: for a card whose status is known (``verified``), ``allow`` is
+true exactly when it is ACTIVE; entitlements travel only with an ACTIVE
+card; a reason never carries a card number. When nothing is known (its home
+cannot be asked, nothing usable is cached), the scene's offline policy
+decides: ``deny``, or ``allow_standard_fare`` — let through at the full fare
+with no concession, unverified (the risk EMV transit calls first-ride risk).
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
+from typing import Final
 
-from broker.cards.model import CardStatus, Entitlement, Recognition
+from broker.cards.model import CardStatus, DecisionSource, Entitlement, Recognition
 from broker.fares.rules import NO_FARE, Price
-
-
-class DecisionSource(enum.IntEnum):
-    """Where a decision came from; values equal the wire enum ``yikatong.v1.DecisionSource``."""
-
-    HOME = 1
-    CACHE = 2
-    PEER = 3
-    STALE = 4
-    OFFLINE_POLICY = 5
-
 
 _REASONS = {
     CardStatus.ACTIVE: "card active",
@@ -42,6 +35,7 @@ class Decision:
     source: DecisionSource
     reason: str
     price: Price = NO_FARE
+    verified: bool = True
 
 
 def decide(rec: Recognition, source: DecisionSource) -> Decision:
@@ -56,6 +50,16 @@ def decide(rec: Recognition, source: DecisionSource) -> Decision:
     )
 
 
-def offline(reason: str) -> Decision:
-    """The offline policy: refuse, status UNKNOWN (a later version adds stale answers)."""
-    return Decision(False, CardStatus.UNKNOWN, (), DecisionSource.OFFLINE_POLICY, reason)
+DENY: Final = "deny"
+ALLOW_STANDARD_FARE: Final = "allow_standard_fare"
+OFFLINE_POLICIES: Final = (DENY, ALLOW_STANDARD_FARE)
+
+
+def offline(reason: str, policy: str = DENY) -> Decision:
+    """The offline policy of a scene, for a card that could not be verified: refused, or
+    let through at the standard fare (no entitlements, so no concession). Status UNKNOWN."""
+    if policy not in OFFLINE_POLICIES:
+        raise ValueError(f"offline policy must be one of {', '.join(OFFLINE_POLICIES)}")
+    allow = policy == ALLOW_STANDARD_FARE
+    source = DecisionSource.OFFLINE_POLICY
+    return Decision(allow, CardStatus.UNKNOWN, (), source, reason, NO_FARE, verified=False)

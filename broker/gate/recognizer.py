@@ -15,11 +15,10 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from broker.cards.model import CardRef, Recognition, Scene
+from broker.cards.model import CardRef, DecisionSource, Recognition, Scene
 from broker.cards.privacy import Hasher
 from broker.core.errors import PeerUnavailable
 from broker.gate.cache import AnswerCache
-from broker.gate.decision import DecisionSource
 from broker.gate.singleflight import SingleFlight
 from broker.peers.client import PeerClient
 

@@ -14,10 +14,11 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Protocol
 
-from broker.cards.model import CardRef, Recognition, Scene, shanghai_day
+from broker.cards.model import CardRef, DecisionSource, Recognition, Scene, shanghai_day
 from broker.core.errors import PeerUnavailable
 from broker.fares.rules import FareSchedule
-from broker.gate.decision import Decision, DecisionSource, decide, offline
+from broker.gate.config import OfflineConfig
+from broker.gate.decision import Decision, decide, offline
 from broker.gate.home import HomeRecognizer
 
 
@@ -41,12 +42,16 @@ class GateService:
         peers: PeerAnswers,
         clock: Callable[[], datetime],
         fares: FareSchedule | None = None,
+        offline_policy: OfflineConfig | None = None,
     ) -> None:
+        """``offline_policy``: per scene, what to do with a card that cannot be verified
+        (default: refuse)."""
         self.district = district
         self._home = home
         self._peers = peers
         self._clock = clock
         self._fares = fares
+        self._offline = offline_policy or OfflineConfig({})
 
     async def check(
         self, ref: CardRef, scene: Scene, request_id: str, operator: str = "", place: str = ""
@@ -73,5 +78,5 @@ class GateService:
         try:
             rec, source = await self._peers.recognise(ref, scene, request_id)
         except PeerUnavailable as exc:
-            return offline(str(exc))
+            return offline(str(exc), self._offline.for_scene(scene))
         return decide(rec, source)

@@ -23,4 +23,5 @@ def decision_to_wire(d: Decision) -> gate_pb2.GateDecision:
         concession_fen=d.price.concession_fen,
         applied_entitlement=_applied(d),
         fare_version=d.price.version,
+        verified=d.verified,
     )

@@ -42,6 +42,12 @@ A node.toml looks like::
                                            # per scene: how long past its TTL an answer
                                            # may be used, STALE, when its home is away
 
+    [offline]                              # a card that cannot be verified (its home
+    bus = "deny"                           # away, nothing usable cached), per scene:
+    scenic_area = "deny"                   # "deny" (the default), or "allow_standard_fare"
+    museum = "deny"                        # (through at the full fare, no concession,
+    library = "deny"                       # marked unverified)
+
     [peering]
     deadline_ms = 300                      # then the offline policy decides
 
@@ -124,7 +130,15 @@ from broker.cards.model import validate_region
 from broker.core.errors import ConfigError, InvalidArgument
 from broker.fares.agreements import Agreement, parse_agreements
 from broker.fares.config import FaresConfig
-from broker.gate.config import SCENE_NAMES, STALE_BY_SCENE, CacheConfig, RecognitionConfig
+from broker.gate.config import (
+    OFFLINE_BY_SCENE,
+    SCENE_NAMES,
+    STALE_BY_SCENE,
+    CacheConfig,
+    OfflineConfig,
+    RecognitionConfig,
+)
+from broker.gate.decision import OFFLINE_POLICIES
 from broker.peers.config import PeeringConfig
 from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.trust.access import DEFAULT_RULES, validate_rules
@@ -145,7 +159,7 @@ class NodeConfig:
     Attributes:
         district: this district's 6-digit code.
         listen: host:port the node serves on (``YIKATONG_LISTEN`` overrides it).
-        tls, registry, privacy, peers, peering, recognition, cache, access,
+        tls, registry, privacy, peers, peering, recognition, cache, offline, access,
         trust, fares, ledger, settlement, agreements: one per section of node.toml.
     """
 
@@ -158,6 +172,7 @@ class NodeConfig:
     peering: PeeringConfig = field(default_factory=PeeringConfig)
     recognition: RecognitionConfig = field(default_factory=RecognitionConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
     access: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_RULES))
     trust: TrustConfig = field(default_factory=TrustConfig)
     fares: FaresConfig = field(default_factory=FaresConfig)
@@ -256,6 +271,17 @@ def _stale_by_scene(table: Mapping[str, Any]) -> dict[str, int]:
                 f"cache.max_stale_seconds.{scene}: not a scene ({', '.join(sorted(SCENE_NAMES))})"
             )
         out[str(scene)] = Range(0, _DAY_S).check(seconds, f"cache.max_stale_seconds.{scene}")
+    return out
+
+
+def _offline_by_scene(table: Mapping[str, Any]) -> dict[str, str]:
+    out = dict(OFFLINE_BY_SCENE)
+    for scene, policy in table.items():
+        if scene not in SCENE_NAMES:
+            raise ConfigError(f"offline.{scene}: not a scene ({', '.join(sorted(SCENE_NAMES))})")
+        if policy not in OFFLINE_POLICIES:
+            raise ConfigError(f"offline.{scene} must be one of {', '.join(OFFLINE_POLICIES)}")
+        out[str(scene)] = str(policy)
     return out
 
 
@@ -363,6 +389,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             redis_timeout_ms=_int(cache_t, CacheConfig, "redis_timeout_ms", 50, "cache."),
             max_stale_seconds=_stale_by_scene(cache_t),
         ),
+        offline=OfflineConfig(_offline_by_scene(_section(doc, "offline"))),
         access=access,
         trust=TrustConfig(
             bundle_file=opt_path(trust_t, "bundle_file"),
@@ -482,6 +509,7 @@ def render_config(cfg: NodeConfig) -> str:
         doc["ledger"].pop("schema", None)  # only PostgreSQL has schemas
     if cfg.registry.url is None:
         doc["registry"].pop("schema", None)
+    doc["offline"] = dict(cfg.offline.policy)  # scene = policy, in the section itself
     if cfg.fares.file is None:
         doc.pop("fares", None)  # no rules, nothing priced: the grace means nothing
     if cfg.settlement == SettlementKeyConfig():

@@ -162,7 +162,7 @@ class Node:
         # Each process follows each peer home's changes to the answers it caches.
         watchers = {p.district: StatusWatcher(p.district, peer_client, cache) for p in cfg.peers}
         fares = load_fares(cfg.fares.file) if cfg.fares.file else None
-        gate = GateService(cfg.district, home, peers, clock, fares)
+        gate = GateService(cfg.district, home, peers, clock, fares, cfg.offline)
         metrics = Metrics()
         policy = AccessPolicy(cfg.district, frozenset(p.district for p in cfg.peers), cfg.access)
         guard = AuthInterceptor(

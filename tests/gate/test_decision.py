@@ -8,9 +8,9 @@ import re
 import pytest
 
 from broker._proto.yikatong.v1 import gate_pb2
-from broker.cards.model import CardStatus, Entitlement, Recognition
+from broker.cards.model import CardStatus, DecisionSource, Entitlement, Recognition
 from broker.fares.rules import NO_FARE
-from broker.gate.decision import Decision, DecisionSource, decide, offline
+from broker.gate.decision import ALLOW_STANDARD_FARE, DENY, Decision, decide, offline
 
 ALL_ENTS = tuple(Entitlement)
 # A card number is 6-20 characters of [0-9A-Z]; a reason must hold no such run.
@@ -89,7 +89,17 @@ def test_offline_refuses_with_unknown_status_and_the_given_reason() -> None:
         source=DecisionSource.OFFLINE_POLICY,
         reason="district 512021: did not answer within 300 ms",
         price=NO_FARE,
+        verified=False,
     )
+
+
+def test_a_scene_that_allows_at_the_standard_fare_lets_an_unverified_card_through():
+    d = offline("district 512021: away", ALLOW_STANDARD_FARE)
+    assert (d.allow, d.verified, d.status, d.entitlements) == (True, False, CardStatus.UNKNOWN, ())
+    assert d.source is DecisionSource.OFFLINE_POLICY
+    assert not offline("x", DENY).allow
+    with pytest.raises(ValueError, match="offline policy"):
+        offline("x", "allow")
 
 
 def test_offline_keeps_an_empty_reason_as_given() -> None:

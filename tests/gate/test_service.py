@@ -12,10 +12,11 @@ from typing import cast
 
 import pytest
 
-from broker.cards.model import CardRef, CardStatus, Entitlement, Recognition, Scene
+from broker.cards.model import CardRef, CardStatus, DecisionSource, Entitlement, Recognition, Scene
 from broker.core.errors import PeerUnavailable
 from broker.fares.rules import NO_FARE, FareSchedule, parse_fares
-from broker.gate.decision import DecisionSource
+from broker.gate.config import OfflineConfig
+from broker.gate.decision import ALLOW_STANDARD_FARE, DENY
 from broker.gate.home import HomeRecognizer
 from broker.gate.service import GateService
 
@@ -116,6 +117,7 @@ def service(
     peers: FakePeers | None = None,
     fares: FareSchedule | None = None,
     now: datetime = NOW,
+    offline_policy: OfflineConfig | None = None,
 ) -> GateService:
     return GateService(
         HERE,
@@ -123,6 +125,7 @@ def service(
         peers or FakePeers(),
         clock=lambda: now,
         fares=fares,
+        offline_policy=offline_policy,
     )
 
 
@@ -264,3 +267,20 @@ async def test_the_fare_table_is_chosen_by_the_shanghai_day(
         CardRef(HERE, "C1"), Scene.BUS, "r1"
     )
     assert (d.price.version, d.price.gross_fare_fen) == (version, gross)
+
+
+async def test_where_the_scene_allows_it_an_unverified_card_pays_the_standard_fare(
+    fares: FareSchedule,
+):
+    """A bus (allow_standard_fare): through, the full fare charged, no concession,
+    unverified; a museum (deny): refused."""
+    err = PeerUnavailable(PEER, "did not answer within 300 ms")
+    ref = CardRef(PEER, "C5120210000001")
+    policy = OfflineConfig({"bus": ALLOW_STANDARD_FARE, "museum": DENY})
+    gate = service(peers=FakePeers(error=err), fares=fares, offline_policy=policy)
+    bus = await gate.check(ref, Scene.BUS, "r1", operator="op-1")
+    assert (bus.allow, bus.verified, bus.source) == (True, False, DecisionSource.OFFLINE_POLICY)
+    assert bus.price.gross_fare_fen > 0 and bus.price.charged_fen == bus.price.gross_fare_fen
+    assert bus.price.concession_fen == 0
+    museum = await gate.check(ref, Scene.MUSEUM, "r2")
+    assert (museum.allow, museum.verified) == (False, False)

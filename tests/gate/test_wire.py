@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 
 from broker._proto.yikatong.v1 import gate_pb2, types_pb2
-from broker.cards.model import CardStatus, Entitlement, Recognition
+from broker.cards.model import CardStatus, DecisionSource, Entitlement, Recognition
 from broker.fares.rules import Price
-from broker.gate.decision import DecisionSource, decide, offline
+from broker.gate.decision import decide, offline
 from broker.gate.wire import decision_to_wire
 
 E = Entitlement
@@ -62,6 +62,10 @@ def test_an_offline_refusal_on_the_wire():
     assert msg.reason == "district 512021: did not answer within 300 ms"
     assert (msg.gross_fare_fen, msg.charged_fen, msg.concession_fen) == (0, 0, 0)
     assert (msg.applied_entitlement, msg.fare_version) == (0, "")
+    assert msg.verified is False
+    assert decision_to_wire(
+        decide(Recognition(CardStatus.ACTIVE, (), 1), DecisionSource.PEER)
+    ).verified
 
 
 @pytest.mark.parametrize("source", list(DecisionSource))

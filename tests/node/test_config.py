@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker.core.errors import ConfigError
+from broker.gate.config import SCENE_NAMES
 from broker.node import config as config_module
 from broker.node.config import BOUNDS, NodeConfig, load_config, parse_config, render_config
 from tests.runbook import file_block
@@ -119,6 +120,9 @@ def _loader_keys() -> set[str]:
     for f in dataclasses.fields(NodeConfig):
         if f.name in ("district", "listen", "access"):  # [access] keys are method names
             continue
+        if f.name == "offline":  # [offline] keys are the scenes
+            keys |= {f"offline.{scene}" for scene in SCENE_NAMES}
+            continue
         hint = typing.get_type_hints(NodeConfig)[f.name]
         section = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint
         keys |= {f"{f.name}.{g.name}" for g in dataclasses.fields(section)}
@@ -154,7 +158,7 @@ def test_the_runbooks_node_toml_has_every_section_and_every_documented_key():
     sections = {f.name for f in dataclasses.fields(NodeConfig)} - {"district", "listen"}
     assert sections == {
         "tls", "privacy", "registry", "fares", "ledger", "settlement", "trust",
-        "peers", "peering", "recognition", "agreements", "cache", "access",
+        "peers", "peering", "recognition", "agreements", "cache", "offline", "access",
     }  # fmt: skip
     assert set(doc) == {"district", "listen"} | sections
     cfg = parse_config(doc, Path("/srv/yikatong"), env={})

@@ -106,8 +106,14 @@ class GateDecision(_message.Message):
     CONCESSION_FEN_FIELD_NUMBER: _builtins.int
     APPLIED_ENTITLEMENT_FIELD_NUMBER: _builtins.int
     FARE_VERSION_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
     allow: _builtins.bool
-    """True exactly when status is ACTIVE."""
+    """Whether the card may pass. When verified is true: exactly when status is
+    ACTIVE. When verified is false (source OFFLINE_POLICY: its home could not
+    be asked and nothing usable was cached), the scene's offline policy
+    decides: "deny", or "allow_standard_fare" (let through at the full fare,
+    no concession: the risk EMV transit calls first-ride risk).
+    """
     status: _types_pb2.CardStatus.ValueType
     source: Global___DecisionSource.ValueType
     reason: _builtins.str
@@ -123,6 +129,10 @@ class GateDecision(_message.Message):
     """The entitlement whose concession applied (UNSPECIFIED when none did)."""
     fare_version: _builtins.str
     """Version of the fare rules used; empty when this node has none configured."""
+    verified: _builtins.bool
+    """True when the card's status was known (from its home, a cache, or a stale
+    answer within its bound); false when the offline policy decided without it.
+    """
     @_builtins.property
     def entitlements(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Entitlement.ValueType]: ...
     def __init__(
@@ -138,10 +148,11 @@ class GateDecision(_message.Message):
         concession_fen: _builtins.int = ...,
         applied_entitlement: _types_pb2.Entitlement.ValueType = ...,
         fare_version: _builtins.str = ...,
+        verified: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "applied_entitlement", b"applied_entitlement", "charged_fen", b"charged_fen", "concession_fen", b"concession_fen", "entitlements", b"entitlements", "fare_version", b"fare_version", "gross_fare_fen", b"gross_fare_fen", "reason", b"reason", "source", b"source", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow", b"allow", "applied_entitlement", b"applied_entitlement", "charged_fen", b"charged_fen", "concession_fen", b"concession_fen", "entitlements", b"entitlements", "fare_version", b"fare_version", "gross_fare_fen", b"gross_fare_fen", "reason", b"reason", "source", b"source", "status", b"status", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
