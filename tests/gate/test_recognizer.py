@@ -15,12 +15,11 @@ import redis
 import structlog
 from structlog.testing import capture_logs
 
-from broker.cards.model import CardRef, CardStatus, Entitlement, Recognition, Scene
+from broker.cards.model import CardRef, CardStatus, DecisionSource, Entitlement, Recognition, Scene
 from broker.cards.privacy import Hasher
 from broker.core.errors import PeerUnavailable
 from broker.gate.cache import AnswerCache
 from broker.gate.config import CacheConfig
-from broker.gate.decision import DecisionSource
 from broker.gate.recognizer import PeerRecognizer
 from broker.peers.client import PeerClient
 
