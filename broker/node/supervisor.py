@@ -22,6 +22,7 @@ log = structlog.get_logger(__name__)
 Loop = Callable[[], Awaitable[None]]
 OnChange = Callable[[str, bool], Awaitable[None]]
 STABLE_S = 60.0
+STOP_PATIENCE_S = 2.0  # how long a cancelled loop may take to end before it is cancelled again
 
 
 def task_health_name(name: str) -> str:
@@ -90,11 +91,25 @@ class Supervisor:
         """Stop the loop ``name`` (not restarted); nothing if there is none."""
         task = self._tasks.pop(name, None)
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await _cancel_all({task})
 
-    async def stop(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+    async def stop(self, patience_s: float = STOP_PATIENCE_S) -> None:
+        """Cancel every loop and wait for it. A loop still running ``patience_s`` later
+        lost its cancellation (a library that swallows one that comes as what it awaits
+        finishes): it is named in the log and cancelled again, until it ends."""
+        await _cancel_all(set(self._tasks.values()), patience_s)
         self._tasks.clear()
+
+
+async def _cancel_all(tasks: set[asyncio.Task[None]], patience_s: float = STOP_PATIENCE_S) -> None:
+    pending = set(tasks)
+    for task in pending:
+        task.cancel()
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=patience_s)
+        for task in pending:
+            log.warning("task_ignored_cancellation", task=task.get_name())
+            task.cancel()
+    for task in tasks:  # every outcome retrieved: none is reported as never retrieved
+        if not task.cancelled():
+            task.exception()

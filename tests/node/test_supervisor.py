@@ -131,3 +131,29 @@ async def test_stop_one_stops_that_loop_only_and_for_good() -> None:
     await asyncio.sleep(0.05)
     assert sup.running() == ["b"] and runs == {"a": 1, "b": 1}
     await sup.stop()
+
+
+async def test_a_loop_that_loses_its_cancellation_is_named_and_cancelled_again() -> None:
+    """A library that swallows a cancellation (asyncio.wait_for on 3.11 did) must not keep
+    the node from stopping."""
+    swallowed = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # the first cancellation is lost
+        await asyncio.sleep(3600)  # the second one ends it
+
+    sup = Supervisor()
+    sup.start("stubborn", stubborn)
+    await asyncio.sleep(0)
+    with structlog.testing.capture_logs() as logs:
+        async with asyncio.timeout(5):
+            await sup.stop(patience_s=0.05)
+    assert swallowed.is_set() and sup.running() == []
+    assert {
+        "event": "task_ignored_cancellation",
+        "task": "loop:stubborn",
+        "log_level": "warning",
+    } in logs
