@@ -95,3 +95,10 @@ def test_json_is_read_and_written_only_by_the_signing_module_and_plain_outputs()
         assert _modules_using(name) <= PLAIN_JSON | {"core/signing.py"}, name
     assert "core/signing.py" in _modules_using("json.loads")  # the strict parser
     assert _modules_using("keyword sort_keys") == set()  # no hand-made canonical encoder left
+
+
+def test_no_module_waits_with_asyncio_wait_for():
+    """On Python 3.11 ``asyncio.wait_for`` swallows a cancellation that comes in the turn its
+    awaitable finishes: a loop built on it never stops (a node's stop hung on one). Modules
+    use ``asyncio.timeout`` instead."""
+    assert _modules_using("asyncio.wait_for") == set()

@@ -52,6 +52,7 @@ _PUT = f"INSERT OR REPLACE INTO cards ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 POLL_S = 0.5
 RETRY_S = 1.0
 WAKE_S = 0.25
+JOIN_S = 5.0
 READ_LIMIT = 1000
 
 
@@ -156,8 +157,11 @@ class CardCopy:
 
     def close(self) -> None:
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join()
+        if self._thread is not None:  # it looks at the flag every WAKE_S
+            self._thread.join(JOIN_S)
+            if self._thread.is_alive():
+                log.warning("card_copy_not_stopped", waited_s=JOIN_S)
+                return  # it still uses its connections: they go with it
         self._source.close()
         self._copy.close()
         if self._retired is not None:

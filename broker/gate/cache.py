@@ -195,7 +195,8 @@ class WriteBehind:
         if self._task is None:
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.settled(), drain_s)
+            async with asyncio.timeout(drain_s):
+                await self.settled()
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
 

@@ -49,6 +49,7 @@ POLL_S = 0.05
 PG_POLL_S = 0.5  # PostgreSQL: NOTIFY wakes the feed; this is the fallback
 LISTEN_WAIT_S = 0.25  # how often the listener looks whether the feed is closing
 LISTEN_RETRY_S = 1.0
+JOIN_S = 5.0  # a listener still waiting on its database after this is left to end alone
 READ_LIMIT = 1000
 EVENT_RETENTION = timedelta(hours=72)
 HOUSEKEEPING_S = 60.0
@@ -300,8 +301,10 @@ class StatusFeed:
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
-        if self._listener is not None:
-            await asyncio.to_thread(self._listener.join)
+        if self._listener is not None:  # it looks at the flag every LISTEN_WAIT_S
+            await asyncio.to_thread(self._listener.join, JOIN_S)
+            if self._listener.is_alive():
+                log.warning("status_feed_listener_not_stopped", waited_s=JOIN_S)
         self._reader.shutdown(wait=True)
         self._house.shutdown(wait=True)
         self._header.shutdown(wait=True)

@@ -197,10 +197,9 @@ class TripIntake:
     async def reachable(self) -> bool:
         """Whether the ledger answers a trivial query (on the node's own connection)."""
         loop = asyncio.get_running_loop()
-        try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self._pinger, self._ledger.ping), timeout=5
-            )
+        try:  # asyncio.timeout: wait_for on 3.11 may swallow the node's stop (a cancellation)
+            async with asyncio.timeout(5):
+                return await loop.run_in_executor(self._pinger, self._ledger.ping)
         except Exception:  # any failure is "not reachable"; the node logs the change
             return False
 
