@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from broker.cards.model import Scene
+from broker.core.errors import ConfigError
+from broker.gate.decision import OFFLINE_POLICIES
+
+DAY_S: Final = 86_400
 
 # A bus ride is cheap and its risk small; a scenic area or a museum admits once a day.
 STALE_BY_SCENE: Final = {"bus": 600, "scenic_area": 1800, "museum": 1800, "library": 3600}
@@ -92,3 +96,31 @@ class OfflineConfig:
 
     def for_scene(self, scene: Scene) -> str:
         return self.policy.get(scene.name.lower(), "deny")
+
+
+def stale_by_scene(table: Mapping[str, object]) -> dict[str, int]:
+    """``[cache] max_stale_seconds`` as read from node.toml (default: :data:`STALE_BY_SCENE`)."""
+    given = table.get("max_stale_seconds", STALE_BY_SCENE)
+    if not isinstance(given, Mapping):
+        raise ConfigError("cache.max_stale_seconds must be a table of scene = seconds")
+    out = {}
+    for scene, seconds in given.items():
+        where = f"cache.max_stale_seconds.{scene}"
+        if scene not in SCENE_NAMES:
+            raise ConfigError(f"{where}: not a scene ({', '.join(sorted(SCENE_NAMES))})")
+        if not isinstance(seconds, int) or isinstance(seconds, bool) or not 0 <= seconds <= DAY_S:
+            raise ConfigError(f"{where} must be an integer from 0 to {DAY_S}")
+        out[str(scene)] = seconds
+    return out
+
+
+def offline_by_scene(table: Mapping[str, object]) -> dict[str, str]:
+    """``[offline]`` as read from node.toml: scene = policy, the rest :data:`OFFLINE_BY_SCENE`."""
+    out = dict(OFFLINE_BY_SCENE)
+    for scene, policy in table.items():
+        if scene not in SCENE_NAMES:
+            raise ConfigError(f"offline.{scene}: not a scene ({', '.join(sorted(SCENE_NAMES))})")
+        if policy not in OFFLINE_POLICIES:
+            raise ConfigError(f"offline.{scene} must be one of {', '.join(OFFLINE_POLICIES)}")
+        out[str(scene)] = str(policy)
+    return out

@@ -131,14 +131,12 @@ from broker.core.errors import ConfigError, InvalidArgument
 from broker.fares.agreements import Agreement, parse_agreements
 from broker.fares.config import FaresConfig
 from broker.gate.config import (
-    OFFLINE_BY_SCENE,
-    SCENE_NAMES,
-    STALE_BY_SCENE,
     CacheConfig,
     OfflineConfig,
     RecognitionConfig,
+    offline_by_scene,
+    stale_by_scene,
 )
-from broker.gate.decision import OFFLINE_POLICIES
 from broker.peers.config import PeeringConfig
 from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.trust.access import DEFAULT_RULES, validate_rules
@@ -260,31 +258,6 @@ def _registry(table: Mapping[str, Any], path: Path | None) -> RegistryConfig:
     return RegistryConfig(path, hours, url, schema)
 
 
-def _stale_by_scene(table: Mapping[str, Any]) -> dict[str, int]:
-    given = table.get("max_stale_seconds", STALE_BY_SCENE)
-    if not isinstance(given, Mapping):
-        raise ConfigError("cache.max_stale_seconds must be a table of scene = seconds")
-    out = {}
-    for scene, seconds in given.items():
-        if scene not in SCENE_NAMES:
-            raise ConfigError(
-                f"cache.max_stale_seconds.{scene}: not a scene ({', '.join(sorted(SCENE_NAMES))})"
-            )
-        out[str(scene)] = Range(0, _DAY_S).check(seconds, f"cache.max_stale_seconds.{scene}")
-    return out
-
-
-def _offline_by_scene(table: Mapping[str, Any]) -> dict[str, str]:
-    out = dict(OFFLINE_BY_SCENE)
-    for scene, policy in table.items():
-        if scene not in SCENE_NAMES:
-            raise ConfigError(f"offline.{scene}: not a scene ({', '.join(sorted(SCENE_NAMES))})")
-        if policy not in OFFLINE_POLICIES:
-            raise ConfigError(f"offline.{scene} must be one of {', '.join(OFFLINE_POLICIES)}")
-        out[str(scene)] = str(policy)
-    return out
-
-
 def _code(value: Any, where: str) -> str:
     try:
         return validate_region(str(value), where)
@@ -387,9 +360,9 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             unknown_ttl_seconds=_int(cache_t, CacheConfig, "unknown_ttl_seconds", 10, "cache."),
             max_ttl_seconds=_int(cache_t, CacheConfig, "max_ttl_seconds", 3600, "cache."),
             redis_timeout_ms=_int(cache_t, CacheConfig, "redis_timeout_ms", 50, "cache."),
-            max_stale_seconds=_stale_by_scene(cache_t),
+            max_stale_seconds=stale_by_scene(cache_t),
         ),
-        offline=OfflineConfig(_offline_by_scene(_section(doc, "offline"))),
+        offline=OfflineConfig(offline_by_scene(_section(doc, "offline"))),
         access=access,
         trust=TrustConfig(
             bundle_file=opt_path(trust_t, "bundle_file"),

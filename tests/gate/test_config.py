@@ -8,7 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from broker.gate.config import CacheConfig, RecognitionConfig
+from broker.cards.model import Scene
+from broker.core.errors import ConfigError
+from broker.gate.config import (
+    OFFLINE_BY_SCENE,
+    STALE_BY_SCENE,
+    CacheConfig,
+    OfflineConfig,
+    RecognitionConfig,
+    offline_by_scene,
+    stale_by_scene,
+)
 from broker.node.config import parse_config
 
 # A node config without [recognition] or [cache] sections.
@@ -76,3 +86,25 @@ def test_the_configs_compare_and_hash_by_value():
     assert RecognitionConfig(5, 1) == RecognitionConfig(cache_ttl_seconds=5, unknown_ttl_seconds=1)
     assert hash(CacheConfig(redis_url="redis://x/0")) == hash(CacheConfig(redis_url="redis://x/0"))
     assert CacheConfig(redis_url="redis://x/0") != CacheConfig()
+
+
+def test_stale_limits_and_offline_policies_are_read_per_scene_and_checked():
+    assert stale_by_scene({}) == STALE_BY_SCENE
+    assert stale_by_scene({"max_stale_seconds": {"bus": 30}}) == {"bus": 30}
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"max_stale_seconds": {"tram": 30}}, "not a scene"),
+        ({"max_stale_seconds": {"bus": -1}}, "from 0 to 86400"),
+        ({"max_stale_seconds": {"bus": True}}, "integer"),
+        ({"max_stale_seconds": 30}, "a table"),
+    ]
+    for bad, says in cases:
+        with pytest.raises(ConfigError, match=says):
+            stale_by_scene(bad)
+    policy = offline_by_scene({"bus": "allow_standard_fare"})
+    assert policy == {**OFFLINE_BY_SCENE, "bus": "allow_standard_fare"}
+    assert OfflineConfig(policy).for_scene(Scene.BUS) == "allow_standard_fare"
+    assert OfflineConfig({}).for_scene(Scene.MUSEUM) == "deny"  # not listed: refused
+    with pytest.raises(ConfigError, match="must be one of"):
+        offline_by_scene({"bus": "allow"})
+    with pytest.raises(ConfigError, match="not a scene"):
+        offline_by_scene({"unspecified": "deny"})
