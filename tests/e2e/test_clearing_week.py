@@ -118,7 +118,10 @@ async def week(
         s.config.fares.file.write_text(
             f'district = "{s.code}"\n' + SAMPLE_FARES + second_version(d1 + timedelta(days=1))
         )
-        cfg = replace(s.config, recognition=replace(s.config.recognition, cache_ttl_seconds=TTL_S))
+        # No stale answers here: the liability window is the TTL alone (test_outages.py
+        # covers STALE), so the gate asks again once the TTL has run out.
+        recognition = replace(s.config.recognition, cache_ttl_seconds=TTL_S, max_stale_seconds=0)
+        cfg = replace(s.config, recognition=recognition)
         s.config_path.write_text(render_config(cfg))
         s.config = load_config(s.config_path, env={})
         assert s.config.recognition.cache_ttl_seconds == TTL_S
