@@ -48,6 +48,16 @@ class Replicas:
 @pytest.fixture
 async def replicas(tmp_path: Path, now: datetime, redis_db: str) -> AsyncIterator[Replicas]:
     setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=30, redis_url=redis_db)
+    c = await two_replicas(setups)
+    try:
+        yield Replicas(c, setups, redis_db)
+    finally:
+        await c.close()
+
+
+async def two_replicas(setups: dict[str, testbed.DistrictSetup]) -> Cluster:
+    """Anyue's node, and Dazu's as two replicas ``r1`` and ``r2`` (one config, two ports),
+    each following Anyue's changes before it is returned."""
     cfg = setups[DAZU].config
     nodes = {
         ANYUE: await Node.start(setups[ANYUE].config),
@@ -56,12 +66,13 @@ async def replicas(tmp_path: Path, now: datetime, redis_db: str) -> AsyncIterato
     }
     c = Cluster({**setups, "r1": setups[DAZU], "r2": setups[DAZU]}, nodes)
     try:
-        for name in ("r1", "r2"):  # each process follows Anyue's changes before the test
+        for name in ("r1", "r2"):
             async with asyncio.timeout(5):
                 await nodes[name].watchers[ANYUE].connected.wait()
-        yield Replicas(c, setups, redis_db)
-    finally:
+    except BaseException:
         await c.close()
+        raise
+    return c
 
 
 def set_status(setup: testbed.DistrictSetup, cards: list[str], status: str) -> None:

@@ -28,6 +28,7 @@ from broker.core.breaker import PROBE_S, THRESHOLD, Breaker, State
 from broker.node.server import Node
 from broker.testbed import build as testbed
 from tests.conftest import ANYUE, DAZU, Cluster
+from tests.e2e.test_lost_card import two_replicas
 from tests.helpers import wait_healthy
 
 SRC = gate_pb2.DecisionSource
@@ -122,17 +123,10 @@ async def test_a_frozen_redis_slows_no_gate_and_a_lost_card_still_reaches_every_
     url, redis_pid = private_redis
     setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=200, redis_url=url)
     cfg = setups[DAZU].config
-    nodes = {
-        ANYUE: await Node.start(setups[ANYUE].config),
-        "r1": await Node.start(cfg),
-        "r2": await Node.start(replace(cfg, listen="127.0.0.1:0")),
-    }
-    c = Cluster({**setups, "r1": setups[DAZU], "r2": setups[DAZU]}, nodes)
+    c = await two_replicas(setups)
+    nodes = c.nodes
     registry = Registry(setups[ANYUE].config.registry)
     try:
-        for name in ("r1", "r2"):
-            async with asyncio.timeout(5):
-                await nodes[name].watchers[ANYUE].connected.wait()
         cards = iter([x.ref for x in setups[ANYUE].cards if x.status == "active"])
         lost = next(cards)
         for name in ("r1", "r2"):
