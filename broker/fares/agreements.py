@@ -7,6 +7,14 @@ one trip line is computed per line, in integer fen::
 
     claimed = (charged if collected through home else 0)
               + round_half_up(concession × share_bp / 10000)
+
+A trip the gate allowed by its offline policy (nothing usable cached, the home
+district not reachable: the card was not verified) carries no concession, so
+its claim is the standard fare when fares are collected through home, else 0.
+Who bears the risk that such a card was not valid is ``offline_risk``:
+``"operator"`` (the default: the home pays only for a card that was ACTIVE,
+as it had recorded, when the trip occurred) or ``"home"`` (the home pays for
+any card it issued, as an EMV issuer bears the first ride).
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from broker.cards.model import validate_region
 from broker.core.errors import ConfigError, InvalidArgument
 from broker.fares.rules import round_half_up_div
 
+OFFLINE_RISKS = ("operator", "home")
+
 
 @dataclass(frozen=True)
 class Agreement:
@@ -30,11 +40,18 @@ class Agreement:
             which then owes them to this district's operators.
         concession_share_bp: per concession scheme, the share of the concession
             the home district reimburses (0-10000 basis points; absent: 0).
+        offline_risk: who bears an offline trip's unverified card (see above):
+            ``"operator"`` or ``"home"``.
     """
 
     district: str
     collect_through_home: bool = False
     concession_share_bp: Mapping[str, int] = field(default_factory=dict)
+    offline_risk: str = "operator"
+
+    def __post_init__(self) -> None:
+        if self.offline_risk not in OFFLINE_RISKS:
+            raise ValueError(f"offline_risk must be one of {', '.join(OFFLINE_RISKS)}")
 
     def claim_fen(self, charged_fen: int, concession_fen: int, scheme: str | None) -> int:
         """The amount claimed from the home district for one trip line."""
@@ -67,5 +84,8 @@ def parse_agreements(raw: Any) -> tuple[Agreement, ...]:
         collect = a.get("collect_through_home", False)
         if not isinstance(collect, bool):
             raise ConfigError(f"{where}.collect_through_home must be true or false")
-        out.append(Agreement(district, collect, dict(shares)))
+        risk = a.get("offline_risk", "operator")
+        if risk not in OFFLINE_RISKS:
+            raise ConfigError(f"{where}.offline_risk must be one of {', '.join(OFFLINE_RISKS)}")
+        out.append(Agreement(district, collect, dict(shares), risk))
     return tuple(out)

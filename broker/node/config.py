@@ -72,6 +72,7 @@ A node.toml looks like::
     district = "512021"
     collect_through_home = true
     concession_share_bp = { senior-bus-free = 10000, scenic-senior = 5000 }
+    offline_risk = "operator"              # offline-policy trips: "operator" or "home" pays
 
     [access]                               # deny by default; these add to or replace
     "yikatong.v1.Gate/Check" = ["own-operators"]   # defaults: broker/trust/access.py

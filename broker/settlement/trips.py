@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.fares.rules import CHANGEOVER_GRACE, MAX_FARE_FEN, FareSchedule, FareTable
 
 DEFAULT_LATE_WINDOW = timedelta(hours=72)
@@ -41,14 +41,18 @@ class Reason(enum.StrEnum):
     # The same operator, card, gate and place within the duplicate window of an
     # accepted trip under another trip id (broker.settlement.ledger.store).
     SUSPECTED_DUPLICATE = "suspected_duplicate"
+    # Decided by the offline policy (the card unverified) yet priced with an entitlement.
+    OFFLINE_CONCESSION = "offline_concession"
 
 
 @dataclass(frozen=True, slots=True)
 class Trip:
     """One trip as an operator submits it. Amounts are integer fen.
 
-    ``gate_id`` is last and optional ("" when the operator sent none, and for
-    every trip stored by the previous release).
+    ``gate_id`` and ``decision_source`` are last and optional ("" and None when
+    the operator sent none, and for every trip stored by the previous release).
+    ``decision_source`` is where the gate's decision came from; only an
+    ``OFFLINE_POLICY`` trip (the card not verified) is treated differently.
     """
 
     operator_id: str
@@ -63,12 +67,14 @@ class Trip:
     applied_entitlement: Entitlement | None
     fare_version: str
     gate_id: str = ""
+    decision_source: DecisionSource | None = None
 
     def digest(self) -> str:
         """Content hash: the same trip id with other content is a conflict, not a duplicate.
 
-        The gate id counts only when there is one, so a trip stored without
-        one (by the previous release) keeps the digest it was stored with.
+        The gate id and the decision source count only when there is one, so a
+        trip stored without (by the previous release) keeps the digest it was
+        stored with. ``\x01`` never occurs in a gate id: no two trips share a text.
         """
         card, entitlement = self.card, self.applied_entitlement
         text = (
@@ -80,15 +86,18 @@ class Trip:
         )
         if self.gate_id:
             text += "\x00" + self.gate_id
+        if self.decision_source:
+            text += f"\x01{self.decision_source.value}"
         return hashlib.sha256(text.encode()).hexdigest()
 
     def presentment_digest(self) -> str:
         """Hash of what makes this the trip it is, and which no dispute can be about.
 
-        Who, which card, where, when and at which gate; not the entitlement
-        applied, the amounts, the fare version, the scheme or the claim (see
-        :data:`CORRECTABLE`). A representment must have the first presentment's.
-        The gate id counts only when there is one, as in :meth:`digest`.
+        Who, which card, where, when, at which gate and on what the gate
+        decided; not the entitlement applied, the amounts, the fare version,
+        the scheme or the claim (see :data:`CORRECTABLE`). A representment must
+        have the first presentment's. The gate id and the decision source count
+        only when there is one, as in :meth:`digest`.
         """
         fields = (
             self.operator_id,
@@ -99,6 +108,7 @@ class Trip:
             self.place_id,
             self.occurred_at.astimezone(UTC).isoformat(),
             *((self.gate_id,) if self.gate_id else ()),
+            *((f"\x01{self.decision_source.value}",) if self.decision_source else ()),
         )
         return hashlib.sha256("\x00".join(fields).encode()).hexdigest()
 
@@ -220,6 +230,15 @@ class Judge:
         if charged + concession != gross:
             return Judgement(
                 Outcome.REJECTED, Reason.BAD_AMOUNTS, "charged + concession must equal gross"
+            )
+        if trip.decision_source is DecisionSource.OFFLINE_POLICY and (
+            concession or trip.applied_entitlement is not None
+        ):
+            return Judgement(
+                Outcome.REJECTED,
+                Reason.OFFLINE_CONCESSION,
+                "decision_source OFFLINE_POLICY: an unverified card gets no entitlement "
+                "or concession",
             )
         at = trip.occurred_at
         if at > self._latest:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker._proto.yikatong.v1 import settlement_pb2
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.cards.wire import (
     TIMESTAMP_MAX_S,
     card_from_wire,
@@ -25,6 +25,7 @@ from broker.core.signing import Signed
 from broker.settlement.trips import Judgement, Outcome, Reason, Trip
 
 _ENTITLEMENT_OF = {e.value: e for e in Entitlement}
+_SOURCE_OF = {s.value: s for s in DecisionSource}
 # What card_ref and scene_from_wire accept (broker.cards), for the fast path below.
 _REGION_OK = re.compile(r"[1-8][0-9]{5}").fullmatch
 _NUMBER_OK = re.compile(r"[0-9A-Z]{6,20}").fullmatch
@@ -74,6 +75,10 @@ def trip_from_wire(
         gate = msg.gate_id  # optional: "" when the operator's gates send none
         if len(gate) > 64 or not gate.isprintable():
             raise InvalidArgument("gate_id", "must be at most 64 printable characters")
+        given = msg.decision_source  # optional: UNSPECIFIED when the operator sends none
+        source = _SOURCE_OF.get(given) if given else None
+        if given and source is None:
+            raise InvalidArgument("decision_source", "is not a known decision source")
         return Trip(
             operator_id=operator_id,
             trip_id=trip_id,
@@ -89,6 +94,7 @@ def trip_from_wire(
             applied_entitlement=applied,
             fare_version=version,
             gate_id=gate,
+            decision_source=source,
         )
     except InvalidArgument as exc:
         return Judgement(Outcome.REJECTED, Reason.MALFORMED, f"trips[{index}].{exc}")
@@ -134,6 +140,10 @@ def _valid_trip(msg: settlement_pb2.TripRecord, operator_id: str, regions: set[s
     place, version, gate = msg.place_id, msg.fare_version, msg.gate_id
     if len(place) > 64 or len(version) > 64 or len(gate) > 64 or not gate.isprintable():
         return None
+    given = msg.decision_source
+    source = _SOURCE_OF.get(given) if given else None
+    if given and source is None:
+        return None
     at = msg.occurred_at
     seconds, nanos = at.seconds, at.nanos
     if not (0 <= seconds <= TIMESTAMP_MAX_S and 0 <= nanos <= 999_999_999):
@@ -151,6 +161,7 @@ def _valid_trip(msg: settlement_pb2.TripRecord, operator_id: str, regions: set[s
         applied,
         version,
         gate,
+        source,
     )
 
 
@@ -179,6 +190,7 @@ def trip_to_wire(t: Trip) -> settlement_pb2.TripRecord:
         applied_entitlement=entitlement,  # type: ignore[arg-type]
         fare_version=t.fare_version,
         gate_id=t.gate_id,
+        decision_source=(t.decision_source.value if t.decision_source else 0),  # type: ignore[arg-type]
     )
     msg.occurred_at.FromDatetime(t.occurred_at)
     return msg

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from broker._proto.yikatong.v1 import gate_pb2
+from broker._proto.yikatong.v1 import types_pb2
 from broker.cards.districts import district_names
 from broker.cards.model import CardRef, Scene, shanghai_day
 from broker.node.metrics import percentile
@@ -167,7 +167,7 @@ async def run_demo(
             stats.charged_fen += d.charged_fen
             stats.concession_fen += d.concession_fen
             stats.sources[
-                gate_pb2.DecisionSource.Name(d.source).removeprefix("DECISION_SOURCE_")
+                types_pb2.DecisionSource.Name(d.source).removeprefix("DECISION_SOURCE_")
             ] += 1
             stats.latencies_ms.append(elapsed)
             if on_progress is not None:

@@ -64,6 +64,7 @@ async def _trips(
                     concession_fen=d.concession_fen,
                     applied_entitlement=d.applied_entitlement,
                     fare_version=d.fare_version,
+                    decision_source=d.source,
                 )
             )
     return out

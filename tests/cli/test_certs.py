@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner, Result
 from cryptography import x509
 
-from broker._proto.yikatong.v1 import gate_pb2
+from broker._proto.yikatong.v1 import types_pb2
 from broker.cards.model import CardRef
 from broker.cli.main import main
 from broker.trust import certops
@@ -643,7 +643,7 @@ async def test_a_running_node_refuses_the_old_certificate_after_rotate_revoke_ol
             assert time.monotonic() < deadline, "the old certificate was still served after 5 s"
             await asyncio.sleep(0.1)
         decision = await gate_stub(fresh).Check(check_request(card, s.operator_id), timeout=5)
-        assert decision.source == gate_pb2.DECISION_SOURCE_HOME  # answered by its own registry
+        assert decision.source == types_pb2.DECISION_SOURCE_HOME  # answered by its own registry
     finally:
         await stale.close()
         await fresh.close()

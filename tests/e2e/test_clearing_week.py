@@ -395,7 +395,7 @@ async def test_a_week_with_a_fare_change_a_lost_card_and_a_representment(week: W
     first = await dazu_gate.check(lost_card.ref, Scene.BUS)
     await cluster.nodes[DAZU].supervisor.stop_one(f"status-watch-{ANYUE}")
     asked = monotonic_time.monotonic()
-    assert first.allow and first.source == gate_pb2.DECISION_SOURCE_PEER
+    assert first.allow and first.source == types_pb2.DECISION_SOURCE_PEER
     # Anyue's back office reports the card lost; its registry records it now.
     lost_at = clock()
     anyue_registry = Registry(cluster.setups[ANYUE].config.registry)
@@ -411,14 +411,14 @@ async def test_a_week_with_a_fare_change_a_lost_card_and_a_representment(week: W
     assert (at_home.allow, at_home.status, at_home.source) == (
         False,
         types_pb2.CARD_STATUS_LOST,
-        gate_pb2.DECISION_SOURCE_HOME,
+        types_pb2.DECISION_SOURCE_HOME,
     )
     # Within the TTL, the Dazu gate still lets it through from its cache.
     cached = await dazu_gate.check(lost_card.ref, Scene.BUS)
     cached_at = clock()
     assert monotonic_time.monotonic() - asked < TTL_S, "too slow: the TTL ran out; rerun"
     assert (
-        cached.source == gate_pb2.DECISION_SOURCE_CACHE
+        cached.source == types_pb2.DECISION_SOURCE_CACHE
         and cached.status == types_pb2.CARD_STATUS_ACTIVE
     )
     assert_priced(cached, lost_card, Scene.BUS, "sample-2", d2)
@@ -434,7 +434,7 @@ async def test_a_week_with_a_fare_change_a_lost_card_and_a_representment(week: W
     assert (refused.allow, refused.status, refused.source) == (
         False,
         types_pb2.CARD_STATUS_LOST,
-        gate_pb2.DECISION_SOURCE_PEER,
+        types_pb2.DECISION_SOURCE_PEER,
     )
     assert (refused.gross_fare_fen, refused.charged_fen) == (0, 0)
     # Let through anyway on a full fare and uploaded: the home will reject that line.

@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 import grpc
 import pytest
 
-from broker._proto.yikatong.v1 import gate_pb2, types_pb2
+from broker._proto.yikatong.v1 import types_pb2
 from broker.cards.entitlements import entitlements_for
 from broker.cards.model import (
     CardRef,
@@ -33,7 +33,7 @@ from tests.helpers import (
 
 RECOGNIZE = "/yikatong.v1.Recognition/Recognize"
 ACTIVE = types_pb2.CARD_STATUS_ACTIVE
-SRC = gate_pb2.DecisionSource
+SRC = types_pb2.DecisionSource
 
 
 def recognize_calls(cluster: Cluster, district: str) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from broker._proto.yikatong.v1 import gate_pb2
+from broker._proto.yikatong.v1 import types_pb2
 from broker.cards import status_log
 from broker.cards.model import CardRef, CardStatus, Scene
 from broker.cards.privacy import load_key_file
@@ -31,7 +31,7 @@ from broker.node.server import Node
 from broker.testbed import build as testbed
 from tests.conftest import ANYUE, DAZU, Cluster
 
-SRC = gate_pb2.DecisionSource
+SRC = types_pb2.DecisionSource
 BOUND_S = 3.0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from broker._proto.yikatong.v1 import gate_pb2
+from broker._proto.yikatong.v1 import gate_pb2, types_pb2
 from broker.cards.model import CardRef, Scene
 from broker.cards.registry import Registry
 from broker.cards.status_change import set_status
@@ -31,7 +31,7 @@ from tests.conftest import ANYUE, DAZU, Cluster
 from tests.e2e.test_lost_card import two_replicas
 from tests.helpers import wait_healthy
 
-SRC = gate_pb2.DecisionSource
+SRC = types_pb2.DecisionSource
 
 
 def state(b: Breaker) -> State:

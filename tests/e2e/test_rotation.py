@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 from cryptography import x509
 
-from broker._proto.yikatong.v1 import gate_pb2
+from broker._proto.yikatong.v1 import types_pb2
 from broker.cards.model import Scene
 from broker.gate.config import CacheConfig
 from broker.node.server import Node
@@ -75,7 +75,7 @@ async def test_rotating_server_client_and_ca_certificates_under_load_fails_no_ca
             except grpc.aio.AioRpcError as exc:
                 tally.errors.append(f"{gate}: {exc.code().name} {exc.details()}")
             else:
-                tally.sources[gate_pb2.DecisionSource.Name(d.source)] += 1
+                tally.sources[types_pb2.DecisionSource.Name(d.source)] += 1
             tally.calls += 1
 
     workers = [asyncio.create_task(worker(g, i)) for i, g in enumerate([DAZU, ANYUE] * 3)]

@@ -161,7 +161,7 @@ async def until_a_peer_answers(client: GateClient, card: CardRef) -> gate_pb2.Ga
     while True:
         try:
             d = await client.check(card, Scene.BUS)
-            if d.source == gate_pb2.DECISION_SOURCE_PEER:
+            if d.source == types_pb2.DECISION_SOURCE_PEER:
                 return d
         except grpc.aio.AioRpcError:
             pass

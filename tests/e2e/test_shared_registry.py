@@ -21,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from broker._proto.yikatong.v1 import gate_pb2, recognition_pb2, recognition_pb2_grpc, types_pb2
+from broker._proto.yikatong.v1 import recognition_pb2, recognition_pb2_grpc, types_pb2
 from broker.cards import status_log
 from broker.cards.model import CardRef, Scene
 from broker.cards.registry import Registry
@@ -131,7 +131,7 @@ async def test_the_homes_own_gates_read_a_copy_that_follows_the_registry(s: Shar
     card = s.active_cards(1)[0]
     for name in ("a1", "a2"):
         d = await s.cluster.gate(name).check(card, Scene.BUS)
-        assert d.allow and d.source == gate_pb2.DecisionSource.DECISION_SOURCE_HOME
+        assert d.allow and d.source == types_pb2.DecisionSource.DECISION_SOURCE_HOME
         home = s.cluster.nodes[name].home
         assert home is not None and home.copy is not None and home.copy.loads == 1
     set_status(s.setups[ANYUE], [card.card_number], "lost")

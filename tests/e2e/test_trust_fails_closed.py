@@ -18,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from broker._proto.yikatong.v1 import gate_pb2
+from broker._proto.yikatong.v1 import gate_pb2, types_pb2
 from broker.cards.model import Scene
 from broker.core.errors import ConfigError
 from broker.node.server import Node
@@ -213,7 +213,7 @@ async def until_answered_by_peer(gate: GateClient, code: str, running: Running) 
 
     async def answered() -> bool:
         decision = await gate.check(card, Scene.BUS)
-        return bool(decision.source == gate_pb2.DECISION_SOURCE_PEER)
+        return bool(decision.source == types_pb2.DECISION_SOURCE_PEER)
 
     await until(answered, f"a card of {code} answered by its node")
 
@@ -234,7 +234,7 @@ async def test_a_node_with_an_unusable_peer_bundle_starts_with_that_peer_untrust
     gate = three.gate(DAZU)
     refused = await fresh_check(gate, ANYUE, three)
     assert not refused.allow
-    assert refused.source == gate_pb2.DECISION_SOURCE_OFFLINE_POLICY
+    assert refused.source == types_pb2.DECISION_SOURCE_OFFLINE_POLICY
     assert f"district {ANYUE}: is not trusted" in refused.reason
     await until_answered_by_peer(gate, RONGCHANG, three)  # the other peer still works
 
@@ -251,7 +251,7 @@ async def test_a_node_with_an_unusable_peer_bundle_starts_with_that_peer_untrust
     assert set(node.supervisor.failures.values()) == {0}  # no loop failed or was restarted
     assert await status(health, peer_health_name(ANYUE)) == NOT_SERVING
     assert (await fresh_check(gate, ANYUE, three)).source == (
-        gate_pb2.DECISION_SOURCE_OFFLINE_POLICY
+        types_pb2.DECISION_SOURCE_OFFLINE_POLICY
     )
 
 
@@ -277,7 +277,7 @@ async def test_a_peer_bundle_turning_unusable_keeps_the_last_good_one_and_the_wa
     await until(reported, f"health {peer_health_name(ANYUE)!r} NOT_SERVING")
     assert ANYUE in node.trust.current.problems and node.trust.current.trusted(ANYUE)
     # The last good bundle stays in force: the peer's cards are still answered by the peer.
-    assert (await fresh_check(gate, ANYUE, three)).source == gate_pb2.DECISION_SOURCE_PEER
+    assert (await fresh_check(gate, ANYUE, three)).source == types_pb2.DECISION_SOURCE_PEER
     assert await status(health, "") == SERVING
 
     pki.write_public(bundle_file, good)  # put right: the watcher is alive to see it

@@ -34,6 +34,8 @@ def test_claim_is_collected_charge_plus_the_reimbursed_share_of_the_concession()
         ([{"district": "512021", "concession_share_bp": {"x": 10_001}}], "0-10000"),
         ([{"district": "512021", "concession_share_bp": {"x": 1.5}}], "0-10000"),
         ([{"district": "512021", "collect_through_home": "yes"}], "true or false"),
+        ([{"district": "512021", "offline_risk": "nobody"}], "offline_risk"),
+        ([{"district": "512021", "offline_risk": True}], "offline_risk"),
     ],
 )
 def test_bad_agreements_are_refused_naming_the_key(raw, message):
@@ -48,7 +50,7 @@ def test_agreements_round_trip_through_the_node_config(districts, tmp_path: Path
         districts["500111"].config,
         agreements=(
             Agreement("512021", True, {"senior-bus-free": 10_000}),
-            Agreement("500153", False, {}),
+            Agreement("500153", False, {}, offline_risk="home"),
         ),
     )
     path = tmp_path / "again.toml"
@@ -57,3 +59,11 @@ def test_agreements_round_trip_through_the_node_config(districts, tmp_path: Path
     assert again.agreements == cfg.agreements
     assert again.agreement("512021") == cfg.agreements[0]
     assert again.agreement("500118") is None
+
+
+def test_the_offline_risk_is_the_operators_unless_the_agreement_says_the_home():
+    assert parse_agreements([{"district": "512021"}])[0].offline_risk == "operator"
+    (home,) = parse_agreements([{"district": "512021", "offline_risk": "home"}])
+    assert home.offline_risk == "home"
+    with pytest.raises(ValueError, match="offline_risk"):
+        Agreement("512021", offline_risk="anyone")

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from broker._proto.yikatong.v1 import gate_pb2
+from broker._proto.yikatong.v1 import types_pb2
 from broker.cards.model import CardStatus, DecisionSource, Entitlement, Recognition
 from broker.fares.rules import NO_FARE
 from broker.gate.decision import ALLOW_STANDARD_FARE, DENY, Decision, decide, offline
@@ -117,7 +117,7 @@ def test_a_decision_is_immutable() -> None:
 
 def test_source_values_equal_the_wire_enum() -> None:
     """Every DecisionSource is the same number as DECISION_SOURCE_<NAME> on the wire, and back."""
-    wire = gate_pb2.DecisionSource
+    wire = types_pb2.DecisionSource
     for source in DecisionSource:
         assert wire.Value(f"DECISION_SOURCE_{source.name}") == source.value
     named = {name.removeprefix("DECISION_SOURCE_") for name, _ in wire.items()} - {"UNSPECIFIED"}

@@ -34,7 +34,7 @@ def test_an_allowed_priced_decision_carries_every_field():
         types_pb2.ENTITLEMENT_SENIOR_65,
         types_pb2.ENTITLEMENT_DISABLED,
     ]
-    assert msg.source == gate_pb2.DECISION_SOURCE_PEER
+    assert msg.source == types_pb2.DECISION_SOURCE_PEER
     assert msg.reason == d.reason and msg.reason
     assert (msg.gross_fare_fen, msg.charged_fen, msg.concession_fen) == (200, 0, 200)
     assert msg.applied_entitlement == types_pb2.ENTITLEMENT_SENIOR_65
@@ -58,7 +58,7 @@ def test_an_offline_refusal_on_the_wire():
     msg = decision_to_wire(offline("district 512021: did not answer within 300 ms"))
     assert msg.allow is False
     assert msg.status == types_pb2.CARD_STATUS_UNKNOWN
-    assert msg.source == gate_pb2.DECISION_SOURCE_OFFLINE_POLICY
+    assert msg.source == types_pb2.DECISION_SOURCE_OFFLINE_POLICY
     assert msg.reason == "district 512021: did not answer within 300 ms"
     assert (msg.gross_fare_fen, msg.charged_fen, msg.concession_fen) == (0, 0, 0)
     assert (msg.applied_entitlement, msg.fare_version) == (0, "")
@@ -72,7 +72,7 @@ def test_an_offline_refusal_on_the_wire():
 def test_every_source_keeps_its_wire_name(source: DecisionSource):
     """DecisionSource.X becomes DECISION_SOURCE_X on the wire."""
     msg = decision_to_wire(decide(Recognition(CardStatus.ACTIVE, (), 1), source))
-    assert gate_pb2.DecisionSource.Name(msg.source) == f"DECISION_SOURCE_{source.name}"
+    assert types_pb2.DecisionSource.Name(msg.source) == f"DECISION_SOURCE_{source.name}"
 
 
 @pytest.mark.parametrize("status", list(CardStatus))

@@ -76,7 +76,7 @@ async def test_a_check_is_answered_and_priced_at_its_place(cluster: Cluster, now
     anywhere = await call(cluster, request())
     assert isinstance(anywhere, gate_pb2.GateDecision)
     assert anywhere.allow and anywhere.status == types_pb2.CARD_STATUS_ACTIVE
-    assert anywhere.source == gate_pb2.DECISION_SOURCE_HOME
+    assert anywhere.source == types_pb2.DECISION_SOURCE_HOME
     assert (anywhere.gross_fare_fen, anywhere.charged_fen, anywhere.fare_version) == (
         200,
         200,

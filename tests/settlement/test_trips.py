@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.fares.rules import FareSchedule, parse_fares
 from broker.settlement.trips import CORRECTABLE, Judge, Outcome, Reason, Trip, judge
 from broker.testbed.build import SAMPLE_FARES
@@ -56,6 +56,26 @@ def trip(n: int = 1, **changes) -> Trip:
         ({"occurred_at": NOW - timedelta(hours=72, seconds=1)}, Reason.TOO_LATE),
         ({"fare_version": "never-published"}, Reason.UNKNOWN_FARE_VERSION),
         ({"gross_fare_fen": 300, "concession_fen": 300}, Reason.PRICE_MISMATCH),
+        ({"decision_source": DecisionSource.STALE}, Reason.OK),
+        ({"decision_source": DecisionSource.OFFLINE_POLICY}, Reason.OFFLINE_CONCESSION),
+        (
+            {
+                "decision_source": DecisionSource.OFFLINE_POLICY,
+                "applied_entitlement": None,
+                "charged_fen": 200,
+                "concession_fen": 0,
+            },
+            Reason.OK,  # an offline trip at the standard fare
+        ),
+        (
+            {
+                "decision_source": DecisionSource.OFFLINE_POLICY,
+                "applied_entitlement": None,
+                "charged_fen": 100,
+                "concession_fen": 100,
+            },
+            Reason.OFFLINE_CONCESSION,  # a concession with no entitlement named: still none
+        ),
     ],
 )
 def test_each_trip_is_judged_on_its_own(changes, reason):
@@ -169,7 +189,16 @@ def test_the_presentment_digest_is_who_which_card_where_when_and_at_which_gate()
 
 
 def test_every_field_is_either_correctable_or_in_the_presentment_digest():
-    identity = {"operator_id", "trip_id", "card", "scene", "place_id", "occurred_at", "gate_id"}
+    identity = {
+        "operator_id",
+        "trip_id",
+        "card",
+        "scene",
+        "place_id",
+        "occurred_at",
+        "gate_id",
+        "decision_source",
+    }
     fields = {f.name for f in dataclasses.fields(Trip)}
     assert CORRECTABLE | identity == fields and not CORRECTABLE & identity
 
@@ -248,3 +277,25 @@ def test_one_judge_for_many_trips_answers_as_judge_for_each():
         t = trip(occurred_at=at, gross_fare_fen=200, charged_fen=200, concession_fen=0)
         t = replace(t, applied_entitlement=None)
         assert many(t) == judge(t, now, KNOWN, schedule, changeover_grace=grace)
+
+
+def test_a_decision_source_counts_in_both_digests_only_when_there_is_one():
+    """Trips stored without one (the previous release) keep their digests; the source is
+    part of the trip (a conflict, and not a correction a representment may make)."""
+    t = trip(gate_id="g-1")
+    marked = replace(t, decision_source=DecisionSource.STALE)
+    assert marked.digest() != t.digest()
+    assert marked.presentment_digest() != t.presentment_digest()
+    assert len({replace(t, decision_source=s).digest() for s in DecisionSource}) == 5
+    # A source cannot pass for a gate id, nor a gate id for a source.
+    assert (
+        replace(t, gate_id="", decision_source=DecisionSource.CACHE).digest()
+        != replace(t, gate_id="\x012").digest()
+    )
+    before = hashlib.sha256(
+        "\x00".join(
+            (t.operator_id, t.trip_id, "512021", t.card.card_number, "1", t.place_id,
+             t.occurred_at.astimezone(UTC).isoformat(), "g-1")
+        ).encode()
+    ).hexdigest()  # fmt: skip
+    assert t.presentment_digest() == before

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from broker._proto.yikatong.v1 import settlement_pb2, types_pb2
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.core.errors import InvalidArgument
 from broker.core.signing import Signed
 from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason, Trip
@@ -129,6 +129,8 @@ def test_lengths_count_characters_not_bytes():
         ({"place_id": "p" * 65}, "place_id"),
         ({"gate_id": "g" * 65}, "gate_id"),
         ({"gate_id": "gate\n3"}, "gate_id"),
+        ({"decision_source": 6}, "decision_source"),
+        ({"decision_source": -1}, "decision_source"),
     ],
 )
 def test_each_malformed_field_is_named_with_the_line_index(changes, field):
@@ -280,9 +282,17 @@ def test_a_trip_without_a_gate_id_has_an_empty_one():
     assert got.gate_id == ""
 
 
+@pytest.mark.parametrize("source", list(DecisionSource))
+def test_a_decision_source_is_carried_and_none_sent_is_none(source: DecisionSource):
+    got = trip_from_wire(record(decision_source=source.value), "bus-01", 0)
+    assert isinstance(got, Trip) and got.decision_source is source
+    plain = trip_from_wire(record(), "bus-01", 0)  # the previous release's operators
+    assert isinstance(plain, Trip) and plain.decision_source is None
+
+
 def test_a_trip_goes_to_the_wire_and_back_unchanged():
     """trip_to_wire (operators' tools, tests, benchmarks) is trip_from_wire's inverse."""
-    msg = record(gate_id="g-7")
+    msg = record(gate_id="g-7", decision_source=types_pb2.DECISION_SOURCE_OFFLINE_POLICY)
     back = trip_from_wire(msg, "bus-01", 0)
     assert isinstance(back, Trip)
     assert trip_to_wire(back) == msg
@@ -334,6 +344,9 @@ VARIANTS: list[dict[str, Any]] = [
     {"fare_version": "v" * 65},
     {"place_id": "路线-3", "fare_version": "v\x01"},
     {"gross_fare_fen": -5, "charged_fen": 10**12},
+    {"decision_source": types_pb2.DECISION_SOURCE_STALE},
+    {"decision_source": types_pb2.DECISION_SOURCE_OFFLINE_POLICY, "gate_id": "g-1"},
+    {"decision_source": 9},
 ]
 
 

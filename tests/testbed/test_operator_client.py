@@ -190,13 +190,13 @@ async def test_a_check_through_gate_client_returns_the_home_registrys_decision(
     card = active_card(cluster, DAZU, now)
     allowed = await gate.check(card.ref, Scene.BUS)
     assert isinstance(allowed, gate_pb2.GateDecision)
-    assert allowed.allow and allowed.source == gate_pb2.DECISION_SOURCE_HOME
+    assert allowed.allow and allowed.source == types_pb2.DECISION_SOURCE_HOME
     lost = next(c for c in cluster.setups[DAZU].cards if c.status == "lost")
     refused = await gate.check(lost.ref, Scene.BUS)
     assert (refused.allow, refused.status, refused.source) == (
         False,
         types_pb2.CARD_STATUS_LOST,
-        gate_pb2.DECISION_SOURCE_HOME,
+        types_pb2.DECISION_SOURCE_HOME,
     )
     unknown = await gate.check(CardRef(DAZU, "C5001119999999"), Scene.BUS)
     assert (unknown.allow, unknown.status) == (False, types_pb2.CARD_STATUS_UNKNOWN)

@@ -13,9 +13,10 @@ chunk's lines are counted from its framing alone (:func:`count_lines`, no line
 decoded), so an oversized stream is refused before it fills the disk.
 
 A line's fields are protobuf fields (``BatchLine``), so a line grows by
-appending one: ``gate_id`` (14) came after the first release, whose lines
-decode with it empty, and an empty one encodes to no bytes at all, so lines
-without a gate are byte for byte what that release sent.
+appending one: ``gate_id`` (14) and ``decision_source`` (15) came after the
+first release, whose lines decode with them empty, and an empty one encodes to
+no bytes at all, so lines without them are byte for byte what that release sent.
+An unknown decision source refuses the batch, as an unknown scene does.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import IO, Any
 from google.protobuf.message import DecodeError
 
 from broker._proto.yikatong.v1 import settlement_pb2, types_pb2
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.core.errors import DocumentRefused, LimitExceeded
 from broker.settlement.trips import Trip
 
@@ -90,6 +91,7 @@ def _line_to_wire(line: Line) -> settlement_pb2.BatchLine:
         scheme=line.scheme,
         claimed_fen=line.claimed_fen,
         gate_id=t.gate_id,
+        decision_source=(t.decision_source.value if t.decision_source else 0),  # type: ignore[arg-type]
     )
     msg.occurred_at.FromDatetime(t.occurred_at)
     return msg
@@ -115,6 +117,7 @@ def chunked(lines: Iterable[Line], size: int = CHUNK_LINES) -> Iterator[tuple[by
 
 _SCENES = {s.value: s for s in Scene}
 _ENTITLEMENTS = {e.value: e for e in Entitlement}
+_SOURCES = {s.value: s for s in DecisionSource}
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Timestamp's valid range (0001-01-01 to 9999-12-31): outside it, ToDatetime refuses.
 _MIN_SECONDS, _MAX_SECONDS = -62_135_596_800, 253_402_300_799
@@ -141,8 +144,13 @@ def decode_lines(chunk: bytes) -> list[Line]:
     for m in msg.lines:
         scene = _SCENES.get(m.scene)
         entitlement = _ENTITLEMENTS.get(m.applied_entitlement) if m.applied_entitlement else None
-        if scene is None or (m.applied_entitlement and entitlement is None):
-            raise DocumentRefused("a line holds an unknown scene or entitlement")
+        source = _SOURCES.get(m.decision_source) if m.decision_source else None
+        if (
+            scene is None
+            or (m.applied_entitlement and entitlement is None)
+            or (m.decision_source and source is None)
+        ):
+            raise DocumentRefused("a line holds an unknown scene, entitlement or decision source")
         c = m.card
         key = (c.issuer_region, c.card_number)
         card = cards.get(key)
@@ -163,6 +171,7 @@ def decode_lines(chunk: bytes) -> list[Line]:
                 entitlement,
                 m.fare_version,
                 m.gate_id,
+                source,
             )
         except ValueError as exc:
             raise DocumentRefused("a line holds an unknown scene or entitlement") from exc

@@ -278,6 +278,8 @@ def presentment_digest(t: Trip) -> str:
     )
     if t.gate_id:
         text = f"{text}\x00{t.gate_id}"
+    if t.decision_source:
+        text = f"{text}\x00\x01{t.decision_source.value}"
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -18,11 +18,12 @@ from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.fares.agreements import Agreement
 from broker.fares.rules import FareSchedule
 from broker.settlement.clearing.batch import CHUNK_LINES, Line, Totals
 from broker.settlement.clearing.verify import claim
+from broker.settlement.ledger.common import gate_and_source
 from broker.settlement.statements import scheme_of
 from broker.settlement.trips import Trip
 
@@ -46,6 +47,8 @@ def scheme_by(fares: FareSchedule | None) -> SchemeOf:
 
 
 _SMALL = [bytes((i,)) for i in range(0x80)]
+# Field 15, decision_source, by its value (a stored value is one DecisionSource knows).
+_SOURCE_FIELDS = {s.value: b"\x78" + _SMALL[s.value] for s in DecisionSource}
 
 
 def varint(value: int) -> bytes:
@@ -140,7 +143,8 @@ class RowEncoder:
             occurred = datetime.fromisoformat(occurred)
         occurred = occurred.astimezone(UTC)
         gross, charged, concession = int(row[7]), int(row[8]), int(row[9])
-        entitlement_value, version, gate = row[10], row[11], row[12] or ""
+        entitlement_value, version = row[10], row[11]
+        gate, source = gate_and_source(row[12])
         key = (version, operator, scene_value, place, entitlement_value)
         found = self._schemes.get(key)
         if found is None:
@@ -170,6 +174,7 @@ class RowEncoder:
                 tail,
                 _number(0x68, claimed),
                 self._cached_text(0x72, gate),
+                _SOURCE_FIELDS[source] if source else b"",
             )
         )
         return body, operator, gross, charged, concession, claimed

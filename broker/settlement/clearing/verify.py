@@ -16,6 +16,12 @@ been received before (``DUPLICATE``; a representment must follow a first
 rejection, ``NOT_DISPUTED``, be the same trip: the same card, place, time
 and gate, ``NOT_SAME_TRIP``, and correct only what the rejection was about,
 ``CORRECTABLE_BY_CODE`` of :mod:`broker.settlement.trips`, ``BEYOND_DISPUTE``).
+A line the gate decided by its offline policy (``decision_source``
+``OFFLINE_POLICY``: no answer was given, the card was not verified) is judged
+on the card as the agreement's ``offline_risk`` says: ``"operator"``, ACTIVE as
+recorded at the instant of travel (no cached answer to honour), else
+``CARD_NOT_ACTIVE``; ``"home"``, any card this district issued. It may claim no
+entitlement (``ENTITLEMENT_MISMATCH``), so it claims the standard fare at most.
 A concession over a cap of its scheme (per card-holder,
 per month and per year, counted across every district, this district's own
 operators included) keeps its fare but loses its concession claim
@@ -31,7 +37,7 @@ from typing import Any
 
 from broker.cards.csv_import import CardRow
 from broker.cards.entitlements import entitlements_for
-from broker.cards.model import SHANGHAI, CardStatus, Entitlement, shanghai_day
+from broker.cards.model import SHANGHAI, CardStatus, DecisionSource, Entitlement, shanghai_day
 from broker.cards.registry import (
     CardChange,
     Registry,
@@ -259,6 +265,8 @@ class LineChecker:
         card = self._card(t.card.card_number)
         if card is None:
             return "UNKNOWN_CARD", 0
+        if t.decision_source is DecisionSource.OFFLINE_POLICY:
+            return self._offline(line, card, day)
         # The home bears the risk of the TTL it advertised: any answer a gate may still have
         # held from its cache at the time of travel, as the registry had recorded it, will do.
         if self._ttls is None:  # read once per batch: they change only when a node starts
@@ -275,6 +283,22 @@ class LineChecker:
             return "CARD_NOT_ACTIVE", 0
         if t.applied_entitlement is not None and t.applied_entitlement not in held:
             return "ENTITLEMENT_MISMATCH", 0
+        return self._priced(line, card, day)
+
+    def _offline(self, line: Line, card: CardRow, day: date) -> tuple[str, int]:
+        """A line allowed by the gate's offline policy: no answer was given, so none is
+        honoured; who bears a card that was not valid is the agreement's ``offline_risk``."""
+        t = line.trip
+        if t.applied_entitlement is not None:
+            return "ENTITLEMENT_MISMATCH", 0  # an unverified card is given no entitlement
+        risk = self.agreement.offline_risk if self.agreement else "operator"
+        if risk == "operator" and self._held(card, t.occurred_at, t.occurred_at, day) is None:
+            return "CARD_NOT_ACTIVE", 0  # not ACTIVE, as recorded, when the trip occurred
+        return self._priced(line, card, day)
+
+    def _priced(self, line: Line, card: CardRow, day: date) -> tuple[str, int]:
+        """The fare, claim and cap checks of a line whose card and entitlement held."""
+        t = line.trip
         table = self.fare_table(t.fare_version)
         if table is None or not self._fares_in_force(t.fare_version, t.occurred_at):
             return "UNPUBLISHED_FARES", 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.settlement.trips import Judgement, Outcome, Reason, Trip
 
 CONFLICT = Judgement(
@@ -27,19 +27,31 @@ def resubmitted(stored: tuple[str, str, str, str], trip: Trip) -> Judgement:
     return CONFLICT
 
 
-# Read as ``SELECT {TRIP_COLUMNS} FROM trips``: the gate id lives in ``trip_gates``
-# (ledger migration 3), so the rows the previous release wrote stay as they were.
+# Read as ``SELECT {TRIP_COLUMNS} FROM trips``: the gate id and the decision source live in
+# ``trip_gates`` (ledger migrations 3 and 4), so the rows the previous release wrote stay as
+# they were. Both in one lookup, as ``gate|source`` (NULL: neither was sent; a gate id may
+# hold ``|``, a source is a number: :func:`gate_and_source` splits at the last one).
 TRIP_COLUMNS = (
     "operator_id, trip_id, issuer_region, card_number, scene, place_id, occurred_at, "
     "gross_fare_fen, charged_fen, concession_fen, applied_entitlement, fare_version, "
-    "coalesce((SELECT gate_id FROM trip_gates WHERE trip_gates.operator_id = trips.operator_id "
-    "AND trip_gates.trip_id = trips.trip_id), '') AS gate_id"
+    "(SELECT gate_id || '|' || decision_source FROM trip_gates "
+    "WHERE trip_gates.operator_id = trips.operator_id "
+    "AND trip_gates.trip_id = trips.trip_id) AS gate_and_source"
 )
+
+
+def gate_and_source(stored: str | None) -> tuple[str, int]:
+    """The gate id and the decision source's value (0: none) of a ``gate_and_source``."""
+    if not stored:
+        return "", 0
+    gate, _, source = stored.rpartition("|")
+    return gate, int(source)
 
 
 def trip_from_row(row: tuple[Any, ...]) -> Trip:
     """A stored trip (columns in :data:`TRIP_COLUMNS` order) back as a :class:`Trip`."""
     occurred = row[6]
+    gate, source = gate_and_source(row[12])
     if isinstance(occurred, str):
         occurred = datetime.fromisoformat(occurred)
     return Trip(
@@ -54,5 +66,6 @@ def trip_from_row(row: tuple[Any, ...]) -> Trip:
         concession_fen=int(row[9]),
         applied_entitlement=Entitlement(row[10]) if row[10] else None,
         fare_version=row[11],
-        gate_id=row[12] or "",
+        gate_id=gate,
+        decision_source=DecisionSource(source) if source else None,
     )

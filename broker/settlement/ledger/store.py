@@ -87,6 +87,13 @@ MIGRATIONS = (
         "CREATE INDEX IF NOT EXISTS trips_card_time ON trips (operator_id, card_number, "
         "occurred_at)",
     ),
+    Migration(
+        4,
+        "decision sources: where each trip's gate decision came from, beside its gate",
+        # In trip_gates, which the previous release never knew: its inserts into trips name
+        # no columns (tests/e2e/test_db_fixtures.py). A row per trip with a gate or a source.
+        "ALTER TABLE trip_gates ADD COLUMN decision_source INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 # Every column but ingest_seq, which PostgreSQL's sequence fills.
@@ -99,11 +106,15 @@ _MARKS = ", ".join("?" * 18)
 _CONFLICT = " ON CONFLICT (operator_id, trip_id) DO NOTHING"
 _INSERT = f"INSERT INTO trips ({_COLUMNS}) VALUES ({_MARKS})" + _CONFLICT
 _INSERT_SEQ = f"INSERT INTO trips ({_COLUMNS}, ingest_seq) VALUES ({_MARKS}, ?)" + _CONFLICT
-_GATE = "INSERT INTO trip_gates (operator_id, trip_id, gate_id) VALUES (?, ?, ?)" + _CONFLICT
-# After a batch redone row by row: the gate of a trip stored now or before with this content
-# (the digest counts the gate), never of another trip stored under the same id.
+_GATE = (
+    "INSERT INTO trip_gates (operator_id, trip_id, gate_id, decision_source) "
+    "VALUES (?, ?, ?, ?)" + _CONFLICT
+)
+# After a batch redone row by row: the gate and source of a trip stored now or before with
+# this content (the digest counts both), never of another trip stored under the same id.
 _GATE_IF_STORED = (
-    "INSERT INTO trip_gates (operator_id, trip_id, gate_id) SELECT ?, ?, ? WHERE EXISTS "
+    "INSERT INTO trip_gates (operator_id, trip_id, gate_id, decision_source) "
+    "SELECT ?, ?, ?, ? WHERE EXISTS "
     "(SELECT 1 FROM trips WHERE operator_id = ? AND trip_id = ? AND digest = ?)" + _CONFLICT
 )
 _CARDS_PER_QUERY = 500
@@ -146,9 +157,7 @@ class SqlLedger:
             self._db.execute("SAVEPOINT fresh")
             if self._db.executemany(insert, rows) == len(rows):
                 self._db.execute("RELEASE fresh")
-                self._db.executemany(
-                    _GATE, [(t.operator_id, t.trip_id, t.gate_id) for t, _ in judged if t.gate_id]
-                )
+                self._db.executemany(_GATE, [_gate_row(t) for t, _ in judged if _has_gate(t)])
                 return [v for _, v in judged]
             self._db.execute("ROLLBACK TO fresh")
             self._db.execute("RELEASE fresh")
@@ -156,9 +165,9 @@ class SqlLedger:
             self._db.executemany(
                 _GATE_IF_STORED,
                 [
-                    (t.operator_id, t.trip_id, t.gate_id, t.operator_id, t.trip_id, t.digest())
+                    (*_gate_row(t), t.operator_id, t.trip_id, t.digest())
                     for t, _ in judged
-                    if t.gate_id
+                    if _has_gate(t)
                 ],
             )
             return out
@@ -282,7 +291,8 @@ class SqlLedger:
                 rows = self._db.all(
                     "SELECT t.trip_id, t.issuer_region, t.card_number, g.gate_id, t.place_id, "
                     "t.occurred_at FROM trips t JOIN trip_gates g ON g.operator_id = t.operator_id "
-                    "AND g.trip_id = t.trip_id WHERE t.operator_id = ? AND t.card_number IN "
+                    "AND g.trip_id = t.trip_id AND g.gate_id <> '' "
+                    "WHERE t.operator_id = ? AND t.card_number IN "
                     f"({', '.join('?' * len(some))}) AND t.occurred_at >= ? "
                     "AND t.occurred_at <= ? AND t.outcome = 'accepted'",
                     (operator_id, *some, self._db.instant(lo), self._db.instant(hi)),
@@ -450,6 +460,15 @@ _ACCEPTED = ("accepted", "ok", "")
 
 def _columns(verdict: Judgement) -> tuple[str, str, str]:
     return (verdict.outcome.value, verdict.reason.value, verdict.detail)
+
+
+def _has_gate(trip: Trip) -> bool:  # a row in trip_gates: a gate id or a decision source
+    return bool(trip.gate_id or trip.decision_source)
+
+
+def _gate_row(trip: Trip) -> tuple[str, str, str, int]:
+    source = trip.decision_source
+    return (trip.operator_id, trip.trip_id, trip.gate_id, source.value if source else 0)
 
 
 def _tap_of(trip: Trip) -> _Tap:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from broker._proto.yikatong.v1 import settlement_pb2
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.core.errors import DocumentRefused, LimitExceeded
 from broker.settlement.clearing.batch import (
     CHUNK_LINES,
@@ -250,11 +250,37 @@ def raw_line(**fields: object) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "fields", [{"scene": 99}, {"scene": -1}, {"applied_entitlement": 42}], ids=str
+    "fields",
+    [
+        {"scene": 99},
+        {"scene": -1},
+        {"applied_entitlement": 42},
+        {"decision_source": 6},
+        {"decision_source": -3},
+    ],
+    ids=str,
 )
-def test_a_line_with_an_unknown_scene_or_entitlement_is_refused(fields):
-    with pytest.raises(DocumentRefused, match="unknown scene or entitlement"):
+def test_a_line_with_an_unknown_scene_entitlement_or_source_is_refused(fields):
+    with pytest.raises(DocumentRefused, match="unknown scene, entitlement or decision source"):
         decode_lines(raw_line(**fields))
+
+
+@pytest.mark.parametrize("source", [None, *DecisionSource])
+def test_a_lines_decision_source_goes_out_and_comes_back(source):
+    one = line(decision_source=source)
+    (back,) = decode_lines(encode_lines([one]))
+    assert back.trip.decision_source is source
+    assert back == one
+
+
+def test_a_line_without_a_decision_source_is_the_bytes_the_previous_release_sent():
+    """An empty field encodes to nothing: the line's bytes (and so a stored batch digest)
+    are what they were before the field was appended; a source adds field 15 at the end."""
+    without = encode_lines([line()])
+    marked = encode_lines([line(decision_source=DecisionSource.STALE)])
+    msg = settlement_pb2.BatchLines.FromString(without)
+    assert not msg.lines[0].decision_source
+    assert marked[2:] == without[2:] + b"\x78\x04"  # after the changed line length
 
 
 def test_a_line_with_an_occurred_at_beyond_datetime_is_refused():

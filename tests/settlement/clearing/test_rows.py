@@ -17,7 +17,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.cards.model import Entitlement, Scene
+from broker.cards.model import DecisionSource, Entitlement, Scene
 from broker.fares.rules import FareSchedule
 from broker.node.config import NodeConfig
 from broker.settlement.clearing.batch import CHUNK_LINES, Totals, chunked, encode_lines
@@ -46,7 +46,13 @@ rows = st.tuples(
     amounts,
     st.sampled_from([0, *(e.value for e in Entitlement)]),
     st.sampled_from(["sample-1", "ghost-9", ""]),
-    st.one_of(st.none(), texts),  # gate id
+    # gate id and decision source as trip_gates gives them: none, or "gate|source"
+    st.one_of(
+        st.none(),
+        st.tuples(texts, st.sampled_from([0, *(s.value for s in DecisionSource)])).map(
+            lambda gs: f"{gs[0]}|{gs[1]}"
+        ),
+    ),
 )
 
 
@@ -106,7 +112,7 @@ def test_chunks_are_cut_where_the_line_by_line_path_cuts_them(tmp_path: Path) ->
             150 if i % 2 else 300,
             (i % 6),
             "sample-1",
-            None if i % 4 else f"g-{i}",
+            None if i % 4 else f"g-{i}|{i % 6}",  # a gate and a source 0 (none) to 5
         )
         for i in range(2 * CHUNK_LINES + 17)
     ]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from broker.cards.csv_import import CardRow
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.cards.registry import Registry
 from broker.core.db import Db, migrate
 from broker.fares.agreements import Agreement
@@ -33,7 +33,7 @@ from broker.settlement.clearing.verify import (
     LineChecker,
     claim,
 )
-from broker.settlement.trips import correctable_values
+from broker.settlement.trips import Trip, correctable_values
 from broker.testbed.build import SAMPLE_AGREEMENT, SAMPLE_FARES
 from tests.settlement.clearing.pair import (
     AT,
@@ -562,3 +562,71 @@ def test_without_a_stored_digest_a_representment_is_judged_as_before(home: Home)
     )
     checker = home.checker(previous=lambda op, tid: ("ENTITLEMENT_MISMATCH", 1), representment=True)
     assert checker.check(line(moved)) == (OK, 200)  # presented: None, the default
+
+
+# ---------------------------------------------------------------- the gate's decision source
+
+
+def offline(t: Trip) -> Trip:
+    return replace(t, decision_source=DecisionSource.OFFLINE_POLICY)
+
+
+@pytest.mark.parametrize(
+    ("lost_before", "risk", "code"),
+    [
+        (None, "operator", OK),  # ACTIVE when it occurred: the standard fare is owed
+        (timedelta(seconds=1), "operator", "CARD_NOT_ACTIVE"),  # no answer honoured, no TTL
+        (timedelta(seconds=-1), "operator", OK),  # lost just after the trip
+        (timedelta(seconds=1), "home", OK),  # the home took the first-ride risk
+        (timedelta(days=30), "home", OK),
+    ],
+)
+def test_an_offline_line_is_judged_on_the_card_as_the_agreement_says(
+    home: Home, lost_before: timedelta | None, risk: str, code: str
+) -> None:
+    """An answer the gate never had is not honoured: within the advertised TTL (120 s), a
+    card lost a second before an offline trip is the operator's loss unless the home bears
+    the offline risk; a cached or stale answer's trip is still judged by the TTL."""
+    ref = ttl_card(home, "OFF01")
+    if lost_before is not None:
+        change(home, ref, AT - lost_before, AT - lost_before, status="lost")
+    agreement = replace(AGREEMENT, offline_risk=risk)
+    t = trip(ref, "t-1")
+    assert home.checker(agreement=agreement).check(line(offline(t))) == (
+        code,
+        200 if code == OK else 0,
+    )
+    if lost_before == timedelta(seconds=1):  # the same trip from a cached answer: home's risk
+        for source in (None, DecisionSource.CACHE, DecisionSource.STALE, DecisionSource.PEER):
+            marked = replace(t, trip_id=f"t-{source}", decision_source=source)
+            assert home.checker(agreement=agreement).check(line(marked)) == (OK, 200)
+
+
+def test_an_offline_line_claims_no_entitlement(home: Home) -> None:
+    t = offline(trip(card(HOME, "senior"), "t-1", Entitlement.SENIOR_65))
+    assert home.checker().check(line(t)) == ("ENTITLEMENT_MISMATCH", 0)
+    full = offline(trip(card(HOME, "senior"), "t-2"))  # the standard fare
+    assert home.checker().check(line(full)) == (OK, 200)
+
+
+def test_an_offline_line_of_a_card_never_issued_is_unknown_whoever_bears_the_risk(
+    home: Home,
+) -> None:
+    ghost = replace(card(HOME, "plain"), card_number="C5120219999999")
+    agreement = replace(AGREEMENT, offline_risk="home")
+    assert home.checker(agreement=agreement).check(line(offline(trip(ghost, "t-1")))) == (
+        "UNKNOWN_CARD",
+        0,
+    )
+
+
+def test_an_offline_line_without_fares_collected_through_home_claims_nothing(
+    home: Home,
+) -> None:
+    terms = Agreement(SERVING, collect_through_home=False)
+    t = offline(trip(card(HOME, "plain"), "t-1"))
+    assert home.checker(agreement=terms).check(line(t, claimed=0)) == (OK, 0)
+    assert home.checker(agreement=terms).check(line(replace(t, trip_id="t-2"))) == (
+        "CLAIM_MISMATCH",
+        0,
+    )

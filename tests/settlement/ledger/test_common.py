@@ -16,10 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from broker.cards.model import CardRef, Entitlement, Scene
+from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.core.db import Db
 from broker.settlement.ledger import Ledger, open_ledger
-from broker.settlement.ledger.common import CONFLICT, TRIP_COLUMNS, resubmitted, trip_from_row
+from broker.settlement.ledger.common import (
+    CONFLICT,
+    TRIP_COLUMNS,
+    gate_and_source,
+    resubmitted,
+    trip_from_row,
+)
 from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason, Trip
 
 NOW = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
@@ -105,7 +111,28 @@ def test_trip_columns_follow_the_trip_fields_in_order():
     columns = column_names(TRIP_COLUMNS)
     fields = [f.name for f in dataclasses.fields(Trip)]
     card = fields.index("card")
-    assert columns == [*fields[:card], "issuer_region", "card_number", *fields[card + 1 :]]
+    assert fields[-2:] == ["gate_id", "decision_source"]  # both read in one lookup, last
+    assert columns == [
+        *fields[:card],
+        "issuer_region",
+        "card_number",
+        *fields[card + 1 : -2],
+        "gate_and_source",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        (None, ("", 0)),
+        ("gate-3|0", ("gate-3", 0)),
+        ("|4", ("", 4)),
+        ("a|b|5", ("a|b", 5)),  # a gate id may hold "|": the source is after the last one
+        ("gate|with|pipes|0", ("gate|with|pipes", 0)),
+    ],
+)
+def test_a_gate_and_source_splits_at_the_last_bar(stored, expected):
+    assert gate_and_source(stored) == expected
 
 
 def test_a_row_as_sqlite_returns_it_comes_back_as_the_trip():
@@ -123,7 +150,7 @@ def test_a_row_as_sqlite_returns_it_comes_back_as_the_trip():
         200,
         2,
         "sample-1",
-        "",
+        None,  # no trip_gates row: neither a gate nor a source was sent
     )
     back = trip_from_row(row)
     assert back == t and back.digest() == t.digest()
@@ -135,15 +162,16 @@ def test_a_row_with_an_aware_datetime_comes_back_in_utc():
     t = trip()
     local = t.occurred_at.astimezone(timezone(timedelta(hours=8)))
     row = ("bus-01", "t-000001", "512021", "C5120210000001", 1, "", local)
-    back = trip_from_row((*row, 200, 0, 200, 2, "sample-1", ""))
+    back = trip_from_row((*row, 200, 0, 200, 2, "sample-1", None))
     assert back.occurred_at.utcoffset() == timedelta(0)
     assert back.digest() == t.digest()  # so that a resubmission still matches
 
 
 def test_a_row_without_entitlement_comes_back_with_none_and_enums():
     row = ("op", "t", "512021", "C5120210000001", 3, "hall", "2026-11-28T00:00:00+08:00")
-    back = trip_from_row((*row, 0, 0, 0, 0, "v1", "gate-7"))
+    back = trip_from_row((*row, 0, 0, 0, 0, "v1", "gate-7|5"))
     assert back.applied_entitlement is None  # 0 is "no entitlement applied"
+    assert back.decision_source is DecisionSource.OFFLINE_POLICY
     assert back.scene is Scene.MUSEUM
     assert back.occurred_at == datetime(2026, 11, 27, 16, 0, tzinfo=UTC)
     assert (back.gross_fare_fen, back.charged_fen, back.concession_fen) == (0, 0, 0)
@@ -284,6 +312,27 @@ def test_a_gate_id_is_stored_and_read_back_and_without_one_reads_back_empty(ledg
     assert ledger.record([(tap(1), ACCEPT)], NOW) == [ACCEPT]  # the same trip, gate and all
     assert ledger.record([(tap(1, gate="gate-4"), ACCEPT)], NOW) == [CONFLICT]
     assert ledger.record([(replace(tap(1), gate_id=""), ACCEPT)], NOW) == [CONFLICT]
+    ledger.close()
+
+
+def test_a_decision_source_is_stored_and_read_back_with_or_without_a_gate(ledger_factory):
+    """The source lives beside the gate (ledger migration 4); the digest counts it, so the
+    same trip id with another source is a conflict, and the same one its stored outcome."""
+    ledger = ledger_factory()
+    offline = tap(1, decision_source=DecisionSource.OFFLINE_POLICY)
+    stale = replace(trip(2), decision_source=DecisionSource.STALE)  # a source, no gate
+    plain = trip(3)  # neither: the previous release's trip
+    assert ledger.record([(t, ACCEPT) for t in (offline, stale, plain)], NOW) == [ACCEPT] * 3
+    back = {t.trip_id: t for t in ledger.accepted_trips(date(2026, 11, 28))}
+    assert back["t-000001"] == offline and back["t-000002"] == stale
+    assert back["t-000003"] == plain and back["t-000003"].decision_source is None
+    assert ledger.record([(offline, ACCEPT), (stale, ACCEPT)], NOW) == [ACCEPT, ACCEPT]
+    other = replace(offline, decision_source=DecisionSource.CACHE)
+    assert ledger.record([(other, ACCEPT)], NOW) == [CONFLICT]
+    assert ledger.record([(replace(stale, decision_source=None), ACCEPT)], NOW) == [CONFLICT]
+    # A trip with a source and no gate is never taken for a tap at a gate "".
+    again = replace(trip(4), decision_source=DecisionSource.STALE)
+    assert ledger.record([(again, ACCEPT)], NOW) == [ACCEPT]
     ledger.close()
 
 

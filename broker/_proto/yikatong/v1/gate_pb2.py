@@ -25,19 +25,17 @@ _sym_db = _symbol_database.Default()
 from broker._proto.yikatong.v1 import types_pb2 as yikatong_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16yikatong/v1/gate.proto\x12\x0byikatong.v1\x1a\x17yikatong/v1/types.proto\"\x91\x01\n\x10GateCheckRequest\x12\"\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x14.yikatong.v1.CardRef\x12!\n\x05scene\x18\x02 \x01(\x0e\x32\x12.yikatong.v1.Scene\x12\x13\n\x0boperator_id\x18\x03 \x01(\t\x12\x0f\n\x07gate_id\x18\x04 \x01(\t\x12\x10\n\x08place_id\x18\x05 \x01(\t\"\xd7\x02\n\x0cGateDecision\x12\r\n\x05\x61llow\x18\x01 \x01(\x08\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.yikatong.v1.CardStatus\x12.\n\x0c\x65ntitlements\x18\x03 \x03(\x0e\x32\x18.yikatong.v1.Entitlement\x12+\n\x06source\x18\x04 \x01(\x0e\x32\x1b.yikatong.v1.DecisionSource\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x16\n\x0egross_fare_fen\x18\x06 \x01(\x03\x12\x13\n\x0b\x63harged_fen\x18\x07 \x01(\x03\x12\x16\n\x0e\x63oncession_fen\x18\x08 \x01(\x03\x12\x35\n\x13\x61pplied_entitlement\x18\t \x01(\x0e\x32\x18.yikatong.v1.Entitlement\x12\x14\n\x0c\x66\x61re_version\x18\n \x01(\t\x12\x10\n\x08verified\x18\x0b \x01(\x08*\xbf\x01\n\x0e\x44\x65\x63isionSource\x12\x1f\n\x1b\x44\x45\x43ISION_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45\x43ISION_SOURCE_HOME\x10\x01\x12\x19\n\x15\x44\x45\x43ISION_SOURCE_CACHE\x10\x02\x12\x18\n\x14\x44\x45\x43ISION_SOURCE_PEER\x10\x03\x12\x19\n\x15\x44\x45\x43ISION_SOURCE_STALE\x10\x04\x12\"\n\x1e\x44\x45\x43ISION_SOURCE_OFFLINE_POLICY\x10\x05\x32I\n\x04Gate\x12\x41\n\x05\x43heck\x12\x1d.yikatong.v1.GateCheckRequest\x1a\x19.yikatong.v1.GateDecisionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16yikatong/v1/gate.proto\x12\x0byikatong.v1\x1a\x17yikatong/v1/types.proto\"\x91\x01\n\x10GateCheckRequest\x12\"\n\x04\x63\x61rd\x18\x01 \x01(\x0b\x32\x14.yikatong.v1.CardRef\x12!\n\x05scene\x18\x02 \x01(\x0e\x32\x12.yikatong.v1.Scene\x12\x13\n\x0boperator_id\x18\x03 \x01(\t\x12\x0f\n\x07gate_id\x18\x04 \x01(\t\x12\x10\n\x08place_id\x18\x05 \x01(\t\"\xd7\x02\n\x0cGateDecision\x12\r\n\x05\x61llow\x18\x01 \x01(\x08\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.yikatong.v1.CardStatus\x12.\n\x0c\x65ntitlements\x18\x03 \x03(\x0e\x32\x18.yikatong.v1.Entitlement\x12+\n\x06source\x18\x04 \x01(\x0e\x32\x1b.yikatong.v1.DecisionSource\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x16\n\x0egross_fare_fen\x18\x06 \x01(\x03\x12\x13\n\x0b\x63harged_fen\x18\x07 \x01(\x03\x12\x16\n\x0e\x63oncession_fen\x18\x08 \x01(\x03\x12\x35\n\x13\x61pplied_entitlement\x18\t \x01(\x0e\x32\x18.yikatong.v1.Entitlement\x12\x14\n\x0c\x66\x61re_version\x18\n \x01(\t\x12\x10\n\x08verified\x18\x0b \x01(\x08\x32I\n\x04Gate\x12\x41\n\x05\x43heck\x12\x1d.yikatong.v1.GateCheckRequest\x1a\x19.yikatong.v1.GateDecisionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'broker._proto.yikatong.v1.gate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECISIONSOURCE']._serialized_start=559
-  _globals['_DECISIONSOURCE']._serialized_end=750
   _globals['_GATECHECKREQUEST']._serialized_start=65
   _globals['_GATECHECKREQUEST']._serialized_end=210
   _globals['_GATEDECISION']._serialized_start=213
   _globals['_GATEDECISION']._serialized_end=556
-  _globals['_GATE']._serialized_start=752
-  _globals['_GATE']._serialized_end=825
+  _globals['_GATE']._serialized_start=558
+  _globals['_GATE']._serialized_end=631
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,6 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from broker._proto.yikatong.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -21,40 +20,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _DecisionSource:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _DecisionSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DecisionSource.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    DECISION_SOURCE_UNSPECIFIED: _DecisionSource.ValueType  # 0
-    DECISION_SOURCE_HOME: _DecisionSource.ValueType  # 1
-    """The node's own registry: the card was issued by this district."""
-    DECISION_SOURCE_CACHE: _DecisionSource.ValueType  # 2
-    """A cached answer of the card's home district."""
-    DECISION_SOURCE_PEER: _DecisionSource.ValueType  # 3
-    """Asked the card's home district just now."""
-    DECISION_SOURCE_STALE: _DecisionSource.ValueType  # 4
-    """A cached answer past its TTL (reserved for a later version)."""
-    DECISION_SOURCE_OFFLINE_POLICY: _DecisionSource.ValueType  # 5
-    """The home district could not be asked; the offline policy decided."""
-
-class DecisionSource(_DecisionSource, metaclass=_DecisionSourceEnumTypeWrapper):
-    """Where the answer came from."""
-
-DECISION_SOURCE_UNSPECIFIED: DecisionSource.ValueType  # 0
-DECISION_SOURCE_HOME: DecisionSource.ValueType  # 1
-"""The node's own registry: the card was issued by this district."""
-DECISION_SOURCE_CACHE: DecisionSource.ValueType  # 2
-"""A cached answer of the card's home district."""
-DECISION_SOURCE_PEER: DecisionSource.ValueType  # 3
-"""Asked the card's home district just now."""
-DECISION_SOURCE_STALE: DecisionSource.ValueType  # 4
-"""A cached answer past its TTL (reserved for a later version)."""
-DECISION_SOURCE_OFFLINE_POLICY: DecisionSource.ValueType  # 5
-"""The home district could not be asked; the offline policy decided."""
-Global___DecisionSource: _TypeAlias = DecisionSource  # noqa: Y015
 
 @_typing.final
 class GateCheckRequest(_message.Message):
@@ -115,7 +80,7 @@ class GateDecision(_message.Message):
     no concession: the risk EMV transit calls first-ride risk).
     """
     status: _types_pb2.CardStatus.ValueType
-    source: Global___DecisionSource.ValueType
+    source: _types_pb2.DecisionSource.ValueType
     reason: _builtins.str
     """Human-readable explanation; never contains the card number."""
     gross_fare_fen: _builtins.int
@@ -141,7 +106,7 @@ class GateDecision(_message.Message):
         allow: _builtins.bool = ...,
         status: _types_pb2.CardStatus.ValueType = ...,
         entitlements: _abc.Iterable[_types_pb2.Entitlement.ValueType] | None = ...,
-        source: Global___DecisionSource.ValueType = ...,
+        source: _types_pb2.DecisionSource.ValueType = ...,
         reason: _builtins.str = ...,
         gross_fare_fen: _builtins.int = ...,
         charged_fen: _builtins.int = ...,

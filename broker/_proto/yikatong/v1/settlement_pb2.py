@@ -26,47 +26,47 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from broker._proto.yikatong.v1 import types_pb2 as yikatong_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cyikatong/v1/settlement.proto\x12\x0byikatong.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17yikatong/v1/types.proto\"E\n\x0eSignedDocument\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"(\n\x14PublishFaresResponse\x12\x10\n\x08versions\x18\x01 \x03(\t\"\x83\x03\n\tBatchLine\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0f\n\x07trip_id\x18\x02 \x01(\t\x12\"\n\x04\x63\x61rd\x18\x03 \x01(\x0b\x32\x14.yikatong.v1.CardRef\x12!\n\x05scene\x18\x04 \x01(\x0e\x32\x12.yikatong.v1.Scene\x12\x10\n\x08place_id\x18\x05 \x01(\t\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0egross_fare_fen\x18\x07 \x01(\x03\x12\x13\n\x0b\x63harged_fen\x18\x08 \x01(\x03\x12\x16\n\x0e\x63oncession_fen\x18\t \x01(\x03\x12\x35\n\x13\x61pplied_entitlement\x18\n \x01(\x0e\x32\x18.yikatong.v1.Entitlement\x12\x14\n\x0c\x66\x61re_version\x18\x0b \x01(\t\x12\x0e\n\x06scheme\x18\x0c \x01(\t\x12\x13\n\x0b\x63laimed_fen\x18\r \x01(\x03\x12\x0f\n\x07gate_id\x18\x0e \x01(\t\"3\n\nBatchLines\x12%\n\x05lines\x18\x01 \x03(\x0b\x32\x16.yikatong.v1.BatchLine\"T\n\tBatchPart\x12\x0f\n\x05lines\x18\x01 \x01(\x0cH\x00\x12.\n\x07trailer\x18\x02 \x01(\x0b\x32\x1b.yikatong.v1.SignedDocumentH\x00\x42\x06\n\x04part\"\x83\x01\n\x0bLineVerdict\x12\x0f\n\x07line_no\x18\x01 \x01(\x03\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x0f\n\x07trip_id\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x1a\n\x12\x61\x63\x63\x65pted_claim_fen\x18\x05 \x01(\x03\x12\x13\n\x0b\x63laimed_fen\x18\x06 \x01(\x03\":\n\x0cLineVerdicts\x12*\n\x08verdicts\x18\x01 \x03(\x0b\x32\x18.yikatong.v1.LineVerdict\"Q\n\x07\x41\x63kPart\x12\x12\n\x08verdicts\x18\x01 \x01(\x0cH\x00\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.yikatong.v1.SignedDocumentH\x00\x42\x06\n\x04part\"\xdf\x02\n\nTripRecord\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0f\n\x07trip_id\x18\x02 \x01(\t\x12\"\n\x04\x63\x61rd\x18\x03 \x01(\x0b\x32\x14.yikatong.v1.CardRef\x12!\n\x05scene\x18\x04 \x01(\x0e\x32\x12.yikatong.v1.Scene\x12\x10\n\x08place_id\x18\x05 \x01(\t\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0egross_fare_fen\x18\x07 \x01(\x03\x12\x13\n\x0b\x63harged_fen\x18\x08 \x01(\x03\x12\x16\n\x0e\x63oncession_fen\x18\t \x01(\x03\x12\x35\n\x13\x61pplied_entitlement\x18\n \x01(\x0e\x32\x18.yikatong.v1.Entitlement\x12\x14\n\x0c\x66\x61re_version\x18\x0b \x01(\t\x12\x0f\n\x07gate_id\x18\x0c \x01(\t\"<\n\x12SubmitTripsRequest\x12&\n\x05trips\x18\x01 \x03(\x0b\x32\x17.yikatong.v1.TripRecord\"h\n\nTripResult\x12\x0f\n\x07trip_id\x18\x01 \x01(\t\x12)\n\x07outcome\x18\x02 \x01(\x0e\x32\x18.yikatong.v1.TripOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"?\n\x13SubmitTripsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.yikatong.v1.TripResult\"?\n\x16GetTripOutcomesRequest\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x10\n\x08trip_ids\x18\x02 \x03(\t\":\n\x13GetStatementRequest\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0e\n\x06period\x18\x02 \x01(\t\"\x92\x02\n\rStatementLine\x12\x15\n\rhome_district\x18\x01 \x01(\t\x12\r\n\x05trips\x18\x02 \x01(\x03\x12\x11\n\tgross_fen\x18\x03 \x01(\x03\x12\x13\n\x0b\x63harged_fen\x18\x04 \x01(\x03\x12\x16\n\x0e\x63oncession_fen\x18\x05 \x01(\x03\x12\x13\n\x0b\x63laimed_fen\x18\x06 \x01(\x03\x12\x14\n\x0c\x61\x63\x63\x65pted_fen\x18\x07 \x01(\x03\x12\x16\n\x0erejected_trips\x18\x08 \x01(\x03\x12\x14\n\x0cin_batch_fen\x18\t \x01(\x03\x12\x14\n\x0c\x64isputed_fen\x18\n \x01(\x03\x12\x13\n\x0bsettled_fen\x18\x0b \x01(\x03\x12\x17\n\x0fnot_batched_fen\x18\x0c \x01(\x03\"c\n\x11OperatorStatement\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0e\n\x06period\x18\x02 \x01(\t\x12)\n\x05lines\x18\x03 \x03(\x0b\x32\x1a.yikatong.v1.StatementLine*\x96\x01\n\x0bTripOutcome\x12\x1c\n\x18TRIP_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15TRIP_OUTCOME_ACCEPTED\x10\x01\x12\x19\n\x15TRIP_OUTCOME_REJECTED\x10\x02\x12\x19\n\x15TRIP_OUTCOME_CONFLICT\x10\x03\x12\x18\n\x14TRIP_OUTCOME_UNKNOWN\x10\x04\x32\xe5\x03\n\nSettlement\x12P\n\x0bSubmitTrips\x12\x1f.yikatong.v1.SubmitTripsRequest\x1a .yikatong.v1.SubmitTripsResponse\x12X\n\x0fGetTripOutcomes\x12#.yikatong.v1.GetTripOutcomesRequest\x1a .yikatong.v1.SubmitTripsResponse\x12P\n\x0cGetStatement\x12 .yikatong.v1.GetStatementRequest\x1a\x1e.yikatong.v1.OperatorStatement\x12N\n\x0cPublishFares\x12\x1b.yikatong.v1.SignedDocument\x1a!.yikatong.v1.PublishFaresResponse\x12\x41\n\rExchangeBatch\x12\x16.yikatong.v1.BatchPart\x1a\x14.yikatong.v1.AckPart(\x01\x30\x01\x12\x46\n\nConfirmDay\x12\x1b.yikatong.v1.SignedDocument\x1a\x1b.yikatong.v1.SignedDocumentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cyikatong/v1/settlement.proto\x12\x0byikatong.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17yikatong/v1/types.proto\"E\n\x0eSignedDocument\x12\x10\n\x08\x64ocument\x18\x01 \x01(\x0c\x12\x0e\n\x06key_id\x18\x02 \x01(\t\x12\x11\n\tsignature\x18\x03 \x01(\x0c\"(\n\x14PublishFaresResponse\x12\x10\n\x08versions\x18\x01 \x03(\t\"\xb9\x03\n\tBatchLine\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0f\n\x07trip_id\x18\x02 \x01(\t\x12\"\n\x04\x63\x61rd\x18\x03 \x01(\x0b\x32\x14.yikatong.v1.CardRef\x12!\n\x05scene\x18\x04 \x01(\x0e\x32\x12.yikatong.v1.Scene\x12\x10\n\x08place_id\x18\x05 \x01(\t\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0egross_fare_fen\x18\x07 \x01(\x03\x12\x13\n\x0b\x63harged_fen\x18\x08 \x01(\x03\x12\x16\n\x0e\x63oncession_fen\x18\t \x01(\x03\x12\x35\n\x13\x61pplied_entitlement\x18\n \x01(\x0e\x32\x18.yikatong.v1.Entitlement\x12\x14\n\x0c\x66\x61re_version\x18\x0b \x01(\t\x12\x0e\n\x06scheme\x18\x0c \x01(\t\x12\x13\n\x0b\x63laimed_fen\x18\r \x01(\x03\x12\x0f\n\x07gate_id\x18\x0e \x01(\t\x12\x34\n\x0f\x64\x65\x63ision_source\x18\x0f \x01(\x0e\x32\x1b.yikatong.v1.DecisionSource\"3\n\nBatchLines\x12%\n\x05lines\x18\x01 \x03(\x0b\x32\x16.yikatong.v1.BatchLine\"T\n\tBatchPart\x12\x0f\n\x05lines\x18\x01 \x01(\x0cH\x00\x12.\n\x07trailer\x18\x02 \x01(\x0b\x32\x1b.yikatong.v1.SignedDocumentH\x00\x42\x06\n\x04part\"\x83\x01\n\x0bLineVerdict\x12\x0f\n\x07line_no\x18\x01 \x01(\x03\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x0f\n\x07trip_id\x18\x03 \x01(\t\x12\x0c\n\x04\x63ode\x18\x04 \x01(\t\x12\x1a\n\x12\x61\x63\x63\x65pted_claim_fen\x18\x05 \x01(\x03\x12\x13\n\x0b\x63laimed_fen\x18\x06 \x01(\x03\":\n\x0cLineVerdicts\x12*\n\x08verdicts\x18\x01 \x03(\x0b\x32\x18.yikatong.v1.LineVerdict\"Q\n\x07\x41\x63kPart\x12\x12\n\x08verdicts\x18\x01 \x01(\x0cH\x00\x12*\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x1b.yikatong.v1.SignedDocumentH\x00\x42\x06\n\x04part\"\x95\x03\n\nTripRecord\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0f\n\x07trip_id\x18\x02 \x01(\t\x12\"\n\x04\x63\x61rd\x18\x03 \x01(\x0b\x32\x14.yikatong.v1.CardRef\x12!\n\x05scene\x18\x04 \x01(\x0e\x32\x12.yikatong.v1.Scene\x12\x10\n\x08place_id\x18\x05 \x01(\t\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0egross_fare_fen\x18\x07 \x01(\x03\x12\x13\n\x0b\x63harged_fen\x18\x08 \x01(\x03\x12\x16\n\x0e\x63oncession_fen\x18\t \x01(\x03\x12\x35\n\x13\x61pplied_entitlement\x18\n \x01(\x0e\x32\x18.yikatong.v1.Entitlement\x12\x14\n\x0c\x66\x61re_version\x18\x0b \x01(\t\x12\x0f\n\x07gate_id\x18\x0c \x01(\t\x12\x34\n\x0f\x64\x65\x63ision_source\x18\r \x01(\x0e\x32\x1b.yikatong.v1.DecisionSource\"<\n\x12SubmitTripsRequest\x12&\n\x05trips\x18\x01 \x03(\x0b\x32\x17.yikatong.v1.TripRecord\"h\n\nTripResult\x12\x0f\n\x07trip_id\x18\x01 \x01(\t\x12)\n\x07outcome\x18\x02 \x01(\x0e\x32\x18.yikatong.v1.TripOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"?\n\x13SubmitTripsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.yikatong.v1.TripResult\"?\n\x16GetTripOutcomesRequest\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x10\n\x08trip_ids\x18\x02 \x03(\t\":\n\x13GetStatementRequest\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0e\n\x06period\x18\x02 \x01(\t\"\x92\x02\n\rStatementLine\x12\x15\n\rhome_district\x18\x01 \x01(\t\x12\r\n\x05trips\x18\x02 \x01(\x03\x12\x11\n\tgross_fen\x18\x03 \x01(\x03\x12\x13\n\x0b\x63harged_fen\x18\x04 \x01(\x03\x12\x16\n\x0e\x63oncession_fen\x18\x05 \x01(\x03\x12\x13\n\x0b\x63laimed_fen\x18\x06 \x01(\x03\x12\x14\n\x0c\x61\x63\x63\x65pted_fen\x18\x07 \x01(\x03\x12\x16\n\x0erejected_trips\x18\x08 \x01(\x03\x12\x14\n\x0cin_batch_fen\x18\t \x01(\x03\x12\x14\n\x0c\x64isputed_fen\x18\n \x01(\x03\x12\x13\n\x0bsettled_fen\x18\x0b \x01(\x03\x12\x17\n\x0fnot_batched_fen\x18\x0c \x01(\x03\"c\n\x11OperatorStatement\x12\x13\n\x0boperator_id\x18\x01 \x01(\t\x12\x0e\n\x06period\x18\x02 \x01(\t\x12)\n\x05lines\x18\x03 \x03(\x0b\x32\x1a.yikatong.v1.StatementLine*\x96\x01\n\x0bTripOutcome\x12\x1c\n\x18TRIP_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15TRIP_OUTCOME_ACCEPTED\x10\x01\x12\x19\n\x15TRIP_OUTCOME_REJECTED\x10\x02\x12\x19\n\x15TRIP_OUTCOME_CONFLICT\x10\x03\x12\x18\n\x14TRIP_OUTCOME_UNKNOWN\x10\x04\x32\xe5\x03\n\nSettlement\x12P\n\x0bSubmitTrips\x12\x1f.yikatong.v1.SubmitTripsRequest\x1a .yikatong.v1.SubmitTripsResponse\x12X\n\x0fGetTripOutcomes\x12#.yikatong.v1.GetTripOutcomesRequest\x1a .yikatong.v1.SubmitTripsResponse\x12P\n\x0cGetStatement\x12 .yikatong.v1.GetStatementRequest\x1a\x1e.yikatong.v1.OperatorStatement\x12N\n\x0cPublishFares\x12\x1b.yikatong.v1.SignedDocument\x1a!.yikatong.v1.PublishFaresResponse\x12\x41\n\rExchangeBatch\x12\x16.yikatong.v1.BatchPart\x1a\x14.yikatong.v1.AckPart(\x01\x30\x01\x12\x46\n\nConfirmDay\x12\x1b.yikatong.v1.SignedDocument\x1a\x1b.yikatong.v1.SignedDocumentb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'broker._proto.yikatong.v1.settlement_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRIPOUTCOME']._serialized_start=2113
-  _globals['_TRIPOUTCOME']._serialized_end=2263
+  _globals['_TRIPOUTCOME']._serialized_start=2221
+  _globals['_TRIPOUTCOME']._serialized_end=2371
   _globals['_SIGNEDDOCUMENT']._serialized_start=103
   _globals['_SIGNEDDOCUMENT']._serialized_end=172
   _globals['_PUBLISHFARESRESPONSE']._serialized_start=174
   _globals['_PUBLISHFARESRESPONSE']._serialized_end=214
   _globals['_BATCHLINE']._serialized_start=217
-  _globals['_BATCHLINE']._serialized_end=604
-  _globals['_BATCHLINES']._serialized_start=606
-  _globals['_BATCHLINES']._serialized_end=657
-  _globals['_BATCHPART']._serialized_start=659
-  _globals['_BATCHPART']._serialized_end=743
-  _globals['_LINEVERDICT']._serialized_start=746
-  _globals['_LINEVERDICT']._serialized_end=877
-  _globals['_LINEVERDICTS']._serialized_start=879
-  _globals['_LINEVERDICTS']._serialized_end=937
-  _globals['_ACKPART']._serialized_start=939
-  _globals['_ACKPART']._serialized_end=1020
-  _globals['_TRIPRECORD']._serialized_start=1023
-  _globals['_TRIPRECORD']._serialized_end=1374
-  _globals['_SUBMITTRIPSREQUEST']._serialized_start=1376
-  _globals['_SUBMITTRIPSREQUEST']._serialized_end=1436
-  _globals['_TRIPRESULT']._serialized_start=1438
-  _globals['_TRIPRESULT']._serialized_end=1542
-  _globals['_SUBMITTRIPSRESPONSE']._serialized_start=1544
-  _globals['_SUBMITTRIPSRESPONSE']._serialized_end=1607
-  _globals['_GETTRIPOUTCOMESREQUEST']._serialized_start=1609
-  _globals['_GETTRIPOUTCOMESREQUEST']._serialized_end=1672
-  _globals['_GETSTATEMENTREQUEST']._serialized_start=1674
-  _globals['_GETSTATEMENTREQUEST']._serialized_end=1732
-  _globals['_STATEMENTLINE']._serialized_start=1735
-  _globals['_STATEMENTLINE']._serialized_end=2009
-  _globals['_OPERATORSTATEMENT']._serialized_start=2011
-  _globals['_OPERATORSTATEMENT']._serialized_end=2110
-  _globals['_SETTLEMENT']._serialized_start=2266
-  _globals['_SETTLEMENT']._serialized_end=2751
+  _globals['_BATCHLINE']._serialized_end=658
+  _globals['_BATCHLINES']._serialized_start=660
+  _globals['_BATCHLINES']._serialized_end=711
+  _globals['_BATCHPART']._serialized_start=713
+  _globals['_BATCHPART']._serialized_end=797
+  _globals['_LINEVERDICT']._serialized_start=800
+  _globals['_LINEVERDICT']._serialized_end=931
+  _globals['_LINEVERDICTS']._serialized_start=933
+  _globals['_LINEVERDICTS']._serialized_end=991
+  _globals['_ACKPART']._serialized_start=993
+  _globals['_ACKPART']._serialized_end=1074
+  _globals['_TRIPRECORD']._serialized_start=1077
+  _globals['_TRIPRECORD']._serialized_end=1482
+  _globals['_SUBMITTRIPSREQUEST']._serialized_start=1484
+  _globals['_SUBMITTRIPSREQUEST']._serialized_end=1544
+  _globals['_TRIPRESULT']._serialized_start=1546
+  _globals['_TRIPRESULT']._serialized_end=1650
+  _globals['_SUBMITTRIPSRESPONSE']._serialized_start=1652
+  _globals['_SUBMITTRIPSRESPONSE']._serialized_end=1715
+  _globals['_GETTRIPOUTCOMESREQUEST']._serialized_start=1717
+  _globals['_GETTRIPOUTCOMESREQUEST']._serialized_end=1780
+  _globals['_GETSTATEMENTREQUEST']._serialized_start=1782
+  _globals['_GETSTATEMENTREQUEST']._serialized_end=1840
+  _globals['_STATEMENTLINE']._serialized_start=1843
+  _globals['_STATEMENTLINE']._serialized_end=2117
+  _globals['_OPERATORSTATEMENT']._serialized_start=2119
+  _globals['_OPERATORSTATEMENT']._serialized_end=2218
+  _globals['_SETTLEMENT']._serialized_start=2374
+  _globals['_SETTLEMENT']._serialized_end=2859
 # @@protoc_insertion_point(module_scope)

@@ -120,6 +120,7 @@ class BatchLine(_message.Message):
     SCHEME_FIELD_NUMBER: _builtins.int
     CLAIMED_FEN_FIELD_NUMBER: _builtins.int
     GATE_ID_FIELD_NUMBER: _builtins.int
+    DECISION_SOURCE_FIELD_NUMBER: _builtins.int
     operator_id: _builtins.str
     trip_id: _builtins.str
     scene: _types_pb2.Scene.ValueType
@@ -136,6 +137,10 @@ class BatchLine(_message.Message):
     gate_id: _builtins.str
     """The gate the trip was taken at, as the operator submitted it ("" when
     none: lines of the previous release have none).
+    """
+    decision_source: _types_pb2.DecisionSource.ValueType
+    """The trip's TripRecord.decision_source (UNSPECIFIED on lines of the
+    previous release). Only OFFLINE_POLICY lines get the offline treatment.
     """
     @_builtins.property
     def card(self) -> _types_pb2.CardRef: ...
@@ -158,10 +163,11 @@ class BatchLine(_message.Message):
         scheme: _builtins.str = ...,
         claimed_fen: _builtins.int = ...,
         gate_id: _builtins.str = ...,
+        decision_source: _types_pb2.DecisionSource.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_entitlement", b"applied_entitlement", "card", b"card", "charged_fen", b"charged_fen", "claimed_fen", b"claimed_fen", "concession_fen", b"concession_fen", "fare_version", b"fare_version", "gate_id", b"gate_id", "gross_fare_fen", b"gross_fare_fen", "occurred_at", b"occurred_at", "operator_id", b"operator_id", "place_id", b"place_id", "scene", b"scene", "scheme", b"scheme", "trip_id", b"trip_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_entitlement", b"applied_entitlement", "card", b"card", "charged_fen", b"charged_fen", "claimed_fen", b"claimed_fen", "concession_fen", b"concession_fen", "decision_source", b"decision_source", "fare_version", b"fare_version", "gate_id", b"gate_id", "gross_fare_fen", b"gross_fare_fen", "occurred_at", b"occurred_at", "operator_id", b"operator_id", "place_id", b"place_id", "scene", b"scene", "scheme", b"scheme", "trip_id", b"trip_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,8 +246,8 @@ class LineVerdict(_message.Message):
     concession claim; the others reject the line: UNKNOWN_CARD,
     CARD_NOT_ACTIVE, ENTITLEMENT_MISMATCH, UNPUBLISHED_FARES, PRICE_MISMATCH,
     CLAIM_MISMATCH, DUPLICATE, WRONG_DISTRICT, WRONG_DAY, NOT_DISPUTED,
-    NOT_SAME_TRIP (a representment whose card, place, time or gate differs
-    from the line it represents), BEYOND_DISPUTE (a representment correcting
+    NOT_SAME_TRIP (a representment whose card, place, time, gate or decision
+    source differs from the line it represents), BEYOND_DISPUTE (a representment correcting
     what its first rejection was not about: an ENTITLEMENT_MISMATCH may
     correct the entitlement and amounts, a PRICE_MISMATCH or UNPUBLISHED_FARES
     also the fare version, any other rejection nothing).
@@ -334,6 +340,7 @@ class TripRecord(_message.Message):
     APPLIED_ENTITLEMENT_FIELD_NUMBER: _builtins.int
     FARE_VERSION_FIELD_NUMBER: _builtins.int
     GATE_ID_FIELD_NUMBER: _builtins.int
+    DECISION_SOURCE_FIELD_NUMBER: _builtins.int
     operator_id: _builtins.str
     """Must equal the operator id of the caller's certificate."""
     trip_id: _builtins.str
@@ -351,6 +358,13 @@ class TripRecord(_message.Message):
     """The gate (reader) the card was presented at; at most 64 printable
     characters, optional. With it, the same tap uploaded again under another
     trip_id is refused suspected_duplicate; without it that cannot be told.
+    """
+    decision_source: _types_pb2.DecisionSource.ValueType
+    """Where the gate's decision came from (its GateDecision.source); optional:
+    UNSPECIFIED, as the previous release sent, is judged as a verified answer.
+    OFFLINE_POLICY marks a standard fare taken without verifying the card: it
+    carries no entitlement and no concession (else offline_concession), and
+    the card's home district treats it as the agreement's offline_risk says.
     """
     @_builtins.property
     def card(self) -> _types_pb2.CardRef: ...
@@ -371,10 +385,11 @@ class TripRecord(_message.Message):
         applied_entitlement: _types_pb2.Entitlement.ValueType = ...,
         fare_version: _builtins.str = ...,
         gate_id: _builtins.str = ...,
+        decision_source: _types_pb2.DecisionSource.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["card", b"card", "occurred_at", b"occurred_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_entitlement", b"applied_entitlement", "card", b"card", "charged_fen", b"charged_fen", "concession_fen", b"concession_fen", "fare_version", b"fare_version", "gate_id", b"gate_id", "gross_fare_fen", b"gross_fare_fen", "occurred_at", b"occurred_at", "operator_id", b"operator_id", "place_id", b"place_id", "scene", b"scene", "trip_id", b"trip_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_entitlement", b"applied_entitlement", "card", b"card", "charged_fen", b"charged_fen", "concession_fen", b"concession_fen", "decision_source", b"decision_source", "fare_version", b"fare_version", "gate_id", b"gate_id", "gross_fare_fen", b"gross_fare_fen", "occurred_at", b"occurred_at", "operator_id", b"operator_id", "place_id", b"place_id", "scene", b"scene", "trip_id", b"trip_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,7 +432,8 @@ class TripResult(_message.Message):
     in_future, too_late, unknown_fare_version, price_mismatch,
     duplicate_content_differs, suspected_duplicate (the same operator, card,
     gate and place within [settlement] duplicate_window_s of an accepted trip
-    under another trip_id).
+    under another trip_id), offline_concession (decision_source OFFLINE_POLICY
+    with an entitlement or a concession: an unverified card gets neither).
     """
     detail: _builtins.str
     """Plain words, naming the offending field; never a card number."""

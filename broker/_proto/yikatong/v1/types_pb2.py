@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17yikatong/v1/types.proto\x12\x0byikatong.v1\"5\n\x07\x43\x61rdRef\x12\x15\n\rissuer_region\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t*i\n\x05Scene\x12\x15\n\x11SCENE_UNSPECIFIED\x10\x00\x12\r\n\tSCENE_BUS\x10\x01\x12\x15\n\x11SCENE_SCENIC_AREA\x10\x02\x12\x10\n\x0cSCENE_MUSEUM\x10\x03\x12\x11\n\rSCENE_LIBRARY\x10\x04*\xa4\x01\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x14\n\x10\x43\x41RD_STATUS_LOST\x10\x02\x12\x19\n\x15\x43\x41RD_STATUS_SUSPENDED\x10\x03\x12\x17\n\x13\x43\x41RD_STATUS_EXPIRED\x10\x04\x12\x17\n\x13\x43\x41RD_STATUS_UNKNOWN\x10\x05*\xae\x01\n\x0b\x45ntitlement\x12\x1b\n\x17\x45NTITLEMENT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NTITLEMENT_SENIOR_60\x10\x01\x12\x19\n\x15\x45NTITLEMENT_SENIOR_65\x10\x02\x12\x19\n\x15\x45NTITLEMENT_SENIOR_70\x10\x03\x12\x18\n\x14\x45NTITLEMENT_DISABLED\x10\x04\x12\x17\n\x13\x45NTITLEMENT_STUDENT\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17yikatong/v1/types.proto\x12\x0byikatong.v1\"5\n\x07\x43\x61rdRef\x12\x15\n\rissuer_region\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_number\x18\x02 \x01(\t*i\n\x05Scene\x12\x15\n\x11SCENE_UNSPECIFIED\x10\x00\x12\r\n\tSCENE_BUS\x10\x01\x12\x15\n\x11SCENE_SCENIC_AREA\x10\x02\x12\x10\n\x0cSCENE_MUSEUM\x10\x03\x12\x11\n\rSCENE_LIBRARY\x10\x04*\xbf\x01\n\x0e\x44\x65\x63isionSource\x12\x1f\n\x1b\x44\x45\x43ISION_SOURCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45\x43ISION_SOURCE_HOME\x10\x01\x12\x19\n\x15\x44\x45\x43ISION_SOURCE_CACHE\x10\x02\x12\x18\n\x14\x44\x45\x43ISION_SOURCE_PEER\x10\x03\x12\x19\n\x15\x44\x45\x43ISION_SOURCE_STALE\x10\x04\x12\"\n\x1e\x44\x45\x43ISION_SOURCE_OFFLINE_POLICY\x10\x05*\xa4\x01\n\nCardStatus\x12\x1b\n\x17\x43\x41RD_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43\x41RD_STATUS_ACTIVE\x10\x01\x12\x14\n\x10\x43\x41RD_STATUS_LOST\x10\x02\x12\x19\n\x15\x43\x41RD_STATUS_SUSPENDED\x10\x03\x12\x17\n\x13\x43\x41RD_STATUS_EXPIRED\x10\x04\x12\x17\n\x13\x43\x41RD_STATUS_UNKNOWN\x10\x05*\xae\x01\n\x0b\x45ntitlement\x12\x1b\n\x17\x45NTITLEMENT_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45NTITLEMENT_SENIOR_60\x10\x01\x12\x19\n\x15\x45NTITLEMENT_SENIOR_65\x10\x02\x12\x19\n\x15\x45NTITLEMENT_SENIOR_70\x10\x03\x12\x18\n\x14\x45NTITLEMENT_DISABLED\x10\x04\x12\x17\n\x13\x45NTITLEMENT_STUDENT\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,10 +33,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCENE']._serialized_start=95
   _globals['_SCENE']._serialized_end=200
-  _globals['_CARDSTATUS']._serialized_start=203
-  _globals['_CARDSTATUS']._serialized_end=367
-  _globals['_ENTITLEMENT']._serialized_start=370
-  _globals['_ENTITLEMENT']._serialized_end=544
+  _globals['_DECISIONSOURCE']._serialized_start=203
+  _globals['_DECISIONSOURCE']._serialized_end=394
+  _globals['_CARDSTATUS']._serialized_start=397
+  _globals['_CARDSTATUS']._serialized_end=561
+  _globals['_ENTITLEMENT']._serialized_start=564
+  _globals['_ENTITLEMENT']._serialized_end=738
   _globals['_CARDREF']._serialized_start=40
   _globals['_CARDREF']._serialized_end=93
 # @@protoc_insertion_point(module_scope)

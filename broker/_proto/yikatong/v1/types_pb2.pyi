@@ -43,6 +43,50 @@ SCENE_MUSEUM: Scene.ValueType  # 3
 SCENE_LIBRARY: Scene.ValueType  # 4
 Global___Scene: _TypeAlias = Scene  # noqa: Y015
 
+class _DecisionSource:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DecisionSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DecisionSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DECISION_SOURCE_UNSPECIFIED: _DecisionSource.ValueType  # 0
+    DECISION_SOURCE_HOME: _DecisionSource.ValueType  # 1
+    """The node's own registry: the card was issued by this district."""
+    DECISION_SOURCE_CACHE: _DecisionSource.ValueType  # 2
+    """A cached answer of the card's home district."""
+    DECISION_SOURCE_PEER: _DecisionSource.ValueType  # 3
+    """Asked the card's home district just now."""
+    DECISION_SOURCE_STALE: _DecisionSource.ValueType  # 4
+    """A cached answer past its TTL, within the max_stale_seconds its home
+    district advertised with it (and this node's per-scene limit).
+    """
+    DECISION_SOURCE_OFFLINE_POLICY: _DecisionSource.ValueType  # 5
+    """Nothing usable was cached and the home district could not be asked: the
+    scene's offline policy decided, without verifying the card (no concession).
+    """
+
+class DecisionSource(_DecisionSource, metaclass=_DecisionSourceEnumTypeWrapper):
+    """Where a gate's decision came from (yikatong.v1.GateDecision.source, and
+    TripRecord.decision_source / BatchLine.decision_source in settlement).
+    """
+
+DECISION_SOURCE_UNSPECIFIED: DecisionSource.ValueType  # 0
+DECISION_SOURCE_HOME: DecisionSource.ValueType  # 1
+"""The node's own registry: the card was issued by this district."""
+DECISION_SOURCE_CACHE: DecisionSource.ValueType  # 2
+"""A cached answer of the card's home district."""
+DECISION_SOURCE_PEER: DecisionSource.ValueType  # 3
+"""Asked the card's home district just now."""
+DECISION_SOURCE_STALE: DecisionSource.ValueType  # 4
+"""A cached answer past its TTL, within the max_stale_seconds its home
+district advertised with it (and this node's per-scene limit).
+"""
+DECISION_SOURCE_OFFLINE_POLICY: DecisionSource.ValueType  # 5
+"""Nothing usable was cached and the home district could not be asked: the
+scene's offline policy decided, without verifying the card (no concession).
+"""
+Global___DecisionSource: _TypeAlias = DecisionSource  # noqa: Y015
+
 class _CardStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
