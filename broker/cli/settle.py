@@ -41,6 +41,7 @@ from broker.settlement.clearing.reports import operator_statement
 from broker.settlement.clearing.sender import Sender
 from broker.settlement.clearing.session import open_sender
 from broker.settlement.clearing.store import ClearingStore
+from broker.settlement.days import require_ended, require_window_closed
 
 config_option = click.option(
     "--config", "config_path", required=True, type=click.Path(path_type=Path)
@@ -211,9 +212,15 @@ def confirm_cmd(config_path: Path, period: str) -> None:
 
     A day is confirmed only after its late window has closed and a close ran
     after that. A SETTLED day is shown from the two signed position documents
-    stored when it was agreed. Exit status 1 unless every position is SETTLED.
+    stored when it was agreed. Exit status 1 unless every position is SETTLED. A day
+    that has not ended, or whose late window is open, is refused whether or not it has
+    positions yet.
     """
     day = _day(period)
+    with broker_errors():
+        now = _clock()()
+        require_ended(day, now, "confirm")
+        require_window_closed(day, now)
 
     async def work(s: Sender) -> list[dict[str, Any]]:
         out = []

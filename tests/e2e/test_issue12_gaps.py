@@ -163,12 +163,10 @@ async def test_a_settled_day_is_what_both_signed_and_stays_so_with_every_node_st
         assert f"cannot close {period}: the day has not ended; {ends}" in flat(refused.output)
         early = await settle(cluster, DAZU, "close", "--period", period, "--force")
         assert early.exit_code == 0 and "close #1" in early.output, early.output
-        # Confirm refuses each position of the day as provisional, and settles nothing.
-        # (With no position at all it prints an empty table and exits 0: see
-        # tests/settlement/test_issue12_gaps.py, the strict xfail of item 7.)
+        # Confirm refuses the day, which has not even ended, and settles nothing.
         not_yet = await settle(cluster, DAZU, "confirm", "--period", period)
         assert not_yet.exit_code == 1, not_yet.output
-        assert "provisional until" in flat(not_yet.output)
+        assert "the day has not ended" in flat(not_yet.output)
         assert "settled" not in not_yet.output
 
     # ---- The day closed the next morning; a trip of the next day closed too, later.

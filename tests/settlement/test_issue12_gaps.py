@@ -8,8 +8,8 @@
 - Item 3: ``broker settle check`` names each accident on both databases
   (tests/settlement/clearing/test_check.py runs on SQLite only).
 - Item 7: ``broker settle confirm`` of a day that has not ended, before any close of it
-  (so no position to refuse one by one), must be refused saying when the day ends. It is
-  not (an empty table, exit status 0): a strict xfail until that is fixed.
+  (so no position to refuse one by one), is refused saying when the day ends (it printed
+  an empty table and exited 0 until the command checked the day itself).
 
 Districts, trips and claims come from tests/settlement/clearing/pair.py; the amounts
 here are written out by hand.
@@ -168,11 +168,6 @@ async def test_check_names_each_accident(world: World, accident: str, named: str
 # ---------------------------------------------------------------- item 7, confirm
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12 item 7 not met: `broker settle confirm` of a day with no position yet "
-    "(today before any close, or a day in the future) prints an empty table and exits 0",
-)
 def test_confirm_of_today_before_any_close_is_refused_saying_when_it_ends(
     tmp_path: Path, now: datetime
 ) -> None:
