@@ -36,7 +36,7 @@ from broker.core.errors import (
 from broker.fares.rules import load_fares
 from broker.node.config import NodeConfig, load_config
 from broker.settlement.clearing.check import check_day
-from broker.settlement.clearing.positions import positions
+from broker.settlement.clearing.positions import positions, settled_day
 from broker.settlement.clearing.reports import operator_statement
 from broker.settlement.clearing.sender import Sender
 from broker.settlement.clearing.session import open_sender
@@ -230,6 +230,8 @@ def confirm_cmd(config_path: Path, period: str) -> None:
                 p = await s.confirm(p.counterparty, day)
                 if p.state != "settled":
                     note = "the two views differ: see `broker settle statement --district`"
+                elif settled_day(s.store.db, p.counterparty, day) is None:
+                    note = "agreed under the previous release: its figures, no signed documents"
             except (PeerUnavailable, SettlementStateError, DocumentRefused) as exc:
                 note = str(exc)
             out.append(

@@ -21,6 +21,7 @@ from click.testing import CliRunner, Result
 from broker.cards.model import shanghai_day
 from broker.cli.main import main
 from broker.node.config import render_config
+from broker.settlement.clearing.store import ClearingStore
 from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.testbed.build import DistrictSetup, build
 from tests.helpers import run_cli
@@ -234,3 +235,29 @@ def test_disputes_refuses_a_period_that_is_not_a_date(district: DistrictSetup):
     result = settle(district.config_path, "disputes", "--period", "someday")
     assert result.exit_code == 2
     assert "must be YYYY-MM-DD" in result.output
+
+
+def test_confirm_says_a_day_agreed_under_the_previous_release_has_no_signed_documents(
+    district: DistrictSetup,
+):
+    """That release kept only the agreed figures (``positions``): the day is still settled,
+    without asking anyone, and the row says it has no signed documents to show."""
+    store = ClearingStore.open(district.config)
+    try:
+        store.db.execute(
+            "INSERT INTO out_batches (counterparty, period, seq, kind, lo, hi, state, "
+            "created_at) VALUES ('512021', ?, 1, 'close', 0, 0, 'acked', ?)",
+            (PERIOD, "2026-01-06T01:00:00+00:00"),
+        )
+        store.db.execute(
+            "INSERT INTO positions (counterparty, period, receivable_fen, payable_fen, state, "
+            "confirmed_at) VALUES ('512021', ?, 300, 100, 'settled', ?)",
+            (PERIOD, "2026-01-09T01:00:00+00:00"),
+        )
+    finally:
+        store.close()
+    result = settle(district.config_path, "confirm", "--period", PERIOD)
+    assert result.exit_code == 0, result.output
+    assert "settled" in result.output and "2.00" in result.output
+    cells = flat(result.output.replace("│", " "))  # the note, wrapped within its cell
+    assert "agreed under the previous release: its figures, no signed documents" in cells

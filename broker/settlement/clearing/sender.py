@@ -50,7 +50,7 @@ from broker.settlement.clearing.confirm import (
     store_settled,
 )
 from broker.settlement.clearing.disputes import build_represent, resolve
-from broker.settlement.clearing.positions import Position, SettledDay, position, settled_day
+from broker.settlement.clearing.positions import Position, SettledDay, position
 from broker.settlement.clearing.rows import RowEncoder, counting, row_chunks, scheme_by
 from broker.settlement.clearing.store import ClearingStore, next_seq, unb64
 from broker.settlement.clearing.tail import Hint
@@ -459,8 +459,9 @@ class Sender:
         then, without asking anyone; one that may not be confirmed yet is refused
         (:func:`broker.settlement.clearing.confirm.require_ready`).
         """
-        if await asyncio.to_thread(settled_day, self._db, counterparty, period) is not None:
-            return position(self.store, counterparty, period)
+        known = await asyncio.to_thread(position, self.store, counterparty, period)
+        if known.state == "settled":  # its signed documents, or the previous release's figures
+            return known
         mine = require_ready(self.store, counterparty, period, self._clock())
         signed = self._signer.sign(
             position_doc(self._own, counterparty, period, mine), Purpose.POSITION
