@@ -8,6 +8,8 @@ nothing answers. Dazu's node, in this process, checks never-seen Anyue cards.
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import os
 import signal
 import statistics
@@ -27,6 +29,8 @@ from broker.cards.status_change import set_status
 from broker.core.breaker import PROBE_S, THRESHOLD, Breaker, State
 from broker.node.server import Node
 from broker.testbed import build as testbed
+from broker.testbed.operator_client import GateClient, open_channel
+from broker.trust.config import node_server_name
 from tests.conftest import ANYUE, DAZU, Cluster
 from tests.e2e.test_lost_card import two_replicas
 from tests.helpers import wait_healthy
@@ -163,6 +167,66 @@ async def test_a_frozen_redis_slows_no_gate_and_a_lost_card_still_reaches_every_
     finally:
         registry.close()
         await c.close()
+
+
+async def test_a_killed_redis_fails_no_check_and_is_logged_as_a_change_of_state(
+    tmp_path: Path, now: datetime, private_redis: tuple[str, int]
+):
+    """Dazu as a process of its own (``broker serve --log-json``, its log read back) with a
+    Redis of the test's own, killed (SIGKILL) under checks: every check is answered (cards
+    in the in-process tier from it, never-seen ones through Anyue), none of the in-process
+    hits waits as long as a Redis timeout, and the log holds Redis's change of state once,
+    not a line per failed call."""
+    url, redis_pid = private_redis
+    setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=200, redis_url=url)
+    dazu = setups[DAZU]
+    anyue = await Node.start(setups[ANYUE].config)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("YIKATONG_")}
+    log_path = tmp_path / "dazu.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "broker", "--log-json", "--log-level", "info", "serve",
+            "--config", str(dazu.config_path), env=env, stdout=log, stderr=log,
+        )  # fmt: skip
+    ch = open_channel(
+        dazu.config.listen,
+        node_server_name(DAZU),
+        dazu.paths.ca_cert,
+        dazu.operator_cert,
+        dazu.operator_key,
+    )
+    try:
+        await wait_healthy(dazu.config.listen, dazu, setups[ANYUE])
+        gate = GateClient(ch, dazu.operator_id)
+        refs = [c.ref for c in setups[ANYUE].cards if c.status == "active"]
+        held, fresh = refs[:20], iter(refs[20:])
+        for ref in held:
+            assert (await gate.check(ref, Scene.BUS)).source == SRC.DECISION_SOURCE_PEER
+        os.kill(redis_pid, signal.SIGKILL)
+        kept_at = log_path.stat().st_size
+        hits: list[float] = []
+        until = time.monotonic() + 3.0  # several of the breaker's probes (one per 0.5 s) fail
+        while time.monotonic() < until or len(hits) < 300:
+            for ref in held:
+                started = time.monotonic()
+                d = await gate.check(ref, Scene.BUS)
+                hits.append(time.monotonic() - started)
+                assert d.allow and d.source == SRC.DECISION_SOURCE_CACHE, d
+            d = await gate.check(next(fresh), Scene.BUS)  # Redis read fails: asks Anyue
+            assert d.allow and d.source == SRC.DECISION_SOURCE_PEER, d
+        timeout_s = dazu.config.cache.redis_timeout_ms / 1000
+        assert sum(t >= timeout_s for t in hits) <= len(hits) // 20, sorted(hits)[-10:]
+        await asyncio.sleep(0.5)  # the write-behind queue has tried its writes
+        after = [json.loads(line) for line in log_path.read_bytes()[kept_at:].splitlines()]
+        events = collections.Counter(e["event"] for e in after)
+        assert events["redis_failing"] == 1, events
+        assert max(events.values()) <= 3, events  # nothing logged per call
+    finally:
+        await ch.close()
+        if proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+        await anyue.stop(grace=0)
 
 
 # ---------------------------------------------------------------- a home away past the TTL
