@@ -42,9 +42,10 @@ from broker.node.config import NodeConfig
 from broker.node.gate_api import GateServicer
 from broker.node.guard import AuthInterceptor, GuardedServer
 from broker.node.health import ComponentHealth
+from broker.node.intake_port import IntakePort
 from broker.node.metrics import Metrics
 from broker.node.recognition_api import RecognitionServicer
-from broker.node.settlement_api import SettlementServicer
+from broker.node.settlement_api import UNDECODED, SettlementServicer
 from broker.node.supervisor import Supervisor
 from broker.node.trust_api import TrustServicer
 from broker.peers.bundles import BundleRefresher
@@ -60,9 +61,6 @@ from broker.trust.tls import CallerVerifier, ServerCertificates
 log = structlog.get_logger(__name__)
 
 SWITCH_INTERVAL_S = 0.0005
-
-# Methods whose request bytes the guard hands over undecoded (see AuthInterceptor).
-UNDECODED = frozenset({"/yikatong.v1.Settlement/SubmitTrips"})
 
 SERVICE_NAMES = (
     gate_pb2.DESCRIPTOR.services_by_name["Gate"].full_name,
@@ -96,6 +94,7 @@ def server_options(cfg: NodeConfig) -> list[tuple[str, int]]:
 
 
 COMPONENT_CHECK_S = 5.0  # how often the ledger and Redis are pinged for health
+INTAKE_CHECK_S = 5.0  # how soon a worker that died is replaced while it serves the intake port
 
 
 def utc_now() -> datetime:
@@ -130,10 +129,23 @@ class Node:
     watchers: dict[str, StatusWatcher] = field(default_factory=dict)
     admin: CardAdminServicer | None = None
     home: HomeRecognizer | None = None
+    intake_listen: str | None = None
 
     @classmethod
-    async def start(cls, cfg: NodeConfig, clock: Callable[[], datetime] = utc_now) -> Node:
-        """Open the node's stores, bind its port and start serving."""
+    async def start(
+        cls,
+        cfg: NodeConfig,
+        clock: Callable[[], datetime] = utc_now,
+        intake_listen: str | None = None,
+    ) -> Node:
+        """Open the node's stores, bind its port and start serving.
+
+        ``intake_listen``: ``host:port`` of the intake port, where the trip
+        intake's worker process serves ``SubmitTrips`` and ``GetTripOutcomes``
+        itself (:mod:`broker.node.intake_port`), so that uploads never enter
+        this process; the node's own port answers them too. ``None``: no such
+        port. Only for a node that keeps trips (``[ledger]``).
+        """
         # The event loop answers gates while worker threads (trust reloads, clearing steps)
         # run: let it take the interpreter lock after 0.5 ms of their work, not the default 5.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -237,12 +249,33 @@ class Node:
                 clearing.close()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         await server.start()
+        if intake is not None and intake_listen is not None:
+            try:  # the worker starts now, and listens: a port it cannot open fails the start
+                await intake.listen(IntakePort(cfg, intake_listen))
+            except Exception as exc:
+                await server.stop(None)
+                book.close()
+                await feed.close()
+                admin.close()
+                home.close()
+                registry.close()
+                await cache.close()
+                await channels.close()
+                intake.close()
+                if clearing is not None:
+                    clearing.close()
+                if isinstance(exc, ConfigError):
+                    raise
+                raise ConfigError(
+                    f"cannot serve the intake port on {intake_listen}: {exc}"
+                ) from exc
         for name in ("", *SERVICE_NAMES[:5]):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "node_started",
             district=cfg.district,
             port=port,
+            intake_port=intake.listen_port if intake is not None else None,
             peers=len(cfg.peers),
             redis=cfg.cache.redis_url is not None,
         )
@@ -269,6 +302,7 @@ class Node:
             watchers=watchers,
             home=home,
             admin=admin,
+            intake_listen=intake_listen,
         )
         await node._report_trust()
         await node._check_components()
@@ -278,7 +312,22 @@ class Node:
         node.supervisor.start("component-checks", node._watch_components)
         for district, watcher in watchers.items():
             node.supervisor.start(f"status-watch-{district}", watcher.run)
+        if intake is not None and intake.listen_port is not None:
+            node.supervisor.start("intake-port", node._keep_intake_port)
         return node
+
+    async def _keep_intake_port(self) -> None:
+        """A worker that died is replaced, and its replacement serves the intake port."""
+        assert self.intake is not None
+        await self.intake.keep_listening(INTAKE_CHECK_S)
+
+    @property
+    def intake_address(self) -> str | None:
+        """``host:port`` of the intake port, if the intake's worker serves one."""
+        if self.intake is None or self.intake.listen_port is None:
+            return None
+        listen = self.intake_listen or ""
+        return f"{listen.rsplit(':', 1)[0]}:{self.intake.listen_port}"
 
     async def _set_component(self, name: str, ok: bool) -> None:
         status = health_pb2.HealthCheckResponse

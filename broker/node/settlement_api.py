@@ -24,30 +24,24 @@ from broker.settlement.clearing.service import ClearingService
 from broker.settlement.clearing.tail import Hint
 from broker.settlement.clearing.worker import Streamed
 from broker.settlement.config import SettlementKeyConfig
-from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, TripIntake
+from broker.settlement.intake import MAX_TRIPS_PER_REQUEST, Trips
 from broker.settlement.wire import signed_from_wire, signed_to_wire
 from broker.trust.identity import current_identity
 
 log = structlog.get_logger(__name__)
 
 
-class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
-    """``yikatong.v1.Settlement``: operators submit trips; peer districts exchange batches."""
+# Methods whose request bytes the guard hands over undecoded (see AuthInterceptor).
+UNDECODED = frozenset({"/yikatong.v1.Settlement/SubmitTrips"})
 
-    def __init__(
-        self,
-        intake: TripIntake,
-        clearing: ClearingService | None,
-        settings: SettlementKeyConfig | None = None,
-    ) -> None:
+
+class TripsServicer(settlement_pb2_grpc.SettlementServicer):
+    """``yikatong.v1.Settlement``'s trip intake alone (``SubmitTrips``, ``GetTripOutcomes``):
+    what the intake port serves (:mod:`broker.node.intake_port`); any other method of the
+    service is UNIMPLEMENTED there."""
+
+    def __init__(self, intake: Trips) -> None:
         self._intake = intake
-        self._clearing = clearing
-        self._settings = settings or SettlementKeyConfig()
-
-    def _service(self) -> ClearingService:
-        if self._clearing is None:
-            raise ConfigError("this node does not clear ([settlement] key_file is not set)")
-        return self._clearing
 
     # The request arrives undecoded (the guard passes SubmitTrips' bytes through: it names no
     # operator) and the answer leaves encoded: both are the intake worker's work, off this
@@ -63,6 +57,49 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServicer):
         if len(request.trip_ids) > MAX_TRIPS_PER_REQUEST:
             raise InvalidArgument("trip_ids", f"at most {MAX_TRIPS_PER_REQUEST} per request")
         return await self._intake.outcomes(request.operator_id, list(request.trip_ids))
+
+    # Clearing's methods are SettlementServicer's: here (the intake port) they are UNIMPLEMENTED.
+    async def GetStatement(
+        self, request: settlement_pb2.GetStatementRequest, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.OperatorStatement:
+        raise NotImplementedError
+
+    async def PublishFares(
+        self, request: settlement_pb2.SignedDocument, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.PublishFaresResponse:
+        raise NotImplementedError
+
+    async def ExchangeBatch(
+        self,
+        request_iterator: AsyncIterator[settlement_pb2.BatchPart],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[settlement_pb2.AckPart]:
+        raise NotImplementedError
+        yield  # an async generator, as the override is
+
+    async def ConfirmDay(
+        self, request: settlement_pb2.SignedDocument, context: grpc.aio.ServicerContext
+    ) -> settlement_pb2.SignedDocument:
+        raise NotImplementedError
+
+
+class SettlementServicer(TripsServicer):
+    """``yikatong.v1.Settlement``: operators submit trips; peer districts exchange batches."""
+
+    def __init__(
+        self,
+        intake: Trips,
+        clearing: ClearingService | None,
+        settings: SettlementKeyConfig | None = None,
+    ) -> None:
+        super().__init__(intake)
+        self._clearing = clearing
+        self._settings = settings or SettlementKeyConfig()
+
+    def _service(self) -> ClearingService:
+        if self._clearing is None:
+            raise ConfigError("this node does not clear ([settlement] key_file is not set)")
+        return self._clearing
 
     async def GetStatement(
         self, request: settlement_pb2.GetStatementRequest, context: grpc.aio.ServicerContext
