@@ -140,8 +140,8 @@ class BatchCheck:
             self._db, self._sender, [(x.trip.operator_id, x.trip.trip_id) for x in lines]
         )
         rows = []
-        firsts = []  # first presentments: what a representment must match
         sender, period, seq, attempt = self._sender, self._period, self._seq, self._attempt
+        first = attempt == 1  # a first presentment: its digest is what a representment matches
         totals, counts, check = self.totals, self.counts, self._checker.check
         for line in lines:
             totals.add(line)
@@ -172,38 +172,27 @@ class BatchCheck:
                         code,
                         line.claimed_fen,
                         accepted,
+                        presentment_digest(t) if first else None,
+                        correctable(t) if first else None,
                     )
                 )
-                if attempt == 1:
-                    firsts.append(
-                        (
-                            sender,
-                            t.operator_id,
-                            t.trip_id,
-                            presentment_digest(t),
-                            correctable(t),
-                        )
-                    )
             self._line_no += 1
         # Written per chunk, so a duplicate later in the same batch is seen.
-        self._write(rows, firsts)
+        self._write(rows)
         self._pending.clear()
 
-    def _write(self, rows: list[tuple[Any, ...]], firsts: list[tuple[Any, ...]]) -> None:
+    def _write(self, rows: list[tuple[Any, ...]]) -> None:
+        """The chunk's stored lines; a representment's overwrites the line's verdict and
+        keeps its first presentment's digest and values."""
         self._db.executemany(
             "INSERT INTO in_lines (sender, operator_id, trip_id, period, seq, attempt, "
-            "code, claimed_fen, accepted_claim_fen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "code, claimed_fen, accepted_claim_fen, digest, correctable) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT (sender, operator_id, trip_id) DO UPDATE SET "
             "seq = excluded.seq, attempt = excluded.attempt, code = excluded.code, "
             "claimed_fen = excluded.claimed_fen, "
             "accepted_claim_fen = excluded.accepted_claim_fen",
             rows,
-        )
-        self._db.executemany(
-            "INSERT INTO in_line_presentments (sender, operator_id, trip_id, digest, "
-            "correctable) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (sender, operator_id, trip_id) DO NOTHING",
-            firsts,
         )
 
     def _store_verdicts(self) -> None:

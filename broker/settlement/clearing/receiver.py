@@ -253,6 +253,13 @@ class Receiver:
                             refuse_if_settled(self._db, sender, period)
                             staged.done(self._db, sender, day, seq)
                         return finish(check), check
+                log.info(
+                    "batch_part_committed",
+                    sender=sender,
+                    period=day,
+                    sequence=seq,
+                    lines=check.totals.lines,
+                )
                 self._store.checkpoint_soon()
         except BaseException:
             if parts and check is not None:  # parts may be committed: none of them stays
@@ -359,12 +366,13 @@ class Receiver:
         self, sender: str, operator_id: str, trip_id: str
     ) -> tuple[str, str | None] | None:
         """A line's first presentment: its digest and correctable values (None for lines of
-        the previous release)."""
-        row = self._db.one(
-            "SELECT digest, correctable FROM in_line_presentments WHERE sender = ? "
-            "AND operator_id = ? AND trip_id = ?",
-            (sender, operator_id, trip_id),
-        )
+        the release that kept no digest). Kept in ``in_lines`` beside the line; lines stored
+        before clearing migration 6 have theirs in ``in_line_presentments``."""
+        key = (sender, operator_id, trip_id)
+        where = "WHERE sender = ? AND operator_id = ? AND trip_id = ?"
+        row = self._db.one(f"SELECT digest, correctable FROM in_lines {where}", key)
+        if row is None or row[0] is None:
+            row = self._db.one(f"SELECT digest, correctable FROM in_line_presentments {where}", key)
         return (str(row[0]), None if row[1] is None else str(row[1])) if row else None
 
     def _ledger_watermark(self) -> int:

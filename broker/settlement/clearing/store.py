@@ -15,9 +15,11 @@ close of a day, the ledger watermark (``ingest_seq``) the close covers;
 ``disputes`` rejected lines (``open`` → ``represented`` → ``accepted`` |
 ``final`` → ``resolved``). Inbound (this district as home): ``in_batches``
 with the stored acknowledgement (a resent batch gets it again),
-``in_lines`` one row per line received, ``in_line_presentments`` the digest
-of each first presentment's card, place, time and gate (a representment must
-have the same, :meth:`broker.settlement.trips.Trip.presentment_digest`),
+``in_lines`` one row per line received, with the digest of each first
+presentment's card, place, time and gate (a representment must have the same,
+:meth:`broker.settlement.trips.Trip.presentment_digest`) and its correctable
+values (lines stored before clearing migration 6 have them in
+``in_line_presentments``),
 ``cap_usage`` one row per concession
 counted against a cap, ``published_fares`` the peers' fare rules by version.
 ``positions`` marks each SETTLED day, and ``position_documents`` keeps both
@@ -117,6 +119,16 @@ MIGRATIONS = (
         "batches being verified: a big close is committed in parts, unmade unless acknowledged",
         "CREATE TABLE IF NOT EXISTS in_pending (sender TEXT NOT NULL, period TEXT NOT NULL, "
         "seq INTEGER NOT NULL, started_at TEXT NOT NULL, PRIMARY KEY (sender, period, seq))",
+    ),
+    Migration(
+        6,
+        "first presentments in in_lines: one index written per received line, not two",
+        # A batch's lines come in trip-time order, so their keys land all over the
+        # index; a table of presentments keyed the same way was a second such index
+        # (a 10 M-line close: two indexes far past the verifier's page cache). Lines
+        # stored before keep their in_line_presentments rows, which are read as before.
+        "ALTER TABLE in_lines ADD COLUMN digest TEXT;\n"
+        "ALTER TABLE in_lines ADD COLUMN correctable TEXT",
     ),
 )
 

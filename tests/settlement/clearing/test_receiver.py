@@ -31,7 +31,7 @@ from broker.settlement.clearing.batch import (
 )
 from broker.settlement.clearing.positions import position
 from broker.settlement.clearing.receiver import Receiver
-from broker.settlement.trips import ACCEPT, Trip
+from broker.settlement.trips import ACCEPT, Trip, correctable_values
 from broker.settlement.wire import trip_from_wire
 from tests.settlement.clearing.pair import (
     AT,
@@ -540,9 +540,9 @@ def gated(trip_id: str = "m-1", entitlement: Entitlement | None = None, **change
 
 
 def presented(world: World, trip_id: str) -> Any:
-    return world[HOME].home_store.db.one(
-        "SELECT digest FROM in_line_presentments WHERE trip_id = ?", (trip_id,)
-    )
+    """The digest stored with a line's first presentment (beside the line, in ``in_lines``)."""
+    db = world[HOME].home_store.db
+    return db.one("SELECT digest FROM in_lines WHERE trip_id = ?", (trip_id,))
 
 
 @pytest.mark.parametrize(
@@ -599,11 +599,32 @@ def test_a_line_received_by_the_previous_release_has_no_digest_and_its_represent
 ) -> None:
     """The previous release kept no digest: its lines' representments are judged as they were."""
     home.receive(SERVING, *world.batch([line(gated(entitlement=Entitlement.SENIOR_65))]))
-    world[HOME].home_store.db.execute("DELETE FROM in_line_presentments")
+    world[HOME].home_store.db.execute("UPDATE in_lines SET digest = NULL, correctable = NULL")
     moved = [line(gated(occurred_at=AT + timedelta(minutes=1)))]
     ack = home.receive(SERVING, *world.batch(moved, seq=2, kind="represent"))
     assert list(ack.chunks) == []  # every line accepted
     assert ack_doc(world, ack.signed)["accepted_claim_fen"] == 200
+
+
+def test_a_line_stored_before_clearing_migration_6_is_matched_by_its_presentments_row(
+    world: World, home: Receiver
+) -> None:
+    """Lines stored before migration 6 kept their first presentment in in_line_presentments."""
+    first = gated(entitlement=Entitlement.SENIOR_65)  # not a senior: ENTITLEMENT_MISMATCH
+    home.receive(SERVING, *world.batch([line(first)]))
+    db = world[HOME].home_store.db
+    row = db.one("SELECT digest, correctable FROM in_lines WHERE trip_id = 'm-1'")
+    assert row == (first.presentment_digest(), correctable_values(first))
+    db.execute(  # as the release before kept it
+        "INSERT INTO in_line_presentments (sender, operator_id, trip_id, digest, correctable) "
+        "SELECT sender, operator_id, trip_id, digest, correctable FROM in_lines"
+    )
+    db.execute("UPDATE in_lines SET digest = NULL, correctable = NULL")
+    moved = [line(gated(occurred_at=AT + timedelta(minutes=1)))]  # another time
+    ack = home.receive(SERVING, *world.batch(moved, seq=2, kind="represent"))
+    [verdict] = decode_verdicts(next(iter(ack.chunks)))
+    assert verdict.code == "NOT_SAME_TRIP"
+    assert db.one("SELECT digest FROM in_lines WHERE trip_id = 'm-1'") == (None,)
 
 
 def test_a_line_without_a_gate_id_as_the_previous_release_sent_it_is_read(

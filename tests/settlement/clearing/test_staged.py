@@ -54,7 +54,10 @@ def other(world: World) -> Iterator[Db]:
 
 
 def counts(db: Db) -> dict[str, int]:
-    return {t: int((db.one(f"SELECT count(*) FROM {t}") or (0,))[0]) for t in TABLES}
+    found = {t: int((db.one(f"SELECT count(*) FROM {t}") or (0,))[0]) for t in TABLES}
+    digests = db.one("SELECT count(*) FROM in_lines WHERE digest IS NOT NULL")
+    found["presented"] = int(digests[0]) if digests else 0  # first presentments, in in_lines
+    return found
 
 
 def single_lines(
@@ -112,7 +115,8 @@ def test_a_close_is_committed_in_parts_yet_nothing_is_acknowledged_before_its_tr
     assert counts(other) == {
         "in_batches": 1,
         "in_lines": 3,
-        "in_line_presentments": 3,
+        "in_line_presentments": 0,  # lines stored before clearing migration 6 only
+        "presented": 3,
         "cap_usage": 1,  # the senior's concession
         "in_pending": 0,
     }

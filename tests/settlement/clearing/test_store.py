@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from broker.cards.model import CardRef, Entitlement, Scene
-from broker.core.db import schema_version
+from broker.core.db import Db, migrate, schema_version
 from broker.core.errors import ConfigError
 from broker.node.config import NodeConfig, parse_config
 from broker.settlement.clearing.store import (
@@ -259,5 +259,37 @@ def test_each_database_records_the_versions_of_the_components_it_holds(config: N
         if store.db is not store.trips:  # SQLite: two files, each with its own component
             assert schema_version(store.db, "ledger") == 0
             assert schema_version(store.trips, "clearing") == 0
+    finally:
+        store.close()
+
+
+def test_migration_6_keeps_the_lines_and_presentments_stored_before_it(config: NodeConfig):
+    """A database at clearing migration 5 (first presentments in a table of their own) is
+    migrated in place: its lines read back as they were, with no digest of their own, and
+    their presentments rows stay; lines stored after it carry their digest."""
+    ledger = config.ledger
+    open_ledger(ledger.path, ledger.url, ledger.schema).close()
+    path = clearing_path(ledger.path) if ledger.path and not ledger.url else None
+    before = Db.open(path, ledger.url, ledger.schema)
+    assert migrate(before, "clearing", MIGRATIONS[:5]) == 5
+    line = ("500111", "bus-01", "t-1", "2026-11-28", 1, 1, "ENTITLEMENT_MISMATCH", 200, 0)
+    before.execute(
+        "INSERT INTO in_lines (sender, operator_id, trip_id, period, seq, attempt, code, "
+        "claimed_fen, accepted_claim_fen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        line,
+    )
+    before.execute(
+        "INSERT INTO in_line_presentments (sender, operator_id, trip_id, digest, correctable) "
+        "VALUES ('500111', 'bus-01', 't-1', 'd1', 'c1')"
+    )
+    before.close()
+    store = ClearingStore.open(config)
+    try:
+        assert schema_version(store.db, "clearing") == len(MIGRATIONS) >= 6
+        cols = "sender, operator_id, trip_id, period, seq, attempt, code, claimed_fen, "
+        row = store.db.one(f"SELECT {cols} accepted_claim_fen, digest, correctable FROM in_lines")
+        assert row == (*line, None, None)
+        kept = store.db.one("SELECT digest, correctable FROM in_line_presentments")
+        assert kept == ("d1", "c1")
     finally:
         store.close()
