@@ -34,7 +34,7 @@ from broker.settlement.clearing.batch import (
     encode_verdicts,
 )
 from broker.settlement.clearing.store import b64, unb64
-from broker.settlement.clearing.verify import CAP_EXCEEDED, OK, LineChecker
+from broker.settlement.clearing.verify import CAP_EXCEEDED, OK, REJECTIONS, LineChecker
 from broker.settlement.trips import Trip
 
 Previous = Callable[[str, str], tuple[str, int] | None]  # (operator, trip) → (code, attempt)
@@ -141,7 +141,7 @@ class BatchCheck:
         )
         rows = []
         sender, period, seq, attempt = self._sender, self._period, self._seq, self._attempt
-        first = attempt == 1  # a first presentment: its digest is what a representment matches
+        first = attempt == 1  # a first presentment: a representment of it must match it
         totals, counts, check = self.totals, self.counts, self._checker.check
         for line in lines:
             totals.add(line)
@@ -161,6 +161,9 @@ class BatchCheck:
                     self._store_verdicts()
             if code not in _NOT_STORED:
                 self._pending[(t.operator_id, t.trip_id)] = (code, attempt)
+                # Only a rejected line may be represented: only its first presentment is
+                # ever matched, so only it keeps its digest and values.
+                disputable = first and code in REJECTIONS
                 rows.append(
                     (
                         sender,
@@ -172,8 +175,8 @@ class BatchCheck:
                         code,
                         line.claimed_fen,
                         accepted,
-                        presentment_digest(t) if first else None,
-                        correctable(t) if first else None,
+                        presentment_digest(t) if disputable else None,
+                        correctable(t) if disputable else None,
                     )
                 )
             self._line_no += 1
@@ -183,7 +186,7 @@ class BatchCheck:
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         """The chunk's stored lines; a representment's overwrites the line's verdict and
-        keeps its first presentment's digest and values."""
+        keeps its first presentment's digest and values (those of a rejected line)."""
         self._db.executemany(
             "INSERT INTO in_lines (sender, operator_id, trip_id, period, seq, attempt, "
             "code, claimed_fen, accepted_claim_fen, digest, correctable) "

@@ -15,11 +15,11 @@ close of a day, the ledger watermark (``ingest_seq``) the close covers;
 ``disputes`` rejected lines (``open`` → ``represented`` → ``accepted`` |
 ``final`` → ``resolved``). Inbound (this district as home): ``in_batches``
 with the stored acknowledgement (a resent batch gets it again),
-``in_lines`` one row per line received, with the digest of each first
+``in_lines`` one row per line received, with the digest of each rejected first
 presentment's card, place, time and gate (a representment must have the same,
 :meth:`broker.settlement.trips.Trip.presentment_digest`) and its correctable
-values (lines stored before clearing migration 6 have them in
-``in_line_presentments``),
+values (only a rejected line may be represented; lines stored before clearing
+migration 6 have them in ``in_line_presentments``),
 ``cap_usage`` one row per concession
 counted against a cap, ``published_fares`` the peers' fare rules by version.
 ``positions`` marks each SETTLED day, and ``position_documents`` keeps both

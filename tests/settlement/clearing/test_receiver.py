@@ -651,7 +651,7 @@ def test_a_line_without_a_gate_id_as_the_previous_release_sent_it_is_read(
     totals = {"lines": 1, "gross_fen": 200, "charged_fen": 200, "claimed_fen": 200}
     ack = home.receive(SERVING, spool, trailer_for(world, spool, **totals))
     assert ack_doc(world, ack.signed)["accepted_claim_fen"] == 200
-    assert presented(world, "p-1") == (t.presentment_digest(),)
+    assert presented(world, "p-1") == (None,)  # accepted: never represented, no digest kept
 
 
 async def test_a_gate_id_travels_from_the_wire_through_the_ledger_and_a_close_to_the_home(
