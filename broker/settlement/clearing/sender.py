@@ -455,12 +455,11 @@ class Sender:
     async def confirm(self, counterparty: str, period: date) -> Position:
         """Agree the day's bilateral position with ``counterparty``; equal views are SETTLED.
 
-        A day already SETTLED is reported from the two signed documents stored
-        then, without asking anyone; one that may not be confirmed yet is refused
-        (:func:`broker.settlement.clearing.confirm.require_ready`).
+        A SETTLED day (signed documents, or the previous release's figures) is reported
+        without asking anyone; one not ready is refused (``confirm.require_ready``).
         """
         known = await asyncio.to_thread(position, self.store, counterparty, period)
-        if known.state == "settled":  # its signed documents, or the previous release's figures
+        if known.state == "settled":
             return known
         mine = require_ready(self.store, counterparty, period, self._clock())
         signed = self._signer.sign(
