@@ -1,10 +1,11 @@
 """The intake port: trips uploaded straight to the intake's worker process, never to the node.
 
 Receiving a 10,000-trip ``SubmitTrips`` (about 0.8 MB) costs the process that
-receives it about 18 ms of CPU: TLS and HTTP/2 in gRPC's threads, and runs of
-1-9 ms of its event loop copying the message in and the answer out
-(scripts/bench-gate-load --profile). In the node's process every gate check
-waits behind those runs. Started with an intake address
+receives it about 4-12 ms of CPU (beyond its idle background; measured per
+thread): TLS and HTTP/2 in gRPC's threads, and two steps of its event loop,
+1-9 ms each, taking the message in and the answer out (scripts/bench-gate-load
+--profile; asyncio's slow-callback log). In the node's process every gate
+check waits behind those steps. Started with an intake address
 (``Node.start(..., intake_listen=...)``), the node hands an :class:`IntakePort`
 to its :class:`~broker.settlement.intake.TripIntake`, whose worker process
 (``SCHED_IDLE``, see :mod:`broker.core.priority`) then serves

@@ -22,13 +22,15 @@ trivial query (:meth:`TripIntake.reachable`): it must neither start a worker
 nor wait behind uploads.
 
 The intake port: even handed over as bytes, a 10,000-trip request costs the
-node's process about 18 ms of CPU to receive (TLS, HTTP/2, and 1-9 ms runs of
-its event loop copying the message in and the answer out), every gate check
-waiting behind the loop's part. Given an intake address (the node's
-``intake_listen``), the worker also serves ``SubmitTrips`` and ``GetTripOutcomes`` on a port of its
-own (:meth:`TripIntake.listen`, with a :class:`Listener` the node gives it:
-the serving, with the node's trust and guard, is the node layer's), so that
-operators' uploads never enter the gate's process. Both ways in reach the
+node's process CPU to receive (about 4-12 ms beyond its idle background,
+measured per thread: TLS and HTTP/2 in gRPC's threads, and two steps of its
+event loop, 1-9 ms each, taking the message in and the answer out), every gate
+check waiting behind the loop's steps. Given an intake address (the node's
+``intake_listen``), the worker also serves ``SubmitTrips`` and
+``GetTripOutcomes`` on a port of its own (:meth:`TripIntake.listen`, with a
+:class:`Listener` the node gives it: the serving, with the node's trust and
+guard, is the node layer's), so that operators' uploads never enter the gate's
+process. Both ways in reach the
 same desk, one request at a time (the worker's desk thread), each bounded.
 The worker runs in the background of the machine (:mod:`broker.core.priority`:
 ``SCHED_IDLE``), so its TLS and judging yield the core to a gate's thread at once.
