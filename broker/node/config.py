@@ -67,6 +67,7 @@ A node.toml looks like::
                                            # another trip id this close: suspected_duplicate
     max_batch_lines = 20000000             # a neighbour's batch holding more is refused as it
     max_batch_bytes = 4000000000           # arrives (RESOURCE_EXHAUSTED), before it is spooled
+    intake_listen = "0.0.0.0:50112"        # operators upload here: served by the intake's worker
 
     [[agreements]]                         # what a home district owes (broker/fares/agreements.py)
     district = "512021"
@@ -105,7 +106,7 @@ by ``fares.config``, ``[ledger]`` and ``[settlement]`` by
 file's directory. Environment overrides (each optional) are declared on the
 field they override (``metadata={"env": ...}``): ``YIKATONG_LISTEN``,
 ``YIKATONG_REDIS_URL``, ``YIKATONG_REGISTRY_PATH``, ``YIKATONG_REGISTRY_URL``,
-``YIKATONG_PEER_DEADLINE_MS``, ``YIKATONG_LEDGER_URL``; an empty value
+``YIKATONG_PEER_DEADLINE_MS``, ``YIKATONG_LEDGER_URL``, ``YIKATONG_INTAKE_LISTEN``; an empty value
 clears an optional one.
 
 Every integer key has a range (:data:`BOUNDS`): intervals and timeouts are at
@@ -404,6 +405,9 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
                 SettlementKeyConfig.max_batch_bytes,
                 "settlement.",
             ),
+            intake_listen=str(settlement_t["intake_listen"])
+            if settlement_t.get("intake_listen")
+            else None,
         ),
         agreements=parse_agreements(doc.get("agreements", [])),
     )

@@ -249,6 +249,7 @@ class Node:
                 clearing.close()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         await server.start()
+        intake_listen = intake_listen or cfg.settlement.intake_listen
         if intake is not None and intake_listen is not None:
             try:  # the worker starts now, and listens: a port it cannot open fails the start
                 await intake.listen(IntakePort(cfg, intake_listen))

@@ -56,12 +56,19 @@ class SettlementKeyConfig:
             10-million-trip day.
         max_batch_bytes: the same for the bytes of its serialized lines (a line
             is about 100-150 bytes): 200 bytes a line at the most lines.
+        intake_listen: ``host:port`` of the intake port (``YIKATONG_INTAKE_LISTEN``
+            overrides it; empty: none): the trip intake's worker process then
+            serves ``SubmitTrips`` and ``GetTripOutcomes`` there itself, with the
+            node's certificate, trust and access rules, so that operators'
+            uploads never enter the process that answers gates
+            (``broker.node.intake_port``). The node's own port answers them too.
     """
 
     key_file: Path | None = None
     duplicate_window_s: int = 5
     max_batch_lines: int = 20_000_000
     max_batch_bytes: int = 4_000_000_000
+    intake_listen: str | None = field(default=None, metadata={"env": "YIKATONG_INTAKE_LISTEN"})
 
 
 class SettlementSettings(TrustSettings, Protocol):

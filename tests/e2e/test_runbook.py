@@ -52,9 +52,10 @@ from tests.runbook import (
 OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 DAZU, ANYUE = "500111", "512021"
 OPERATOR = "bus-01"  # the operator the first-setup block issues
-# The runbook's two example addresses, which the test replaces with free loopback ports.
+# The runbook's example addresses, which the test replaces with free loopback ports.
 LISTEN = 'listen = "0.0.0.0:50111"'
 PEER_ADDRESS = 'address = "anyue-node.example:50111"'
+INTAKE = 'intake_listen = "0.0.0.0:50112"'
 
 # What each procedure's marked blocks are; a marker lost in an edit fails here.
 PROCEDURES = {
@@ -114,6 +115,7 @@ def runbook_file(name: str, d: District, peer_port: int) -> str:
     for example, real in (
         (LISTEN, f'listen = "127.0.0.1:{d.port}"'),
         (PEER_ADDRESS, f'address = "127.0.0.1:{peer_port}"'),
+        (INTAKE, f'intake_listen = "127.0.0.1:{free_port()}"'),
     ):
         if name == "node.toml":
             assert text.count(example) == 1, f"the runbook's node.toml no longer has {example}"

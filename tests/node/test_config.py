@@ -193,6 +193,7 @@ def test_env_overrides_are_declared_on_their_fields_and_documented():
             "YIKATONG_REGISTRY_URL",
             "YIKATONG_PEER_DEADLINE_MS",
             "YIKATONG_LEDGER_URL",
+            "YIKATONG_INTAKE_LISTEN",
         }
     )
 
@@ -382,3 +383,13 @@ def test_a_batch_maximum_out_of_range_is_refused_naming_the_key(tmp_path: Path, 
 def test_a_duplicate_window_out_of_range_is_refused_naming_the_key(tmp_path: Path, value):
     with pytest.raises(ConfigError, match=r"^settlement\.duplicate_window_s must be from 0 to 600"):
         load_config(write(tmp_path, with_key("settlement.duplicate_window_s", value)), env={})
+
+
+def test_the_intake_port_is_read_and_overridden_and_an_empty_value_turns_it_off(tmp_path: Path):
+    text = MINIMAL + '[settlement]\nintake_listen = "0.0.0.0:50112"\n'
+    assert load_config(write(tmp_path, text), env={}).settlement.intake_listen == "0.0.0.0:50112"
+    moved = load_config(write(tmp_path, text), env={"YIKATONG_INTAKE_LISTEN": "127.0.0.1:7"})
+    assert moved.settlement.intake_listen == "127.0.0.1:7"
+    off = load_config(write(tmp_path, text), env={"YIKATONG_INTAKE_LISTEN": ""})
+    assert off.settlement.intake_listen is None
+    assert load_config(write(tmp_path, MINIMAL), env={}).settlement.intake_listen is None
