@@ -36,6 +36,7 @@ from broker.core.errors import (
     SettlementStateError,
 )
 from broker.core.logs import configure_from_env
+from broker.core.priority import to_background
 from broker.core.signing import PublicKey, Signed, Signer, parse_public_keys, public_key_pems
 from broker.fares.rules import load_fares
 from broker.settlement.clearing import crash
@@ -197,7 +198,7 @@ _job: Job | None = None
 def _start(cfg: SettlementSettings, registry_path: RegistryConfig | Path) -> None:
     global _receiver, _store
     configure_from_env()  # log as the node does, to stderr
-    os.nice(NICE)
+    to_background(NICE)  # SCHED_IDLE: a niced worker keeps its slice when a gate thread wakes
     assert cfg.settlement.key_file is not None
     _store = ClearingStore.open(cfg).for_verification()
     _receiver = Receiver(
