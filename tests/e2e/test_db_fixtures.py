@@ -50,17 +50,54 @@ def config(root: Path, ledger: LedgerConfig) -> NodeConfig:
     )
 
 
-def sqlite_rows(path: Path) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of every table, in a stable order, read with plain sqlite3."""
+Columns = dict[str, list[str]]  # table → its columns, in order
+
+
+def _select(table: str, columns: Columns | None) -> str:
+    """``*``, or the columns a table had before a migration (added columns are allowed: every
+    column the previous release wrote must keep its values)."""
+    return ", ".join(columns[table]) if columns and table in columns else "*"
+
+
+def sqlite_columns(path: Path) -> Columns:
     db = sqlite3.connect(path)
     try:
         tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-        return {t: sorted(db.execute(f"SELECT * FROM {t}"), key=repr) for t in sorted(tables)}
+        return {t: [r[1] for r in db.execute(f"PRAGMA table_info({t})")] for t in tables}
     finally:
         db.close()
 
 
-def postgres_rows(url: str, schema: str) -> dict[str, list[tuple[Any, ...]]]:
+def sqlite_rows(path: Path, columns: Columns | None = None) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every table (of ``columns`` only, where given), in a stable order, read
+    with plain sqlite3."""
+    db = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {
+            t: sorted(db.execute(f"SELECT {_select(t, columns)} FROM {t}"), key=repr)
+            for t in sorted(tables)
+        }
+    finally:
+        db.close()
+
+
+def postgres_columns(url: str, schema: str) -> Columns:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = %s ORDER BY table_name, ordinal_position",
+            (schema,),
+        ).fetchall()
+    out: Columns = {}
+    for table, column in rows:
+        out.setdefault(str(table), []).append(str(column))
+    return out
+
+
+def postgres_rows(
+    url: str, schema: str, columns: Columns | None = None
+) -> dict[str, list[tuple[Any, ...]]]:
     with psycopg.connect(url) as conn:
         tables = [
             r[0]
@@ -70,7 +107,10 @@ def postgres_rows(url: str, schema: str) -> dict[str, list[tuple[Any, ...]]]:
             )
         ]
         return {
-            t: sorted(conn.execute(f"SELECT * FROM {schema}.{t}").fetchall(), key=repr)
+            t: sorted(
+                conn.execute(f"SELECT {_select(t, columns)} FROM {schema}.{t}").fetchall(),
+                key=repr,
+            )
             for t in sorted(tables)
         }
 
@@ -141,6 +181,7 @@ def test_sqlite_databases_of_the_previous_release_open_and_every_row_reads(
 ):
     root = registry_file(sqlite_copy).parent
     before = {name: sqlite_rows(root / name) for name in SQLITE_FILES}
+    columns = {name: sqlite_columns(root / name) for name in SQLITE_FILES}
     assert {name: counts(rows) for name, rows in before.items()} == {
         name: MANIFEST[name] for name in SQLITE_FILES
     }
@@ -149,12 +190,12 @@ def test_sqlite_databases_of_the_previous_release_open_and_every_row_reads(
     assert read["trips"] == MANIFEST["ledger.sqlite3"]["trips"]
     assert read["out_batches"] == MANIFEST["ledger-clearing.sqlite3"]["out_batches"]
     assert read["settled_positions"] == MANIFEST["ledger-clearing.sqlite3"]["positions"]
-    after_first = {name: sqlite_rows(root / name) for name in SQLITE_FILES}
+    after_first = {name: sqlite_rows(root / name, columns[name]) for name in SQLITE_FILES}
     for name, tables in before.items():  # nothing the previous release wrote is lost
         for table, rows in tables.items():
             assert after_first[name][table] == rows, f"{name}:{table}"
     open_everything(sqlite_copy)
-    assert {name: sqlite_rows(root / name) for name in SQLITE_FILES} == after_first
+    assert {name: sqlite_rows(root / name, columns[name]) for name in SQLITE_FILES} == after_first
 
 
 def test_a_postgresql_ledger_of_the_previous_release_opens_and_every_row_reads(
@@ -162,16 +203,17 @@ def test_a_postgresql_ledger_of_the_previous_release_opens_and_every_row_reads(
 ):
     cfg, schema = postgres_copy
     before = postgres_rows(postgres_url, schema)
+    columns = postgres_columns(postgres_url, schema)
     assert counts(before) == MANIFEST["ledger.postgres.sql"]
     read = open_everything(cfg)
     assert read["trips"] == MANIFEST["ledger.postgres.sql"]["trips"]
     assert read["out_batches"] == MANIFEST["ledger.postgres.sql"]["out_batches"]
     assert read["settled_positions"] == MANIFEST["ledger.postgres.sql"]["positions"]
-    after_first = postgres_rows(postgres_url, schema)
-    for table, rows in before.items():
+    after_first = postgres_rows(postgres_url, schema, columns)
+    for table, rows in before.items():  # every column it wrote keeps its values
         assert after_first[table] == rows, table
     open_everything(cfg)
-    assert postgres_rows(postgres_url, schema) == after_first
+    assert postgres_rows(postgres_url, schema, columns) == after_first
 
 
 # ---------------------------------------------------------------- the previous release, after
