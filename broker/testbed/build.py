@@ -117,19 +117,29 @@ def import_first_bundles(cfg: NodeConfig, exchange: Path) -> None:
         accept(peer, signed, first_use=True)
 
 
+# Ports free_port gave this process: two districts of one build (or two tests) never get the
+# same one (a CI run saw a node fail to bind a port handed out twice).
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A TCP port on loopback that was free a moment ago, below the range the kernel hands
     to outgoing connections: a port from that range (what binding port 0 gives) could be
     taken by one of the many connections a test opens before the node binds it."""
     first_ephemeral = _ephemeral_start()
     rng = random.SystemRandom()
+    if len(_HANDED_OUT) > 5_000:
+        _HANDED_OUT.clear()
     for _ in range(200):
         port = rng.randrange(10_000, first_ephemeral)
+        if port in _HANDED_OUT:  # free now, but maybe about to be bound by whom it was given to
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     with socket.socket() as s:  # nothing free down there: any the kernel gives
         s.bind(("127.0.0.1", 0))

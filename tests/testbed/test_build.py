@@ -248,6 +248,13 @@ def test_each_districts_var_directory_is_private_whatever_the_umask(tmp_path: Pa
         assert stat.S_IMODE(registry_file(s.config).stat().st_mode) == 0o600
 
 
+def test_free_port_never_hands_out_the_same_port_twice():
+    """Each port is free when handed out, and none is handed out again while whoever got it
+    may not have bound it yet (two districts of one build once got the same one)."""
+    ports = [free_port() for _ in range(300)]
+    assert len(set(ports)) == len(ports)
+
+
 def test_free_port_returns_a_loopback_port_that_can_be_bound():
     port = free_port()
     first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
