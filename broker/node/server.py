@@ -232,10 +232,11 @@ class Node:
         )
         guarded.check_complete()
         creds = ServerCertificates(trust).credentials()
-        try:
-            port = server.add_secure_port(cfg.listen, creds)
-        except RuntimeError as exc:  # nothing opened above may outlive the failed start
-            await server.stop(None)  # else its finalizer runs on a loop long closed
+
+        async def undo() -> None:
+            """Close what was opened above: nothing may outlive a failed start (the
+            server's finalizer would otherwise run on a loop long closed)."""
+            await server.stop(None)
             book.close()
             await feed.close()
             admin.close()
@@ -247,6 +248,11 @@ class Node:
                 intake.close()
             if clearing is not None:
                 clearing.close()
+
+        try:
+            port = server.add_secure_port(cfg.listen, creds)
+        except RuntimeError as exc:
+            await undo()
             raise ConfigError(f"cannot listen on {cfg.listen}: {exc}") from exc
         await server.start()
         intake_listen = intake_listen or cfg.settlement.intake_listen
@@ -254,17 +260,7 @@ class Node:
             try:  # the worker starts now, and listens: a port it cannot open fails the start
                 await intake.listen(IntakePort(cfg, intake_listen))
             except Exception as exc:
-                await server.stop(None)
-                book.close()
-                await feed.close()
-                admin.close()
-                home.close()
-                registry.close()
-                await cache.close()
-                await channels.close()
-                intake.close()
-                if clearing is not None:
-                    clearing.close()
+                await undo()
                 if isinstance(exc, ConfigError):
                     raise
                 raise ConfigError(
