@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from broker._proto.yikatong.v1 import gate_pb2, types_pb2
-from broker.cards.model import CardRef, Scene
+from broker.cards.model import CardRef, Scene, shanghai_day
 from broker.cards.registry import Registry
 from broker.cards.status_change import set_status
 from broker.core.breaker import PROBE_S, THRESHOLD, Breaker, State
@@ -125,7 +125,7 @@ async def test_a_frozen_redis_slows_no_gate_and_a_lost_card_still_reaches_every_
     waiting for it; a card set lost meanwhile is refused at both replicas (each follows the
     home itself, into its own tier); once Redis is back its breaker closes."""
     url, redis_pid = private_redis
-    setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=200, redis_url=url)
+    setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=500, redis_url=url)
     cfg = setups[DAZU].config
     c = await two_replicas(setups)
     nodes = c.nodes
@@ -178,7 +178,7 @@ async def test_a_killed_redis_fails_no_check_and_is_logged_as_a_change_of_state(
     hits waits as long as a Redis timeout, and the log holds Redis's change of state once,
     not a line per failed call."""
     url, redis_pid = private_redis
-    setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=200, redis_url=url)
+    setups = testbed.build(tmp_path, (DAZU, ANYUE), now, cards_per_district=500, redis_url=url)
     dazu = setups[DAZU]
     anyue = await Node.start(setups[ANYUE].config)
     env = {k: v for k, v in os.environ.items() if not k.startswith("YIKATONG_")}
@@ -198,13 +198,17 @@ async def test_a_killed_redis_fails_no_check_and_is_logged_as_a_change_of_state(
     try:
         await wait_healthy(dazu.config.listen, dazu, setups[ANYUE])
         gate = GateClient(ch, dazu.operator_id)
-        refs = [c.ref for c in setups[ANYUE].cards if c.status == "active"]
+        today = shanghai_day(now)
+        refs = [
+            c.ref for c in setups[ANYUE].cards if c.status == "active" and c.valid_until >= today
+        ]
         held, fresh = refs[:20], iter(refs[20:])
         for ref in held:
             assert (await gate.check(ref, Scene.BUS)).source == SRC.DECISION_SOURCE_PEER
         os.kill(redis_pid, signal.SIGKILL)
         kept_at = log_path.stat().st_size
         hits: list[float] = []
+        asked = 0
         until = time.monotonic() + 3.0  # several of the breaker's probes (one per 0.5 s) fail
         while time.monotonic() < until or len(hits) < 300:
             for ref in held:
@@ -212,8 +216,12 @@ async def test_a_killed_redis_fails_no_check_and_is_logged_as_a_change_of_state(
                 d = await gate.check(ref, Scene.BUS)
                 hits.append(time.monotonic() - started)
                 assert d.allow and d.source == SRC.DECISION_SOURCE_CACHE, d
-            d = await gate.check(next(fresh), Scene.BUS)  # Redis read fails: asks Anyue
-            assert d.allow and d.source == SRC.DECISION_SOURCE_PEER, d
+            ref = next(fresh, None)  # a fast machine may run out of never-seen cards
+            if ref is not None:
+                d = await gate.check(ref, Scene.BUS)  # Redis read fails: asks Anyue
+                assert d.allow and d.source == SRC.DECISION_SOURCE_PEER, d
+                asked += 1
+        assert asked >= 50  # many never-seen cards went past the failing Redis to Anyue
         timeout_s = dazu.config.cache.redis_timeout_ms / 1000
         assert sum(t >= timeout_s for t in hits) <= len(hits) // 20, sorted(hits)[-10:]
         await asyncio.sleep(0.5)  # the write-behind queue has tried its writes
