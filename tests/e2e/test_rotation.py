@@ -38,6 +38,17 @@ def serial(path: Path) -> int:
     return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
 
 
+async def fetched_by_peers(bundle_file: Path, *peers: str, within_s: float = 30) -> None:
+    """Wait, as the runbook has operators wait (and ``rotate-ca --config`` checks), until every
+    peer has fetched the bundle just published: a neighbour whose fetches were slow under
+    load would otherwise not yet trust the CA being activated, and its calls would fail
+    for the operator's haste, not the rotation's."""
+    until = time.monotonic() + within_s
+    while behind := certops.peers_behind(bundle_file, list(peers)):
+        assert time.monotonic() < until, f"peers never fetched the bundle: {behind}"
+        await asyncio.sleep(0.1)
+
+
 async def test_rotating_server_client_and_ca_certificates_under_load_fails_no_call(tmp_path):
     now = datetime.now(UTC)
     # No answer cache: every check of a neighbour's card is a call to the neighbour.
@@ -101,8 +112,10 @@ async def test_rotating_server_client_and_ca_certificates_under_load_fails_no_ca
         await asyncio.sleep(2)
         certops.rotate_ca(anyue, RotationStage.PUBLISH, datetime.now(UTC))
         await asyncio.sleep(2)
+        await fetched_by_peers(setups[ANYUE].config.trust.bundle_file or anyue.bundle, DAZU)
         certops.rotate_ca(anyue, RotationStage.ACTIVATE, datetime.now(UTC))
         await asyncio.sleep(2)
+        await fetched_by_peers(setups[ANYUE].config.trust.bundle_file or anyue.bundle, DAZU)
         certops.rotate_ca(anyue, RotationStage.RETIRE, datetime.now(UTC))
         await asyncio.sleep(2)
     finally:
