@@ -224,7 +224,7 @@ class Receiver:
         ``begin()`` first (an answer already stored ends it there), ``finish`` in the
         transaction that commits. A close on SQLite is committed in parts
         (:mod:`broker.settlement.clearing.staged`), each part's log copied into the file
-        behind it, and unmade if anything fails after the first."""
+        before the next part, and unmade if anything fails after the first."""
         parts = staged.in_parts(self._db, kind)
         day, lines = period.isoformat(), iter(chunks)
         check: BatchCheck | None = None
@@ -260,7 +260,7 @@ class Receiver:
                     sequence=seq,
                     lines=check.totals.lines,
                 )
-                self._store.checkpoint_soon()
+                self._store.checkpoint_now()
         except BaseException:
             if parts and check is not None:  # parts may be committed: none of them stays
                 with self._db.write():

@@ -184,6 +184,14 @@ class ClearingStore:
             self.db.execute("PRAGMA wal_autocheckpoint = 0")
         return self
 
+    def checkpoint_now(self) -> None:
+        """Copy the write-ahead log into the SQLite file on ``db``'s own connection, between
+        two parts of a batch: the next part's first write then starts the log over, so it
+        stays one part long (a checkpoint beside the next part never caught up with it, and
+        the log grew through the whole batch). Nothing to do on PostgreSQL."""
+        if self.path is not None and self.db.dialect == "sqlite":
+            self.db.one("PRAGMA wal_checkpoint(PASSIVE)")
+
     def checkpoint_soon(self) -> threading.Thread | None:
         """Copy the write-ahead log into the SQLite file, on a thread and a connection of
         their own (the verifier's, after each committed part of a batch and once it
