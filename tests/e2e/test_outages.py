@@ -216,9 +216,9 @@ async def test_a_killed_redis_fails_no_check_and_is_logged_as_a_change_of_state(
                 d = await gate.check(ref, Scene.BUS)
                 hits.append(time.monotonic() - started)
                 assert d.allow and d.source == SRC.DECISION_SOURCE_CACHE, d
-            ref = next(fresh, None)  # a fast machine may run out of never-seen cards
-            if ref is not None:
-                d = await gate.check(ref, Scene.BUS)  # Redis read fails: asks Anyue
+            new = next(fresh, None)  # a fast machine may run out of never-seen cards
+            if new is not None:
+                d = await gate.check(new, Scene.BUS)  # Redis read fails: asks Anyue
                 assert d.allow and d.source == SRC.DECISION_SOURCE_PEER, d
                 asked += 1
         assert asked >= 50  # many never-seen cards went past the failing Redis to Anyue
