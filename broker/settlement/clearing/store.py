@@ -194,9 +194,10 @@ class ClearingStore:
 
     def checkpoint_soon(self) -> threading.Thread | None:
         """Copy the write-ahead log into the SQLite file, on a thread and a connection of
-        their own (the verifier's, after each committed part of a batch and once it
-        answered): whatever ``db`` does meanwhile. ``None`` when there is nothing to do
-        (PostgreSQL) or a copy is still under way (the next one takes what it left)."""
+        their own (the verifier's, once it answered a batch; between its parts,
+        :meth:`checkpoint_now`): whatever ``db`` does meanwhile. ``None`` when there is
+        nothing to do (PostgreSQL) or a copy is still under way (the next one takes what it
+        left)."""
         if self.path is None or self.db.dialect != "sqlite":
             return None
         if self._checkpointing is not None and self._checkpointing.is_alive():
