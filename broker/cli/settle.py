@@ -33,6 +33,7 @@ from broker.core.errors import (
     PeerUnavailable,
     SettlementStateError,
 )
+from broker.core.priority import to_background
 from broker.fares.rules import load_fares
 from broker.node.config import NodeConfig, load_config
 from broker.settlement.clearing.check import check_day
@@ -86,9 +87,16 @@ def _clock() -> Callable[[], datetime]:
     return clock if callable(clock) else (lambda: datetime.now(UTC))
 
 
-def _run(cfg_path: Path, work: Callable[[Sender], Any]) -> Any:
+def _run(cfg_path: Path, work: Callable[[Sender], Any], behind_gates: bool = False) -> Any:
+    """``work`` on a sender; ``behind_gates``: this process on the workers' CPUs
+    (``settlement.worker_cpus``, if set) at their priority, as a close that runs for minutes
+    on the node's machine should be."""
+
     async def go() -> Any:
-        async with open_sender(_config(cfg_path), _progress(), _clock()) as sender:
+        cfg = _config(cfg_path)
+        if behind_gates and cfg.settlement.worker_cpus:
+            to_background(cpus=cfg.settlement.worker_cpus)
+        async with open_sender(cfg, _progress(), _clock()) as sender:
             return await work(sender)
 
     with broker_errors():
@@ -135,7 +143,7 @@ def close_cmd(config_path: Path, period: str, force: bool) -> None:
     day: no trip of it is accepted after that, and it may be confirmed.
     """
     day = _day(period)
-    report = _run(config_path, lambda s: s.close(day, force))
+    report = _run(config_path, lambda s: s.close(day, force), behind_gates=True)
     rows = [asdict(b) for b in report.batches]
     _emit(
         rows,

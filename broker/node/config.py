@@ -68,6 +68,8 @@ A node.toml looks like::
     max_batch_lines = 20000000             # a neighbour's batch holding more is refused as it
     max_batch_bytes = 4000000000           # arrives (RESOURCE_EXHAUSTED), before it is spooled
     intake_listen = "0.0.0.0:50112"        # operators upload here: served by the intake's worker
+    # worker_cpus = [1]                    the workers (intake, verification) and the close
+                                           # keep to CPU 1, the gates to the other CPUs
 
     [[agreements]]                         # what a home district owes (broker/fares/agreements.py)
     district = "512021"
@@ -247,8 +249,12 @@ BOUNDS: Mapping[tuple[type[Any], str], Range] = {
 }
 
 
-def _int(table: Mapping[str, Any], section: type[Any], key: str, default: int, where: str) -> int:
-    return BOUNDS[(section, key)].check(table.get(key, default), f"{where}{key}")
+def _int(
+    table: Mapping[str, Any], section: type[Any], key: str, default: int | None, where: str
+) -> int:
+    """``table[key]``, in its range; ``default`` (None: the section's own) when it is absent."""
+    fallback = getattr(section, key) if default is None else default
+    return BOUNDS[(section, key)].check(table.get(key, fallback), f"{where}{key}")
 
 
 def _registry(table: Mapping[str, Any], path: Path | None) -> RegistryConfig:
@@ -258,6 +264,31 @@ def _registry(table: Mapping[str, Any], path: Path | None) -> RegistryConfig:
     schema = str(table.get("schema", RegistryConfig.schema))  # checked where it is opened
     hours = _int(table, RegistryConfig, "event_retention_hours", 72, "registry.")
     return RegistryConfig(path, hours, url, schema)
+
+
+def _settlement(table: Mapping[str, Any], key_file: Path | None) -> SettlementKeyConfig:
+    def number(key: str) -> int:
+        return _int(table, SettlementKeyConfig, key, None, "settlement.")
+
+    listen = table.get("intake_listen")
+    return SettlementKeyConfig(
+        key_file=key_file,
+        duplicate_window_s=number("duplicate_window_s"),
+        max_batch_lines=number("max_batch_lines"),
+        max_batch_bytes=number("max_batch_bytes"),
+        intake_listen=str(listen) if listen else None,
+        worker_cpus=_cpus(table.get("worker_cpus", []), "settlement.worker_cpus"),
+    )
+
+
+def _cpus(value: Any, name: str) -> tuple[int, ...]:
+    """A list of distinct CPU numbers (checked against the machine where it is used)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} must be a list of CPU numbers, as taskset takes them")
+    cpus = tuple(Range(0, 4095).check(v, f"{name}[{i}]") for i, v in enumerate(value))
+    if len(set(cpus)) != len(cpus):
+        raise ConfigError(f"{name} names a CPU twice")
+    return cpus
 
 
 def _code(value: Any, where: str) -> str:
@@ -369,12 +400,8 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
         trust=TrustConfig(
             bundle_file=opt_path(trust_t, "bundle_file"),
             bundle_refresh_s=_int(trust_t, TrustConfig, "bundle_refresh_s", 30, "trust."),
-            max_bundle_age_s=_int(
-                trust_t, TrustConfig, "max_bundle_age_s", TrustConfig.max_bundle_age_s, "trust."
-            ),
-            bundle_hard_age_s=_int(
-                trust_t, TrustConfig, "bundle_hard_age_s", TrustConfig.bundle_hard_age_s, "trust."
-            ),
+            max_bundle_age_s=_int(trust_t, TrustConfig, "max_bundle_age_s", None, "trust."),
+            bundle_hard_age_s=_int(trust_t, TrustConfig, "bundle_hard_age_s", None, "trust."),
             crl_state_file=path(trust_t.get("crl_state_file", f"var/{district}/crl-state")),
         ),
         fares=FaresConfig(
@@ -386,29 +413,7 @@ def parse_config(doc: Mapping[str, Any], base: Path, env: Mapping[str, str]) -> 
             url=str(ledger_t["url"]) if ledger_t.get("url") else None,
             schema=str(ledger_t.get("schema", "yikatong")),
         ),
-        settlement=SettlementKeyConfig(
-            key_file=opt_path(settlement_t, "key_file"),
-            duplicate_window_s=_int(
-                settlement_t, SettlementKeyConfig, "duplicate_window_s", 5, "settlement."
-            ),
-            max_batch_lines=_int(
-                settlement_t,
-                SettlementKeyConfig,
-                "max_batch_lines",
-                SettlementKeyConfig.max_batch_lines,
-                "settlement.",
-            ),
-            max_batch_bytes=_int(
-                settlement_t,
-                SettlementKeyConfig,
-                "max_batch_bytes",
-                SettlementKeyConfig.max_batch_bytes,
-                "settlement.",
-            ),
-            intake_listen=str(settlement_t["intake_listen"])
-            if settlement_t.get("intake_listen")
-            else None,
-        ),
+        settlement=_settlement(settlement_t, opt_path(settlement_t, "key_file")),
         agreements=parse_agreements(doc.get("agreements", [])),
     )
     return apply_env(cfg, env)

@@ -30,6 +30,7 @@ from broker.cards.mirror import CardCopy
 from broker.cards.privacy import load_key_file
 from broker.cards.registry import Registry
 from broker.core.errors import ConfigError
+from broker.core.priority import keep_off, keep_to
 from broker.fares.rules import load_fares
 from broker.gate.cache import AnswerCache
 from broker.gate.home import HomeRecognizer
@@ -130,6 +131,7 @@ class Node:
     admin: CardAdminServicer | None = None
     home: HomeRecognizer | None = None
     intake_listen: str | None = None
+    cpus_before: frozenset[int] | None = None  # this process's CPUs before the node placed it
 
     @classmethod
     async def start(
@@ -218,6 +220,7 @@ class Node:
                 fares,
                 duplicate_window=timedelta(seconds=cfg.settlement.duplicate_window_s),
                 changeover_grace=timedelta(seconds=cfg.fares.changeover_grace_s),
+                cpus=cfg.settlement.worker_cpus,
             )
             intake = TripIntake(spec, clock)
             if cfg.settlement.key_file is not None:
@@ -232,6 +235,7 @@ class Node:
         )
         guarded.check_complete()
         creds = ServerCertificates(trust).credentials()
+        cpus_before: frozenset[int] | None = None
 
         async def undo() -> None:
             """Close what was opened above: nothing may outlive a failed start (the
@@ -248,7 +252,15 @@ class Node:
                 intake.close()
             if clearing is not None:
                 clearing.close()
+            if cpus_before is not None:
+                keep_to(cpus_before)
 
+        try:  # the gates' CPUs: every thread of this process off the workers' (if placed)
+            if cfg.settlement.worker_cpus:
+                cpus_before = keep_off(cfg.settlement.worker_cpus)
+        except ConfigError as exc:
+            await undo()
+            raise ConfigError(f"settlement.worker_cpus: {exc}") from exc
         try:
             port = server.add_secure_port(cfg.listen, creds)
         except RuntimeError as exc:
@@ -300,6 +312,7 @@ class Node:
             home=home,
             admin=admin,
             intake_listen=intake_listen,
+            cpus_before=cpus_before,
         )
         await node._report_trust()
         await node._check_components()
@@ -434,4 +447,6 @@ class Node:
             self.intake.close()
         if self.clearing is not None:
             self.clearing.close()
+        if self.cpus_before is not None:
+            keep_to(self.cpus_before)
         log.info("node_stopped", district=self.config.district)

@@ -62,6 +62,12 @@ class SettlementKeyConfig:
             node's certificate, trust and access rules, so that operators'
             uploads never enter the process that answers gates
             (``broker.node.intake_port``). The node's own port answers them too.
+        worker_cpus: the CPUs (Linux's numbers, as ``taskset`` takes them) that
+            the worker processes (trip intake, home verification) and ``broker
+            settle close`` keep to; the node's own process, which answers gates,
+            then keeps off them. Empty (the default): the scheduler places them.
+            On a small node, one CPU for the workers keeps an upload's kernel
+            work off the gates' CPU (``broker.core.priority``).
     """
 
     key_file: Path | None = None
@@ -69,6 +75,7 @@ class SettlementKeyConfig:
     max_batch_lines: int = 20_000_000
     max_batch_bytes: int = 4_000_000_000
     intake_listen: str | None = field(default=None, metadata={"env": "YIKATONG_INTAKE_LISTEN"})
+    worker_cpus: tuple[int, ...] = ()
 
 
 class SettlementSettings(TrustSettings, Protocol):

@@ -103,6 +103,7 @@ class IntakeSpec:
     duplicate_window: timedelta = DEFAULT_DUPLICATE_WINDOW
     late_window: timedelta = DEFAULT_LATE_WINDOW
     changeover_grace: timedelta = CHANGEOVER_GRACE
+    cpus: tuple[int, ...] = ()  # the CPUs the worker keeps to (settlement.worker_cpus); (): any
 
     def open_ledger(self) -> Ledger:
         return open_ledger(
@@ -312,7 +313,7 @@ _port: int | None = None
 def _start(spec: IntakeSpec) -> None:
     global _desk_thread
     configure_from_env()  # log as the node does, to stderr
-    to_background(NICE)  # SCHED_IDLE: a gate's thread that wakes takes the core at once
+    to_background(NICE, spec.cpus)  # SCHED_IDLE: a gate's thread that wakes takes the core at once
     _desk_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="desk")
     _desk_thread.submit(_open_desk, spec).result()
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -261,3 +264,44 @@ def test_confirm_says_a_day_agreed_under_the_previous_release_has_no_signed_docu
     assert "settled" in result.output and "2.00" in result.output
     cells = flat(result.output.replace("│", " "))  # the note, wrapped within its cell
     assert "agreed under the previous release: its figures, no signed documents" in cells
+
+
+WATCH_CLOSE = """
+import os, sys
+from broker.cli import settle
+from broker.cli.main import main
+
+opened = settle.open_sender
+
+def watched(*args, **kwargs):  # where the close runs, as it starts its work
+    idle = os.sched_getscheduler(0) == getattr(os, "SCHED_IDLE", -1)
+    print("at", ",".join(map(str, sorted(os.sched_getaffinity(0)))), idle, flush=True)
+    return opened(*args, **kwargs)
+
+settle.open_sender = watched
+main(["settle", "close", "--config", sys.argv[1], "--period", sys.argv[2]])
+"""
+
+
+@pytest.mark.parametrize("placed", [True, False])
+def test_a_close_runs_on_the_workers_cpus_behind_the_gates_when_they_are_set(
+    district: DistrictSetup, tmp_path: Path, placed: bool
+):
+    """In a process of its own: a process cannot raise its priority back."""
+    usable = sorted(os.sched_getaffinity(0))
+    cpus = (usable[-1],) if placed else ()
+    settings = replace(district.config.settlement, worker_cpus=cpus)
+    path = tmp_path / "placed.toml"
+    path.write_text(render_config(replace(district.config, settlement=settings)))
+    done = subprocess.run(
+        [sys.executable, "-c", WATCH_CLOSE, str(path), PERIOD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if x.startswith("at "))
+    expected = str(usable[-1]) if placed else ",".join(map(str, usable))
+    idle = placed and hasattr(os, "SCHED_IDLE")
+    assert line.split() == ["at", expected, str(idle)]
+    assert "nothing new to send" in done.stdout

@@ -393,3 +393,28 @@ def test_the_intake_port_is_read_and_overridden_and_an_empty_value_turns_it_off(
     off = load_config(write(tmp_path, text), env={"YIKATONG_INTAKE_LISTEN": ""})
     assert off.settlement.intake_listen is None
     assert load_config(write(tmp_path, MINIMAL), env={}).settlement.intake_listen is None
+
+
+def test_worker_cpus_are_read_back_and_default_to_none(tmp_path: Path):
+    assert load_config(write(tmp_path, MINIMAL), env={}).settlement.worker_cpus == ()
+    placed = load_config(write(tmp_path, with_key("settlement.worker_cpus", "[3, 1]")), env={})
+    assert placed.settlement.worker_cpus == (3, 1)
+    again = load_config(write(tmp_path, render_config(placed)), env={})
+    assert again.settlement == placed.settlement
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1", r"^settlement\.worker_cpus must be a list of CPU numbers"),
+        ("[0, -1]", r"^settlement\.worker_cpus\[1\] must be from 0 to 4095, not -1"),
+        ('["1"]', r"^settlement\.worker_cpus\[0\] must be an integer"),
+        ("[true]", r"^settlement\.worker_cpus\[0\] must be an integer"),
+        ("[2, 2]", r"^settlement\.worker_cpus names a CPU twice"),
+    ],
+)
+def test_a_worker_cpu_list_that_is_not_one_is_refused_naming_the_key(
+    tmp_path: Path, value: str, message: str
+):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, with_key("settlement.worker_cpus", value)), env={})

@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from broker._proto.yikatong.v1 import settlement_pb2, settlement_pb2_grpc
 from broker.core.errors import ConfigError
+from broker.core.priority import in_background, keep_to
 from broker.node.config import load_config
 from broker.node.server import SERVICE_NAMES, SWITCH_INTERVAL_S, Node, server_options
 from broker.peers.bundles import FAILURES_UNHEALTHY
@@ -24,7 +25,7 @@ from broker.settlement.clearing.sender import EXCHANGE_TIMEOUT_S
 from broker.settlement.config import LedgerConfig, SettlementKeyConfig
 from broker.testbed.build import DistrictSetup
 from broker.trust.store import CRL_HEALTH, peer_health_name
-from tests.conftest import ANYUE, DAZU, RONGCHANG
+from tests.conftest import ANYUE, DAZU, RONGCHANG, unavailable
 from tests.helpers import channel
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -310,3 +311,51 @@ async def test_a_node_records_how_long_its_answers_may_be_used_for_settlement(
         assert node.registry.advertised_ttls()[-1][1] == 390
     finally:
         await node.stop(grace=0.1)
+
+
+@pytest.fixture
+def worker_cpu() -> Iterator[int]:
+    """A CPU for the workers, leaving this process another; its affinity put back after."""
+    before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        unavailable("placement needs 2 CPUs this process may use")
+    yield max(before)
+    keep_to(before)  # a failed test must not leave the test runner on one CPU
+
+
+async def test_with_worker_cpus_the_gates_keep_off_them_and_the_intake_worker_keeps_to_them(
+    districts: dict[str, DistrictSetup], worker_cpu: int
+) -> None:
+    """Placement (broker.core.priority): the kernel's work for an upload stays off the gates."""
+    cfg = districts[DAZU].config
+    placed = replace(cfg, settlement=replace(cfg.settlement, worker_cpus=(worker_cpu,)))
+    before = os.sched_getaffinity(0)
+    node = await Node.start(placed, intake_listen="127.0.0.1:0")  # the worker starts now
+    try:
+        threads = [int(name) for name in os.listdir("/proc/self/task")]
+        assert len(threads) > 3  # gRPC's, the cache's, the intake's pool's
+        for tid in threads:  # every one, started before the placement or after
+            assert os.sched_getaffinity(tid) == before - {worker_cpu}, tid
+        pid = node.intake.worker_pid if node.intake is not None else None
+        assert pid is not None
+        assert os.sched_getaffinity(pid) == {worker_cpu}
+        assert in_background(pid)
+    finally:
+        await node.stop(grace=0.2)
+    assert os.sched_getaffinity(0) == before  # a stopped node puts its process back
+
+
+@pytest.mark.parametrize("which", ["every", "absent"])
+async def test_worker_cpus_that_leave_no_gate_cpu_or_are_not_usable_fail_the_start(
+    districts: dict[str, DistrictSetup], which: str
+) -> None:
+    cfg = districts[DAZU].config
+    before = os.sched_getaffinity(0)
+    cpus = tuple(sorted(before)) if which == "every" else (4095,)
+    message = "leave at least one to the gates" if which == "every" else "CPU 4095 is not one"
+    placed = replace(cfg, settlement=replace(cfg.settlement, worker_cpus=cpus))
+    with pytest.raises(ConfigError, match=rf"^settlement\.worker_cpus: .*{message}"):
+        await Node.start(placed)
+    assert os.sched_getaffinity(0) == before
+    again = await Node.start(cfg)  # everything the failed start opened was closed
+    await again.stop(grace=0.2)

@@ -198,7 +198,8 @@ _job: Job | None = None
 def _start(cfg: SettlementSettings, registry_path: RegistryConfig | Path) -> None:
     global _receiver, _store
     configure_from_env()  # log as the node does, to stderr
-    to_background(NICE)  # SCHED_IDLE: a niced worker keeps its slice when a gate thread wakes
+    # SCHED_IDLE: a niced worker keeps its slice when a gate thread wakes; on the workers' CPUs
+    to_background(NICE, cfg.settlement.worker_cpus)
     assert cfg.settlement.key_file is not None
     _store = ClearingStore.open(cfg).for_verification()
     _receiver = Receiver(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import datetime
 
 import pytest
@@ -89,3 +90,25 @@ async def test_a_worker_that_dies_fails_the_call_unavailable_and_the_next_batch_
     ack = await receive(node, 2, "w-2")  # sent again: a new worker verifies it
     assert verify(ack.signed, node.anyue_keys, Purpose.ACK)["accepted"] == 1  # type: ignore[attr-defined]
     assert worker_pids(node) != [first]
+
+
+async def test_with_worker_cpus_the_verifier_keeps_to_them(
+    districts: dict[str, DistrictSetup], now: datetime
+) -> None:
+    """settlement.worker_cpus: the verifier's process (and its kernel work) stays on them."""
+    cpu = max(os.sched_getaffinity(0))
+    anyue = districts[ANYUE]
+    settlement = replace(anyue.config.settlement, worker_cpus=(cpu,))
+    placed = {
+        **districts,
+        ANYUE: replace(anyue, config=replace(anyue.config, settlement=settlement)),
+    }
+    n = Node(placed, now)
+    try:
+        await receive(n, 1, "w-1")
+        [pid] = worker_pids(n)
+        assert os.sched_getaffinity(pid) == {cpu}
+        assert in_background(pid)
+    finally:
+        n.service.close()
+        n.registry.close()
