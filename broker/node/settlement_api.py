@@ -136,7 +136,8 @@ class SettlementServicer(TripsServicer):
         """
         sender = current_identity().district
         service = self._service()  # a node that does not clear says so before anything
-        spool = Spool(self._settings.max_batch_lines, self._settings.max_batch_bytes)
+        # No digest here: the worker works it out again from the spool it verifies.
+        spool = Spool(self._settings.max_batch_lines, self._settings.max_batch_bytes, hashed=False)
         # The sender's word for which batch this is: then it is verified as it arrives.
         hint = Hint.from_metadata(context.invocation_metadata())
         streamed: Streamed | None = None

@@ -234,7 +234,9 @@ def count_lines(chunk: bytes) -> int:
 
     Each line is field 1, length-delimited; the walk reads only tags and
     lengths and skips other fields by their wire type, as a parser would, so
-    a 2,000-line chunk is counted in about 0.3 ms without decoding a line.
+    a 2,000-line chunk is counted in about 0.17 ms without decoding a line (it
+    runs on the node's event loop, between gate checks: lengths of one and two
+    bytes, every real line's, are read without a call).
     Framing that does not hold together refuses the batch, as decoding would.
     """
     lines = at = 0
@@ -242,16 +244,14 @@ def count_lines(chunk: bytes) -> int:
     try:
         while at < end:
             if chunk[at] == 0x0A:  # a line (field 1, length-delimited): inlined, it is most
-                at += 1
-                size = shift = 0
-                while True:
-                    byte = chunk[at]
-                    at += 1
-                    size |= (byte & 0x7F) << shift
-                    if byte < 0x80:
-                        break
-                    shift += 7
-                at += size
+                size = chunk[at + 1]
+                if size < 0x80:  # under 128 bytes: a one-byte length
+                    at += 2 + size
+                elif (high := chunk[at + 2]) < 0x80:  # under 16 KiB: two bytes
+                    at += 3 + ((size & 0x7F) | (high << 7))
+                else:
+                    size, at = _varint(chunk, at + 1)
+                    at += size
                 lines += 1
                 continue
             tag, at = _varint(chunk, at)
@@ -282,11 +282,18 @@ class Spool:
     anonymous (unlinked at once), so closing it leaves nothing on disk.
     :meth:`close` may be called more than once; the owner must call it only
     when no thread still reads :meth:`chunks`.
+
+    ``hashed=False``: no running digest (:attr:`digest` refuses to be read).
+    The node spools so, on the event loop that answers gates: the worker that
+    verifies the batch works the digest out again from what it reads anyway,
+    and hashing 240 KB chunks there cost ~0.14 ms of the loop each.
     """
 
-    def __init__(self, max_lines: int | None = None, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, max_lines: int | None = None, max_bytes: int | None = None, hashed: bool = True
+    ) -> None:
         self.file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
-        self.digest = Digest()
+        self._digest = Digest() if hashed else None
         self.lines = 0  # counted only when max_lines is set
         self.bytes = 0
         self._max_lines = max_lines
@@ -305,7 +312,8 @@ class Spool:
                 raise LimitExceeded("settlement.max_batch_lines", self._max_lines, "lines")
             self.lines += n
         self.bytes += 8 + len(chunk)
-        self.digest.update(chunk)
+        if self._digest is not None:
+            self._digest.update(chunk)
         self.file.write(len(chunk).to_bytes(8, "big"))
         self.file.write(chunk)
         self.file.flush()  # on the file, not in a buffer: chunks are large, it costs nothing
@@ -321,13 +329,20 @@ class Spool:
         worked out again from what is read, so the reader checks what it will verify."""
         spool = cls.__new__(cls)
         spool.file = open(path, "rb")  # noqa: SIM115 - closed by close()
-        spool.digest = Digest()
+        spool._digest = digest = Digest()
         spool.lines = spool.bytes = 0
         spool._max_lines = spool._max_bytes = None
         for chunk in spool.chunks():
-            spool.digest.update(chunk)
+            digest.update(chunk)
             spool.bytes += 8 + len(chunk)
         return spool
+
+    @property
+    def digest(self) -> Digest:
+        """The running digest of what was added (or read, when reopened)."""
+        if self._digest is None:
+            raise RuntimeError("this spool keeps no digest: its reader works it out")
+        return self._digest
 
     @property
     def closed(self) -> bool:

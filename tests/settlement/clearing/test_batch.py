@@ -308,6 +308,47 @@ def test_count_lines_handles_long_lines_and_skips_unknown_fields():
     assert count_lines(msg.SerializeToString() + unknown) == 2  # fields 2, 3, 4, 5: not lines
 
 
+@pytest.mark.parametrize("extra", [0, 1, 20, 100, 16_300, 16_400])
+def test_count_lines_reads_one_two_and_three_byte_lengths_alike(extra: int):
+    """Lengths around 128 bytes and 16 KiB: where the one- and two-byte fast paths end."""
+    chunk = encode_lines(
+        [Line(replace(line(i).trip, place_id="p" * (extra + i)), "", 1) for i in range(30)]
+    )
+    assert count_lines(chunk) == len(decode_lines(chunk)) == 30
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        b"\n\x80",
+        b"\n\x05abcde\n",
+        b"\n\x80\x01" + b"a" * 127,
+    ],
+    ids=["two-byte-length-cut", "length-cut-after-a-line", "two-byte-body-short"],
+)
+def test_count_lines_refuses_a_cut_two_byte_length_or_body(chunk: bytes):
+    with pytest.raises(DocumentRefused, match="does not parse"):
+        count_lines(chunk)
+
+
+def test_an_unhashed_spool_keeps_no_digest_and_its_reader_works_out_the_same_one():
+    chunks = [encode_lines([line(1), line(2)]), encode_lines([line(3)])]
+    hashed, bare = Spool(), Spool(max_lines=10, max_bytes=10**6, hashed=False)
+    for chunk in chunks:
+        hashed.add(chunk)
+        bare.add(chunk)
+    with pytest.raises(RuntimeError, match="keeps no digest"):
+        bare.digest  # noqa: B018 - reading it is the test
+    bare.file.flush()
+    reread = Spool.reopened(f"/proc/self/fd/{bare.file.fileno()}")
+    try:
+        assert reread.digest.hexdigest() == hashed.digest.hexdigest()
+        assert reread.digest.chunks == hashed.digest.chunks == 2
+    finally:
+        for s in (reread, bare, hashed):
+            s.close()
+
+
 @pytest.mark.parametrize(
     "chunk",
     [
