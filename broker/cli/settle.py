@@ -95,7 +95,10 @@ def _run(cfg_path: Path, work: Callable[[Sender], Any], behind_gates: bool = Fal
     async def go() -> Any:
         cfg = _config(cfg_path)
         if behind_gates and cfg.settlement.worker_cpus:
-            to_background(cpus=cfg.settlement.worker_cpus)
+            try:
+                to_background(cpus=cfg.settlement.worker_cpus)
+            except ConfigError as exc:
+                raise ConfigError(f"settlement.worker_cpus: {exc}") from exc
         async with open_sender(cfg, _progress(), _clock()) as sender:
             return await work(sender)
 

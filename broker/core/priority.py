@@ -43,7 +43,8 @@ def to_background(nice: int = DEFAULT_NICE, cpus: Collection[int] = ()) -> Prior
     ``SCHED_IDLE`` where the OS has it, else niced by ``nice``; and, when
     ``cpus`` is given, onto those CPUs only (:func:`keep_to`). Returns which
     priority it got. Any process may lower its own priority so: this needs no
-    privilege.
+    privilege. The priority is the calling thread's (Linux's is per thread):
+    call it first thing, before the process starts threads of its own.
     """
     if cpus:
         keep_to(cpus)
@@ -88,10 +89,14 @@ def keep_to(cpus: Collection[int]) -> None:
         raise ConfigError("CPU placement (settlement.worker_cpus) needs Linux")
     chosen = set(cpus)
     try:
-        for tid in _threads():
-            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
-                os.sched_setaffinity(tid, chosen)
         os.sched_setaffinity(0, chosen)
+        moved: set[int] = set()
+        # Again until no thread is new: one not moved yet may start another meanwhile.
+        while left := set(_threads()) - moved:
+            for tid in left:
+                with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                    os.sched_setaffinity(tid, chosen)
+            moved |= left
     except OSError as exc:  # none of them exists, or a cgroup forbids them all
         raise ConfigError(
             f"cannot keep to CPU {', '.join(map(str, sorted(chosen)))}: {exc.strerror}"
@@ -129,8 +134,8 @@ def _usable_for(cpus: Collection[int]) -> frozenset[int]:
 
 
 def _threads() -> list[int]:
-    """The ids of this process's threads (Linux's /proc; only this thread elsewhere)."""
+    """The ids of this process's threads (Linux's /proc)."""
     try:
         return [int(t.name) for t in Path("/proc/self/task").iterdir()]
-    except OSError:
-        return []
+    except OSError as exc:  # without it, threads already running would stay where they are
+        raise ConfigError(f"cannot list this process's threads: {exc.strerror}") from exc

@@ -147,7 +147,31 @@ class Node:
         itself (:mod:`broker.node.intake_port`), so that uploads never enter
         this process; the node's own port answers them too. ``None``: no such
         port. Only for a node that keeps trips (``[ledger]``).
+
+        With ``settlement.worker_cpus`` this process (every thread) first keeps
+        off those CPUs, before anything is opened; a failed start, and
+        :meth:`stop`, put it back. One placed node per process: a second one
+        would find the workers' CPUs already left.
         """
+        before = None
+        if cfg.settlement.worker_cpus:
+            try:
+                before = keep_off(cfg.settlement.worker_cpus)
+            except ConfigError as exc:
+                raise ConfigError(f"settlement.worker_cpus: {exc}") from exc
+        try:
+            node = await cls._open(cfg, clock, intake_listen)
+        except BaseException:
+            if before is not None:
+                keep_to(before)
+            raise
+        node.cpus_before = before
+        return node
+
+    @classmethod
+    async def _open(
+        cls, cfg: NodeConfig, clock: Callable[[], datetime], intake_listen: str | None
+    ) -> Node:
         # The event loop answers gates while worker threads (trust reloads, clearing steps)
         # run: let it take the interpreter lock after 0.5 ms of their work, not the default 5.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -235,7 +259,6 @@ class Node:
         )
         guarded.check_complete()
         creds = ServerCertificates(trust).credentials()
-        cpus_before: frozenset[int] | None = None
 
         async def undo() -> None:
             """Close what was opened above: nothing may outlive a failed start (the
@@ -252,15 +275,7 @@ class Node:
                 intake.close()
             if clearing is not None:
                 clearing.close()
-            if cpus_before is not None:
-                keep_to(cpus_before)
 
-        try:  # the gates' CPUs: every thread of this process off the workers' (if placed)
-            if cfg.settlement.worker_cpus:
-                cpus_before = keep_off(cfg.settlement.worker_cpus)
-        except ConfigError as exc:
-            await undo()
-            raise ConfigError(f"settlement.worker_cpus: {exc}") from exc
         try:
             port = server.add_secure_port(cfg.listen, creds)
         except RuntimeError as exc:
@@ -312,7 +327,6 @@ class Node:
             home=home,
             admin=admin,
             intake_listen=intake_listen,
-            cpus_before=cpus_before,
         )
         await node._report_trust()
         await node._check_components()
@@ -429,6 +443,14 @@ class Node:
         return f"{host}:{self.port}"
 
     async def stop(self, grace: float = 1.0) -> None:
+        try:
+            await self._close(grace)
+        finally:  # whatever failed to close, the process gets its CPUs back
+            if self.cpus_before is not None:
+                keep_to(self.cpus_before)
+        log.info("node_stopped", district=self.config.district)
+
+    async def _close(self, grace: float) -> None:
         await self.supervisor.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
@@ -447,6 +469,3 @@ class Node:
             self.intake.close()
         if self.clearing is not None:
             self.clearing.close()
-        if self.cpus_before is not None:
-            keep_to(self.cpus_before)
-        log.info("node_stopped", district=self.config.district)

@@ -305,3 +305,20 @@ def test_a_close_runs_on_the_workers_cpus_behind_the_gates_when_they_are_set(
     idle = placed and hasattr(os, "SCHED_IDLE")
     assert line.split() == ["at", expected, str(idle)]
     assert "nothing new to send" in done.stdout
+
+
+def test_a_close_placed_on_a_cpu_the_machine_lacks_is_refused_naming_the_key(
+    district: DistrictSetup, tmp_path: Path
+):
+    settings = replace(district.config.settlement, worker_cpus=(4095,))
+    path = tmp_path / "absent-cpu.toml"
+    path.write_text(render_config(replace(district.config, settlement=settings)))
+    done = subprocess.run(
+        [sys.executable, "-m", "broker", "settle", "close", "--config", str(path),
+         "--period", PERIOD],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "settlement.worker_cpus: cannot keep to CPU 4095" in " ".join(done.stderr.split())

@@ -102,3 +102,18 @@ def test_keep_off_leaves_the_other_cpus_and_refuses_to_leave_none() -> None:
     assert got[2].startswith("'CPU_4095_is_not_one_this_process_may_use")
     assert got[1] == got[3] == str(len(usable))  # a refusal moves nothing
     assert got[4:] == ["True", str(usable[:-1]).replace(" ", "")]
+
+
+def test_keep_to_a_cpu_the_machine_lacks_is_a_config_error_that_moves_nothing() -> None:
+    got = run(
+        "import os\n"
+        "from broker.core.errors import ConfigError\n"
+        "from broker.core.priority import keep_to\n"
+        "before = os.sched_getaffinity(0)\n"
+        "try:\n"
+        "    keep_to([4095])\n"
+        "except ConfigError as exc:\n"
+        "    named = str(exc).startswith('cannot keep to CPU 4095')\n"
+        "    print(named, os.sched_getaffinity(0) == before)\n"
+    )
+    assert got == ["True", "True"]

@@ -359,3 +359,26 @@ async def test_worker_cpus_that_leave_no_gate_cpu_or_are_not_usable_fail_the_sta
     assert os.sched_getaffinity(0) == before
     again = await Node.start(cfg)  # everything the failed start opened was closed
     await again.stop(grace=0.2)
+
+
+async def test_a_placed_start_that_fails_later_gives_the_process_its_cpus_back(
+    districts: dict[str, DistrictSetup], worker_cpu: int
+) -> None:
+    """Placement comes first; a start that fails after it (here: the port is taken) undoes it."""
+    import socket
+
+    cfg = districts[DAZU].config
+    placed = replace(cfg, settlement=replace(cfg.settlement, worker_cpus=(worker_cpu,)))
+    host, port = cfg.listen.rsplit(":", 1)
+    squatter = socket.socket()
+    squatter.bind((host, int(port)))
+    squatter.listen()
+    before = os.sched_getaffinity(0)
+    try:
+        with pytest.raises(ConfigError, match="cannot listen on"):
+            await Node.start(placed)
+    finally:
+        squatter.close()
+    assert os.sched_getaffinity(0) == before
+    for name in os.listdir("/proc/self/task"):
+        assert os.sched_getaffinity(int(name)) == before, name

@@ -274,7 +274,8 @@ def count_lines(chunk: bytes) -> int:
 
 
 class Spool:
-    """Received chunks kept on disk (not in memory), with their running digest.
+    """Received chunks kept on disk (not in memory), with their running digest (unless not
+    ``hashed``).
 
     With maxima, each chunk is counted (:func:`count_lines`) and checked before
     it is written: the chunk that would pass ``max_lines`` or ``max_bytes`` is
