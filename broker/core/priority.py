@@ -71,7 +71,7 @@ def in_background(pid: int = 0) -> bool:
 def usable_cpus() -> frozenset[int]:
     """The CPUs this process may run on (its affinity: a cgroup or ``taskset`` may narrow it)."""
     if not hasattr(os, "sched_getaffinity"):
-        raise ConfigError("CPU placement (settlement.worker_cpus) needs Linux")
+        raise ConfigError("CPU placement needs Linux (sched_setaffinity)")
     return frozenset(os.sched_getaffinity(0))
 
 
@@ -86,7 +86,7 @@ def keep_to(cpus: Collection[int]) -> None:
     be used is the machine's, and a cgroup's, to say.
     """
     if not hasattr(os, "sched_setaffinity"):
-        raise ConfigError("CPU placement (settlement.worker_cpus) needs Linux")
+        raise ConfigError("CPU placement needs Linux (sched_setaffinity)")
     chosen = set(cpus)
     try:
         os.sched_setaffinity(0, chosen)
