@@ -23,6 +23,7 @@ from typing import Any
 
 from broker.core.db import Db, utc_text
 from broker.core.errors import DocumentRefused
+from broker.core.planner import Statistics
 from broker.core.signing import Purpose, Signed, Signer
 from broker.settlement.clearing import crash
 from broker.settlement.clearing.batch import (
@@ -112,8 +113,12 @@ class BatchCheck:
         seq: int,
         kind: str,
         checker: Callable[[Previous], LineChecker],
+        stats: Statistics | None = None,
     ) -> None:
+        """``stats``: ``in_lines``' planner statistics, told of the lines written (the
+        duplicate lookups of a million-line batch on PostgreSQL are planned by them)."""
         self._db = db
+        self._stats = stats
         self._sender = sender
         self._period = period.isoformat()
         self._seq = seq
@@ -197,6 +202,8 @@ class BatchCheck:
             "accepted_claim_fen = excluded.accepted_claim_fen",
             rows,
         )
+        if self._stats is not None:
+            self._stats.grew(len(rows))
 
     def _store_verdicts(self) -> None:
         """Encode the verdicts held into the next chunk and write it (in the transaction)."""

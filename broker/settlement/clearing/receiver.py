@@ -31,6 +31,7 @@ from broker.cards.model import shanghai_day
 from broker.cards.registry import Registry
 from broker.core.db import utc_text
 from broker.core.errors import Conflict, DocumentRefused, SettlementStateError
+from broker.core.planner import Statistics
 from broker.core.signing import PublicKey, Purpose, Signed, Signer, canonical, parse, verify
 from broker.fares.agreements import Agreement
 from broker.fares.rules import CHANGEOVER_GRACE, FareSchedule, FareTable, parse_fares
@@ -89,6 +90,7 @@ class Receiver:
         self._own_fares = own_fares
         self._clock = clock
         self._grace = changeover_grace
+        self._in_lines = Statistics(self._db, "in_lines")
 
     # ------------------------------------------------------------ fare rules
 
@@ -349,7 +351,7 @@ class Receiver:
                 presented=lambda op, trip: self._presented(sender, op, trip),
             )
 
-        return BatchCheck(self._db, sender, period, seq, kind, checker)
+        return BatchCheck(self._db, sender, period, seq, kind, checker, self._in_lines)
 
     @staticmethod
     def log_received(sender: str, period: date, seq: int, check: BatchCheck) -> None:

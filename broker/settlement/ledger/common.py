@@ -69,3 +69,17 @@ def trip_from_row(row: tuple[Any, ...]) -> Trip:
         gate_id=gate,
         decision_source=DecisionSource(source) if source else None,
     )
+
+
+# What makes two trips the same tap, with the instant: operator, card, gate and place.
+Tap = tuple[str, str, str, str, str]
+
+
+def tap_of(trip: Trip) -> Tap:
+    return (
+        trip.operator_id,
+        trip.card.issuer_region,
+        trip.card.card_number,
+        trip.gate_id,
+        trip.place_id,
+    )

@@ -25,7 +25,8 @@ from typing import cast
 
 from broker.cards.model import shanghai_day
 from broker.core.db import Db, Migration, migrate, utc_text
-from broker.settlement.ledger.common import TRIP_COLUMNS, resubmitted, trip_from_row
+from broker.core.planner import Statistics
+from broker.settlement.ledger.common import TRIP_COLUMNS, Tap, resubmitted, tap_of, trip_from_row
 from broker.settlement.trips import (
     ACCEPT,
     DEFAULT_DUPLICATE_WINDOW,
@@ -119,8 +120,6 @@ _GATE_IF_STORED = (
 )
 _CARDS_PER_QUERY = 500
 Stored = tuple[str, str, str, str]  # a stored trip's digest, outcome, reason and detail
-# What makes two trips the same tap, with the instant: operator, card, gate and place.
-_Tap = tuple[str, str, str, str, str]
 
 
 class SqlLedger:
@@ -131,6 +130,7 @@ class SqlLedger:
         self._db = db
         self._window = duplicate_window
         migrate(db, "ledger", MIGRATIONS)
+        self._stats = Statistics(db, "trips")  # PostgreSQL plans lookups of ids by them
 
     def close(self) -> None:
         self._db.close()
@@ -143,6 +143,13 @@ class SqlLedger:
         The common case, no id known yet, is one ``executemany``; when some id
         is known the batch is redone row by row to answer each resubmission.
         """
+        out = self._record(judged, received_at)
+        self._stats.grew(len(judged))  # after the commit: the analysis is a moment's lock
+        return out
+
+    def _record(
+        self, judged: list[tuple[Trip, Judgement]], received_at: datetime
+    ) -> list[Judgement]:
         when = self._db.instant(received_at)
         with self._db.write():
             judged = self._unsealed(judged)
@@ -226,7 +233,7 @@ class SqlLedger:
                 and v.outcome is Outcome.ACCEPTED
                 and (t.operator_id, t.trip_id) not in stored
             ):
-                taps = seen[_tap_of(t)]
+                taps = seen[tap_of(t)]
                 first = next(
                     (
                         (other, at)
@@ -266,13 +273,13 @@ class SqlLedger:
 
     def _accepted_taps(
         self, gated: list[Trip], window: timedelta
-    ) -> defaultdict[_Tap, list[tuple[datetime, str]]]:
+    ) -> defaultdict[Tap, list[tuple[datetime, str]]]:
         """Stored accepted trips with a gate near ``gated``'s: ``(occurred_at, trip_id)`` by tap.
 
         Read per operator and some hundreds of cards at a time, over the batch's
         time span widened by the window (index ``trips_card_time``).
         """
-        taps: defaultdict[_Tap, list[tuple[datetime, str]]] = defaultdict(list)
+        taps: defaultdict[Tap, list[tuple[datetime, str]]] = defaultdict(list)
         by_operator: dict[str, list[Trip]] = defaultdict(list)
         for t in gated:
             by_operator[t.operator_id].append(t)
@@ -469,16 +476,6 @@ def _has_gate(trip: Trip) -> bool:  # a row in trip_gates: a gate id or a decisi
 def _gate_row(trip: Trip) -> tuple[str, str, str, int]:
     source = trip.decision_source
     return (trip.operator_id, trip.trip_id, trip.gate_id, source.value if source else 0)
-
-
-def _tap_of(trip: Trip) -> _Tap:
-    return (
-        trip.operator_id,
-        trip.card.issuer_region,
-        trip.card.card_number,
-        trip.gate_id,
-        trip.place_id,
-    )
 
 
 class SqliteLedger(SqlLedger):

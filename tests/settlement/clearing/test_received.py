@@ -212,3 +212,32 @@ trips = st.builds(
 def test_a_first_presentment_is_kept_with_the_trips_own_digest_and_values(t: Trip) -> None:
     assert presentment_digest(t) == t.presentment_digest()
     assert correctable(t) == correctable_values(t)
+
+
+def test_a_big_batch_on_postgresql_is_checked_against_analyzed_lines(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """The duplicate lookups of each chunk (ids of one operator) are planned by ``in_lines``'
+    statistics, gathered inside the batch's own transaction once it has written enough
+    lines (broker.core.planner): without them PostgreSQL read every stored line of the
+    operator for each chunk, and a million-line batch slowed as it went."""
+    import psycopg
+
+    url = str(request.getfixturevalue("postgres_url"))
+    world = World(tmp_path, ledger_url=url)
+    try:
+        home = world.receiver(HOME)
+        home.publish_fares(SERVING, fares_doc(world[SERVING].signer))
+        plain = card(HOME, "plain")
+        lines = [line(trip(plain, f"big-{i:06d}")) for i in range(12_000)]
+        ack = home.receive(SERVING, *world.batch(lines))
+        assert ack.signed.document  # answered: every line checked and stored
+        schema = home._db.schema()
+        with psycopg.connect(url, autocommit=True) as conn:
+            (planned,) = conn.execute(
+                "SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)",
+                (f"{schema}.in_lines",),
+            ).fetchone() or (None,)
+        assert planned is not None and planned >= 10_000  # analyzed within the batch
+    finally:
+        world.close()

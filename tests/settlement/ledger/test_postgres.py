@@ -122,3 +122,24 @@ def test_rows_are_typed_and_read_back_through_trip_columns(postgres_url, schemas
     back = trip_from_row(row)
     assert back == t
     assert back.occurred_at.utcoffset() == timedelta(0)
+
+
+def test_trips_are_analyzed_as_they_grow_so_resubmissions_stay_index_lookups(
+    postgres_url, schemas
+):
+    """A ledger that grew from empty is planned by statistics it gathers itself (autovacuum
+    may be off, and looks once a minute at best): without them, looking up the stored ids of
+    a resubmitted request scanned every trip of its operator (broker.core.planner)."""
+    name = schemas()
+    ledger = PostgresLedger(postgres_url, name)
+    try:
+        reltuples = f"SELECT reltuples FROM pg_class WHERE oid = '{name}.trips'::regclass"
+        for start in range(0, 9_000, 1_000):
+            ledger.record([(trip(n), ACCEPT) for n in range(start, start + 1_000)], NOW)
+        assert float(str(raw(postgres_url, reltuples)[0][0])) <= 0  # 9,000: not yet
+        ledger.record([(trip(n), ACCEPT) for n in range(9_000, 10_000)], NOW)
+        assert raw(postgres_url, reltuples) == [(10_000,)]
+        again = ledger.record([(trip(n), ACCEPT) for n in range(9_000, 10_000)], NOW)
+        assert again == [ACCEPT] * 1_000  # resubmitted: the stored outcomes
+    finally:
+        ledger.close()
