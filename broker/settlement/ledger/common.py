@@ -83,3 +83,12 @@ def tap_of(trip: Trip) -> Tap:
         trip.gate_id,
         trip.place_id,
     )
+
+
+def has_gate(trip: Trip) -> bool:  # a row in trip_gates: a gate id or a decision source
+    return bool(trip.gate_id or trip.decision_source)
+
+
+def gate_row(trip: Trip) -> tuple[str, str, str, int]:
+    source = trip.decision_source
+    return (trip.operator_id, trip.trip_id, trip.gate_id, source.value if source else 0)

@@ -26,7 +26,8 @@ from typing import cast
 from broker.cards.model import shanghai_day
 from broker.core.db import Db, Migration, migrate, utc_text
 from broker.core.planner import Statistics
-from broker.settlement.ledger.common import TRIP_COLUMNS, Tap, resubmitted, tap_of, trip_from_row
+from broker.settlement.ledger import common
+from broker.settlement.ledger.common import TRIP_COLUMNS, resubmitted, trip_from_row
 from broker.settlement.trips import (
     ACCEPT,
     DEFAULT_DUPLICATE_WINDOW,
@@ -130,7 +131,9 @@ class SqlLedger:
         self._db = db
         self._window = duplicate_window
         migrate(db, "ledger", MIGRATIONS)
-        self._stats = Statistics(db, "trips")  # PostgreSQL plans lookups of ids by them
+        # PostgreSQL plans lookups of ids by them; told of the rows each record added.
+        self._stats = (Statistics(db, "trips"), Statistics(db, "trip_gates"))
+        self._added = self._gated = 0
 
     def close(self) -> None:
         self._db.close()
@@ -143,8 +146,10 @@ class SqlLedger:
         The common case, no id known yet, is one ``executemany``; when some id
         is known the batch is redone row by row to answer each resubmission.
         """
+        self._added = self._gated = 0
         out = self._record(judged, received_at)
-        self._stats.grew(len(judged))  # after the commit: the analysis is a moment's lock
+        self._stats[0].grew(self._added)  # after the commit: the analysis is a moment's lock
+        self._stats[1].grew(self._gated)
         return out
 
     def _record(
@@ -164,17 +169,20 @@ class SqlLedger:
             self._db.execute("SAVEPOINT fresh")
             if self._db.executemany(insert, rows) == len(rows):
                 self._db.execute("RELEASE fresh")
-                self._db.executemany(_GATE, [_gate_row(t) for t, _ in judged if _has_gate(t)])
+                self._added = len(rows)
+                self._gated = self._db.executemany(
+                    _GATE, [common.gate_row(t) for t, _ in judged if common.has_gate(t)]
+                )
                 return [v for _, v in judged]
             self._db.execute("ROLLBACK TO fresh")
             self._db.execute("RELEASE fresh")
             out = self._resubmission(insert, rows, judged)
-            self._db.executemany(
+            self._gated = self._db.executemany(
                 _GATE_IF_STORED,
                 [
-                    (*_gate_row(t), t.operator_id, t.trip_id, t.digest())
+                    (*common.gate_row(t), t.operator_id, t.trip_id, t.digest())
                     for t, _ in judged
-                    if _has_gate(t)
+                    if common.has_gate(t)
                 ],
             )
             return out
@@ -233,7 +241,7 @@ class SqlLedger:
                 and v.outcome is Outcome.ACCEPTED
                 and (t.operator_id, t.trip_id) not in stored
             ):
-                taps = seen[tap_of(t)]
+                taps = seen[common.tap_of(t)]
                 first = next(
                     (
                         (other, at)
@@ -273,13 +281,13 @@ class SqlLedger:
 
     def _accepted_taps(
         self, gated: list[Trip], window: timedelta
-    ) -> defaultdict[Tap, list[tuple[datetime, str]]]:
+    ) -> defaultdict[common.Tap, list[tuple[datetime, str]]]:
         """Stored accepted trips with a gate near ``gated``'s: ``(occurred_at, trip_id)`` by tap.
 
         Read per operator and some hundreds of cards at a time, over the batch's
         time span widened by the window (index ``trips_card_time``).
         """
-        taps: defaultdict[Tap, list[tuple[datetime, str]]] = defaultdict(list)
+        taps: defaultdict[common.Tap, list[tuple[datetime, str]]] = defaultdict(list)
         by_operator: dict[str, list[Trip]] = defaultdict(list)
         for t in gated:
             by_operator[t.operator_id].append(t)
@@ -334,6 +342,7 @@ class SqlLedger:
         self._db.execute("SAVEPOINT known")
         if self._db.executemany(insert, fresh) == len(fresh):
             self._db.execute("RELEASE known")
+            self._added = len(fresh)
             return out
         self._db.execute("ROLLBACK TO known")
         self._db.execute("RELEASE known")
@@ -365,6 +374,7 @@ class SqlLedger:
         self, insert: str, row: tuple[object, ...], trip: Trip, verdict: Judgement
     ) -> Judgement:
         if self._db.execute(insert, row) == 1:
+            self._added += 1
             return verdict
         stored = self._db.one(
             "SELECT digest, outcome, reason, detail FROM trips "
@@ -467,15 +477,6 @@ _ACCEPTED = ("accepted", "ok", "")
 
 def _columns(verdict: Judgement) -> tuple[str, str, str]:
     return (verdict.outcome.value, verdict.reason.value, verdict.detail)
-
-
-def _has_gate(trip: Trip) -> bool:  # a row in trip_gates: a gate id or a decision source
-    return bool(trip.gate_id or trip.decision_source)
-
-
-def _gate_row(trip: Trip) -> tuple[str, str, str, int]:
-    source = trip.decision_source
-    return (trip.operator_id, trip.trip_id, trip.gate_id, source.value if source else 0)
 
 
 class SqliteLedger(SqlLedger):

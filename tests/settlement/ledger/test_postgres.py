@@ -16,7 +16,7 @@ import pytest
 from broker.core.errors import ConfigError
 from broker.settlement.ledger import PostgresLedger, open_ledger
 from broker.settlement.ledger.common import TRIP_COLUMNS, trip_from_row
-from broker.settlement.trips import ACCEPT
+from broker.settlement.trips import ACCEPT, Judgement, Trip
 from broker.testbed.build import free_port
 from tests.settlement.ledger.test_common import BAD_AMOUNTS, NOW, trip
 
@@ -124,22 +124,27 @@ def test_rows_are_typed_and_read_back_through_trip_columns(postgres_url, schemas
     assert back.occurred_at.utcoffset() == timedelta(0)
 
 
-def test_trips_are_analyzed_as_they_grow_so_resubmissions_stay_index_lookups(
-    postgres_url, schemas
-):
+def test_trips_are_analyzed_as_they_grow_so_resubmissions_stay_index_lookups(postgres_url, schemas):
     """A ledger that grew from empty is planned by statistics it gathers itself (autovacuum
     may be off, and looks once a minute at best): without them, looking up the stored ids of
-    a resubmitted request scanned every trip of its operator (broker.core.planner)."""
+    a resubmitted request scanned every trip of its operator (broker.core.planner). Its
+    gates' table is analyzed the same way."""
     name = schemas()
     ledger = PostgresLedger(postgres_url, name)
+
+    def batch(start: int) -> list[tuple[Trip, Judgement]]:
+        return [(trip(n, gate_id=f"g-{n}"), ACCEPT) for n in range(start, start + 1_000)]
+
+    def planned(table: str) -> float:
+        sql = f"SELECT reltuples FROM pg_class WHERE oid = '{name}.{table}'::regclass"
+        return float(str(raw(postgres_url, sql)[0][0]))
+
     try:
-        reltuples = f"SELECT reltuples FROM pg_class WHERE oid = '{name}.trips'::regclass"
         for start in range(0, 9_000, 1_000):
-            ledger.record([(trip(n), ACCEPT) for n in range(start, start + 1_000)], NOW)
-        assert float(str(raw(postgres_url, reltuples)[0][0])) <= 0  # 9,000: not yet
-        ledger.record([(trip(n), ACCEPT) for n in range(9_000, 10_000)], NOW)
-        assert raw(postgres_url, reltuples) == [(10_000,)]
-        again = ledger.record([(trip(n), ACCEPT) for n in range(9_000, 10_000)], NOW)
-        assert again == [ACCEPT] * 1_000  # resubmitted: the stored outcomes
+            ledger.record(batch(start), NOW)
+        assert planned("trips") <= 0 and planned("trip_gates") <= 0  # 9,000: not yet
+        ledger.record(batch(9_000), NOW)
+        assert planned("trips") == 10_000 and planned("trip_gates") == 10_000
+        assert ledger.record(batch(9_000), NOW) == [ACCEPT] * 1_000  # the stored outcomes
     finally:
         ledger.close()
