@@ -14,7 +14,7 @@ So the writers of the tables that grow by a day's volume (the ledger's
 writing. The table is analyzed when the rows written since its last
 analysis reach the rows it then held (and at least :data:`MIN_ROWS`): a
 handful of analyses over a table's life, each a bounded sample (about
-30,000 rows by default, ~0.1 s). An analysis inside the caller's
+30,000 rows by default; 3-6 ms here at 100,000 rows). An analysis inside the caller's
 transaction sees the rows it wrote, and plans the rest of that transaction
 by them. On SQLite nothing is done: it probes an index for each id of such
 a lookup without statistics.
