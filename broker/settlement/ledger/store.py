@@ -300,7 +300,8 @@ class SqlLedger:
             cards = sorted({t.card.card_number for t in trips})
             for i in range(0, len(cards), _CARDS_PER_QUERY):
                 some = cards[i : i + _CARDS_PER_QUERY]
-                chosen = [t for t in trips if t.card.card_number in set(some)]
+                wanted = set(some)  # once: not a set of 500 built again for each trip
+                chosen = [t for t in trips if t.card.card_number in wanted]
                 lo = min(t.occurred_at for t in chosen) - window
                 hi = max(t.occurred_at for t in chosen) + window
                 rows = self._db.all(
