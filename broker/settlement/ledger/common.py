@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
@@ -92,3 +92,17 @@ def has_gate(trip: Trip) -> bool:  # a row in trip_gates: a gate id or a decisio
 def gate_row(trip: Trip) -> tuple[str, str, str, int]:
     source = trip.decision_source
     return (trip.operator_id, trip.trip_id, trip.gate_id, source.value if source else 0)
+
+
+def tap_spans(trips: list[Trip], window: timedelta) -> list[tuple[str, datetime, datetime]]:
+    """``(card number, earliest, latest)``: the instants within ``window`` of ``trips``' own,
+    per card, overlapping ranges merged, so a stored tap falls in one range at most (a card
+    tapped at a hundred gates at once is one range, not a hundred that each find them all)."""
+    spans: list[tuple[str, datetime, datetime]] = []
+    for t in sorted(trips, key=lambda t: (t.card.card_number, t.occurred_at)):
+        card, lo, hi = t.card.card_number, t.occurred_at - window, t.occurred_at + window
+        if spans and spans[-1][0] == card and lo <= spans[-1][2]:
+            spans[-1] = (card, spans[-1][1], max(hi, spans[-1][2]))
+        else:
+            spans.append((card, lo, hi))
+    return spans

@@ -282,36 +282,33 @@ class SqlLedger:
     def _accepted_taps(
         self, gated: list[Trip], window: timedelta
     ) -> defaultdict[common.Tap, list[tuple[datetime, str]]]:
-        """Stored accepted trips with a gate near ``gated``'s: ``(occurred_at, trip_id)`` by tap.
-
-        Read per operator and some hundreds of cards at a time, over the batch's
-        time span widened by the window (index ``trips_card_time``).
-        """
+        """Stored accepted trips with a gate near ``gated``'s: ``(occurred_at, trip_id)`` by tap;
+        a query per operator and 500 ranges of index ``trips_card_time`` (a card, instants within
+        the window of its trips': :func:`common.tap_spans`): only taps that may match are read."""
         taps: defaultdict[common.Tap, list[tuple[datetime, str]]] = defaultdict(list)
         by_operator: dict[str, list[Trip]] = defaultdict(list)
         for t in gated:
             by_operator[t.operator_id].append(t)
+        instant = self._db.instant
         for operator_id in sorted(by_operator):
             if self._db.dialect == "postgres":
                 # Writers on other replicas: the second of two taps waits for the first's commit.
                 key = zlib.crc32(f"{self._db.schema()}/taps/{operator_id}".encode()) - 2**31
                 self._db.execute("SELECT pg_advisory_xact_lock(?)", (key,))
-            trips = by_operator[operator_id]
-            cards = sorted({t.card.card_number for t in trips})
-            for i in range(0, len(cards), _CARDS_PER_QUERY):
-                some = cards[i : i + _CARDS_PER_QUERY]
-                wanted = set(some)  # once: not a set of 500 built again for each trip
-                chosen = [t for t in trips if t.card.card_number in wanted]
-                lo = min(t.occurred_at for t in chosen) - window
-                hi = max(t.occurred_at for t in chosen) + window
+            spans = common.tap_spans(by_operator[operator_id], window)
+            for i in range(0, len(spans), _CARDS_PER_QUERY):
+                some = spans[i : i + _CARDS_PER_QUERY]
+                near = [x for c, lo, hi in some for x in (c, instant(lo), instant(hi))]
                 rows = self._db.all(
-                    "SELECT t.trip_id, t.issuer_region, t.card_number, g.gate_id, t.place_id, "
-                    "t.occurred_at FROM trips t JOIN trip_gates g ON g.operator_id = t.operator_id "
-                    "AND g.trip_id = t.trip_id AND g.gate_id <> '' "
-                    "WHERE t.operator_id = ? AND t.card_number IN "
-                    f"({', '.join('?' * len(some))}) AND t.occurred_at >= ? "
-                    "AND t.occurred_at <= ? AND t.outcome = 'accepted'",
-                    (operator_id, *some, self._db.instant(lo), self._db.instant(hi)),
+                    "WITH near (card_number, lo, hi) AS (VALUES "
+                    f"{', '.join(['(?, ?, ?)'] * len(some))}) "
+                    "SELECT t.trip_id, t.issuer_region, t.card_number, g.gate_id, "
+                    "t.place_id, t.occurred_at FROM near JOIN trips t ON t.operator_id = ? "
+                    "AND t.card_number = near.card_number AND t.occurred_at >= near.lo "
+                    "AND t.occurred_at <= near.hi AND t.outcome = 'accepted' "
+                    "JOIN trip_gates g ON g.operator_id = t.operator_id "
+                    "AND g.trip_id = t.trip_id AND g.gate_id <> ''",
+                    (*near, operator_id),
                 )
                 for trip_id, region, number, gate, place, at in rows:
                     if isinstance(at, str):

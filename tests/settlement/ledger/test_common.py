@@ -15,6 +15,8 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker.cards.model import CardRef, DecisionSource, Entitlement, Scene
 from broker.core.db import Db
@@ -24,6 +26,7 @@ from broker.settlement.ledger.common import (
     TRIP_COLUMNS,
     gate_and_source,
     resubmitted,
+    tap_spans,
     trip_from_row,
 )
 from broker.settlement.trips import ACCEPT, Judgement, Outcome, Reason, Trip
@@ -413,3 +416,47 @@ def test_a_window_of_zero_turns_the_check_off(windowed):
     ledger = windowed(timedelta(0))
     assert ledger.record([(tap(1), ACCEPT), (tap(2), ACCEPT)], NOW) == [ACCEPT, ACCEPT]
     ledger.close()
+
+
+WINDOW = timedelta(seconds=5)
+
+
+def test_tap_spans_merge_a_cards_overlapping_windows_and_keep_cards_apart():
+    def at(n: int, card: str = "C5120210000001", seconds: float = 0.0) -> Trip:
+        return trip(n, card=CardRef("512021", card), occurred_at=NOW + timedelta(seconds=seconds))
+
+    base = NOW
+    spans = tap_spans(
+        [at(1), at(2, seconds=3), at(3, seconds=10), at(4, seconds=30), at(5, "C5120210000002")],
+        WINDOW,
+    )
+    s5 = timedelta(seconds=5)
+    assert spans == [
+        ("C5120210000001", base - s5, base + timedelta(seconds=15)),  # 0, 3, 10: one range
+        ("C5120210000001", base + timedelta(seconds=25), base + timedelta(seconds=35)),
+        ("C5120210000002", base - s5, base + s5),
+    ]
+    same = tap_spans([at(n, seconds=0) for n in range(100)], WINDOW)
+    assert same == [("C5120210000001", base - s5, base + s5)]  # a hundred gates at once: one
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["C5120210000001", "C5120210000002"]), st.integers(0, 600)),
+        max_size=40,
+    ),
+    st.integers(-700, 1300),
+)
+def test_tap_spans_hold_each_instant_near_a_trip_once_and_nothing_else(taps, probe):
+    trips = [
+        trip(n, card=CardRef("512021", c), occurred_at=NOW + timedelta(seconds=sec))
+        for n, (c, sec) in enumerate(taps)
+    ]
+    spans = tap_spans(trips, WINDOW)
+    moment = NOW + timedelta(seconds=probe / 2)
+    for card in ("C5120210000001", "C5120210000002"):
+        near = any(
+            c == card and abs(NOW + timedelta(seconds=sec) - moment) <= WINDOW for c, sec in taps
+        )
+        holding = [s for s in spans if s[0] == card and s[1] <= moment <= s[2]]
+        assert len(holding) == (1 if near else 0)
