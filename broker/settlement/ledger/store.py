@@ -132,7 +132,8 @@ class SqlLedger:
         self._window = duplicate_window
         migrate(db, "ledger", MIGRATIONS)
         # PostgreSQL plans lookups of ids by them; told of the rows each record added.
-        self._stats = (Statistics(db, "trips"), Statistics(db, "trip_gates"))
+        self._trip_stats = Statistics(db, "trips")
+        self._gate_stats = Statistics(db, "trip_gates")
         self._added = self._gated = 0
 
     def close(self) -> None:
@@ -148,8 +149,8 @@ class SqlLedger:
         """
         self._added = self._gated = 0
         out = self._record(judged, received_at)
-        self._stats[0].grew(self._added)  # after the commit: the analysis is a moment's lock
-        self._stats[1].grew(self._gated)
+        self._trip_stats.grew(self._added)  # after the commit: the analysis is a moment's lock
+        self._gate_stats.grew(self._gated)
         return out
 
     def _record(
