@@ -266,6 +266,10 @@ async def test_a_home_away_past_the_ttl_is_answered_stale_within_its_bound_then_
         return int(d.source)
 
     try:
+        # Only a home whose changes Dazu follows is served STALE: its stream must be open
+        # before the answer is cached (on a busy machine it may open after the first check).
+        async with asyncio.timeout(10):
+            await nodes[DAZU].watchers[ANYUE].connected.wait()
         assert await source(Scene.MUSEUM) == SRC.DECISION_SOURCE_PEER
         answered = time.monotonic()
         await nodes.pop(ANYUE).stop(grace=0)
