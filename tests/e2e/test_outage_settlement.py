@@ -77,6 +77,10 @@ async def test_stale_and_offline_trips_clear_as_the_agreement_says(tmp_path: Pat
         records.append(rec)
 
     try:
+        # Only a home whose changes Dazu follows is served STALE: its stream must be open
+        # before the answers are cached (on a busy machine it may open after the first check).
+        async with asyncio.timeout(10):
+            await nodes[DAZU].watchers[ANYUE].connected.wait()
         for card in (stale_card, stale_lost):  # answered and cached while Anyue is up
             d = await gate.check(card.ref, Scene.SCENIC_AREA)
             assert d.source == SRC.DECISION_SOURCE_PEER
